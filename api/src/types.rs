@@ -1,0 +1,94 @@
+use serde::{Deserialize, Serialize};
+use zbus::Type;
+
+/// One disk of a VM as vmsnap sees it: where it lives and how (or whether) it is snapshotted.
+///
+/// On the bus this is the struct `(ssssss)`, in field order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct DiskInfo {
+    /// Guest-side target, e.g. `vda`.
+    pub target: String,
+    /// libvirt device kind: `disk`, `cdrom`, `floppy` or `lun`.
+    pub device: String,
+    /// Host-side source: a file or device path, `protocol:name` for network disks, or empty.
+    pub source: String,
+    /// Image format from the driver element (`qcow2`, `raw`, ...), empty when unknown.
+    pub format: String,
+    /// `qcow2`, `lvm` or `excluded`; see [`DiskBackend`].
+    pub backend: String,
+    /// Why the disk is excluded; empty when it is not.
+    pub reason: String,
+}
+
+/// How a disk is snapshotted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBackend {
+    /// File disk (qcow2 or raw): external qcow2 overlays.
+    Qcow2,
+    /// Block disk on an LVM logical volume: LVM snapshots.
+    Lvm,
+    /// Not snapshotted; the disk's `reason` says why.
+    Excluded,
+}
+
+impl DiskBackend {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DiskBackend::Qcow2 => "qcow2",
+            DiskBackend::Lvm => "lvm",
+            DiskBackend::Excluded => "excluded",
+        }
+    }
+}
+
+/// A VM's run state, as the `State` property spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    NoState,
+    Running,
+    Blocked,
+    Paused,
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+    Suspended,
+    Unknown,
+}
+
+impl VmState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            VmState::NoState => "no-state",
+            VmState::Running => "running",
+            VmState::Blocked => "blocked",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting-down",
+            VmState::ShutOff => "shut-off",
+            VmState::Crashed => "crashed",
+            VmState::Suspended => "pm-suspended",
+            VmState::Unknown => "unknown",
+        }
+    }
+}
+
+/// Whether a VM's QEMU guest agent can be used, as the `Agent` property spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    /// The agent channel is configured and the agent inside the guest answers.
+    Connected,
+    /// The channel is configured, but no agent is listening (not installed, not started, or the
+    /// VM is not running).
+    Disconnected,
+    /// The VM has no `org.qemu.guest_agent.0` channel.
+    NotConfigured,
+}
+
+impl AgentState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Connected => "connected",
+            AgentState::Disconnected => "disconnected",
+            AgentState::NotConfigured => "not-configured",
+        }
+    }
+}

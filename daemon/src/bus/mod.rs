@@ -1,0 +1,106 @@
+//! The D-Bus transport: a thin layer over the engine.
+//!
+//! Method calls become [`Request`]s for the engine; the engine's [`Change`]s become objects,
+//! property changes and ObjectManager signals. No decision is made here.
+
+mod manager;
+mod vm;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+use vmsnap_api::{vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
+use zbus::connection::Builder;
+use zbus::fdo::ObjectManager;
+use zbus::Connection;
+
+use crate::engine::{Change, EngineError, Request};
+pub use manager::ManagerObject;
+pub use vm::VmObject;
+
+/// Where to serve.
+#[derive(Debug, Clone)]
+pub enum BusTarget {
+    System,
+    Address(String),
+}
+
+/// Connects to the bus and registers the ObjectManager and the manager object. The well-known
+/// name is *not* requested here: the caller does that once the objects are in place.
+pub async fn connect(
+    target: &BusTarget,
+    manager: ManagerObject,
+) -> Result<Connection, zbus::Error> {
+    let builder = match target {
+        BusTarget::System => Builder::system(),
+        BusTarget::Address(address) => Builder::address(address.as_str()),
+    };
+    builder
+        .serve_at(ROOT_PATH, ObjectManager)
+        .serve_at(MANAGER_PATH, manager)
+        .build()
+        .await
+}
+
+/// Applies the engine's changes to the exported objects, in order, until the engine stops.
+pub async fn publish(connection: Connection, mut changes: mpsc::UnboundedReceiver<Change>) {
+    while let Some(change) = changes.recv().await {
+        if let Err(e) = apply(&connection, change).await {
+            warn!(error = %e, "could not update a D-Bus object");
+        }
+    }
+}
+
+async fn apply(connection: &Connection, change: Change) -> zbus::Result<()> {
+    let server = connection.object_server();
+    match change {
+        Change::VmAdded(info) => {
+            let path = vm_path(&info.uuid);
+            debug!(%path, "exporting VM");
+            server.at(path.as_str(), VmObject::new(info)).await?;
+        }
+        Change::VmUpdated(info) => {
+            let path = vm_path(&info.uuid);
+            let iface = server.interface::<_, VmObject>(path.as_str()).await?;
+            let emitter = iface.signal_emitter().clone();
+            let mut object = iface.get_mut().await;
+            object.update(info, &emitter).await?;
+        }
+        Change::VmRemoved { uuid } => {
+            server.remove::<VmObject, _>(vm_path(&uuid).as_str()).await?;
+        }
+        Change::Libvirt { connected, error } => {
+            let iface = server
+                .interface::<_, ManagerObject>(MANAGER_PATH)
+                .await?;
+            let emitter = iface.signal_emitter().clone();
+            let mut manager = iface.get_mut().await;
+            manager.set_libvirt_status(connected, error, &emitter).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends a request to the engine and waits for its answer.
+pub(crate) async fn ask<T>(
+    engine: &mpsc::Sender<Request>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Request,
+) -> Result<T, VmSnapError> {
+    let (reply, answer) = oneshot::channel();
+    engine
+        .send(make(reply))
+        .await
+        .map_err(|_| VmSnapError::ShuttingDown("vmsnapd is shutting down".to_string()))?;
+    answer
+        .await
+        .map_err(|_| VmSnapError::ShuttingDown("vmsnapd is shutting down".to_string()))
+}
+
+impl From<EngineError> for VmSnapError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::VmNotFound(_) => VmSnapError::NotFound(message),
+            EngineError::InvalidArgument(_) => VmSnapError::InvalidArgument(message),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! vmsnapd: consistent snapshots and restores of libvirt/QEMU VMs, served on D-Bus.
+//!
+//! See ARCHITECTURE.md for the parts and their invariants.
+
+mod bus;
+mod config;
+mod disks;
+mod domain;
+mod engine;
+mod libvirt;
+mod shutdown;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use vmsnap_api::{BUS_ADDRESS_ENV, BUS_NAME};
+
+use crate::bus::{BusTarget, ManagerObject};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::libvirt::LibvirtSettings;
+
+/// How long to wait for the first word from libvirt before taking the bus name anyway, so that a
+/// slow libvirtd does not keep the API away.
+const FIRST_INVENTORY_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the libvirt thread gets to finish its current call at shutdown.
+const LIBVIRT_STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// vmsnapd serves consistent snapshots and restores of libvirt/QEMU virtual machines on D-Bus
+/// (bus name org.vmsnap.VmSnap1). Use vmsnapctl, busctl or any D-Bus client to talk to it.
+#[derive(Debug, Parser)]
+#[command(name = "vmsnapd", version, about, long_about = None)]
+struct Args {
+    /// Configuration file [default: /etc/vmsnap/vmsnapd.toml if it exists, else built-in
+    /// defaults].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Serve on this D-Bus address instead of the system bus (e.g. unix:path=/run/x/bus.sock).
+    #[arg(long, value_name = "ADDRESS", env = BUS_ADDRESS_ENV)]
+    bus_address: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (config, config_path) = match Config::load(args.config.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("vmsnapd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config);
+    match &config_path {
+        Some(path) => info!(config = %path.display(), "configuration loaded"),
+        None => info!("no configuration file, using built-in defaults"),
+    }
+    let target = match args.bus_address {
+        Some(address) => BusTarget::Address(address),
+        None => BusTarget::System,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vmsnapd-async")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmsnapd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, target)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            eprintln!("vmsnapd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("VMSNAP_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(&config.log_level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn run(config: Config, target: BusTarget) -> Result<(), String> {
+    let (trigger, shutdown) = shutdown::channel();
+
+    let (libvirt_events, libvirt_events_rx) = mpsc::unbounded_channel();
+    let (libvirt, libvirt_thread) = libvirt::start(
+        LibvirtSettings {
+            uri: config.libvirt_uri.clone(),
+            refresh_interval: config.refresh_interval(),
+            reconnect_interval: config.reconnect_interval(),
+        },
+        libvirt_events,
+    )
+    .map_err(|e| format!("cannot start the libvirt thread: {e}"))?;
+
+    let (changes, changes_rx) = mpsc::unbounded_channel();
+    let (requests, requests_rx) = mpsc::channel(64);
+    let (engine, mut settled) = Engine::new(changes);
+    let engine_task = tokio::spawn(engine.run(requests_rx, libvirt_events_rx, shutdown.clone()));
+
+    let manager = ManagerObject::new(requests.clone(), config.libvirt_uri.clone());
+    let connection = bus::connect(&target, manager)
+        .await
+        .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
+    let publisher = tokio::spawn(bus::publish(connection.clone(), changes_rx));
+
+    // Objects first, name last: a client that sees the name also sees the VMs.
+    if tokio::time::timeout(FIRST_INVENTORY_WAIT, settled.wait_for(|s| *s))
+        .await
+        .is_err()
+    {
+        warn!("libvirt has not answered yet; serving without an inventory");
+    }
+    // Let the publisher export what the engine has emitted so far.
+    tokio::task::yield_now().await;
+    connection
+        .request_name(BUS_NAME)
+        .await
+        .map_err(|e| format!("cannot own the bus name {BUS_NAME}: {e}"))?;
+    info!(name = BUS_NAME, "serving on D-Bus");
+
+    let signal = shutdown::termination_signal()
+        .await
+        .map_err(|e| format!("cannot wait for signals: {e}"))?;
+    info!(signal, "stopping");
+    trigger.trigger();
+
+    if let Err(e) = connection.release_name(BUS_NAME).await {
+        warn!(error = %e, "could not release the bus name");
+    }
+    let _ = engine_task.await;
+    drop(requests);
+    drop(libvirt);
+    publisher.abort();
+    drop(connection);
+    // With every LibvirtClient dropped, the libvirt thread ends after its current call.
+    let joined = tokio::task::spawn_blocking(move || libvirt_thread.join());
+    if tokio::time::timeout(LIBVIRT_STOP_WAIT, joined).await.is_err() {
+        warn!("the libvirt thread did not stop in time");
+    }
+    info!("stopped");
+    Ok(())
+}
