@@ -171,8 +171,11 @@ mod tests {
 
     #[test]
     fn syntax_error_names_file_and_line() {
-        let err = Config::parse("log_level = \"info\"\n\nlibvirt_uri = qemu\n", "/etc/v.toml")
-            .expect_err("invalid");
+        let err = Config::parse(
+            "log_level = \"info\"\n\nlibvirt_uri = qemu\n",
+            "/etc/v.toml",
+        )
+        .expect_err("invalid");
         let text = err.to_string();
         assert!(text.starts_with("/etc/v.toml:3:"), "{text}");
     }

@@ -238,7 +238,9 @@ mod tests {
         assert_eq!(
             drain(&mut rx),
             vec![
-                Change::VmRemoved { uuid: A.to_string() },
+                Change::VmRemoved {
+                    uuid: A.to_string()
+                },
                 Change::VmUpdated(vm("b", B, VmState::Running)),
             ]
         );

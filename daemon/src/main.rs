@@ -10,6 +10,7 @@ mod engine;
 mod libvirt;
 mod shutdown;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use vmsnap_api::{BUS_ADDRESS_ENV, BUS_NAME};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::bus::{BusTarget, ManagerObject};
 use crate::config::Config;
@@ -95,6 +97,7 @@ fn init_logging(config: &Config) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
@@ -133,10 +136,16 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
     }
     // Let the publisher export what the engine has emitted so far.
     tokio::task::yield_now().await;
-    connection
-        .request_name(BUS_NAME)
+    // No replacement either way: a second vmsnapd must fail, not take over a running one.
+    let reply = connection
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE.into())
         .await
         .map_err(|e| format!("cannot own the bus name {BUS_NAME}: {e}"))?;
+    if reply != RequestNameReply::PrimaryOwner {
+        return Err(format!(
+            "cannot own the bus name {BUS_NAME}: another process owns it (is vmsnapd already running?)"
+        ));
+    }
     info!(name = BUS_NAME, "serving on D-Bus");
 
     let signal = shutdown::termination_signal()
@@ -155,7 +164,10 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
     drop(connection);
     // With every LibvirtClient dropped, the libvirt thread ends after its current call.
     let joined = tokio::task::spawn_blocking(move || libvirt_thread.join());
-    if tokio::time::timeout(LIBVIRT_STOP_WAIT, joined).await.is_err() {
+    if tokio::time::timeout(LIBVIRT_STOP_WAIT, joined)
+        .await
+        .is_err()
+    {
         warn!("the libvirt thread did not stop in time");
     }
     info!("stopped");

@@ -66,15 +66,17 @@ async fn apply(connection: &Connection, change: Change) -> zbus::Result<()> {
             object.update(info, &emitter).await?;
         }
         Change::VmRemoved { uuid } => {
-            server.remove::<VmObject, _>(vm_path(&uuid).as_str()).await?;
+            server
+                .remove::<VmObject, _>(vm_path(&uuid).as_str())
+                .await?;
         }
         Change::Libvirt { connected, error } => {
-            let iface = server
-                .interface::<_, ManagerObject>(MANAGER_PATH)
-                .await?;
+            let iface = server.interface::<_, ManagerObject>(MANAGER_PATH).await?;
             let emitter = iface.signal_emitter().clone();
             let mut manager = iface.get_mut().await;
-            manager.set_libvirt_status(connected, error, &emitter).await?;
+            manager
+                .set_libvirt_status(connected, error, &emitter)
+                .await?;
         }
     }
     Ok(())

@@ -1,0 +1,176 @@
+//! Rendering: tables for people, JSON with stable field names for scripts.
+
+use serde::Serialize;
+use vmsnap_api::DiskInfo;
+
+use crate::OutputFormat;
+
+/// A VM as vmsnapctl prints it. The JSON field names are part of the CLI's interface.
+#[derive(Debug, Serialize)]
+pub struct Vm {
+    pub name: String,
+    pub uuid: String,
+    pub state: String,
+    pub agent: String,
+    pub disks: Vec<DiskInfo>,
+}
+
+pub fn print_vm_list(vms: &[Vm], format: OutputFormat) -> Result<(), String> {
+    match format {
+        OutputFormat::Json => print_json(&vms),
+        OutputFormat::Table => {
+            let rows: Vec<Vec<String>> = vms
+                .iter()
+                .map(|vm| {
+                    let disks = vm
+                        .disks
+                        .iter()
+                        .map(|d| format!("{}:{}", d.target, d.backend))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    vec![
+                        vm.name.clone(),
+                        vm.state.clone(),
+                        vm.agent.clone(),
+                        if disks.is_empty() { "-".into() } else { disks },
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["NAME", "STATE", "AGENT", "DISKS"], &rows));
+            Ok(())
+        }
+    }
+}
+
+pub fn print_vm(vm: &Vm, format: OutputFormat) -> Result<(), String> {
+    match format {
+        OutputFormat::Json => print_json(vm),
+        OutputFormat::Table => {
+            println!("Name:   {}", vm.name);
+            println!("UUID:   {}", vm.uuid);
+            println!("State:  {}", vm.state);
+            println!("Agent:  {}", vm.agent);
+            println!("Disks:");
+            let rows: Vec<Vec<String>> = vm
+                .disks
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.target.clone(),
+                        d.device.clone(),
+                        d.backend.clone(),
+                        dash(&d.format),
+                        dash(&d.source),
+                        dash(&d.reason),
+                    ]
+                })
+                .collect();
+            for line in table(
+                &[
+                    "TARGET",
+                    "DEVICE",
+                    "BACKEND",
+                    "FORMAT",
+                    "SOURCE",
+                    "EXCLUDED BECAUSE",
+                ],
+                &rows,
+            )
+            .lines()
+            {
+                println!("  {line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let last = row.len().saturating_sub(1);
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i == last {
+                line.push_str(cell);
+            } else {
+                let width = widths.get(i).copied().unwrap_or(0);
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["NAME", "STATE"],
+            &[
+                vec!["a-long-name".into(), "running".into()],
+                vec!["b".into(), "shut-off".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME         STATE\na-long-name  running\nb            shut-off\n"
+        );
+    }
+
+    #[test]
+    fn json_field_names_are_stable() {
+        let vm = Vm {
+            name: "web".into(),
+            uuid: "u".into(),
+            state: "running".into(),
+            agent: "connected".into(),
+            disks: vec![DiskInfo {
+                target: "vda".into(),
+                device: "disk".into(),
+                source: "/a.qcow2".into(),
+                format: "qcow2".into(),
+                backend: "qcow2".into(),
+                reason: String::new(),
+            }],
+        };
+        let json = serde_json::to_value(&vm).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "web", "uuid": "u", "state": "running", "agent": "connected",
+                "disks": [{"target": "vda", "device": "disk", "source": "/a.qcow2",
+                           "format": "qcow2", "backend": "qcow2", "reason": ""}]
+            })
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! vmsnapd as a process: configuration, startup order, libvirt unavailable, shutdown, and the
+//! published D-Bus interface. Uses libvirt's test driver (no storage involved) and a private bus.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use vmsnap_api::{ManagerProxy, VirtualMachineProxy};
+use vmsnap_tests::{bin, config_for, ctl, find_vm, wait_for, Daemon, PrivateBus};
+
+#[test]
+fn malformed_config_is_refused_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmsnapd.toml");
+    std::fs::write(
+        &path,
+        "libvirt_uri = \"test:///default\"\n# comment\nrefresh_interval_ms = fast\n",
+    )
+    .unwrap();
+    let output = Command::new(bin("vmsnapd"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--bus-address")
+        .arg("unix:path=/nonexistent/bus")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!("vmsnapd: {}:3:", path.display());
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn unknown_config_key_and_missing_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmsnapd.toml");
+    std::fs::write(&path, "libvirt_url = \"qemu:///system\"\n").unwrap();
+    for config in [path.clone(), dir.path().join("missing.toml")] {
+        let output = Command::new(bin("vmsnapd"))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+    }
+}
+
+#[test]
+fn inventory_is_served_as_soon_as_the_name_is_owned() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for("test:///default"));
+    // No retry: objects are registered before the name is taken.
+    let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
+    let vm = find_vm(&list, "test").unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["agent"], "not-configured");
+    let uuid = vm["uuid"].as_str().unwrap().to_string();
+
+    let by_uuid = daemon
+        .ctl(&["vm", "show", &uuid, "--output", "json"])
+        .json();
+    assert_eq!(by_uuid["name"], "test");
+
+    let table = daemon.ctl(&["vm", "list"]).ok().to_string();
+    let mut lines = table.lines();
+    assert!(lines.next().unwrap().starts_with("NAME"));
+    assert!(lines.any(|l| l.starts_with("test ") && l.contains("running")));
+}
+
+#[test]
+fn unknown_vm_is_a_one_line_error() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for("test:///default"));
+    let out = daemon.ctl(&["vm", "show", "no-such-vm"]);
+    assert_eq!(out.failure(), "vmsnapctl: VM 'no-such-vm' not found");
+    let json = daemon.ctl(&["vm", "show", "no-such-vm", "--output", "json"]);
+    assert_eq!(json.failure(), "vmsnapctl: VM 'no-such-vm' not found");
+}
+
+#[test]
+fn client_reports_a_daemon_that_is_not_running() {
+    let bus = PrivateBus::start();
+    let out = ctl(&bus.address, &["vm", "list"]);
+    let message = out.failure();
+    assert!(message.contains("vmsnapd is not running"), "{message}");
+}
+
+#[test]
+fn client_reports_an_unreachable_bus() {
+    let out = ctl("unix:path=/nonexistent/bus.sock", &["vm", "list"]);
+    let message = out.failure();
+    assert!(
+        message.starts_with("vmsnapctl: cannot connect to"),
+        "{message}"
+    );
+}
+
+#[test]
+fn libvirt_down_at_start_is_reported_and_the_daemon_keeps_serving() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(
+        &bus,
+        &config_for("qemu+unix:///system?socket=/nonexistent/libvirt-sock"),
+    );
+    let list = daemon.ctl(&["vm", "list", "--output", "json"]);
+    assert_eq!(list.json(), serde_json::json!([]));
+    assert!(
+        list.stderr.contains("cannot reach libvirt"),
+        "{}",
+        list.stderr
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(daemon.bus_address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let manager = ManagerProxy::new(&conn).await.unwrap();
+        assert!(!manager.libvirt_connected().await.unwrap());
+        let error = manager.libvirt_error().await.unwrap();
+        assert!(error.contains("nonexistent"), "{error}");
+    });
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly_and_releases_the_name() {
+    let bus = PrivateBus::start();
+    let mut daemon = Daemon::start(&bus, &config_for("test:///default"));
+    let status = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.log_text());
+    assert!(!vmsnap_tests::name_has_owner(&bus.address));
+    assert!(daemon.log_text().contains("stopped"));
+}
+
+#[test]
+fn a_second_daemon_cannot_take_the_name() {
+    let bus = PrivateBus::start();
+    let _first = Daemon::start(&bus, &config_for("test:///default"));
+    let mut second = Daemon::spawn(&bus, &config_for("test:///default"));
+    let status = wait_for(
+        Duration::from_secs(20),
+        "the second vmsnapd to exit",
+        || second_exit(&mut second),
+    );
+    assert!(!status.success());
+    assert!(
+        second.log_text().contains("cannot own the bus name"),
+        "{}",
+        second.log_text()
+    );
+}
+
+fn second_exit(daemon: &mut Daemon) -> Option<std::process::ExitStatus> {
+    daemon.try_wait()
+}
+
+#[test]
+fn properties_read_through_the_api_proxies() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for("test:///default"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(daemon.bus_address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let manager = ManagerProxy::new(&conn).await.unwrap();
+        assert_eq!(manager.libvirt_uri().await.unwrap(), "test:///default");
+        assert!(manager.libvirt_connected().await.unwrap());
+        assert_eq!(manager.version().await.unwrap(), env!("CARGO_PKG_VERSION"));
+        let path = manager.find_vm("test").await.unwrap();
+        assert_eq!(manager.list_vms().await.unwrap(), vec![path.clone()]);
+        let vm = VirtualMachineProxy::builder(&conn)
+            .path(path)
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(vm.name().await.unwrap(), "test");
+        let disks = vm.disks().await.unwrap();
+        assert_eq!(disks.len(), 1);
+        assert_eq!(disks[0].target, "vda");
+
+        let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
+            .destination(vmsnap_api::BUS_NAME)
+            .path(vmsnap_api::ROOT_PATH)
+            .build()
+            .await
+            .unwrap()
+            .get_managed_objects()
+            .await
+            .unwrap();
+        let interfaces: Vec<String> = objects
+            .values()
+            .flat_map(|ifaces| ifaces.keys().map(|i| i.to_string()))
+            .collect();
+        assert!(interfaces.contains(&vmsnap_api::MANAGER_INTERFACE.to_string()));
+        assert!(interfaces.contains(&vmsnap_api::VM_INTERFACE.to_string()));
+    });
+}
+
+/// The committed introspection XML (config/dbus/org.vmsnap.VmSnap1.xml) is what the daemon
+/// serves. Regenerate it with VMSNAP_UPDATE_INTROSPECTION=1 after a deliberate API change.
+#[test]
+fn served_interfaces_match_the_committed_introspection_xml() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for("test:///default"));
+    let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
+    let uuid = find_vm(&list, "test").unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut served = String::from(
+        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \
+         \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+    );
+    for path in [
+        vmsnap_api::MANAGER_PATH.to_string(),
+        vmsnap_api::vm_path(&uuid),
+    ] {
+        served.push_str(&vmsnap_interfaces(&introspect(&bus.address, &path)));
+    }
+    served.push_str("</node>\n");
+    let committed_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/dbus/org.vmsnap.VmSnap1.xml");
+    if std::env::var_os("VMSNAP_UPDATE_INTROSPECTION").is_some() {
+        std::fs::write(&committed_path, &served).unwrap();
+    }
+    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+    assert_eq!(
+        committed,
+        served,
+        "the served API differs from {}; if the change is deliberate, rerun with \
+         VMSNAP_UPDATE_INTROSPECTION=1",
+        committed_path.display()
+    );
+}
+
+fn introspect(address: &str, path: &str) -> String {
+    let output = Command::new("busctl")
+        .arg(format!("--address={address}"))
+        .args(["call", vmsnap_api::BUS_NAME, path])
+        .args([
+            "org.freedesktop.DBus.Introspectable",
+            "Introspect",
+            "--json=short",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    reply["data"][0].as_str().unwrap().to_string()
+}
+
+/// The `<interface>` elements named org.vmsnap.*, as text, each line trimmed and re-indented.
+fn vmsnap_interfaces(xml: &str) -> String {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(xml, options).unwrap();
+    let mut out = String::new();
+    for iface in doc
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("interface"))
+        .filter(|n| {
+            n.attribute("name")
+                .is_some_and(|a| a.starts_with("org.vmsnap."))
+        })
+    {
+        for line in xml[iface.range()].lines() {
+            let line = line.trim();
+            if !line.is_empty() {
+                let indent = if line.starts_with("<interface") || line.starts_with("</interface") {
+                    "  "
+                } else {
+                    "    "
+                };
+                out.push_str(indent);
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
