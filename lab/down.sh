@@ -23,7 +23,7 @@ warn() { echo "lab down: $*" >&2; status=1; }
 pid_alive() { # pid_alive PIDFILE COMM
   local pid state
   [ -s "$1" ] || return 1
-  pid=$(head -n1 "$1")
+  pid=$(head -n1 "$1" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
   state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || return 1
@@ -35,7 +35,7 @@ pid_alive() { # pid_alive PIDFILE COMM
 stop_daemon() {
   local pidfile=$1 comm=$2 pid i
   pid_alive "$pidfile" "$comm" || return 0
-  pid=$(head -n1 "$pidfile")
+  pid=$(head -n1 "$pidfile" 2>/dev/null) || return 0
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 150; i++)); do
     pid_alive "$pidfile" "$comm" || return 0
@@ -49,15 +49,21 @@ stop_daemon() {
 
 # --- domains --------------------------------------------------------------------------------
 if timeout 10 virsh -c "$URI" version >/dev/null 2>&1; then
-  for vm in $(virsh -c "$URI" list --all --name | grep '^vmsnap-lab-' || true); do
+  # In parallel: libvirt takes about a second to destroy each TCG domain.
+  remove_vm() {
+    local vm=$1 out
     if [ "$(virsh -c "$URI" domstate "$vm" 2>/dev/null)" != "shut off" ]; then
-      out=$(virsh -c "$URI" destroy "$vm" 2>&1) || warn "destroy $vm: $out"
+      out=$(virsh -c "$URI" destroy "$vm" 2>&1) || { echo "lab down: destroy $vm: $out" >&2; return 1; }
     fi
     out=$(virsh -c "$URI" undefine "$vm" --snapshots-metadata --checkpoints-metadata \
-      --managed-save --nvram 2>&1) || warn "undefine $vm: $out"
+      --managed-save --nvram 2>&1) || { echo "lab down: undefine $vm: $out" >&2; return 1; }
+  }
+  jobs_=()
+  for vm in $(virsh -c "$URI" list --all --name | grep '^vmsnap-lab-' || true); do
+    remove_vm "$vm" &
+    jobs_+=($!)
   done
-elif [ -d "$LAB_DIR" ]; then
-  echo "lab down: libvirtd does not answer; lab domains (if any) left alone" >&2
+  for j in "${jobs_[@]}"; do wait "$j" || status=1; done
 fi
 
 # --- private D-Bus --------------------------------------------------------------------------

@@ -44,7 +44,7 @@ quiet() {
 pid_alive() {
   local pid state
   [ -s "$1" ] || return 1
-  pid=$(head -n1 "$1")
+  pid=$(head -n1 "$1" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
   state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || return 1
@@ -55,6 +55,10 @@ mkdir -p "$LAB_DIR" "$DISKS"
 
 # --- packages -------------------------------------------------------------------------------
 quiet "$LAB_SRC/install-packages.sh"
+
+# The guest build (a no-op when cached) overlaps libvirtd's first start, which probes QEMU.
+"$LAB_SRC/build-guest.sh" "$GUEST" >"$LAB_DIR/build-guest.log" 2>&1 &
+build_pid=$!
 
 # --- libvirt --------------------------------------------------------------------------------
 getent group libvirt-qemu >/dev/null || quiet groupadd --system libvirt-qemu
@@ -120,8 +124,12 @@ EOF
   bus_alive || die "the private bus does not answer ($(cat "$LAB_DIR/bus-address"))"
 fi
 
-# --- guest kernel and initramfs -------------------------------------------------------------
-quiet "$LAB_SRC/build-guest.sh" "$GUEST"
+# --- guest kernel and initramfs (built in the background, see above) ------------------------
+if ! wait "$build_pid"; then
+  echo "lab up: building the guest failed:" >&2
+  cat "$LAB_DIR/build-guest.log" >&2
+  exit 1
+fi
 
 # --- disks ----------------------------------------------------------------------------------
 make_disk() { # make_disk PATH SIZE [SEED]

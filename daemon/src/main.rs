@@ -138,7 +138,7 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
     tokio::task::yield_now().await;
     // No replacement either way: a second vmsnapd must fail, not take over a running one.
     let reply = connection
-        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE.into())
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await
         .map_err(|e| format!("cannot own the bus name {BUS_NAME}: {e}"))?;
     if reply != RequestNameReply::PrimaryOwner {
