@@ -43,7 +43,7 @@ impl ManagerObject {
 }
 
 fn object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
-    OwnedObjectPath::try_from(vm_path(uuid)).map_err(|e| VmSnapError::ZBus(e))
+    OwnedObjectPath::try_from(vm_path(uuid)).map_err(VmSnapError::ZBus)
 }
 
 #[interface(name = "org.vmsnap.VmSnap1.Manager")]
