@@ -5,7 +5,8 @@
 #
 # Kernel: Debian's linux-image-6.1.*-amd64 (the one linux-image-amd64 depends on), fetched with
 # apt-get download and unpacked with dpkg-deb -x (nothing in /boot changes).
-# Initramfs (cpio newc, gzip): busybox-static with applet links; qemu-ga, lvm, dmsetup and thin_check
+# Initramfs (cpio newc, gzip): busybox-static with applet links; qemu-ga, lvm, dmsetup, thin_check,
+# mke2fs (mkfs.ext4) and e2fsck (fsck.ext4)
 # with their ldd libraries; the virtio/ext4/dm modules (insmod in modules.dep order); an /init that
 # mounts /dev/vda on /mnt/data and starts qemu-ga unless the kernel command line has
 # vmsnap.agent=off; /sbin/shutdown for qemu-ga's guest-shutdown; busybox acpid for the ACPI button.

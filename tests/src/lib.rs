@@ -300,3 +300,31 @@ pub fn require_lab() {
 pub fn find_vm<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     list.as_array()?.iter().find(|vm| vm["name"] == name)
 }
+
+/// Runs `script` with /bin/sh inside a lab guest through its agent (guest-exec); returns the
+/// exit code and stdout. Panics if the agent does not answer or the command outlives `timeout`.
+pub fn guest_exec(vm: &str, script: &str, timeout: Duration) -> (i64, String) {
+    use base64::Engine as _;
+    let request = serde_json::json!({
+        "execute": "guest-exec",
+        "arguments": {"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}
+    });
+    let reply: serde_json::Value =
+        serde_json::from_str(&virsh(&["qemu-agent-command", vm, &request.to_string()])).unwrap();
+    let pid = reply["return"]["pid"].as_i64().unwrap();
+    let status_request =
+        serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string();
+    let status = wait_for(timeout, "the guest command to finish", || {
+        let status: serde_json::Value =
+            serde_json::from_str(&virsh(&["qemu-agent-command", vm, &status_request])).unwrap();
+        (status["return"]["exited"] == true).then_some(status)
+    });
+    let out = status["return"]["out-data"].as_str().unwrap_or("");
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(out)
+        .unwrap();
+    (
+        status["return"]["exitcode"].as_i64().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+    )
+}
