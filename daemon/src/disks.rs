@@ -79,9 +79,11 @@ fn decide<'a>(
 ) -> Result<DiskBackend, String> {
     match device {
         "disk" => {}
-        "cdrom" | "floppy" => return Err(format!(
+        "cdrom" | "floppy" => {
+            return Err(format!(
             "{device} (removable media such as a cloud-init or installer ISO) is not snapshotted"
-        )),
+        ))
+        }
         "lun" => {
             return Err(
                 "SCSI passthrough (device='lun'): the guest talks to the host device directly"

@@ -35,10 +35,7 @@ fn lab_vms_are_listed_with_their_agent_state() {
         assert_eq!(vm["uuid"], uuid.trim(), "{name}");
     }
     let table = daemon.ctl(&["vm", "list"]).ok().to_string();
-    let agent_line = table
-        .lines()
-        .find(|l| l.starts_with(LAB_AGENT_VM))
-        .unwrap();
+    let agent_line = table.lines().find(|l| l.starts_with(LAB_AGENT_VM)).unwrap();
     assert!(agent_line.contains("connected"), "{table}");
 }
 
@@ -79,7 +76,9 @@ fn disks_are_classified_with_reasons() {
 fn vm_show_by_uuid_and_unknown_vm() {
     let (_bus, daemon) = lab_daemon();
     let uuid = virsh(&["domuuid", LAB_AGENT_VM]).trim().to_string();
-    let vm = daemon.ctl(&["vm", "show", &uuid, "--output", "json"]).json();
+    let vm = daemon
+        .ctl(&["vm", "show", &uuid, "--output", "json"])
+        .json();
     assert_eq!(vm["name"], LAB_AGENT_VM);
     assert_eq!(
         daemon.ctl(&["vm", "show", "vmsnap-lab-nope"]).failure(),
@@ -167,7 +166,11 @@ fn domains_defined_started_stopped_undefined_are_followed() {
         rt.block_on(manager.find_vm(name)).ok()
     });
     let vm = rt
-        .block_on(VirtualMachineProxy::builder(&conn).path(path.clone()).build())
+        .block_on(
+            VirtualMachineProxy::builder(&conn)
+                .path(path.clone())
+                .build(),
+        )
         .unwrap();
     assert_eq!(rt.block_on(vm.state()).unwrap(), "shut-off");
     assert_eq!(rt.block_on(vm.agent()).unwrap(), "not-configured");
@@ -182,20 +185,21 @@ fn domains_defined_started_stopped_undefined_are_followed() {
     assert_eq!(seen, "shut-off");
 
     drop(scratch);
-    wait_for(Duration::from_secs(20), "the undefined domain to vanish", || {
-        let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
-        find_vm(&list, name).is_none().then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the undefined domain to vanish",
+        || {
+            let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
+            find_vm(&list, name).is_none().then_some(())
+        },
+    );
     assert!(matches!(
         rt.block_on(manager.find_vm(name)),
         Err(vmsnap_api::VmSnapError::NotFound(_))
     ));
 }
 
-async fn next_state(
-    changes: &mut zbus::proxy::PropertyStream<'_, String>,
-    wanted: &str,
-) -> String {
+async fn next_state(changes: &mut zbus::proxy::PropertyStream<'_, String>, wanted: &str) -> String {
     let wait = async {
         while let Some(change) = changes.next().await {
             let value = change.get().await.unwrap();

@@ -71,7 +71,11 @@ fn libvirtd_restart_is_survived_and_reported() {
     assert!(list.stderr.contains("cannot reach libvirt"), "{list:?}");
     assert!(!rt.block_on(manager.libvirt_error()).unwrap().is_empty());
 
-    assert!(Command::new("libvirtd").arg("-d").status().unwrap().success());
+    assert!(Command::new("libvirtd")
+        .arg("-d")
+        .status()
+        .unwrap()
+        .success());
     wait_for(Duration::from_secs(60), "LibvirtConnected=true", || {
         rt.block_on(manager.libvirt_connected())
             .unwrap()
@@ -83,8 +87,12 @@ fn libvirtd_restart_is_survived_and_reported() {
     assert_eq!(vm["state"], "running");
     assert!(list.stderr.is_empty(), "{list:?}");
     // The guests kept running through the restart, and the agent is reachable again.
-    wait_for(Duration::from_secs(30), "the agent to be seen again", || {
-        let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
-        (find_vm(&list, LAB_AGENT_VM).unwrap()["agent"] == "connected").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the agent to be seen again",
+        || {
+            let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
+            (find_vm(&list, LAB_AGENT_VM).unwrap()["agent"] == "connected").then_some(())
+        },
+    );
 }
