@@ -47,6 +47,10 @@ stop_daemon() {
   return 0
 }
 
+# --- the demo's vmsnapd (lab/demo.sh) ------------------------------------------------------
+stop_daemon "$LAB_DIR/vmsnapd.pid" vmsnapd
+rm -f "$LAB_DIR/vmsnapd.pid"
+
 # --- domains --------------------------------------------------------------------------------
 if timeout 10 virsh -c "$URI" version >/dev/null 2>&1; then
   # In parallel: libvirt takes about a second to destroy each TCG domain.
