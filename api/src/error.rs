@@ -21,6 +21,19 @@ pub enum VmSnapError {
     AccessDenied(String),
     /// The daemon is shutting down and takes no new work.
     ShuttingDown(String),
+    /// A snapshot name breaks the naming rules.
+    InvalidName(String),
+    /// A snapshot with this name already exists for the VM.
+    AlreadyExists(String),
+    /// The VM has disks that cannot be snapshotted; pass `allow_excluded` to go ahead without them.
+    /// The message lists each disk and why.
+    ExcludedDisks(String),
+    /// Another operation runs on this VM; try again when it has finished.
+    Busy(String),
+    /// The operation is not possible in the object's current state.
+    InvalidState(String),
+    /// The operation failed; the message says why and what was left unchanged.
+    Failed(String),
 }
 
 impl VmSnapError {
@@ -34,7 +47,13 @@ impl VmSnapError {
             | VmSnapError::LibvirtError(m)
             | VmSnapError::InvalidArgument(m)
             | VmSnapError::AccessDenied(m)
-            | VmSnapError::ShuttingDown(m) => m.clone(),
+            | VmSnapError::ShuttingDown(m)
+            | VmSnapError::InvalidName(m)
+            | VmSnapError::AlreadyExists(m)
+            | VmSnapError::ExcludedDisks(m)
+            | VmSnapError::Busy(m)
+            | VmSnapError::InvalidState(m)
+            | VmSnapError::Failed(m) => m.clone(),
         }
     }
 }

@@ -9,8 +9,11 @@ mod proxies;
 mod types;
 
 pub use error::VmSnapError;
-pub use proxies::{ManagerProxy, VirtualMachineProxy};
-pub use types::{AgentState, DiskBackend, DiskInfo, VmState};
+pub use proxies::{ManagerProxy, SnapshotProxy, VirtualMachineProxy};
+pub use types::{
+    validate_snapshot_name, AgentState, DiskBackend, DiskInfo, ExcludedVolume, Indication,
+    IncludedVolume, SnapshotPhase, VmState,
+};
 
 /// Well-known bus name of vmsnapd. The trailing `1` is the API version: an incompatible API gets
 /// a new name, so old and new clients can coexist.
@@ -28,6 +31,9 @@ pub const MANAGER_INTERFACE: &str = "org.vmsnap.VmSnap1.Manager";
 /// Interface of each virtual machine object.
 pub const VM_INTERFACE: &str = "org.vmsnap.VmSnap1.VirtualMachine";
 
+/// Interface of each snapshot object.
+pub const SNAPSHOT_INTERFACE: &str = "org.vmsnap.VmSnap1.Snapshot";
+
 /// Prefix of every error name vmsnapd returns.
 pub const ERROR_PREFIX: &str = "org.vmsnap.VmSnap1.Error";
 
@@ -42,6 +48,15 @@ pub fn vm_path(uuid: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     format!("{ROOT_PATH}/vm/{element}")
+}
+
+/// Object path of the snapshot with the given UUID.
+pub fn snapshot_path(uuid: &str) -> String {
+    let element: String = uuid
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{ROOT_PATH}/snapshot/{element}")
 }
 
 #[cfg(test)]

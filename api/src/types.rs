@@ -92,3 +92,117 @@ impl AgentState {
         }
     }
 }
+
+/// A disk captured by a snapshot. On the bus: `(ssst)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct IncludedVolume {
+    /// Guest-side target, e.g. `vda`.
+    pub target: String,
+    /// `qcow2` or `lvm`.
+    pub backend: String,
+    /// The image (or LV) that holds the snapshot's data. It is never written again.
+    pub image: String,
+    /// The disk's virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+/// A disk a snapshot left out, and why. On the bus: `(ss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct ExcludedVolume {
+    pub target: String,
+    pub reason: String,
+}
+
+/// Where a snapshot is in its life, as KubeVirt's VirtualMachineSnapshot status spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotPhase {
+    InProgress,
+    Succeeded,
+    Failed,
+    Deleting,
+}
+
+impl SnapshotPhase {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SnapshotPhase::InProgress => "InProgress",
+            SnapshotPhase::Succeeded => "Succeeded",
+            SnapshotPhase::Failed => "Failed",
+            SnapshotPhase::Deleting => "Deleting",
+        }
+    }
+}
+
+/// What a snapshot's consistency rests on, as KubeVirt's indications spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Indication {
+    /// The VM was running (or paused) when the snapshot was taken.
+    Online,
+    /// The guest agent froze the guest's filesystems: application-consistent as far as the
+    /// filesystems go.
+    GuestAgent,
+    /// No usable agent: crash-consistent.
+    NoGuestAgent,
+    /// The freeze failed; the snapshot is crash-consistent.
+    QuiesceFailed,
+    /// The VM was paused: consistent as a whole, no freeze needed.
+    Paused,
+}
+
+impl Indication {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Indication::Online => "Online",
+            Indication::GuestAgent => "GuestAgent",
+            Indication::NoGuestAgent => "NoGuestAgent",
+            Indication::QuiesceFailed => "QuiesceFailed",
+            Indication::Paused => "Paused",
+        }
+    }
+}
+
+/// Longest snapshot name.
+pub const MAX_SNAPSHOT_NAME: usize = 63;
+
+/// Checks a snapshot name: 1-63 characters of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
+/// The error text is meant for users.
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("snapshot name must not be empty".to_string());
+    }
+    if name.len() > MAX_SNAPSHOT_NAME {
+        return Err(format!(
+            "snapshot name is {} characters long; the limit is {MAX_SNAPSHOT_NAME}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "snapshot name {name:?} contains {bad:?}; use only A-Z a-z 0-9 . _ -"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!(
+            "snapshot name {name:?} must not start with '.' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names() {
+        for good in ["a", "before-upgrade", "db_2026.11.26", "A9", &"x".repeat(63)] {
+            assert!(validate_snapshot_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "-x", "a b", "a/b", "ü", &"x".repeat(64), "a\n"] {
+            assert!(validate_snapshot_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -9,6 +9,8 @@ mod domain;
 mod engine;
 mod libvirt;
 mod shutdown;
+mod thaw_guard;
+mod virt_ext;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -47,10 +49,27 @@ struct Args {
     /// Serve on this D-Bus address instead of the system bus (e.g. unix:path=/run/x/bus.sock).
     #[arg(long, value_name = "ADDRESS", env = BUS_ADDRESS_ENV)]
     bus_address: Option<String>,
+
+    /// Internal: run as the thaw guard of the domain with this UUID (see thaw_guard.rs).
+    #[arg(long, hide = true, value_name = "UUID", requires_all = ["guard_uri", "guard_deadline_ms"])]
+    thaw_guard: Option<String>,
+
+    /// Internal: the thaw guard's libvirt URI.
+    #[arg(long, hide = true, value_name = "URI")]
+    guard_uri: Option<String>,
+
+    /// Internal: the thaw guard's deadline, in milliseconds from its start.
+    #[arg(long, hide = true, value_name = "MS")]
+    guard_deadline_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let (Some(uuid), Some(uri), Some(deadline_ms)) =
+        (&args.thaw_guard, &args.guard_uri, args.guard_deadline_ms)
+    {
+        return thaw_guard::run_guard(uri, uuid, Duration::from_millis(deadline_ms));
+    }
     let (config, config_path) = match Config::load(args.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
