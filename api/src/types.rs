@@ -198,10 +198,25 @@ mod tests {
 
     #[test]
     fn snapshot_names() {
-        for good in ["a", "before-upgrade", "db_2026.11.26", "A9", &"x".repeat(63)] {
+        for good in [
+            "a",
+            "before-upgrade",
+            "db_2026.11.26",
+            "A9",
+            &"x".repeat(63),
+        ] {
             assert!(validate_snapshot_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "-x", "a b", "a/b", "ü", &"x".repeat(64), "a\n"] {
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a b",
+            "a/b",
+            "ü",
+            &"x".repeat(64),
+            "a\n",
+        ] {
             assert!(validate_snapshot_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -1,22 +1,27 @@
 //! vmsnapctl: the command-line client of vmsnapd.
 
+mod bus;
 mod output;
+mod snapshot;
+mod snapshot_output;
+mod vm;
+mod watch;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmsnap_api::{
-    ManagerProxy, VirtualMachineProxy, VmSnapError, BUS_ADDRESS_ENV, BUS_NAME, MANAGER_PATH,
-};
-use zbus::{Connection, DBusError, OwnedObjectPath};
+use vmsnap_api::BUS_ADDRESS_ENV;
 
-use crate::output::{print_vm, print_vm_list, Vm};
+use crate::bus::Bus;
+use crate::snapshot::SnapshotCommand;
+use crate::vm::VmCommand;
 
 /// Snapshots and restores of libvirt/QEMU virtual machines, through the vmsnapd daemon.
 ///
 /// vmsnapctl talks to vmsnapd over D-Bus (the system bus by default). Every command accepts
 /// --output json for scripts; field names are stable. Exit status: 0 on success, 1 on any
-/// error, with a one-line message on standard error.
+/// error, with a one-line message on standard error; 130 when a command that waits for vmsnapd
+/// is interrupted with Ctrl-C (vmsnapd carries on with the work).
 #[derive(Debug, Parser)]
 #[command(name = "vmsnapctl", version, about, long_about)]
 struct Cli {
@@ -45,17 +50,40 @@ enum Command {
     /// Virtual machines known to libvirt, with their agent and disks.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Snapshots of VMs: create, list, show, delete.
+    ///
+    /// A snapshot captures every disk of a VM that can be snapshotted, at one point in time,
+    /// with the guest's filesystems frozen through the QEMU guest agent when one is connected.
+    /// Snapshots are named per VM; commands take the VM (name or UUID) and the snapshot's name.
+    /// Phases follow KubeVirt's VirtualMachineSnapshot: InProgress, Succeeded, Failed, and
+    /// Deleting while vmsnapd removes one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
 }
 
-#[derive(Debug, Subcommand)]
-enum VmCommand {
-    /// List every VM: name, state, guest agent and how each disk would be snapshotted.
-    List,
-    /// Show one VM in detail, including why any disk is excluded from snapshots.
-    Show {
-        /// The VM's name or UUID.
-        vm: String,
-    },
+/// How a command ends when it does not succeed: a one-line message and an exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub code: u8,
+}
+
+impl Failure {
+    /// Exit status of a wait interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+    pub const INTERRUPTED: u8 = 130;
+
+    pub fn interrupted(message: &str) -> Failure {
+        Failure {
+            message: message.to_string(),
+            code: Failure::INTERRUPTED,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure { message, code: 1 }
+    }
 }
 
 fn main() -> ExitCode {
@@ -72,173 +100,124 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("vmsnapctl: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("vmsnapctl: {}", failure.message);
+            ExitCode::from(failure.code)
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), Failure> {
     let bus = Bus::connect(cli.bus_address.as_deref()).await?;
     match cli.command {
-        Command::Vm(VmCommand::List) => {
-            let manager = bus.manager().await?;
-            let paths = manager.list_vms().await.map_err(|e| bus.describe_api(e))?;
-            let mut vms = Vec::with_capacity(paths.len());
-            for path in paths {
-                match bus.read_vm(path).await {
-                    Ok(vm) => vms.push(vm),
-                    // Undefined between the listing and the read: it is simply gone.
-                    Err(ReadError::Vanished) => {}
-                    Err(ReadError::Other(message)) => return Err(message),
+        Command::Vm(command) => Ok(vm::run(&bus, command, cli.output).await?),
+        Command::Snapshot(command) => snapshot::run(&bus, command, cli.output).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_and_argument_is_documented() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            assert!(
+                command.get_about().is_some() || path == " vmsnapctl",
+                "{path} has no help"
+            );
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path} {id} has no help");
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_name() != "help" {
+                    check(sub, &path);
                 }
             }
-            let status = bus.libvirt_status(&manager).await?;
-            if let Some(warning) = status {
-                eprintln!("vmsnapctl: warning: {warning}");
-            }
-            print_vm_list(&vms, cli.output)
         }
-        Command::Vm(VmCommand::Show { vm }) => {
-            let manager = bus.manager().await?;
-            let path = manager
-                .find_vm(&vm)
-                .await
-                .map_err(|e| bus.describe_api(e))?;
-            let vm = bus.read_vm(path).await.map_err(|e| match e {
-                ReadError::Vanished => format!("VM '{vm}' not found"),
-                ReadError::Other(message) => message,
-            })?;
-            print_vm(&vm, cli.output)
-        }
+        check(&Cli::command(), "");
     }
-}
 
-enum ReadError {
-    Vanished,
-    Other(String),
-}
-
-struct Bus {
-    connection: Connection,
-    description: String,
-}
-
-impl Bus {
-    async fn connect(address: Option<&str>) -> Result<Bus, String> {
-        let (builder, description) = match address {
-            Some(address) => (
-                zbus::connection::Builder::address(address),
-                format!("the D-Bus bus at {address}"),
-            ),
-            None => (
-                zbus::connection::Builder::system(),
-                "the D-Bus system bus".to_string(),
-            ),
+    #[test]
+    fn snapshot_create_parses_its_flags() {
+        let cli = Cli::try_parse_from([
+            "vmsnapctl",
+            "snapshot",
+            "create",
+            "web",
+            "before-upgrade",
+            "--description",
+            "kernel 6.12",
+            "--allow-excluded",
+            "--no-wait",
+        ])
+        .expect("parses");
+        let Command::Snapshot(SnapshotCommand::Create(args)) = cli.command else {
+            panic!("not snapshot create: {cli:?}");
         };
-        let connection = builder
-            .build()
-            .await
-            .map_err(|e| format!("cannot connect to {description}: {e}"))?;
-        Ok(Bus {
-            connection,
-            description,
-        })
+        assert_eq!(args.vm, "web");
+        assert_eq!(args.name, "before-upgrade");
+        assert_eq!(args.description.as_deref(), Some("kernel 6.12"));
+        assert!(args.allow_excluded);
+        assert!(args.no_wait);
     }
 
-    async fn manager(&self) -> Result<ManagerProxy<'static>, String> {
-        ManagerProxy::builder(&self.connection)
-            .path(MANAGER_PATH)
-            .build()
-            .await
-            .map_err(|e| self.describe(&e))
-    }
-
-    async fn read_vm(&self, path: OwnedObjectPath) -> Result<Vm, ReadError> {
-        let proxy = VirtualMachineProxy::builder(&self.connection)
-            .path(path)
-            .build()
-            .await
-            .map_err(|e| ReadError::Other(self.describe(&e)))?;
-        let read = async {
-            Ok::<_, zbus::Error>(Vm {
-                name: proxy.name().await?,
-                uuid: proxy.uuid().await?,
-                state: proxy.state().await?,
-                agent: proxy.agent().await?,
-                disks: proxy.disks().await?,
-            })
+    #[test]
+    fn snapshot_create_defaults() {
+        let cli =
+            Cli::try_parse_from(["vmsnapctl", "snapshot", "create", "web", "x"]).expect("parses");
+        let Command::Snapshot(SnapshotCommand::Create(args)) = cli.command else {
+            panic!("not snapshot create: {cli:?}");
         };
-        read.await.map_err(|e| match error_name(&e).as_deref() {
-            Some("org.freedesktop.DBus.Error.UnknownObject")
-            | Some("org.freedesktop.DBus.Error.UnknownInterface")
-            | Some("org.freedesktop.DBus.Error.UnknownProperty") => ReadError::Vanished,
-            _ => ReadError::Other(self.describe(&e)),
-        })
+        assert_eq!(args.description, None);
+        assert!(!args.allow_excluded);
+        assert!(!args.no_wait);
     }
 
-    /// A warning when libvirt is unavailable, since the listed data may then be stale.
-    async fn libvirt_status(&self, manager: &ManagerProxy<'_>) -> Result<Option<String>, String> {
-        let connected = manager
-            .libvirt_connected()
-            .await
-            .map_err(|e| self.describe(&e))?;
-        if connected {
-            return Ok(None);
-        }
-        let error = manager
-            .libvirt_error()
-            .await
-            .map_err(|e| self.describe(&e))?;
-        Ok(Some(format!(
-            "vmsnapd cannot reach libvirt ({error}); VMs are shown as last seen"
-        )))
-    }
-
-    fn describe_api(&self, error: VmSnapError) -> String {
-        match error {
-            VmSnapError::ZBus(e) => self.describe(&e),
-            VmSnapError::AccessDenied(m) => format!("access denied: {m}"),
-            other => other.user_message(),
+    #[test]
+    fn snapshot_list_vm_is_optional() {
+        for (argv, expected) in [
+            (&["vmsnapctl", "snapshot", "list"][..], None),
+            (&["vmsnapctl", "snapshot", "list", "web"][..], Some("web")),
+        ] {
+            let cli = Cli::try_parse_from(argv).expect("parses");
+            let Command::Snapshot(SnapshotCommand::List { vm }) = cli.command else {
+                panic!("not snapshot list: {cli:?}");
+            };
+            assert_eq!(vm.as_deref(), expected);
         }
     }
 
-    /// One line for a transport or bus error, naming the common causes plainly.
-    fn describe(&self, error: &zbus::Error) -> String {
-        let description = error_description(error);
-        match error_name(error).as_deref() {
-            Some("org.freedesktop.DBus.Error.ServiceUnknown")
-            | Some("org.freedesktop.DBus.Error.NameHasNoOwner") => format!(
-                "vmsnapd is not running (nothing owns {BUS_NAME} on {})",
-                self.description
-            ),
-            Some("org.freedesktop.DBus.Error.AccessDenied")
-            | Some("org.vmsnap.VmSnap1.Error.AccessDenied") => {
-                format!("access denied: {description}")
-            }
-            _ => description,
-        }
-    }
-}
-
-fn error_name(error: &zbus::Error) -> Option<String> {
-    match error {
-        zbus::Error::MethodError(name, _, _) => Some(name.to_string()),
-        zbus::Error::FDO(e) => Some(e.name().to_string()),
-        _ => None,
-    }
-}
-
-fn error_description(error: &zbus::Error) -> String {
-    match error {
-        zbus::Error::MethodError(name, description, _) => {
-            description.clone().unwrap_or_else(|| name.to_string())
-        }
-        zbus::Error::FDO(e) => e
-            .description()
-            .map(str::to_string)
-            .unwrap_or_else(|| e.name().to_string()),
-        other => other.to_string(),
+    #[test]
+    fn snapshot_show_and_delete_need_vm_and_name() {
+        assert!(Cli::try_parse_from(["vmsnapctl", "snapshot", "show", "web"]).is_err());
+        assert!(Cli::try_parse_from(["vmsnapctl", "snapshot", "delete", "web"]).is_err());
+        let cli = Cli::try_parse_from([
+            "vmsnapctl",
+            "-o",
+            "json",
+            "snapshot",
+            "delete",
+            "web",
+            "x",
+            "--no-wait",
+        ])
+        .expect("parses");
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert!(matches!(
+            cli.command,
+            Command::Snapshot(SnapshotCommand::Delete { no_wait: true, .. })
+        ));
     }
 }

@@ -85,7 +85,7 @@ pub fn print_vm(vm: &Vm, format: OutputFormat) -> Result<(), String> {
     }
 }
 
-fn dash(s: &str) -> String {
+pub fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
     } else {
@@ -93,7 +93,7 @@ fn dash(s: &str) -> String {
     }
 }
 
-fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), String> {
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
     println!("{text}");
     Ok(())

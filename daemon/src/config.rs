@@ -18,13 +18,43 @@ pub struct Config {
     pub libvirt_uri: String,
     /// Where vmsnap keeps its records.
     pub state_dir: PathBuf,
-    /// How often the VM inventory is re-read from libvirt, in milliseconds.
-    pub refresh_interval_ms: u64,
-    /// How long to wait between attempts to reach libvirt while it is unavailable, in
-    /// milliseconds.
-    pub reconnect_interval_ms: u64,
+    /// How often the VM inventory is re-read from libvirt.
+    #[serde(with = "duration_text")]
+    pub refresh_interval: Duration,
+    /// How long to wait between attempts to reach libvirt while it is unavailable.
+    #[serde(with = "duration_text")]
+    pub reconnect_interval: Duration,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive).
     pub log_level: String,
+    /// The longest a guest may stay frozen; past it, the guest is thawed whatever else happens.
+    #[serde(with = "duration_text")]
+    pub freeze_timeout: Duration,
+    /// Fail a snapshot whose freeze fails, instead of taking it crash-consistent.
+    pub require_quiesce: bool,
+    /// A snapshot not finished within this time fails and is rolled back.
+    #[serde(with = "duration_text")]
+    pub failure_deadline: Duration,
+}
+
+/// Durations as human-readable text: "500ms", "10s", "5m".
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"500ms\", \"10s\" or \"5m\""
+            ))
+        })
+    }
+
+    #[allow(dead_code)] // serde's `with` wants both halves
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*value).to_string())
+    }
 }
 
 impl Default for Config {
@@ -32,9 +62,12 @@ impl Default for Config {
         Config {
             libvirt_uri: "qemu:///system".to_string(),
             state_dir: PathBuf::from("/var/lib/vmsnap"),
-            refresh_interval_ms: 1000,
-            reconnect_interval_ms: 2000,
+            refresh_interval: Duration::from_secs(1),
+            reconnect_interval: Duration::from_secs(2),
             log_level: "info".to_string(),
+            freeze_timeout: Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: Duration::from_secs(300),
         }
     }
 }
@@ -58,14 +91,6 @@ pub enum ConfigError {
 }
 
 impl Config {
-    pub fn refresh_interval(&self) -> Duration {
-        Duration::from_millis(self.refresh_interval_ms)
-    }
-
-    pub fn reconnect_interval(&self) -> Duration {
-        Duration::from_millis(self.reconnect_interval_ms)
-    }
-
     /// Loads `explicit` if given (it must exist), else the default path if it exists, else the
     /// built-in defaults. Returns the config and the file it came from.
     pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
@@ -118,11 +143,40 @@ impl Config {
                 self.state_dir
             ));
         }
-        if !(100..=3_600_000).contains(&self.refresh_interval_ms) {
-            return Err("refresh_interval_ms must be between 100 and 3600000".to_string());
-        }
-        if !(100..=3_600_000).contains(&self.reconnect_interval_ms) {
-            return Err("reconnect_interval_ms must be between 100 and 3600000".to_string());
+        let between = |name: &str, value: Duration, min: Duration, max: Duration| {
+            if value < min || value > max {
+                Err(format!(
+                    "{name} must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        between(
+            "refresh_interval",
+            self.refresh_interval,
+            ms(100),
+            secs(3600),
+        )?;
+        between(
+            "reconnect_interval",
+            self.reconnect_interval,
+            ms(100),
+            secs(3600),
+        )?;
+        between("freeze_timeout", self.freeze_timeout, secs(1), secs(600))?;
+        between(
+            "failure_deadline",
+            self.failure_deadline,
+            secs(5),
+            secs(24 * 3600),
+        )?;
+        if self.failure_deadline <= self.freeze_timeout {
+            return Err("failure_deadline must be longer than freeze_timeout".to_string());
         }
         Ok(())
     }
@@ -160,12 +214,12 @@ mod tests {
     #[test]
     fn keys_override_defaults() {
         let c = Config::parse(
-            "libvirt_uri = \"test:///default\"\nrefresh_interval_ms = 250\n",
+            "libvirt_uri = \"test:///default\"\nrefresh_interval = \"250ms\"\n",
             "x.toml",
         )
         .expect("valid");
         assert_eq!(c.libvirt_uri, "test:///default");
-        assert_eq!(c.refresh_interval(), Duration::from_millis(250));
+        assert_eq!(c.refresh_interval, Duration::from_millis(250));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/vmsnap"));
     }
 
@@ -191,7 +245,10 @@ mod tests {
 
     #[test]
     fn wrong_type_is_an_error() {
-        let err = Config::parse("refresh_interval_ms = \"fast\"\n", "v.toml").expect_err("type");
+        let err = Config::parse("refresh_interval = 5\n", "v.toml").expect_err("type");
+        assert!(err.to_string().starts_with("v.toml:1:"), "{err}");
+        let err = Config::parse("freeze_timeout = \"fast\"\n", "v.toml").expect_err("duration");
+        assert!(err.to_string().contains("invalid duration"), "{err}");
         assert!(err.to_string().starts_with("v.toml:1:"), "{err}");
     }
 
@@ -200,7 +257,8 @@ mod tests {
         for text in [
             "libvirt_uri = \"\"",
             "state_dir = \"relative/dir\"",
-            "refresh_interval_ms = 0",
+            "refresh_interval = \"0s\"",
+            "freeze_timeout = \"20m\"\nfailure_deadline = \"10m\"",
         ] {
             assert!(Config::parse(text, "v.toml").is_err(), "{text}");
         }

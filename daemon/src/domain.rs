@@ -148,3 +148,164 @@ mod tests {
         assert!(parse_domain("<domain/>", VmState::Running, &NoLvm).is_err());
     }
 }
+
+/// Small state a VM keeps outside its disks, found in its definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraState {
+    /// `nvram` (a file) or `tpm` (a directory).
+    pub kind: &'static str,
+    pub path: String,
+}
+
+/// The UEFI variables file (`<os><nvram>`) and an emulated TPM's state directory, if any.
+pub fn extra_state(xml: &str, uuid: &str) -> Result<Vec<ExtraState>, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let mut out = Vec::new();
+    if let Some(nvram) = doc
+        .descendants()
+        .find(|n| n.has_tag_name("nvram") && n.parent().is_some_and(|p| p.has_tag_name("os")))
+        .and_then(|n| n.text())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        out.push(ExtraState {
+            kind: "nvram",
+            path: nvram.to_string(),
+        });
+    }
+    let emulated_tpm = doc.descendants().any(|n| {
+        n.has_tag_name("backend")
+            && n.attribute("type") == Some("emulator")
+            && n.parent().is_some_and(|p| p.has_tag_name("tpm"))
+    });
+    if emulated_tpm {
+        // libvirt's fixed location for swtpm state.
+        out.push(ExtraState {
+            kind: "tpm",
+            path: format!("/var/lib/libvirt/swtpm/{uuid}"),
+        });
+    }
+    Ok(out)
+}
+
+/// Returns `xml` with disk `target`'s file source set to `path` and its driver format to
+/// `format`, and any recorded backing chain of that disk dropped (libvirt re-reads it).
+pub fn set_disk_source(
+    xml: &str,
+    target: &str,
+    path: &str,
+    format: &str,
+) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let disk = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .find(|d| {
+            d.children()
+                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
+        })
+        .ok_or_else(|| format!("the domain has no disk {target}"))?;
+    // Edits by byte range, back to front so earlier ranges stay valid.
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    let source = disk
+        .children()
+        .find(|c| c.has_tag_name("source"))
+        .ok_or_else(|| format!("disk {target} has no source"))?;
+    let file = source
+        .attributes()
+        .find(|a| a.name() == "file")
+        .ok_or_else(|| format!("disk {target} is not a file disk"))?;
+    edits.push((file.range_value(), escape_attr(path)));
+    if let Some(kind) = disk
+        .children()
+        .find(|c| c.has_tag_name("driver"))
+        .and_then(|d| d.attributes().find(|a| a.name() == "type"))
+    {
+        edits.push((kind.range_value(), escape_attr(format)));
+    }
+    for backing in disk.children().filter(|c| c.has_tag_name("backingStore")) {
+        edits.push((backing.range(), String::new()));
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for (range, text) in edits {
+        out.replace_range(range, &text);
+    }
+    Ok(out)
+}
+
+fn escape_attr(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+/// A disk's current top image and its format, from a domain definition.
+pub fn disk_source(xml: &str, target: &str) -> Result<(String, String), String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let disk = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .find(|d| {
+            d.children()
+                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
+        })
+        .ok_or_else(|| format!("the domain has no disk {target}"))?;
+    let file = disk
+        .children()
+        .find(|c| c.has_tag_name("source"))
+        .and_then(|s| s.attribute("file"))
+        .ok_or_else(|| format!("disk {target} has no file source"))?;
+    let format = disk
+        .children()
+        .find(|c| c.has_tag_name("driver"))
+        .and_then(|d| d.attribute("type"))
+        .unwrap_or("raw");
+    Ok((file.to_string(), format.to_string()))
+}
+
+#[cfg(test)]
+mod xml_edit_tests {
+    use super::*;
+
+    const XML: &str = "<domain><name>a</name><uuid>u</uuid><os><type>hvm</type>\
+        <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>\
+        <nvram>/var/lib/libvirt/qemu/nvram/a_VARS.fd</nvram></os><devices>\
+        <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+        <source file='/i/top.qcow2'/><backingStore type='file'><format type='qcow2'/>\
+        <source file='/i/base.qcow2'/></backingStore><target dev='vda' bus='virtio'/></disk>\
+        <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>";
+
+    #[test]
+    fn set_disk_source_rewrites_path_format_and_drops_backing_store() {
+        let out = set_disk_source(XML, "vda", "/i/base.raw", "raw").expect("edits");
+        assert_eq!(
+            disk_source(&out, "vda").expect("reads"),
+            ("/i/base.raw".to_string(), "raw".to_string())
+        );
+        assert!(!out.contains("backingStore"));
+        assert!(set_disk_source(XML, "vdz", "/x", "raw").is_err());
+    }
+
+    #[test]
+    fn finds_nvram_and_tpm_state() {
+        let extra = extra_state(XML, "u").expect("parses");
+        assert_eq!(
+            extra,
+            vec![
+                ExtraState {
+                    kind: "nvram",
+                    path: "/var/lib/libvirt/qemu/nvram/a_VARS.fd".into()
+                },
+                ExtraState {
+                    kind: "tpm",
+                    path: "/var/lib/libvirt/swtpm/u".into()
+                }
+            ]
+        );
+        assert!(extra_state("<domain><os/></domain>", "u")
+            .expect("parses")
+            .is_empty());
+    }
+}

@@ -8,7 +8,10 @@ mod disks;
 mod domain;
 mod engine;
 mod libvirt;
+mod qemu_img;
 mod shutdown;
+mod snapshot;
+mod store;
 mod thaw_guard;
 mod virt_ext;
 
@@ -28,6 +31,8 @@ use crate::bus::{BusTarget, ManagerObject};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::libvirt::LibvirtSettings;
+use crate::snapshot::OpContext;
+use crate::store::Store;
 
 /// How long to wait for the first word from libvirt before taking the bus name anyway, so that a
 /// slow libvirtd does not keep the API away.
@@ -128,8 +133,8 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
     let (libvirt, libvirt_thread) = libvirt::start(
         LibvirtSettings {
             uri: config.libvirt_uri.clone(),
-            refresh_interval: config.refresh_interval(),
-            reconnect_interval: config.reconnect_interval(),
+            refresh_interval: config.refresh_interval,
+            reconnect_interval: config.reconnect_interval,
         },
         libvirt_events,
     )
@@ -137,14 +142,33 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
 
     let (changes, changes_rx) = mpsc::unbounded_channel();
     let (requests, requests_rx) = mpsc::channel(64);
+    let (op_events, op_events_rx) = mpsc::unbounded_channel();
+    let ops = OpContext {
+        uri: config.libvirt_uri.clone(),
+        store: Store::new(&config.state_dir),
+        freeze_timeout: config.freeze_timeout,
+        require_quiesce: config.require_quiesce,
+        failure_deadline: config.failure_deadline,
+        events: op_events,
+    };
     let (engine, mut settled) = Engine::new(changes);
-    let engine_task = tokio::spawn(engine.run(requests_rx, libvirt_events_rx, shutdown.clone()));
+    let engine = engine.with_operations(ops);
+    let engine_task = tokio::spawn(engine.run(
+        requests_rx,
+        libvirt_events_rx,
+        op_events_rx,
+        shutdown.clone(),
+    ));
 
     let manager = ManagerObject::new(requests.clone(), config.libvirt_uri.clone());
     let connection = bus::connect(&target, manager)
         .await
         .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
-    let publisher = tokio::spawn(bus::publish(connection.clone(), changes_rx));
+    let publisher = tokio::spawn(bus::publish(
+        connection.clone(),
+        requests.clone(),
+        changes_rx,
+    ));
 
     // Objects first, name last: a client that sees the name also sees the VMs.
     if tokio::time::timeout(FIRST_INVENTORY_WAIT, settled.wait_for(|s| *s))

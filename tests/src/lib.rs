@@ -102,11 +102,13 @@ impl Drop for PrivateBus {
     }
 }
 
-/// A running vmsnapd on a private bus, stopped (SIGTERM) on drop.
+/// A running vmsnapd on a private bus, stopped (SIGTERM) on drop. Its state directory lives in
+/// its own temporary directory unless the config names one, and survives restarts.
 pub struct Daemon {
     child: Option<Child>,
     pub bus_address: String,
     pub log: PathBuf,
+    config_path: PathBuf,
     dir: TempDir,
 }
 
@@ -128,24 +130,69 @@ impl Daemon {
     pub fn spawn(bus: &PrivateBus, config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("vmsnapd.toml");
+        let mut config = config.to_string();
+        if !config.contains("state_dir") {
+            config.push_str(&format!(
+                "state_dir = \"{}\"\n",
+                dir.path().join("state").display()
+            ));
+        }
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("vmsnapd.log");
-        let child = Command::new(bin("vmsnapd"))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--bus-address")
-            .arg(&bus.address)
-            .env("VMSNAP_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Daemon {
-            child: Some(child),
+        let mut daemon = Daemon {
+            child: None,
             bus_address: bus.address.clone(),
             log,
+            config_path,
             dir,
+        };
+        daemon.launch(&[]);
+        daemon
+    }
+
+    fn launch(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("vmsnapd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--bus-address")
+            .arg(&self.bus_address)
+            .env("VMSNAP_LOG", "debug")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Stops (if running) and starts vmsnapd again with the same config and state, with extra
+    /// environment variables, and waits until it owns its name.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        if self.child.is_some() {
+            self.stop();
         }
+        self.launch(env);
+        let address = self.bus_address.clone();
+        wait_for(Duration::from_secs(30), "vmsnapd to own its name", || {
+            if let Some(status) = self.try_wait() {
+                panic!("vmsnapd exited early ({status}):\n{}", self.log_text());
+            }
+            name_has_owner(&address).then_some(())
+        });
+    }
+
+    /// Waits for vmsnapd to exit on its own (e.g. at a crash point) and returns how it ended.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_for(timeout, "vmsnapd to exit", || self.try_wait())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     pub fn dir(&self) -> &Path {
@@ -259,8 +306,7 @@ pub fn name_has_owner(address: &str) -> bool {
 /// A config for vmsnapd against `uri`, refreshing quickly so tests see changes fast.
 pub fn config_for(uri: &str) -> String {
     format!(
-        "libvirt_uri = \"{uri}\"\nrefresh_interval_ms = 200\nreconnect_interval_ms = 300\n\
-         state_dir = \"/var/lib/vmsnap-test\"\n"
+        "libvirt_uri = \"{uri}\"\nrefresh_interval = \"200ms\"\nreconnect_interval = \"300ms\"\n"
     )
 }
 
@@ -327,4 +373,264 @@ pub fn guest_exec(vm: &str, script: &str, timeout: Duration) -> (i64, String) {
         status["return"]["exitcode"].as_i64().unwrap_or(-1),
         String::from_utf8_lossy(&stdout).into_owned(),
     )
+}
+
+/// A throwaway TCG VM built from the lab's guest kernel and initramfs, with its own data disk in
+/// its own directory (so the overlays snapshots create land there too). Destroyed, undefined and
+/// removed on drop.
+pub struct ScratchVm {
+    pub name: String,
+    pub dir: TempDir,
+    pub disk: PathBuf,
+}
+
+/// How a scratch VM is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScratchOptions {
+    /// Give it a guest agent channel (and run qemu-ga).
+    pub agent: bool,
+    /// Add a cloud-init style cdrom.
+    pub cdrom: bool,
+    /// Add `<os><nvram>` with a variables file of random bytes (the VM is never started then,
+    /// since the lab has no UEFI firmware).
+    pub nvram: bool,
+}
+
+pub fn lab_dir() -> PathBuf {
+    PathBuf::from(std::env::var("VMSNAP_LAB_DIR").unwrap_or_else(|_| "/var/lib/vmsnap-lab".into()))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command, panicking with its stderr on failure; returns stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl ScratchVm {
+    /// Defines the VM (not started). `seed` files go into the data disk's filesystem root.
+    pub fn define(name: &str, options: ScratchOptions, seed: &[(&str, &[u8])]) -> ScratchVm {
+        require_lab();
+        remove_domain(name);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(lab_dir())
+            .unwrap();
+        let seed_dir = dir.path().join("seed");
+        std::fs::create_dir_all(&seed_dir).unwrap();
+        for (file, content) in seed {
+            std::fs::write(seed_dir.join(file), content).unwrap();
+        }
+        let disk = dir.path().join(format!("{name}-vda.qcow2"));
+        run(
+            "bash",
+            &[
+                workspace_root()
+                    .join("lab/make-data-disk.sh")
+                    .to_str()
+                    .unwrap(),
+                disk.to_str().unwrap(),
+                "64M",
+                seed_dir.to_str().unwrap(),
+            ],
+        );
+        let guest = lab_dir().join("guest");
+        let mut devices = format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            disk.display()
+        );
+        if options.cdrom {
+            let iso = dir.path().join("cidata.img");
+            std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
+            devices.push_str(&format!(
+                "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
+                 <source file='{}'/><target dev='sda' bus='sata'/><readonly/></disk>",
+                iso.display()
+            ));
+        }
+        if options.agent {
+            devices.push_str(
+                "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+            );
+        }
+        let mut os = format!(
+            "<type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
+             <cmdline>console=ttyS0 quiet</cmdline>",
+            guest.join("vmlinuz").display(),
+            guest.join("initrd.gz").display()
+        );
+        if options.nvram {
+            let vars = dir.path().join("VARS.fd");
+            let bytes: Vec<u8> = (0..131072u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
+            std::fs::write(&vars, bytes).unwrap();
+            os = format!(
+                "<type arch='x86_64' machine='q35'>hvm</type>\
+                 <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>\
+                 <nvram>{}</nvram>",
+                vars.display()
+            );
+        }
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>192</memory><vcpu>1</vcpu>\
+             <os>{os}</os><features><acpi/></features><cpu mode='custom' match='exact'><model>qemu64</model></cpu>\
+             <on_poweroff>destroy</on_poweroff><devices>{devices}\
+             <serial type='file'><source path='{}'/><target port='0'/></serial>\
+             <video><model type='none'/></video><memballoon model='none'/></devices></domain>",
+            dir.path().join("console.log").display()
+        );
+        let xml_path = dir.path().join("domain.xml");
+        std::fs::write(&xml_path, xml).unwrap();
+        virsh(&["define", xml_path.to_str().unwrap()]);
+        ScratchVm {
+            name: name.to_string(),
+            dir,
+            disk,
+        }
+    }
+
+    /// Starts it and, with an agent, waits until the agent answers and the data disk is mounted.
+    pub fn start(&self, agent: bool) {
+        virsh(&["start", &self.name]);
+        if agent {
+            wait_for(Duration::from_secs(120), "the scratch VM's agent", || {
+                let out = Command::new("virsh")
+                    .args([
+                        "-c",
+                        LAB_URI,
+                        "qemu-agent-command",
+                        &self.name,
+                        r#"{"execute":"guest-ping"}"#,
+                    ])
+                    .output()
+                    .ok()?;
+                output_ok(&out).then_some(())
+            });
+            wait_for(
+                Duration::from_secs(60),
+                "/mnt/data in the scratch VM",
+                || {
+                    let (code, _) = guest_exec(
+                        &self.name,
+                        "grep -q ' /mnt/data ' /proc/mounts",
+                        Duration::from_secs(20),
+                    );
+                    (code == 0).then_some(())
+                },
+            );
+        }
+    }
+
+    /// Runs a shell command in the guest; panics unless it exits 0.
+    pub fn exec(&self, script: &str) -> String {
+        let (code, out) = guest_exec(&self.name, script, Duration::from_secs(120));
+        assert_eq!(code, 0, "guest command failed: {script}\n{out}");
+        out
+    }
+
+    /// Files in the guest's /mnt/data with their SHA-256, as `sha256sum` prints them, sorted.
+    pub fn guest_checksums(&self) -> String {
+        self.exec(
+            "cd /mnt/data && find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
+        )
+    }
+
+    /// Writes `size` random bytes to /mnt/data/NAME in the guest and syncs.
+    pub fn write_file(&self, name: &str, size: usize) {
+        self.exec(&format!(
+            "head -c {size} /dev/urandom > /mnt/data/{name} && sync"
+        ));
+    }
+
+    pub fn uuid(&self) -> String {
+        virsh(&["domuuid", &self.name]).trim().to_string()
+    }
+
+    pub fn disk_source(&self) -> String {
+        let out = virsh(&["domblklist", &self.name]);
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
+            .unwrap()
+    }
+
+    /// Image files in the VM's directory (data disk and overlays).
+    pub fn images(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".qcow2"))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+fn output_ok(out: &Output) -> bool {
+    out.status.success()
+}
+
+impl Drop for ScratchVm {
+    fn drop(&mut self) {
+        remove_domain(&self.name);
+    }
+}
+
+fn remove_domain(name: &str) {
+    let _ = Command::new("virsh")
+        .args(["-c", LAB_URI, "destroy", name])
+        .output();
+    let _ = Command::new("virsh")
+        .args(["-c", LAB_URI, "undefine", name, "--nvram"])
+        .output();
+    let _ = Command::new("virsh")
+        .args(["-c", LAB_URI, "undefine", name])
+        .output();
+}
+
+/// The files `f*` in the ext4 filesystem of a (possibly backed) disk image, with their SHA-256,
+/// formatted like `sha256sum` in the guest. Reads a flattened copy, so the image is not touched
+/// and may be in use by a running VM.
+pub fn image_checksums(image: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("flat.raw");
+    run(
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
+    );
+    // Replays the journal of a crash-consistent image; the copy is ours to change.
+    let _ = Command::new("e2fsck").args(["-fy"]).arg(&raw).output();
+    let listing = run("debugfs", &["-R", "ls -p /", raw.to_str().unwrap()]);
+    let mut names: Vec<String> = listing
+        .lines()
+        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+        .filter(|n| n.starts_with('f'))
+        .collect();
+    names.sort();
+    let mut out = String::new();
+    for name in names {
+        let dump = dir.path().join("dump");
+        run(
+            "debugfs",
+            &[
+                "-R",
+                &format!("dump /{name} {}", dump.display()),
+                raw.to_str().unwrap(),
+            ],
+        );
+        let sum = run("sha256sum", &[dump.to_str().unwrap()]);
+        let hash = sum.split_whitespace().next().unwrap();
+        out.push_str(&format!("{hash}  ./{name}\n"));
+    }
+    out
 }

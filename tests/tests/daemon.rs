@@ -14,7 +14,7 @@ fn malformed_config_is_refused_naming_file_and_line() {
     let path = dir.path().join("vmsnapd.toml");
     std::fs::write(
         &path,
-        "libvirt_uri = \"test:///default\"\n# comment\nrefresh_interval_ms = fast\n",
+        "libvirt_uri = \"test:///default\"\n# comment\nrefresh_interval = fast\n",
     )
     .unwrap();
     let output = Command::new(bin("vmsnapd"))

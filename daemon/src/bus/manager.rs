@@ -1,10 +1,12 @@
+use std::collections::HashMap;
+
 use tokio::sync::mpsc;
-use vmsnap_api::{vm_path, VmSnapError};
+use vmsnap_api::{snapshot_path, vm_path, VmSnapError};
 use zbus::object_server::SignalEmitter;
-use zbus::{interface, OwnedObjectPath};
+use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
 use super::ask;
-use crate::engine::Request;
+use crate::engine::{CreateOptions, Request};
 
 /// `org.vmsnap.VmSnap1.Manager`: entry point for requests that are not about one object.
 pub struct ManagerObject {
@@ -46,6 +48,36 @@ fn object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
     OwnedObjectPath::try_from(vm_path(uuid)).map_err(VmSnapError::ZBus)
 }
 
+fn snapshot_object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
+    OwnedObjectPath::try_from(snapshot_path(uuid)).map_err(VmSnapError::ZBus)
+}
+
+/// Reads the a{sv} options of CreateSnapshot; unknown keys and wrong types are errors, so a
+/// typo does not silently change what is done.
+fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOptions, VmSnapError> {
+    let mut parsed = CreateOptions::default();
+    for (key, value) in options {
+        let wrong_type = |expected: &str| {
+            VmSnapError::InvalidArgument(format!("option {key} must be {expected}"))
+        };
+        match key.as_str() {
+            "description" => {
+                parsed.description = String::try_from(value).map_err(|_| wrong_type("a string"))?;
+            }
+            "allow_excluded" => {
+                parsed.allow_excluded =
+                    bool::try_from(value).map_err(|_| wrong_type("a boolean"))?;
+            }
+            other => {
+                return Err(VmSnapError::InvalidArgument(format!(
+                    "unknown option {other:?} (known: description, allow_excluded)"
+                )))
+            }
+        }
+    }
+    Ok(parsed)
+}
+
 #[interface(name = "org.vmsnap.VmSnap1.Manager")]
 impl ManagerObject {
     /// Object path of the VM with this name or UUID.
@@ -62,6 +94,47 @@ impl ManagerObject {
     async fn list_vms(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError> {
         let vms = ask(&self.engine, |reply| Request::ListVms { reply }).await?;
         vms.iter().map(|vm| object_path(&vm.uuid)).collect()
+    }
+
+    /// Starts a snapshot of a VM (name or UUID) and returns its object at once, in phase
+    /// InProgress; completion shows as PropertiesChanged on it. Options: description (s),
+    /// allow_excluded (b).
+    async fn create_snapshot(
+        &self,
+        vm: String,
+        name: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<OwnedObjectPath, VmSnapError> {
+        let options = create_options(options)?;
+        let uuid = ask(&self.engine, |reply| Request::CreateSnapshot {
+            vm,
+            name,
+            options,
+            reply,
+        })
+        .await??;
+        snapshot_object_path(&uuid)
+    }
+
+    /// Snapshots of one VM (name or UUID), or of all VMs when vm is empty, oldest first.
+    async fn list_snapshots(&self, vm: String) -> Result<Vec<OwnedObjectPath>, VmSnapError> {
+        let uuids = ask(&self.engine, |reply| Request::ListSnapshots { vm, reply }).await??;
+        uuids.iter().map(|u| snapshot_object_path(u)).collect()
+    }
+
+    /// The snapshot called name of a VM (name or UUID).
+    async fn find_snapshot(
+        &self,
+        vm: String,
+        name: String,
+    ) -> Result<OwnedObjectPath, VmSnapError> {
+        let uuid = ask(&self.engine, |reply| Request::FindSnapshot {
+            vm,
+            name,
+            reply,
+        })
+        .await??;
+        snapshot_object_path(&uuid)
     }
 
     /// vmsnapd's version.

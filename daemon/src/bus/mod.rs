@@ -4,17 +4,19 @@
 //! property changes and ObjectManager signals. No decision is made here.
 
 mod manager;
+mod snapshot;
 mod vm;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
-use vmsnap_api::{vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
+use vmsnap_api::{snapshot_path, vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
 use zbus::connection::Builder;
 use zbus::fdo::ObjectManager;
 use zbus::Connection;
 
 use crate::engine::{Change, EngineError, Request};
 pub use manager::ManagerObject;
+pub use snapshot::SnapshotObject;
 pub use vm::VmObject;
 
 /// Where to serve.
@@ -42,15 +44,23 @@ pub async fn connect(
 }
 
 /// Applies the engine's changes to the exported objects, in order, until the engine stops.
-pub async fn publish(connection: Connection, mut changes: mpsc::UnboundedReceiver<Change>) {
+pub async fn publish(
+    connection: Connection,
+    engine: mpsc::Sender<Request>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+) {
     while let Some(change) = changes.recv().await {
-        if let Err(e) = apply(&connection, change).await {
+        if let Err(e) = apply(&connection, &engine, change).await {
             warn!(error = %e, "could not update a D-Bus object");
         }
     }
 }
 
-async fn apply(connection: &Connection, change: Change) -> zbus::Result<()> {
+async fn apply(
+    connection: &Connection,
+    engine: &mpsc::Sender<Request>,
+    change: Change,
+) -> zbus::Result<()> {
     let server = connection.object_server();
     match change {
         Change::VmAdded(info) => {
@@ -78,6 +88,29 @@ async fn apply(connection: &Connection, change: Change) -> zbus::Result<()> {
                 .set_libvirt_status(connected, error, &emitter)
                 .await?;
         }
+        Change::SnapshotAdded(record) => {
+            let path = snapshot_path(&record.uuid);
+            server
+                .at(path.as_str(), SnapshotObject::new(*record, engine.clone()))
+                .await?;
+        }
+        Change::SnapshotUpdated(record) => {
+            let path = snapshot_path(&record.uuid);
+            let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
+            let emitter = iface.signal_emitter().clone();
+            iface.get_mut().await.update(*record, &emitter).await?;
+        }
+        Change::SnapshotProgress { uuid, text } => {
+            let path = snapshot_path(&uuid);
+            let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
+            let emitter = iface.signal_emitter().clone();
+            iface.get_mut().await.set_progress(text, &emitter).await?;
+        }
+        Change::SnapshotRemoved { uuid } => {
+            server
+                .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
+                .await?;
+        }
     }
     Ok(())
 }
@@ -101,8 +134,16 @@ impl From<EngineError> for VmSnapError {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
         match e {
-            EngineError::VmNotFound(_) => VmSnapError::NotFound(message),
+            EngineError::VmNotFound(_) | EngineError::SnapshotNotFound { .. } => {
+                VmSnapError::NotFound(message)
+            }
             EngineError::InvalidArgument(_) => VmSnapError::InvalidArgument(message),
+            EngineError::InvalidName(_) => VmSnapError::InvalidName(message),
+            EngineError::AlreadyExists { .. } => VmSnapError::AlreadyExists(message),
+            EngineError::ExcludedDisks(_) => VmSnapError::ExcludedDisks(message),
+            EngineError::Busy { .. } => VmSnapError::Busy(message),
+            EngineError::InvalidState(_) => VmSnapError::InvalidState(message),
+            EngineError::ShuttingDown => VmSnapError::ShuttingDown(message),
         }
     }
 }

@@ -1,0 +1,211 @@
+//! The connection to vmsnapd: proxies, object reads, and one-line descriptions of bus errors.
+
+use vmsnap_api::{
+    ManagerProxy, SnapshotProxy, VirtualMachineProxy, VmSnapError, BUS_NAME, MANAGER_PATH,
+};
+use zbus::{Connection, DBusError, OwnedObjectPath};
+
+use crate::output::Vm;
+use crate::snapshot_output::Snapshot;
+
+/// Why an object could not be read.
+pub enum ReadError {
+    /// The object is gone: it was removed between being listed (or found) and being read.
+    Vanished,
+    /// Anything else, described for the user.
+    Other(String),
+}
+
+/// Errors that mean "this VM object does not exist (any more)".
+const VM_VANISHED: &[&str] = &[
+    "org.freedesktop.DBus.Error.UnknownObject",
+    "org.freedesktop.DBus.Error.UnknownInterface",
+    "org.freedesktop.DBus.Error.UnknownProperty",
+];
+
+/// Errors that mean "this snapshot object does not exist (any more)". Some bus implementations
+/// answer a call on a removed object with UnknownMethod.
+const SNAPSHOT_VANISHED: &[&str] = &[
+    "org.freedesktop.DBus.Error.UnknownObject",
+    "org.freedesktop.DBus.Error.UnknownInterface",
+    "org.freedesktop.DBus.Error.UnknownProperty",
+    "org.freedesktop.DBus.Error.UnknownMethod",
+];
+
+#[derive(Clone)]
+pub struct Bus {
+    connection: Connection,
+    description: String,
+}
+
+impl Bus {
+    pub async fn connect(address: Option<&str>) -> Result<Bus, String> {
+        let (builder, description) = match address {
+            Some(address) => (
+                zbus::connection::Builder::address(address),
+                format!("the D-Bus bus at {address}"),
+            ),
+            None => (
+                zbus::connection::Builder::system(),
+                "the D-Bus system bus".to_string(),
+            ),
+        };
+        let connection = builder
+            .build()
+            .await
+            .map_err(|e| format!("cannot connect to {description}: {e}"))?;
+        Ok(Bus {
+            connection,
+            description,
+        })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    pub async fn manager(&self) -> Result<ManagerProxy<'static>, String> {
+        ManagerProxy::builder(&self.connection)
+            .path(MANAGER_PATH)
+            .build()
+            .await
+            .map_err(|e| self.describe(&e))
+    }
+
+    pub async fn read_vm(&self, path: OwnedObjectPath) -> Result<Vm, ReadError> {
+        let proxy = VirtualMachineProxy::builder(&self.connection)
+            .path(path)
+            .build()
+            .await
+            .map_err(|e| ReadError::Other(self.describe(&e)))?;
+        let read = async {
+            Ok::<_, zbus::Error>(Vm {
+                name: proxy.name().await?,
+                uuid: proxy.uuid().await?,
+                state: proxy.state().await?,
+                agent: proxy.agent().await?,
+                disks: proxy.disks().await?,
+            })
+        };
+        read.await.map_err(|e| self.read_error(&e, VM_VANISHED))
+    }
+
+    /// A proxy for the snapshot at `path`. Every proxy fetches all properties at its first read
+    /// (GetAll), so a new proxy always gives a fresh, consistent view.
+    pub async fn snapshot_proxy(
+        &self,
+        path: &OwnedObjectPath,
+    ) -> Result<SnapshotProxy<'static>, String> {
+        SnapshotProxy::builder(&self.connection)
+            .path(path.clone())
+            .build()
+            .await
+            .map_err(|e| self.describe(&e))
+    }
+
+    /// Reads every property of the snapshot at `path`, fresh from vmsnapd.
+    pub async fn read_snapshot(&self, path: &OwnedObjectPath) -> Result<Snapshot, ReadError> {
+        let proxy = self.snapshot_proxy(path).await.map_err(ReadError::Other)?;
+        let read = async {
+            Ok::<_, zbus::Error>(Snapshot {
+                name: proxy.name().await?,
+                uuid: proxy.uuid().await?,
+                vm: proxy.vm_name().await?,
+                vm_uuid: proxy.vm_uuid().await?,
+                description: proxy.description().await?,
+                phase: proxy.phase().await?,
+                ready_to_use: proxy.ready_to_use().await?,
+                creation_time: proxy.creation_time().await?,
+                indications: proxy.indications().await?,
+                included_volumes: proxy.included_volumes().await?,
+                excluded_volumes: proxy.excluded_volumes().await?,
+                error: proxy.error().await?,
+                progress: proxy.progress().await?,
+                freeze_duration_ms: proxy.freeze_duration_ms().await?,
+                frozen_filesystems: proxy.frozen_filesystems().await?,
+            })
+        };
+        read.await
+            .map_err(|e| self.read_error(&e, SNAPSHOT_VANISHED))
+    }
+
+    /// Whether `error` says the snapshot object is gone.
+    pub fn snapshot_vanished(error: &zbus::Error) -> bool {
+        error_name(error).is_some_and(|name| SNAPSHOT_VANISHED.contains(&name.as_str()))
+    }
+
+    fn read_error(&self, error: &zbus::Error, vanished: &[&str]) -> ReadError {
+        match error_name(error) {
+            Some(name) if vanished.contains(&name.as_str()) => ReadError::Vanished,
+            _ => ReadError::Other(self.describe(error)),
+        }
+    }
+
+    /// A warning when libvirt is unavailable, since the listed data may then be stale.
+    pub async fn libvirt_status(
+        &self,
+        manager: &ManagerProxy<'_>,
+    ) -> Result<Option<String>, String> {
+        let connected = manager
+            .libvirt_connected()
+            .await
+            .map_err(|e| self.describe(&e))?;
+        if connected {
+            return Ok(None);
+        }
+        let error = manager
+            .libvirt_error()
+            .await
+            .map_err(|e| self.describe(&e))?;
+        Ok(Some(format!(
+            "vmsnapd cannot reach libvirt ({error}); VMs are shown as last seen"
+        )))
+    }
+
+    /// One line for an error a vmsnapd method returned.
+    pub fn describe_api(&self, error: VmSnapError) -> String {
+        match error {
+            VmSnapError::ZBus(e) => self.describe(&e),
+            VmSnapError::AccessDenied(m) => format!("access denied: {m}"),
+            other => other.user_message(),
+        }
+    }
+
+    /// One line for a transport or bus error, naming the common causes plainly.
+    pub fn describe(&self, error: &zbus::Error) -> String {
+        let description = error_description(error);
+        match error_name(error).as_deref() {
+            Some("org.freedesktop.DBus.Error.ServiceUnknown")
+            | Some("org.freedesktop.DBus.Error.NameHasNoOwner") => format!(
+                "vmsnapd is not running (nothing owns {BUS_NAME} on {})",
+                self.description
+            ),
+            Some("org.freedesktop.DBus.Error.AccessDenied")
+            | Some("org.vmsnap.VmSnap1.Error.AccessDenied") => {
+                format!("access denied: {description}")
+            }
+            _ => description,
+        }
+    }
+}
+
+fn error_name(error: &zbus::Error) -> Option<String> {
+    match error {
+        zbus::Error::MethodError(name, _, _) => Some(name.to_string()),
+        zbus::Error::FDO(e) => Some(e.name().to_string()),
+        _ => None,
+    }
+}
+
+fn error_description(error: &zbus::Error) -> String {
+    match error {
+        zbus::Error::MethodError(name, description, _) => {
+            description.clone().unwrap_or_else(|| name.to_string())
+        }
+        zbus::Error::FDO(e) => e
+            .description()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.name().to_string()),
+        other => other.to_string(),
+    }
+}

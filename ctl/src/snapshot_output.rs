@@ -1,0 +1,561 @@
+//! Rendering of snapshots: a table and a detailed layout for people, JSON for scripts.
+//!
+//! The JSON field names follow KubeVirt's VirtualMachineSnapshot (`readyToUse`, `creationTime`,
+//! `indications`, `snapshotVolumes.includedVolumes`/`excludedVolumes`) where KubeVirt has a name
+//! for the thing; they are part of vmsnapctl's interface.
+
+use serde::Serialize;
+use vmsnap_api::{ExcludedVolume, IncludedVolume};
+
+use crate::output::{dash, print_json, table};
+use crate::OutputFormat;
+
+/// A snapshot as vmsnapctl reads it from vmsnapd: every property of the Snapshot interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: String,
+    pub uuid: String,
+    pub vm: String,
+    pub vm_uuid: String,
+    pub description: String,
+    pub phase: String,
+    pub ready_to_use: bool,
+    pub creation_time: String,
+    pub indications: Vec<String>,
+    pub included_volumes: Vec<IncludedVolume>,
+    pub excluded_volumes: Vec<ExcludedVolume>,
+    pub error: String,
+    pub progress: String,
+    pub freeze_duration_ms: u64,
+    pub frozen_filesystems: u32,
+}
+
+/// The JSON form of a snapshot.
+#[derive(Debug, Serialize)]
+pub struct SnapshotJson<'a> {
+    #[serde(rename = "name")]
+    name: &'a str,
+    #[serde(rename = "uuid")]
+    uuid: &'a str,
+    #[serde(rename = "vm")]
+    vm: &'a str,
+    #[serde(rename = "vmUuid")]
+    vm_uuid: &'a str,
+    #[serde(rename = "description")]
+    description: &'a str,
+    #[serde(rename = "phase")]
+    phase: &'a str,
+    #[serde(rename = "readyToUse")]
+    ready_to_use: bool,
+    /// RFC 3339; null while vmsnapd has not set it.
+    #[serde(rename = "creationTime")]
+    creation_time: Option<&'a str>,
+    #[serde(rename = "indications")]
+    indications: &'a [String],
+    #[serde(rename = "snapshotVolumes")]
+    snapshot_volumes: SnapshotVolumesJson<'a>,
+    /// Why the snapshot failed; null when it did not.
+    #[serde(rename = "error")]
+    error: Option<&'a str>,
+    #[serde(rename = "freezeDurationMs")]
+    freeze_duration_ms: u64,
+    #[serde(rename = "frozenFilesystems")]
+    frozen_filesystems: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct SnapshotVolumesJson<'a> {
+    #[serde(rename = "includedVolumes")]
+    included_volumes: Vec<IncludedVolumeJson<'a>>,
+    #[serde(rename = "excludedVolumes")]
+    excluded_volumes: Vec<ExcludedVolumeJson<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct IncludedVolumeJson<'a> {
+    #[serde(rename = "target")]
+    target: &'a str,
+    #[serde(rename = "backend")]
+    backend: &'a str,
+    #[serde(rename = "image")]
+    image: &'a str,
+    /// Bytes.
+    #[serde(rename = "virtualSize")]
+    virtual_size: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ExcludedVolumeJson<'a> {
+    #[serde(rename = "target")]
+    target: &'a str,
+    #[serde(rename = "reason")]
+    reason: &'a str,
+}
+
+fn none_if_empty(s: &str) -> Option<&str> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+impl Snapshot {
+    pub fn to_json(&self) -> SnapshotJson<'_> {
+        SnapshotJson {
+            name: &self.name,
+            uuid: &self.uuid,
+            vm: &self.vm,
+            vm_uuid: &self.vm_uuid,
+            description: &self.description,
+            phase: &self.phase,
+            ready_to_use: self.ready_to_use,
+            creation_time: none_if_empty(&self.creation_time),
+            indications: &self.indications,
+            snapshot_volumes: SnapshotVolumesJson {
+                included_volumes: self
+                    .included_volumes
+                    .iter()
+                    .map(|v| IncludedVolumeJson {
+                        target: &v.target,
+                        backend: &v.backend,
+                        image: &v.image,
+                        virtual_size: v.virtual_size,
+                    })
+                    .collect(),
+                excluded_volumes: self
+                    .excluded_volumes
+                    .iter()
+                    .map(|v| ExcludedVolumeJson {
+                        target: &v.target,
+                        reason: &v.reason,
+                    })
+                    .collect(),
+            },
+            error: none_if_empty(&self.error),
+            freeze_duration_ms: self.freeze_duration_ms,
+            frozen_filesystems: self.frozen_filesystems,
+        }
+    }
+}
+
+/// What `snapshot delete` reports.
+#[derive(Debug, Serialize)]
+pub struct Deleted<'a> {
+    #[serde(rename = "name")]
+    pub name: &'a str,
+    #[serde(rename = "vm")]
+    pub vm: &'a str,
+    /// True once the snapshot is gone; false with --no-wait (the deletion was only started).
+    #[serde(rename = "deleted")]
+    pub deleted: bool,
+}
+
+pub fn print_snapshot_list(snapshots: &[Snapshot], format: OutputFormat) -> Result<(), String> {
+    match format {
+        OutputFormat::Json => {
+            let list: Vec<SnapshotJson<'_>> = snapshots.iter().map(Snapshot::to_json).collect();
+            print_json(&list)
+        }
+        OutputFormat::Table => {
+            print!("{}", render_list(snapshots));
+            Ok(())
+        }
+    }
+}
+
+pub fn print_snapshot(snapshot: &Snapshot, format: OutputFormat) -> Result<(), String> {
+    match format {
+        OutputFormat::Json => print_json(&snapshot.to_json()),
+        OutputFormat::Table => {
+            print!("{}", render_show(snapshot));
+            Ok(())
+        }
+    }
+}
+
+pub fn print_deleted(deleted: &Deleted<'_>, format: OutputFormat) -> Result<(), String> {
+    match format {
+        OutputFormat::Json => print_json(deleted),
+        OutputFormat::Table => {
+            if deleted.deleted {
+                println!("Deleted snapshot {} of {}", deleted.name, deleted.vm);
+            } else {
+                println!(
+                    "Deleting snapshot {} of {}; vmsnapd finishes in the background",
+                    deleted.name, deleted.vm
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The `snapshot list` table.
+pub fn render_list(snapshots: &[Snapshot]) -> String {
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.vm.clone(),
+                s.phase.clone(),
+                yes_no(s.ready_to_use).to_string(),
+                dash(&s.creation_time),
+                dash(&s.indications.join(",")),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "VM", "PHASE", "READY", "CREATED", "INDICATIONS"],
+        &rows,
+    )
+}
+
+/// Width of the labels of `snapshot show`, colon and padding included.
+const LABEL_WIDTH: usize = 16;
+
+/// The `snapshot show` layout.
+pub fn render_show(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut field = |label: &str, value: &str| {
+        let label = format!("{label}:");
+        // Continuation lines of a multi-line value line up under its first line.
+        let value = value.replace('\n', &format!("\n{:LABEL_WIDTH$}", ""));
+        out.push_str(format!("{label:<LABEL_WIDTH$}{value}").trim_end());
+        out.push('\n');
+    };
+    field("Name", &s.name);
+    field("VM", &s.vm);
+    field("UUID", &s.uuid);
+    field("Description", &dash(&s.description));
+    field("Phase", &s.phase);
+    if !s.progress.is_empty() {
+        field("Progress", &s.progress);
+    }
+    field("Ready", yes_no(s.ready_to_use));
+    field("Created", &dash(&s.creation_time));
+    field("Indications", &dash(&s.indications.join(", ")));
+    field(
+        "Freeze window",
+        &freeze_window(s.freeze_duration_ms, s.frozen_filesystems),
+    );
+    if !s.error.is_empty() {
+        field("Error", &s.error);
+    }
+
+    if s.included_volumes.is_empty() {
+        out.push_str("Included volumes: none\n");
+    } else {
+        out.push_str("Included volumes:\n");
+        let rows: Vec<Vec<String>> = s
+            .included_volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.target.clone(),
+                    v.backend.clone(),
+                    human_size(v.virtual_size),
+                    dash(&v.image),
+                ]
+            })
+            .collect();
+        indent_into(
+            &mut out,
+            &table(&["TARGET", "BACKEND", "VIRTUAL SIZE", "IMAGE"], &rows),
+        );
+    }
+    if !s.excluded_volumes.is_empty() {
+        out.push_str("Excluded volumes:\n");
+        let rows: Vec<Vec<String>> = s
+            .excluded_volumes
+            .iter()
+            .map(|v| vec![v.target.clone(), dash(&v.reason)])
+            .collect();
+        indent_into(&mut out, &table(&["TARGET", "REASON"], &rows));
+    }
+    out
+}
+
+fn indent_into(out: &mut String, text: &str) {
+    for line in text.lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// "57 ms (2 filesystems)", or "none" when the guest was not frozen.
+pub fn freeze_window(duration_ms: u64, filesystems: u32) -> String {
+    if duration_ms == 0 && filesystems == 0 {
+        return "none".to_string();
+    }
+    let plural = if filesystems == 1 { "" } else { "s" };
+    format!("{duration_ms} ms ({filesystems} filesystem{plural})")
+}
+
+/// Bytes in binary units with one decimal: "512 B", "1.5 KiB", "1.0 GiB".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    // 1023.95 and above would print as "1024.0": show the next unit instead.
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let name = UNITS.get(unit).copied().unwrap_or("EiB");
+    format!("{value:.1} {name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            name: "before-upgrade".into(),
+            uuid: "5c1d7a9e-0000-4000-8000-000000000001".into(),
+            vm: "web".into(),
+            vm_uuid: "0f6b3a52-4a8e-4a4b-9a3c-2f0d7c5a9e11".into(),
+            description: "before the kernel upgrade".into(),
+            phase: "Succeeded".into(),
+            ready_to_use: true,
+            creation_time: "2026-11-26T14:03:12Z".into(),
+            indications: vec!["Online".into(), "GuestAgent".into()],
+            included_volumes: vec![
+                IncludedVolume {
+                    target: "vda".into(),
+                    backend: "qcow2".into(),
+                    image: "/var/lib/libvirt/images/web.qcow2".into(),
+                    virtual_size: 1 << 30,
+                },
+                IncludedVolume {
+                    target: "vdb".into(),
+                    backend: "lvm".into(),
+                    image: "/dev/vg0/web-data-snap".into(),
+                    virtual_size: 20 * (1 << 30) + (1 << 29),
+                },
+            ],
+            excluded_volumes: vec![ExcludedVolume {
+                target: "sda".into(),
+                reason: "cdrom".into(),
+            }],
+            error: String::new(),
+            progress: String::new(),
+            freeze_duration_ms: 57,
+            frozen_filesystems: 2,
+        }
+    }
+
+    #[test]
+    fn json_field_names_are_stable() {
+        let json = serde_json::to_value(sample().to_json()).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "before-upgrade",
+                "uuid": "5c1d7a9e-0000-4000-8000-000000000001",
+                "vm": "web",
+                "vmUuid": "0f6b3a52-4a8e-4a4b-9a3c-2f0d7c5a9e11",
+                "description": "before the kernel upgrade",
+                "phase": "Succeeded",
+                "readyToUse": true,
+                "creationTime": "2026-11-26T14:03:12Z",
+                "indications": ["Online", "GuestAgent"],
+                "snapshotVolumes": {
+                    "includedVolumes": [
+                        {"target": "vda", "backend": "qcow2",
+                         "image": "/var/lib/libvirt/images/web.qcow2", "virtualSize": 1073741824u64},
+                        {"target": "vdb", "backend": "lvm",
+                         "image": "/dev/vg0/web-data-snap", "virtualSize": 22011707392u64}
+                    ],
+                    "excludedVolumes": [{"target": "sda", "reason": "cdrom"}]
+                },
+                "error": null,
+                "freezeDurationMs": 57,
+                "frozenFilesystems": 2
+            })
+        );
+    }
+
+    #[test]
+    fn json_field_order_is_the_documented_one() {
+        let text = serde_json::to_string(&sample().to_json()).expect("serializes");
+        let keys = [
+            "\"name\"",
+            "\"uuid\"",
+            "\"vm\"",
+            "\"vmUuid\"",
+            "\"description\"",
+            "\"phase\"",
+            "\"readyToUse\"",
+            "\"creationTime\"",
+            "\"indications\"",
+            "\"snapshotVolumes\"",
+            "\"error\"",
+            "\"freezeDurationMs\"",
+            "\"frozenFilesystems\"",
+        ];
+        let positions: Vec<usize> = keys
+            .iter()
+            .map(|k| text.find(k).unwrap_or(usize::MAX))
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
+
+    #[test]
+    fn json_of_a_failed_snapshot_in_progress_fields() {
+        let mut s = sample();
+        s.phase = "Failed".into();
+        s.ready_to_use = false;
+        s.creation_time = String::new();
+        s.error = "qemu refused the overlay".into();
+        s.included_volumes.clear();
+        s.excluded_volumes.clear();
+        let json = serde_json::to_value(s.to_json()).expect("serializes");
+        assert_eq!(json["error"], "qemu refused the overlay");
+        assert_eq!(json["creationTime"], serde_json::Value::Null);
+        assert_eq!(
+            json["snapshotVolumes"],
+            serde_json::json!({"includedVolumes": [], "excludedVolumes": []})
+        );
+    }
+
+    #[test]
+    fn list_json_is_an_array_of_snapshots() {
+        let list = [sample(), sample()];
+        let json: Vec<SnapshotJson<'_>> = list.iter().map(Snapshot::to_json).collect();
+        let value = serde_json::to_value(&json).expect("serializes");
+        assert_eq!(value.as_array().map(Vec::len), Some(2));
+        assert_eq!(value[1]["readyToUse"], true);
+    }
+
+    #[test]
+    fn deleted_json() {
+        let deleted = Deleted {
+            name: "before-upgrade",
+            vm: "web",
+            deleted: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&deleted).expect("serializes"),
+            serde_json::json!({"name": "before-upgrade", "vm": "web", "deleted": true})
+        );
+    }
+
+    #[test]
+    fn list_table() {
+        let mut second = sample();
+        second.name = "nightly".into();
+        second.vm = "db".into();
+        second.phase = "InProgress".into();
+        second.ready_to_use = false;
+        second.creation_time = String::new();
+        second.indications.clear();
+        assert_eq!(
+            render_list(&[sample(), second]),
+            "NAME            VM   PHASE       READY  CREATED               INDICATIONS\n\
+             before-upgrade  web  Succeeded   yes    2026-11-26T14:03:12Z  Online,GuestAgent\n\
+             nightly         db   InProgress  no     -                     -\n"
+        );
+    }
+
+    #[test]
+    fn show_layout() {
+        assert_eq!(
+            render_show(&sample()),
+            "Name:           before-upgrade\n\
+             VM:             web\n\
+             UUID:           5c1d7a9e-0000-4000-8000-000000000001\n\
+             Description:    before the kernel upgrade\n\
+             Phase:          Succeeded\n\
+             Ready:          yes\n\
+             Created:        2026-11-26T14:03:12Z\n\
+             Indications:    Online, GuestAgent\n\
+             Freeze window:  57 ms (2 filesystems)\n\
+             Included volumes:\n\
+             \x20 TARGET  BACKEND  VIRTUAL SIZE  IMAGE\n\
+             \x20 vda     qcow2    1.0 GiB       /var/lib/libvirt/images/web.qcow2\n\
+             \x20 vdb     lvm      20.5 GiB      /dev/vg0/web-data-snap\n\
+             Excluded volumes:\n\
+             \x20 TARGET  REASON\n\
+             \x20 sda     cdrom\n"
+        );
+    }
+
+    #[test]
+    fn show_layout_of_a_failed_snapshot() {
+        let mut s = sample();
+        s.phase = "Failed".into();
+        s.ready_to_use = false;
+        s.description = String::new();
+        s.indications = vec!["Online".into(), "NoGuestAgent".into()];
+        s.freeze_duration_ms = 0;
+        s.frozen_filesystems = 0;
+        s.error = "cannot create the overlay\nof vda".into();
+        s.included_volumes.clear();
+        s.excluded_volumes.clear();
+        assert_eq!(
+            render_show(&s),
+            "Name:           before-upgrade\n\
+             VM:             web\n\
+             UUID:           5c1d7a9e-0000-4000-8000-000000000001\n\
+             Description:    -\n\
+             Phase:          Failed\n\
+             Ready:          no\n\
+             Created:        2026-11-26T14:03:12Z\n\
+             Indications:    Online, NoGuestAgent\n\
+             Freeze window:  none\n\
+             Error:          cannot create the overlay\n\
+             \x20               of vda\n\
+             Included volumes: none\n"
+        );
+    }
+
+    #[test]
+    fn show_layout_in_progress() {
+        let mut s = sample();
+        s.phase = "InProgress".into();
+        s.progress = "freezing filesystems".into();
+        let text = render_show(&s);
+        assert!(
+            text.contains("Phase:          InProgress\nProgress:       freezing filesystems\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn freeze_windows() {
+        assert_eq!(freeze_window(57, 2), "57 ms (2 filesystems)");
+        assert_eq!(freeze_window(3, 1), "3 ms (1 filesystem)");
+        assert_eq!(freeze_window(0, 0), "none");
+        assert_eq!(freeze_window(0, 1), "0 ms (1 filesystem)");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1024), "1.0 KiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(1 << 20), "1.0 MiB");
+        assert_eq!(human_size(1 << 30), "1.0 GiB");
+        assert_eq!(human_size(10 * (1 << 30) + (1 << 29)), "10.5 GiB");
+        assert_eq!(human_size((1 << 30) - 1), "1.0 GiB");
+        assert_eq!(human_size(1023 * (1 << 20)), "1023.0 MiB");
+        assert_eq!(human_size(1 << 40), "1.0 TiB");
+        assert_eq!(human_size(u64::MAX), "16.0 EiB");
+    }
+}

@@ -1,0 +1,54 @@
+//! `vmsnapctl vm ...`: the VM inventory.
+
+use clap::Subcommand;
+
+use crate::bus::{Bus, ReadError};
+use crate::output::{print_vm, print_vm_list};
+use crate::OutputFormat;
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// List every VM: name, state, guest agent and how each disk would be snapshotted.
+    List,
+    /// Show one VM in detail, including why any disk is excluded from snapshots.
+    Show {
+        /// The VM's name or UUID.
+        vm: String,
+    },
+}
+
+pub async fn run(bus: &Bus, command: VmCommand, format: OutputFormat) -> Result<(), String> {
+    match command {
+        VmCommand::List => list(bus, format).await,
+        VmCommand::Show { vm } => show(bus, &vm, format).await,
+    }
+}
+
+async fn list(bus: &Bus, format: OutputFormat) -> Result<(), String> {
+    let manager = bus.manager().await?;
+    let paths = manager.list_vms().await.map_err(|e| bus.describe_api(e))?;
+    let mut vms = Vec::with_capacity(paths.len());
+    for path in paths {
+        match bus.read_vm(path).await {
+            Ok(vm) => vms.push(vm),
+            // Undefined between the listing and the read: it is simply gone.
+            Err(ReadError::Vanished) => {}
+            Err(ReadError::Other(message)) => return Err(message),
+        }
+    }
+    let status = bus.libvirt_status(&manager).await?;
+    if let Some(warning) = status {
+        eprintln!("vmsnapctl: warning: {warning}");
+    }
+    print_vm_list(&vms, format)
+}
+
+async fn show(bus: &Bus, vm: &str, format: OutputFormat) -> Result<(), String> {
+    let manager = bus.manager().await?;
+    let path = manager.find_vm(vm).await.map_err(|e| bus.describe_api(e))?;
+    let vm = bus.read_vm(path).await.map_err(|e| match e {
+        ReadError::Vanished => format!("VM '{vm}' not found"),
+        ReadError::Other(message) => message,
+    })?;
+    print_vm(&vm, format)
+}

@@ -1,0 +1,179 @@
+use tokio::sync::mpsc;
+use vmsnap_api::{ExcludedVolume, IncludedVolume, VmSnapError};
+use zbus::interface;
+use zbus::object_server::SignalEmitter;
+
+use super::ask;
+use crate::engine::Request;
+use crate::store::SnapshotRecord;
+
+/// `org.vmsnap.VmSnap1.Snapshot`: one per snapshot, mirroring KubeVirt's
+/// VirtualMachineSnapshot status.
+pub struct SnapshotObject {
+    record: SnapshotRecord,
+    progress: String,
+    engine: mpsc::Sender<Request>,
+}
+
+impl SnapshotObject {
+    pub fn new(record: SnapshotRecord, engine: mpsc::Sender<Request>) -> Self {
+        SnapshotObject {
+            record,
+            progress: String::new(),
+            engine,
+        }
+    }
+
+    /// Takes the new record and announces each property that changed.
+    pub(super) async fn update(
+        &mut self,
+        record: SnapshotRecord,
+        emitter: &SignalEmitter<'_>,
+    ) -> zbus::Result<()> {
+        let old = std::mem::replace(&mut self.record, record);
+        let new = &self.record;
+        if old.indications != new.indications {
+            self.indications_changed(emitter).await?;
+        }
+        if old.volumes != new.volumes {
+            self.included_volumes_changed(emitter).await?;
+        }
+        if old.excluded != new.excluded {
+            self.excluded_volumes_changed(emitter).await?;
+        }
+        if old.error != new.error {
+            self.error_changed(emitter).await?;
+        }
+        if old.freeze_duration_ms != new.freeze_duration_ms {
+            self.freeze_duration_ms_changed(emitter).await?;
+        }
+        if old.frozen_filesystems != new.frozen_filesystems {
+            self.frozen_filesystems_changed(emitter).await?;
+        }
+        if old.ready_to_use != new.ready_to_use {
+            self.ready_to_use_changed(emitter).await?;
+        }
+        // Last, so a client that waits for the phase sees everything else already.
+        if old.phase != new.phase {
+            self.phase_changed(emitter).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn set_progress(
+        &mut self,
+        text: String,
+        emitter: &SignalEmitter<'_>,
+    ) -> zbus::Result<()> {
+        if self.progress != text {
+            self.progress = text;
+            self.progress_changed(emitter).await?;
+        }
+        Ok(())
+    }
+}
+
+#[interface(name = "org.vmsnap.VmSnap1.Snapshot")]
+impl SnapshotObject {
+    /// Deletes the snapshot without changing any other snapshot or the live disk. Returns at
+    /// once; the object goes to phase Deleting and disappears when done.
+    async fn delete(&self) -> Result<(), VmSnapError> {
+        let uuid = self.record.uuid.clone();
+        ask(&self.engine, |reply| Request::DeleteSnapshot {
+            uuid,
+            reply,
+        })
+        .await??;
+        Ok(())
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.record.name.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn description(&self) -> String {
+        self.record.description.clone()
+    }
+
+    /// The VM's name when the snapshot was taken.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vm_name(&self) -> String {
+        self.record.vm_name.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vm_uuid(&self) -> String {
+        self.record.vm_uuid.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn uuid(&self) -> String {
+        self.record.uuid.clone()
+    }
+
+    /// InProgress, Succeeded, Failed or Deleting.
+    #[zbus(property)]
+    fn phase(&self) -> String {
+        self.record.phase.as_str().to_string()
+    }
+
+    /// Whether the snapshot is complete and can be restored.
+    #[zbus(property)]
+    fn ready_to_use(&self) -> bool {
+        self.record.ready_to_use
+    }
+
+    /// RFC 3339, UTC.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn creation_time(&self) -> String {
+        self.record.creation_time.clone()
+    }
+
+    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, Paused.
+    #[zbus(property)]
+    fn indications(&self) -> Vec<String> {
+        self.record
+            .indications
+            .iter()
+            .map(|i| i.as_str().to_string())
+            .collect()
+    }
+
+    /// Each captured disk: (target, backend, image holding the snapshot's data, virtual size).
+    #[zbus(property)]
+    fn included_volumes(&self) -> Vec<IncludedVolume> {
+        self.record.included_volumes()
+    }
+
+    /// Each disk left out: (target, reason).
+    #[zbus(property)]
+    fn excluded_volumes(&self) -> Vec<ExcludedVolume> {
+        self.record.excluded.clone()
+    }
+
+    /// Why the snapshot failed; empty otherwise.
+    #[zbus(property)]
+    fn error(&self) -> String {
+        self.record.error.clone()
+    }
+
+    /// What the operation on this snapshot is doing right now; empty when idle.
+    #[zbus(property)]
+    fn progress(&self) -> String {
+        self.progress.clone()
+    }
+
+    /// How long the guest's filesystems were frozen, in milliseconds (0 without a freeze).
+    #[zbus(property)]
+    fn freeze_duration_ms(&self) -> u64 {
+        self.record.freeze_duration_ms
+    }
+
+    /// How many filesystems the guest agent froze.
+    #[zbus(property)]
+    fn frozen_filesystems(&self) -> u32 {
+        self.record.frozen_filesystems
+    }
+}

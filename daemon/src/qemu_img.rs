@@ -1,0 +1,138 @@
+//! The few qemu-img operations offline work needs, run without a shell.
+
+use std::process::Command;
+
+use serde::Deserialize;
+
+/// One image of a backing chain, top first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainImage {
+    pub path: String,
+    pub format: String,
+}
+
+#[derive(Deserialize)]
+struct ImageInfo {
+    filename: String,
+    format: String,
+    #[serde(rename = "virtual-size")]
+    _virtual_size: Option<u64>,
+}
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(format!(
+            "qemu-img {} failed: {}",
+            args.first().unwrap_or(&""),
+            stderr.trim().replace('\n', "; ")
+        ))
+    }
+}
+
+/// The backing chain of `top`, top first. `-U` so that it also works on images a running QEMU
+/// holds open; the chain metadata does not change under it while vmsnap holds the VM's lock.
+pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
+    let text = run(&["info", "-U", "--backing-chain", "--output", "json", top])?;
+    let infos: Vec<ImageInfo> =
+        serde_json::from_str(&text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
+    Ok(infos
+        .into_iter()
+        .map(|i| ChainImage {
+            path: i.filename,
+            format: i.format,
+        })
+        .collect())
+}
+
+/// Commits `top` into its backing file.
+pub fn commit(top: &str) -> Result<(), String> {
+    run(&["commit", "-q", "-d", top]).map(|_| ())
+}
+
+/// Points `image` at a new backing file without copying data: only valid when the new backing
+/// file has the same content as the old one (it does after a commit of the old one into it).
+pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result<(), String> {
+    run(&["rebase", "-u", "-b", backing, "-F", backing_format, image]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Creates a qcow2 overlay of `backing`.
+    fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
+        if Path::new(overlay).exists() {
+            return Err(format!("{overlay} already exists"));
+        }
+        run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            backing_format,
+            overlay,
+        ])
+        .map(|_| ())
+    }
+
+    fn write_pattern(image: &str, offset: u64, byte: u8) {
+        let status = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P {byte} {offset} 64k"))
+            .arg(image)
+            .output()
+            .expect("qemu-io runs");
+        assert!(status.status.success(), "{status:?}");
+    }
+
+    fn read_pattern(image: &str, offset: u64, byte: u8) -> bool {
+        let output = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-r", "-c"])
+            .arg(format!("read -P {byte} {offset} 64k"))
+            .arg(image)
+            .output()
+            .expect("qemu-io runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.contains("read 65536/65536") && !text.contains("verification failed")
+    }
+
+    #[test]
+    fn chain_commit_and_rebase_keep_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let (base, mid, top) = (p("base.qcow2"), p("mid.qcow2"), p("top.qcow2"));
+        run(&["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
+        write_pattern(&base, 0, 1);
+        create_overlay(&mid, &base, "qcow2").expect("overlay");
+        write_pattern(&mid, 65536, 2);
+        create_overlay(&top, &mid, "qcow2").expect("overlay");
+        write_pattern(&top, 131072, 3);
+        assert!(create_overlay(&top, &mid, "qcow2").is_err());
+
+        let chain = backing_chain(&top).expect("chain");
+        let paths: Vec<_> = chain.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, [top.as_str(), mid.as_str(), base.as_str()]);
+
+        // Merge mid into base, then point top at base: top's content is unchanged.
+        commit(&mid).expect("commit");
+        rebase_unsafe(&top, &base, "qcow2").expect("rebase");
+        let chain = backing_chain(&top).expect("chain");
+        assert_eq!(chain.len(), 2);
+        assert!(read_pattern(&top, 0, 1));
+        assert!(read_pattern(&top, 65536, 2));
+        assert!(read_pattern(&top, 131072, 3));
+        assert!(!read_pattern(&top, 131072, 9));
+    }
+}

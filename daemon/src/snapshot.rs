@@ -1,0 +1,703 @@
+//! Snapshot operations: create, delete and recovery of qcow2 snapshots. Each runs on a thread of
+//! its own with its own libvirt connection (a libvirt thread: nothing here runs on tokio), writes
+//! the record before every step that changes anything (the record is the journal), and reports
+//! progress and saved records to the engine.
+//!
+//! How the images relate: taking snapshot S of a disk whose top image is I creates a new overlay
+//! O on top of I; the VM writes to O from then on, and I, now read-only, is S's image. So the
+//! images of a VM's snapshots and the live disk form one backing chain, oldest first. Deleting S
+//! merges the image directly above I (S's overlay) down into I: the merge costs only the data
+//! written between S and the next snapshot (or now), and every other snapshot keeps its content.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
+
+use crate::disks::SysfsLvmProbe;
+use crate::domain::{self, parse_domain};
+use crate::qemu_img;
+use crate::store::{SnapshotRecord, StateCopy, Step, Store, VolumeRecord};
+use crate::thaw_guard::ThawGuard;
+use crate::virt_ext;
+
+/// What an operation tells the engine.
+#[derive(Debug)]
+pub enum OpEvent {
+    Progress {
+        uuid: String,
+        text: String,
+    },
+    /// A record was saved; the engine's copy must follow.
+    Saved(Box<SnapshotRecord>),
+    /// A record was removed (the snapshot is deleted).
+    Removed {
+        uuid: String,
+    },
+    /// The operation on this VM is over; the VM takes new work.
+    Finished {
+        vm_uuid: String,
+    },
+}
+
+/// Everything an operation needs, owned, so it can move to its thread.
+#[derive(Clone)]
+pub struct OpContext {
+    pub uri: String,
+    pub store: Store,
+    pub freeze_timeout: Duration,
+    pub require_quiesce: bool,
+    pub failure_deadline: Duration,
+    pub events: UnboundedSender<OpEvent>,
+}
+
+const VIR_DOMAIN_XML_SECURE: u32 = 1;
+const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
+const SNAPSHOT_FLAGS: u32 = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+    | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+
+impl OpContext {
+    fn progress(&self, record: &SnapshotRecord, text: impl Into<String>) {
+        let text = text.into();
+        if !text.is_empty() {
+            info!(vm = %record.vm_name, snapshot = %record.name, "{text}");
+        }
+        let _ = self.events.send(OpEvent::Progress {
+            uuid: record.uuid.clone(),
+            text,
+        });
+    }
+
+    /// Saves a record, then tells the engine. A record that cannot be saved stops the operation:
+    /// going on without the journal would break the crash-safety promise.
+    fn save(&self, record: &SnapshotRecord) -> Result<(), String> {
+        self.store
+            .save(record)
+            .map_err(|e| format!("cannot write the snapshot record: {e}"))?;
+        let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
+        Ok(())
+    }
+
+    fn finished(&self, vm_uuid: &str) {
+        let _ = self.events.send(OpEvent::Finished {
+            vm_uuid: vm_uuid.to_string(),
+        });
+    }
+
+    /// Starts `work` on a new libvirt thread; the VM is released when it ends.
+    pub fn spawn(self, vm_uuid: String, work: impl FnOnce(&OpContext) + Send + 'static) {
+        let ctx = self.clone();
+        let released = vm_uuid.clone();
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-op".to_string())
+            .spawn(move || {
+                work(&ctx);
+                ctx.finished(&released);
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start an operation thread");
+            self.finished(&vm_uuid);
+        }
+    }
+}
+
+fn connect(uri: &str) -> Result<Connect, String> {
+    Connect::open(Some(uri)).map_err(|e| format!("cannot connect to libvirt: {}", e.message()))
+}
+
+fn lookup(conn: &Connect, uuid: &str) -> Result<Domain, String> {
+    conn.lookup_domain_by_uuid_string(uuid)
+        .map_err(|e| format!("VM {uuid}: {}", e.message()))
+}
+
+fn is_active(dom: &Domain) -> Result<bool, String> {
+    dom.is_active().map_err(|e| e.message().to_string())
+}
+
+/// The XML that shows the disks as QEMU uses them: live while running, inactive otherwise.
+fn current_xml(dom: &Domain) -> Result<String, String> {
+    let flags = if is_active(dom)? {
+        0
+    } else {
+        VIR_DOMAIN_XML_INACTIVE
+    };
+    dom.xml_desc(flags).map_err(|e| e.message().to_string())
+}
+
+/// RFC 3339 UTC time, to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Create
+
+/// Takes the snapshot `record` describes (phase InProgress, step Planned, no volumes yet).
+pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool) {
+    let deadline = Instant::now() + ctx.failure_deadline;
+    match create_steps(ctx, &mut record, allow_excluded, deadline) {
+        Ok(()) => {}
+        Err(error) => {
+            warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
+            record.phase = SnapshotPhase::Failed;
+            record.ready_to_use = false;
+            record.error = error;
+            record.step = Step::Done;
+            let _ = ctx.save(&record);
+        }
+    }
+}
+
+fn create_steps(
+    ctx: &OpContext,
+    record: &mut SnapshotRecord,
+    allow_excluded: bool,
+    deadline: Instant,
+) -> Result<(), String> {
+    let conn = connect(&ctx.uri)?;
+    let dom = lookup(&conn, &record.vm_uuid)?;
+    ctx.progress(record, "reading the VM definition");
+    let state = match dom.info().map_err(|e| e.message().to_string())?.state {
+        virt::enumutil::Enum::Known(s) => s,
+        virt::enumutil::Enum::Unknown(_) => return Err("the VM is in an unknown state".into()),
+    };
+    let inactive_xml = dom
+        .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+        .map_err(|e| e.message().to_string())?;
+    let live_xml = current_xml(&dom)?;
+    let vm = parse_domain(&live_xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe)?;
+
+    let mut volumes = Vec::new();
+    let mut excluded = Vec::new();
+    let short = record.uuid.get(..8).unwrap_or(&record.uuid).to_string();
+    for disk in &vm.disks {
+        match disk.backend.as_str() {
+            b if b == DiskBackend::Qcow2.as_str() => {
+                let (image, format) = domain::disk_source(&live_xml, &disk.target)?;
+                let dir = Path::new(&image)
+                    .parent()
+                    .ok_or_else(|| format!("disk {}: {image} has no directory", disk.target))?;
+                let overlay = dir
+                    .join(format!("{}-{}-{short}.qcow2", record.vm_name, disk.target))
+                    .to_string_lossy()
+                    .into_owned();
+                if Path::new(&overlay).exists() {
+                    return Err(format!("disk {}: {overlay} already exists", disk.target));
+                }
+                let virtual_size = dom
+                    .block_info(&disk.target, 0)
+                    .map_err(|e| format!("disk {}: {}", disk.target, e.message()))?
+                    .capacity;
+                volumes.push(VolumeRecord {
+                    target: disk.target.clone(),
+                    backend: disk.backend.clone(),
+                    image,
+                    image_format: format,
+                    overlay,
+                    virtual_size,
+                });
+            }
+            b if b == DiskBackend::Lvm.as_str() => {
+                return Err(format!(
+                    "disk {} is an LVM logical volume; LVM snapshots are not supported yet",
+                    disk.target
+                ))
+            }
+            _ => excluded.push(ExcludedVolume {
+                target: disk.target.clone(),
+                reason: disk.reason.clone(),
+            }),
+        }
+    }
+    if !excluded.is_empty() && !allow_excluded {
+        return Err(excluded_message(&excluded));
+    }
+    if volumes.is_empty() {
+        return Err("the VM has no disk that can be snapshotted".to_string());
+    }
+    let extra = domain::extra_state(&inactive_xml, &record.vm_uuid)?;
+    let copy_dir = ctx.store.state_copy_dir(&record.vm_uuid, &record.uuid);
+    record.extra_state = extra
+        .iter()
+        .map(|e| StateCopy {
+            kind: e.kind.to_string(),
+            source: e.path.clone(),
+            copy: copy_dir.join(e.kind).to_string_lossy().into_owned(),
+        })
+        .collect();
+    record.domain_xml = inactive_xml;
+    record.volumes = volumes;
+    record.excluded = excluded;
+    record.step = Step::Planned;
+    ctx.save(record)?;
+
+    let running = state == DomainState::Running;
+    let paused = state == DomainState::Paused;
+    let online = is_active(&dom)?;
+    let try_freeze = running && vm.agent == vmsnap_api::AgentState::Connected;
+    record.indications = Vec::new();
+    if online {
+        record.indications.push(Indication::Online);
+    }
+    if paused {
+        record.indications.push(Indication::Paused);
+    } else if running && !try_freeze {
+        record.indications.push(Indication::NoGuestAgent);
+    }
+
+    check_deadline(deadline)?;
+    let mut freeze: Option<(ThawGuard, Instant)> = None;
+    if try_freeze {
+        let guard = ThawGuard::arm(&ctx.uri, &record.vm_uuid, ctx.freeze_timeout)
+            .map_err(|e| format!("cannot start the thaw guard: {e}"))?;
+        record.step = Step::Freezing;
+        ctx.save(record)?;
+        ctx.progress(record, "freezing the guest's filesystems");
+        let started = Instant::now();
+        match virt_ext::fs_freeze(&dom) {
+            Ok(count) => {
+                record.frozen_filesystems = count;
+                record.indications.push(Indication::GuestAgent);
+                freeze = Some((guard, started));
+            }
+            Err(e) => {
+                // libvirt sends the freeze only after the agent answered a sync, so a failed
+                // freeze normally froze nothing; thaw anyway in case the agent froze late, and
+                // leave it to the guard (by dropping it armed) if even that fails.
+                match virt_ext::fs_thaw(&dom) {
+                    Ok(_) => {
+                        let _ = guard.disarm();
+                    }
+                    Err(_) => drop(guard),
+                }
+                if ctx.require_quiesce {
+                    return Err(format!(
+                        "the guest's filesystems could not be frozen ({}); require_quiesce is set, \
+                         so no snapshot was taken",
+                        e.message()
+                    ));
+                }
+                warn!(vm = %record.vm_name, error = %e.message(), "freeze failed; taking a crash-consistent snapshot");
+                record.indications.push(Indication::QuiesceFailed);
+            }
+        }
+    }
+    if freeze.is_none() {
+        record.step = Step::Snapshotting;
+        ctx.save(record)?;
+    }
+
+    // Frozen from here: only the snapshot call and the small state copies, nothing slow.
+    let result = (|| {
+        crash_point("create-before-snapshot");
+        check_deadline(deadline)?;
+        if freeze.is_none() {
+            ctx.progress(record, "snapshotting the disks");
+        }
+        let xml = snapshot_xml(record, &vm.disks);
+        dom.create_snapshot_xml(&xml, SNAPSHOT_FLAGS)
+            .map_err(|e| format!("libvirt could not snapshot the disks: {}", e.message()))?;
+        crash_point("create-after-snapshot");
+        copy_extra_state(record)
+    })();
+
+    if let Some((guard, started)) = freeze {
+        match virt_ext::fs_thaw(&dom) {
+            Ok(_) => {
+                record.freeze_duration_ms = started.elapsed().as_millis() as u64;
+                if let Err(e) = guard.disarm() {
+                    warn!(error = %e, "thaw guard did not stop cleanly");
+                }
+            }
+            // Dropping the armed guard makes it thaw at once, on its own connection.
+            Err(e) => {
+                record.freeze_duration_ms = started.elapsed().as_millis() as u64;
+                warn!(vm = %record.vm_name, error = %e.message(), "thaw failed; the thaw guard retries");
+                drop(guard);
+            }
+        }
+        ctx.progress(record, "thawed the guest's filesystems");
+    }
+
+    if let Err(error) = result {
+        // libvirt's atomic snapshot creates all overlays or none; undo what the state copy
+        // failure may have left.
+        rollback_overlays(ctx, &dom, record);
+        return Err(error);
+    }
+    record.phase = SnapshotPhase::Succeeded;
+    record.ready_to_use = true;
+    record.step = Step::Done;
+    ctx.save(record)?;
+    ctx.progress(record, "");
+    Ok(())
+}
+
+/// Fault injection for the crash-safety tests: when VMSNAP_TEST_CRASH_AT names this point, the
+/// daemon dies on the spot, as a SIGKILL or power cut would leave it.
+fn crash_point(name: &str) {
+    if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == name) {
+        warn!(point = name, "VMSNAP_TEST_CRASH_AT: aborting");
+        std::process::abort();
+    }
+}
+
+fn check_deadline(deadline: Instant) -> Result<(), String> {
+    if Instant::now() > deadline {
+        Err("the snapshot did not finish within failure_deadline".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn excluded_message(excluded: &[ExcludedVolume]) -> String {
+    let list: Vec<String> = excluded
+        .iter()
+        .map(|e| format!("{} ({})", e.target, e.reason))
+        .collect();
+    format!(
+        "the VM has disks that cannot be snapshotted: {}; allow them to be left out with allow_excluded",
+        list.join("; ")
+    )
+}
+
+fn snapshot_xml(record: &SnapshotRecord, disks: &[vmsnap_api::DiskInfo]) -> String {
+    let mut xml = format!("<domainsnapshot><name>vmsnap-{}</name><disks>", record.uuid);
+    for disk in disks {
+        match record.volumes.iter().find(|v| v.target == disk.target) {
+            Some(v) => xml.push_str(&format!(
+                "<disk name='{}' snapshot='external' type='file'><driver type='qcow2'/><source file='{}'/></disk>",
+                xml_escape(&v.target),
+                xml_escape(&v.overlay)
+            )),
+            None => xml.push_str(&format!(
+                "<disk name='{}' snapshot='no'/>",
+                xml_escape(&disk.target)
+            )),
+        }
+    }
+    xml.push_str("</disks></domainsnapshot>");
+    xml
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
+    for copy in &record.extra_state {
+        let source = Path::new(&copy.source);
+        let target = Path::new(&copy.copy);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let copied = if source.is_dir() {
+            copy_dir(source, target)
+        } else {
+            std::fs::copy(source, target).map(|_| ())
+        };
+        copied.map_err(|e| {
+            format!(
+                "cannot copy the VM's {} state {}: {e}",
+                copy.kind, copy.source
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Undoes a snapshot's overlays that are in use: merges each back into its image. Best effort;
+/// leftovers are logged.
+fn rollback_overlays(ctx: &OpContext, dom: &Domain, record: &SnapshotRecord) {
+    for volume in &record.volumes {
+        match merge(
+            ctx,
+            dom,
+            record,
+            volume,
+            &volume.image,
+            &volume.overlay,
+            Instant::now() + ctx.failure_deadline,
+        ) {
+            Ok(()) => {}
+            Err(e) => warn!(disk = %volume.target, error = %e, "could not roll back an overlay"),
+        }
+        remove_unused_image(&volume.overlay, dom, &volume.target);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delete
+
+/// Deletes snapshot `record`; `others` are the VM's other snapshots (their records change where
+/// they referred to an image this delete merges away).
+pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<SnapshotRecord>) {
+    if let Err(error) = delete_steps(ctx, &mut record, &mut others) {
+        warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete failed");
+        // The snapshot's own image may already hold merged data from later writes: its content
+        // is no longer the snapshot's, so it is not offered for restore again.
+        record.phase = SnapshotPhase::Failed;
+        record.ready_to_use = false;
+        record.error = format!("delete failed: {error}");
+        let _ = ctx.save(&record);
+    }
+}
+
+fn delete_steps(
+    ctx: &OpContext,
+    record: &mut SnapshotRecord,
+    others: &mut [SnapshotRecord],
+) -> Result<(), String> {
+    let deadline = Instant::now() + ctx.failure_deadline;
+    if record.phase != SnapshotPhase::Deleting {
+        record.phase = SnapshotPhase::Deleting;
+        record.ready_to_use = false;
+        ctx.save(record)?;
+    }
+    let conn = connect(&ctx.uri)?;
+    let dom = lookup(&conn, &record.vm_uuid)?;
+    let volumes = record.volumes.clone();
+    for volume in &volumes {
+        // A record that is mid-merge names the pair itself: after a finished merge the overlay
+        // is gone from the chain, and "the image above" would be the wrong one.
+        let (base, top) = match &record.step {
+            Step::Merging { target, base, top } if *target == volume.target => {
+                (base.clone(), top.clone())
+            }
+            _ => (volume.image.clone(), volume.overlay.clone()),
+        };
+        record.step = Step::Merging {
+            target: volume.target.clone(),
+            base: base.clone(),
+            top: top.clone(),
+        };
+        ctx.save(record)?;
+        ctx.progress(record, format!("merging disk {}", volume.target));
+        merge(ctx, &dom, record, volume, &base, &top, deadline)?;
+        let base_format = qemu_img::backing_chain(&base)
+            .ok()
+            .and_then(|c| c.first().map(|i| i.format.clone()))
+            .unwrap_or_else(|| volume.image_format.clone());
+        for other in others.iter_mut() {
+            let mut changed = false;
+            for v in other
+                .volumes
+                .iter_mut()
+                .filter(|v| v.target == volume.target)
+            {
+                if v.image == top {
+                    v.image = base.clone();
+                    v.image_format = base_format.clone();
+                    changed = true;
+                }
+            }
+            if changed {
+                ctx.save(other)?;
+            }
+        }
+        remove_unused_image(&top, &dom, &volume.target);
+    }
+    ctx.progress(record, "");
+    ctx.store
+        .remove(record)
+        .map_err(|e| format!("cannot remove the snapshot record: {e}"))?;
+    let _ = ctx.events.send(OpEvent::Removed {
+        uuid: record.uuid.clone(),
+    });
+    info!(vm = %record.vm_name, snapshot = %record.name, "snapshot deleted");
+    Ok(())
+}
+
+/// Merges image `top` into `base` (its backing file) for one disk, online or offline, and takes
+/// `top` out of the chain. Already merged (top no longer in the chain): nothing to do.
+fn merge(
+    ctx: &OpContext,
+    dom: &Domain,
+    record: &SnapshotRecord,
+    volume: &VolumeRecord,
+    base: &str,
+    top: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let xml = current_xml(dom)?;
+    let (current_top, _) = domain::disk_source(&xml, &volume.target)?;
+    let chain = qemu_img::backing_chain(&current_top)?;
+    let Some(top_index) = chain.iter().position(|i| i.path == top) else {
+        return Ok(());
+    };
+    let base_index = chain.iter().position(|i| i.path == base).ok_or_else(|| {
+        format!(
+            "disk {}: {base} is no longer in the disk's chain",
+            volume.target
+        )
+    })?;
+    if base_index != top_index + 1 {
+        return Err(format!(
+            "disk {}: {top} is not directly on top of {base}",
+            volume.target
+        ));
+    }
+    let base_format = chain[base_index].format.clone();
+    let active = top_index == 0;
+    if is_active(dom)? {
+        // A job left behind by a vmsnapd that died mid-merge still runs in QEMU: stop it
+        // (without pivoting) and merge again; a commit of the same images is idempotent.
+        if let Ok(Some(_)) = virt_ext::block_job_info(dom, &volume.target) {
+            warn!(disk = %volume.target, "aborting a block job left by an earlier vmsnapd");
+            virt_ext::block_job_abort(dom, &volume.target, false)
+                .map_err(|e| format!("cannot abort the leftover block job: {}", e.message()))?;
+            let until = Instant::now() + Duration::from_secs(30);
+            while matches!(virt_ext::block_job_info(dom, &volume.target), Ok(Some(_))) {
+                if Instant::now() > until {
+                    return Err("the leftover block job does not end".to_string());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == "delete-mid-merge") {
+            // Start the job, then die before it is finished or pivoted.
+            let _ = virt_ext::block_commit(dom, &volume.target, base, top, active);
+            crash_point("delete-mid-merge");
+        }
+        let mut report = |cur: u64, end: u64| {
+            if end > 0 {
+                ctx.progress(
+                    record,
+                    format!("merging disk {} ({}%)", volume.target, cur * 100 / end),
+                );
+            }
+        };
+        virt_ext::commit_and_wait(
+            dom,
+            &volume.target,
+            base,
+            top,
+            active,
+            deadline,
+            &mut report,
+        )
+    } else {
+        qemu_img::commit(top)?;
+        if active {
+            let inactive = dom
+                .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+                .map_err(|e| e.message().to_string())?;
+            let edited = domain::set_disk_source(&inactive, &volume.target, base, &base_format)?;
+            let conn = dom.connect().map_err(|e| e.message().to_string())?;
+            conn.define_domain_xml(&edited)
+                .map_err(|e| format!("cannot update the VM definition: {}", e.message()))?;
+            Ok(())
+        } else {
+            let above = &chain[top_index - 1];
+            qemu_img::rebase_unsafe(&above.path, base, &base_format)
+        }
+    }
+}
+
+/// Removes an image file once the disk's chain no longer uses it.
+fn remove_unused_image(path: &str, dom: &Domain, target: &str) {
+    let in_use = current_xml(dom)
+        .and_then(|xml| domain::disk_source(&xml, target))
+        .and_then(|(top, _)| qemu_img::backing_chain(&top))
+        .map(|chain| chain.iter().any(|i| i.path == path))
+        .unwrap_or(true);
+    if in_use {
+        warn!(%path, "image still in use; not removed");
+        return;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(%path, error = %e, "cannot remove image"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery
+
+/// Settles a record a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
+/// finishes a snapshot whose disks were taken, rolls back one whose were not, and resumes a
+/// delete.
+pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<SnapshotRecord>) {
+    info!(vm = %record.vm_name, snapshot = %record.name, step = ?record.step, "settling an unfinished operation");
+    match record.phase {
+        SnapshotPhase::Deleting => delete(ctx, record, others),
+        SnapshotPhase::InProgress => {
+            if let Err(error) = recover_create(ctx, &mut record) {
+                record.phase = SnapshotPhase::Failed;
+                record.ready_to_use = false;
+                record.error = error;
+                record.step = Step::Done;
+                let _ = ctx.save(&record);
+            }
+        }
+        SnapshotPhase::Succeeded | SnapshotPhase::Failed => {
+            record.step = Step::Done;
+            let _ = ctx.save(&record);
+        }
+    }
+}
+
+fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> Result<(), String> {
+    let conn = connect(&ctx.uri)?;
+    let dom = lookup(&conn, &record.vm_uuid)?;
+    if record.step == Step::Freezing {
+        // Harmless when not frozen; a frozen guest must not wait for anything else.
+        match virt_ext::fs_thaw(&dom) {
+            Ok(_) => info!(vm = %record.vm_name, "thawed the guest left frozen"),
+            Err(e) => info!(vm = %record.vm_name, error = %e.message(), "thaw on recovery"),
+        }
+    }
+    let xml = current_xml(&dom)?;
+    let mut taken = 0;
+    for volume in &record.volumes {
+        let (top, _) = domain::disk_source(&xml, &volume.target)?;
+        let chain = qemu_img::backing_chain(&top)?;
+        if chain.iter().any(|i| i.path == volume.overlay) {
+            taken += 1;
+        }
+    }
+    let copies_complete = record
+        .extra_state
+        .iter()
+        .all(|c| Path::new(&c.copy).exists());
+    if taken == record.volumes.len() && taken > 0 && copies_complete {
+        record.phase = SnapshotPhase::Succeeded;
+        record.ready_to_use = true;
+        record.step = Step::Done;
+        ctx.save(record)?;
+        info!(vm = %record.vm_name, snapshot = %record.name, "the interrupted snapshot had been taken: Succeeded");
+        return Ok(());
+    }
+    if taken > 0 {
+        rollback_overlays(ctx, &dom, record);
+    }
+    for volume in &record.volumes {
+        remove_unused_image(&volume.overlay, &dom, &volume.target);
+    }
+    Err("vmsnapd stopped before the snapshot was complete; nothing was kept".to_string())
+}

@@ -1,0 +1,296 @@
+//! Snapshot records on disk: the content records and, while an operation runs, its journal.
+//!
+//! One JSON file per snapshot, `<state_dir>/snapshots/<vm-uuid>/<snapshot-uuid>.json`, mode 0600,
+//! always replaced atomically (write a temporary file, fsync it, rename it over the old one, fsync
+//! the directory). A record is written *before* each step that changes anything outside it, so a
+//! restarted daemon can tell from it what was under way and finish or roll back.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vmsnap_api::{ExcludedVolume, IncludedVolume, Indication, SnapshotPhase};
+
+/// Format version of the record files.
+pub const RECORD_VERSION: u32 = 1;
+
+/// A snapshot and its content: KubeVirt's VirtualMachineSnapshot status and
+/// VirtualMachineSnapshotContent, bound 1:1 in one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRecord {
+    pub version: u32,
+    pub uuid: String,
+    pub name: String,
+    pub description: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    pub phase: SnapshotPhase,
+    pub ready_to_use: bool,
+    /// RFC 3339, UTC.
+    pub creation_time: String,
+    pub indications: Vec<Indication>,
+    pub error: String,
+    pub freeze_duration_ms: u64,
+    pub frozen_filesystems: u32,
+    /// Where an unfinished operation stands; `Done` once settled.
+    pub step: Step,
+    /// The VM's inactive domain XML as it was when the snapshot was taken.
+    pub domain_xml: String,
+    pub volumes: Vec<VolumeRecord>,
+    pub excluded: Vec<ExcludedVolume>,
+    /// Copies of the UEFI variables file and the emulated TPM's state.
+    pub extra_state: Vec<StateCopy>,
+}
+
+/// One included disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecord {
+    pub target: String,
+    pub backend: String,
+    /// The image holding this snapshot's data: the disk's top image when the snapshot was
+    /// taken. Never written again while the snapshot exists.
+    pub image: String,
+    /// `qcow2` or `raw`.
+    pub image_format: String,
+    /// The overlay created by this snapshot: the disk's new top image, on which later writes
+    /// (and later snapshots) build.
+    pub overlay: String,
+    pub virtual_size: u64,
+}
+
+/// A small piece of VM state copied with the snapshot (NVRAM file, TPM state directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateCopy {
+    /// `nvram` or `tpm`.
+    pub kind: String,
+    /// Where the VM keeps it.
+    pub source: String,
+    /// The copy under the state directory.
+    pub copy: String,
+}
+
+/// Journal steps. Each is written before the action it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "step")]
+pub enum Step {
+    /// Overlays planned; nothing changed yet.
+    Planned,
+    /// About to freeze (or frozen): recovery must thaw.
+    Freezing,
+    /// About to snapshot the disks (guest not frozen).
+    Snapshotting,
+    /// Settled.
+    Done,
+    /// Deleting: merging `top` into `base` for disk `target`.
+    #[serde(rename_all = "camelCase")]
+    Merging {
+        target: String,
+        base: String,
+        top: String,
+    },
+}
+
+impl SnapshotRecord {
+    pub fn included_volumes(&self) -> Vec<IncludedVolume> {
+        self.volumes
+            .iter()
+            .map(|v| IncludedVolume {
+                target: v.target.clone(),
+                backend: v.backend.clone(),
+                image: v.image.clone(),
+                virtual_size: v.virtual_size,
+            })
+            .collect()
+    }
+}
+
+/// The record files under one state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn new(state_dir: &Path) -> Store {
+        Store {
+            root: state_dir.join("snapshots"),
+        }
+    }
+
+    /// Directory for a snapshot's extra state copies (NVRAM, TPM).
+    pub fn state_copy_dir(&self, vm_uuid: &str, snapshot_uuid: &str) -> PathBuf {
+        self.root.join(vm_uuid).join(snapshot_uuid)
+    }
+
+    fn path(&self, vm_uuid: &str, snapshot_uuid: &str) -> PathBuf {
+        self.root
+            .join(vm_uuid)
+            .join(format!("{snapshot_uuid}.json"))
+    }
+
+    /// Writes a record atomically.
+    pub fn save(&self, record: &SnapshotRecord) -> std::io::Result<()> {
+        let path = self.path(&record.vm_uuid, &record.uuid);
+        let dir = path
+            .parent()
+            .ok_or_else(|| std::io::Error::other("record path has no directory"))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!(".{}.json.tmp", record.uuid));
+        {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    }
+
+    /// Removes a record and its state copies.
+    pub fn remove(&self, record: &SnapshotRecord) -> std::io::Result<()> {
+        let copies = self.state_copy_dir(&record.vm_uuid, &record.uuid);
+        if copies.exists() {
+            fs::remove_dir_all(&copies)?;
+        }
+        let path = self.path(&record.vm_uuid, &record.uuid);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Every record, oldest first. Unreadable files are reported, not fatal: one damaged record
+    /// must not hide the others.
+    pub fn load_all(&self) -> (Vec<SnapshotRecord>, Vec<String>) {
+        let mut records = Vec::new();
+        let mut problems = Vec::new();
+        let Ok(vms) = fs::read_dir(&self.root) else {
+            return (records, problems);
+        };
+        for vm_dir in vms.flatten() {
+            let Ok(files) = fs::read_dir(vm_dir.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                let is_record = path.extension().is_some_and(|e| e == "json")
+                    && !file.file_name().to_string_lossy().starts_with('.');
+                if !is_record {
+                    continue;
+                }
+                match fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        serde_json::from_slice::<SnapshotRecord>(&bytes).map_err(|e| e.to_string())
+                    }) {
+                    Ok(record) => records.push(record),
+                    Err(e) => problems.push(format!("{}: {e}", path.display())),
+                }
+            }
+        }
+        records.sort_by(|a, b| {
+            (a.creation_time.as_str(), a.name.as_str())
+                .cmp(&(b.creation_time.as_str(), b.name.as_str()))
+        });
+        (records, problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    pub fn record(name: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            version: RECORD_VERSION,
+            uuid: format!("uuid-{name}"),
+            name: name.to_string(),
+            description: String::new(),
+            vm_name: "web".into(),
+            vm_uuid: "vm-1".into(),
+            phase: SnapshotPhase::Succeeded,
+            ready_to_use: true,
+            creation_time: format!("2026-11-26T14:00:0{}Z", name.len()),
+            indications: vec![Indication::Online, Indication::GuestAgent],
+            error: String::new(),
+            freeze_duration_ms: 60,
+            frozen_filesystems: 1,
+            step: Step::Done,
+            domain_xml: "<domain/>".into(),
+            volumes: vec![VolumeRecord {
+                target: "vda".into(),
+                backend: "qcow2".into(),
+                image: "/i/a.qcow2".into(),
+                image_format: "qcow2".into(),
+                overlay: "/i/b.qcow2".into(),
+                virtual_size: 1 << 30,
+            }],
+            excluded: vec![],
+            extra_state: vec![],
+        }
+    }
+
+    #[test]
+    fn save_load_remove_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        let a = record("a");
+        let mut bb = record("bb");
+        bb.step = Step::Merging {
+            target: "vda".into(),
+            base: "/i/a.qcow2".into(),
+            top: "/i/b.qcow2".into(),
+        };
+        store.save(&bb).expect("save");
+        store.save(&a).expect("save");
+        let (loaded, problems) = store.load_all();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(loaded, vec![a.clone(), bb.clone()]);
+
+        let file = dir.path().join("snapshots/vm-1/uuid-a.json");
+        let mode = fs::metadata(&file).expect("exists").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        store.remove(&a).expect("remove");
+        assert_eq!(store.load_all().0, vec![bb]);
+        // No temporary files left behind.
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("snapshots/vm-1"))
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn damaged_record_is_reported_and_others_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        store.save(&record("a")).expect("save");
+        fs::write(dir.path().join("snapshots/vm-1/broken.json"), b"{not json").expect("write");
+        let (loaded, problems) = store.load_all();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("broken.json"));
+    }
+}
