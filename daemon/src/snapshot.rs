@@ -311,7 +311,11 @@ fn create_steps(
             Ok(_) => {
                 record.freeze_duration_ms = started.elapsed().as_millis() as u64;
                 if let Err(e) = guard.disarm() {
-                    warn!(error = %e, "thaw guard did not stop cleanly");
+                    // The guard may have thawed at its deadline before the disks were
+                    // snapshotted: the snapshot cannot claim a quiesced guest then.
+                    warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceFailed");
+                    record.indications.retain(|i| *i != Indication::GuestAgent);
+                    record.indications.push(Indication::QuiesceFailed);
                 }
             }
             // Dropping the armed guard makes it thaw at once, on its own connection.
@@ -584,10 +588,10 @@ fn merge(
             crash_point("delete-mid-merge");
         }
         let mut report = |cur: u64, end: u64| {
-            if end > 0 {
+            if let Some(percent) = cur.saturating_mul(100).checked_div(end) {
                 ctx.progress(
                     record,
-                    format!("merging disk {} ({}%)", volume.target, cur * 100 / end),
+                    format!("merging disk {} ({percent}%)", volume.target),
                 );
             }
         };
