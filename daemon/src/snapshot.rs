@@ -258,8 +258,20 @@ fn create_steps(
         record.step = Step::Freezing;
         ctx.save(record)?;
         ctx.progress(record, "freezing the guest's filesystems");
+        // Bound the freeze call itself: half the freeze deadline, so a freeze that does not
+        // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
+        let answer_within = (ctx.freeze_timeout.as_secs() / 2).clamp(1, 60) as i32;
+        if let Err(e) = virt_ext::agent_set_response_timeout(&dom, answer_within) {
+            warn!(error = %e.message(), "cannot bound the agent's response time");
+        }
         let started = Instant::now();
-        match virt_ext::fs_freeze(&dom) {
+        let frozen = virt_ext::fs_freeze(&dom);
+        // Back to libvirt's default for everyone else who uses this agent.
+        let _ = virt_ext::agent_set_response_timeout(
+            &dom,
+            virt::sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT,
+        );
+        match frozen {
             Ok(count) => {
                 record.frozen_filesystems = count;
                 record.indications.push(Indication::GuestAgent);
@@ -328,9 +340,18 @@ fn create_steps(
         ctx.progress(record, "thawed the guest's filesystems");
     }
 
+    let result = result.and_then(|()| {
+        if ctx.require_quiesce && record.indications.contains(&Indication::QuiesceFailed) {
+            Err("the guest was thawed before the disks were snapshotted; require_quiesce is \
+                 set, so the snapshot was undone"
+                .to_string())
+        } else {
+            Ok(())
+        }
+    });
     if let Err(error) = result {
-        // libvirt's atomic snapshot creates all overlays or none; undo what the state copy
-        // failure may have left.
+        // libvirt's atomic snapshot creates all overlays or none; undo those a later failure
+        // left in use.
         rollback_overlays(ctx, &dom, record);
         return Err(error);
     }
