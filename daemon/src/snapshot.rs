@@ -342,9 +342,11 @@ fn create_steps(
 
     let result = result.and_then(|()| {
         if ctx.require_quiesce && record.indications.contains(&Indication::QuiesceFailed) {
-            Err("the guest was thawed before the disks were snapshotted; require_quiesce is \
+            Err(
+                "the guest was thawed before the disks were snapshotted; require_quiesce is \
                  set, so the snapshot was undone"
-                .to_string())
+                    .to_string(),
+            )
         } else {
             Ok(())
         }
@@ -498,6 +500,30 @@ fn delete_steps(
     others: &mut [SnapshotRecord],
 ) -> Result<(), String> {
     let deadline = Instant::now() + ctx.failure_deadline;
+    // A snapshot that failed while being created holds no data anything depends on: its
+    // overlays were rolled back. Only leftovers are removed. (One that failed mid-delete is
+    // still Merging and resumes below.)
+    let never_taken =
+        record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
+    if never_taken {
+        let conn = connect(&ctx.uri)?;
+        if let Ok(dom) = lookup(&conn, &record.vm_uuid) {
+            for volume in &record.volumes {
+                if Path::new(&volume.overlay).exists() {
+                    remove_unused_image(&volume.overlay, &dom, &volume.target);
+                }
+            }
+        }
+        ctx.progress(record, "");
+        ctx.store
+            .remove(record)
+            .map_err(|e| format!("cannot remove the snapshot record: {e}"))?;
+        let _ = ctx.events.send(OpEvent::Removed {
+            uuid: record.uuid.clone(),
+        });
+        info!(vm = %record.vm_name, snapshot = %record.name, "failed snapshot deleted");
+        return Ok(());
+    }
     if record.phase != SnapshotPhase::Deleting {
         record.phase = SnapshotPhase::Deleting;
         record.ready_to_use = false;

@@ -216,8 +216,23 @@ fn served_interfaces_match_the_committed_introspection_xml() {
         "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \
          \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
     );
+    // The test driver refuses disk-only snapshots, so this one ends Failed; its object is
+    // there all the same.
+    let snapshot = daemon
+        .ctl(&[
+            "snapshot",
+            "create",
+            "test",
+            "intro",
+            "--no-wait",
+            "--output",
+            "json",
+        ])
+        .json();
+    let snapshot_uuid = snapshot["uuid"].as_str().unwrap().to_string();
     for path in [
         vmsnap_api::MANAGER_PATH.to_string(),
+        vmsnap_api::snapshot_path(&snapshot_uuid),
         vmsnap_api::vm_path(&uuid),
     ] {
         served.push_str(&vmsnap_interfaces(&introspect(&bus.address, &path)));
@@ -286,4 +301,36 @@ fn vmsnap_interfaces(xml: &str) -> String {
         }
     }
     out
+}
+
+#[test]
+fn snapshot_requests_are_validated_before_anything_is_done() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for("test:///default"));
+    assert_eq!(
+        daemon.ctl(&["snapshot", "create", "nope", "s"]).failure(),
+        "vmsnapctl: VM 'nope' not found"
+    );
+    let message = daemon
+        .ctl(&["snapshot", "create", "test", "bad/name"])
+        .failure()
+        .to_string();
+    assert!(message.contains("snapshot name"), "{message}");
+    // The test driver cannot take disk snapshots: the failure is recorded on the snapshot.
+    let out = daemon.ctl(&["snapshot", "create", "test", "s1", "--output", "json"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let failed = daemon
+        .ctl(&["snapshot", "show", "test", "s1", "--output", "json"])
+        .json();
+    assert_eq!(failed["phase"], "Failed");
+    assert_eq!(failed["readyToUse"], false);
+    assert!(!failed["error"].as_str().unwrap().is_empty());
+    let list = daemon.ctl(&["snapshot", "list", "--output", "json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    // A failed snapshot can be deleted.
+    daemon.ctl(&["snapshot", "delete", "test", "s1"]).ok();
+    assert_eq!(
+        daemon.ctl(&["snapshot", "list", "--output", "json"]).json(),
+        serde_json::json!([])
+    );
 }
