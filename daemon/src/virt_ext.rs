@@ -349,6 +349,19 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Sets how long libvirt waits for the guest agent's answers on this domain
+/// (virDomainAgentSetResponseTimeout): seconds, or `VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT`
+/// (-1) for libvirt's default. libvirt's FSFreeze otherwise waits as long as the agent takes,
+/// so a hung agent would hold the snapshot for good.
+pub fn agent_set_response_timeout(dom: &Domain, seconds: i32) -> Result<(), Error> {
+    // SAFETY: valid domain pointer for the duration of the call.
+    let rc = unsafe { sys::virDomainAgentSetResponseTimeout(dom.as_ptr(), seconds, 0) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,15 +464,3 @@ mod tests {
     }
 }
 
-/// Sets how long libvirt waits for the guest agent's answers on this domain
-/// (virDomainAgentSetResponseTimeout): seconds, or `VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT`
-/// (-1) for libvirt's default. libvirt's FSFreeze otherwise waits as long as the agent takes,
-/// so a hung agent would hold the snapshot for good.
-pub fn agent_set_response_timeout(dom: &Domain, seconds: i32) -> Result<(), Error> {
-    // SAFETY: valid domain pointer for the duration of the call.
-    let rc = unsafe { sys::virDomainAgentSetResponseTimeout(dom.as_ptr(), seconds, 0) };
-    if rc < 0 {
-        return Err(Error::last_error());
-    }
-    Ok(())
-}
