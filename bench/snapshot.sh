@@ -182,7 +182,7 @@ ticker=$(cat bench/guest-ticker.sh)
 gexec "cat >/run/ticker.sh <<'TICKER_EOF'
 $ticker
 TICKER_EOF
-setsid nice -n 19 sh /run/ticker.sh </dev/null >/dev/null 2>&1 &
+setsid sh /run/ticker.sh </dev/null >/dev/null 2>&1 &
 sleep 1; [ -s /run/ticker.pid ] && kill -0 \$(cat /run/ticker.pid)" ||
   die "the guest writer loop did not start"
 clock=$(gexec "cat /run/ticker.clock")

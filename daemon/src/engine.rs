@@ -608,6 +608,66 @@ mod tests {
         assert_eq!(answer.try_recv().ok(), Some(Ok(A.to_string())));
     }
 
+    fn snapshot_record(name: &str, phase: SnapshotPhase) -> SnapshotRecord {
+        SnapshotRecord {
+            version: RECORD_VERSION,
+            uuid: format!("uuid-{name}"),
+            name: name.to_string(),
+            description: String::new(),
+            vm_name: "a".into(),
+            vm_uuid: A.into(),
+            phase,
+            ready_to_use: phase == SnapshotPhase::Succeeded,
+            creation_time: "2026-11-26T14:00:00Z".into(),
+            indications: vec![],
+            error: String::new(),
+            freeze_duration_ms: 0,
+            frozen_filesystems: 0,
+            step: Step::Done,
+            domain_xml: String::new(),
+            volumes: vec![],
+            excluded: vec![],
+            extra_state: vec![],
+        }
+    }
+
+    #[test]
+    fn unsettled_snapshots_cannot_be_deleted_and_busy_vms_refuse_work() {
+        let (mut engine, _rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
+        for phase in [SnapshotPhase::InProgress, SnapshotPhase::Deleting] {
+            let record = snapshot_record("s", phase);
+            engine.snapshots.insert(record.uuid.clone(), record);
+            assert!(matches!(
+                engine.delete_snapshot("uuid-s"),
+                Err(EngineError::InvalidState(m)) if m.contains("once it has settled")
+            ));
+        }
+        let done = snapshot_record("done", SnapshotPhase::Succeeded);
+        engine.snapshots.insert(done.uuid.clone(), done);
+        engine
+            .busy
+            .insert(A.into(), "snapshot 's' is being created".into());
+        assert!(matches!(
+            engine.delete_snapshot("uuid-done"),
+            Err(EngineError::Busy { .. })
+        ));
+        assert!(matches!(
+            engine.create_snapshot("a", "new".into(), CreateOptions::default()),
+            Err(EngineError::Busy { .. })
+        ));
+        // Name rules and uniqueness come before anything else.
+        assert!(matches!(
+            engine.create_snapshot("a", "-x".into(), CreateOptions::default()),
+            Err(EngineError::InvalidName(_))
+        ));
+        assert!(matches!(
+            engine.create_snapshot("a", "done".into(), CreateOptions::default()),
+            Err(EngineError::AlreadyExists { .. })
+        ));
+    }
+
     #[test]
     fn find_vm_by_name_or_uuid() {
         let (mut engine, _rx, _settled) = engine();

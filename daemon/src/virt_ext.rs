@@ -463,4 +463,3 @@ mod tests {
         assert_eq!(one_line("a\n  b\tc "), "a b c");
     }
 }
-

@@ -408,7 +408,14 @@ fn deleting_online_in_any_order_keeps_every_other_snapshot_and_the_live_disk() {
     vm.start(true);
     let (_bus, daemon) = daemon();
     wait_agent(&daemon, &vm.name);
-    for order in [["b2", "b1", "b3"], ["b3", "b1", "b2"], ["b1", "b2", "b3"]] {
+    for order in [
+        ["b2", "b1", "b3"],
+        ["b3", "b1", "b2"],
+        ["b1", "b2", "b3"],
+        ["b1", "b3", "b2"],
+        ["b2", "b3", "b1"],
+        ["b3", "b2", "b1"],
+    ] {
         let mut expected = BTreeMap::new();
         for name in ["b1", "b2", "b3"] {
             vm.write_file(&format!("f-{}-{name}", order.join("")), 300 << 10);
