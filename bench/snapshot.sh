@@ -66,7 +66,7 @@ cleanup() {
   if [ -n "$work" ] && [ -d "$work" ]; then
     if [ -n "${BENCH_KEEP:-}" ]; then
       mkdir -p "$BENCH_KEEP"
-      cp -f "$work/results.tsv" "$work/guard.tsv" "$work/vmsnapd.log" "$work/steps.tsv" \
+      cp -f "$work/results.tsv" "$work/guard.tsv" "$work/vmsnapd.log" "$work/steps.tsv" "$work/baseline.tsv" \
         "$BENCH_KEEP/" 2>/dev/null
     fi
     rm -rf -- "$work"
@@ -91,6 +91,7 @@ GUEST=$LAB_DIR/guest
 
 work=$(mktemp -d "$LAB_DIR/vmsnap-bench.XXXXXX")
 chmod 755 "$work"
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- scratch VM ------------------------------------------------------------------------------
 say "making the scratch VM $VM (256 MiB data disk)"
@@ -199,7 +200,7 @@ awk 'NR == 1 { f = \$1 } NR > 1 { d = \$1 - p; if (d > m) m = d } { p = \$1 }
 
 # --- the runs ------------------------------------------------------------------------------
 results=$work/results.tsv
-printf 'tool\titer\tcreate_ms\tundo_ms\treported_freeze_ms\tguest_blocked_ms\tguest_gap_ms\tticks\tspan_ms\tstart_us\tend_us\n' >"$results"
+printf 'tool\titer\tcreate_ms\tundo_ms\treported_freeze_ms\tguest_blocked_ms\tguest_gap_ms\tticks\tspan_ms\tc0_us\tc1_us\td0_us\td1_us\n' >"$results"
 ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1000 }'; }
 
 for i in $(seq "$N"); do
@@ -217,8 +218,8 @@ for i in $(seq "$N"); do
   ctl snapshot delete "$VM" "$name" >/dev/null 2>>"$work/ctl.err" ||
     { cat "$work/ctl.err" >&2; die "vmsnapctl snapshot delete failed"; }
   now_us; d1=$REPLY
-  printf 'vmsnapctl\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$(ms "$t0" "$t1")" \
-    "$(ms "$d0" "$d1")" "$reported" "$blocked" "$gap" "$ticks" "$span" "$t0" "$t1" >>"$results"
+  printf 'vmsnapctl\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$(ms "$t0" "$t1")" \
+    "$(ms "$d0" "$d1")" "$reported" "$blocked" "$gap" "$ticks" "$span" "$t0" "$t1" "$d0" "$d1" >>"$results"
   say "$i/$N vmsnapctl: create $(ms "$t0" "$t1") ms (freeze reported ${reported} ms, guest ${blocked} ms), delete $(ms "$d0" "$d1") ms"
 
   # virsh
@@ -233,8 +234,8 @@ for i in $(seq "$N"); do
   virsh blockcommit "$VM" vda --active --pivot --wait >/dev/null
   rm -f -- "$overlay"
   now_us; d1=$REPLY
-  printf 'virsh\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$(ms "$t0" "$t1")" \
-    "$(ms "$d0" "$d1")" "nan" "$blocked" "$gap" "$ticks" "$span" "$t0" "$t1" >>"$results"
+  printf 'virsh\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$(ms "$t0" "$t1")" \
+    "$(ms "$d0" "$d1")" "nan" "$blocked" "$gap" "$ticks" "$span" "$t0" "$t1" "$d0" "$d1" >>"$results"
   say "$i/$N virsh:     create $(ms "$t0" "$t1") ms (guest ${blocked} ms), undo $(ms "$d0" "$d1") ms"
 done
 
@@ -260,7 +261,37 @@ for _ in $(seq "$GUARD_N"); do
   printf '%s\t%s\n' "$(ms "$g0" "$g1")" "$(ms "$g1" "$g2")" >>"$guard"
 done
 
-# --- the guest loop's resolution ---------------------------------------------------------------
+# --- baselines: what a no-op costs each client, and one durable record write -----------------------
+say "timing baselines"
+baseline=$work/baseline.tsv
+printf 'what\tms\n' >"$baseline"
+for _ in $(seq "$GUARD_N"); do
+  now_us; b0=$REPLY
+  virsh domstate "$VM" >/dev/null
+  now_us; b1=$REPLY
+  ctl vm show "$VM" >/dev/null
+  now_us; b2=$REPLY
+  printf 'virsh\t%s\nvmsnapctl\t%s\n' "$(ms "$b0" "$b1")" "$(ms "$b1" "$b2")" >>"$baseline"
+done
+# As vmsnapd's store saves a record: write a temporary file, fsync, rename, fsync the directory.
+python3 - "$work" "$GUARD_N" >>"$baseline" <<'PY'
+import os, sys, time
+d = os.path.join(sys.argv[1], "fsync-test")
+os.makedirs(d, exist_ok=True)
+for i in range(int(sys.argv[2])):
+    t = time.monotonic()
+    tmp = os.path.join(d, "r.json.tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(d, "r.json"))
+    fd = os.open(d, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    print(f"record\t{(time.monotonic() - t) * 1000:.1f}")
+PY
+
 gexec 'kill $(cat /run/ticker.pid)' >/dev/null || true
 
 # --- memory ----------------------------------------------------------------------------------
@@ -271,4 +302,10 @@ rss_kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$vmsnapd_pid/status")
 python3 bench/steps.py "$work/vmsnapd.log" "$results" >"$work/steps.tsv"
 
 # --- report ----------------------------------------------------------------------------------
-python3 bench/report.py "$results" "$guard" "$work/steps.tsv" "$hwm_kb" "$rss_kb" "$clock" "$N"
+libvirt_version=$(virsh version | awk '/Using library:/ {print $4}')
+qemu_version=$(virsh version | awk '/Running hypervisor:/ {print $4}')
+echo "Run of bench/snapshot.sh on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores," \
+  "libvirt $libvirt_version, QEMU $qemu_version (TCG guest, 1 vCPU, 192 MiB)," \
+  "load average $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
+echo
+python3 bench/report.py "$results" "$guard" "$work/steps.tsv" "$baseline" "$hwm_kb" "$rss_kb" "$clock" "$N"

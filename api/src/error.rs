@@ -34,6 +34,8 @@ pub enum VmSnapError {
     InvalidState(String),
     /// The operation failed; the message says why and what was left unchanged.
     Failed(String),
+    /// The VM runs; stop it first (or ask the operation to stop it).
+    VmRunning(String),
 }
 
 impl VmSnapError {
@@ -53,7 +55,8 @@ impl VmSnapError {
             | VmSnapError::ExcludedDisks(m)
             | VmSnapError::Busy(m)
             | VmSnapError::InvalidState(m)
-            | VmSnapError::Failed(m) => m.clone(),
+            | VmSnapError::Failed(m)
+            | VmSnapError::VmRunning(m) => m.clone(),
         }
     }
 }

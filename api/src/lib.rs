@@ -9,7 +9,7 @@ mod proxies;
 mod types;
 
 pub use error::VmSnapError;
-pub use proxies::{ManagerProxy, SnapshotProxy, VirtualMachineProxy};
+pub use proxies::{ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy};
 pub use types::{
     validate_snapshot_name, AgentState, DiskBackend, DiskInfo, ExcludedVolume, IncludedVolume,
     Indication, SnapshotPhase, VmState,
@@ -34,6 +34,9 @@ pub const VM_INTERFACE: &str = "org.vmsnap.VmSnap1.VirtualMachine";
 /// Interface of each snapshot object.
 pub const SNAPSHOT_INTERFACE: &str = "org.vmsnap.VmSnap1.Snapshot";
 
+/// Interface of each restore object.
+pub const RESTORE_INTERFACE: &str = "org.vmsnap.VmSnap1.Restore";
+
 /// Prefix of every error name vmsnapd returns.
 pub const ERROR_PREFIX: &str = "org.vmsnap.VmSnap1.Error";
 
@@ -57,6 +60,15 @@ pub fn snapshot_path(uuid: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     format!("{ROOT_PATH}/snapshot/{element}")
+}
+
+/// Object path of the restore with the given UUID.
+pub fn restore_path(uuid: &str) -> String {
+    let element: String = uuid
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{ROOT_PATH}/restore/{element}")
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use zbus::OwnedVariant;
 
-use crate::{DiskInfo, ExcludedVolume, IncludedVolume, VmSnapError};
+use crate::{DetachedDisk, DiskInfo, ExcludedVolume, IncludedVolume, VmSnapError, VolumeRestore};
 
 /// `org.vmsnap.VmSnap1.Manager` at `/org/vmsnap/VmSnap1/Manager`.
 #[proxy(
@@ -36,6 +36,21 @@ pub trait Manager {
 
     /// The snapshot `name` of a VM (name or UUID).
     fn find_snapshot(&self, vm: &str, name: &str) -> Result<OwnedObjectPath, VmSnapError>;
+
+    /// Restores a VM (name or UUID) to one of its snapshots and returns the restore object at
+    /// once, in phase InProgress. Options: `target` (s: a new VM name; empty or absent restores
+    /// in place), `stop_target` (b: shut the VM down first, gracefully then forced),
+    /// `start` (b: start the VM afterwards), `safety_snapshot` (b, default true: snapshot the
+    /// current state first so the restore can be undone).
+    fn restore(
+        &self,
+        vm: &str,
+        snapshot: &str,
+        options: HashMap<&str, OwnedVariant>,
+    ) -> Result<OwnedObjectPath, VmSnapError>;
+
+    /// All restore objects, oldest first.
+    fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError>;
 
     /// vmsnapd's version.
     #[zbus(property)]
@@ -126,4 +141,55 @@ pub trait Snapshot {
     /// How many filesystems the guest agent froze.
     #[zbus(property)]
     fn frozen_filesystems(&self) -> zbus::Result<u32>;
+}
+
+/// `org.vmsnap.VmSnap1.Restore`: one per restore, mirroring KubeVirt's VirtualMachineRestore
+/// status.
+#[proxy(
+    interface = "org.vmsnap.VmSnap1.Restore",
+    default_service = "org.vmsnap.VmSnap1"
+)]
+pub trait Restore {
+    #[zbus(property)]
+    fn uuid(&self) -> zbus::Result<String>;
+    /// The VM the snapshot belongs to.
+    #[zbus(property)]
+    fn vm_name(&self) -> zbus::Result<String>;
+    /// The snapshot's name.
+    #[zbus(property)]
+    fn snapshot(&self) -> zbus::Result<String>;
+    /// The VM restored: the same VM (in place) or the new one.
+    #[zbus(property)]
+    fn target(&self) -> zbus::Result<String>;
+    /// Whether the restore created a new VM.
+    #[zbus(property)]
+    fn new_vm(&self) -> zbus::Result<bool>;
+    /// InProgress, Succeeded or Failed.
+    #[zbus(property)]
+    fn phase(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn complete(&self) -> zbus::Result<bool>;
+    /// RFC 3339, UTC; when the restore was requested.
+    #[zbus(property)]
+    fn creation_time(&self) -> zbus::Result<String>;
+    /// RFC 3339, UTC; when it completed, empty before.
+    #[zbus(property)]
+    fn restore_time(&self) -> zbus::Result<String>;
+    /// Per disk: (target, from image, to image).
+    #[zbus(property)]
+    fn restores(&self) -> zbus::Result<Vec<VolumeRestore>>;
+    /// Disks attached after the snapshot, detached by the restore: (target, source).
+    #[zbus(property)]
+    fn detached_disks(&self) -> zbus::Result<Vec<DetachedDisk>>;
+    /// Disks the snapshot left out: back in the definition, but their content was never
+    /// captured and is not restored: (target, reason).
+    #[zbus(property)]
+    fn not_restored(&self) -> zbus::Result<Vec<ExcludedVolume>>;
+    /// The snapshot taken of the state before an in-place restore; empty if none.
+    #[zbus(property)]
+    fn safety_snapshot(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn error(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn progress(&self) -> zbus::Result<String>;
 }

@@ -161,6 +161,43 @@ impl Indication {
     }
 }
 
+/// One disk a restore brought back. On the bus: `(sss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct VolumeRestore {
+    /// Guest-side target, e.g. `vda`.
+    pub target: String,
+    /// The snapshot's image the disk was restored from (left unchanged).
+    pub from_image: String,
+    /// The VM's new disk image (an overlay on `from_image`).
+    pub to_image: String,
+}
+
+/// A disk the VM had but the snapshot did not: detached from the definition by an in-place
+/// restore, its image left untouched. On the bus: `(ss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct DetachedDisk {
+    pub target: String,
+    pub source: String,
+}
+
+/// Where a restore is, as the Restore object's Phase spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestorePhase {
+    InProgress,
+    Succeeded,
+    Failed,
+}
+
+impl RestorePhase {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RestorePhase::InProgress => "InProgress",
+            RestorePhase::Succeeded => "Succeeded",
+            RestorePhase::Failed => "Failed",
+        }
+    }
+}
+
 /// Longest snapshot name.
 pub const MAX_SNAPSHOT_NAME: usize = 63;
 

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Prints bench/snapshot.sh's results as markdown tables.
+
+    python3 bench/report.py RESULTS_TSV GUARD_TSV STEPS_TSV BASELINE_TSV HWM_KB RSS_KB CLOCK N
+"""
+
+import csv
+import math
+import statistics
+import sys
+
+
+def read_tsv(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def values(rows, column, tool=None):
+    out = []
+    for row in rows:
+        if tool is not None and row["tool"] != tool:
+            continue
+        try:
+            v = float(row[column])
+        except (KeyError, ValueError):
+            continue
+        if not math.isnan(v):
+            out.append(v)
+    return out
+
+
+def stats(vs):
+    if not vs:
+        return "n/a", "n/a", "n/a"
+    return f"{statistics.median(vs):.1f}", f"{min(vs):.1f}", f"{max(vs):.1f}"
+
+
+def median(vs):
+    return statistics.median(vs) if vs else float("nan")
+
+
+def main():
+    results_path, guard_path, steps_path, baseline_path, hwm_kb, rss_kb, clock, n = sys.argv[1:9]
+    rows = read_tsv(results_path)
+    guard = read_tsv(guard_path)
+    steps = read_tsv(steps_path)
+    baseline = read_tsv(baseline_path)
+
+    print(f"### Snapshot of one running VM with a connected guest agent (N={n} each, ms)")
+    print()
+    print("| measurement | tool | median | min | max |")
+    print("|---|---|---:|---:|---:|")
+    metrics = [
+        ("create, wall time", "create_ms"),
+        ("delete / undo (merge back), wall time", "undo_ms"),
+        ("freeze window reported by vmsnapd (freezeDurationMs)", "reported_freeze_ms"),
+        ("freeze window seen by the guest (longest blocked write)", "guest_blocked_ms"),
+        ("largest gap between guest ticks (cross-check)", "guest_gap_ms"),
+    ]
+    for label, column in metrics:
+        for tool in ("vmsnapctl", "virsh"):
+            vs = values(rows, column, tool)
+            if column == "reported_freeze_ms" and tool == "virsh":
+                continue
+            med, lo, hi = stats(vs)
+            print(f"| {label} | {tool} | {med} | {lo} | {hi} |")
+    hwm_mib = int(hwm_kb) / 1024
+    rss_mib = int(rss_kb) / 1024
+    print(f"| vmsnapd peak RSS (VmHWM) after the run | vmsnapd | {hwm_mib:.1f} MiB | | |")
+    print(f"| vmsnapd RSS (VmRSS) after the run | vmsnapd | {rss_mib:.1f} MiB | | |")
+    print()
+
+    ticks = values(rows, "ticks")
+    span = values(rows, "span_ms")
+    if ticks and span and sum(span) > 0:
+        per_tick = sum(span) / max(1, sum(ticks) - len(ticks))
+        print(
+            f"Guest clock: {clock}; the guest wrote a tick every {per_tick:.2f} ms on average "
+            f"({int(sum(ticks))} ticks in all)."
+        )
+        print()
+
+    print("### Against the targets (medians)")
+    print()
+    print("| target | vmsnapctl | virsh | ratio vmsnapctl/virsh | limit | met |")
+    print("|---|---:|---:|---:|---:|---|")
+    for label, column, limit in [
+        ("create within 1.5x of virsh", "create_ms", 1.5),
+        ("freeze window no longer than virsh's (guest-observed)", "guest_blocked_ms", 1.0),
+    ]:
+        a = median(values(rows, column, "vmsnapctl"))
+        b = median(values(rows, column, "virsh"))
+        ratio = a / b if b else float("nan")
+        met = "yes" if ratio <= limit else "no"
+        print(f"| {label} | {a:.1f} ms | {b:.1f} ms | {ratio:.2f} | {limit:.1f} | {met} |")
+    print()
+
+    print("### Where vmsnapctl's create and delete time goes (from vmsnapd's log, medians, ms)")
+    print()
+    print("| step | median | min | max |")
+    print("|---|---:|---:|---:|")
+    step_labels = [
+        ("client_to_engine", "create: vmsnapctl start, bus connect, CreateSnapshot call"),
+        ("op_start", "create: operation thread start, its own libvirt connection"),
+        ("prepare", "create: domain info/XML, block info, 2 record writes, thaw guard arm"),
+        ("frozen_and_disarm", "create: freeze, snapshot, thaw, thaw guard disarm"),
+        ("freeze_reported", "create: of which freeze to thaw (freezeDurationMs)"),
+        ("disarm_etc", "create: of which after the thaw (guard disarm)"),
+        ("finish_to_client", "create: final record write, signals, vmsnapctl prints and exits"),
+        ("del_client_to_engine", "delete: vmsnapctl start to vmsnapd starting the delete"),
+        ("del_merge", "delete: merge (block commit with pivot), record removal"),
+        ("del_finish_to_client", "delete: vmsnapctl notices and exits"),
+    ]
+    for column, label in step_labels:
+        med, lo, hi = stats(values(steps, column))
+        print(f"| {label} | {med} | {lo} | {hi} |")
+    print()
+
+    print(f"### The thaw guard alone ({len(guard)} runs, ms)")
+    print()
+    print("| step | median | min | max |")
+    print("|---|---:|---:|---:|")
+    med, lo, hi = stats(values(guard, "arm_ms"))
+    print(f"| arm: spawn vmsnapd --thaw-guard, libvirt connect, lookup, until `ready` | {med} | {lo} | {hi} |")
+    med, lo, hi = stats(values(guard, "disarm_ms"))
+    print(f"| disarm: write `disarm`, until the guard exited | {med} | {lo} | {hi} |")
+    print()
+
+    print(f"### Baselines (ms)")
+    print()
+    print("| what | median | min | max |")
+    print("|---|---:|---:|---:|")
+    for what, label in [
+        ("virsh", "`virsh domstate VM`: virsh start, libvirt connect, one call"),
+        ("vmsnapctl", "`vmsnapctl vm show VM`: vmsnapctl start, bus connect, one read"),
+        ("record", "a durable 4 KiB record write as vmsnapd's store does it (write, fsync, rename, fsync dir)"),
+    ]:
+        vs = [float(r["ms"]) for r in baseline if r["what"] == what]
+        med, lo, hi = stats(vs)
+        print(f"| {label} | {med} | {lo} | {hi} |")
+    print()
+
+    print("### Every run (ms)")
+    print()
+    print("| # | tool | create | delete/undo | reported freeze | guest blocked write | guest tick gap |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        reported = row["reported_freeze_ms"] if row["reported_freeze_ms"] != "nan" else ""
+        print(
+            f"| {row['iter']} | {row['tool']} | {row['create_ms']} | {row['undo_ms']} | {reported} "
+            f"| {float(row['guest_blocked_ms']):.1f} | {float(row['guest_gap_ms']):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
