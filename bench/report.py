@@ -94,6 +94,18 @@ def main():
         met = "yes" if ratio <= limit else "no"
         print(f"| {label} | {a:.1f} ms | {b:.1f} ms | {ratio:.2f} | {limit:.1f} | {met} |")
     print()
+    pairs = {}
+    for row in rows:
+        pairs.setdefault(row["iter"], {})[row["tool"]] = float(row["guest_blocked_ms"])
+    diffs = [p["vmsnapctl"] - p["virsh"] for p in pairs.values() if len(p) == 2]
+    if diffs:
+        longer = sum(1 for d in diffs if d > 0)
+        print(
+            f"Guest-observed freeze, vmsnapctl minus virsh in the same round: median "
+            f"{statistics.median(diffs):+.1f} ms (min {min(diffs):+.1f}, max {max(diffs):+.1f}); "
+            f"vmsnapctl's was longer in {longer} of {len(diffs)} rounds."
+        )
+        print()
 
     print("### Where vmsnapctl's create and delete time goes (from vmsnapd's log, medians, ms)")
     print()

@@ -16,9 +16,11 @@
 #    snapshot-create-as --disk-only --atomic --quiesce --no-metadata + blockcommit --active
 #    --pivot --wait + removing the overlay; each timed on the host, with the freeze vmsnapd
 #    reports (freezeDurationMs) and the freeze the guest observed (its longest blocked write);
-#  - times the thaw guard alone (arm = spawn until "ready", disarm = "disarm" until exit) and
-#    breaks vmsnapctl's create time down from vmsnapd's log;
-#  - prints markdown tables on stdout (progress on stderr) and removes everything it made: the
+#  - times the thaw guard alone (arm = spawn until "ready", disarm = "disarm" until exit), a
+#    no-op of each client (virsh domstate, vmsnapctl vm show) and a durable record write, and
+#    breaks vmsnapctl's create and delete times down from vmsnapd's log (bench/steps.py);
+#  - reads vmsnapd's peak RSS (VmHWM) at the end;
+#  - prints markdown tables on stdout (bench/report.py; progress on stderr) and removes everything it made: the
 #    guest loop, the VM, vmsnapd, the bus, overlays, records and the scratch directory
 #    (BENCH_KEEP=DIR copies the raw results and vmsnapd's log to DIR first).
 set -euo pipefail

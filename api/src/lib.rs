@@ -11,8 +11,8 @@ mod types;
 pub use error::VmSnapError;
 pub use proxies::{ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy};
 pub use types::{
-    validate_snapshot_name, AgentState, DiskBackend, DiskInfo, ExcludedVolume, IncludedVolume,
-    Indication, SnapshotPhase, VmState,
+    validate_snapshot_name, AgentState, DetachedDisk, DiskBackend, DiskInfo, ExcludedVolume,
+    IncludedVolume, Indication, RestorePhase, SnapshotPhase, VmState, VolumeRestore,
 };
 
 /// Well-known bus name of vmsnapd. The trailing `1` is the API version: an incompatible API gets
