@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Snapshot benchmark: vmsnapctl/vmsnapd against plain virsh, on one scratch VM, in one run.
-#   bash bench/snapshot.sh            (as root, on the lab; BENCH_N=10 repetitions by default)
+#   bash bench/snapshot.sh      (as root, on the lab; under a minute plus the build)
+# Environment: BENCH_N rounds (default 10), BENCH_AUX_N runs of each auxiliary timing (default 10),
+# BENCH_KEEP=DIR keeps the raw results and vmsnapd's log, BENCH_LOG vmsnapd's log filter (debug).
 #
 # What it does (BENCHMARKS.md explains the method and shows a run):
 #  - builds the workspace (cargo build --release --workspace --locked) and makes sure the lab is
@@ -10,8 +12,8 @@
 #  - starts its own dbus-daemon (private, permissive, system type) and its own vmsnapd on it
 #    (VMSNAP_LOG=debug, state dir in the scratch directory);
 #  - starts a writer loop in the guest (bench/guest-ticker.sh, detached with setsid) that appends
-#    a nanosecond timestamp to /mnt/data/ticks without pause and logs every write that blocked
-#    for more than 2 ms to /run/stalls (a tmpfs, never frozen);
+#    a nanosecond timestamp to /mnt/data/ticks about every millisecond and logs every write that
+#    blocked for more than 2 ms to /run/stalls (on the initramfs, never frozen);
 #  - BENCH_N times, alternating: vmsnapctl snapshot create + snapshot delete, then virsh
 #    snapshot-create-as --disk-only --atomic --quiesce --no-metadata + blockcommit --active
 #    --pivot --wait + removing the overlay; each timed on the host, with the freeze vmsnapd
@@ -20,15 +22,15 @@
 #    no-op of each client (virsh domstate, vmsnapctl vm show) and a durable record write, and
 #    breaks vmsnapctl's create and delete times down from vmsnapd's log (bench/steps.py);
 #  - reads vmsnapd's peak RSS (VmHWM) at the end;
-#  - prints markdown tables on stdout (bench/report.py; progress on stderr) and removes everything it made: the
-#    guest loop, the VM, vmsnapd, the bus, overlays, records and the scratch directory
-#    (BENCH_KEEP=DIR copies the raw results and vmsnapd's log to DIR first).
+#  - prints markdown tables on stdout (bench/report.py; progress goes to stderr);
+#  - on exit, whatever happened, removes everything it made: the guest loop, the VM, vmsnapd,
+#    the bus, overlays, records and the scratch directory under $VMSNAP_LAB_DIR.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 N=${BENCH_N:-10}
-GUARD_N=${BENCH_GUARD_N:-10}
+AUX_N=${BENCH_AUX_N:-10}
 URI=qemu:///system
 LAB_DIR=${VMSNAP_LAB_DIR:-/var/lib/vmsnap-lab}
 VM=vmsnap-bench-$$
@@ -38,6 +40,7 @@ say() { echo "bench: $*" >&2; }
 die() { echo "bench: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 [[ $N =~ ^[1-9][0-9]*$ ]] || die "BENCH_N must be a positive number"
+[[ $AUX_N =~ ^[1-9][0-9]*$ ]] || die "BENCH_AUX_N must be a positive number"
 
 # --- cleanup ---------------------------------------------------------------------------------
 work=""
@@ -68,8 +71,7 @@ cleanup() {
   if [ -n "$work" ] && [ -d "$work" ]; then
     if [ -n "${BENCH_KEEP:-}" ]; then
       mkdir -p "$BENCH_KEEP"
-      cp -f "$work/results.tsv" "$work/guard.tsv" "$work/vmsnapd.log" "$work/steps.tsv" "$work/baseline.tsv" \
-        "$BENCH_KEEP/" 2>/dev/null
+      cp -f "$work"/{results,guard,steps,baseline}.tsv "$work/vmsnapd.log" "$BENCH_KEEP/" 2>/dev/null
     fi
     rm -rf -- "$work"
   fi
@@ -80,6 +82,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 now_us() { local t=$EPOCHREALTIME; REPLY=${t/./}; } # microseconds, no fork
+# json_get KEY < JSON: the top-level value (nan when absent or null; empty if not JSON).
+json_get() {
+  python3 -c 'import json, sys
+try:
+    v = json.load(sys.stdin).get(sys.argv[1])
+except Exception:
+    v = ""
+print("nan" if v is None else v)' "$1"
+}
 
 # --- build and lab ---------------------------------------------------------------------------
 say "building (cargo build --release --workspace --locked)"
@@ -173,7 +184,7 @@ VMSNAP_LOG=${BENCH_LOG:-debug} "$VMSNAPD" --config "$work/vmsnapd.toml" --bus-ad
 vmsnapd_pid=$!
 ctl() { "$CTL" --bus-address "$ADDR" "$@"; }
 deadline=$((SECONDS + 30))
-until [ "$(ctl --output json vm show "$VM" 2>/dev/null | jq -r .agent 2>/dev/null)" = connected ]; do
+until [ "$(ctl --output json vm show "$VM" 2>/dev/null | json_get agent)" = connected ]; do
   kill -0 "$vmsnapd_pid" 2>/dev/null || { cat "$work/vmsnapd.log" >&2; die "vmsnapd exited"; }
   [ $SECONDS -lt $deadline ] || die "vmsnapd does not show $VM with a connected agent"
   sleep 0.2
@@ -214,8 +225,8 @@ for i in $(seq "$N"); do
     { cat "$work/ctl.err" >&2; die "vmsnapctl snapshot create failed"; }
   now_us; t1=$REPLY
   read -r blocked gap ticks span <<<"$(guest_observed)"
-  [ "$(jq -r .phase <<<"$json")" = Succeeded ] || die "snapshot $name: $json"
-  reported=$(jq -r '.freezeDurationMs // "nan"' <<<"$json")
+  [ "$(json_get phase <<<"$json")" = Succeeded ] || die "snapshot $name: $json"
+  reported=$(json_get freezeDurationMs <<<"$json")
   now_us; d0=$REPLY
   ctl snapshot delete "$VM" "$name" >/dev/null 2>>"$work/ctl.err" ||
     { cat "$work/ctl.err" >&2; die "vmsnapctl snapshot delete failed"; }
@@ -247,11 +258,11 @@ src=$(virsh domblklist "$VM" | awk '$1 == "vda" {print $2}')
 chain=$(qemu-img info -U --backing-chain "$disk" | grep -c '^image:')
 [ "$chain" = 1 ] || die "the chain of vda has $chain images after the runs"
 
-# --- the thaw guard alone ----------------------------------------------------------------------
-say "timing the thaw guard alone ($GUARD_N times)"
+# --- the thaw guard alone ------------------------------------------------------------------
+say "timing the thaw guard alone ($AUX_N times)"
 guard=$work/guard.tsv
 printf 'arm_ms\tdisarm_ms\n' >"$guard"
-for _ in $(seq "$GUARD_N"); do
+for _ in $(seq "$AUX_N"); do
   now_us; g0=$REPLY
   coproc GUARD { exec "$VMSNAPD" --thaw-guard "$uuid" --guard-uri "$URI" --guard-deadline-ms 10000 2>>"$work/guard.err"; }
   read -r line <&"${GUARD[0]}"
@@ -263,11 +274,11 @@ for _ in $(seq "$GUARD_N"); do
   printf '%s\t%s\n' "$(ms "$g0" "$g1")" "$(ms "$g1" "$g2")" >>"$guard"
 done
 
-# --- baselines: what a no-op costs each client, and one durable record write -----------------------
+# --- baselines: a no-op of each client, and a durable record write ---------------------------
 say "timing baselines"
 baseline=$work/baseline.tsv
 printf 'what\tms\n' >"$baseline"
-for _ in $(seq "$GUARD_N"); do
+for _ in $(seq "$AUX_N"); do
   now_us; b0=$REPLY
   virsh domstate "$VM" >/dev/null
   now_us; b1=$REPLY
@@ -276,7 +287,7 @@ for _ in $(seq "$GUARD_N"); do
   printf 'virsh\t%s\nvmsnapctl\t%s\n' "$(ms "$b0" "$b1")" "$(ms "$b1" "$b2")" >>"$baseline"
 done
 # As vmsnapd's store saves a record: write a temporary file, fsync, rename, fsync the directory.
-python3 - "$work" "$GUARD_N" >>"$baseline" <<'PY'
+python3 - "$work" "$AUX_N" >>"$baseline" <<'PY'
 import os, sys, time
 d = os.path.join(sys.argv[1], "fsync-test")
 os.makedirs(d, exist_ok=True)
@@ -300,7 +311,7 @@ gexec 'kill $(cat /run/ticker.pid)' >/dev/null || true
 hwm_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$vmsnapd_pid/status")
 rss_kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$vmsnapd_pid/status")
 
-# --- vmsnapd's steps per create, from its log --------------------------------------------------
+# --- vmsnapd's steps per create and delete, from its log -------------------------------------
 python3 bench/steps.py "$work/vmsnapd.log" "$results" >"$work/steps.tsv"
 
 # --- report ----------------------------------------------------------------------------------

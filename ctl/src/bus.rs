@@ -1,11 +1,13 @@
 //! The connection to vmsnapd: proxies, object reads, and one-line descriptions of bus errors.
 
 use vmsnap_api::{
-    ManagerProxy, SnapshotProxy, VirtualMachineProxy, VmSnapError, BUS_NAME, MANAGER_PATH,
+    ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy, VmSnapError, BUS_NAME,
+    MANAGER_PATH,
 };
 use zbus::{Connection, DBusError, OwnedObjectPath};
 
 use crate::output::Vm;
+use crate::restore_output::Restore;
 use crate::snapshot_output::Snapshot;
 
 /// Why an object could not be read.
@@ -23,9 +25,9 @@ const VM_VANISHED: &[&str] = &[
     "org.freedesktop.DBus.Error.UnknownProperty",
 ];
 
-/// Errors that mean "this snapshot object does not exist (any more)". Some bus implementations
-/// answer a call on a removed object with UnknownMethod.
-const SNAPSHOT_VANISHED: &[&str] = &[
+/// Errors that mean "this snapshot (or restore) object does not exist (any more)". Some bus
+/// implementations answer a call on a removed object with UnknownMethod.
+const OBJECT_VANISHED: &[&str] = &[
     "org.freedesktop.DBus.Error.UnknownObject",
     "org.freedesktop.DBus.Error.UnknownInterface",
     "org.freedesktop.DBus.Error.UnknownProperty",
@@ -125,13 +127,42 @@ impl Bus {
                 frozen_filesystems: proxy.frozen_filesystems().await?,
             })
         };
-        read.await
-            .map_err(|e| self.read_error(&e, SNAPSHOT_VANISHED))
+        read.await.map_err(|e| self.read_error(&e, OBJECT_VANISHED))
     }
 
-    /// Whether `error` says the snapshot object is gone.
-    pub fn snapshot_vanished(error: &zbus::Error) -> bool {
-        error_name(error).is_some_and(|name| SNAPSHOT_VANISHED.contains(&name.as_str()))
+    /// Reads every property of the restore at `path`, fresh from vmsnapd (a new proxy, so one
+    /// GetAll: a consistent view).
+    pub async fn read_restore(&self, path: &OwnedObjectPath) -> Result<Restore, ReadError> {
+        let proxy = RestoreProxy::builder(&self.connection)
+            .path(path.clone())
+            .build()
+            .await
+            .map_err(|e| ReadError::Other(self.describe(&e)))?;
+        let read = async {
+            Ok::<_, zbus::Error>(Restore {
+                uuid: proxy.uuid().await?,
+                vm: proxy.vm_name().await?,
+                snapshot: proxy.snapshot().await?,
+                target: proxy.target().await?,
+                new_vm: proxy.new_vm().await?,
+                phase: proxy.phase().await?,
+                complete: proxy.complete().await?,
+                creation_time: proxy.creation_time().await?,
+                restore_time: proxy.restore_time().await?,
+                restores: proxy.restores().await?,
+                detached_disks: proxy.detached_disks().await?,
+                not_restored: proxy.not_restored().await?,
+                safety_snapshot: proxy.safety_snapshot().await?,
+                error: proxy.error().await?,
+                progress: proxy.progress().await?,
+            })
+        };
+        read.await.map_err(|e| self.read_error(&e, OBJECT_VANISHED))
+    }
+
+    /// Whether `error` says a snapshot or restore object is gone.
+    pub fn object_vanished(error: &zbus::Error) -> bool {
+        error_name(error).is_some_and(|name| OBJECT_VANISHED.contains(&name.as_str()))
     }
 
     fn read_error(&self, error: &zbus::Error, vanished: &[&str]) -> ReadError {

@@ -2,6 +2,8 @@
 
 mod bus;
 mod output;
+mod restore;
+mod restore_output;
 mod snapshot;
 mod snapshot_output;
 mod vm;
@@ -13,6 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vmsnap_api::BUS_ADDRESS_ENV;
 
 use crate::bus::Bus;
+use crate::restore::RestoreArgs;
 use crate::snapshot::SnapshotCommand;
 use crate::vm::VmCommand;
 
@@ -59,6 +62,39 @@ enum Command {
     /// Deleting while vmsnapd removes one.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Restore a VM to one of its snapshots; list and show restores.
+    ///
+    /// `vmsnapctl restore VM SNAPSHOT` restores VM (name or UUID) to its snapshot SNAPSHOT: every
+    /// disk the snapshot captured gets back the content it had then, as a new image on top of
+    /// the snapshot's image (which stays unchanged, so the same snapshot can be restored again),
+    /// and the VM's definition goes back to the one recorded with the snapshot. vmsnapctl waits
+    /// until the restore has succeeded or failed, printing on standard error what vmsnapd is
+    /// doing, then prints the restore as `restore show` does. Ctrl-C stops the waiting, not the
+    /// restore: vmsnapd finishes it regardless. Phases: InProgress, Succeeded, Failed.
+    ///
+    /// In place (the default), VM must be shut off: a running or paused VM is refused unless
+    /// --stop is given, which makes vmsnapd shut it down first. Before changing anything,
+    /// vmsnapd takes a safety snapshot of VM's current state, named pre-restore-<time>, so that
+    /// the restore can be undone with `vmsnapctl restore VM pre-restore-<time>`;
+    /// --no-safety-snapshot skips it. Disks attached to VM after the snapshot was taken are
+    /// detached from it, their images left untouched; disks the snapshot excluded are back in
+    /// the definition, but their content was never captured and is not restored. `restore
+    /// show` lists both.
+    ///
+    /// With --target NEWVM, the snapshot is restored into a new VM named NEWVM, with a new UUID
+    /// and new MAC addresses so that it can run next to VM. VM, its disks and its snapshots are
+    /// left untouched, and VM may keep running.
+    ///
+    /// `restore list` lists restores; `restore show RESTORE` shows one, by UUID or a unique
+    /// prefix of it. To restore a VM that is named list or show, put -- before the VM:
+    /// `vmsnapctl restore -- list SNAPSHOT`.
+    ///
+    /// Exit status: 0 when the restore succeeded (with --no-wait: when vmsnapd started it);
+    /// 1 when vmsnapd refused the request (no such VM or snapshot, VM is running, NEWVM exists,
+    /// another operation runs on VM, ...) or the restore failed, with the reason on standard
+    /// error (with --output json the failed restore is still printed on standard output); 2 when
+    /// the command line is wrong; 130 when the wait was interrupted with Ctrl-C.
+    Restore(RestoreArgs),
 }
 
 /// How a command ends when it does not succeed: a one-line message and an exit status.
@@ -112,6 +148,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Vm(command) => Ok(vm::run(&bus, command, cli.output).await?),
         Command::Snapshot(command) => snapshot::run(&bus, command, cli.output).await,
+        Command::Restore(args) => restore::run(&bus, args, cli.output).await,
     }
 }
 

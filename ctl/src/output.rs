@@ -93,6 +93,32 @@ pub fn dash(s: &str) -> String {
     }
 }
 
+/// `None` for an empty string: JSON null for "not set".
+pub fn none_if_empty(s: &str) -> Option<&str> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+/// Appends `text` with every line indented by two spaces.
+pub fn indent_into(out: &mut String, text: &str) {
+    for line in text.lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+pub fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
     println!("{text}");

@@ -3,14 +3,14 @@
 use std::collections::HashMap;
 
 use clap::{Args, Subcommand};
-use vmsnap_api::{SnapshotPhase, VmSnapError};
+use vmsnap_api::{SnapshotPhase, VmSnapError, SNAPSHOT_INTERFACE};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::bus::{Bus, ReadError};
 use crate::snapshot_output::{
     print_deleted, print_snapshot, print_snapshot_list, Deleted, Snapshot,
 };
-use crate::watch::{Event, Watch};
+use crate::watch::{Event, Progress, Watch};
 use crate::{Failure, OutputFormat};
 
 #[derive(Debug, Subcommand)]
@@ -195,7 +195,7 @@ async fn create(bus: &Bus, args: &CreateArgs, format: OutputFormat) -> Result<()
         return Ok(());
     }
 
-    let mut watch = Watch::subscribe(bus, &path).await?;
+    let mut watch = Watch::subscribe(bus, &path, SNAPSHOT_INTERFACE).await?;
     // Read after subscribing: whatever happened before is in this read, the rest in the watch.
     let mut snapshot = read(bus, &path, gone).await?;
     let mut progress = Progress::default();
@@ -308,7 +308,7 @@ async fn delete(
     let mut watch = if no_wait {
         None
     } else {
-        Some(Watch::subscribe(bus, &path).await?)
+        Some(Watch::subscribe(bus, &path, SNAPSHOT_INTERFACE).await?)
     };
     let before = read(bus, &path, || not_found(vm, name)).await?;
     let proxy = bus.snapshot_proxy(&path).await?;
@@ -378,21 +378,6 @@ async fn delete_failed(
         "deleting snapshot {} of {} failed: {reason}",
         before.name, before.vm
     ))
-}
-
-/// Progress lines on standard error, each shown once.
-#[derive(Default)]
-struct Progress {
-    last: String,
-}
-
-impl Progress {
-    fn show(&mut self, text: &str) {
-        if !text.is_empty() && text != self.last {
-            eprintln!("vmsnapctl: {text}");
-        }
-        self.last = text.to_string();
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use serde::Serialize;
 use vmsnap_api::{ExcludedVolume, IncludedVolume};
 
-use crate::output::{dash, print_json, table};
+use crate::output::{dash, indent_into, none_if_empty, print_json, table, yes_no};
 use crate::OutputFormat;
 
 /// A snapshot as vmsnapctl reads it from vmsnapd: every property of the Snapshot interface.
@@ -90,14 +90,6 @@ struct ExcludedVolumeJson<'a> {
     target: &'a str,
     #[serde(rename = "reason")]
     reason: &'a str,
-}
-
-fn none_if_empty(s: &str) -> Option<&str> {
-    if s.is_empty() {
-        None
-    } else {
-        Some(s)
-    }
 }
 
 impl Snapshot {
@@ -275,22 +267,6 @@ pub fn render_show(s: &Snapshot) -> String {
         indent_into(&mut out, &table(&["TARGET", "REASON"], &rows));
     }
     out
-}
-
-fn indent_into(out: &mut String, text: &str) {
-    for line in text.lines() {
-        out.push_str("  ");
-        out.push_str(line);
-        out.push('\n');
-    }
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
 }
 
 /// "57 ms (2 filesystems)", or "none" when the guest was not frozen.

@@ -1,4 +1,4 @@
-//! Following a snapshot object while vmsnapd works on it.
+//! Following a snapshot or restore object while vmsnapd works on it.
 //!
 //! A [`Watch`] subscribes, before anything is read or called, to
 //! - PropertiesChanged of the object (Phase and Progress),
@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use futures_util::StreamExt;
-use vmsnap_api::{BUS_NAME, ROOT_PATH, SNAPSHOT_INTERFACE};
+use vmsnap_api::{BUS_NAME, ROOT_PATH};
 use zbus::fdo::{
     InterfacesRemoved, InterfacesRemovedStream, ObjectManagerProxy, PropertiesChanged,
     PropertiesChangedStream, PropertiesProxy,
@@ -27,7 +27,7 @@ use zbus::OwnedObjectPath;
 
 use crate::bus::Bus;
 
-/// Something that happened to the watched snapshot.
+/// Something that happened to the watched object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The Phase property changed.
@@ -49,9 +49,26 @@ enum Step {
     Interrupt(std::io::Result<()>),
 }
 
+/// Progress lines on standard error, each shown once.
+#[derive(Default)]
+pub struct Progress {
+    last: String,
+}
+
+impl Progress {
+    pub fn show(&mut self, text: &str) {
+        if !text.is_empty() && text != self.last {
+            eprintln!("vmsnapctl: {text}");
+        }
+        self.last = text.to_string();
+    }
+}
+
 pub struct Watch {
     bus: Bus,
     path: OwnedObjectPath,
+    /// The object's interface (Snapshot or Restore): the one whose Phase and Progress count.
+    interface: &'static str,
     properties: PropertiesProxy<'static>,
     changes: PropertiesChangedStream,
     removals: InterfacesRemovedStream,
@@ -62,9 +79,14 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Subscribes to everything about the snapshot at `path`. Returns once the bus has the match
-    /// rules, so every later change is seen.
-    pub async fn subscribe(bus: &Bus, path: &OwnedObjectPath) -> Result<Watch, String> {
+    /// Subscribes to everything about the object at `path` that implements `interface`
+    /// (`SNAPSHOT_INTERFACE` or `RESTORE_INTERFACE`). Returns once the bus has the match rules,
+    /// so every later change is seen.
+    pub async fn subscribe(
+        bus: &Bus,
+        path: &OwnedObjectPath,
+        interface: &'static str,
+    ) -> Result<Watch, String> {
         let describe = |e: zbus::Error| bus.describe(&e);
         let properties = PropertiesProxy::builder(bus.connection())
             .destination(BUS_NAME)
@@ -96,6 +118,7 @@ impl Watch {
         Ok(Watch {
             bus: bus.clone(),
             path: path.clone(),
+            interface,
             properties,
             changes,
             removals,
@@ -144,7 +167,7 @@ impl Watch {
         let Ok(args) = signal.args() else {
             return Ok(());
         };
-        if args.interface_name().as_str() != SNAPSHOT_INTERFACE {
+        if args.interface_name().as_str() != self.interface {
             return Ok(());
         }
         for (property, make) in [
@@ -167,12 +190,12 @@ impl Watch {
 
     /// Reads one string property; `None` when the object is gone.
     async fn get_string(&self, property: &str) -> Result<Option<String>, String> {
-        let interface = InterfaceName::from_static_str_unchecked(SNAPSHOT_INTERFACE);
+        let interface = InterfaceName::from_static_str_unchecked(self.interface);
         match self.properties.get(interface, property).await {
             Ok(value) => Ok(<&str>::try_from(&value).ok().map(str::to_string)),
             Err(e) => {
                 let e = zbus::Error::from(e);
-                if Bus::snapshot_vanished(&e) {
+                if Bus::object_vanished(&e) {
                     Ok(None)
                 } else {
                     Err(self.bus.describe(&e))
@@ -189,6 +212,6 @@ impl Watch {
             && args
                 .interfaces()
                 .iter()
-                .any(|i| i.as_str() == SNAPSHOT_INTERFACE)
+                .any(|i| i.as_str() == self.interface)
     }
 }

@@ -378,10 +378,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Every other snapshot record, of every VM: after restores, images are shared across
+    /// chains and VMs, and a delete must see every claim on them.
     fn others_of(&self, record: &SnapshotRecord) -> Vec<SnapshotRecord> {
         self.snapshots
             .values()
-            .filter(|s| s.vm_uuid == record.vm_uuid && s.uuid != record.uuid)
+            .filter(|s| s.uuid != record.uuid)
             .cloned()
             .collect()
     }

@@ -7,6 +7,7 @@ mod config;
 mod disks;
 mod domain;
 mod engine;
+mod images;
 mod libvirt;
 mod qemu_img;
 mod shutdown;

@@ -20,6 +20,7 @@ use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::images::{is_owned, Forest};
 use crate::qemu_img;
 use crate::store::{SnapshotRecord, StateCopy, Step, Store, VolumeRecord};
 use crate::thaw_guard::ThawGuard;
@@ -505,8 +506,8 @@ fn delete_steps(
     // still Merging and resumes below.)
     let never_taken =
         record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
+    let conn = connect(&ctx.uri)?;
     if never_taken {
-        let conn = connect(&ctx.uri)?;
         if let Ok(dom) = lookup(&conn, &record.vm_uuid) {
             for volume in &record.volumes {
                 if Path::new(&volume.overlay).exists() {
@@ -514,63 +515,25 @@ fn delete_steps(
                 }
             }
         }
-        ctx.progress(record, "");
-        ctx.store
-            .remove(record)
-            .map_err(|e| format!("cannot remove the snapshot record: {e}"))?;
-        let _ = ctx.events.send(OpEvent::Removed {
-            uuid: record.uuid.clone(),
-        });
-        info!(vm = %record.vm_name, snapshot = %record.name, "failed snapshot deleted");
-        return Ok(());
-    }
-    if record.phase != SnapshotPhase::Deleting {
-        record.phase = SnapshotPhase::Deleting;
-        record.ready_to_use = false;
-        ctx.save(record)?;
-    }
-    let conn = connect(&ctx.uri)?;
-    let dom = lookup(&conn, &record.vm_uuid)?;
-    let volumes = record.volumes.clone();
-    for volume in &volumes {
-        // A record that is mid-merge names the pair itself: after a finished merge the overlay
-        // is gone from the chain, and "the image above" would be the wrong one.
-        let (base, top) = match &record.step {
-            Step::Merging { target, base, top } if *target == volume.target => {
-                (base.clone(), top.clone())
-            }
-            _ => (volume.image.clone(), volume.overlay.clone()),
-        };
-        record.step = Step::Merging {
-            target: volume.target.clone(),
-            base: base.clone(),
-            top: top.clone(),
-        };
-        ctx.save(record)?;
-        ctx.progress(record, format!("merging disk {}", volume.target));
-        merge(ctx, &dom, record, volume, &base, &top, deadline)?;
-        let base_format = qemu_img::backing_chain(&base)
-            .ok()
-            .and_then(|c| c.first().map(|i| i.format.clone()))
-            .unwrap_or_else(|| volume.image_format.clone());
-        for other in others.iter_mut() {
-            let mut changed = false;
-            for v in other
-                .volumes
-                .iter_mut()
-                .filter(|v| v.target == volume.target)
-            {
-                if v.image == top {
-                    v.image = base.clone();
-                    v.image_format = base_format.clone();
-                    changed = true;
-                }
-            }
-            if changed {
-                ctx.save(other)?;
-            }
+    } else {
+        if record.phase != SnapshotPhase::Deleting {
+            record.phase = SnapshotPhase::Deleting;
+            record.ready_to_use = false;
+            ctx.save(record)?;
         }
-        remove_unused_image(&top, &dom, &volume.target);
+        let volumes = record.volumes.clone();
+        for volume in &volumes {
+            ctx.progress(record, format!("releasing disk {}", volume.target));
+            release_image(
+                ctx,
+                &conn,
+                record,
+                others,
+                &volume.target,
+                &volume.image,
+                deadline,
+            )?;
+        }
     }
     ctx.progress(record, "");
     ctx.store
@@ -581,6 +544,205 @@ fn delete_steps(
     });
     info!(vm = %record.vm_name, snapshot = %record.name, "snapshot deleted");
     Ok(())
+}
+
+/// Gives up `deleting`'s claim on `image` and reclaims what nothing needs any more:
+/// - an image something else claims (another snapshot, a VM's top) stays;
+/// - an unclaimed image nothing builds on is removed, and its backing image is looked at next;
+/// - an unclaimed image with exactly one image on top is merged with it (the one on top is
+///   committed down, costing the data written since), and the claims on that image move down;
+/// - an unclaimed image several chains build on stays: each still needs it.
+fn release_image(
+    ctx: &OpContext,
+    conn: &Connect,
+    deleting: &mut SnapshotRecord,
+    others: &mut [SnapshotRecord],
+    target: &str,
+    image: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    // A merge that was under way when vmsnapd stopped is finished first.
+    if let Step::Merging {
+        target: t,
+        base,
+        top,
+    } = deleting.step.clone()
+    {
+        if t == target {
+            let forest = Forest::scan(conn, others)?;
+            if forest.contains(&top) && forest.parent(&top) == Some(base.as_str()) {
+                merge_down(ctx, conn, &forest, deleting, target, &base, &top, deadline)?;
+            }
+            move_claims(ctx, others, &top, &base, &Forest::scan(conn, others)?)?;
+            remove_if_unused(conn, others, &top)?;
+            deleting.step = Step::Done;
+            ctx.save(deleting)?;
+            return Ok(());
+        }
+    }
+    let mut current = image.to_string();
+    loop {
+        let forest = Forest::scan(conn, others)?;
+        if !forest.contains(&current) || is_owned(&current, &forest, others) {
+            return Ok(());
+        }
+        let children = forest.children(&current);
+        match children.as_slice() {
+            [] => {
+                let parent = forest.parent(&current).map(str::to_string);
+                remove_file(&current)?;
+                info!(image = %current, "removed an image nothing uses");
+                match parent {
+                    Some(p) => current = p,
+                    None => return Ok(()),
+                }
+            }
+            [child] => {
+                let child = child.clone();
+                deleting.step = Step::Merging {
+                    target: target.to_string(),
+                    base: current.clone(),
+                    top: child.clone(),
+                };
+                ctx.save(deleting)?;
+                if !merge_down(
+                    ctx, conn, &forest, deleting, target, &current, &child, deadline,
+                )? {
+                    deleting.step = Step::Done;
+                    ctx.save(deleting)?;
+                    return Ok(());
+                }
+                move_claims(ctx, others, &child, &current, &Forest::scan(conn, others)?)?;
+                remove_if_unused(conn, others, &child)?;
+                deleting.step = Step::Done;
+                ctx.save(deleting)?;
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Commits `top` into `base`, its backing image, wherever `top` is used: by block commit in a
+/// running VM, else with qemu-img (rebasing the images on `top` and updating definitions whose
+/// disk is `top`). Returns false, changing nothing, when it cannot be done safely now (several
+/// running VMs use `top`, or a running VM and other chains do); the space is then reclaimed by
+/// a later delete.
+#[allow(clippy::too_many_arguments)]
+fn merge_down(
+    ctx: &OpContext,
+    conn: &Connect,
+    forest: &Forest,
+    record: &SnapshotRecord,
+    target: &str,
+    base: &str,
+    top: &str,
+    deadline: Instant,
+) -> Result<bool, String> {
+    ctx.progress(record, format!("merging disk {target}"));
+    let running = forest.running_users(top);
+    let children = forest.children(top);
+    match running.as_slice() {
+        [user] if children.len() <= 1 => {
+            let dom = lookup(conn, &user.domain_uuid)?;
+            abort_leftover_job(&dom, &user.target)?;
+            if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == "delete-mid-merge") {
+                let _ = virt_ext::block_commit(&dom, &user.target, base, top, user.path == top);
+                crash_point("delete-mid-merge");
+            }
+            let mut report = |cur: u64, end: u64| {
+                if let Some(percent) = cur.saturating_mul(100).checked_div(end) {
+                    ctx.progress(record, format!("merging disk {target} ({percent}%)"));
+                }
+            };
+            virt_ext::commit_and_wait(
+                &dom,
+                &user.target,
+                base,
+                top,
+                user.path == top,
+                deadline,
+                &mut report,
+            )?;
+            Ok(true)
+        }
+        [] => {
+            let base_format = forest.format(base).to_string();
+            qemu_img::commit(top)?;
+            for child in &children {
+                qemu_img::rebase_unsafe(child, base, &base_format)?;
+            }
+            for user in forest.tops.iter().filter(|t| t.path == top) {
+                let dom = lookup(conn, &user.domain_uuid)?;
+                let inactive = dom
+                    .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+                    .map_err(|e| e.message().to_string())?;
+                let edited = domain::set_disk_source(&inactive, &user.target, base, &base_format)?;
+                conn.define_domain_xml(&edited)
+                    .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+fn abort_leftover_job(dom: &Domain, disk: &str) -> Result<(), String> {
+    // A job left behind by a vmsnapd that died mid-merge still runs in QEMU: stop it (without
+    // pivoting) and merge again; a commit of the same images is idempotent.
+    if let Ok(Some(_)) = virt_ext::block_job_info(dom, disk) {
+        warn!(%disk, "aborting a block job left by an earlier vmsnapd");
+        virt_ext::block_job_abort(dom, disk, false)
+            .map_err(|e| format!("cannot abort the leftover block job: {}", e.message()))?;
+        let until = Instant::now() + Duration::from_secs(30);
+        while matches!(virt_ext::block_job_info(dom, disk), Ok(Some(_))) {
+            if Instant::now() > until {
+                return Err("the leftover block job does not end".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// After `from` was merged into `to`: records that named `from` as their image now name `to`.
+fn move_claims(
+    ctx: &OpContext,
+    records: &mut [SnapshotRecord],
+    from: &str,
+    to: &str,
+    forest: &Forest,
+) -> Result<(), String> {
+    let format = forest.format(to).to_string();
+    for record in records.iter_mut() {
+        let mut changed = false;
+        for v in record.volumes.iter_mut().filter(|v| v.image == from) {
+            v.image = to.to_string();
+            v.image_format = format.clone();
+            changed = true;
+        }
+        if changed {
+            ctx.save(record)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_unused(conn: &Connect, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
+    let forest = Forest::scan(conn, records)?;
+    if forest.in_any_chain(image) || is_owned(image, &forest, records) {
+        warn!(%image, "image still in use; not removed");
+        return Ok(());
+    }
+    remove_file(image)
+}
+
+fn remove_file(path: &str) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot remove {path}: {e}")),
+    }
 }
 
 /// Merges image `top` into `base` (its backing file) for one disk, online or offline, and takes
@@ -615,25 +777,7 @@ fn merge(
     let base_format = chain[base_index].format.clone();
     let active = top_index == 0;
     if is_active(dom)? {
-        // A job left behind by a vmsnapd that died mid-merge still runs in QEMU: stop it
-        // (without pivoting) and merge again; a commit of the same images is idempotent.
-        if let Ok(Some(_)) = virt_ext::block_job_info(dom, &volume.target) {
-            warn!(disk = %volume.target, "aborting a block job left by an earlier vmsnapd");
-            virt_ext::block_job_abort(dom, &volume.target, false)
-                .map_err(|e| format!("cannot abort the leftover block job: {}", e.message()))?;
-            let until = Instant::now() + Duration::from_secs(30);
-            while matches!(virt_ext::block_job_info(dom, &volume.target), Ok(Some(_))) {
-                if Instant::now() > until {
-                    return Err("the leftover block job does not end".to_string());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == "delete-mid-merge") {
-            // Start the job, then die before it is finished or pivoted.
-            let _ = virt_ext::block_commit(dom, &volume.target, base, top, active);
-            crash_point("delete-mid-merge");
-        }
+        abort_leftover_job(dom, &volume.target)?;
         let mut report = |cur: u64, end: u64| {
             if let Some(percent) = cur.saturating_mul(100).checked_div(end) {
                 ctx.progress(

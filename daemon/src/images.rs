@@ -1,0 +1,165 @@
+//! The image forest: which image backs which, who uses each, across every VM on the host.
+//!
+//! After a restore the history of a disk branches: a snapshot's image can back the VM's new
+//! overlay, an older branch (kept by a safety snapshot), and a new VM made from it. Deleting a
+//! snapshot only releases its claim on its image; whether the image's space can be reclaimed,
+//! and how, depends on what else still uses it, which this module works out from the real
+//! backing chains (qemu-img) and the domain definitions (libvirt).
+
+use std::collections::{BTreeSet, HashMap};
+
+use tracing::debug;
+use virt::connect::Connect;
+use vmsnap_api::SnapshotPhase;
+
+use crate::disks::SysfsLvmProbe;
+use crate::domain::{self, parse_domain};
+use crate::qemu_img;
+use crate::store::SnapshotRecord;
+
+/// A disk of a domain and its top image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskTop {
+    pub domain_uuid: String,
+    pub target: String,
+    pub path: String,
+    pub running: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Forest {
+    /// image -> its backing image
+    parent: HashMap<String, String>,
+    format: HashMap<String, String>,
+    pub tops: Vec<DiskTop>,
+    /// Every image seen.
+    images: BTreeSet<String>,
+}
+
+const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
+
+impl Forest {
+    /// Reads every file disk of every domain, and the images the records name.
+    pub fn scan(conn: &Connect, records: &[SnapshotRecord]) -> Result<Forest, String> {
+        let mut forest = Forest::default();
+        let domains = conn
+            .list_all_domains(0)
+            .map_err(|e| format!("cannot list domains: {}", e.message()))?;
+        for dom in domains {
+            let running = dom.is_active().unwrap_or(false);
+            let flags = if running { 0 } else { VIR_DOMAIN_XML_INACTIVE };
+            let (Ok(xml), Ok(uuid)) = (dom.xml_desc(flags), dom.uuid_string()) else {
+                continue;
+            };
+            let Ok(vm) = parse_domain(&xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe) else {
+                continue;
+            };
+            for disk in vm.disks.iter().filter(|d| d.backend == "qcow2") {
+                let Ok((path, _)) = domain::disk_source(&xml, &disk.target) else {
+                    continue;
+                };
+                forest.add_chain(&path);
+                forest.tops.push(DiskTop {
+                    domain_uuid: uuid.clone(),
+                    target: disk.target.clone(),
+                    path,
+                    running,
+                });
+            }
+        }
+        for record in records {
+            for volume in &record.volumes {
+                if std::path::Path::new(&volume.image).exists() {
+                    forest.add_chain(&volume.image);
+                }
+            }
+        }
+        Ok(forest)
+    }
+
+    fn add_chain(&mut self, top: &str) {
+        if self.images.contains(top) {
+            return;
+        }
+        match qemu_img::backing_chain(top) {
+            Ok(chain) => {
+                for pair in chain.windows(2) {
+                    self.parent
+                        .insert(pair[0].path.clone(), pair[1].path.clone());
+                }
+                for image in chain {
+                    self.format.insert(image.path.clone(), image.format);
+                    self.images.insert(image.path);
+                }
+            }
+            Err(e) => debug!(%top, error = %e, "cannot read a backing chain"),
+        }
+    }
+
+    pub fn contains(&self, image: &str) -> bool {
+        self.images.contains(image)
+    }
+
+    pub fn parent(&self, image: &str) -> Option<&str> {
+        self.parent.get(image).map(String::as_str)
+    }
+
+    pub fn format(&self, image: &str) -> &str {
+        self.format.get(image).map_or("qcow2", String::as_str)
+    }
+
+    pub fn children(&self, image: &str) -> Vec<String> {
+        self.parent
+            .iter()
+            .filter(|(_, p)| p.as_str() == image)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Whether any domain's disk chain includes `image`.
+    pub fn in_any_chain(&self, image: &str) -> bool {
+        self.tops.iter().any(|t| {
+            let mut cur = Some(t.path.as_str());
+            while let Some(p) = cur {
+                if p == image {
+                    return true;
+                }
+                cur = self.parent(p);
+            }
+            false
+        })
+    }
+
+    /// Running domains whose chain includes `image`.
+    pub fn running_users(&self, image: &str) -> Vec<&DiskTop> {
+        self.tops
+            .iter()
+            .filter(|t| t.running)
+            .filter(|t| {
+                let mut cur = Some(t.path.as_str());
+                while let Some(p) = cur {
+                    if p == image {
+                        return true;
+                    }
+                    cur = self.parent(p);
+                }
+                false
+            })
+            .collect()
+    }
+}
+
+/// Whether a snapshot or a domain's top claims `image`. Only snapshots that hold data claim
+/// their images: a Failed one (never taken, or already partly merged away) does not.
+pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> bool {
+    records
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.phase,
+                SnapshotPhase::Succeeded | SnapshotPhase::InProgress
+            )
+        })
+        .any(|r| r.volumes.iter().any(|v| v.image == image))
+        || forest.tops.iter().any(|t| t.path == image)
+}
