@@ -123,7 +123,7 @@ impl From<String> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(restore::hoist_global_options(std::env::args_os().collect()));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -256,5 +256,132 @@ mod tests {
             cli.command,
             Command::Snapshot(SnapshotCommand::Delete { no_wait: true, .. })
         ));
+    }
+
+    /// Parses as `main` does, global options after `restore` included.
+    fn parse(argv: &[&str]) -> Result<Cli, clap::Error> {
+        let args = argv.iter().map(std::ffi::OsString::from).collect();
+        Cli::try_parse_from(restore::hoist_global_options(args))
+    }
+
+    fn parse_restore(argv: &[&str]) -> restore::RestoreArgs {
+        let cli = parse(argv).expect("parses");
+        let Command::Restore(args) = cli.command else {
+            panic!("not restore: {cli:?}");
+        };
+        args
+    }
+
+    #[test]
+    fn restore_list_parses() {
+        for argv in [
+            &["vmsnapctl", "restore", "list"][..],
+            &["vmsnapctl", "-o", "json", "restore", "list"],
+            &["vmsnapctl", "restore", "list", "-o", "json"],
+            &["vmsnapctl", "restore", "-o", "json", "list"],
+            &["vmsnapctl", "restore", "--output=json", "list"],
+        ] {
+            let args = parse_restore(argv);
+            assert!(
+                matches!(args.command, Some(restore::RestoreCommand::List)),
+                "{argv:?}: {args:?}"
+            );
+        }
+        let cli = parse(&["vmsnapctl", "restore", "-o", "json", "list"]).expect("parses");
+        assert_eq!(cli.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn restore_show_parses() {
+        let args = parse_restore(&["vmsnapctl", "restore", "show", "7e3f1c2a"]);
+        let Some(restore::RestoreCommand::Show { restore }) = args.command else {
+            panic!("not restore show: {args:?}");
+        };
+        assert_eq!(restore, "7e3f1c2a");
+        assert!(parse(&["vmsnapctl", "restore", "show"]).is_err());
+        assert!(parse(&["vmsnapctl", "restore", "show", "a", "b"]).is_err());
+        assert!(parse(&["vmsnapctl", "restore", "show", "7e3f", "--stop"]).is_err());
+        assert!(parse(&["vmsnapctl", "restore", "list", "extra"]).is_err());
+    }
+
+    #[test]
+    fn restore_vm_snapshot_parses_its_flags() {
+        let args = parse_restore(&["vmsnapctl", "restore", "vm1", "snap1", "--stop", "--start"]);
+        assert!(args.command.is_none());
+        let create = args.create;
+        assert_eq!(create.vm.as_deref(), Some("vm1"));
+        assert_eq!(create.snapshot.as_deref(), Some("snap1"));
+        assert_eq!(create.target, None);
+        assert!(create.stop);
+        assert!(create.start);
+        assert!(!create.no_safety_snapshot);
+        assert!(!create.no_wait);
+
+        let args = parse_restore(&[
+            "vmsnapctl",
+            "restore",
+            "--target",
+            "vm1-copy",
+            "vm1",
+            "snap1",
+            "--no-safety-snapshot",
+            "--no-wait",
+        ]);
+        let create = args.create;
+        assert_eq!(create.target.as_deref(), Some("vm1-copy"));
+        assert!(create.no_safety_snapshot);
+        assert!(create.no_wait);
+        assert!(!create.stop);
+        assert!(!create.start);
+    }
+
+    #[test]
+    fn restore_defaults() {
+        let create = parse_restore(&["vmsnapctl", "restore", "vm1", "snap1"]).create;
+        assert_eq!(create.target, None);
+        assert!(!create.stop && !create.start && !create.no_safety_snapshot && !create.no_wait);
+    }
+
+    #[test]
+    fn restore_subcommand_names_as_vm_or_snapshot_names() {
+        // A VM named list or show: after --.
+        let args = parse_restore(&["vmsnapctl", "restore", "--", "list", "snap1"]);
+        assert!(args.command.is_none());
+        assert_eq!(args.create.vm.as_deref(), Some("list"));
+        assert_eq!(args.create.snapshot.as_deref(), Some("snap1"));
+        // After the VM, list and show are plain snapshot names.
+        let args = parse_restore(&["vmsnapctl", "restore", "vm1", "show"]);
+        assert!(args.command.is_none());
+        assert_eq!(args.create.snapshot.as_deref(), Some("show"));
+        // After a restore flag, too.
+        let args = parse_restore(&["vmsnapctl", "restore", "--stop", "list", "snap1"]);
+        assert!(args.command.is_none());
+        assert_eq!(args.create.vm.as_deref(), Some("list"));
+        // help is no subcommand of restore: a VM may be called so.
+        let args = parse_restore(&["vmsnapctl", "restore", "help", "snap1"]);
+        assert_eq!(args.create.vm.as_deref(), Some("help"));
+    }
+
+    #[test]
+    fn restore_refuses_bad_command_lines() {
+        for argv in [
+            &["vmsnapctl", "restore"][..],
+            &["vmsnapctl", "restore", "vm1"],
+            &["vmsnapctl", "restore", "vm1", "snap1", "extra"],
+            &["vmsnapctl", "restore", "vm1", "snap1", "--target", ""],
+            &["vmsnapctl", "restore", "vm1", "snap1", "--target"],
+            &[
+                "vmsnapctl",
+                "restore",
+                "vm1",
+                "snap1",
+                "--target",
+                "x",
+                "--stop",
+            ],
+            &["vmsnapctl", "restore", "--stop", "list"],
+        ] {
+            assert!(parse(argv).is_err(), "{argv:?} parsed");
+        }
     }
 }

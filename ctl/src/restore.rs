@@ -5,8 +5,13 @@
 //! words as arguments (`args_conflicts_with_subcommands`); `subcommand_negates_reqs` keeps VM and
 //! SNAPSHOT required only when no subcommand is given. A VM named `list` or `show` is restored
 //! with `restore -- list SNAPSHOT`.
+//!
+//! Since any option, a global one included, makes clap read what follows as the arguments of a
+//! restore, [`hoist_global_options`] first moves global options given right after `restore`
+//! (`restore -o json list`) in front of it, where they mean the same.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Subcommand};
@@ -119,6 +124,52 @@ pub struct CreateArgs {
     /// InProgress) and exit 0. Follow it with `restore show`.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+/// How many words starting at `args[i]` make up one of vmsnapctl's global options (`-o json`,
+/// `-ojson`, `--output json`, `--output=json`, and the same for `--bus-address`), if one starts
+/// there.
+fn global_option_len(args: &[OsString], i: usize) -> Option<usize> {
+    let word = args.get(i)?.to_str()?;
+    let has_value = i + 1 < args.len();
+    for long in ["--output", "--bus-address"] {
+        if word == long {
+            return has_value.then_some(2);
+        }
+        if word
+            .strip_prefix(long)
+            .is_some_and(|rest| rest.starts_with('='))
+        {
+            return Some(1);
+        }
+    }
+    if word == "-o" {
+        return has_value.then_some(2);
+    }
+    word.strip_prefix("-o")
+        .is_some_and(|rest| !rest.is_empty())
+        .then_some(1)
+}
+
+/// Moves the global options that directly follow the `restore` command word in front of it, so
+/// that `vmsnapctl restore -o json list` is `restore list`, as `vmsnapctl -o json restore list`
+/// is. Global options mean the same wherever they stand; everything else is left as it is.
+pub fn hoist_global_options(mut args: Vec<OsString>) -> Vec<OsString> {
+    let mut command = 1;
+    while let Some(len) = global_option_len(&args, command) {
+        command += len;
+    }
+    if args.get(command).and_then(|word| word.to_str()) != Some("restore") {
+        return args;
+    }
+    let mut end = command + 1;
+    while let Some(len) = global_option_len(&args, end) {
+        end += len;
+    }
+    if let Some(words) = args.get_mut(command..end) {
+        words.rotate_left(1);
+    }
+    args
 }
 
 pub async fn run(bus: &Bus, args: RestoreArgs, format: OutputFormat) -> Result<(), Failure> {
@@ -355,6 +406,73 @@ mod tests {
             start: false,
             no_safety_snapshot: false,
             no_wait: false,
+        }
+    }
+
+    fn hoisted(argv: &[&str]) -> Vec<String> {
+        let args = argv.iter().map(OsString::from).collect();
+        hoist_global_options(args)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn global_options_after_restore_move_in_front_of_it() {
+        assert_eq!(
+            hoisted(&["vmsnapctl", "restore", "-o", "json", "list"]),
+            ["vmsnapctl", "-o", "json", "restore", "list"]
+        );
+        assert_eq!(
+            hoisted(&[
+                "vmsnapctl",
+                "--bus-address",
+                "unix:path=/b",
+                "restore",
+                "--output=json",
+                "-ojson",
+                "--bus-address",
+                "unix:path=/c",
+                "show",
+                "7e3f"
+            ]),
+            [
+                "vmsnapctl",
+                "--bus-address",
+                "unix:path=/b",
+                "--output=json",
+                "-ojson",
+                "--bus-address",
+                "unix:path=/c",
+                "restore",
+                "show",
+                "7e3f"
+            ]
+        );
+    }
+
+    #[test]
+    fn everything_else_stays_where_it_is() {
+        for argv in [
+            &["vmsnapctl", "restore", "list"][..],
+            &["vmsnapctl", "restore", "web", "snap", "-o", "json"],
+            &[
+                "vmsnapctl",
+                "restore",
+                "--stop",
+                "-o",
+                "json",
+                "web",
+                "snap",
+            ],
+            &["vmsnapctl", "restore", "-o"],
+            &["vmsnapctl", "-o", "json", "snapshot", "-o", "json", "list"],
+            &["vmsnapctl", "--help", "restore", "-o", "json"],
+            &["vmsnapctl", "restore", "--", "-o", "json"],
+            &["vmsnapctl"],
+            &[],
+        ] {
+            assert_eq!(hoisted(argv), argv, "{argv:?}");
         }
     }
 

@@ -234,6 +234,45 @@ pub fn set_disk_source(
     Ok(out)
 }
 
+/// The definition of a new VM made from `xml`: another name, no UUID and no MAC addresses
+/// (libvirt generates new ones), and its own NVRAM file if it has one.
+pub fn for_new_vm(xml: &str, name: &str, nvram: Option<&str>) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let domain = doc.root_element();
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for child in domain.children().filter(|c| c.is_element()) {
+        if child.has_tag_name("name") {
+            edits.push((child.range(), format!("<name>{}</name>", escape_attr(name))));
+        } else if child.has_tag_name("uuid") {
+            edits.push((child.range(), String::new()));
+        }
+    }
+    for mac in doc.descendants().filter(|n| {
+        n.has_tag_name("mac") && n.parent().is_some_and(|p| p.has_tag_name("interface"))
+    }) {
+        edits.push((mac.range(), String::new()));
+    }
+    if let Some(path) = nvram {
+        if let Some(node) = doc
+            .descendants()
+            .find(|n| n.has_tag_name("nvram") && n.parent().is_some_and(|p| p.has_tag_name("os")))
+        {
+            let mut tag = String::from("<nvram");
+            for attr in node.attributes().filter(|a| a.name() != "template") {
+                tag.push_str(&format!(" {}='{}'", attr.name(), escape_attr(attr.value())));
+            }
+            tag.push_str(&format!(">{}</nvram>", escape_attr(path)));
+            edits.push((node.range(), tag));
+        }
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for (range, text) in edits {
+        out.replace_range(range, &text);
+    }
+    Ok(out)
+}
+
 fn escape_attr(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -286,6 +325,20 @@ mod xml_edit_tests {
         );
         assert!(!out.contains("backingStore"));
         assert!(set_disk_source(XML, "vdz", "/x", "raw").is_err());
+    }
+
+    #[test]
+    fn new_vm_definition_has_new_name_no_uuid_no_macs_and_own_nvram() {
+        let xml = XML.replace(
+            "</devices>",
+            "<interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/></interface></devices>",
+        );
+        let out = for_new_vm(&xml, "clone", Some("/n/clone_VARS.fd")).expect("edits");
+        assert!(out.contains("<name>clone</name>"));
+        assert!(!out.contains("<uuid>"));
+        assert!(!out.contains("52:54:00:12:34:56"));
+        assert!(out.contains("<nvram>/n/clone_VARS.fd</nvram>"));
+        assert!(roxmltree::Document::parse(&out).is_ok());
     }
 
     #[test]

@@ -12,9 +12,10 @@ use vmsnap_api::{validate_snapshot_name, ExcludedVolume, SnapshotPhase};
 
 use crate::domain::VmInfo;
 use crate::libvirt::LibvirtEvent;
+use crate::restore;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{self, OpContext, OpEvent};
-use crate::store::{SnapshotRecord, Step, RECORD_VERSION};
+use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
 
 /// Errors the engine answers requests with. The bus layer maps each to a named D-Bus error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +38,31 @@ pub enum EngineError {
     InvalidState(String),
     #[error("vmsnapd is shutting down")]
     ShuttingDown,
+    #[error("VM '{0}' is running; stop it first, or ask the restore to stop it")]
+    VmRunning(String),
+    #[error("a VM named '{0}' already exists")]
+    VmExists(String),
+}
+
+/// Options of a restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// A new VM's name; empty restores in place.
+    pub target: String,
+    pub stop_target: bool,
+    pub start: bool,
+    pub safety_snapshot: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            target: String::new(),
+            stop_target: false,
+            start: false,
+            safety_snapshot: true,
+        }
+    }
 }
 
 /// Options of a new snapshot.
@@ -78,6 +104,15 @@ pub enum Request {
         name: String,
         reply: oneshot::Sender<Result<String, EngineError>>,
     },
+    /// Starts a restore; answers with its UUID once it is recorded.
+    Restore {
+        vm: String,
+        snapshot: String,
+        options: RestoreOptions,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    /// Restore UUIDs, oldest first.
+    ListRestores { reply: oneshot::Sender<Vec<String>> },
 }
 
 /// What the bus layer must reflect.
@@ -91,6 +126,9 @@ pub enum Change {
     SnapshotUpdated(Box<SnapshotRecord>),
     SnapshotProgress { uuid: String, text: String },
     SnapshotRemoved { uuid: String },
+    RestoreAdded(Box<RestoreRecord>),
+    RestoreUpdated(Box<RestoreRecord>),
+    RestoreProgress { uuid: String, text: String },
 }
 
 /// Whether the engine has heard from libvirt at least once (connected with an inventory, or
@@ -107,12 +145,31 @@ pub struct Engine {
     /// VMs with an operation running (by VM UUID), and what it is. One operation per VM at a
     /// time: a second request gets Busy rather than queueing behind a long merge.
     busy: HashMap<String, String>,
+    /// Restore records by restore UUID.
+    restores: BTreeMap<String, RestoreRecord>,
     /// Settings for operations; None in tests that run no operation.
     ops: Option<OpContext>,
     shutting_down: bool,
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
     settle_pending: bool,
+}
+
+/// A new VM's name: what libvirt accepts in practice, without path separators.
+fn validate_vm_name(name: &str) -> Result<(), EngineError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidArgument(format!(
+            "invalid VM name {name:?}: use A-Z a-z 0-9 . _ - +, not starting with '-'"
+        )))
+    }
 }
 
 impl Engine {
@@ -125,6 +182,7 @@ impl Engine {
                 changes,
                 settled,
                 snapshots: BTreeMap::new(),
+                restores: BTreeMap::new(),
                 busy: HashMap::new(),
                 ops: None,
                 shutting_down: false,
@@ -144,6 +202,14 @@ impl Engine {
         for record in records {
             self.emit(Change::SnapshotAdded(Box::new(record.clone())));
             self.snapshots.insert(record.uuid.clone(), record);
+        }
+        let (restores, problems) = ops.store.load_restores();
+        for problem in problems {
+            warn!("skipping an unreadable restore record: {problem}");
+        }
+        for record in restores {
+            self.emit(Change::RestoreAdded(Box::new(record.clone())));
+            self.restores.insert(record.uuid.clone(), record);
         }
         self.ops = Some(ops);
         self
@@ -195,6 +261,20 @@ impl Engine {
                 self.snapshots.remove(&uuid);
                 self.emit(Change::SnapshotRemoved { uuid });
             }
+            OpEvent::RestoreProgress { uuid, text } => {
+                self.emit(Change::RestoreProgress { uuid, text })
+            }
+            OpEvent::RestoreSaved(record) => {
+                let known = self
+                    .restores
+                    .insert(record.uuid.clone(), (*record).clone())
+                    .is_some();
+                self.emit(if known {
+                    Change::RestoreUpdated(record)
+                } else {
+                    Change::RestoreAdded(record)
+                });
+            }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
             }
@@ -242,7 +322,122 @@ impl Engine {
                     });
                 let _ = reply.send(found);
             }
+            Request::Restore {
+                vm,
+                snapshot,
+                options,
+                reply,
+            } => {
+                let _ = reply.send(self.start_restore(&vm, &snapshot, options));
+            }
+            Request::ListRestores { reply } => {
+                let mut list: Vec<&RestoreRecord> = self.restores.values().collect();
+                list.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
+                let _ = reply.send(list.into_iter().map(|r| r.uuid.clone()).collect());
+            }
         }
+    }
+
+    fn start_restore(
+        &mut self,
+        vm_key: &str,
+        snapshot_name: &str,
+        options: RestoreOptions,
+    ) -> Result<String, EngineError> {
+        let vm = self.find_vm(vm_key)?.clone();
+        let snapshot = self
+            .snapshots
+            .values()
+            .find(|s| s.vm_uuid == vm.uuid && s.name == snapshot_name)
+            .cloned()
+            .ok_or_else(|| EngineError::SnapshotNotFound {
+                vm: vm_key.to_string(),
+                name: snapshot_name.to_string(),
+            })?;
+        if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
+            return Err(EngineError::InvalidState(format!(
+                "snapshot '{}' is {}; only a Succeeded snapshot can be restored",
+                snapshot.name,
+                snapshot.phase.as_str()
+            )));
+        }
+        if let Some(missing) = snapshot
+            .volumes
+            .iter()
+            .find(|v| !std::path::Path::new(&v.image).exists())
+        {
+            return Err(EngineError::InvalidState(format!(
+                "snapshot '{}' cannot be restored: its image {} of disk {} is missing",
+                snapshot.name, missing.image, missing.target
+            )));
+        }
+        let new_vm = !options.target.is_empty();
+        if new_vm {
+            if self.vms.values().any(|v| v.name == options.target) {
+                return Err(EngineError::VmExists(options.target.clone()));
+            }
+            validate_vm_name(&options.target)?;
+        } else {
+            let running = !matches!(vm.state, vmsnap_api::VmState::ShutOff);
+            if running && !options.stop_target {
+                return Err(EngineError::VmRunning(vm.name.clone()));
+            }
+        }
+        self.check_idle(&vm)?;
+        if !self.connected {
+            return Err(EngineError::InvalidState(
+                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
+            ));
+        }
+        let ops = self.ops()?.clone();
+        let record = RestoreRecord {
+            version: RECORD_VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            vm_name: vm.name.clone(),
+            vm_uuid: vm.uuid.clone(),
+            snapshot_name: snapshot.name.clone(),
+            snapshot_uuid: snapshot.uuid.clone(),
+            target_name: if new_vm {
+                options.target.clone()
+            } else {
+                vm.name.clone()
+            },
+            target_uuid: if new_vm {
+                String::new()
+            } else {
+                vm.uuid.clone()
+            },
+            new_vm,
+            stop_target: options.stop_target,
+            start: options.start,
+            take_safety_snapshot: options.safety_snapshot && !new_vm,
+            phase: vmsnap_api::RestorePhase::InProgress,
+            complete: false,
+            creation_time: snapshot::now_rfc3339(),
+            restore_time: String::new(),
+            restores: Vec::new(),
+            detached: Vec::new(),
+            not_restored: Vec::new(),
+            safety_snapshot: String::new(),
+            error: String::new(),
+            step: RestoreStep::Planned,
+        };
+        ops.store.save_restore(&record).map_err(|e| {
+            EngineError::InvalidState(format!("cannot write the restore record: {e}"))
+        })?;
+        info!(vm = %vm.name, snapshot = %snapshot.name, target = %record.target_name, "restoring");
+        self.busy.insert(
+            vm.uuid.clone(),
+            format!("it is being restored to snapshot '{}'", snapshot.name),
+        );
+        self.restores.insert(record.uuid.clone(), record.clone());
+        self.emit(Change::RestoreAdded(Box::new(record.clone())));
+        let uuid = record.uuid.clone();
+        let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
+        ops.spawn(vm.uuid, move |ctx| {
+            restore::restore(ctx, record, snapshot, records)
+        });
+        Ok(uuid)
     }
 
     fn ops(&self) -> Result<&OpContext, EngineError> {
@@ -335,7 +530,9 @@ impl Engine {
         self.snapshots.insert(uuid.clone(), record.clone());
         self.emit(Change::SnapshotAdded(Box::new(record.clone())));
         let allow = options.allow_excluded;
-        ops.spawn(vm.uuid, move |ctx| snapshot::create(ctx, record, allow));
+        ops.spawn(vm.uuid, move |ctx| {
+            snapshot::create(ctx, record, allow);
+        });
         Ok(uuid)
     }
 
@@ -420,6 +617,25 @@ impl Engine {
             .filter(|s| matches!(s.phase, SnapshotPhase::InProgress | SnapshotPhase::Deleting))
             .cloned()
             .collect();
+        let unfinished_restores: Vec<RestoreRecord> = self
+            .restores
+            .values()
+            .filter(|r| r.phase == vmsnap_api::RestorePhase::InProgress)
+            .cloned()
+            .collect();
+        for record in unfinished_restores {
+            if self.busy.contains_key(&record.vm_uuid) {
+                continue;
+            }
+            let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
+            self.busy.insert(
+                record.vm_uuid.clone(),
+                "an interrupted restore is being settled".to_string(),
+            );
+            let vm_uuid = record.vm_uuid.clone();
+            ops.clone()
+                .spawn(vm_uuid, move |ctx| restore::recover(ctx, record, records));
+        }
         for record in unfinished {
             if self.busy.contains_key(&record.vm_uuid) {
                 continue;

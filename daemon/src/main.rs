@@ -10,6 +10,7 @@ mod engine;
 mod images;
 mod libvirt;
 mod qemu_img;
+mod restore;
 mod shutdown;
 mod snapshot;
 mod store;

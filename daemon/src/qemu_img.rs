@@ -1,5 +1,6 @@
 //! The few qemu-img operations offline work needs, run without a shell.
 
+use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
@@ -62,30 +63,28 @@ pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result
     run(&["rebase", "-u", "-b", backing, "-F", backing_format, image]).map(|_| ())
 }
 
+/// Creates a qcow2 overlay of `backing`.
+pub fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
+    if Path::new(overlay).exists() {
+        return Err(format!("{overlay} already exists"));
+    }
+    run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_format,
+        overlay,
+    ])
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-
-    /// Creates a qcow2 overlay of `backing`.
-    fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-        if Path::new(overlay).exists() {
-            return Err(format!("{overlay} already exists"));
-        }
-        run(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            backing,
-            "-F",
-            backing_format,
-            overlay,
-        ])
-        .map(|_| ())
-    }
 
     fn write_pattern(image: &str, offset: u64, byte: u8) {
         let status = Command::new("qemu-io")

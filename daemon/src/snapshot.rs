@@ -33,6 +33,12 @@ pub enum OpEvent {
         uuid: String,
         text: String,
     },
+    RestoreProgress {
+        uuid: String,
+        text: String,
+    },
+    /// A restore record was saved.
+    RestoreSaved(Box<crate::store::RestoreRecord>),
     /// A record was saved; the engine's copy must follow.
     Saved(Box<SnapshotRecord>),
     /// A record was removed (the snapshot is deleted).
@@ -56,8 +62,8 @@ pub struct OpContext {
     pub events: UnboundedSender<OpEvent>,
 }
 
-const VIR_DOMAIN_XML_SECURE: u32 = 1;
-const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
+pub(crate) const VIR_DOMAIN_XML_SECURE: u32 = 1;
+pub(crate) const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 const SNAPSHOT_FLAGS: u32 = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
     | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
     | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
@@ -107,16 +113,16 @@ impl OpContext {
     }
 }
 
-fn connect(uri: &str) -> Result<Connect, String> {
+pub(crate) fn connect(uri: &str) -> Result<Connect, String> {
     Connect::open(Some(uri)).map_err(|e| format!("cannot connect to libvirt: {}", e.message()))
 }
 
-fn lookup(conn: &Connect, uuid: &str) -> Result<Domain, String> {
+pub(crate) fn lookup(conn: &Connect, uuid: &str) -> Result<Domain, String> {
     conn.lookup_domain_by_uuid_string(uuid)
         .map_err(|e| format!("VM {uuid}: {}", e.message()))
 }
 
-fn is_active(dom: &Domain) -> Result<bool, String> {
+pub(crate) fn is_active(dom: &Domain) -> Result<bool, String> {
     dom.is_active().map_err(|e| e.message().to_string())
 }
 
@@ -139,19 +145,18 @@ pub fn now_rfc3339() -> String {
 // Create
 
 /// Takes the snapshot `record` describes (phase InProgress, step Planned, no volumes yet).
-pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool) {
+/// Returns the record as it ended.
+pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool) -> SnapshotRecord {
     let deadline = Instant::now() + ctx.failure_deadline;
-    match create_steps(ctx, &mut record, allow_excluded, deadline) {
-        Ok(()) => {}
-        Err(error) => {
-            warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
-            record.phase = SnapshotPhase::Failed;
-            record.ready_to_use = false;
-            record.error = error;
-            record.step = Step::Done;
-            let _ = ctx.save(&record);
-        }
+    if let Err(error) = create_steps(ctx, &mut record, allow_excluded, deadline) {
+        warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
+        record.phase = SnapshotPhase::Failed;
+        record.ready_to_use = false;
+        record.error = error;
+        record.step = Step::Done;
+        let _ = ctx.save(&record);
     }
+    record
 }
 
 fn create_steps(
@@ -368,7 +373,7 @@ fn create_steps(
 
 /// Fault injection for the crash-safety tests: when VMSNAP_TEST_CRASH_AT names this point, the
 /// daemon dies on the spot, as a SIGKILL or power cut would leave it.
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == name) {
         warn!(point = name, "VMSNAP_TEST_CRASH_AT: aborting");
         std::process::abort();

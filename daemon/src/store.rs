@@ -139,24 +139,8 @@ impl Store {
         let dir = path
             .parent()
             .ok_or_else(|| std::io::Error::other("record path has no directory"))?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
         let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-        let tmp = dir.join(format!(".{}.json.tmp", record.uuid));
-        {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-        }
-        fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()
+        write_atomically(dir, &format!("{}.json", record.uuid), &text)
     }
 
     /// Removes a record and its state copies.
@@ -293,4 +277,109 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("broken.json"));
     }
+}
+
+/// A restore: KubeVirt's VirtualMachineRestore status, and its journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreRecord {
+    pub version: u32,
+    pub uuid: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    pub snapshot_name: String,
+    pub snapshot_uuid: String,
+    /// The VM restored: the same one in place, or the new one.
+    pub target_name: String,
+    /// Empty until a new VM is defined.
+    pub target_uuid: String,
+    pub new_vm: bool,
+    pub stop_target: bool,
+    pub start: bool,
+    pub take_safety_snapshot: bool,
+    pub phase: vmsnap_api::RestorePhase,
+    pub complete: bool,
+    pub creation_time: String,
+    pub restore_time: String,
+    pub restores: Vec<vmsnap_api::VolumeRestore>,
+    pub detached: Vec<vmsnap_api::DetachedDisk>,
+    pub not_restored: Vec<ExcludedVolume>,
+    pub safety_snapshot: String,
+    pub error: String,
+    pub step: RestoreStep,
+}
+
+/// Restore journal steps, each written before the action it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "step")]
+pub enum RestoreStep {
+    /// Nothing changed yet (a safety snapshot, if any, is a snapshot of its own).
+    Planned,
+    /// New overlays being created and the definition replaced; `previous_xml` is the VM's
+    /// definition before (empty for a new VM), to put back if this does not finish.
+    #[serde(rename_all = "camelCase")]
+    Applying {
+        previous_xml: String,
+    },
+    Done,
+}
+
+impl Store {
+    fn restores_dir(&self) -> PathBuf {
+        self.root
+            .parent()
+            .map(|p| p.join("restores"))
+            .unwrap_or_else(|| self.root.join("../restores"))
+    }
+
+    pub fn save_restore(&self, record: &RestoreRecord) -> std::io::Result<()> {
+        let dir = self.restores_dir();
+        let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+        write_atomically(&dir, &format!("{}.json", record.uuid), &text)
+    }
+
+    pub fn load_restores(&self) -> (Vec<RestoreRecord>, Vec<String>) {
+        let mut records = Vec::new();
+        let mut problems = Vec::new();
+        let Ok(files) = fs::read_dir(self.restores_dir()) else {
+            return (records, problems);
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            if path.extension().is_none_or(|e| e != "json")
+                || file.file_name().to_string_lossy().starts_with('.')
+            {
+                continue;
+            }
+            match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<RestoreRecord>(&b).map_err(|e| e.to_string())
+            }) {
+                Ok(r) => records.push(r),
+                Err(e) => problems.push(format!("{}: {e}", path.display())),
+            }
+        }
+        records.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
+        (records, problems)
+    }
+}
+
+/// Writes `name` in `dir` atomically: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
 }

@@ -1,12 +1,12 @@
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
-use vmsnap_api::{snapshot_path, vm_path, VmSnapError};
+use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError};
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
 use super::ask;
-use crate::engine::{CreateOptions, Request};
+use crate::engine::{CreateOptions, Request, RestoreOptions};
 
 /// `org.vmsnap.VmSnap1.Manager`: entry point for requests that are not about one object.
 pub struct ManagerObject {
@@ -78,6 +78,39 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
     Ok(parsed)
 }
 
+/// Reads the a{sv} options of Restore; unknown keys and wrong types are errors.
+fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOptions, VmSnapError> {
+    let mut parsed = RestoreOptions::default();
+    for (key, value) in options {
+        let wrong_type = |expected: &str| {
+            VmSnapError::InvalidArgument(format!("option {key} must be {expected}"))
+        };
+        match key.as_str() {
+            "target" => {
+                parsed.target = String::try_from(value).map_err(|_| wrong_type("a string"))?
+            }
+            "stop_target" => {
+                parsed.stop_target = bool::try_from(value).map_err(|_| wrong_type("a boolean"))?
+            }
+            "start" => parsed.start = bool::try_from(value).map_err(|_| wrong_type("a boolean"))?,
+            "safety_snapshot" => {
+                parsed.safety_snapshot =
+                    bool::try_from(value).map_err(|_| wrong_type("a boolean"))?
+            }
+            other => {
+                return Err(VmSnapError::InvalidArgument(format!(
+                    "unknown option {other:?} (known: target, stop_target, start, safety_snapshot)"
+                )))
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+fn restore_object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
+    OwnedObjectPath::try_from(restore_path(uuid)).map_err(VmSnapError::ZBus)
+}
+
 #[interface(name = "org.vmsnap.VmSnap1.Manager")]
 impl ManagerObject {
     /// Object path of the VM with this name or UUID.
@@ -135,6 +168,32 @@ impl ManagerObject {
         })
         .await??;
         snapshot_object_path(&uuid)
+    }
+
+    /// Restores a VM (name or UUID) to one of its snapshots; returns the restore object at
+    /// once, in phase InProgress. Options: target (s: a new VM's name; empty restores in
+    /// place), stop_target (b), start (b), safety_snapshot (b, default true).
+    async fn restore(
+        &self,
+        vm: String,
+        snapshot: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<OwnedObjectPath, VmSnapError> {
+        let options = restore_options(options)?;
+        let uuid = ask(&self.engine, |reply| Request::Restore {
+            vm,
+            snapshot,
+            options,
+            reply,
+        })
+        .await??;
+        restore_object_path(&uuid)
+    }
+
+    /// All restore objects, oldest first.
+    async fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError> {
+        let uuids = ask(&self.engine, |reply| Request::ListRestores { reply }).await?;
+        uuids.iter().map(|u| restore_object_path(u)).collect()
     }
 
     /// vmsnapd's version.

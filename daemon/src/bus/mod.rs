@@ -4,18 +4,20 @@
 //! property changes and ObjectManager signals. No decision is made here.
 
 mod manager;
+mod restore;
 mod snapshot;
 mod vm;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
-use vmsnap_api::{snapshot_path, vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
+use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
 use zbus::connection::Builder;
 use zbus::fdo::ObjectManager;
 use zbus::Connection;
 
 use crate::engine::{Change, EngineError, Request};
 pub use manager::ManagerObject;
+pub use restore::RestoreObject;
 pub use snapshot::SnapshotObject;
 pub use vm::VmObject;
 
@@ -106,6 +108,24 @@ async fn apply(
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
         }
+        Change::RestoreAdded(record) => {
+            let path = restore_path(&record.uuid);
+            server
+                .at(path.as_str(), RestoreObject::new(*record))
+                .await?;
+        }
+        Change::RestoreUpdated(record) => {
+            let path = restore_path(&record.uuid);
+            let iface = server.interface::<_, RestoreObject>(path.as_str()).await?;
+            let emitter = iface.signal_emitter().clone();
+            iface.get_mut().await.update(*record, &emitter).await?;
+        }
+        Change::RestoreProgress { uuid, text } => {
+            let path = restore_path(&uuid);
+            let iface = server.interface::<_, RestoreObject>(path.as_str()).await?;
+            let emitter = iface.signal_emitter().clone();
+            iface.get_mut().await.set_progress(text, &emitter).await?;
+        }
         Change::SnapshotRemoved { uuid } => {
             server
                 .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
@@ -139,7 +159,10 @@ impl From<EngineError> for VmSnapError {
             }
             EngineError::InvalidArgument(_) => VmSnapError::InvalidArgument(message),
             EngineError::InvalidName(_) => VmSnapError::InvalidName(message),
-            EngineError::AlreadyExists { .. } => VmSnapError::AlreadyExists(message),
+            EngineError::AlreadyExists { .. } | EngineError::VmExists(_) => {
+                VmSnapError::AlreadyExists(message)
+            }
+            EngineError::VmRunning(_) => VmSnapError::VmRunning(message),
             EngineError::ExcludedDisks(_) => VmSnapError::ExcludedDisks(message),
             EngineError::Busy { .. } => VmSnapError::Busy(message),
             EngineError::InvalidState(_) => VmSnapError::InvalidState(message),

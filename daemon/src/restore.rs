@@ -1,0 +1,487 @@
+//! Restore: a VM back to one of its snapshots, in place or as a new VM. Runs on an operation
+//! thread like the snapshot operations, with the restore record as its journal.
+//!
+//! The snapshot's images are never written: the restored VM gets a fresh qcow2 overlay on each
+//! (so the cost does not grow with the disk size), and the snapshot stays restorable and
+//! deletable. In place, the definition comes back from the content record (same name and
+//! UUID); disks attached since are detached (their images left alone) and listed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use vmsnap_api::{DetachedDisk, RestorePhase, SnapshotPhase, VmState, VolumeRestore};
+
+use crate::disks::SysfsLvmProbe;
+use crate::domain::{self, parse_domain};
+use crate::images::{is_owned, Forest};
+use crate::qemu_img;
+use crate::snapshot::{
+    self, connect, crash_point, is_active, lookup, now_rfc3339, OpContext, OpEvent,
+    VIR_DOMAIN_XML_INACTIVE, VIR_DOMAIN_XML_SECURE,
+};
+use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
+
+/// How long a VM gets to shut down by itself before it is forced off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Suffix of a NVRAM copy waiting to be renamed into place.
+const PENDING: &str = ".vmsnap-restore";
+
+impl OpContext {
+    fn restore_progress(&self, record: &RestoreRecord, text: impl Into<String>) {
+        let text = text.into();
+        if !text.is_empty() {
+            info!(vm = %record.vm_name, snapshot = %record.snapshot_name, "{text}");
+        }
+        let _ = self.events.send(OpEvent::RestoreProgress {
+            uuid: record.uuid.clone(),
+            text,
+        });
+    }
+
+    fn save_restore(&self, record: &RestoreRecord) -> Result<(), String> {
+        self.store
+            .save_restore(record)
+            .map_err(|e| format!("cannot write the restore record: {e}"))?;
+        let _ = self
+            .events
+            .send(OpEvent::RestoreSaved(Box::new(record.clone())));
+        Ok(())
+    }
+}
+
+/// Runs the restore `record` describes. `records` are every snapshot record (for the safety
+/// snapshot's name and for pruning images nothing claims any more).
+pub fn restore(
+    ctx: &OpContext,
+    mut record: RestoreRecord,
+    snapshot: SnapshotRecord,
+    mut records: Vec<SnapshotRecord>,
+) {
+    if let Err(error) = restore_steps(ctx, &mut record, &snapshot, &mut records) {
+        warn!(vm = %record.vm_name, snapshot = %record.snapshot_name, %error, "restore failed");
+        record.phase = RestorePhase::Failed;
+        record.error = error;
+        record.step = RestoreStep::Done;
+        let _ = ctx.save_restore(&record);
+    }
+    ctx.restore_progress(&record, "");
+}
+
+fn restore_steps(
+    ctx: &OpContext,
+    record: &mut RestoreRecord,
+    snapshot: &SnapshotRecord,
+    records: &mut Vec<SnapshotRecord>,
+) -> Result<(), String> {
+    let conn = connect(&ctx.uri)?;
+    if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
+        return Err(format!(
+            "snapshot '{}' is {}, not ready to restore",
+            snapshot.name,
+            snapshot.phase.as_str()
+        ));
+    }
+    if let Some(missing) = snapshot
+        .volumes
+        .iter()
+        .find(|v| !Path::new(&v.image).exists())
+    {
+        return Err(format!(
+            "snapshot '{}' cannot be restored: its image {} of disk {} is missing",
+            snapshot.name, missing.image, missing.target
+        ));
+    }
+
+    let mut previous_xml = String::new();
+    if !record.new_vm {
+        let dom = lookup(&conn, &record.vm_uuid)?;
+        if is_active(&dom)? {
+            if !record.stop_target {
+                return Err(format!("VM '{}' is running; stop it first", record.vm_name));
+            }
+            shut_down(ctx, record, &dom)?;
+        }
+        if record.take_safety_snapshot {
+            take_safety_snapshot(ctx, record, records)?;
+        }
+        previous_xml = dom
+            .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| e.message().to_string())?;
+    } else if conn.lookup_domain_by_name(&record.target_name).is_ok() {
+        return Err(format!(
+            "a VM named '{}' already exists",
+            record.target_name
+        ));
+    }
+
+    // Plan: one new overlay per disk, named after the target VM and this restore.
+    let short = record.uuid.get(..8).unwrap_or(&record.uuid).to_string();
+    record.restores = snapshot
+        .volumes
+        .iter()
+        .map(|v| {
+            let dir = Path::new(&v.image).parent().unwrap_or(Path::new("/"));
+            VolumeRestore {
+                target: v.target.clone(),
+                from_image: v.image.clone(),
+                to_image: dir
+                    .join(format!(
+                        "{}-{}-r{short}.qcow2",
+                        record.target_name, v.target
+                    ))
+                    .to_string_lossy()
+                    .into_owned(),
+            }
+        })
+        .collect();
+    record.not_restored = snapshot.excluded.clone();
+    record.detached = if record.new_vm {
+        Vec::new()
+    } else {
+        detached_disks(&previous_xml, &snapshot.domain_xml)?
+    };
+    record.step = RestoreStep::Applying {
+        previous_xml: previous_xml.clone(),
+    };
+    ctx.save_restore(record)?;
+
+    let applied = apply(ctx, &conn, record, snapshot);
+    if let Err(error) = applied {
+        roll_back(
+            &conn,
+            record,
+            &previous_xml,
+            &staged_nvram(record, snapshot),
+        );
+        return Err(error);
+    }
+    finish(ctx, &conn, record, records, &previous_xml)
+}
+
+/// Creates the overlays, stages the NVRAM/TPM state, and defines the VM.
+fn apply(
+    ctx: &OpContext,
+    conn: &Connect,
+    record: &mut RestoreRecord,
+    snapshot: &SnapshotRecord,
+) -> Result<(), String> {
+    ctx.restore_progress(record, "creating the new disk overlays");
+    let mut xml = snapshot.domain_xml.clone();
+    for (restore, volume) in record.restores.iter().zip(&snapshot.volumes) {
+        qemu_img::create_overlay(&restore.to_image, &volume.image, &volume.image_format)?;
+        xml = domain::set_disk_source(&xml, &restore.target, &restore.to_image, "qcow2")?;
+    }
+    let mut nvram_target = None;
+    for copy in snapshot.extra_state.iter().filter(|c| c.kind == "nvram") {
+        let target = nvram_target_path(record, &copy.source);
+        std::fs::copy(&copy.copy, format!("{target}{PENDING}"))
+            .map_err(|e| format!("cannot stage the NVRAM copy for {target}: {e}"))?;
+        nvram_target = Some(target);
+    }
+    if record.new_vm {
+        xml = domain::for_new_vm(&xml, &record.target_name, nvram_target.as_deref())?;
+    }
+    crash_point("restore-before-define");
+    ctx.restore_progress(record, "defining the VM");
+    let dom = conn
+        .define_domain_xml(&xml)
+        .map_err(|e| format!("libvirt refused the restored definition: {}", e.message()))?;
+    record.target_uuid = dom.uuid_string().map_err(|e| e.message().to_string())?;
+    crash_point("restore-after-define");
+    Ok(())
+}
+
+/// After the definition is in place: NVRAM and TPM state into place, images nothing claims any
+/// more removed, the VM started if asked.
+fn finish(
+    ctx: &OpContext,
+    conn: &Connect,
+    record: &mut RestoreRecord,
+    records: &[SnapshotRecord],
+    previous_xml: &str,
+) -> Result<(), String> {
+    let snapshot = records
+        .iter()
+        .find(|s| s.uuid == record.snapshot_uuid)
+        .cloned();
+    if let Some(snapshot) = &snapshot {
+        for copy in &snapshot.extra_state {
+            match copy.kind.as_str() {
+                "nvram" => {
+                    let target = nvram_target_path(record, &copy.source);
+                    let pending = format!("{target}{PENDING}");
+                    if Path::new(&pending).exists() {
+                        std::fs::rename(&pending, &target)
+                            .map_err(|e| format!("cannot put the NVRAM back at {target}: {e}"))?;
+                    }
+                }
+                "tpm" => {
+                    let uuid = if record.new_vm {
+                        &record.target_uuid
+                    } else {
+                        &record.vm_uuid
+                    };
+                    let target = format!("/var/lib/libvirt/swtpm/{uuid}");
+                    let _ = std::fs::remove_dir_all(&target);
+                    copy_dir(Path::new(&copy.copy), Path::new(&target))
+                        .map_err(|e| format!("cannot put the TPM state back: {e}"))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    // The images the VM used before (in place) are the old branch: keep what a snapshot
+    // claims, remove what nothing needs.
+    if !previous_xml.is_empty() {
+        let vm = parse_domain(previous_xml, VmState::Unknown, &SysfsLvmProbe)?;
+        for disk in vm.disks.iter().filter(|d| d.backend == "qcow2") {
+            if let Ok((top, _)) = domain::disk_source(previous_xml, &disk.target) {
+                prune_unclaimed(conn, records, &top)?;
+            }
+        }
+    }
+    record.phase = RestorePhase::Succeeded;
+    record.complete = true;
+    record.restore_time = now_rfc3339();
+    record.step = RestoreStep::Done;
+    ctx.save_restore(record)?;
+    info!(vm = %record.vm_name, snapshot = %record.snapshot_name, target = %record.target_name, "restored");
+    if record.start {
+        ctx.restore_progress(record, "starting the VM");
+        let started = conn
+            .lookup_domain_by_uuid_string(&record.target_uuid)
+            .and_then(|d| d.create().map(|_| ()));
+        if let Err(e) = started {
+            record.error = format!("restored, but the VM did not start: {}", e.message());
+            ctx.save_restore(record)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes `image` and then its backing images, as long as nothing claims them and nothing
+/// builds on them.
+fn prune_unclaimed(conn: &Connect, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
+    let mut current = image.to_string();
+    loop {
+        let forest = Forest::scan(conn, records)?;
+        if !Path::new(&current).exists()
+            || is_owned(&current, &forest, records)
+            || forest.in_any_chain(&current)
+            || !forest.children(&current).is_empty()
+        {
+            return Ok(());
+        }
+        let parent = forest.parent(&current).map(str::to_string);
+        std::fs::remove_file(&current).map_err(|e| format!("cannot remove {current}: {e}"))?;
+        info!(image = %current, "removed an image nothing uses any more");
+        match parent {
+            Some(p) => current = p,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Where the restored VM's NVRAM file goes: its own path in place, a new file next to it for a
+/// new VM.
+fn nvram_target_path(record: &RestoreRecord, source: &str) -> String {
+    if record.new_vm {
+        Path::new(source)
+            .with_file_name(format!("{}_VARS.fd", record.target_name))
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        source.to_string()
+    }
+}
+
+/// NVRAM copies this restore stages next to their final place.
+fn staged_nvram(record: &RestoreRecord, snapshot: &SnapshotRecord) -> Vec<String> {
+    snapshot
+        .extra_state
+        .iter()
+        .filter(|c| c.kind == "nvram")
+        .map(|c| format!("{}{PENDING}", nvram_target_path(record, &c.source)))
+        .collect()
+}
+
+/// Undoes `apply`: back to the previous definition, new overlays and staged copies removed.
+fn roll_back(conn: &Connect, record: &RestoreRecord, previous_xml: &str, staged: &[String]) {
+    if record.new_vm {
+        if let Ok(dom) = conn.lookup_domain_by_name(&record.target_name) {
+            let uses_ours = dom
+                .xml_desc(VIR_DOMAIN_XML_INACTIVE)
+                .map(|xml| record.restores.iter().any(|r| xml.contains(&r.to_image)))
+                .unwrap_or(false);
+            if uses_ours {
+                let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM);
+            }
+        }
+    } else if !previous_xml.is_empty() {
+        if let Err(e) = conn.define_domain_xml(previous_xml) {
+            warn!(error = %e.message(), "cannot put the previous definition back");
+        }
+    }
+    for restore in &record.restores {
+        let _ = std::fs::remove_file(&restore.to_image);
+    }
+    for pending in staged {
+        let _ = std::fs::remove_file(pending);
+    }
+}
+
+fn shut_down(ctx: &OpContext, record: &RestoreRecord, dom: &Domain) -> Result<(), String> {
+    ctx.restore_progress(record, "shutting the VM down");
+    let _ = dom.shutdown();
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while is_active(dom)? {
+        if Instant::now() > deadline {
+            ctx.restore_progress(record, "forcing the VM off");
+            dom.destroy()
+                .map_err(|e| format!("cannot stop the VM: {}", e.message()))?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}
+
+fn take_safety_snapshot(
+    ctx: &OpContext,
+    record: &mut RestoreRecord,
+    records: &mut Vec<SnapshotRecord>,
+) -> Result<(), String> {
+    let stamp = now_rfc3339().replace([':', '-'], "");
+    let base = format!("pre-restore-{stamp}");
+    let mut name = base.clone();
+    let mut n = 2;
+    while records
+        .iter()
+        .any(|r| r.vm_uuid == record.vm_uuid && r.name == name)
+    {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    ctx.restore_progress(record, format!("taking the safety snapshot {name}"));
+    let safety = SnapshotRecord {
+        version: RECORD_VERSION,
+        uuid: uuid::Uuid::new_v4().to_string(),
+        name: name.clone(),
+        description: format!(
+            "state before restoring snapshot '{}' (restore {})",
+            record.snapshot_name, record.uuid
+        ),
+        vm_name: record.vm_name.clone(),
+        vm_uuid: record.vm_uuid.clone(),
+        phase: SnapshotPhase::InProgress,
+        ready_to_use: false,
+        creation_time: now_rfc3339(),
+        indications: Vec::new(),
+        error: String::new(),
+        freeze_duration_ms: 0,
+        frozen_filesystems: 0,
+        step: Step::Planned,
+        domain_xml: String::new(),
+        volumes: Vec::new(),
+        excluded: Vec::new(),
+        extra_state: Vec::new(),
+    };
+    let done = snapshot::create(ctx, safety, true);
+    if done.phase != SnapshotPhase::Succeeded {
+        return Err(format!(
+            "the safety snapshot failed ({}); nothing was restored",
+            done.error
+        ));
+    }
+    records.push(done);
+    record.safety_snapshot = name;
+    ctx.save_restore(record)
+}
+
+/// Disks in `current` whose target the snapshot's definition does not have.
+fn detached_disks(current: &str, snapshot_xml: &str) -> Result<Vec<DetachedDisk>, String> {
+    let now = parse_domain(current, VmState::Unknown, &SysfsLvmProbe)?;
+    let then = parse_domain(snapshot_xml, VmState::Unknown, &SysfsLvmProbe)?;
+    Ok(now
+        .disks
+        .iter()
+        .filter(|d| !then.disks.iter().any(|t| t.target == d.target))
+        .map(|d| DetachedDisk {
+            target: d.target.clone(),
+            source: d.source.clone(),
+        })
+        .collect())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Settles a restore a previous vmsnapd left unfinished: finishes it if the new definition is
+/// in place, else puts the VM back as it was.
+pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<SnapshotRecord>) {
+    let result =
+        (|| -> Result<&'static str, String> {
+            let conn = connect(&ctx.uri)?;
+            let previous_xml =
+                match &record.step {
+                    RestoreStep::Applying { previous_xml } => previous_xml.clone(),
+                    RestoreStep::Planned => return Err(
+                        "vmsnapd stopped before the restore changed anything; the VM is as it was"
+                            .to_string(),
+                    ),
+                    RestoreStep::Done => return Ok("settled"),
+                };
+            let defined = if record.new_vm {
+                conn.lookup_domain_by_name(&record.target_name).ok()
+            } else {
+                conn.lookup_domain_by_uuid_string(&record.vm_uuid).ok()
+            };
+            let in_place = defined
+                .and_then(|d| d.xml_desc(VIR_DOMAIN_XML_INACTIVE).ok().map(|x| (d, x)))
+                .filter(|(_, xml)| {
+                    !record.restores.is_empty()
+                        && record.restores.iter().all(|r| xml.contains(&r.to_image))
+                });
+            match in_place {
+                Some((dom, _)) => {
+                    record.target_uuid = dom.uuid_string().map_err(|e| e.message().to_string())?;
+                    finish(ctx, &conn, &mut record, &records, &previous_xml)?;
+                    Ok("finished")
+                }
+                None => {
+                    let staged = records
+                        .iter()
+                        .find(|s| s.uuid == record.snapshot_uuid)
+                        .map(|s| staged_nvram(&record, s))
+                        .unwrap_or_default();
+                    roll_back(&conn, &record, &previous_xml, &staged);
+                    Err("vmsnapd stopped before the restore was complete; the VM was left as it was"
+                    .to_string())
+                }
+            }
+        })();
+    match result {
+        Ok(how) => info!(vm = %record.vm_name, "interrupted restore {how}"),
+        Err(error) => {
+            record.phase = RestorePhase::Failed;
+            record.error = error;
+            record.step = RestoreStep::Done;
+            let _ = ctx.save_restore(&record);
+        }
+    }
+}

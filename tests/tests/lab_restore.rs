@@ -1,0 +1,466 @@
+//! Restore, end to end through vmsnapctl against real guests: the data a user destroyed comes
+//! back byte for byte; the definition comes back; a restore can be undone; a snapshot can be
+//! restored into a new VM; deletes stay correct once history branches; a daemon killed
+//! mid-restore settles on restart.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use vmsnap_tests::{
+    config_for, image_checksums, run, virsh, wait_for, Daemon, PrivateBus, ScratchOptions,
+    ScratchVm, LAB_URI,
+};
+
+static RUNNING: Mutex<usize> = Mutex::new(0);
+static SLOT_FREE: Condvar = Condvar::new();
+
+/// At most two tests boot guests at once: TCG on two cores.
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= 2 {
+            running = SLOT_FREE.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        *running -= 1;
+        SLOT_FREE.notify_one();
+    }
+}
+
+fn agent_vm(name: &str) -> ScratchVm {
+    let vm = ScratchVm::define(
+        name,
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    vm.start(true);
+    vm
+}
+
+fn daemon_for(vm: &ScratchVm) -> (PrivateBus, Daemon) {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        let out = daemon.ctl(&["vm", "show", &vm.name, "--output", "json"]);
+        (out.code == Some(0)).then_some(out.json())
+    });
+    (bus, daemon)
+}
+
+fn wait_agent(daemon: &Daemon, vm: &str) {
+    wait_for(Duration::from_secs(60), "the agent", || {
+        let out = daemon.ctl(&["vm", "show", vm, "--output", "json"]);
+        (out.code == Some(0) && out.json()["agent"] == "connected").then_some(())
+    });
+}
+
+/// Writes a data set of many files of varied sizes under /mnt/data/set.
+fn write_data_set(vm: &ScratchVm, files: usize) {
+    vm.exec(&format!(
+        "mkdir -p /mnt/data/set && i=0; while [ $i -lt {files} ]; do \
+         head -c $(( (i * 7919) % 65536 + 1 )) /dev/urandom > /mnt/data/set/file-$i; i=$((i+1)); done; sync"
+    ));
+}
+
+fn data_set_checksums(vm: &ScratchVm) -> String {
+    vm.exec("cd /mnt/data && find set -type f | sort | xargs -r sha256sum")
+}
+
+fn stop(vm: &ScratchVm) {
+    virsh(&["shutdown", &vm.name, "--mode", "agent"]);
+    wait_for(Duration::from_secs(60), "the VM to shut off", || {
+        (virsh(&["domstate", &vm.name]).trim() == "shut off").then_some(())
+    });
+}
+
+fn restore(daemon: &Daemon, args: &[&str]) -> Value {
+    let mut full = vec!["restore"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--output", "json"]);
+    daemon.ctl(&full).json()
+}
+
+fn snapshot(daemon: &Daemon, vm: &str, name: &str) -> Value {
+    let out = daemon
+        .ctl(&["snapshot", "create", vm, name, "--output", "json"])
+        .json();
+    assert_eq!(out["phase"], "Succeeded", "{out}");
+    out
+}
+
+#[test]
+fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
+    let _slot = Slot::take();
+    let vm = agent_vm("vmsnap-r-e2e");
+    let (_bus, daemon) = daemon_for(&vm);
+    wait_agent(&daemon, &vm.name);
+    write_data_set(&vm, 120);
+    let good = data_set_checksums(&vm);
+    assert_eq!(good.lines().count(), 120);
+    snapshot(&daemon, &vm.name, "good");
+
+    // The accident.
+    vm.exec("rm -rf /mnt/data/set && sync");
+    assert_eq!(data_set_checksums(&vm), "");
+
+    // Refused while running; nothing changes.
+    let refused = daemon.ctl(&["restore", &vm.name, "good"]);
+    let message = refused.failure();
+    assert!(
+        message.contains("is running") && message.contains("--stop"),
+        "{message}"
+    );
+    assert_eq!(
+        daemon.ctl(&["restore", "list", "--output", "json"]).json(),
+        serde_json::json!([])
+    );
+
+    stop(&vm);
+    let restored = restore(&daemon, &[&vm.name, "good"]);
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    assert_eq!(restored["complete"], true);
+    assert!(restored["restoreTime"].is_string());
+    let safety = restored["safetySnapshot"].as_str().unwrap().to_string();
+    assert!(safety.starts_with("pre-restore-"), "{restored}");
+    assert_eq!(restored["restores"][0]["target"], "vda");
+    vm.start(true);
+    assert_eq!(
+        data_set_checksums(&vm),
+        good,
+        "every file back, byte for byte"
+    );
+
+    // The snapshot is still usable: restore it again after more damage.
+    vm.exec("rm -f /mnt/data/set/file-1* && sync");
+    stop(&vm);
+    let again = restore(&daemon, &[&vm.name, "good", "--no-safety-snapshot"]);
+    assert_eq!(again["phase"], "Succeeded", "{again}");
+    assert_eq!(again["safetySnapshot"], Value::Null);
+    vm.start(true);
+    assert_eq!(data_set_checksums(&vm), good);
+
+    // Undo the first restore through its safety snapshot: the data set is gone again, as it
+    // was right before that restore.
+    stop(&vm);
+    let undo = restore(
+        &daemon,
+        &[&vm.name, &safety, "--no-safety-snapshot", "--start"],
+    );
+    assert_eq!(undo["phase"], "Succeeded", "{undo}");
+    wait_agent(&daemon, &vm.name);
+    wait_for(Duration::from_secs(60), "/mnt/data", || {
+        let (code, _) = vmsnap_tests::guest_exec(
+            &vm.name,
+            "grep -q ' /mnt/data ' /proc/mounts",
+            Duration::from_secs(20),
+        );
+        (code == 0).then_some(())
+    });
+    assert_eq!(data_set_checksums(&vm), "");
+
+    let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    let table = daemon.ctl(&["restore", "list"]).ok().to_string();
+    assert!(table.contains("good"), "{table}");
+}
+
+#[test]
+fn the_definition_comes_back_and_disks_attached_later_are_detached() {
+    let _slot = Slot::take();
+    let vm = agent_vm("vmsnap-r-def");
+    let (_bus, daemon) = daemon_for(&vm);
+    wait_agent(&daemon, &vm.name);
+    vm.write_file("f1", 64 << 10);
+    let sums = vm.guest_checksums();
+    let memory_then = virsh(&["dominfo", &vm.name]);
+    snapshot(&daemon, &vm.name, "s1");
+
+    // After the snapshot: more memory, and a new disk.
+    let extra = vm.dir.path().join("extra.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            extra.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    virsh(&["setmaxmem", &vm.name, "262144", "--config"]);
+    virsh(&[
+        "attach-disk",
+        &vm.name,
+        extra.to_str().unwrap(),
+        "vdb",
+        "--subdriver",
+        "qcow2",
+        "--config",
+    ]);
+    assert!(virsh(&["domblklist", &vm.name]).contains("vdb"));
+    let extra_before = std::fs::read(&extra).unwrap();
+
+    // One command: stop, restore, start.
+    let restored = restore(&daemon, &[&vm.name, "s1", "--stop", "--start"]);
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    assert_eq!(restored["detachedDisks"][0]["target"], "vdb", "{restored}");
+    assert_eq!(
+        restored["detachedDisks"][0]["source"],
+        extra.to_str().unwrap()
+    );
+    assert!(!virsh(&["domblklist", &vm.name]).contains("vdb"));
+    let max_memory = |info: &str| {
+        info.lines()
+            .find(|l| l.starts_with("Max memory"))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        max_memory(&virsh(&["dominfo", &vm.name])),
+        max_memory(&memory_then)
+    );
+    // The detached disk's image is untouched.
+    assert_eq!(std::fs::read(&extra).unwrap(), extra_before);
+    assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
+    wait_agent(&daemon, &vm.name);
+    wait_for(Duration::from_secs(60), "/mnt/data", || {
+        let (code, _) = vmsnap_tests::guest_exec(
+            &vm.name,
+            "grep -q ' /mnt/data ' /proc/mounts",
+            Duration::from_secs(20),
+        );
+        (code == 0).then_some(())
+    });
+    assert_eq!(vm.guest_checksums(), sums);
+}
+
+#[test]
+fn a_snapshot_restored_as_a_new_vm_boots_with_its_data_and_the_source_keeps_its_own() {
+    let _slot = Slot::take();
+    let vm = agent_vm("vmsnap-r-src");
+    let (_bus, daemon) = daemon_for(&vm);
+    wait_agent(&daemon, &vm.name);
+    vm.write_file("f1", 200 << 10);
+    let then = vm.guest_checksums();
+    snapshot(&daemon, &vm.name, "s1");
+    vm.write_file("f2", 100 << 10);
+    let now = vm.guest_checksums();
+
+    let clone_name = "vmsnap-r-clone";
+    let _cleanup = CloneCleanup(clone_name);
+    let refused = daemon.ctl(&["restore", &vm.name, "s1", "--target", &vm.name]);
+    assert!(refused.failure().contains("already exists"));
+    let restored = restore(
+        &daemon,
+        &[&vm.name, "s1", "--target", clone_name, "--start"],
+    );
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    assert_eq!(restored["newVm"], true);
+    assert_ne!(
+        virsh(&["domuuid", clone_name]),
+        virsh(&["domuuid", &vm.name])
+    );
+    let clone_disk = restored["restores"][0]["toImage"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(clone_disk.contains(clone_name));
+
+    wait_for(Duration::from_secs(120), "the clone's agent", || {
+        let (code, _) = vmsnap_tests::guest_exec(
+            clone_name,
+            "grep -q ' /mnt/data ' /proc/mounts",
+            Duration::from_secs(20),
+        );
+        (code == 0).then_some(())
+    });
+    let (_, clone_sums) = vmsnap_tests::guest_exec(
+        clone_name,
+        "cd /mnt/data && find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
+        Duration::from_secs(30),
+    );
+    assert_eq!(clone_sums, then);
+    // The source runs on, with its own data.
+    assert_eq!(vm.guest_checksums(), now);
+    assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
+}
+
+struct CloneCleanup(&'static str);
+
+impl Drop for CloneCleanup {
+    fn drop(&mut self) {
+        let dir = virsh_quiet(&["domblklist", self.0]);
+        let _ = std::process::Command::new("virsh")
+            .args(["-c", LAB_URI, "destroy", self.0])
+            .output();
+        let _ = std::process::Command::new("virsh")
+            .args(["-c", LAB_URI, "undefine", self.0, "--nvram"])
+            .output();
+        for line in dir.lines() {
+            if let Some(path) = line
+                .split_whitespace()
+                .nth(1)
+                .filter(|p| p.contains(self.0))
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+fn virsh_quiet(args: &[&str]) -> String {
+    std::process::Command::new("virsh")
+        .args(["-c", LAB_URI])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn show(daemon: &Daemon, vm: &str, name: &str) -> Value {
+    daemon
+        .ctl(&["snapshot", "show", vm, name, "--output", "json"])
+        .json()
+}
+
+fn image_of(snapshot: &Value) -> String {
+    snapshot["snapshotVolumes"]["includedVolumes"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn deletes_stay_correct_when_history_branches() {
+    let _slot = Slot::take();
+    let vm = agent_vm("vmsnap-r-branch");
+    let (_bus, daemon) = daemon_for(&vm);
+    wait_agent(&daemon, &vm.name);
+    let mut expected = BTreeMap::new();
+    for (name, order) in [("s1", 0), ("s2", 1)] {
+        vm.write_file(&format!("f{order}"), 150 << 10);
+        expected.insert(name.to_string(), vm.guest_checksums());
+        snapshot(&daemon, &vm.name, name);
+    }
+    // Back to s1, then a new branch.
+    stop(&vm);
+    let restored = restore(
+        &daemon,
+        &[&vm.name, "s1", "--no-safety-snapshot", "--start"],
+    );
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    wait_agent(&daemon, &vm.name);
+    wait_for(Duration::from_secs(60), "/mnt/data", || {
+        let (code, _) = vmsnap_tests::guest_exec(
+            &vm.name,
+            "grep -q ' /mnt/data ' /proc/mounts",
+            Duration::from_secs(20),
+        );
+        (code == 0).then_some(())
+    });
+    assert_eq!(&vm.guest_checksums(), expected.get("s1").unwrap());
+    vm.write_file("f-branch", 120 << 10);
+    expected.insert("s3".into(), vm.guest_checksums());
+    snapshot(&daemon, &vm.name, "s3");
+    vm.write_file("f-live", 50 << 10);
+    let live = vm.guest_checksums();
+
+    let check = |expected: &BTreeMap<String, String>| {
+        for (name, sums) in expected {
+            let snap = show(&daemon, &vm.name, name);
+            assert_eq!(snap["phase"], "Succeeded", "{snap}");
+            assert_eq!(&image_checksums(&image_of(&snap)), sums, "snapshot {name}");
+        }
+        assert_eq!(vm.guest_checksums(), live, "live disk");
+    };
+    check(&expected);
+    // s1's image backs both branches: deleting s1 must not merge anything into it.
+    for name in ["s1", "s2", "s3"] {
+        daemon.ctl(&["snapshot", "delete", &vm.name, name]).ok();
+        expected.remove(name);
+        check(&expected);
+    }
+    // Nothing claims the old branch any more: its images are gone, only the live chain stays.
+    let chain = run(
+        "qemu-img",
+        &["info", "-U", "--backing-chain", &vm.disk_source()],
+    );
+    let chain_len = chain.lines().filter(|l| l.starts_with("image:")).count();
+    assert_eq!(vm.images().len(), chain_len, "{:?}\n{chain}", vm.images());
+}
+
+#[test]
+fn daemon_killed_mid_restore_settles_on_restart() {
+    let _slot = Slot::take();
+    let vm = agent_vm("vmsnap-r-crash");
+    let (_bus, mut daemon) = daemon_for(&vm);
+    wait_agent(&daemon, &vm.name);
+    vm.write_file("f1", 64 << 10);
+    let then = vm.guest_checksums();
+    snapshot(&daemon, &vm.name, "s1");
+    vm.write_file("f2", 64 << 10);
+    let now = vm.guest_checksums();
+    stop(&vm);
+    let before = vm.disk_source();
+
+    // Killed before the new definition is in place: the VM is left as it was.
+    daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", "restore-before-define")]);
+    let _ = daemon.ctl(&[
+        "restore",
+        &vm.name,
+        "s1",
+        "--no-safety-snapshot",
+        "--no-wait",
+    ]);
+    assert!(!daemon.wait_exit(Duration::from_secs(30)).success());
+    daemon.restart_with_env(&[]);
+    let first = wait_for(Duration::from_secs(30), "the restore to settle", || {
+        let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
+        let r = list.as_array().unwrap().first().cloned()?;
+        (r["phase"] != "InProgress").then_some(r)
+    });
+    assert_eq!(first["phase"], "Failed", "{first}");
+    assert!(
+        first["error"].as_str().unwrap().contains("left as it was"),
+        "{first}"
+    );
+    assert_eq!(vm.disk_source(), before);
+    vm.start(true);
+    assert_eq!(vm.guest_checksums(), now);
+    stop(&vm);
+
+    // Killed after it: the restart finishes the restore.
+    daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", "restore-after-define")]);
+    let _ = daemon.ctl(&[
+        "restore",
+        &vm.name,
+        "s1",
+        "--no-safety-snapshot",
+        "--no-wait",
+    ]);
+    assert!(!daemon.wait_exit(Duration::from_secs(30)).success());
+    daemon.restart_with_env(&[]);
+    let second = wait_for(Duration::from_secs(30), "the restore to settle", || {
+        let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
+        let r = list.as_array().unwrap().get(1).cloned()?;
+        (r["phase"] != "InProgress").then_some(r)
+    });
+    assert_eq!(second["phase"], "Succeeded", "{second}");
+    vm.start(true);
+    assert_eq!(vm.guest_checksums(), then);
+}
