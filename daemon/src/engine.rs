@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use vmsnap_api::{validate_snapshot_name, ExcludedVolume, SnapshotPhase};
 
 use crate::domain::VmInfo;
-use crate::libvirt::LibvirtEvent;
+use crate::libvirt::{LibvirtClient, LibvirtEvent};
 use crate::restore;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{self, OpContext, OpEvent};
@@ -111,6 +111,15 @@ pub enum Request {
         options: RestoreOptions,
         reply: oneshot::Sender<Result<String, EngineError>>,
     },
+    /// Second stage of Restore, once libvirt said whether the VM runs right now (the inventory
+    /// may be a refresh interval old).
+    RestoreChecked {
+        vm_uuid: String,
+        snapshot_uuid: String,
+        options: RestoreOptions,
+        running: Result<bool, String>,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
     /// Restore UUIDs, oldest first.
     ListRestores { reply: oneshot::Sender<Vec<String>> },
 }
@@ -149,6 +158,8 @@ pub struct Engine {
     restores: BTreeMap<String, RestoreRecord>,
     /// Settings for operations; None in tests that run no operation.
     ops: Option<OpContext>,
+    /// For fresh facts from libvirt before a decision, and the way back into this engine.
+    libvirt: Option<(LibvirtClient, mpsc::Sender<Request>)>,
     shutting_down: bool,
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
@@ -185,6 +196,7 @@ impl Engine {
                 restores: BTreeMap::new(),
                 busy: HashMap::new(),
                 ops: None,
+                libvirt: None,
                 shutting_down: false,
                 settle_pending: false,
             },
@@ -194,7 +206,13 @@ impl Engine {
 
     /// Enables snapshot operations and loads the records found on disk. Unsettled ones are
     /// settled once libvirt is reachable.
-    pub fn with_operations(mut self, ops: OpContext) -> Self {
+    pub fn with_operations(
+        mut self,
+        ops: OpContext,
+        libvirt: LibvirtClient,
+        requests: mpsc::Sender<Request>,
+    ) -> Self {
+        self.libvirt = Some((libvirt, requests));
         let (records, problems) = ops.store.load_all();
         for problem in problems {
             warn!("skipping an unreadable snapshot record: {problem}");
@@ -328,7 +346,19 @@ impl Engine {
                 options,
                 reply,
             } => {
-                let _ = reply.send(self.start_restore(&vm, &snapshot, options));
+                if let Err(e) = self.start_restore(&vm, &snapshot, options, reply) {
+                    warn!(error = %e, "restore refused");
+                }
+            }
+            Request::RestoreChecked {
+                vm_uuid,
+                snapshot_uuid,
+                options,
+                running,
+                reply,
+            } => {
+                let _ =
+                    reply.send(self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running));
             }
             Request::ListRestores { reply } => {
                 let mut list: Vec<&RestoreRecord> = self.restores.values().collect();
@@ -338,12 +368,57 @@ impl Engine {
         }
     }
 
+    /// First stage of a restore: everything that needs no libvirt call. Answers `reply` itself
+    /// (at once on refusal, else after libvirt said whether the VM runs).
     fn start_restore(
         &mut self,
         vm_key: &str,
         snapshot_name: &str,
         options: RestoreOptions,
-    ) -> Result<String, EngineError> {
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    ) -> Result<(), EngineError> {
+        let checked = self.check_restore(vm_key, snapshot_name, &options);
+        let (vm, snapshot) = match checked {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = reply.send(Err(e.clone()));
+                return Err(e);
+            }
+        };
+        let Some((libvirt, requests)) = self.libvirt.clone() else {
+            let answer = self.confirm_restore(&vm.uuid, &snapshot.uuid, options, Ok(false));
+            let _ = reply.send(answer);
+            return Ok(());
+        };
+        let vm_uuid = vm.uuid.clone();
+        tokio::spawn(async move {
+            let uuid = vm_uuid.clone();
+            let running = libvirt
+                .call(move |conn| {
+                    let dom = conn.lookup_domain_by_uuid_string(&uuid)?;
+                    Ok(dom.is_active()?)
+                })
+                .await
+                .map_err(|e| e.to_string());
+            let _ = requests
+                .send(Request::RestoreChecked {
+                    vm_uuid,
+                    snapshot_uuid: snapshot.uuid,
+                    options,
+                    running,
+                    reply,
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    fn check_restore(
+        &self,
+        vm_key: &str,
+        snapshot_name: &str,
+        options: &RestoreOptions,
+    ) -> Result<(VmInfo, SnapshotRecord), EngineError> {
         let vm = self.find_vm(vm_key)?.clone();
         let snapshot = self
             .snapshots
@@ -371,17 +446,11 @@ impl Engine {
                 snapshot.name, missing.image, missing.target
             )));
         }
-        let new_vm = !options.target.is_empty();
-        if new_vm {
+        if !options.target.is_empty() {
             if self.vms.values().any(|v| v.name == options.target) {
                 return Err(EngineError::VmExists(options.target.clone()));
             }
             validate_vm_name(&options.target)?;
-        } else {
-            let running = !matches!(vm.state, vmsnap_api::VmState::ShutOff);
-            if running && !options.stop_target {
-                return Err(EngineError::VmRunning(vm.name.clone()));
-            }
         }
         self.check_idle(&vm)?;
         if !self.connected {
@@ -389,6 +458,37 @@ impl Engine {
                 "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
             ));
         }
+        self.ops()?;
+        Ok((vm, snapshot))
+    }
+
+    /// Second stage: decides with libvirt's fresh word on whether the VM runs, records the
+    /// restore and starts it.
+    fn confirm_restore(
+        &mut self,
+        vm_uuid: &str,
+        snapshot_uuid: &str,
+        options: RestoreOptions,
+        running: Result<bool, String>,
+    ) -> Result<String, EngineError> {
+        let vm = self
+            .vms
+            .get(vm_uuid)
+            .cloned()
+            .ok_or_else(|| EngineError::VmNotFound(vm_uuid.to_string()))?;
+        let snapshot = self.snapshots.get(snapshot_uuid).cloned().ok_or_else(|| {
+            EngineError::SnapshotNotFound {
+                vm: vm.name.clone(),
+                name: snapshot_uuid.to_string(),
+            }
+        })?;
+        let running = running.map_err(EngineError::InvalidState)?;
+        let new_vm = !options.target.is_empty();
+        if !new_vm && running && !options.stop_target {
+            return Err(EngineError::VmRunning(vm.name.clone()));
+        }
+        // The VM may have become busy while libvirt was asked.
+        self.check_idle(&vm)?;
         let ops = self.ops()?.clone();
         let record = RestoreRecord {
             version: RECORD_VERSION,

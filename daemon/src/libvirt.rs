@@ -30,8 +30,6 @@ pub enum LibvirtEvent {
 }
 
 /// Why a job could not run or what it failed with.
-// The snapshot engine is the first user of jobs; until then only the tests call them.
-#[allow(dead_code)]
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LibvirtFailure {
     #[error("libvirt is unavailable: {0}")]
@@ -58,12 +56,10 @@ pub struct LibvirtSettings {
 
 /// Handle the async side uses to run work on the libvirt thread. Cheap to clone.
 #[derive(Clone)]
-#[allow(dead_code)]
 pub struct LibvirtClient {
     jobs: mpsc::Sender<Job>,
 }
 
-#[allow(dead_code)]
 impl LibvirtClient {
     /// Runs `f` with the connection on the libvirt thread and returns its result.
     pub async fn call<T, F>(&self, f: F) -> Result<T, LibvirtFailure>

@@ -154,7 +154,7 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
         events: op_events,
     };
     let (engine, mut settled) = Engine::new(changes);
-    let engine = engine.with_operations(ops);
+    let engine = engine.with_operations(ops, libvirt.clone(), requests.clone());
     let engine_task = tokio::spawn(engine.run(
         requests_rx,
         libvirt_events_rx,

@@ -213,7 +213,7 @@ fn the_definition_comes_back_and_disks_attached_later_are_detached() {
         "qcow2",
         "--config",
     ]);
-    assert!(virsh(&["domblklist", &vm.name]).contains("vdb"));
+    assert!(virsh(&["domblklist", &vm.name, "--inactive"]).contains("vdb"));
     let extra_before = std::fs::read(&extra).unwrap();
 
     // One command: stop, restore, start.
@@ -224,7 +224,7 @@ fn the_definition_comes_back_and_disks_attached_later_are_detached() {
         restored["detachedDisks"][0]["source"],
         extra.to_str().unwrap()
     );
-    assert!(!virsh(&["domblklist", &vm.name]).contains("vdb"));
+    assert!(!virsh(&["domblklist", &vm.name, "--inactive"]).contains("vdb"));
     let max_memory = |info: &str| {
         info.lines()
             .find(|l| l.starts_with("Max memory"))
@@ -271,6 +271,7 @@ fn a_snapshot_restored_as_a_new_vm_boots_with_its_data_and_the_source_keeps_its_
     );
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
     assert_eq!(restored["newVm"], true);
+    assert_eq!(restored["error"], Value::Null, "{restored}");
     assert_ne!(
         virsh(&["domuuid", clone_name]),
         virsh(&["domuuid", &vm.name])
