@@ -234,9 +234,15 @@ pub fn set_disk_source(
     Ok(out)
 }
 
-/// The definition of a new VM made from `xml`: another name, no UUID and no MAC addresses
-/// (libvirt generates new ones), and its own NVRAM file if it has one.
-pub fn for_new_vm(xml: &str, name: &str, nvram: Option<&str>) -> Result<String, String> {
+/// The definition of a new VM made from `xml` (VM `old_name`): another name, no UUID and no MAC
+/// addresses (libvirt generates new ones), its own NVRAM file if it has one, and its own
+/// console log files (two VMs cannot log to one file).
+pub fn for_new_vm(
+    xml: &str,
+    old_name: &str,
+    name: &str,
+    nvram: Option<&str>,
+) -> Result<String, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
     let domain = doc.root_element();
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
@@ -251,6 +257,29 @@ pub fn for_new_vm(xml: &str, name: &str, nvram: Option<&str>) -> Result<String, 
         n.has_tag_name("mac") && n.parent().is_some_and(|p| p.has_tag_name("interface"))
     }) {
         edits.push((mac.range(), String::new()));
+    }
+    for log in doc.descendants().filter(|n| {
+        n.has_tag_name("source")
+            && n.parent().is_some_and(|p| {
+                (p.has_tag_name("serial") || p.has_tag_name("console"))
+                    && p.attribute("type") == Some("file")
+            })
+    }) {
+        if let Some(attr) = log.attributes().find(|a| a.name() == "path") {
+            // Only the file name changes: the directory is the host's choice.
+            let old = std::path::Path::new(attr.value());
+            let file = old
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let new_file = if file.contains(old_name) {
+                file.replace(old_name, name)
+            } else {
+                format!("{file}.{name}")
+            };
+            let new = old.with_file_name(new_file).to_string_lossy().into_owned();
+            edits.push((attr.range_value(), escape_attr(&new)));
+        }
     }
     if let Some(path) = nvram {
         if let Some(node) = doc
@@ -333,7 +362,12 @@ mod xml_edit_tests {
             "</devices>",
             "<interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/></interface></devices>",
         );
-        let out = for_new_vm(&xml, "clone", Some("/n/clone_VARS.fd")).expect("edits");
+        let xml = xml.replace(
+            "</devices>",
+            "<serial type='file'><source path='/a-dir/a.console.log'/></serial></devices>",
+        );
+        let out = for_new_vm(&xml, "a", "clone", Some("/n/clone_VARS.fd")).expect("edits");
+        assert!(out.contains("/a-dir/clone.console.log"), "{out}");
         assert!(out.contains("<name>clone</name>"));
         assert!(!out.contains("<uuid>"));
         assert!(!out.contains("52:54:00:12:34:56"));

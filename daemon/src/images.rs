@@ -41,7 +41,22 @@ const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 impl Forest {
     /// Reads every file disk of every domain, and the images the records name.
     pub fn scan(conn: &Connect, records: &[SnapshotRecord]) -> Result<Forest, String> {
+        Forest::scan_with(conn, records, &[])
+    }
+
+    /// Like [`Forest::scan`], also reading the chains of `extra` images (one being released
+    /// is no longer named by any record).
+    pub fn scan_with(
+        conn: &Connect,
+        records: &[SnapshotRecord],
+        extra: &[&str],
+    ) -> Result<Forest, String> {
         let mut forest = Forest::default();
+        for image in extra {
+            if std::path::Path::new(image).exists() {
+                forest.add_chain(image);
+            }
+        }
         let domains = conn
             .list_all_domains(0)
             .map_err(|e| format!("cannot list domains: {}", e.message()))?;

@@ -97,6 +97,7 @@ fn restore_steps(
     }
 
     let mut previous_xml = String::new();
+    let mut detached = Vec::new();
     if !record.new_vm {
         let dom = lookup(&conn, &record.vm_uuid)?;
         if is_active(&dom)? {
@@ -105,6 +106,11 @@ fn restore_steps(
             }
             shut_down(ctx, record, &dom)?;
         }
+        // Named as the user knows them, before a safety snapshot puts overlays on top.
+        let original = dom
+            .xml_desc(VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| e.message().to_string())?;
+        detached = detached_disks(&original, &snapshot.domain_xml)?;
         if record.take_safety_snapshot {
             take_safety_snapshot(ctx, record, records)?;
         }
@@ -139,11 +145,7 @@ fn restore_steps(
         })
         .collect();
     record.not_restored = snapshot.excluded.clone();
-    record.detached = if record.new_vm {
-        Vec::new()
-    } else {
-        detached_disks(&previous_xml, &snapshot.domain_xml)?
-    };
+    record.detached = detached;
     record.step = RestoreStep::Applying {
         previous_xml: previous_xml.clone(),
     };
@@ -183,7 +185,12 @@ fn apply(
         nvram_target = Some(target);
     }
     if record.new_vm {
-        xml = domain::for_new_vm(&xml, &record.target_name, nvram_target.as_deref())?;
+        xml = domain::for_new_vm(
+            &xml,
+            &record.vm_name,
+            &record.target_name,
+            nvram_target.as_deref(),
+        )?;
     }
     crash_point("restore-before-define");
     ctx.restore_progress(record, "defining the VM");
@@ -244,11 +251,6 @@ fn finish(
             }
         }
     }
-    record.phase = RestorePhase::Succeeded;
-    record.complete = true;
-    record.restore_time = now_rfc3339();
-    record.step = RestoreStep::Done;
-    ctx.save_restore(record)?;
     info!(vm = %record.vm_name, snapshot = %record.snapshot_name, target = %record.target_name, "restored");
     if record.start {
         ctx.restore_progress(record, "starting the VM");
@@ -256,10 +258,15 @@ fn finish(
             .lookup_domain_by_uuid_string(&record.target_uuid)
             .and_then(|d| d.create().map(|_| ()));
         if let Err(e) = started {
+            // The restore itself is done and stays so; the start is reported beside it.
             record.error = format!("restored, but the VM did not start: {}", e.message());
-            ctx.save_restore(record)?;
         }
     }
+    record.phase = RestorePhase::Succeeded;
+    record.complete = true;
+    record.restore_time = now_rfc3339();
+    record.step = RestoreStep::Done;
+    ctx.save_restore(record)?;
     Ok(())
 }
 

@@ -587,7 +587,7 @@ fn release_image(
     }
     let mut current = image.to_string();
     loop {
-        let forest = Forest::scan(conn, others)?;
+        let forest = Forest::scan_with(conn, others, &[current.as_str()])?;
         if !forest.contains(&current) || is_owned(&current, &forest, others) {
             return Ok(());
         }

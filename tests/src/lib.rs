@@ -503,31 +503,7 @@ impl ScratchVm {
     pub fn start(&self, agent: bool) {
         virsh(&["start", &self.name]);
         if agent {
-            wait_for(Duration::from_secs(120), "the scratch VM's agent", || {
-                let out = Command::new("virsh")
-                    .args([
-                        "-c",
-                        LAB_URI,
-                        "qemu-agent-command",
-                        &self.name,
-                        r#"{"execute":"guest-ping"}"#,
-                    ])
-                    .output()
-                    .ok()?;
-                output_ok(&out).then_some(())
-            });
-            wait_for(
-                Duration::from_secs(60),
-                "/mnt/data in the scratch VM",
-                || {
-                    let (code, _) = guest_exec(
-                        &self.name,
-                        "grep -q ' /mnt/data ' /proc/mounts",
-                        Duration::from_secs(20),
-                    );
-                    (code == 0).then_some(())
-                },
-            );
+            wait_guest_ready(&self.name);
         }
     }
 
@@ -574,6 +550,31 @@ impl ScratchVm {
         names.sort();
         names
     }
+}
+
+/// Waits until a running lab guest's agent answers and its data disk is mounted.
+pub fn wait_guest_ready(name: &str) {
+    wait_for(Duration::from_secs(120), "the guest's agent", || {
+        let out = Command::new("virsh")
+            .args([
+                "-c",
+                LAB_URI,
+                "qemu-agent-command",
+                name,
+                r#"{"execute":"guest-ping"}"#,
+            ])
+            .output()
+            .ok()?;
+        output_ok(&out).then_some(())
+    });
+    wait_for(Duration::from_secs(60), "/mnt/data in the guest", || {
+        let (code, _) = guest_exec(
+            name,
+            "grep -q ' /mnt/data ' /proc/mounts",
+            Duration::from_secs(20),
+        );
+        (code == 0).then_some(())
+    });
 }
 
 fn output_ok(out: &Output) -> bool {

@@ -163,14 +163,7 @@ fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
     );
     assert_eq!(undo["phase"], "Succeeded", "{undo}");
     wait_agent(&daemon, &vm.name);
-    wait_for(Duration::from_secs(60), "/mnt/data", || {
-        let (code, _) = vmsnap_tests::guest_exec(
-            &vm.name,
-            "grep -q ' /mnt/data ' /proc/mounts",
-            Duration::from_secs(20),
-        );
-        (code == 0).then_some(())
-    });
+    vmsnap_tests::wait_guest_ready(&vm.name);
     assert_eq!(data_set_checksums(&vm), "");
 
     let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
@@ -238,14 +231,7 @@ fn the_definition_comes_back_and_disks_attached_later_are_detached() {
     assert_eq!(std::fs::read(&extra).unwrap(), extra_before);
     assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
     wait_agent(&daemon, &vm.name);
-    wait_for(Duration::from_secs(60), "/mnt/data", || {
-        let (code, _) = vmsnap_tests::guest_exec(
-            &vm.name,
-            "grep -q ' /mnt/data ' /proc/mounts",
-            Duration::from_secs(20),
-        );
-        (code == 0).then_some(())
-    });
+    vmsnap_tests::wait_guest_ready(&vm.name);
     assert_eq!(vm.guest_checksums(), sums);
 }
 
@@ -282,14 +268,7 @@ fn a_snapshot_restored_as_a_new_vm_boots_with_its_data_and_the_source_keeps_its_
         .to_string();
     assert!(clone_disk.contains(clone_name));
 
-    wait_for(Duration::from_secs(120), "the clone's agent", || {
-        let (code, _) = vmsnap_tests::guest_exec(
-            clone_name,
-            "grep -q ' /mnt/data ' /proc/mounts",
-            Duration::from_secs(20),
-        );
-        (code == 0).then_some(())
-    });
+    vmsnap_tests::wait_guest_ready(clone_name);
     let (_, clone_sums) = vmsnap_tests::guest_exec(
         clone_name,
         "cd /mnt/data && find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
@@ -366,14 +345,7 @@ fn deletes_stay_correct_when_history_branches() {
     );
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
     wait_agent(&daemon, &vm.name);
-    wait_for(Duration::from_secs(60), "/mnt/data", || {
-        let (code, _) = vmsnap_tests::guest_exec(
-            &vm.name,
-            "grep -q ' /mnt/data ' /proc/mounts",
-            Duration::from_secs(20),
-        );
-        (code == 0).then_some(())
-    });
+    vmsnap_tests::wait_guest_ready(&vm.name);
     assert_eq!(&vm.guest_checksums(), expected.get("s1").unwrap());
     vm.write_file("f-branch", 120 << 10);
     expected.insert("s3".into(), vm.guest_checksums());
