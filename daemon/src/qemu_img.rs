@@ -82,6 +82,33 @@ pub fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Res
     .map(|_| ())
 }
 
+/// Creates a qcow2 overlay of `backing` without opening it (`-u`): `backing` may be the image a
+/// running QEMU writes to, which qemu-img could not open. The size must then be given.
+pub fn create_overlay_unopened(
+    overlay: &str,
+    backing: &str,
+    backing_format: &str,
+    size: u64,
+) -> Result<(), String> {
+    if Path::new(overlay).exists() {
+        return Err(format!("{overlay} already exists"));
+    }
+    run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        backing,
+        "-F",
+        backing_format,
+        overlay,
+        &size.to_string(),
+    ])
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

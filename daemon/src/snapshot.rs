@@ -64,9 +64,12 @@ pub struct OpContext {
 
 pub(crate) const VIR_DOMAIN_XML_SECURE: u32 = 1;
 pub(crate) const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
+/// REUSE_EXT: the overlays are made before the freeze, so creating them is not part of the
+/// frozen window.
 const SNAPSHOT_FLAGS: u32 = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
     | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-    | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+    | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+    | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
 
 impl OpContext {
     fn progress(&self, record: &SnapshotRecord, text: impl Into<String>) {
@@ -150,6 +153,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
     let deadline = Instant::now() + ctx.failure_deadline;
     if let Err(error) = create_steps(ctx, &mut record, allow_excluded, deadline) {
         warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
+        remove_unused_overlays(ctx, &record);
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
         record.error = error;
@@ -257,6 +261,15 @@ fn create_steps(
     }
 
     check_deadline(deadline)?;
+    for volume in &record.volumes {
+        qemu_img::create_overlay_unopened(
+            &volume.overlay,
+            &volume.image,
+            &volume.image_format,
+            volume.virtual_size,
+        )
+        .map_err(|e| format!("disk {}: cannot create the overlay: {e}", volume.target))?;
+    }
     let mut freeze: Option<(ThawGuard, Instant)> = None;
     if try_freeze {
         let guard = ThawGuard::arm(&ctx.uri, &record.vm_uuid, ctx.freeze_timeout)
@@ -377,6 +390,21 @@ pub(crate) fn crash_point(name: &str) {
     if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == name) {
         warn!(point = name, "VMSNAP_TEST_CRASH_AT: aborting");
         std::process::abort();
+    }
+}
+
+/// Removes the overlays a failed snapshot made that no disk uses.
+fn remove_unused_overlays(ctx: &OpContext, record: &SnapshotRecord) {
+    let Ok(conn) = connect(&ctx.uri) else {
+        return;
+    };
+    let Ok(dom) = lookup(&conn, &record.vm_uuid) else {
+        return;
+    };
+    for volume in &record.volumes {
+        if Path::new(&volume.overlay).exists() {
+            remove_unused_image(&volume.overlay, &dom, &volume.target);
+        }
     }
 }
 

@@ -635,3 +635,65 @@ pub fn image_checksums(image: &str) -> String {
     }
     out
 }
+
+/// Checks the introspection of `interface` at `path` against the committed
+/// `config/dbus/<interface>.xml`, or rewrites that file when VMSNAP_UPDATE_INTROSPECTION is set.
+pub fn check_introspection(address: &str, path: &str, interface: &str) {
+    let output = Command::new("busctl")
+        .arg(format!("--address={address}"))
+        .args(["call", vmsnap_api::BUS_NAME, path])
+        .args([
+            "org.freedesktop.DBus.Introspectable",
+            "Introspect",
+            "--json=short",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let xml = reply["data"][0].as_str().unwrap();
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(xml, options).unwrap();
+    let node = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("interface") && n.attribute("name") == Some(interface))
+        .unwrap_or_else(|| panic!("{path} does not serve {interface}"));
+    let mut served = String::from(
+        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \
+         \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+    );
+    for line in xml[node.range()]
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        let indent = if line.starts_with("<interface") || line.starts_with("</interface") {
+            "  "
+        } else {
+            "    "
+        };
+        served.push_str(indent);
+        served.push_str(line);
+        served.push('\n');
+    }
+    served.push_str("</node>\n");
+    let committed_path = workspace_root().join(format!("config/dbus/{interface}.xml"));
+    if std::env::var_os("VMSNAP_UPDATE_INTROSPECTION").is_some() {
+        if let Some(dir) = committed_path.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(&committed_path, &served).unwrap();
+    }
+    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+    assert_eq!(
+        committed,
+        served,
+        "the served {interface} differs from {}; if the change is deliberate, rerun with \
+         VMSNAP_UPDATE_INTROSPECTION=1",
+        committed_path.display()
+    );
+}

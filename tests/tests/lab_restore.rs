@@ -168,6 +168,11 @@ fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
 
     let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
     assert_eq!(list.as_array().unwrap().len(), 3);
+    vmsnap_tests::check_introspection(
+        &daemon.bus_address,
+        &vmsnap_api::restore_path(list[0]["uuid"].as_str().unwrap()),
+        vmsnap_api::RESTORE_INTERFACE,
+    );
     let table = daemon.ctl(&["restore", "list"]).ok().to_string();
     assert!(table.contains("good"), "{table}");
 }
