@@ -266,6 +266,13 @@ fn snapshot_requests_are_validated_before_anything_is_done() {
     assert!(!failed["error"].as_str().unwrap().is_empty());
     let list = daemon.ctl(&["snapshot", "list", "--output", "json"]).json();
     assert_eq!(list.as_array().unwrap().len(), 1);
+    // A failed snapshot is not offered for restore.
+    let refused = daemon.ctl(&["restore", "test", "s1"]);
+    let message = refused.failure().to_string();
+    assert!(
+        message.contains("only a Succeeded snapshot can be restored"),
+        "{message}"
+    );
     // A failed snapshot can be deleted.
     daemon.ctl(&["snapshot", "delete", "test", "s1"]).ok();
     assert_eq!(

@@ -330,10 +330,11 @@ fn image_of(snapshot: &Value) -> String {
         .to_string()
 }
 
-#[test]
-fn deletes_stay_correct_when_history_branches() {
+/// S1, S2; restore S1; S3; then delete S1, S2 and S3 in `order`, checking every remaining
+/// snapshot and the live disk after each step.
+fn deletes_stay_correct_when_history_branches(vm_name: &str, order: [&str; 3]) {
     let _slot = Slot::take();
-    let vm = agent_vm("vmsnap-r-branch");
+    let vm = agent_vm(vm_name);
     let (_bus, daemon) = daemon_for(&vm);
     wait_agent(&daemon, &vm.name);
     let mut expected = BTreeMap::new();
@@ -368,7 +369,7 @@ fn deletes_stay_correct_when_history_branches() {
     };
     check(&expected);
     // s1's image backs both branches: deleting s1 must not merge anything into it.
-    for name in ["s1", "s2", "s3"] {
+    for name in order {
         daemon.ctl(&["snapshot", "delete", &vm.name, name]).ok();
         expected.remove(name);
         check(&expected);
@@ -380,6 +381,90 @@ fn deletes_stay_correct_when_history_branches() {
     );
     let chain_len = chain.lines().filter(|l| l.starts_with("image:")).count();
     assert_eq!(vm.images().len(), chain_len, "{:?}\n{chain}", vm.images());
+}
+
+#[test]
+fn branched_history_delete_oldest_first() {
+    deletes_stay_correct_when_history_branches("vmsnap-r-branch1", ["s1", "s2", "s3"]);
+}
+
+#[test]
+fn branched_history_delete_newest_first() {
+    deletes_stay_correct_when_history_branches("vmsnap-r-branch2", ["s3", "s2", "s1"]);
+}
+
+#[test]
+fn branched_history_delete_abandoned_branch_first() {
+    deletes_stay_correct_when_history_branches("vmsnap-r-branch3", ["s2", "s3", "s1"]);
+}
+
+#[test]
+fn uefi_variables_come_back_and_excluded_disks_are_reported() {
+    let vm = ScratchVm::define(
+        "vmsnap-r-uefi",
+        ScratchOptions {
+            nvram: true,
+            cdrom: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let (_bus, daemon) = daemon_for(&vm);
+    let vars = vm.dir.path().join("VARS.fd");
+    let then = std::fs::read(&vars).unwrap();
+    let snap = daemon
+        .ctl(&[
+            "snapshot",
+            "create",
+            &vm.name,
+            "s1",
+            "--allow-excluded",
+            "--output",
+            "json",
+        ])
+        .json();
+    assert_eq!(snap["phase"], "Succeeded", "{snap}");
+    // The firmware changes its variables later.
+    std::fs::write(&vars, vec![0x5a; then.len()]).unwrap();
+    let restored = restore(&daemon, &[&vm.name, "s1", "--no-safety-snapshot"]);
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    assert_eq!(std::fs::read(&vars).unwrap(), then);
+    assert_eq!(restored["notRestored"][0]["target"], "sda", "{restored}");
+    assert!(restored["notRestored"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("cdrom"));
+    // The cdrom is back in the definition as recorded.
+    assert!(virsh(&["domblklist", &vm.name, "--inactive"]).contains("sda"));
+    let table = daemon
+        .ctl(&["restore", "show", restored["uuid"].as_str().unwrap()])
+        .ok()
+        .to_string();
+    assert!(table.contains("Not restored"), "{table}");
+}
+
+#[test]
+fn a_snapshot_whose_image_is_gone_is_refused() {
+    let vm = ScratchVm::define("vmsnap-r-missing", ScratchOptions::default(), &[]);
+    let (_bus, daemon) = daemon_for(&vm);
+    let snap = daemon
+        .ctl(&["snapshot", "create", &vm.name, "s1", "--output", "json"])
+        .json();
+    // Someone removes the snapshot's image behind vmsnap's back (the VM runs on its overlay,
+    // which no longer has a backing file: it is never started here).
+    let image = snap["snapshotVolumes"]["includedVolumes"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::rename(&image, format!("{image}.moved")).unwrap();
+    let refused = daemon.ctl(&["restore", &vm.name, "s1"]);
+    let message = refused.failure();
+    assert!(message.contains("is missing"), "{message}");
+    assert_eq!(
+        daemon.ctl(&["restore", "list", "--output", "json"]).json(),
+        serde_json::json!([])
+    );
+    std::fs::rename(format!("{image}.moved"), &image).unwrap();
 }
 
 #[test]
