@@ -271,9 +271,16 @@ impl Engine {
         match event {
             OpEvent::Progress { uuid, text } => self.emit(Change::SnapshotProgress { uuid, text }),
             OpEvent::Saved(record) => {
-                self.snapshots
-                    .insert(record.uuid.clone(), (*record).clone());
-                self.emit(Change::SnapshotUpdated(record));
+                let known = self
+                    .snapshots
+                    .insert(record.uuid.clone(), (*record).clone())
+                    .is_some();
+                // Operations may create snapshots of their own (a restore's safety snapshot).
+                self.emit(if known {
+                    Change::SnapshotUpdated(record)
+                } else {
+                    Change::SnapshotAdded(record)
+                });
             }
             OpEvent::Removed { uuid } => {
                 self.snapshots.remove(&uuid);

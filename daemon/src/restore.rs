@@ -275,7 +275,7 @@ fn finish(
 fn prune_unclaimed(conn: &Connect, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
     let mut current = image.to_string();
     loop {
-        let forest = Forest::scan(conn, records)?;
+        let forest = Forest::scan_with(conn, records, &[current.as_str()])?;
         if !Path::new(&current).exists()
             || is_owned(&current, &forest, records)
             || forest.in_any_chain(&current)

@@ -137,6 +137,15 @@ fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
     assert!(restored["restoreTime"].is_string());
     let safety = restored["safetySnapshot"].as_str().unwrap().to_string();
     assert!(safety.starts_with("pre-restore-"), "{restored}");
+    // The safety snapshot is a snapshot like any other: listed, shown, restorable.
+    let shown = daemon
+        .ctl(&["snapshot", "show", &vm.name, &safety, "--output", "json"])
+        .json();
+    assert_eq!(shown["phase"], "Succeeded", "{shown}");
+    let listed = daemon
+        .ctl(&["snapshot", "list", &vm.name, "--output", "json"])
+        .json();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     assert_eq!(restored["restores"][0]["target"], "vda");
     vm.start(true);
     assert_eq!(
