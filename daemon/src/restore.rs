@@ -234,7 +234,7 @@ fn finish(
                     };
                     let target = format!("/var/lib/libvirt/swtpm/{uuid}");
                     let _ = std::fs::remove_dir_all(&target);
-                    copy_dir(Path::new(&copy.copy), Path::new(&target))
+                    snapshot::copy_dir(Path::new(&copy.copy), Path::new(&target))
                         .map_err(|e| format!("cannot put the TPM state back: {e}"))?;
                 }
                 _ => {}
@@ -422,20 +422,6 @@ fn detached_disks(current: &str, snapshot_xml: &str) -> Result<Vec<DetachedDisk>
             source: d.source.clone(),
         })
         .collect())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let dest = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
-        } else {
-            std::fs::copy(entry.path(), dest)?;
-        }
-    }
-    Ok(())
 }
 
 /// Settles a restore a previous vmsnapd left unfinished: finishes it if the new definition is

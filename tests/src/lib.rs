@@ -697,3 +697,43 @@ pub fn check_introspection(address: &str, path: &str, interface: &str) {
         committed_path.display()
     );
 }
+
+static GUESTS_BOOTING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static GUEST_SLOT_FREE: std::sync::Condvar = std::sync::Condvar::new();
+
+/// At most two tests of a test binary run guests at once: TCG on two cores. Held for the
+/// test's duration.
+pub struct GuestSlot;
+
+impl GuestSlot {
+    pub fn take() -> GuestSlot {
+        let mut running = GUESTS_BOOTING.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= 2 {
+            running = GUEST_SLOT_FREE
+                .wait(running)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        GuestSlot
+    }
+}
+
+impl Drop for GuestSlot {
+    fn drop(&mut self) {
+        let mut running = GUESTS_BOOTING.lock().unwrap_or_else(|e| e.into_inner());
+        *running -= 1;
+        GUEST_SLOT_FREE.notify_one();
+    }
+}
+
+/// Waits until vmsnapd's inventory shows the VM's agent connected.
+pub fn wait_agent_connected(daemon: &Daemon, vm: &str) {
+    wait_for(
+        Duration::from_secs(60),
+        "the agent in the inventory",
+        || {
+            let out = daemon.ctl(&["vm", "show", vm, "--output", "json"]);
+            (out.code == Some(0) && out.json()["agent"] == "connected").then_some(())
+        },
+    );
+}

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,31 +12,6 @@ use vmsnap_tests::{
     config_for, image_checksums, run, virsh, wait_for, Daemon, PrivateBus, ScratchOptions,
     ScratchVm, LAB_URI,
 };
-
-static RUNNING: Mutex<usize> = Mutex::new(0);
-static SLOT_FREE: Condvar = Condvar::new();
-
-/// At most two tests boot guests at once: TCG on two cores.
-struct Slot;
-
-impl Slot {
-    fn take() -> Slot {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        while *running >= 2 {
-            running = SLOT_FREE.wait(running).unwrap_or_else(|e| e.into_inner());
-        }
-        *running += 1;
-        Slot
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        *running -= 1;
-        SLOT_FREE.notify_one();
-    }
-}
 
 fn agent_vm(name: &str) -> ScratchVm {
     let vm = ScratchVm::define(
@@ -60,13 +34,6 @@ fn daemon_for(vm: &ScratchVm) -> (PrivateBus, Daemon) {
         (out.code == Some(0)).then_some(out.json())
     });
     (bus, daemon)
-}
-
-fn wait_agent(daemon: &Daemon, vm: &str) {
-    wait_for(Duration::from_secs(60), "the agent", || {
-        let out = daemon.ctl(&["vm", "show", vm, "--output", "json"]);
-        (out.code == Some(0) && out.json()["agent"] == "connected").then_some(())
-    });
 }
 
 /// Writes a data set of many files of varied sizes under /mnt/data/set.
@@ -105,10 +72,10 @@ fn snapshot(daemon: &Daemon, vm: &str, name: &str) -> Value {
 
 #[test]
 fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = agent_vm("vmsnap-r-e2e");
     let (_bus, daemon) = daemon_for(&vm);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     write_data_set(&vm, 120);
     let good = data_set_checksums(&vm);
     assert_eq!(good.lines().count(), 120);
@@ -171,7 +138,7 @@ fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
         &[&vm.name, &safety, "--no-safety-snapshot", "--start"],
     );
     assert_eq!(undo["phase"], "Succeeded", "{undo}");
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vmsnap_tests::wait_guest_ready(&vm.name);
     assert_eq!(data_set_checksums(&vm), "");
 
@@ -188,10 +155,10 @@ fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
 
 #[test]
 fn the_definition_comes_back_and_disks_attached_later_are_detached() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = agent_vm("vmsnap-r-def");
     let (_bus, daemon) = daemon_for(&vm);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 64 << 10);
     let sums = vm.guest_checksums();
     let memory_then = virsh(&["dominfo", &vm.name]);
@@ -244,17 +211,17 @@ fn the_definition_comes_back_and_disks_attached_later_are_detached() {
     // The detached disk's image is untouched.
     assert_eq!(std::fs::read(&extra).unwrap(), extra_before);
     assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vmsnap_tests::wait_guest_ready(&vm.name);
     assert_eq!(vm.guest_checksums(), sums);
 }
 
 #[test]
 fn a_snapshot_restored_as_a_new_vm_boots_with_its_data_and_the_source_keeps_its_own() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = agent_vm("vmsnap-r-src");
     let (_bus, daemon) = daemon_for(&vm);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 200 << 10);
     let then = vm.guest_checksums();
     snapshot(&daemon, &vm.name, "s1");
@@ -342,10 +309,10 @@ fn image_of(snapshot: &Value) -> String {
 /// S1, S2; restore S1; S3; then delete S1, S2 and S3 in `order`, checking every remaining
 /// snapshot and the live disk after each step.
 fn deletes_stay_correct_when_history_branches(vm_name: &str, order: [&str; 3]) {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = agent_vm(vm_name);
     let (_bus, daemon) = daemon_for(&vm);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     let mut expected = BTreeMap::new();
     for (name, order) in [("s1", 0), ("s2", 1)] {
         vm.write_file(&format!("f{order}"), 150 << 10);
@@ -359,7 +326,7 @@ fn deletes_stay_correct_when_history_branches(vm_name: &str, order: [&str; 3]) {
         &[&vm.name, "s1", "--no-safety-snapshot", "--start"],
     );
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vmsnap_tests::wait_guest_ready(&vm.name);
     assert_eq!(&vm.guest_checksums(), expected.get("s1").unwrap());
     vm.write_file("f-branch", 120 << 10);
@@ -478,10 +445,10 @@ fn a_snapshot_whose_image_is_gone_is_refused() {
 
 #[test]
 fn daemon_killed_mid_restore_settles_on_restart() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = agent_vm("vmsnap-r-crash");
     let (_bus, mut daemon) = daemon_for(&vm);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 64 << 10);
     let then = vm.guest_checksums();
     snapshot(&daemon, &vm.name, "s1");

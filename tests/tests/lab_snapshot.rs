@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,31 +11,6 @@ use vmsnap_tests::{
     config_for, guest_exec, image_checksums, virsh, wait_for, Daemon, PrivateBus, ScratchOptions,
     ScratchVm, LAB_URI,
 };
-
-/// At most two tests boot guests at once: TCG on two cores.
-static RUNNING: Mutex<usize> = Mutex::new(0);
-static SLOT_FREE: Condvar = Condvar::new();
-
-struct Slot;
-
-impl Slot {
-    fn take() -> Slot {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        while *running >= 2 {
-            running = SLOT_FREE.wait(running).unwrap_or_else(|e| e.into_inner());
-        }
-        *running += 1;
-        Slot
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        *running -= 1;
-        SLOT_FREE.notify_one();
-    }
-}
 
 fn daemon() -> (PrivateBus, Daemon) {
     let bus = PrivateBus::start();
@@ -49,18 +23,6 @@ fn wait_known(daemon: &Daemon, vm: &str) {
     wait_for(Duration::from_secs(20), "the VM in the inventory", || {
         (daemon.ctl(&["vm", "show", vm]).code == Some(0)).then_some(())
     });
-}
-
-/// Waits until the daemon sees the VM's agent connected.
-fn wait_agent(daemon: &Daemon, vm: &str) {
-    wait_for(
-        Duration::from_secs(30),
-        "the agent in the inventory",
-        || {
-            let out = daemon.ctl(&["vm", "show", vm, "--output", "json"]);
-            (out.code == Some(0) && out.json()["agent"] == "connected").then_some(())
-        },
-    );
 }
 
 fn create(daemon: &Daemon, vm: &str, name: &str) -> Value {
@@ -93,7 +55,7 @@ fn indications(snapshot: &Value) -> Vec<String> {
 
 #[test]
 fn online_snapshot_with_agent_holds_the_data_written_before_it() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = ScratchVm::define(
         "vmsnap-t-online",
         ScratchOptions {
@@ -104,7 +66,7 @@ fn online_snapshot_with_agent_holds_the_data_written_before_it() {
     );
     vm.start(true);
     let (_bus, daemon) = daemon();
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
 
     vm.write_file("f1", 1 << 20);
     let before = vm.guest_checksums();
@@ -146,7 +108,7 @@ fn online_snapshot_with_agent_holds_the_data_written_before_it() {
 
 #[test]
 fn online_snapshot_without_agent_is_crash_consistent() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let seed: &[(&str, &[u8])] = &[("f-seed", b"written before boot\n")];
     let vm = ScratchVm::define("vmsnap-t-noagent", ScratchOptions::default(), seed);
     vm.start(false);
@@ -164,7 +126,7 @@ fn online_snapshot_without_agent_is_crash_consistent() {
 
 #[test]
 fn paused_vm_is_snapshotted_without_freeze_and_stays_paused() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = ScratchVm::define(
         "vmsnap-t-paused",
         ScratchOptions {
@@ -175,7 +137,7 @@ fn paused_vm_is_snapshotted_without_freeze_and_stays_paused() {
     );
     vm.start(true);
     let (_bus, daemon) = daemon();
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 256 << 10);
     let before = vm.guest_checksums();
     virsh(&["suspend", &vm.name]);
@@ -396,7 +358,7 @@ fn delete_in_order(
 
 #[test]
 fn deleting_online_in_any_order_keeps_every_other_snapshot_and_the_live_disk() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = ScratchVm::define(
         "vmsnap-t-delete",
         ScratchOptions {
@@ -407,7 +369,7 @@ fn deleting_online_in_any_order_keeps_every_other_snapshot_and_the_live_disk() {
     );
     vm.start(true);
     let (_bus, daemon) = daemon();
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     for order in [
         ["b2", "b1", "b3"],
         ["b3", "b1", "b2"],
@@ -432,7 +394,7 @@ fn deleting_online_in_any_order_keeps_every_other_snapshot_and_the_live_disk() {
 
 #[test]
 fn deleting_offline_in_any_order_keeps_every_other_snapshot_and_the_live_disk() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = ScratchVm::define(
         "vmsnap-t-offdel",
         ScratchOptions {
@@ -478,7 +440,7 @@ fn agent_frozen(vm: &str) -> bool {
 
 #[test]
 fn hung_agent_gives_a_crash_consistent_snapshot_or_fails_by_policy() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = ScratchVm::define(
         "vmsnap-t-hung",
         ScratchOptions {
@@ -493,7 +455,7 @@ fn hung_agent_gives_a_crash_consistent_snapshot_or_fails_by_policy() {
         &bus,
         &format!("{}require_quiesce = true\n", config_for(LAB_URI)),
     );
-    wait_agent(&strict, &vm.name);
+    vmsnap_tests::wait_agent_connected(&strict, &vm.name);
     vm.write_file("f1", 128 << 10);
     let before = vm.guest_checksums();
     // The agent stops answering for 25 s, detached from the guest-exec that asks for it.
@@ -541,7 +503,7 @@ fn hung_agent_gives_a_crash_consistent_snapshot_or_fails_by_policy() {
 
 #[test]
 fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
-    let _slot = Slot::take();
+    let _slot = vmsnap_tests::GuestSlot::take();
     let vm = ScratchVm::define(
         "vmsnap-t-crash",
         ScratchOptions {
@@ -552,7 +514,7 @@ fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
     );
     vm.start(true);
     let (_bus, mut daemon) = daemon();
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 256 << 10);
     let keep_sums = vm.guest_checksums();
     assert_eq!(create(&daemon, &vm.name, "keep")["phase"], "Succeeded");
@@ -561,7 +523,7 @@ fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
     //    thaws at once; the restarted daemon marks the snapshot Failed and leaves no overlay.
     let images = vm.images();
     daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", "create-before-snapshot")]);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     let _ = daemon.ctl(&["snapshot", "create", &vm.name, "frozen-crash", "--no-wait"]);
     assert!(!daemon.wait_exit(Duration::from_secs(30)).success());
     wait_for(
@@ -582,7 +544,7 @@ fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
     //    overlays in use and settles the snapshot as Succeeded, with its data.
     let sums = vm.guest_checksums();
     daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", "create-after-snapshot")]);
-    wait_agent(&daemon, &vm.name);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     let _ = daemon.ctl(&["snapshot", "create", &vm.name, "taken-crash", "--no-wait"]);
     assert!(!daemon.wait_exit(Duration::from_secs(30)).success());
     wait_for(
