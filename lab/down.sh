@@ -78,6 +78,8 @@ rm -f "$LAB_DIR/dbus.pid" "$LAB_DIR/bus-address" "$LAB_DIR/bus.sock"
 started=$LAB_DIR/started-daemons
 if grep -qx libvirtd "$started" 2>/dev/null; then stop_daemon /run/libvirtd.pid libvirtd; fi
 if grep -qx virtlogd "$started" 2>/dev/null; then stop_daemon /run/virtlogd.pid virtlogd; fi
+if grep -qx polkitd "$started" 2>/dev/null; then stop_daemon "$LAB_DIR/polkitd.pid" polkitd; fi
+if grep -qx system-dbus "$started" 2>/dev/null; then stop_daemon /run/dbus/pid dbus-daemon; fi
 rm -f "$started"
 
 # --- files ----------------------------------------------------------------------------------

@@ -236,6 +236,28 @@ until timeout 10 virsh -c "$URI" qemu-agent-command --timeout 2 vmsnap-lab-agent
   sleep 0.2
 done
 
+# --- system bus and polkit, for authorization --------------------------------------------
+# vmsnapd asks polkitd (on the system bus) whether a caller may create, delete or restore. The
+# machine has no systemd to start them, so the lab does, and installs vmsnap's polkit actions.
+install -D -m 0644 "$(dirname "$0")/../config/polkit/org.vmsnap.policy" \
+  /usr/share/polkit-1/actions/org.vmsnap.policy
+if ! [ -S /run/dbus/system_bus_socket ] || ! busctl --system status >/dev/null 2>&1; then
+  mkdir -p /run/dbus
+  rm -f /run/dbus/system_bus_socket /run/dbus/pid
+  dbus-daemon --system --fork >/dev/null
+  record_started system-dbus
+fi
+if ! busctl --system status org.freedesktop.PolicyKit1 >/dev/null 2>&1; then
+  /usr/lib/polkit-1/polkitd --no-debug >"$LAB_DIR/polkitd.log" 2>&1 &
+  echo $! >"$LAB_DIR/polkitd.pid"
+  record_started polkitd
+  deadline=$((SECONDS + 30))
+  until busctl --system status org.freedesktop.PolicyKit1 >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "polkitd did not start; see $LAB_DIR/polkitd.log"
+    sleep 0.2
+  done
+fi
+
 # --- summary --------------------------------------------------------------------------------
 echo "vmsnap lab up ($LAB_DIR)"
 for vm in "${VMS[@]}"; do

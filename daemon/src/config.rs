@@ -34,6 +34,8 @@ pub struct Config {
     /// A snapshot not finished within this time fails and is rolled back.
     #[serde(with = "duration_text")]
     pub failure_deadline: Duration,
+    /// Authorize create, delete and restore through polkit.
+    pub polkit: bool,
 }
 
 /// Durations as human-readable text: "500ms", "10s", "5m".
@@ -68,6 +70,7 @@ impl Default for Config {
             freeze_timeout: Duration::from_secs(10),
             require_quiesce: false,
             failure_deadline: Duration::from_secs(300),
+            polkit: true,
         }
     }
 }

@@ -120,6 +120,14 @@ pub enum Request {
         running: Result<bool, String>,
         reply: oneshot::Sender<Result<String, EngineError>>,
     },
+    /// Takes new operation settings (SIGHUP); running operations keep theirs.
+    Reconfigure {
+        freeze_timeout: std::time::Duration,
+        require_quiesce: bool,
+        failure_deadline: std::time::Duration,
+    },
+    /// Answers at once: proof of life for the service watchdog.
+    Ping { reply: oneshot::Sender<()> },
     /// Restore UUIDs, oldest first.
     ListRestores { reply: oneshot::Sender<Vec<String>> },
 }
@@ -366,6 +374,20 @@ impl Engine {
             } => {
                 let _ =
                     reply.send(self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running));
+            }
+            Request::Reconfigure {
+                freeze_timeout,
+                require_quiesce,
+                failure_deadline,
+            } => {
+                if let Some(ops) = self.ops.as_mut() {
+                    ops.freeze_timeout = freeze_timeout;
+                    ops.require_quiesce = require_quiesce;
+                    ops.failure_deadline = failure_deadline;
+                }
+            }
+            Request::Ping { reply } => {
+                let _ = reply.send(());
             }
             Request::ListRestores { reply } => {
                 let mut list: Vec<&RestoreRecord> = self.restores.values().collect();

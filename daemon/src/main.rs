@@ -11,6 +11,7 @@ mod images;
 mod libvirt;
 mod qemu_img;
 mod restore;
+mod service;
 mod shutdown;
 mod snapshot;
 mod store;
@@ -29,10 +30,11 @@ use tracing_subscriber::EnvFilter;
 use vmsnap_api::{BUS_ADDRESS_ENV, BUS_NAME};
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
-use crate::bus::{BusTarget, ManagerObject};
+use crate::bus::{Authorizer, BusTarget, ManagerObject};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::libvirt::LibvirtSettings;
+use crate::shutdown::{SignalRequest, SignalRequests};
 use crate::snapshot::OpContext;
 use crate::store::Store;
 
@@ -84,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&config);
+    let log_filter_handle = init_logging(&config);
     match &config_path {
         Some(path) => info!(config = %path.display(), "configuration loaded"),
         None => info!("no configuration file, using built-in defaults"),
@@ -104,7 +106,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, target)) {
+    let reload = service::Reloader::new(args.config.clone(), config.clone(), log_filter_handle);
+    match runtime.block_on(run(config, target, reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             error!("{message}");
@@ -114,21 +117,45 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = std::env::var("VMSNAP_LOG")
+/// The log filter from VMSNAP_LOG, else the config's `log_level`.
+fn log_filter(config: &Config) -> EnvFilter {
+    std::env::var("VMSNAP_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&config.log_level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .unwrap_or_else(|| EnvFilter::new("info"))
 }
 
-async fn run(config: Config, target: BusTarget) -> Result<(), String> {
+/// Logs to the journal, with structured fields (VM, SNAPSHOT, ...), when systemd connected
+/// stderr to it; to stderr otherwise. Returns the handle that SIGHUP uses to change the filter.
+fn init_logging(config: &Config) -> service::LogFilterHandle {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(config));
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(journald) => registry.with(journald).init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_target(false),
+            )
+            .init(),
+    }
+    handle
+}
+
+async fn run(
+    config: Config,
+    target: BusTarget,
+    mut reload: service::Reloader,
+) -> Result<(), String> {
     let (trigger, shutdown) = shutdown::channel();
 
     let (libvirt_events, libvirt_events_rx) = mpsc::unbounded_channel();
@@ -162,13 +189,15 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
         shutdown.clone(),
     ));
 
-    let manager = ManagerObject::new(requests.clone(), config.libvirt_uri.clone());
+    let auth = Authorizer::new(config.polkit, matches!(target, BusTarget::System)).await;
+    let manager = ManagerObject::new(requests.clone(), auth.clone(), config.libvirt_uri.clone());
     let connection = bus::connect(&target, manager)
         .await
         .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
     let publisher = tokio::spawn(bus::publish(
         connection.clone(),
         requests.clone(),
+        auth,
         changes_rx,
     ));
 
@@ -192,12 +221,24 @@ async fn run(config: Config, target: BusTarget) -> Result<(), String> {
         ));
     }
     info!(name = BUS_NAME, "serving on D-Bus");
+    service::notify_ready();
+    let watchdog = service::spawn_watchdog(requests.clone());
 
-    let signal = shutdown::termination_signal()
-        .await
-        .map_err(|e| format!("cannot wait for signals: {e}"))?;
-    info!(signal, "stopping");
+    let mut signals = SignalRequests::new().map_err(|e| format!("cannot wait for signals: {e}"))?;
+    loop {
+        match signals.next().await {
+            SignalRequest::Reload => reload.reload(&requests).await,
+            SignalRequest::Stop(signal) => {
+                info!(signal, "stopping");
+                break;
+            }
+        }
+    }
+    service::notify_stopping();
     trigger.trigger();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
 
     if let Err(e) = connection.release_name(BUS_NAME).await {
         warn!(error = %e, "could not release the bus name");

@@ -1,7 +1,8 @@
-//! Explicit shutdown: one trigger, any number of listeners. SIGTERM and SIGINT become a future.
+//! Explicit shutdown: one trigger, any number of listeners. SIGTERM and SIGINT become a stop
+//! request, SIGHUP a reload request.
 
 use futures_util::StreamExt;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 use tokio::sync::watch;
 
@@ -34,13 +35,33 @@ impl Shutdown {
     }
 }
 
-/// Resolves with the signal's name on the first SIGTERM or SIGINT.
-pub async fn termination_signal() -> std::io::Result<&'static str> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
-    let name = match signals.next().await {
-        Some(SIGINT) => "SIGINT",
-        _ => "SIGTERM",
-    };
-    signals.handle().close();
-    Ok(name)
+/// What a signal asks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalRequest {
+    /// SIGTERM or SIGINT.
+    Stop(&'static str),
+    /// SIGHUP.
+    Reload,
+}
+
+/// The daemon's signals as a stream of requests.
+pub struct SignalRequests {
+    signals: Signals,
+}
+
+impl SignalRequests {
+    pub fn new() -> std::io::Result<SignalRequests> {
+        Ok(SignalRequests {
+            signals: Signals::new([SIGTERM, SIGINT, SIGHUP])?,
+        })
+    }
+
+    /// The next request; a closed signal stream counts as a stop.
+    pub async fn next(&mut self) -> SignalRequest {
+        match self.signals.next().await {
+            Some(SIGHUP) => SignalRequest::Reload,
+            Some(SIGINT) => SignalRequest::Stop("SIGINT"),
+            _ => SignalRequest::Stop("SIGTERM"),
+        }
+    }
 }

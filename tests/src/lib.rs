@@ -52,6 +52,12 @@ pub struct PrivateBus {
 impl PrivateBus {
     pub fn start() -> PrivateBus {
         let dir = tempfile::tempdir().unwrap();
+        // Other users' processes connect too (the authorization tests).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let socket = dir.path().join("bus.sock");
         let config = dir.path().join("bus.conf");
         std::fs::write(
@@ -128,6 +134,11 @@ impl Daemon {
 
     /// Starts vmsnapd without waiting for anything.
     pub fn spawn(bus: &PrivateBus, config: &str) -> Daemon {
+        Daemon::spawn_with_env(bus, config, &[])
+    }
+
+    /// Starts vmsnapd with extra environment variables, without waiting for anything.
+    pub fn spawn_with_env(bus: &PrivateBus, config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("vmsnapd.toml");
         let mut config = config.to_string();
@@ -146,8 +157,16 @@ impl Daemon {
             config_path,
             dir,
         };
-        daemon.launch(&[]);
+        daemon.launch(env);
         daemon
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn launch(&mut self, env: &[(&str, &str)]) {

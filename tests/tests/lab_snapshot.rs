@@ -592,3 +592,31 @@ fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
         .ok();
     assert_eq!(vm.images().len(), 2, "{:?}", vm.images());
 }
+
+#[test]
+fn sigterm_during_a_snapshot_lets_it_finish() {
+    let _slot = vmsnap_tests::GuestSlot::take();
+    let vm = ScratchVm::define(
+        "vmsnap-t-sigterm",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    vm.start(true);
+    let (_bus, mut daemon) = daemon();
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
+    vm.write_file("f1", 128 << 10);
+    let sums = vm.guest_checksums();
+    let _ = daemon.ctl(&["snapshot", "create", &vm.name, "inflight", "--no-wait"]);
+    // Stop at once: the operation in flight finishes before vmsnapd exits.
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    assert!(!agent_frozen(&vm.name));
+    daemon.restart_with_env(&[]);
+    let snap = show(&daemon, &vm.name, "inflight");
+    assert_eq!(snap["phase"], "Succeeded", "{snap}");
+    assert_eq!(image_checksums(&image_of(&snap)), sums);
+    assert!(daemon.log_text().contains("waiting for running operations"));
+}

@@ -6,20 +6,23 @@ use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
 use super::ask;
+use super::auth::{Authorizer, ACTION_CREATE, ACTION_RESTORE};
 use crate::engine::{CreateOptions, Request, RestoreOptions};
 
 /// `org.vmsnap.VmSnap1.Manager`: entry point for requests that are not about one object.
 pub struct ManagerObject {
     engine: mpsc::Sender<Request>,
+    auth: Authorizer,
     libvirt_uri: String,
     libvirt_connected: bool,
     libvirt_error: String,
 }
 
 impl ManagerObject {
-    pub fn new(engine: mpsc::Sender<Request>, libvirt_uri: String) -> Self {
+    pub fn new(engine: mpsc::Sender<Request>, auth: Authorizer, libvirt_uri: String) -> Self {
         ManagerObject {
             engine,
+            auth,
             libvirt_uri,
             libvirt_connected: false,
             libvirt_error: "not connected yet".to_string(),
@@ -137,7 +140,10 @@ impl ManagerObject {
         vm: String,
         name: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &zbus::Connection,
     ) -> Result<OwnedObjectPath, VmSnapError> {
+        self.auth.check(connection, &header, ACTION_CREATE).await?;
         let options = create_options(options)?;
         let uuid = ask(&self.engine, |reply| Request::CreateSnapshot {
             vm,
@@ -178,7 +184,10 @@ impl ManagerObject {
         vm: String,
         snapshot: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &zbus::Connection,
     ) -> Result<OwnedObjectPath, VmSnapError> {
+        self.auth.check(connection, &header, ACTION_RESTORE).await?;
         let options = restore_options(options)?;
         let uuid = ask(&self.engine, |reply| Request::Restore {
             vm,

@@ -3,6 +3,7 @@
 //! Method calls become [`Request`]s for the engine; the engine's [`Change`]s become objects,
 //! property changes and ObjectManager signals. No decision is made here.
 
+mod auth;
 mod manager;
 mod restore;
 mod snapshot;
@@ -16,6 +17,7 @@ use zbus::fdo::ObjectManager;
 use zbus::Connection;
 
 use crate::engine::{Change, EngineError, Request};
+pub use auth::Authorizer;
 pub use manager::ManagerObject;
 pub use restore::RestoreObject;
 pub use snapshot::SnapshotObject;
@@ -49,10 +51,11 @@ pub async fn connect(
 pub async fn publish(
     connection: Connection,
     engine: mpsc::Sender<Request>,
+    auth: Authorizer,
     mut changes: mpsc::UnboundedReceiver<Change>,
 ) {
     while let Some(change) = changes.recv().await {
-        if let Err(e) = apply(&connection, &engine, change).await {
+        if let Err(e) = apply(&connection, &engine, &auth, change).await {
             warn!(error = %e, "could not update a D-Bus object");
         }
     }
@@ -61,6 +64,7 @@ pub async fn publish(
 async fn apply(
     connection: &Connection,
     engine: &mpsc::Sender<Request>,
+    auth: &Authorizer,
     change: Change,
 ) -> zbus::Result<()> {
     let server = connection.object_server();
@@ -93,7 +97,10 @@ async fn apply(
         Change::SnapshotAdded(record) => {
             let path = snapshot_path(&record.uuid);
             server
-                .at(path.as_str(), SnapshotObject::new(*record, engine.clone()))
+                .at(
+                    path.as_str(),
+                    SnapshotObject::new(*record, engine.clone(), auth.clone()),
+                )
                 .await?;
         }
         Change::SnapshotUpdated(record) => {

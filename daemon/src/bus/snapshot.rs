@@ -4,6 +4,7 @@ use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
 use super::ask;
+use super::auth::{Authorizer, ACTION_DELETE};
 use crate::engine::Request;
 use crate::store::SnapshotRecord;
 
@@ -13,14 +14,16 @@ pub struct SnapshotObject {
     record: SnapshotRecord,
     progress: String,
     engine: mpsc::Sender<Request>,
+    auth: Authorizer,
 }
 
 impl SnapshotObject {
-    pub fn new(record: SnapshotRecord, engine: mpsc::Sender<Request>) -> Self {
+    pub fn new(record: SnapshotRecord, engine: mpsc::Sender<Request>, auth: Authorizer) -> Self {
         SnapshotObject {
             record,
             progress: String::new(),
             engine,
+            auth,
         }
     }
 
@@ -77,7 +80,12 @@ impl SnapshotObject {
 impl SnapshotObject {
     /// Deletes the snapshot without changing any other snapshot or the live disk. Returns at
     /// once; the object goes to phase Deleting and disappears when done.
-    async fn delete(&self) -> Result<(), VmSnapError> {
+    async fn delete(
+        &self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &zbus::Connection,
+    ) -> Result<(), VmSnapError> {
+        self.auth.check(connection, &header, ACTION_DELETE).await?;
         let uuid = self.record.uuid.clone();
         ask(&self.engine, |reply| Request::DeleteSnapshot {
             uuid,

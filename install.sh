@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Installs vmsnap on this machine (or into DESTDIR for a package), or removes it again.
+#
+#   ./install.sh                    build release binaries (cargo), then install them
+#   ./install.sh --no-build         install the binaries already in target/release
+#   ./install.sh --from DIR         install the binaries in DIR (implies --no-build)
+#   ./install.sh --uninstall        remove what install put (the config file stays)
+#
+# Environment: PREFIX (default /usr) and DESTDIR (default empty), as packagers expect: every file
+# goes to $DESTDIR$PREFIX/..., except the config, which vmsnapd reads from /etc/vmsnap whatever
+# PREFIX is. dbus-daemon and polkitd only read /usr/share (and /etc): with another PREFIX, the
+# D-Bus policy and the polkit actions must be linked there by hand.
+#
+# Installed:
+#   $PREFIX/bin/vmsnapd, $PREFIX/bin/vmsnapctl                                     0755
+#   $PREFIX/lib/systemd/system/vmsnapd.service                                     0644
+#   $PREFIX/share/dbus-1/system.d/org.vmsnap.VmSnap1.conf                          0644
+#   $PREFIX/share/dbus-1/system-services/org.vmsnap.VmSnap1.service                0644
+#   $PREFIX/share/polkit-1/actions/org.vmsnap.policy                               0644
+#   $PREFIX/share/man/man1/vmsnapctl.1, vmsnapctl-<command>.1                      0644
+#   $PREFIX/share/bash-completion/completions/vmsnapctl                            0644
+#   $PREFIX/share/zsh/vendor-completions/_vmsnapctl                                0644
+#   $PREFIX/share/fish/vendor_completions.d/vmsnapctl.fish                         0644
+#   /etc/vmsnap/vmsnapd.toml (the documented defaults; an existing one is kept)    0644
+#
+# Man pages and completions are generated from vmsnapctl's command line by vmsnapctl-gen, built
+# with the binaries. Running it again installs the same files again (idempotent).
+set -euo pipefail
+umask 022
+
+me=install.sh
+die() {
+  echo "$me: $*" >&2
+  exit 1
+}
+
+usage() {
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+}
+
+root=$(cd "$(dirname "$0")" && pwd)
+build=1
+uninstall=0
+from=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --no-build) build=0 ;;
+    --from)
+      [ $# -ge 2 ] || die "--from needs a directory"
+      from=$2
+      build=0
+      shift
+      ;;
+    --from=*)
+      from=${1#--from=}
+      build=0
+      ;;
+    --uninstall) uninstall=1 ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+
+PREFIX=${PREFIX:-/usr}
+DESTDIR=${DESTDIR:-}
+case $PREFIX in
+  /*) ;;
+  *) die "PREFIX must be an absolute path, not '$PREFIX'" ;;
+esac
+PREFIX=${PREFIX%/}
+case $DESTDIR in
+  "" | /*) ;;
+  *) DESTDIR=$(pwd)/$DESTDIR ;;
+esac
+DESTDIR=${DESTDIR%/}
+
+bindir=$PREFIX/bin
+unitdir=$PREFIX/lib/systemd/system
+dbus_policy_dir=$PREFIX/share/dbus-1/system.d
+dbus_service_dir=$PREFIX/share/dbus-1/system-services
+polkit_dir=$PREFIX/share/polkit-1/actions
+man1dir=$PREFIX/share/man/man1
+bash_dir=$PREFIX/share/bash-completion/completions
+zsh_dir=$PREFIX/share/zsh/vendor-completions
+fish_dir=$PREFIX/share/fish/vendor_completions.d
+confdir=/etc/vmsnap
+
+# Every file install puts, but the man pages (their names come from vmsnapctl's commands).
+files=(
+  "$bindir/vmsnapd"
+  "$bindir/vmsnapctl"
+  "$unitdir/vmsnapd.service"
+  "$dbus_policy_dir/org.vmsnap.VmSnap1.conf"
+  "$dbus_service_dir/org.vmsnap.VmSnap1.service"
+  "$polkit_dir/org.vmsnap.policy"
+  "$bash_dir/vmsnapctl"
+  "$zsh_dir/_vmsnapctl"
+  "$fish_dir/vmsnapctl.fish"
+)
+
+if [ $uninstall = 1 ]; then
+  for f in "${files[@]}"; do
+    rm -f -- "$DESTDIR$f"
+  done
+  # vmsnapctl.1 and vmsnapctl-<command>.1: all of vmsnapctl's pages, whatever its commands were.
+  rm -f -- "$DESTDIR$man1dir"/vmsnapctl.1 "$DESTDIR$man1dir"/vmsnapctl-*.1
+  if [ -e "$DESTDIR$confdir/vmsnapd.toml" ]; then
+    echo "$me: vmsnap removed; $DESTDIR$confdir/vmsnapd.toml is kept (remove it by hand if unwanted)"
+  else
+    echo "$me: vmsnap removed"
+  fi
+  exit 0
+fi
+
+if [ $build = 1 ]; then
+  command -v cargo >/dev/null || die "cargo not found: install Rust, or build first and use --no-build"
+  (cd "$root" && cargo build --release --locked --quiet -p vmsnapd -p vmsnapctl) ||
+    die "cargo build failed"
+fi
+from=${from:-$root/target/release}
+[ -d "$from" ] || die "$from does not exist: build first (cargo build --release) or name the binaries' directory with --from"
+for b in vmsnapd vmsnapctl vmsnapctl-gen; do
+  [ -x "$from/$b" ] || die "$from/$b is missing: build first (cargo build --release) or name the binaries' directory with --from"
+done
+
+work=$(mktemp -d)
+trap 'rm -rf -- "$work"' EXIT
+
+# Generated from vmsnapctl's clap definition; without the environment's bus address, which clap
+# would print as the option's current value.
+env -u VMSNAP_BUS_ADDRESS "$from/vmsnapctl-gen" man "$work/man" || die "cannot generate the man pages"
+env -u VMSNAP_BUS_ADDRESS "$from/vmsnapctl-gen" completions "$work/completions" ||
+  die "cannot generate the shell completions"
+
+# The shipped files name /usr/bin/vmsnapd; with another PREFIX they name $bindir/vmsnapd.
+sed "s|/usr/bin/vmsnapd|$bindir/vmsnapd|g" "$root/systemd/vmsnapd.service" >"$work/vmsnapd.service"
+sed "s|/usr/bin/vmsnapd|$bindir/vmsnapd|g" \
+  "$root/config/dbus/system-services/org.vmsnap.VmSnap1.service" >"$work/org.vmsnap.VmSnap1.service"
+
+put() { # mode source destination-directory [name]
+  local mode=$1 source=$2 dir=$DESTDIR$3 name=${4:-$(basename "$2")}
+  install -d -m 0755 "$dir" || die "cannot create $dir"
+  install -m "$mode" "$source" "$dir/$name" || die "cannot install $dir/$name"
+}
+
+put 0755 "$from/vmsnapd" "$bindir"
+put 0755 "$from/vmsnapctl" "$bindir"
+put 0644 "$work/vmsnapd.service" "$unitdir"
+put 0644 "$root/config/dbus/system.d/org.vmsnap.VmSnap1.conf" "$dbus_policy_dir"
+put 0644 "$work/org.vmsnap.VmSnap1.service" "$dbus_service_dir"
+put 0644 "$root/config/polkit/org.vmsnap.policy" "$polkit_dir"
+for page in "$work"/man/*.1; do
+  put 0644 "$page" "$man1dir"
+done
+put 0644 "$work/completions/vmsnapctl.bash" "$bash_dir" vmsnapctl
+put 0644 "$work/completions/_vmsnapctl" "$zsh_dir"
+put 0644 "$work/completions/vmsnapctl.fish" "$fish_dir"
+if [ -e "$DESTDIR$confdir/vmsnapd.toml" ]; then
+  kept=" (kept the existing $DESTDIR$confdir/vmsnapd.toml)"
+else
+  put 0644 "$root/config/vmsnapd.toml" "$confdir"
+  kept=""
+fi
+
+if [ -z "$DESTDIR" ]; then
+  echo "$me: vmsnap installed under $PREFIX$kept; start it with: systemctl daemon-reload && systemctl enable --now vmsnapd"
+else
+  echo "$me: vmsnap installed into $DESTDIR$kept"
+fi
