@@ -134,7 +134,11 @@ fn init_logging(config: &Config) -> service::LogFilterHandle {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(config));
     let journald = std::env::var_os("JOURNAL_STREAM")
         .is_some()
-        .then(|| tracing_journald::layer().ok())
+        .then(|| {
+            tracing_journald::layer()
+                .ok()
+                .map(|l| l.with_field_prefix(None))
+        })
         .flatten();
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
