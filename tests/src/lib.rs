@@ -756,3 +756,46 @@ pub fn wait_agent_connected(daemon: &Daemon, vm: &str) {
         },
     );
 }
+
+const LIBVIRTD_PID_FILE: &str = "/run/libvirtd.pid";
+
+/// The running libvirtd's pid, from its pid file.
+pub fn libvirtd_pid() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(LIBVIRTD_PID_FILE)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // PID 1 may not reap here: a zombie is not a running libvirtd.
+    (!status
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("zombie")))
+    .then_some(pid)
+}
+
+/// Starts libvirtd again if the test leaves it stopped (on failure too).
+pub struct RestartLibvirtdOnDrop;
+
+impl Drop for RestartLibvirtdOnDrop {
+    fn drop(&mut self) {
+        if libvirtd_pid().is_none() {
+            let _ = Command::new("libvirtd").arg("-d").status();
+        }
+    }
+}
+
+/// `vmsnapctl snapshot show VM NAME --output json`.
+pub fn show_snapshot(daemon: &Daemon, vm: &str, name: &str) -> serde_json::Value {
+    daemon
+        .ctl(&["snapshot", "show", vm, name, "--output", "json"])
+        .json()
+}
+
+/// The image of a snapshot's first included volume, from its JSON.
+pub fn image_of(snapshot: &serde_json::Value) -> String {
+    snapshot["snapshotVolumes"]["includedVolumes"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}

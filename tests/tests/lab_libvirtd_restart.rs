@@ -9,33 +9,7 @@ use vmsnap_api::ManagerProxy;
 use vmsnap_tests::{
     config_for, find_vm, require_lab, wait_for, Daemon, PrivateBus, LAB_AGENT_VM, LAB_URI,
 };
-
-const LIBVIRTD_PID_FILE: &str = "/run/libvirtd.pid";
-
-fn libvirtd_pid() -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(LIBVIRTD_PID_FILE)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    // PID 1 may not reap here: a zombie is not a running libvirtd.
-    (!status
-        .lines()
-        .any(|l| l.starts_with("State:") && l.contains("zombie")))
-    .then_some(pid)
-}
-
-/// Starts libvirtd again if this test leaves it stopped (on failure too).
-struct RestartLibvirtdOnDrop;
-
-impl Drop for RestartLibvirtdOnDrop {
-    fn drop(&mut self) {
-        if libvirtd_pid().is_none() {
-            let _ = Command::new("libvirtd").arg("-d").status();
-        }
-    }
-}
+use vmsnap_tests::{libvirtd_pid, RestartLibvirtdOnDrop};
 
 #[test]
 fn libvirtd_restart_is_survived_and_reported() {

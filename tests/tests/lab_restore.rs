@@ -12,6 +12,7 @@ use vmsnap_tests::{
     config_for, image_checksums, run, virsh, wait_for, Daemon, PrivateBus, ScratchOptions,
     ScratchVm, LAB_URI,
 };
+use vmsnap_tests::{image_of, show_snapshot as show};
 
 fn agent_vm(name: &str) -> ScratchVm {
     let vm = ScratchVm::define(
@@ -291,19 +292,6 @@ fn virsh_quiet(args: &[&str]) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
-}
-
-fn show(daemon: &Daemon, vm: &str, name: &str) -> Value {
-    daemon
-        .ctl(&["snapshot", "show", vm, name, "--output", "json"])
-        .json()
-}
-
-fn image_of(snapshot: &Value) -> String {
-    snapshot["snapshotVolumes"]["includedVolumes"][0]["image"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 /// S1, S2; restore S1; S3; then delete S1, S2 and S3 in `order`, checking every remaining

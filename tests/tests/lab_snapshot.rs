@@ -11,6 +11,7 @@ use vmsnap_tests::{
     config_for, guest_exec, image_checksums, virsh, wait_for, Daemon, PrivateBus, ScratchOptions,
     ScratchVm, LAB_URI,
 };
+use vmsnap_tests::{image_of, show_snapshot as show};
 
 fn daemon() -> (PrivateBus, Daemon) {
     let bus = PrivateBus::start();
@@ -29,19 +30,6 @@ fn create(daemon: &Daemon, vm: &str, name: &str) -> Value {
     daemon
         .ctl(&["snapshot", "create", vm, name, "--output", "json"])
         .json()
-}
-
-fn show(daemon: &Daemon, vm: &str, name: &str) -> Value {
-    daemon
-        .ctl(&["snapshot", "show", vm, name, "--output", "json"])
-        .json()
-}
-
-fn image_of(snapshot: &Value) -> String {
-    snapshot["snapshotVolumes"]["includedVolumes"][0]["image"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn indications(snapshot: &Value) -> Vec<String> {

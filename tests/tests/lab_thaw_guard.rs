@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use vmsnap_tests::{bin, guest_exec, require_lab, virsh, wait_for, LAB_AGENT_VM, LAB_URI};
+use vmsnap_tests::{libvirtd_pid, RestartLibvirtdOnDrop};
 
 /// The guard's exit statuses (thaw_guard.rs).
 const EXIT_DISARMED: i32 = 0;
@@ -365,33 +366,6 @@ fn a_hung_agent_delays_the_thaw_until_it_answers() {
         "{took:?}: was the agent stopped?"
     );
     assert!(log.contains("thawed 1 filesystem(s) (attempt 1)"), "{log}");
-}
-
-const LIBVIRTD_PID_FILE: &str = "/run/libvirtd.pid";
-
-fn libvirtd_pid() -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(LIBVIRTD_PID_FILE)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    // PID 1 may not reap here: a zombie is not a running libvirtd.
-    (!status
-        .lines()
-        .any(|l| l.starts_with("State:") && l.contains("zombie")))
-    .then_some(pid)
-}
-
-/// Starts libvirtd again if the test leaves it stopped (on failure too).
-struct RestartLibvirtdOnDrop;
-
-impl Drop for RestartLibvirtdOnDrop {
-    fn drop(&mut self) {
-        if libvirtd_pid().is_none() {
-            let _ = Command::new("libvirtd").arg("-d").status();
-        }
-    }
 }
 
 /// libvirtd restarts while the guest is frozen: the guard's connection is dead when it must
