@@ -260,6 +260,24 @@ fn a_snapshot_restored_as_a_new_vm_boots_with_its_data_and_the_source_keeps_its_
     // The source runs on, with its own data.
     assert_eq!(vm.guest_checksums(), now);
     assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
+
+    // The snapshot's image now backs two running chains, the source's and the clone's:
+    // deleting the snapshot must merge nothing into it, and both VMs keep their data.
+    let image = restored["restores"][0]["fromImage"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image_sum = || run("sha256sum", &[&image]);
+    let before = image_sum();
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
+    assert_eq!(image_sum(), before, "the shared image was written");
+    assert_eq!(vm.guest_checksums(), now);
+    let (_, clone_after) = vmsnap_tests::guest_exec(
+        clone_name,
+        "cd /mnt/data && find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
+        Duration::from_secs(30),
+    );
+    assert_eq!(clone_after, then);
 }
 
 struct CloneCleanup(&'static str);

@@ -10,6 +10,13 @@
 //! LVs' first 8 MiB (`sha256sum`, after dropping the page cache). Prints one line per result:
 //! `CHECK <name> ok`, `CHECK <name> FAIL <detail>`, `TIME <name> <ms> ms`, `INFO ...`, and ends
 //! with `SELFTEST PASS` (exit 0) or `SELFTEST FAIL` (exit 1). Linux only; needs root.
+//!
+//! ```text
+//! vmsnap-lvm-selftest --bench N DEVICE   # benchmark (bench/lvm.sh); also DESTROYS DEVICE's content
+//! ```
+//!
+//! Times N rounds of snapshot, restore and delete of thin LVs of 64 MiB and 4 GiB and a thick LV
+//! of 256 MiB (VG `vmsnapbench`) and prints a markdown table; see the `bench` module.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -540,6 +547,9 @@ fn errors_and_paths(run: &mut Run, tags: &[String]) -> Res<()> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--bench") {
+        return bench::main(&args[2..]);
+    }
     let Some(device) = args.get(1) else {
         eprintln!("usage: vmsnap-lvm-selftest DEVICE   (destroys DEVICE's content)");
         return ExitCode::from(2);
@@ -576,5 +586,294 @@ fn main() -> ExitCode {
     } else {
         println!("SELFTEST FAIL ({} failures)", run.failures);
         ExitCode::FAILURE
+    }
+}
+
+/// `--bench N DEVICE`: N rounds, on VG `vmsnapbench` made on DEVICE, of snapshot, overwrite,
+/// restore and delete of the snapshot for a thin LV of 64 MiB, a thin LV of 4 GiB (both virtual
+/// size, in one thin pool) and a thick LV of 256 MiB. Each LV first gets 32 MiB of data (8 chunks
+/// of 4 MiB, chunk k at k/8 of the LV); each round overwrites 8 MiB of it (chunks 0 and 4) after
+/// the snapshot, and then does the thick LV once more overwriting all 32 MiB (a thick restore
+/// merges the changed data back, so its cost follows the amount changed). Each round also times
+/// one `lvs` report of one LV, the cost of a single LVM command, as a baseline. Only the vmsnap-lvm calls are timed (`Instant`, around `snapshot_thin` /
+/// `snapshot_thick`, `restore_thin` / `restore_thick`, `remove`); after every restore the first
+/// chunk is read back (page cache dropped) and compared with the data written before the
+/// snapshot, so a restore that did nothing fails the bench. Prints `ROUND` lines (raw times),
+/// `INFO` lines, a markdown table (median/min/max ms) and `RATIO` of the 4 GiB thin restore's
+/// median to the 64 MiB one's; ends with `BENCH PASS` (exit 0) or `BENCH FAIL` (exit 1).
+mod bench {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::process::ExitCode;
+    use std::time::Instant;
+
+    use vmsnap_lvm::{thick_snapshot_size, vmsnap_tags, Lvm};
+
+    const VG: &str = "vmsnapbench";
+    const MIB: u64 = 1 << 20;
+    const CHUNK: usize = 4 << 20;
+    const CHUNKS: u64 = 8;
+    /// Chunks overwritten after each snapshot (8 MiB), or all of them (32 MiB).
+    const OVERWRITE: &[u64] = &[0, 4];
+    const OVERWRITE_ALL: &[u64] = &[0, 1, 2, 3, 4, 5, 6, 7];
+
+    type Res<T> = Result<T, String>;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Thin,
+        Thick,
+    }
+
+    struct Target {
+        lv: &'static str,
+        label: &'static str,
+        overwrite: &'static [u64],
+        size: u64,
+        kind: Kind,
+    }
+
+    const TARGETS: [Target; 4] = [
+        Target {
+            lv: "thin-small",
+            label: "thin 64 MiB",
+            size: 64 * MIB,
+            kind: Kind::Thin,
+            overwrite: OVERWRITE,
+        },
+        Target {
+            lv: "thin-big",
+            label: "thin 4 GiB",
+            size: 4096 * MIB,
+            kind: Kind::Thin,
+            overwrite: OVERWRITE,
+        },
+        Target {
+            lv: "thick",
+            label: "thick 256 MiB",
+            size: 256 * MIB,
+            kind: Kind::Thick,
+            overwrite: OVERWRITE,
+        },
+        // The same thick LV again, with 32 MiB changed: a merge copies the changed data back.
+        Target {
+            lv: "thick",
+            label: "thick 256 MiB, 32 MiB changed",
+            size: 256 * MIB,
+            kind: Kind::Thick,
+            overwrite: OVERWRITE_ALL,
+        },
+    ];
+    const OPS: [&str; 3] = ["snapshot", "restore", "delete"];
+
+    fn dev(lv: &str) -> String {
+        format!("/dev/{VG}/{lv}")
+    }
+
+    fn pattern(seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut buf = vec![0u8; CHUNK];
+        for chunk in buf.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        buf
+    }
+
+    /// Writes chunk k (k in `which`) at k/8 of the LV, pattern from `seed` and k, then syncs.
+    fn write_chunks(t: &Target, which: &[u64], seed: u64) -> Res<()> {
+        let path = dev(t.lv);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("open {path}: {e}"))?;
+        for &k in which {
+            file.seek(SeekFrom::Start(k * t.size / CHUNKS))
+                .and_then(|_| file.write_all(&pattern(seed * 100 + k)))
+                .map_err(|e| format!("write {path}: {e}"))?;
+        }
+        file.sync_all().map_err(|e| format!("sync {path}: {e}"))
+    }
+
+    /// Reads chunk 0 of the LV after dropping the page cache.
+    fn read_chunk0(t: &Target) -> Res<Vec<u8>> {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+        let path = dev(t.lv);
+        let mut buf = vec![0u8; CHUNK];
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut buf))
+            .map_err(|e| format!("read {path}: {e}"))?;
+        Ok(buf)
+    }
+
+    fn timed<T>(what: &str, f: impl FnOnce() -> Result<T, vmsnap_lvm::Error>) -> Res<f64> {
+        let start = Instant::now();
+        f().map_err(|e| format!("{what}: {e}"))?;
+        Ok(start.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    fn lvm(l: &Lvm, sub: &str, args: &[&str]) -> Res<String> {
+        l.run(sub, args)
+            .map_err(|e| format!("lvm {sub} {args:?}: {e}"))
+    }
+
+    fn setup(l: &Lvm, device: &str) -> Res<()> {
+        let _ = l.run("vgremove", ["-ff", "-y", VG]);
+        lvm(l, "pvcreate", &["-ff", "-y", device])?;
+        lvm(l, "vgcreate", &[VG, device])?;
+        lvm(l, "lvcreate", &["-L", "512m", "-T", &format!("{VG}/pool")])?;
+        for t in TARGETS.iter().take(3) {
+            let size = format!("{}m", t.size / MIB);
+            match t.kind {
+                Kind::Thin => lvm(
+                    l,
+                    "lvcreate",
+                    &["-V", &size, "-T", &format!("{VG}/pool"), "-n", t.lv],
+                )?,
+                Kind::Thick => lvm(l, "lvcreate", &["-L", &size, "-n", t.lv, VG])?,
+            };
+            write_chunks(t, &(0..CHUNKS).collect::<Vec<_>>(), 1)?;
+        }
+        Ok(())
+    }
+
+    /// One round on one LV: [snapshot, restore, delete] in ms.
+    fn round(l: &Lvm, t: &Target, r: u64, tags: &[String]) -> Res<[f64; 3]> {
+        let snap = format!("{}.snap", t.lv);
+        let before = read_chunk0(t)?;
+        let snap_ms = match t.kind {
+            Kind::Thin => timed("snapshot_thin", || l.snapshot_thin(VG, t.lv, &snap, tags))?,
+            Kind::Thick => {
+                let size = thick_snapshot_size(t.size, 20.0, 16 * MIB);
+                timed("snapshot_thick", || {
+                    l.snapshot_thick(VG, t.lv, &snap, size, tags)
+                })?
+            }
+        };
+        write_chunks(t, t.overwrite, 1000 + r)?;
+        if read_chunk0(t)? == before {
+            return Err(format!("{}: overwrite did not change the data", t.label));
+        }
+        let restore_ms = match t.kind {
+            Kind::Thin => timed("restore_thin", || l.restore_thin(VG, t.lv, &snap))?,
+            Kind::Thick => timed("restore_thick", || l.restore_thick(VG, t.lv, &snap))?,
+        };
+        if read_chunk0(t)? != before {
+            return Err(format!("{}: restore did not bring the data back", t.label));
+        }
+        let delete_ms = timed("remove", || l.remove(VG, &snap))?;
+        Ok([snap_ms, restore_ms, delete_ms])
+    }
+
+    fn stats(v: &[f64]) -> (f64, f64, f64) {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        (median, s[0], s[n - 1])
+    }
+
+    fn run(n: u64, device: &str) -> Res<()> {
+        let l = Lvm::new();
+        let version = lvm(&l, "version", &[])?;
+        for line in version.lines().take(3) {
+            println!("INFO {}", line.trim());
+        }
+        let start = Instant::now();
+        setup(&l, device)?;
+        println!(
+            "INFO setup (VG, 512 MiB pool, LVs, 32 MiB written to each) {} ms",
+            start.elapsed().as_millis()
+        );
+        let tags = vmsnap_tags(
+            "11111111-2222-3333-4444-555555555555",
+            "66666666-7777-8888-9999-000000000000",
+        )
+        .map_err(|e| e.to_string())?;
+        // times[target][op] = one value per round
+        let mut times = vec![vec![Vec::new(); OPS.len()]; TARGETS.len()];
+        // Baseline: what one LVM command costs here (one `lvs` report of one LV).
+        let mut report = Vec::new();
+        for r in 0..n {
+            report.push(timed("lvs", || l.lv(VG, "thin-small"))?);
+            // Alternate which thin size goes first.
+            let order: [usize; 4] = if r % 2 == 0 {
+                [0, 1, 2, 3]
+            } else {
+                [1, 0, 3, 2]
+            };
+            for i in order {
+                let t = &TARGETS[i];
+                let ms = round(&l, t, r, &tags)?;
+                println!(
+                    "ROUND {} {}: snapshot {:.1} restore {:.1} delete {:.1}",
+                    r + 1,
+                    t.label,
+                    ms[0],
+                    ms[1],
+                    ms[2]
+                );
+                for (op, v) in ms.into_iter().enumerate() {
+                    times[i][op].push(v);
+                }
+            }
+        }
+        let pool = l.lv(VG, "pool").map_err(|e| e.to_string())?;
+        println!("INFO pool data {:?}% after the rounds", pool.data_percent);
+        println!();
+        println!("| LV | operation | N | median ms | min ms | max ms |");
+        println!("|---|---|---:|---:|---:|---:|");
+        for (i, t) in TARGETS.iter().enumerate() {
+            for (op, name) in OPS.iter().enumerate() {
+                let (med, min, max) = stats(&times[i][op]);
+                println!(
+                    "| {} | {name} | {} | {med:.0} | {min:.0} | {max:.0} |",
+                    t.label,
+                    times[i][op].len()
+                );
+            }
+        }
+        let (med, min, max) = stats(&report);
+        println!(
+            "| (baseline) | one `lvs` report of one LV | {n} | {med:.0} | {min:.0} | {max:.0} |"
+        );
+        println!();
+        let (small, _, _) = stats(&times[0][1]);
+        let (big, _, _) = stats(&times[1][1]);
+        println!(
+            "RATIO thin restore 4 GiB / 64 MiB (medians): {:.2} ({big:.0} ms / {small:.0} ms)",
+            big / small
+        );
+        let _ = l.run("vgremove", ["-ff", "-y", VG]);
+        Ok(())
+    }
+
+    pub fn main(args: &[String]) -> ExitCode {
+        let (Some(n), Some(device), None) = (
+            args.first()
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| *n > 0),
+            args.get(1),
+            args.get(2),
+        ) else {
+            eprintln!("usage: vmsnap-lvm-selftest --bench N DEVICE   (destroys DEVICE's content)");
+            return ExitCode::from(2);
+        };
+        match run(n, device) {
+            Ok(()) => {
+                println!("BENCH PASS");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("ERROR {e}");
+                println!("BENCH FAIL");
+                ExitCode::FAILURE
+            }
+        }
     }
 }
