@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use tracing::debug;
+use tracing::{debug, info};
 use virt::connect::Connect;
 use vmsnap_api::SnapshotPhase;
 
@@ -177,4 +177,35 @@ pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> boo
         })
         .any(|r| r.volumes.iter().any(|v| v.image == image))
         || forest.tops.iter().any(|t| t.path == image)
+}
+
+/// Removes `image` and then its backing images, as long as nothing claims them and nothing
+/// builds on them.
+pub fn prune_unclaimed(
+    conn: &Connect,
+    records: &[SnapshotRecord],
+    image: &str,
+) -> Result<(), String> {
+    let mut current = image.to_string();
+    loop {
+        let forest = Forest::scan_with(conn, records, &[current.as_str()])?;
+        if !std::path::Path::new(&current).exists()
+            || is_owned(&current, &forest, records)
+            || forest.in_any_chain(&current)
+            || !forest.children(&current).is_empty()
+        {
+            return Ok(());
+        }
+        let parent = forest.parent(&current).map(str::to_string);
+        match std::fs::remove_file(&current) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {current}: {e}")),
+        }
+        info!(image = %current, "removed an image nothing uses any more");
+        match parent {
+            Some(p) => current = p,
+            None => return Ok(()),
+        }
+    }
 }

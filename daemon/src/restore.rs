@@ -16,7 +16,7 @@ use vmsnap_api::{DetachedDisk, RestorePhase, SnapshotPhase, VmState, VolumeResto
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
-use crate::images::{is_owned, Forest};
+use crate::images::prune_unclaimed;
 use crate::qemu_img;
 use crate::snapshot::{
     self, connect, crash_point, is_active, lookup, now_rfc3339, OpContext, OpEvent,
@@ -268,29 +268,6 @@ fn finish(
     record.step = RestoreStep::Done;
     ctx.save_restore(record)?;
     Ok(())
-}
-
-/// Removes `image` and then its backing images, as long as nothing claims them and nothing
-/// builds on them.
-fn prune_unclaimed(conn: &Connect, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
-    let mut current = image.to_string();
-    loop {
-        let forest = Forest::scan_with(conn, records, &[current.as_str()])?;
-        if !Path::new(&current).exists()
-            || is_owned(&current, &forest, records)
-            || forest.in_any_chain(&current)
-            || !forest.children(&current).is_empty()
-        {
-            return Ok(());
-        }
-        let parent = forest.parent(&current).map(str::to_string);
-        std::fs::remove_file(&current).map_err(|e| format!("cannot remove {current}: {e}"))?;
-        info!(image = %current, "removed an image nothing uses any more");
-        match parent {
-            Some(p) => current = p,
-            None => return Ok(()),
-        }
-    }
 }
 
 /// Where the restored VM's NVRAM file goes: its own path in place, a new file next to it for a

@@ -20,7 +20,7 @@ use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
-use crate::images::{is_owned, Forest};
+use crate::images::{is_owned, prune_unclaimed, Forest};
 use crate::qemu_img;
 use crate::store::{SnapshotRecord, StateCopy, Step, Store, VolumeRecord};
 use crate::thaw_guard::ThawGuard;
@@ -403,7 +403,7 @@ fn remove_unused_overlays(ctx: &OpContext, record: &SnapshotRecord) {
     };
     for volume in &record.volumes {
         if Path::new(&volume.overlay).exists() {
-            remove_unused_image(&volume.overlay, &dom, &volume.target);
+            discard_overlay(&dom, &volume.overlay);
         }
     }
 }
@@ -507,7 +507,7 @@ fn rollback_overlays(ctx: &OpContext, dom: &Domain, record: &SnapshotRecord) {
             Ok(()) => {}
             Err(e) => warn!(disk = %volume.target, error = %e, "could not roll back an overlay"),
         }
-        remove_unused_image(&volume.overlay, dom, &volume.target);
+        discard_overlay(dom, &volume.overlay);
     }
 }
 
@@ -544,7 +544,7 @@ fn delete_steps(
         if let Ok(dom) = lookup(&conn, &record.vm_uuid) {
             for volume in &record.volumes {
                 if Path::new(&volume.overlay).exists() {
-                    remove_unused_image(&volume.overlay, &dom, &volume.target);
+                    discard_overlay(&dom, &volume.overlay);
                 }
             }
         }
@@ -607,7 +607,7 @@ fn release_image(
                 merge_down(ctx, conn, &forest, deleting, target, &base, &top, deadline)?;
             }
             move_claims(ctx, others, &top, &base, &Forest::scan(conn, others)?)?;
-            remove_if_unused(conn, others, &top)?;
+            prune_unclaimed(conn, others, &top)?;
             deleting.step = Step::Done;
             ctx.save(deleting)?;
             return Ok(());
@@ -622,9 +622,10 @@ fn release_image(
         let children = forest.children(&current);
         match children.as_slice() {
             [] => {
+                // Gone, with any backing image that only it kept; the first one that stays may
+                // now have a single image on top, to merge on the next round.
                 let parent = forest.parent(&current).map(str::to_string);
-                remove_file(&current)?;
-                info!(image = %current, "removed an image nothing uses");
+                prune_unclaimed(conn, others, &current)?;
                 match parent {
                     Some(p) => current = p,
                     None => return Ok(()),
@@ -646,7 +647,7 @@ fn release_image(
                     return Ok(());
                 }
                 move_claims(ctx, others, &child, &current, &Forest::scan(conn, others)?)?;
-                remove_if_unused(conn, others, &child)?;
+                prune_unclaimed(conn, others, &child)?;
                 deleting.step = Step::Done;
                 ctx.save(deleting)?;
                 return Ok(());
@@ -761,23 +762,6 @@ fn move_claims(
     Ok(())
 }
 
-fn remove_if_unused(conn: &Connect, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
-    let forest = Forest::scan(conn, records)?;
-    if forest.in_any_chain(image) || is_owned(image, &forest, records) {
-        warn!(%image, "image still in use; not removed");
-        return Ok(());
-    }
-    remove_file(image)
-}
-
-fn remove_file(path: &str) -> Result<(), String> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("cannot remove {path}: {e}")),
-    }
-}
-
 /// Merges image `top` into `base` (its backing file) for one disk, online or offline, and takes
 /// `top` out of the chain. Already merged (top no longer in the chain): nothing to do.
 fn merge(
@@ -846,21 +830,15 @@ fn merge(
     }
 }
 
-/// Removes an image file once the disk's chain no longer uses it.
-fn remove_unused_image(path: &str, dom: &Domain, target: &str) {
-    let in_use = current_xml(dom)
-        .and_then(|xml| domain::disk_source(&xml, target))
-        .and_then(|(top, _)| qemu_img::backing_chain(&top))
-        .map(|chain| chain.iter().any(|i| i.path == path))
-        .unwrap_or(true);
-    if in_use {
-        warn!(%path, "image still in use; not removed");
-        return;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!(%path, error = %e, "cannot remove image"),
+/// Removes an overlay (and what only it kept) once no chain uses it. Best effort: what stays is
+/// logged.
+fn discard_overlay(dom: &Domain, path: &str) {
+    let pruned = dom
+        .connect()
+        .map_err(|e| e.message().to_string())
+        .and_then(|conn| prune_unclaimed(&conn, &[], path));
+    if let Err(e) = pruned {
+        warn!(%path, error = %e, "cannot remove an overlay");
     }
 }
 
@@ -925,7 +903,7 @@ fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> Result<(), St
         rollback_overlays(ctx, &dom, record);
     }
     for volume in &record.volumes {
-        remove_unused_image(&volume.overlay, &dom, &volume.target);
+        discard_overlay(&dom, &volume.overlay);
     }
     Err("vmsnapd stopped before the snapshot was complete; nothing was kept".to_string())
 }

@@ -81,24 +81,31 @@ impl PrivateBus {
             ),
         )
         .unwrap();
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            // It warns that it cannot raise its fd limit when not started as a real system bus.
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon runs (lab/install-packages.sh installs it)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, address) = spawn_dbus_daemon(&config);
         PrivateBus {
-            address: line.trim().to_string(),
+            address,
             child,
             _dir: dir,
         }
     }
+}
+
+/// Starts `dbus-daemon` with this config file; returns it and the address it listens on (empty
+/// if it refused the config).
+pub fn spawn_dbus_daemon(config: &Path) -> (Child, String) {
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .args(["--nofork", "--print-address=1"])
+        .stdout(Stdio::piped())
+        // It warns that it cannot raise its fd limit when not started as a real system bus.
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dbus-daemon runs (lab/install-packages.sh installs it)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_string())
 }
 
 impl Drop for PrivateBus {
@@ -516,6 +523,20 @@ impl ScratchVm {
             dir,
             disk,
         }
+    }
+
+    /// A VM with a guest agent, started and ready (agent answering, data disk mounted).
+    pub fn running_with_agent(name: &str) -> ScratchVm {
+        let vm = ScratchVm::define(
+            name,
+            ScratchOptions {
+                agent: true,
+                ..Default::default()
+            },
+            &[],
+        );
+        vm.start(true);
+        vm
     }
 
     /// Starts it and, with an agent, waits until the agent answers and the data disk is mounted.

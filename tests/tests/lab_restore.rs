@@ -14,19 +14,6 @@ use vmsnap_tests::{
 };
 use vmsnap_tests::{image_of, show_snapshot as show};
 
-fn agent_vm(name: &str) -> ScratchVm {
-    let vm = ScratchVm::define(
-        name,
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
-    vm
-}
-
 fn daemon_for(vm: &ScratchVm) -> (PrivateBus, Daemon) {
     let bus = PrivateBus::start();
     let daemon = Daemon::start(&bus, &config_for(LAB_URI));
@@ -74,7 +61,7 @@ fn snapshot(daemon: &Daemon, vm: &str, name: &str) -> Value {
 #[test]
 fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = agent_vm("vmsnap-r-e2e");
+    let vm = ScratchVm::running_with_agent("vmsnap-r-e2e");
     let (_bus, daemon) = daemon_for(&vm);
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     write_data_set(&vm, 120);
@@ -157,7 +144,7 @@ fn destroyed_data_comes_back_and_the_restore_can_be_undone() {
 #[test]
 fn the_definition_comes_back_and_disks_attached_later_are_detached() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = agent_vm("vmsnap-r-def");
+    let vm = ScratchVm::running_with_agent("vmsnap-r-def");
     let (_bus, daemon) = daemon_for(&vm);
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 64 << 10);
@@ -220,7 +207,7 @@ fn the_definition_comes_back_and_disks_attached_later_are_detached() {
 #[test]
 fn a_snapshot_restored_as_a_new_vm_boots_with_its_data_and_the_source_keeps_its_own() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = agent_vm("vmsnap-r-src");
+    let vm = ScratchVm::running_with_agent("vmsnap-r-src");
     let (_bus, daemon) = daemon_for(&vm);
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 200 << 10);
@@ -316,7 +303,7 @@ fn virsh_quiet(args: &[&str]) -> String {
 /// snapshot and the live disk after each step.
 fn deletes_stay_correct_when_history_branches(vm_name: &str, order: [&str; 3]) {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = agent_vm(vm_name);
+    let vm = ScratchVm::running_with_agent(vm_name);
     let (_bus, daemon) = daemon_for(&vm);
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     let mut expected = BTreeMap::new();
@@ -452,7 +439,7 @@ fn a_snapshot_whose_image_is_gone_is_refused() {
 #[test]
 fn daemon_killed_mid_restore_settles_on_restart() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = agent_vm("vmsnap-r-crash");
+    let vm = ScratchVm::running_with_agent("vmsnap-r-crash");
     let (_bus, mut daemon) = daemon_for(&vm);
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 64 << 10);
@@ -464,21 +451,7 @@ fn daemon_killed_mid_restore_settles_on_restart() {
     let before = vm.disk_source();
 
     // Killed before the new definition is in place: the VM is left as it was.
-    daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", "restore-before-define")]);
-    let _ = daemon.ctl(&[
-        "restore",
-        &vm.name,
-        "s1",
-        "--no-safety-snapshot",
-        "--no-wait",
-    ]);
-    assert!(!daemon.wait_exit(Duration::from_secs(30)).success());
-    daemon.restart_with_env(&[]);
-    let first = wait_for(Duration::from_secs(30), "the restore to settle", || {
-        let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
-        let r = list.as_array().unwrap().first().cloned()?;
-        (r["phase"] != "InProgress").then_some(r)
-    });
+    let first = restore_killed_at(&mut daemon, &vm, "restore-before-define", 0);
     assert_eq!(first["phase"], "Failed", "{first}");
     assert!(
         first["error"].as_str().unwrap().contains("left as it was"),
@@ -490,7 +463,16 @@ fn daemon_killed_mid_restore_settles_on_restart() {
     stop(&vm);
 
     // Killed after it: the restart finishes the restore.
-    daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", "restore-after-define")]);
+    let second = restore_killed_at(&mut daemon, &vm, "restore-after-define", 1);
+    assert_eq!(second["phase"], "Succeeded", "{second}");
+    vm.start(true);
+    assert_eq!(vm.guest_checksums(), then);
+}
+
+/// Restores `vm` to s1 with vmsnapd set to die at `point`, restarts it, and returns the `index`th
+/// restore once the restarted daemon has settled it.
+fn restore_killed_at(daemon: &mut Daemon, vm: &ScratchVm, point: &str, index: usize) -> Value {
+    daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", point)]);
     let _ = daemon.ctl(&[
         "restore",
         &vm.name,
@@ -500,12 +482,9 @@ fn daemon_killed_mid_restore_settles_on_restart() {
     ]);
     assert!(!daemon.wait_exit(Duration::from_secs(30)).success());
     daemon.restart_with_env(&[]);
-    let second = wait_for(Duration::from_secs(30), "the restore to settle", || {
+    wait_for(Duration::from_secs(30), "the restore to settle", || {
         let list = daemon.ctl(&["restore", "list", "--output", "json"]).json();
-        let r = list.as_array().unwrap().get(1).cloned()?;
+        let r = list.as_array().unwrap().get(index).cloned()?;
         (r["phase"] != "InProgress").then_some(r)
-    });
-    assert_eq!(second["phase"], "Succeeded", "{second}");
-    vm.start(true);
-    assert_eq!(vm.guest_checksums(), then);
+    })
 }

@@ -44,15 +44,7 @@ fn indications(snapshot: &Value) -> Vec<String> {
 #[test]
 fn online_snapshot_with_agent_holds_the_data_written_before_it() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = ScratchVm::define(
-        "vmsnap-t-online",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
+    let vm = ScratchVm::running_with_agent("vmsnap-t-online");
     let (_bus, daemon) = daemon();
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
 
@@ -115,15 +107,7 @@ fn online_snapshot_without_agent_is_crash_consistent() {
 #[test]
 fn paused_vm_is_snapshotted_without_freeze_and_stays_paused() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = ScratchVm::define(
-        "vmsnap-t-paused",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
+    let vm = ScratchVm::running_with_agent("vmsnap-t-paused");
     let (_bus, daemon) = daemon();
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 256 << 10);
@@ -347,15 +331,7 @@ fn delete_in_order(
 #[test]
 fn deleting_online_in_any_order_keeps_every_other_snapshot_and_the_live_disk() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = ScratchVm::define(
-        "vmsnap-t-delete",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
+    let vm = ScratchVm::running_with_agent("vmsnap-t-delete");
     let (_bus, daemon) = daemon();
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     for order in [
@@ -429,15 +405,7 @@ fn agent_frozen(vm: &str) -> bool {
 #[test]
 fn hung_agent_gives_a_crash_consistent_snapshot_or_fails_by_policy() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = ScratchVm::define(
-        "vmsnap-t-hung",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
+    let vm = ScratchVm::running_with_agent("vmsnap-t-hung");
     let bus = PrivateBus::start();
     let strict = Daemon::start(
         &bus,
@@ -492,15 +460,7 @@ fn hung_agent_gives_a_crash_consistent_snapshot_or_fails_by_policy() {
 #[test]
 fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = ScratchVm::define(
-        "vmsnap-t-crash",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
+    let vm = ScratchVm::running_with_agent("vmsnap-t-crash");
     let (_bus, mut daemon) = daemon();
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 256 << 10);
@@ -584,15 +544,7 @@ fn daemon_killed_mid_create_and_mid_delete_settles_on_restart() {
 #[test]
 fn sigterm_during_a_snapshot_lets_it_finish() {
     let _slot = vmsnap_tests::GuestSlot::take();
-    let vm = ScratchVm::define(
-        "vmsnap-t-sigterm",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
-    vm.start(true);
+    let vm = ScratchVm::running_with_agent("vmsnap-t-sigterm");
     let (_bus, mut daemon) = daemon();
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     vm.write_file("f1", 128 << 10);

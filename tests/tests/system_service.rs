@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -570,20 +569,10 @@ impl SystemLikeBus {
             ),
         )
         .unwrap();
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon runs (lab/install-packages.sh installs it)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(!line.trim().is_empty(), "dbus-daemon refused the config");
+        let (child, address) = vmsnap_tests::spawn_dbus_daemon(&config);
+        assert!(!address.is_empty(), "dbus-daemon refused the config");
         SystemLikeBus {
-            address: line.trim().to_string(),
+            address,
             child,
             dir,
         }
