@@ -141,6 +141,10 @@ pub trait Snapshot {
     /// How many filesystems the guest agent froze.
     #[zbus(property)]
     fn frozen_filesystems(&self) -> zbus::Result<u32>;
+    /// The fullest copy-on-write space of the snapshot's thick LVM volumes, in percent (0 when
+    /// it has none); at 100 the snapshot is Failed.
+    #[zbus(property)]
+    fn cow_fill_percent(&self) -> zbus::Result<f64>;
 }
 
 /// `org.vmsnap.VmSnap1.Restore`: one per restore, mirroring KubeVirt's VirtualMachineRestore

@@ -125,6 +125,7 @@ impl Bus {
                 progress: proxy.progress().await?,
                 freeze_duration_ms: proxy.freeze_duration_ms().await?,
                 frozen_filesystems: proxy.frozen_filesystems().await?,
+                cow_fill_percent: proxy.cow_fill_percent().await?,
             })
         };
         read.await.map_err(|e| self.read_error(&e, OBJECT_VANISHED))

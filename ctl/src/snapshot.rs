@@ -454,6 +454,7 @@ mod tests {
             progress: String::new(),
             freeze_duration_ms: 0,
             frozen_filesystems: 0,
+            cow_fill_percent: 0.0,
         };
         assert_eq!(
             failed_message(&snapshot),

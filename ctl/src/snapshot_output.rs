@@ -11,7 +11,7 @@ use crate::output::{dash, indent_into, none_if_empty, print_json, table, yes_no}
 use crate::OutputFormat;
 
 /// A snapshot as vmsnapctl reads it from vmsnapd: every property of the Snapshot interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub name: String,
     pub uuid: String,
@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub progress: String,
     pub freeze_duration_ms: u64,
     pub frozen_filesystems: u32,
+    /// The fullest thick LVM copy-on-write space, percent.
+    pub cow_fill_percent: f64,
 }
 
 /// The JSON form of a snapshot.
@@ -61,6 +63,9 @@ pub struct SnapshotJson<'a> {
     freeze_duration_ms: u64,
     #[serde(rename = "frozenFilesystems")]
     frozen_filesystems: u32,
+    /// The fullest copy-on-write space of its thick LVM volumes, percent (0: none).
+    #[serde(rename = "cowFillPercent")]
+    cow_fill_percent: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +132,7 @@ impl Snapshot {
             error: none_if_empty(&self.error),
             freeze_duration_ms: self.freeze_duration_ms,
             frozen_filesystems: self.frozen_filesystems,
+            cow_fill_percent: self.cow_fill_percent,
         }
     }
 }
@@ -232,6 +238,12 @@ pub fn render_show(s: &Snapshot) -> String {
         "Freeze window",
         &freeze_window(s.freeze_duration_ms, s.frozen_filesystems),
     );
+    if s.cow_fill_percent > 0.0 {
+        field(
+            "COW space used",
+            &format!("{:.1}% (thick LVM snapshot; invalid at 100%)", s.cow_fill_percent),
+        );
+    }
     if !s.error.is_empty() {
         field("Error", &s.error);
     }
@@ -332,6 +344,7 @@ mod tests {
             progress: String::new(),
             freeze_duration_ms: 57,
             frozen_filesystems: 2,
+            cow_fill_percent: 0.0,
         }
     }
 

@@ -36,6 +36,126 @@ pub struct Config {
     pub failure_deadline: Duration,
     /// Authorize create, delete and restore through polkit.
     pub polkit: bool,
+    /// When to try freezing the guest's filesystems.
+    pub quiesce: Quiesce,
+    /// LVM logical volumes.
+    pub lvm: LvmConfig,
+}
+
+/// When a snapshot of a running VM tries to freeze its filesystems through the guest agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quiesce {
+    /// When libvirt reports the agent connected.
+    Auto,
+    /// Whenever the VM has an agent channel, even if libvirt does not report the agent's state
+    /// (older libvirt, or drivers such as test:/// that do not track it).
+    Always,
+}
+
+/// The `[lvm]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LvmConfig {
+    /// Copy-on-write space of a thick LV's snapshot: a share of the origin ("20%") or a size.
+    pub thick_snapshot_size: SnapshotSize,
+    /// The least copy-on-write space a thick snapshot gets.
+    #[serde(with = "byte_size_text")]
+    pub thick_snapshot_min_size: u64,
+    /// Warn when a thick snapshot's copy-on-write space is fuller than this (percent).
+    pub fill_warning_percent: f64,
+    /// How often thick snapshots' copy-on-write space is checked.
+    #[serde(with = "duration_text")]
+    pub fill_check_interval: Duration,
+    /// The longest one LVM command may run before it is stopped.
+    #[serde(with = "duration_text")]
+    pub command_timeout: Duration,
+}
+
+impl Default for LvmConfig {
+    fn default() -> Self {
+        LvmConfig {
+            thick_snapshot_size: SnapshotSize::Percent(20.0),
+            thick_snapshot_min_size: 256 << 20,
+            fill_warning_percent: 80.0,
+            fill_check_interval: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl LvmConfig {
+    /// Copy-on-write bytes for a thick snapshot of an origin of `origin_size` bytes.
+    pub fn thick_size_for(&self, origin_size: u64) -> u64 {
+        match self.thick_snapshot_size {
+            SnapshotSize::Percent(p) => vmsnap_lvm::thick_snapshot_size(
+                origin_size,
+                p,
+                self.thick_snapshot_min_size,
+            ),
+            SnapshotSize::Bytes(b) => {
+                vmsnap_lvm::thick_snapshot_size(b, 100.0, self.thick_snapshot_min_size)
+            }
+        }
+    }
+}
+
+/// A thick snapshot's size: a share of its origin or a fixed size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SnapshotSize {
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl<'de> Deserialize<'de> for SnapshotSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let parsed = match text.trim().strip_suffix('%') {
+            Some(number) => number
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|p| *p > 0.0 && *p <= 100.0)
+                .map(SnapshotSize::Percent)
+                .ok_or_else(|| format!("invalid share {text:?}: write a percentage above 0 and at most 100, e.g. \"20%\"")),
+            None => parse_byte_size(&text).map(SnapshotSize::Bytes),
+        };
+        parsed.map_err(serde::de::Error::custom)
+    }
+}
+
+/// Sizes like "512MiB", "4GiB", "1TiB" or a number of bytes. Only binary units, so that "GB"
+/// cannot be mistaken for GiB.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => u32::MAX,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| shift != u32::MAX)
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            format!("invalid size {text:?}: write e.g. \"256MiB\" or \"4GiB\" (units B, KiB, MiB, GiB, TiB)")
+        })
+}
+
+mod byte_size_text {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_byte_size(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Durations as human-readable text: "500ms", "10s", "5m".
@@ -71,6 +191,8 @@ impl Default for Config {
             require_quiesce: false,
             failure_deadline: Duration::from_secs(300),
             polkit: true,
+            quiesce: Quiesce::Auto,
+            lvm: LvmConfig::default(),
         }
     }
 }
@@ -181,6 +303,21 @@ impl Config {
         if self.failure_deadline <= self.freeze_timeout {
             return Err("failure_deadline must be longer than freeze_timeout".to_string());
         }
+        between(
+            "lvm.fill_check_interval",
+            self.lvm.fill_check_interval,
+            ms(100),
+            secs(3600),
+        )?;
+        between(
+            "lvm.command_timeout",
+            self.lvm.command_timeout,
+            secs(1),
+            secs(24 * 3600),
+        )?;
+        if !(self.lvm.fill_warning_percent > 0.0 && self.lvm.fill_warning_percent <= 100.0) {
+            return Err("lvm.fill_warning_percent must be above 0 and at most 100".to_string());
+        }
         Ok(())
     }
 }
@@ -264,6 +401,32 @@ mod tests {
             "freeze_timeout = \"20m\"\nfailure_deadline = \"10m\"",
         ] {
             assert!(Config::parse(text, "v.toml").is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn lvm_sizes_and_quiesce() {
+        let c = Config::parse(
+            "quiesce = \"always\"\n[lvm]\nthick_snapshot_size = \"8MiB\"\nthick_snapshot_min_size = \"4MiB\"\n",
+            "v.toml",
+        )
+        .expect("valid");
+        assert_eq!(c.quiesce, Quiesce::Always);
+        assert_eq!(c.lvm.thick_snapshot_size, SnapshotSize::Bytes(8 << 20));
+        assert_eq!(c.lvm.thick_size_for(1 << 30), 8 << 20);
+        let d = LvmConfig::default();
+        assert_eq!(d.thick_size_for(10 << 30), 2 << 30);
+        assert_eq!(d.thick_size_for(100 << 20), 256 << 20);
+        for text in [
+            "[lvm]\nthick_snapshot_size = \"0%\"",
+            "[lvm]\nthick_snapshot_size = \"150%\"",
+            "[lvm]\nthick_snapshot_size = \"1GB\"",
+            "[lvm]\nthick_snapshot_min_size = \"-1MiB\"",
+            "[lvm]\nfill_warning_percent = 0.0",
+            "quiesce = \"sometimes\"",
+        ] {
+            let err = Config::parse(text, "v.toml").expect_err(text);
+            assert!(err.to_string().starts_with("v.toml:"), "{err}");
         }
     }
 

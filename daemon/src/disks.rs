@@ -15,22 +15,26 @@ pub trait LvmProbe {
     fn is_logical_volume(&self, dev: &Path) -> bool;
 }
 
-/// Asks the kernel: an LV is a device-mapper device whose dm UUID starts with `LVM-`.
+/// Asks the kernel: an LV is a device-mapper device whose dm UUID starts with `LVM-`. The device
+/// is found by its number (major:minor), not its name: without udev, LVM makes /dev/VG/LV and
+/// /dev/mapper/VG-LV plain device nodes, not links to /dev/dm-N.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SysfsLvmProbe;
 
 impl LvmProbe for SysfsLvmProbe {
     fn is_logical_volume(&self, dev: &Path) -> bool {
-        let Ok(resolved) = std::fs::canonicalize(dev) else {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let Ok(meta) = std::fs::metadata(dev) else {
             return false;
         };
-        let Some(name) = resolved.file_name().and_then(|n| n.to_str()) else {
-            return false;
-        };
-        if !name.starts_with("dm-") {
+        if !meta.file_type().is_block_device() {
             return false;
         }
-        std::fs::read_to_string(format!("/sys/block/{name}/dm/uuid"))
+        let rdev = meta.rdev();
+        // The kernel's encoding of dev_t (glibc's gnu_dev_major/minor).
+        let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff);
+        let minor = ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff);
+        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/dm/uuid"))
             .map(|uuid| uuid.starts_with("LVM-"))
             .unwrap_or(false)
     }

@@ -213,8 +213,8 @@ pub fn set_disk_source(
         .ok_or_else(|| format!("disk {target} has no source"))?;
     let file = source
         .attributes()
-        .find(|a| a.name() == "file")
-        .ok_or_else(|| format!("disk {target} is not a file disk"))?;
+        .find(|a| a.name() == "file" || a.name() == "dev")
+        .ok_or_else(|| format!("disk {target} is neither a file nor a block device disk"))?;
     edits.push((file.range_value(), escape_attr(path)));
     if let Some(kind) = disk
         .children()

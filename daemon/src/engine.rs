@@ -121,11 +121,7 @@ pub enum Request {
         reply: oneshot::Sender<Result<String, EngineError>>,
     },
     /// Takes new operation settings (SIGHUP); running operations keep theirs.
-    Reconfigure {
-        freeze_timeout: std::time::Duration,
-        require_quiesce: bool,
-        failure_deadline: std::time::Duration,
-    },
+    Reconfigure(Box<crate::config::Config>),
     /// Answers at once: proof of life for the service watchdog.
     Ping { reply: oneshot::Sender<()> },
     /// Restore UUIDs, oldest first.
@@ -133,7 +129,7 @@ pub enum Request {
 }
 
 /// What the bus layer must reflect.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     VmAdded(VmInfo),
     VmUpdated(VmInfo),
@@ -172,6 +168,11 @@ pub struct Engine {
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
     settle_pending: bool,
+    /// A check of thick LVM snapshots' copy-on-write space is running.
+    fill_check_running: bool,
+    /// Snapshots whose copy-on-write fill was last seen past the warning threshold (warned
+    /// once per crossing).
+    fill_warned: std::collections::HashSet<String>,
 }
 
 /// A new VM's name: what libvirt accepts in practice, without path separators.
@@ -207,6 +208,8 @@ impl Engine {
                 libvirt: None,
                 shutting_down: false,
                 settle_pending: false,
+                fill_check_running: false,
+                fill_warned: Default::default(),
             },
             settled_rx,
         )
@@ -251,8 +254,16 @@ impl Engine {
         mut op_events: mpsc::UnboundedReceiver<OpEvent>,
         mut shutdown: Shutdown,
     ) {
+        let fill_timer = tokio::time::sleep(self.fill_check_interval());
+        tokio::pin!(fill_timer);
         loop {
             tokio::select! {
+                () = &mut fill_timer => {
+                    self.start_fill_check();
+                    fill_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.fill_check_interval());
+                }
                 () = shutdown.wait(), if !self.shutting_down => {
                     self.shutting_down = true;
                     if self.busy.is_empty() {
@@ -310,6 +321,95 @@ impl Engine {
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
+            }
+            OpEvent::CowFill(result) => {
+                self.fill_check_running = false;
+                match result {
+                    Ok(fills) => self.apply_cow_fill(&fills),
+                    Err(error) => warn!(%error, "cannot check thick LVM snapshots' space"),
+                }
+            }
+        }
+    }
+
+    fn fill_check_interval(&self) -> std::time::Duration {
+        self.ops
+            .as_ref()
+            .map(|o| o.lvm.fill_check_interval)
+            .unwrap_or(std::time::Duration::from_secs(10))
+    }
+
+    /// Starts one `lvs` of the vmsnap LVs on a blocking thread, if any ready snapshot has a
+    /// thick LVM volume (a host without them never runs LVM for this).
+    fn start_fill_check(&mut self) {
+        let Some(ops) = self.ops.as_ref() else { return };
+        let wanted = self.snapshots.values().any(|s| {
+            s.phase == SnapshotPhase::Succeeded
+                && s.volumes
+                    .iter()
+                    .any(|v| v.lvm.as_ref().is_some_and(|l| !l.thin))
+        });
+        if !wanted || self.fill_check_running || self.shutting_down {
+            return;
+        }
+        self.fill_check_running = true;
+        let lvm = ops.lvm_tool();
+        let events = ops.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = events.send(OpEvent::CowFill(crate::lvm_volumes::scan_fill(&lvm)));
+        });
+    }
+
+    /// Publishes each ready snapshot's fullest copy-on-write space, warns past the threshold,
+    /// and fails snapshots whose thick LV overflowed (their data is lost). Snapshots of a VM with
+    /// an operation running are left to that operation (a thick restore re-takes its LV).
+    fn apply_cow_fill(&mut self, fills: &[crate::lvm_volumes::CowFill]) {
+        let Some(ops) = self.ops.clone() else { return };
+        let threshold = ops.lvm.fill_warning_percent;
+        let uuids: Vec<String> = self
+            .snapshots
+            .values()
+            .filter(|s| s.phase == SnapshotPhase::Succeeded && !self.busy.contains_key(&s.vm_uuid))
+            .map(|s| s.uuid.clone())
+            .collect();
+        for uuid in uuids {
+            let mine: Vec<&crate::lvm_volumes::CowFill> =
+                fills.iter().filter(|f| f.snapshot_uuid == uuid).collect();
+            let Some(record) = self.snapshots.get_mut(&uuid) else { continue };
+            if mine.is_empty() {
+                continue;
+            }
+            let percent = mine.iter().map(|f| f.percent).fold(0.0, f64::max);
+            if let Some(over) = mine.iter().find(|f| f.invalid) {
+                let target = record
+                    .volumes
+                    .iter()
+                    .find(|v| v.lvm.as_ref().is_some_and(|l| l.snapshot == over.lv))
+                    .map(|v| v.target.clone())
+                    .unwrap_or_default();
+                record.phase = SnapshotPhase::Failed;
+                record.ready_to_use = false;
+                record.cow_fill_percent = 100.0;
+                record.error = crate::lvm_volumes::overflow_message(&target, &over.vg, &over.lv);
+                warn!(vm = %record.vm_name, snapshot = %record.name, "{}", record.error);
+                if let Err(e) = ops.store.save(record) {
+                    warn!(error = %e, "cannot write the snapshot record");
+                }
+                let record = Box::new(record.clone());
+                self.emit(Change::SnapshotUpdated(record));
+                continue;
+            }
+            if percent > threshold {
+                if self.fill_warned.insert(uuid.clone()) {
+                    warn!(vm = %record.vm_name, snapshot = %record.name, percent, "a thick LVM snapshot's copy-on-write space is {percent:.1}% full; it becomes invalid at 100%");
+                }
+            } else {
+                self.fill_warned.remove(&uuid);
+            }
+            if (record.cow_fill_percent - percent).abs() >= 0.01 {
+                record.cow_fill_percent = percent;
+                let record = Box::new(record.clone());
+                self.emit(Change::SnapshotUpdated(record));
             }
         }
     }
@@ -375,15 +475,13 @@ impl Engine {
                 let _ =
                     reply.send(self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running));
             }
-            Request::Reconfigure {
-                freeze_timeout,
-                require_quiesce,
-                failure_deadline,
-            } => {
+            Request::Reconfigure(config) => {
                 if let Some(ops) = self.ops.as_mut() {
-                    ops.freeze_timeout = freeze_timeout;
-                    ops.require_quiesce = require_quiesce;
-                    ops.failure_deadline = failure_deadline;
+                    ops.freeze_timeout = config.freeze_timeout;
+                    ops.require_quiesce = config.require_quiesce;
+                    ops.failure_deadline = config.failure_deadline;
+                    ops.quiesce = config.quiesce;
+                    ops.lvm = config.lvm.clone();
                 }
             }
             Request::Ping { reply } => {
@@ -646,6 +744,7 @@ impl Engine {
             volumes: Vec::new(),
             excluded,
             extra_state: Vec::new(),
+            cow_fill_percent: 0.0,
         };
         ops.store.save(&record).map_err(|e| {
             EngineError::InvalidState(format!("cannot write the snapshot record: {e}"))
@@ -749,7 +848,10 @@ impl Engine {
         let unfinished_restores: Vec<RestoreRecord> = self
             .restores
             .values()
-            .filter(|r| r.phase == vmsnap_api::RestorePhase::InProgress)
+            .filter(|r| {
+                r.phase == vmsnap_api::RestorePhase::InProgress
+                    || matches!(r.step, RestoreStep::Committed { .. })
+            })
             .cloned()
             .collect();
         for record in unfinished_restores {
@@ -975,6 +1077,7 @@ mod tests {
             volumes: vec![],
             excluded: vec![],
             extra_state: vec![],
+            cow_fill_percent: 0.0,
         }
     }
 

@@ -83,7 +83,7 @@ impl Forest {
             }
         }
         for record in records {
-            for volume in &record.volumes {
+            for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
                 if std::path::Path::new(&volume.image).exists() {
                     forest.add_chain(&volume.image);
                 }

@@ -144,7 +144,7 @@ impl Worker {
     /// Connects if needed, then publishes the inventory.
     fn tick(&mut self) {
         if self.conn.is_none() {
-            match Connect::open(Some(&self.settings.uri)) {
+            match open(&self.settings.uri) {
                 Ok(conn) => {
                     info!(uri = %self.settings.uri, "connected to libvirt");
                     self.conn = Some(conn);
@@ -190,6 +190,25 @@ impl Worker {
 
 /// Reads every domain. A domain that vanishes between listing and reading is skipped; it will be
 /// gone from the next listing too.
+/// Opens a connection to `uri`. libvirt's test driver keeps its state per connection (a
+/// `test:///file.xml` connection starts from the file), so for `test:` URIs every thread of this
+/// process shares one connection and sees the same domains, as with a real hypervisor.
+pub fn open(uri: &str) -> Result<Connect, virt::error::Error> {
+    use std::sync::{Mutex, OnceLock};
+    static SHARED_TEST: OnceLock<Mutex<Option<Connect>>> = OnceLock::new();
+    if !uri.starts_with("test:") {
+        return Connect::open(Some(uri));
+    }
+    let shared = SHARED_TEST.get_or_init(|| Mutex::new(None));
+    let mut guard = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(conn) = guard.as_ref() {
+        return Ok(conn.clone());
+    }
+    let conn = Connect::open(Some(uri))?;
+    *guard = Some(conn.clone());
+    Ok(conn)
+}
+
 fn read_inventory(conn: &Connect, lvm: &dyn LvmProbe) -> Result<Vec<VmInfo>, virt::error::Error> {
     let domains = conn.list_all_domains(0)?;
     let mut vms = Vec::with_capacity(domains.len());

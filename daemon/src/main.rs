@@ -9,6 +9,7 @@ mod domain;
 mod engine;
 mod images;
 mod libvirt;
+mod lvm_volumes;
 mod qemu_img;
 mod restore;
 mod service;
@@ -182,6 +183,8 @@ async fn run(
         freeze_timeout: config.freeze_timeout,
         require_quiesce: config.require_quiesce,
         failure_deadline: config.failure_deadline,
+        quiesce: config.quiesce,
+        lvm: config.lvm.clone(),
         events: op_events,
     };
     let (engine, mut settled) = Engine::new(changes);

@@ -6,6 +6,8 @@
 //! deletable. In place, the definition comes back from the content record (same name and
 //! UUID); disks attached since are detached (their images left alone) and listed.
 
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use vmsnap_api::{DetachedDisk, RestorePhase, SnapshotPhase, VmState, VolumeResto
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
 use crate::images::prune_unclaimed;
+use crate::lvm_volumes;
 use crate::qemu_img;
 use crate::snapshot::{
     self, connect, crash_point, is_active, lookup, now_rfc3339, OpContext, OpEvent,
@@ -96,6 +99,14 @@ fn restore_steps(
         ));
     }
 
+    let lvm = ctx.lvm_tool();
+    for volume in snapshot.volumes.iter().filter(|v| v.lvm.is_some()) {
+        lvm_volumes::check_restorable(&lvm, &snapshot.uuid, volume)?;
+    }
+    if record.new_vm {
+        lvm_volumes::check_new_vm(&snapshot.volumes)?;
+    }
+
     let mut previous_xml = String::new();
     let mut detached = Vec::new();
     if !record.new_vm {
@@ -130,20 +141,31 @@ fn restore_steps(
         .volumes
         .iter()
         .map(|v| {
-            let dir = Path::new(&v.image).parent().unwrap_or(Path::new("/"));
-            VolumeRestore {
-                target: v.target.clone(),
-                from_image: v.image.clone(),
-                to_image: dir
+            let to_image = match &v.lvm {
+                // In place, the origin LV itself gets the snapshot's data.
+                Some(l) if !record.new_vm => format!("/dev/{}/{}", l.vg, l.origin),
+                Some(l) => {
+                    let name = format!("{}-{}-r{short}", record.target_name, v.target);
+                    vmsnap_lvm::validate_lv_name(&name).map_err(|e| e.to_string())?;
+                    format!("/dev/{}/{name}", l.vg)
+                }
+                None => Path::new(&v.image)
+                    .parent()
+                    .unwrap_or(Path::new("/"))
                     .join(format!(
                         "{}-{}-r{short}.qcow2",
                         record.target_name, v.target
                     ))
                     .to_string_lossy()
                     .into_owned(),
-            }
+            };
+            Ok(VolumeRestore {
+                target: v.target.clone(),
+                from_image: v.image.clone(),
+                to_image,
+            })
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     record.not_restored = snapshot.excluded.clone();
     record.detached = detached;
     record.step = RestoreStep::Applying {
@@ -151,9 +173,18 @@ fn restore_steps(
     };
     ctx.save_restore(record)?;
 
-    let applied = apply(ctx, &conn, record, snapshot);
+    let applied = apply(ctx, &conn, record, snapshot, &previous_xml);
     if let Err(error) = applied {
+        if let RestoreStep::Committed { lvm_steps, .. } = &record.step {
+            if !lvm_steps.is_empty() {
+                // LV data was replaced: there is no going back, only forward.
+                return Err(format!(
+                    "{error}; the VM's LVM disks are partly restored: vmsnapd finishes this restore when it next starts (keep the VM off until then)"
+                ));
+            }
+        }
         roll_back(
+            ctx,
             &conn,
             record,
             &previous_xml,
@@ -164,26 +195,101 @@ fn restore_steps(
     finish(ctx, &conn, record, records, &previous_xml)
 }
 
-/// Creates the overlays, stages the NVRAM/TPM state, and defines the VM.
+/// Creates the overlays (and a new VM's LVs), stages the NVRAM state, restores the LVM volumes
+/// in place (from then on the restore only goes forward), and defines the VM.
 fn apply(
     ctx: &OpContext,
     conn: &Connect,
     record: &mut RestoreRecord,
     snapshot: &SnapshotRecord,
+    previous_xml: &str,
 ) -> Result<(), String> {
     ctx.restore_progress(record, "creating the new disk overlays");
-    let mut xml = snapshot.domain_xml.clone();
     for (restore, volume) in record.restores.iter().zip(&snapshot.volumes) {
-        qemu_img::create_overlay(&restore.to_image, &volume.image, &volume.image_format)?;
-        xml = domain::set_disk_source(&xml, &restore.target, &restore.to_image, "qcow2")?;
+        if volume.lvm.is_none() {
+            qemu_img::create_overlay(&restore.to_image, &volume.image, &volume.image_format)?;
+        }
     }
-    let mut nvram_target = None;
     for copy in snapshot.extra_state.iter().filter(|c| c.kind == "nvram") {
         let target = nvram_target_path(record, &copy.source);
         std::fs::copy(&copy.copy, format!("{target}{PENDING}"))
             .map_err(|e| format!("cannot stage the NVRAM copy for {target}: {e}"))?;
-        nvram_target = Some(target);
     }
+    let lvm = ctx.lvm_tool();
+    if record.new_vm {
+        for (restore, volume) in record.restores.iter().zip(&snapshot.volumes) {
+            if volume.lvm.is_some() {
+                let name = restore.to_image.rsplit('/').next().unwrap_or_default();
+                lvm_volumes::clone_thin(&lvm, volume, name, &record.uuid)?;
+            }
+        }
+    }
+    crash_point("restore-before-define");
+    let in_place_lvm = !record.new_vm && snapshot.volumes.iter().any(|v| v.lvm.is_some());
+    if in_place_lvm {
+        record.step = RestoreStep::Committed {
+            previous_xml: previous_xml.to_string(),
+            lvm_steps: BTreeMap::new(),
+        };
+        ctx.save_restore(record)?;
+        for volume in snapshot.volumes.iter().filter(|v| v.lvm.is_some()) {
+            ctx.restore_progress(
+                record,
+                format!("restoring LVM volume of disk {}", volume.target),
+            );
+            let mut journal_error = None;
+            let done = lvm_volumes::restore_in_place(&lvm, volume, |step| {
+                set_lvm_step(record, &volume.target, step);
+                if let Err(e) = ctx.save_restore(record) {
+                    journal_error = Some(e);
+                    return ControlFlow::Break(());
+                }
+                crash_point(&format!("restore-lvm-{step}"));
+                ControlFlow::Continue(())
+            });
+            if let Some(e) = journal_error {
+                return Err(e);
+            }
+            done?;
+            set_lvm_step(record, &volume.target, lvm_volumes::STEP_DONE);
+            ctx.save_restore(record)?;
+        }
+    }
+    define_restored(ctx, conn, record, snapshot)
+}
+
+fn set_lvm_step(record: &mut RestoreRecord, target: &str, step: &str) {
+    if let RestoreStep::Committed { lvm_steps, .. } = &mut record.step {
+        lvm_steps.insert(target.to_string(), step.to_string());
+    }
+}
+
+/// Defines the restored VM: the snapshot's definition on the restored disks (and, for a new
+/// VM, a new identity). Deterministic, so recovery can define it again.
+fn define_restored(
+    ctx: &OpContext,
+    conn: &Connect,
+    record: &mut RestoreRecord,
+    snapshot: &SnapshotRecord,
+) -> Result<(), String> {
+    let mut xml = snapshot.domain_xml.clone();
+    for (restore, volume) in record.restores.iter().zip(&snapshot.volumes) {
+        match &volume.lvm {
+            None => {
+                xml = domain::set_disk_source(&xml, &restore.target, &restore.to_image, "qcow2")?
+            }
+            Some(_) if record.new_vm => {
+                xml = domain::set_disk_source(&xml, &restore.target, &restore.to_image, "raw")?
+            }
+            Some(_) => {}
+        }
+    }
+    let nvram_target = snapshot
+        .extra_state
+        .iter()
+        .filter(|c| c.kind == "nvram")
+        .map(|c| nvram_target_path(record, &c.source))
+        .next_back();
     if record.new_vm {
         xml = domain::for_new_vm(
             &xml,
@@ -192,7 +298,6 @@ fn apply(
             nvram_target.as_deref(),
         )?;
     }
-    crash_point("restore-before-define");
     ctx.restore_progress(record, "defining the VM");
     let dom = conn
         .define_domain_xml(&xml)
@@ -238,6 +343,14 @@ fn finish(
                         .map_err(|e| format!("cannot put the TPM state back: {e}"))?;
                 }
                 _ => {}
+            }
+        }
+    }
+    if record.new_vm {
+        let lvm = ctx.lvm_tool();
+        for restore in &record.restores {
+            if vmsnap_lvm::is_lvm_path(Path::new(&restore.to_image)) {
+                lvm_volumes::keep_clone(&lvm, &restore.to_image, &record.uuid)?;
             }
         }
     }
@@ -294,7 +407,13 @@ fn staged_nvram(record: &RestoreRecord, snapshot: &SnapshotRecord) -> Vec<String
 }
 
 /// Undoes `apply`: back to the previous definition, new overlays and staged copies removed.
-fn roll_back(conn: &Connect, record: &RestoreRecord, previous_xml: &str, staged: &[String]) {
+fn roll_back(
+    ctx: &OpContext,
+    conn: &Connect,
+    record: &RestoreRecord,
+    previous_xml: &str,
+    staged: &[String],
+) {
     if record.new_vm {
         if let Ok(dom) = conn.lookup_domain_by_name(&record.target_name) {
             let uses_ours = dom
@@ -310,8 +429,16 @@ fn roll_back(conn: &Connect, record: &RestoreRecord, previous_xml: &str, staged:
             warn!(error = %e.message(), "cannot put the previous definition back");
         }
     }
+    let lvm = ctx.lvm_tool();
     for restore in &record.restores {
-        let _ = std::fs::remove_file(&restore.to_image);
+        if vmsnap_lvm::is_lvm_path(Path::new(&restore.to_image)) {
+            // Only a new VM's clones, which carry this restore's tag; an origin LV never.
+            if let Err(e) = lvm_volumes::remove_clone(&lvm, &restore.to_image, &record.uuid) {
+                warn!(lv = %restore.to_image, error = %e, "cannot remove a restore's LV");
+            }
+        } else {
+            let _ = std::fs::remove_file(&restore.to_image);
+        }
     }
     for pending in staged {
         let _ = std::fs::remove_file(pending);
@@ -373,6 +500,7 @@ fn take_safety_snapshot(
         volumes: Vec::new(),
         excluded: Vec::new(),
         extra_state: Vec::new(),
+        cow_fill_percent: 0.0,
     };
     let done = snapshot::create(ctx, safety, true);
     if done.phase != SnapshotPhase::Succeeded {
@@ -404,47 +532,85 @@ fn detached_disks(current: &str, snapshot_xml: &str) -> Result<Vec<DetachedDisk>
 /// Settles a restore a previous vmsnapd left unfinished: finishes it if the new definition is
 /// in place, else puts the VM back as it was.
 pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<SnapshotRecord>) {
-    let result =
-        (|| -> Result<&'static str, String> {
-            let conn = connect(&ctx.uri)?;
-            let previous_xml =
-                match &record.step {
-                    RestoreStep::Applying { previous_xml } => previous_xml.clone(),
-                    RestoreStep::Planned => return Err(
-                        "vmsnapd stopped before the restore changed anything; the VM is as it was"
-                            .to_string(),
-                    ),
-                    RestoreStep::Done => return Ok("settled"),
-                };
-            let defined = if record.new_vm {
-                conn.lookup_domain_by_name(&record.target_name).ok()
-            } else {
-                conn.lookup_domain_by_uuid_string(&record.vm_uuid).ok()
-            };
-            let in_place = defined
-                .and_then(|d| d.xml_desc(VIR_DOMAIN_XML_INACTIVE).ok().map(|x| (d, x)))
-                .filter(|(_, xml)| {
-                    !record.restores.is_empty()
-                        && record.restores.iter().all(|r| xml.contains(&r.to_image))
-                });
-            match in_place {
-                Some((dom, _)) => {
-                    record.target_uuid = dom.uuid_string().map_err(|e| e.message().to_string())?;
-                    finish(ctx, &conn, &mut record, &records, &previous_xml)?;
-                    Ok("finished")
+    let result = (|| -> Result<&'static str, String> {
+        let conn = connect(&ctx.uri)?;
+        let snapshot = records
+            .iter()
+            .find(|s| s.uuid == record.snapshot_uuid)
+            .cloned();
+        let previous_xml = match &record.step {
+            RestoreStep::Applying { previous_xml } => previous_xml.clone(),
+            RestoreStep::Committed {
+                previous_xml,
+                lvm_steps,
+            } => {
+                // Past the point of no return: finish the LVM volumes, define, finish.
+                let previous_xml = previous_xml.clone();
+                let lvm_steps = lvm_steps.clone();
+                let snapshot = snapshot.ok_or_else(|| {
+                    "the restore cannot be finished: its snapshot's record is gone".to_string()
+                })?;
+                let lvm = ctx.lvm_tool();
+                for volume in snapshot.volumes.iter().filter(|v| v.lvm.is_some()) {
+                    let last = lvm_steps.get(&volume.target).map(String::as_str);
+                    lvm_volumes::finish_in_place(&lvm, volume, last)?;
+                    set_lvm_step(&mut record, &volume.target, lvm_volumes::STEP_DONE);
+                    ctx.save_restore(&record)?;
                 }
-                None => {
-                    let staged = records
-                        .iter()
-                        .find(|s| s.uuid == record.snapshot_uuid)
-                        .map(|s| staged_nvram(&record, s))
-                        .unwrap_or_default();
-                    roll_back(&conn, &record, &previous_xml, &staged);
-                    Err("vmsnapd stopped before the restore was complete; the VM was left as it was"
-                    .to_string())
-                }
+                define_restored(ctx, &conn, &mut record, &snapshot)?;
+                record.error = String::new();
+                finish(ctx, &conn, &mut record, &records, &previous_xml)?;
+                return Ok("finished");
             }
-        })();
+            RestoreStep::Planned => {
+                return Err(
+                    "vmsnapd stopped before the restore changed anything; the VM is as it was"
+                        .to_string(),
+                )
+            }
+            RestoreStep::Done => return Ok("settled"),
+        };
+        // Not committed: the restore is done if the definition uses every new image it
+        // made (in-place LVM volumes make none), otherwise it is undone.
+        let made: Vec<&VolumeRestore> = record
+            .restores
+            .iter()
+            .filter(|r| {
+                record.new_vm
+                    || snapshot.as_ref().is_none_or(|s| {
+                        s.volumes
+                            .iter()
+                            .any(|v| v.target == r.target && v.lvm.is_none())
+                    })
+            })
+            .collect();
+        let defined = if record.new_vm {
+            conn.lookup_domain_by_name(&record.target_name).ok()
+        } else {
+            conn.lookup_domain_by_uuid_string(&record.vm_uuid).ok()
+        };
+        let in_place = defined
+            .and_then(|d| d.xml_desc(VIR_DOMAIN_XML_INACTIVE).ok().map(|x| (d, x)))
+            .filter(|(_, xml)| !made.is_empty() && made.iter().all(|r| xml.contains(&r.to_image)));
+        match in_place {
+            Some((dom, _)) => {
+                record.target_uuid = dom.uuid_string().map_err(|e| e.message().to_string())?;
+                finish(ctx, &conn, &mut record, &records, &previous_xml)?;
+                Ok("finished")
+            }
+            None => {
+                let staged = snapshot
+                    .as_ref()
+                    .map(|s| staged_nvram(&record, s))
+                    .unwrap_or_default();
+                roll_back(ctx, &conn, &record, &previous_xml, &staged);
+                Err(
+                    "vmsnapd stopped before the restore was complete; the VM was left as it was"
+                        .to_string(),
+                )
+            }
+        }
+    })();
     match result {
         Ok(how) => info!(vm = %record.vm_name, "interrupted restore {how}"),
         Err(error) => {

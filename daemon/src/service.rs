@@ -107,11 +107,7 @@ impl Reloader {
                     }
                 }
                 let _ = engine
-                    .send(Request::Reconfigure {
-                        freeze_timeout: config.freeze_timeout,
-                        require_quiesce: config.require_quiesce,
-                        failure_deadline: config.failure_deadline,
-                    })
+                    .send(Request::Reconfigure(Box::new(config.clone())))
                     .await;
                 info!(
                     freeze_timeout_ms = config.freeze_timeout.as_millis() as u64,

@@ -18,7 +18,9 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 
+use crate::config::{LvmConfig, Quiesce};
 use crate::disks::SysfsLvmProbe;
+use crate::lvm_volumes;
 use crate::domain::{self, parse_domain};
 use crate::images::{is_owned, prune_unclaimed, Forest};
 use crate::qemu_img;
@@ -49,6 +51,8 @@ pub enum OpEvent {
     Finished {
         vm_uuid: String,
     },
+    /// A check of the thick LVM snapshots' copy-on-write space ended.
+    CowFill(Result<Vec<crate::lvm_volumes::CowFill>, String>),
 }
 
 /// Everything an operation needs, owned, so it can move to its thread.
@@ -59,6 +63,8 @@ pub struct OpContext {
     pub freeze_timeout: Duration,
     pub require_quiesce: bool,
     pub failure_deadline: Duration,
+    pub quiesce: Quiesce,
+    pub lvm: LvmConfig,
     pub events: UnboundedSender<OpEvent>,
 }
 
@@ -93,6 +99,10 @@ impl OpContext {
         Ok(())
     }
 
+    pub(crate) fn lvm_tool(&self) -> vmsnap_lvm::Lvm {
+        lvm_volumes::tool(&self.lvm)
+    }
+
     fn finished(&self, vm_uuid: &str) {
         let _ = self.events.send(OpEvent::Finished {
             vm_uuid: vm_uuid.to_string(),
@@ -117,7 +127,7 @@ impl OpContext {
 }
 
 pub(crate) fn connect(uri: &str) -> Result<Connect, String> {
-    Connect::open(Some(uri)).map_err(|e| format!("cannot connect to libvirt: {}", e.message()))
+    crate::libvirt::open(uri).map_err(|e| format!("cannot connect to libvirt: {}", e.message()))
 }
 
 pub(crate) fn lookup(conn: &Connect, uuid: &str) -> Result<Domain, String> {
@@ -210,14 +220,17 @@ fn create_steps(
                     image_format: format,
                     overlay,
                     virtual_size,
+                    lvm: None,
                 });
             }
-            b if b == DiskBackend::Lvm.as_str() => {
-                return Err(format!(
-                    "disk {} is an LVM logical volume; LVM snapshots are not supported yet",
-                    disk.target
-                ))
-            }
+            b if b == DiskBackend::Lvm.as_str() => volumes.push(lvm_volumes::plan(
+                &ctx.lvm_tool(),
+                &ctx.lvm,
+                &disk.target,
+                &disk.source,
+                &record.vm_uuid,
+                &record.uuid,
+            )?),
             _ => excluded.push(ExcludedVolume {
                 target: disk.target.clone(),
                 reason: disk.reason.clone(),
@@ -249,7 +262,11 @@ fn create_steps(
     let running = state == DomainState::Running;
     let paused = state == DomainState::Paused;
     let online = is_active(&dom)?;
-    let try_freeze = running && vm.agent == vmsnap_api::AgentState::Connected;
+    let try_freeze = running
+        && match ctx.quiesce {
+            Quiesce::Auto => vm.agent == vmsnap_api::AgentState::Connected,
+            Quiesce::Always => vm.agent != vmsnap_api::AgentState::NotConfigured,
+        };
     record.indications = Vec::new();
     if online {
         record.indications.push(Indication::Online);
@@ -261,7 +278,7 @@ fn create_steps(
     }
 
     check_deadline(deadline)?;
-    for volume in &record.volumes {
+    for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
         qemu_img::create_overlay_unopened(
             &volume.overlay,
             &volume.image,
@@ -323,16 +340,27 @@ fn create_steps(
         ctx.save(record)?;
     }
 
-    // Frozen from here: only the snapshot call and the small state copies, nothing slow.
+    // Frozen from here: only the snapshot calls and the small state copies, nothing slow. The
+    // LVM snapshots go first: if libvirt's then fails, they are cheap to remove, while undoing
+    // libvirt's overlays means merging them back.
     let result = (|| {
         crash_point("create-before-snapshot");
         check_deadline(deadline)?;
         if freeze.is_none() {
             ctx.progress(record, "snapshotting the disks");
         }
-        let xml = snapshot_xml(record, &vm.disks);
-        dom.create_snapshot_xml(&xml, SNAPSHOT_FLAGS)
-            .map_err(|e| format!("libvirt could not snapshot the disks: {}", e.message()))?;
+        let lvm = ctx.lvm_tool();
+        lvm_volumes::take(&lvm, &record.uuid, &record.volumes)?;
+        if record.volumes.iter().any(|v| v.lvm.is_none()) {
+            let xml = snapshot_xml(record, &vm.disks);
+            if let Err(e) = dom.create_snapshot_xml(&xml, SNAPSHOT_FLAGS) {
+                lvm_volumes::discard(&lvm, &record.uuid, &record.volumes);
+                return Err(format!(
+                    "libvirt could not snapshot the disks: {}",
+                    e.message()
+                ));
+            }
+        }
         crash_point("create-after-snapshot");
         copy_extra_state(record)
     })();
@@ -374,6 +402,7 @@ fn create_steps(
         // libvirt's atomic snapshot creates all overlays or none; undo those a later failure
         // left in use.
         rollback_overlays(ctx, &dom, record);
+        lvm_volumes::discard(&ctx.lvm_tool(), &record.uuid, &record.volumes);
         return Err(error);
     }
     record.phase = SnapshotPhase::Succeeded;
@@ -393,15 +422,16 @@ pub(crate) fn crash_point(name: &str) {
     }
 }
 
-/// Removes the overlays a failed snapshot made that no disk uses.
+/// Removes the overlays and snapshot LVs a failed snapshot made that no disk uses.
 fn remove_unused_overlays(ctx: &OpContext, record: &SnapshotRecord) {
+    lvm_volumes::discard(&ctx.lvm_tool(), &record.uuid, &record.volumes);
     let Ok(conn) = connect(&ctx.uri) else {
         return;
     };
     let Ok(dom) = lookup(&conn, &record.vm_uuid) else {
         return;
     };
-    for volume in &record.volumes {
+    for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
         if Path::new(&volume.overlay).exists() {
             discard_overlay(&dom, &volume.overlay);
         }
@@ -430,7 +460,11 @@ pub fn excluded_message(excluded: &[ExcludedVolume]) -> String {
 fn snapshot_xml(record: &SnapshotRecord, disks: &[vmsnap_api::DiskInfo]) -> String {
     let mut xml = format!("<domainsnapshot><name>vmsnap-{}</name><disks>", record.uuid);
     for disk in disks {
-        match record.volumes.iter().find(|v| v.target == disk.target) {
+        match record
+            .volumes
+            .iter()
+            .find(|v| v.target == disk.target && v.lvm.is_none())
+        {
             Some(v) => xml.push_str(&format!(
                 "<disk name='{}' snapshot='external' type='file'><driver type='qcow2'/><source file='{}'/></disk>",
                 xml_escape(&v.target),
@@ -494,7 +528,7 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Undoes a snapshot's overlays that are in use: merges each back into its image. Best effort;
 /// leftovers are logged.
 fn rollback_overlays(ctx: &OpContext, dom: &Domain, record: &SnapshotRecord) {
-    for volume in &record.volumes {
+    for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
         match merge(
             ctx,
             dom,
@@ -540,9 +574,11 @@ fn delete_steps(
     let never_taken =
         record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
     let conn = connect(&ctx.uri)?;
+    let lvm = ctx.lvm_tool();
     if never_taken {
+        lvm_volumes::discard(&lvm, &record.uuid, &record.volumes);
         if let Ok(dom) = lookup(&conn, &record.vm_uuid) {
-            for volume in &record.volumes {
+            for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
                 if Path::new(&volume.overlay).exists() {
                     discard_overlay(&dom, &volume.overlay);
                 }
@@ -555,7 +591,11 @@ fn delete_steps(
             ctx.save(record)?;
         }
         let volumes = record.volumes.clone();
-        for volume in &volumes {
+        for volume in volumes.iter().filter(|v| v.lvm.is_some()) {
+            ctx.progress(record, format!("removing the snapshot LV of disk {}", volume.target));
+            lvm_volumes::remove(&lvm, &record.uuid, volume)?;
+        }
+        for volume in volumes.iter().filter(|v| v.lvm.is_none()) {
             ctx.progress(record, format!("releasing disk {}", volume.target));
             release_image(
                 ctx,
@@ -879,8 +919,15 @@ fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> Result<(), St
         }
     }
     let xml = current_xml(&dom)?;
+    let lvm = ctx.lvm_tool();
     let mut taken = 0;
     for volume in &record.volumes {
+        if volume.lvm.is_some() {
+            if lvm_volumes::is_taken(&lvm, &record.uuid, volume)? {
+                taken += 1;
+            }
+            continue;
+        }
         let (top, _) = domain::disk_source(&xml, &volume.target)?;
         let chain = qemu_img::backing_chain(&top)?;
         if chain.iter().any(|i| i.path == volume.overlay) {
@@ -902,7 +949,8 @@ fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> Result<(), St
     if taken > 0 {
         rollback_overlays(ctx, &dom, record);
     }
-    for volume in &record.volumes {
+    lvm_volumes::discard(&lvm, &record.uuid, &record.volumes);
+    for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
         discard_overlay(&dom, &volume.overlay);
     }
     Err("vmsnapd stopped before the snapshot was complete; nothing was kept".to_string())

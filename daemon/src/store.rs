@@ -18,7 +18,7 @@ pub const RECORD_VERSION: u32 = 1;
 
 /// A snapshot and its content: KubeVirt's VirtualMachineSnapshot status and
 /// VirtualMachineSnapshotContent, bound 1:1 in one file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotRecord {
     pub version: u32,
@@ -43,6 +43,10 @@ pub struct SnapshotRecord {
     pub excluded: Vec<ExcludedVolume>,
     /// Copies of the UEFI variables file and the emulated TPM's state.
     pub extra_state: Vec<StateCopy>,
+    /// The fullest copy-on-write space of the snapshot's thick LVM volumes, in percent (0 when
+    /// it has none). Kept current by the fill monitor.
+    #[serde(default)]
+    pub cow_fill_percent: f64,
 }
 
 /// One included disk.
@@ -60,6 +64,26 @@ pub struct VolumeRecord {
     /// (and later snapshots) build.
     pub overlay: String,
     pub virtual_size: u64,
+    /// For a disk on an LVM logical volume: its LVs. `image` is then the snapshot LV's path,
+    /// `image_format` `lvm-thin` or `lvm-thick`, and `overlay` empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<LvmVolume>,
+}
+
+/// An LVM volume of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LvmVolume {
+    pub vg: String,
+    /// The disk's LV.
+    pub origin: String,
+    /// The snapshot LV, `<origin>.vmsnap-<first 8 of the snapshot UUID>`.
+    pub snapshot: String,
+    pub thin: bool,
+    /// Copy-on-write bytes asked for a thick snapshot; 0 for thin.
+    pub cow_size: u64,
+    /// `vmsnap`, `vmsnap-vm-<VM UUID>`, `vmsnap-snap-<snapshot UUID>`.
+    pub tags: Vec<String>,
 }
 
 /// A small piece of VM state copied with the snapshot (NVRAM file, TPM state directory).
@@ -228,9 +252,11 @@ mod tests {
                 image_format: "qcow2".into(),
                 overlay: "/i/b.qcow2".into(),
                 virtual_size: 1 << 30,
+                lvm: None,
             }],
             excluded: vec![],
             extra_state: vec![],
+            cow_fill_percent: 0.0,
         }
     }
 
@@ -240,6 +266,23 @@ mod tests {
         let store = Store::new(dir.path());
         let a = record("a");
         let mut bb = record("bb");
+        bb.volumes.push(VolumeRecord {
+            target: "vdb".into(),
+            backend: "lvm".into(),
+            image: "/dev/vg/data.vmsnap-uuid-bb".into(),
+            image_format: "lvm-thick".into(),
+            overlay: String::new(),
+            virtual_size: 1 << 30,
+            lvm: Some(LvmVolume {
+                vg: "vg".into(),
+                origin: "data".into(),
+                snapshot: "data.vmsnap-uuid-bb".into(),
+                thin: false,
+                cow_size: 256 << 20,
+                tags: vec!["vmsnap".into()],
+            }),
+        });
+        bb.cow_fill_percent = 12.5;
         bb.step = Step::Merging {
             target: "vda".into(),
             base: "/i/a.qcow2".into(),
@@ -264,6 +307,15 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn records_without_lvm_fields_still_load() {
+        let mut json = serde_json::to_value(record("a")).expect("json");
+        let object = json.as_object_mut().expect("object");
+        object.remove("cowFillPercent");
+        let parsed: SnapshotRecord = serde_json::from_value(json).expect("old record loads");
+        assert_eq!(parsed, record("a"));
     }
 
     #[test]
@@ -320,6 +372,14 @@ pub enum RestoreStep {
     #[serde(rename_all = "camelCase")]
     Applying {
         previous_xml: String,
+    },
+    /// LVM volumes being restored, then the definition: from here the restore only goes
+    /// forward (an LV's data, once replaced, cannot be put back). `lvm_steps` holds, per disk
+    /// target, the LVM step last begun (see `lvm_volumes`), `done` once the disk is restored.
+    #[serde(rename_all = "camelCase")]
+    Committed {
+        previous_xml: String,
+        lvm_steps: std::collections::BTreeMap<String, String>,
     },
     Done,
 }

@@ -56,6 +56,9 @@ impl SnapshotObject {
         if old.ready_to_use != new.ready_to_use {
             self.ready_to_use_changed(emitter).await?;
         }
+        if old.cow_fill_percent != new.cow_fill_percent {
+            self.cow_fill_percent_changed(emitter).await?;
+        }
         // Last, so a client that waits for the phase sees everything else already.
         if old.phase != new.phase {
             self.phase_changed(emitter).await?;
@@ -183,5 +186,12 @@ impl SnapshotObject {
     #[zbus(property)]
     fn frozen_filesystems(&self) -> u32 {
         self.record.frozen_filesystems
+    }
+
+    /// How full the fullest copy-on-write space of the snapshot's thick LVM volumes is, in
+    /// percent (0 when it has none). At 100 the LVM snapshot is invalid and the snapshot Failed.
+    #[zbus(property)]
+    fn cow_fill_percent(&self) -> f64 {
+        self.record.cow_fill_percent
     }
 }

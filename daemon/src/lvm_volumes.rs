@@ -1,0 +1,335 @@
+//! The LVM side of snapshots and restores: disks on LVM logical volumes, through the
+//! `vmsnap-lvm` library. Nothing here calls libvirt; the snapshot and restore operations call
+//! these functions from their operation threads (LVM commands block).
+//!
+//! A snapshot's LVM volume is one snapshot LV, `<origin>.vmsnap-<first 8 of the snapshot UUID>`,
+//! tagged `vmsnap`, `vmsnap-vm-<VM UUID>` and `vmsnap-snap-<snapshot UUID>`: a thin snapshot of a
+//! thin LV, or a classic copy-on-write snapshot of a thick LV sized by `[lvm]` config. Only LVs
+//! carrying the snapshot's tag are ever removed, so a name clash cannot destroy a user's LV.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use vmsnap_lvm::{LvKind, Lvm, ThickRestoreStep, ThinRestoreStep};
+
+use crate::config::LvmConfig;
+use crate::store::{LvmVolume, VolumeRecord};
+
+/// Suffix of a snapshot LV's name before the short snapshot UUID.
+const SNAPSHOT_SUFFIX: &str = ".vmsnap-";
+/// The journal's mark for a volume whose restore finished.
+pub const STEP_DONE: &str = "done";
+
+pub fn tool(config: &LvmConfig) -> Lvm {
+    let _ = config.command_timeout; // TODO-TIMEOUT
+    Lvm::new()
+}
+
+fn snapshot_tag(snapshot_uuid: &str) -> String {
+    format!("vmsnap-snap-{snapshot_uuid}")
+}
+
+/// Plans disk `target` (on the LV at `source`) for snapshot `snapshot_uuid`: checks the LV and
+/// names the snapshot LV. Changes nothing.
+pub fn plan(
+    lvm: &Lvm,
+    config: &LvmConfig,
+    target: &str,
+    source: &str,
+    vm_uuid: &str,
+    snapshot_uuid: &str,
+) -> Result<VolumeRecord, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("disk {target}: {e}");
+    let (vg, origin) = vmsnap_lvm::resolve_device(Path::new(source)).ok_or_else(|| {
+        fail(&format!(
+            "{source} is an LVM volume but not named /dev/VG/LV or /dev/mapper/VG-LV; use one of those paths in the VM definition"
+        ))
+    })?;
+    let info = lvm.lv(&vg, &origin).map_err(|e| fail(&e))?;
+    let thin = match info.kind {
+        _ if info.is_thick_snapshot() => {
+            return Err(fail(&format!(
+                "{vg}/{origin} is itself a thick snapshot; LVM cannot snapshot it"
+            )))
+        }
+        LvKind::Thin => true,
+        LvKind::Thick => false,
+        _ => {
+            return Err(fail(&format!(
+                "{vg}/{origin} is a {} LV, which vmsnap cannot snapshot",
+                info.segtype
+            )))
+        }
+    };
+    let short = snapshot_uuid.get(..8).unwrap_or(snapshot_uuid);
+    let snapshot = format!("{origin}{SNAPSHOT_SUFFIX}{short}");
+    vmsnap_lvm::validate_lv_name(&snapshot).map_err(|e| fail(&e))?;
+    if lvm.find_lv(&vg, &snapshot).map_err(|e| fail(&e))?.is_some() {
+        return Err(fail(&format!("{vg}/{snapshot} already exists")));
+    }
+    let tags = vmsnap_lvm::vmsnap_tags(vm_uuid, snapshot_uuid).map_err(|e| fail(&e))?;
+    Ok(VolumeRecord {
+        target: target.to_string(),
+        backend: vmsnap_api::DiskBackend::Lvm.as_str().to_string(),
+        image: format!("/dev/{vg}/{snapshot}"),
+        image_format: if thin { "lvm-thin" } else { "lvm-thick" }.to_string(),
+        overlay: String::new(),
+        virtual_size: info.size,
+        lvm: Some(LvmVolume {
+            vg,
+            origin,
+            snapshot,
+            thin,
+            cow_size: if thin {
+                0
+            } else {
+                config.thick_size_for(info.size)
+            },
+            tags,
+        }),
+    })
+}
+
+/// Takes the snapshot LVs of `volumes` (those on LVM), in order. On failure, removes those it
+/// took and returns LVM's message.
+pub fn take(lvm: &Lvm, snapshot_uuid: &str, volumes: &[VolumeRecord]) -> Result<(), String> {
+    for volume in volumes {
+        let Some(l) = &volume.lvm else { continue };
+        let taken = if l.thin {
+            lvm.snapshot_thin(&l.vg, &l.origin, &l.snapshot, &l.tags)
+        } else {
+            lvm.snapshot_thick(&l.vg, &l.origin, &l.snapshot, l.cow_size, &l.tags)
+        };
+        if let Err(e) = taken {
+            discard(lvm, snapshot_uuid, volumes);
+            return Err(format!("disk {}: {e}", volume.target));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the snapshot LV of `volume` exists (and is this snapshot's).
+pub fn is_taken(lvm: &Lvm, snapshot_uuid: &str, volume: &VolumeRecord) -> Result<bool, String> {
+    let Some(l) = &volume.lvm else {
+        return Ok(false);
+    };
+    let found = lvm
+        .find_lv(&l.vg, &l.snapshot)
+        .map_err(|e| format!("disk {}: {e}", volume.target))?;
+    Ok(found.is_some_and(|lv| lv.tags.contains(&snapshot_tag(snapshot_uuid))))
+}
+
+/// Removes the snapshot LVs of `volumes` that exist and carry this snapshot's tag. Best effort
+/// (used on failure paths); what stays is logged.
+pub fn discard(lvm: &Lvm, snapshot_uuid: &str, volumes: &[VolumeRecord]) {
+    for volume in volumes {
+        if let Err(e) = remove(lvm, snapshot_uuid, volume) {
+            tracing::warn!(disk = %volume.target, error = %e, "cannot remove a snapshot LV");
+        }
+    }
+}
+
+/// Removes the snapshot LV of `volume` if it exists and is this snapshot's; nothing else
+/// changes (a thin or thick snapshot's removal leaves its origin and other snapshots as they
+/// are).
+pub fn remove(lvm: &Lvm, snapshot_uuid: &str, volume: &VolumeRecord) -> Result<(), String> {
+    let Some(l) = &volume.lvm else { return Ok(()) };
+    if is_taken(lvm, snapshot_uuid, volume)? {
+        lvm.remove(&l.vg, &l.snapshot)
+            .map_err(|e| format!("disk {}: {e}", volume.target))?;
+    }
+    Ok(())
+}
+
+/// Checks that `volume`'s snapshot LV can be restored from: present, this snapshot's, valid.
+pub fn check_restorable(
+    lvm: &Lvm,
+    snapshot_uuid: &str,
+    volume: &VolumeRecord,
+) -> Result<(), String> {
+    let Some(l) = &volume.lvm else { return Ok(()) };
+    let found = lvm
+        .find_lv(&l.vg, &l.snapshot)
+        .map_err(|e| format!("disk {}: {e}", volume.target))?;
+    match found {
+        None => Err(format!(
+            "disk {}: the snapshot LV {}/{} is missing",
+            volume.target, l.vg, l.snapshot
+        )),
+        Some(lv) if !lv.tags.contains(&snapshot_tag(snapshot_uuid)) => Err(format!(
+            "disk {}: {}/{} is not this snapshot's LV (tag {} missing)",
+            volume.target,
+            l.vg,
+            l.snapshot,
+            snapshot_tag(snapshot_uuid)
+        )),
+        Some(lv) if lv.is_invalid() => Err(overflow_message(&volume.target, &l.vg, &l.snapshot)),
+        Some(_) => Ok(()),
+    }
+}
+
+pub fn overflow_message(target: &str, vg: &str, lv: &str) -> String {
+    format!(
+        "disk {target}: the thick LVM snapshot {vg}/{lv} overflowed (its copy-on-write space filled up), so its data is lost; delete this snapshot, and give thick snapshots more space with [lvm] thick_snapshot_size"
+    )
+}
+
+/// Restores `volume`'s origin LV in place from its snapshot LV. `before` is called with each
+/// LVM step's name before it runs (to journal it, or to stop there in crash tests). Thin: the
+/// origin is replaced by a new thin LV made from the snapshot (metadata only). Thick: the
+/// snapshot is merged into the origin and taken again (costs the changed data).
+pub fn restore_in_place(
+    lvm: &Lvm,
+    volume: &VolumeRecord,
+    mut before: impl FnMut(&'static str) -> ControlFlow<()>,
+) -> Result<(), String> {
+    let Some(l) = &volume.lvm else { return Ok(()) };
+    let done = if l.thin {
+        lvm.restore_thin_with(&l.vg, &l.origin, &l.snapshot, |s: ThinRestoreStep| {
+            before(s.name())
+        })
+        .map(|_| ())
+    } else {
+        lvm.restore_thick_with(&l.vg, &l.origin, &l.snapshot, |s: ThickRestoreStep| {
+            before(s.name())
+        })
+        .map(|_| ())
+    };
+    done.map_err(|e| format!("disk {}: {e}", volume.target))
+}
+
+/// Finishes the in-place restore of `volume` a previous vmsnapd left after beginning step
+/// `last_step` (None: no step begun). Idempotent.
+pub fn finish_in_place(
+    lvm: &Lvm,
+    volume: &VolumeRecord,
+    last_step: Option<&str>,
+) -> Result<(), String> {
+    let Some(l) = &volume.lvm else { return Ok(()) };
+    let fail = |e: vmsnap_lvm::Error| format!("disk {}: {e}", volume.target);
+    match last_step {
+        Some(STEP_DONE) => Ok(()),
+        None => restore_in_place(lvm, volume, |_| ControlFlow::Continue(())),
+        Some(step) if l.thin => {
+            // The LVs alone tell where a thin restore stands; rolled back (it had not swapped
+            // the names yet) means it is to be done again.
+            let settled = lvm.recover_thin_restore(&l.vg, &l.origin).map_err(fail)?;
+            let begun_swap = step != ThinRestoreStep::CreateNew.name();
+            match settled {
+                vmsnap_lvm::ThinRecovery::RolledForward => Ok(()),
+                vmsnap_lvm::ThinRecovery::Nothing if begun_swap => Ok(()),
+                _ => restore_in_place(lvm, volume, |_| ControlFlow::Continue(())),
+            }
+        }
+        Some(step) => {
+            // Thick: the journal says which step was begun. Before the merge started, the
+            // snapshot is there and not merging: merge now. From the merge on, LVM finishes
+            // the merge and the snapshot is taken again if missing.
+            let snap = lvm.find_lv(&l.vg, &l.snapshot).map_err(fail)?;
+            let merge_begun = step == ThickRestoreStep::Merge.name();
+            match snap {
+                Some(s) if merge_begun && !s.is_merging() => {
+                    restore_in_place(lvm, volume, |_| ControlFlow::Continue(()))
+                }
+                _ => lvm
+                    .recover_thick_restore(&l.vg, &l.origin, &l.snapshot, l.cow_size, &l.tags)
+                    .map(|_| ())
+                    .map_err(fail),
+            }
+        }
+    }
+}
+
+/// A new LV for a VM restored as a new VM: a writable thin snapshot `name` of the snapshot LV,
+/// tagged `vmsnap-restore-<restore UUID>` until the restore finishes. Thick snapshots cannot
+/// be cloned this cheaply and are refused by [`check_new_vm`].
+pub fn clone_thin(
+    lvm: &Lvm,
+    volume: &VolumeRecord,
+    name: &str,
+    restore_uuid: &str,
+) -> Result<String, String> {
+    let Some(l) = &volume.lvm else {
+        return Err(format!("disk {} is not on LVM", volume.target));
+    };
+    let tag = format!("vmsnap-restore-{restore_uuid}");
+    lvm.snapshot_thin(&l.vg, &l.snapshot, name, &[tag])
+        .map_err(|e| format!("disk {}: {e}", volume.target))?;
+    Ok(format!("/dev/{}/{name}", l.vg))
+}
+
+/// The tag a new VM's cloned LVs carry until its restore finishes.
+pub fn restore_tag(restore_uuid: &str) -> String {
+    format!("vmsnap-restore-{restore_uuid}")
+}
+
+/// Removes the LV at `path` if it carries `restore_uuid`'s tag (a clone that restore made).
+pub fn remove_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), String> {
+    let Some((vg, lv)) = vmsnap_lvm::resolve_device(Path::new(path)) else {
+        return Ok(());
+    };
+    let found = lvm.find_lv(&vg, &lv).map_err(|e| e.to_string())?;
+    if found.is_some_and(|f| f.tags.contains(&restore_tag(restore_uuid))) {
+        lvm.remove(&vg, &lv).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Drops the restore tag from a new VM's cloned LV once the restore is done.
+pub fn keep_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), String> {
+    let Some((vg, lv)) = vmsnap_lvm::resolve_device(Path::new(path)) else {
+        return Ok(());
+    };
+    let found = lvm.find_lv(&vg, &lv).map_err(|e| e.to_string())?;
+    if found.is_some_and(|f| f.tags.contains(&restore_tag(restore_uuid))) {
+        lvm.change_tags(&vg, &lv, &[], &[restore_tag(restore_uuid)])
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A restore as a new VM needs a thin snapshot for every LVM volume.
+pub fn check_new_vm(volumes: &[VolumeRecord]) -> Result<(), String> {
+    match volumes.iter().find(|v| v.lvm.as_ref().is_some_and(|l| !l.thin)) {
+        Some(v) => Err(format!(
+            "disk {} is a thick LVM snapshot: restoring it as a new VM would copy the whole volume, which vmsnap does not do; restore it in place, or copy {} yourself",
+            v.target, v.image
+        )),
+        None => Ok(()),
+    }
+}
+
+/// One thick snapshot LV's state, for the fill monitor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CowFill {
+    pub snapshot_uuid: String,
+    pub vg: String,
+    pub lv: String,
+    pub percent: f64,
+    pub invalid: bool,
+}
+
+/// The fill of every vmsnap thick snapshot LV (one `lvs @vmsnap`).
+pub fn scan_fill(lvm: &Lvm) -> Result<Vec<CowFill>, String> {
+    let lvs = lvm
+        .lvs_tagged(vmsnap_lvm::TAG_VMSNAP)
+        .map_err(|e| e.to_string())?;
+    Ok(lvs
+        .into_iter()
+        .filter(|lv| lv.is_thick_snapshot())
+        .filter_map(|lv| {
+            let uuid = lv
+                .tags
+                .iter()
+                .find_map(|t| t.strip_prefix("vmsnap-snap-"))?
+                .to_string();
+            Some(CowFill {
+                snapshot_uuid: uuid,
+                percent: lv.fill_percent().unwrap_or(0.0),
+                invalid: lv.is_invalid(),
+                vg: lv.vg,
+                lv: lv.name,
+            })
+        })
+        .collect())
+}
