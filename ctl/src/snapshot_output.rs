@@ -241,7 +241,10 @@ pub fn render_show(s: &Snapshot) -> String {
     if s.cow_fill_percent > 0.0 {
         field(
             "COW space used",
-            &format!("{:.1}% (thick LVM snapshot; invalid at 100%)", s.cow_fill_percent),
+            &format!(
+                "{:.1}% (thick LVM snapshot; invalid at 100%)",
+                s.cow_fill_percent
+            ),
         );
     }
     if !s.error.is_empty() {

@@ -88,11 +88,9 @@ impl LvmConfig {
     /// Copy-on-write bytes for a thick snapshot of an origin of `origin_size` bytes.
     pub fn thick_size_for(&self, origin_size: u64) -> u64 {
         match self.thick_snapshot_size {
-            SnapshotSize::Percent(p) => vmsnap_lvm::thick_snapshot_size(
-                origin_size,
-                p,
-                self.thick_snapshot_min_size,
-            ),
+            SnapshotSize::Percent(p) => {
+                vmsnap_lvm::thick_snapshot_size(origin_size, p, self.thick_snapshot_min_size)
+            }
             SnapshotSize::Bytes(b) => {
                 vmsnap_lvm::thick_snapshot_size(b, 100.0, self.thick_snapshot_min_size)
             }

@@ -375,7 +375,9 @@ impl Engine {
         for uuid in uuids {
             let mine: Vec<&crate::lvm_volumes::CowFill> =
                 fills.iter().filter(|f| f.snapshot_uuid == uuid).collect();
-            let Some(record) = self.snapshots.get_mut(&uuid) else { continue };
+            let Some(record) = self.snapshots.get_mut(&uuid) else {
+                continue;
+            };
             if mine.is_empty() {
                 continue;
             }

@@ -200,7 +200,9 @@ pub fn open(uri: &str) -> Result<Connect, virt::error::Error> {
         return Connect::open(Some(uri));
     }
     let shared = SHARED_TEST.get_or_init(|| Mutex::new(None));
-    let mut guard = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard = shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(conn) = guard.as_ref() {
         return Ok(conn.clone());
     }

@@ -20,9 +20,9 @@ use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 
 use crate::config::{LvmConfig, Quiesce};
 use crate::disks::SysfsLvmProbe;
-use crate::lvm_volumes;
 use crate::domain::{self, parse_domain};
 use crate::images::{is_owned, prune_unclaimed, Forest};
+use crate::lvm_volumes;
 use crate::qemu_img;
 use crate::store::{SnapshotRecord, StateCopy, Step, Store, VolumeRecord};
 use crate::thaw_guard::ThawGuard;
@@ -592,7 +592,10 @@ fn delete_steps(
         }
         let volumes = record.volumes.clone();
         for volume in volumes.iter().filter(|v| v.lvm.is_some()) {
-            ctx.progress(record, format!("removing the snapshot LV of disk {}", volume.target));
+            ctx.progress(
+                record,
+                format!("removing the snapshot LV of disk {}", volume.target),
+            );
             lvm_volumes::remove(&lvm, &record.uuid, volume)?;
         }
         for volume in volumes.iter().filter(|v| v.lvm.is_none()) {
