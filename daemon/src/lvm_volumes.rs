@@ -21,8 +21,7 @@ const SNAPSHOT_SUFFIX: &str = ".vmsnap-";
 pub const STEP_DONE: &str = "done";
 
 pub fn tool(config: &LvmConfig) -> Lvm {
-    let _ = config.command_timeout; // TODO-TIMEOUT
-    Lvm::new()
+    Lvm::new().with_timeout(config.command_timeout)
 }
 
 fn snapshot_tag(snapshot_uuid: &str) -> String {

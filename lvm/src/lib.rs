@@ -9,6 +9,14 @@
 //! Calls block until LVM is done (a thick merge can take a while): the daemon calls them from its
 //! operation threads. LVM serialises concurrent commands on a VG with its own lock files.
 //!
+//! Every command has a timeout ([`DEFAULT_TIMEOUT`], 10 minutes, or [`Lvm::with_timeout`]): an
+//! `lvm` still running then (stuck on a lock, a hung device, a suspended device-mapper table) is
+//! killed with `SIGKILL`, reaped, and the call returns [`Error::Timeout`]. That is safe for LVM's
+//! metadata, which each command commits atomically: the change was made completely or not at all
+//! (ask LVM which). A merge that `lvconvert --merge` started goes on in the kernel; only the
+//! command waiting for it was stopped. The output is read while the command runs, so a command
+//! printing a lot cannot block on a full pipe.
+//!
 //! What is here:
 //! - reports: [`Lvm::lv`], [`Lvm::find_lv`], [`Lvm::lvs_tagged`], [`Lvm::fill_percent`], parsed
 //!   into [`LvInfo`] (thin or thick, snapshot, invalid/overflowed snapshot, fill);
@@ -22,9 +30,13 @@
 //!   [`Lvm::recover_thick_restore`]).
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 mod names;
 mod report;
@@ -55,7 +67,15 @@ pub enum Error {
         status: Option<i32>,
         message: String,
     },
-    /// The `lvm` program could not be started.
+    /// An LVM command did not finish within the timeout ([`Lvm::with_timeout`]); it was killed.
+    #[error(
+        "lvm {command} did not finish within {}; it was stopped (LVM commits its metadata \
+         atomically: the change was made completely or not at all; a merge that started \
+         continues in the kernel)",
+        format_duration(*.after)
+    )]
+    Timeout { command: String, after: Duration },
+    /// The `lvm` program could not be started (or waited for).
     #[error("cannot run {program}: {source}")]
     Spawn {
         program: String,
@@ -159,10 +179,15 @@ pub enum ThickRecovery {
     Retaken,
 }
 
-/// Handle on the `lvm` program. Cheap to clone; holds no state but the program's path.
+/// How long an LVM command may run by default before it is killed ([`Lvm::with_timeout`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// Handle on the `lvm` program. Cheap to clone; holds no state but the program's path and the
+/// commands' timeout.
 #[derive(Debug, Clone)]
 pub struct Lvm {
     program: PathBuf,
+    timeout: Duration,
 }
 
 impl Default for Lvm {
@@ -174,54 +199,88 @@ impl Default for Lvm {
 impl Lvm {
     /// Uses `lvm` from `PATH`.
     pub fn new() -> Lvm {
-        Lvm {
-            program: PathBuf::from("lvm"),
-        }
+        Lvm::with_program("lvm")
     }
 
     /// Uses this `lvm` binary (tests use a fake one).
     pub fn with_program(program: impl Into<PathBuf>) -> Lvm {
         Lvm {
             program: program.into(),
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// Kills any LVM command still running after `timeout` ([`Error::Timeout`]); the default is
+    /// [`DEFAULT_TIMEOUT`]. `Duration::MAX` waits for ever. A thick restore's `lvconvert
+    /// --merge` waits for the merge, which takes time proportional to the data changed since the
+    /// snapshot: allow for it.
+    pub fn with_timeout(self, timeout: Duration) -> Lvm {
+        Lvm { timeout, ..self }
+    }
+
+    /// The timeout of each LVM command (see [`Lvm::with_timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Runs `lvm SUBCOMMAND ARGS...` and returns its standard output. A non-zero exit becomes
     /// [`Error::Command`] with LVM's message (see [`lvm_message`]).
+    ///
+    /// Standard output and error are read on two threads while the command runs. If it is still
+    /// running after the timeout ([`Lvm::with_timeout`]), it is killed (`SIGKILL`) and reaped,
+    /// and the result is [`Error::Timeout`] (see the module documentation for what that leaves).
+    /// Only `lvm` itself is killed: a process it started and left running is not. Should such a
+    /// process keep the output pipes open after `lvm` has exited, the output read until the
+    /// timeout is used and the exit status decides.
     pub fn run<I, S>(&self, subcommand: &str, args: I) -> Result<String>
     where
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let output = Command::new(&self.program)
+        let spawn_error = |source| Error::Spawn {
+            program: self.program.display().to_string(),
+            source,
+        };
+        let deadline = Instant::now().checked_add(self.timeout);
+        let mut child = Command::new(&self.program)
             .arg(subcommand)
             .args(&args)
             .env("LC_ALL", "C")
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .stdin(Stdio::null())
-            .output()
-            .map_err(|source| Error::Spawn {
-                program: self.program.display().to_string(),
-                source,
-            })?;
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        if output.status.success() {
-            return Ok(stdout);
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let mut message = lvm_message(&stderr);
-        if message.is_empty() {
-            message = match output.status.code() {
-                Some(code) => format!("exit status {code}"),
-                None => "killed by a signal".to_string(),
-            };
-        }
-        Err(Error::Command {
-            command: subcommand.to_string(),
-            status: output.status.code(),
-            message,
-        })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        let drains = Drain::start(&mut child.stdout)
+            .and_then(|out| Ok((out, Drain::start(&mut child.stderr)?)));
+        let (stdout, stderr) = match drains {
+            Ok(drains) => drains,
+            Err(e) => {
+                stop(&mut child);
+                return Err(spawn_error(e));
+            }
+        };
+        let status = match poll_until(deadline, || child.try_wait()) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                stop(&mut child);
+                return Err(Error::Timeout {
+                    command: subcommand.to_string(),
+                    after: self.timeout,
+                });
+            }
+            Err(e) => {
+                stop(&mut child);
+                return Err(spawn_error(e));
+            }
+        };
+        // The pipes close when lvm exits, unless a process it left running still holds them.
+        let _ = poll_until(deadline, || {
+            Ok((stdout.is_done() && stderr.is_done()).then_some(()))
+        });
+        command_result(subcommand, status, &stdout.take(), &stderr.take())
     }
 
     fn report(&self, selector: &str, extra: &[&str]) -> Result<Vec<LvInfo>> {
@@ -689,9 +748,10 @@ pub fn restore_names(origin: &str) -> Result<(String, String)> {
 /// LVM's error output as one line: the distinct non-empty lines joined with "; ", without the hint
 /// ``Run `lvcreate --help' for more information.``; warnings only if nothing else was said.
 pub fn lvm_message(stderr: &str) -> String {
+    let mut seen = std::collections::HashSet::new();
     let mut lines: Vec<&str> = Vec::new();
     for line in stderr.lines().map(str::trim) {
-        if !line.is_empty() && !is_help_hint(line) && !lines.contains(&line) {
+        if !line.is_empty() && !is_help_hint(line) && seen.insert(line) {
             lines.push(line);
         }
     }
@@ -729,6 +789,124 @@ fn describe(name: &str, lv: Option<&LvInfo>) -> String {
     match lv {
         Some(l) => format!("[{name} tags={}] ", l.tags.join(",")),
         None => String::new(),
+    }
+}
+
+/// The result of a finished LVM command: its standard output, or [`Error::Command`].
+fn command_result(
+    subcommand: &str,
+    status: ExitStatus,
+    stdout: &[u8],
+    stderr: &[u8],
+) -> Result<String> {
+    if status.success() {
+        return Ok(String::from_utf8_lossy(stdout).into_owned());
+    }
+    let mut message = lvm_message(&String::from_utf8_lossy(stderr));
+    if message.is_empty() {
+        message = match status.code() {
+            Some(code) => format!("exit status {code}"),
+            None => "killed by a signal".to_string(),
+        };
+    }
+    Err(Error::Command {
+        command: subcommand.to_string(),
+        status: status.code(),
+        message,
+    })
+}
+
+/// Calls `check` until it returns something or `deadline` (`None`: never) passes, sleeping
+/// between calls (1 ms at first, doubling up to 50 ms). `Ok(None)`: the deadline passed.
+fn poll_until<T>(
+    deadline: Option<Instant>,
+    mut check: impl FnMut() -> std::io::Result<Option<T>>,
+) -> std::io::Result<Option<T>> {
+    const MAX_PAUSE: Duration = Duration::from_millis(50);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(done) = check()? {
+            return Ok(Some(done));
+        }
+        let left = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+            None => MAX_PAUSE,
+        };
+        if left.is_zero() {
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+/// Kills `child` (`SIGKILL`) and reaps it.
+fn stop(child: &mut Child) {
+    // Fails only if it has already exited, which is as good.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A pipe read to its end on a thread of its own, into a buffer the caller can take at any time.
+struct Drain {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drain {
+    /// Takes `pipe` (none: an empty drain) and starts reading it.
+    fn start(pipe: &mut Option<impl Read + Send + 'static>) -> std::io::Result<Drain> {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let Some(mut pipe) = pipe.take() else {
+            return Ok(Drain { buf, thread: None });
+        };
+        let shared = Arc::clone(&buf);
+        let thread = std::thread::Builder::new()
+            .name("lvm-output".into())
+            .spawn(move || {
+                let mut chunk = vec![0; 64 * 1024];
+                loop {
+                    match pipe.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => shared
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })?;
+        Ok(Drain {
+            buf,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the pipe has been read to its end.
+    fn is_done(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// What has been read so far. A thread still reading is left to finish on its own.
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.buf.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// `10m`, `1h`, `30s`, `200ms`; other durations as `Duration`'s `Debug` (`1.5s`).
+fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs > 0 {
+        if secs.is_multiple_of(3600) {
+            format!("{}h", secs / 3600)
+        } else if secs.is_multiple_of(60) {
+            format!("{}m", secs / 60)
+        } else {
+            format!("{secs}s")
+        }
+    } else {
+        format!("{d:?}")
     }
 }
 

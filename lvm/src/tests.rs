@@ -428,3 +428,162 @@ fn snapshot_command_lines() {
         ]
     );
 }
+
+#[test]
+fn timeout_defaults_and_builder() {
+    assert_eq!(Lvm::new().timeout(), DEFAULT_TIMEOUT);
+    assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(600));
+    assert_eq!(Lvm::with_program("/x/lvm").timeout(), DEFAULT_TIMEOUT);
+    let lvm = Lvm::with_program("/x/lvm").with_timeout(Duration::from_secs(5));
+    assert_eq!(lvm.timeout(), Duration::from_secs(5));
+    assert_eq!(lvm.program, Path::new("/x/lvm"));
+
+    let err = Error::Timeout {
+        command: "lvconvert".into(),
+        after: DEFAULT_TIMEOUT,
+    };
+    assert_eq!(
+        err.to_string(),
+        "lvm lvconvert did not finish within 10m; it was stopped (LVM commits its metadata \
+         atomically: the change was made completely or not at all; a merge that started \
+         continues in the kernel)"
+    );
+    for (d, s) in [
+        (Duration::from_secs(3600), "1h"),
+        (Duration::from_secs(90), "90s"),
+        (Duration::from_secs(120), "2m"),
+        (Duration::from_millis(200), "200ms"),
+        (Duration::from_millis(1500), "1.5s"),
+        (Duration::ZERO, "0ns"),
+    ] {
+        assert_eq!(format_duration(d), s);
+    }
+}
+
+/// Whether process `pid` exists (a zombie, not yet reaped, still does).
+fn process_exists(pid: &str) -> bool {
+    Path::new("/proc").join(pid.trim()).exists()
+}
+
+#[test]
+fn a_command_past_its_timeout_is_killed_and_reaped() {
+    let fake = FakeLvm::new(
+        "timeout",
+        "echo $$ > \"$(dirname \"$0\")/pid\"\nexec sleep 30",
+    );
+    let lvm = fake.lvm.clone().with_timeout(Duration::from_millis(500));
+    let start = Instant::now();
+    let err = lvm.run("lvconvert", ["--merge", "vg0/s"]).unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    match &err {
+        Error::Timeout { command, after } => {
+            assert_eq!(command, "lvconvert");
+            assert_eq!(*after, Duration::from_millis(500));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.to_string().lines().count(), 1);
+    assert!(err
+        .to_string()
+        .starts_with("lvm lvconvert did not finish within 500ms; it was stopped (LVM commits"));
+    let pid = std::fs::read_to_string(fake.dir.join("pid")).unwrap();
+    assert!(!process_exists(&pid), "lvm (pid {pid}) is still there");
+}
+
+#[test]
+fn a_leftover_child_holding_the_pipes_does_not_hold_up_the_caller() {
+    // The killed script's `sleep` keeps the output pipes open.
+    let fake = FakeLvm::new(
+        "timeout-child",
+        "echo $$ > \"$(dirname \"$0\")/pid\"\nsleep 3",
+    );
+    let lvm = fake.lvm.clone().with_timeout(Duration::from_millis(300));
+    let start = Instant::now();
+    let err = lvm.run("lvs", ["vg0"]).unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let pid = std::fs::read_to_string(fake.dir.join("pid")).unwrap();
+    assert!(!process_exists(&pid), "lvm (pid {pid}) is still there");
+
+    // lvm exits but leaves a process holding its standard output: its status and the output
+    // so far count once the timeout has passed.
+    let fake = FakeLvm::new("leftover", "echo out\nsleep 3 &\nexit 0");
+    let lvm = fake.lvm.clone().with_timeout(Duration::from_millis(300));
+    let start = Instant::now();
+    assert_eq!(lvm.run("lvs", ["vg0"]).unwrap(), "out\n");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn chatty_commands_do_not_deadlock() {
+    // Well over a pipe's buffer (64 KiB) on both outputs, then a failure.
+    let fake = FakeLvm::new(
+        "chatty",
+        "seq 1 200000\nseq 1 200000 >&2\nyes '  chatter' | head -n 100000 >&2\n\
+         echo '  Insufficient free space' >&2\nexit 5",
+    );
+    let lvm = fake.lvm.clone().with_timeout(Duration::from_secs(60));
+    let start = Instant::now();
+    let err = lvm.run("lvcreate", ["-n", "x"]).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    match &err {
+        Error::Command {
+            command,
+            status,
+            message,
+        } => {
+            assert_eq!(command, "lvcreate");
+            assert_eq!(*status, Some(5));
+            assert!(message.len() > 1 << 20, "{}", message.len());
+            assert!(message.starts_with("1; 2; 3; "), "{}", &message[..20]);
+            assert!(
+                message.ends_with("; 200000; chatter; Insufficient free space"),
+                "{}",
+                &message[message.len() - 60..]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.to_string().lines().count(), 1);
+
+    // The same output with success: all of standard output comes back.
+    let fake = FakeLvm::new("chatty-ok", "seq 1 200000\nseq 1 200000 >&2");
+    let out = fake.lvm.run("lvs", ["vg0"]).unwrap();
+    assert!(out.len() > 1 << 20);
+    assert_eq!(out.lines().count(), 200000);
+    assert!(out.ends_with("199999\n200000\n"));
+}
+
+#[test]
+fn quick_commands_succeed_within_a_short_timeout() {
+    let fake = FakeLvm::new("quick", &format!("cat <<'EOF'\n{VG}\nEOF"));
+    let lvm = fake.lvm.clone().with_timeout(Duration::from_secs(5));
+    assert_eq!(lvm.lv("vg0", "thin1").unwrap().size, 64 << 20);
+    let start = Instant::now();
+    assert_eq!(lvm.run("lvs", ["vg0"]).unwrap().trim(), VG.trim());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // A failure that prints nothing.
+    let fake = FakeLvm::new("silent", "exit 3");
+    let err = fake.lvm.run("lvs", ["vg0"]).unwrap_err();
+    assert_eq!(err.to_string(), "lvm lvs failed: exit status 3");
+}
