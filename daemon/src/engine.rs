@@ -175,6 +175,38 @@ pub struct Engine {
     fill_warned: std::collections::HashSet<String>,
 }
 
+/// Logs vmsnap-tagged LVs no record accounts for (a state directory restored from an old backup,
+/// records removed by hand). They are left alone: they may hold the only copy of some data.
+/// Runs on a thread of its own; on a host without LVM it only finds that `lvm` is missing.
+fn report_orphan_lvs(
+    ops: &OpContext,
+    snapshots: &BTreeMap<String, SnapshotRecord>,
+    restores: &BTreeMap<String, RestoreRecord>,
+) {
+    let lvm = ops.lvm_tool();
+    let known: std::collections::HashSet<String> = snapshots
+        .keys()
+        .map(|u| format!("vmsnap-snap-{u}"))
+        .chain(restores.keys().map(|u| crate::lvm_volumes::restore_tag(u)))
+        .collect();
+    let spawned = std::thread::Builder::new()
+        .name("lvm-orphans".to_string())
+        .spawn(move || match lvm.lvs_tagged(vmsnap_lvm::TAG_VMSNAP) {
+            Ok(lvs) => {
+                for lv in lvs {
+                    let ours = lv.tags.iter().any(|t| known.contains(t));
+                    if !ours && lv.tags.iter().any(|t| t.starts_with("vmsnap-snap-")) {
+                        warn!(lv = %format!("{}/{}", lv.vg, lv.name), "an LV tagged by vmsnap has no snapshot record; left alone (remove it with lvremove if it is not needed)");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no LVM snapshot LVs checked"),
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the LVM orphan check");
+    }
+}
+
 /// A new VM's name: what libvirt accepts in practice, without path separators.
 fn validate_vm_name(name: &str) -> Result<(), EngineError> {
     let ok = !name.is_empty()
@@ -240,6 +272,7 @@ impl Engine {
             self.emit(Change::RestoreAdded(Box::new(record.clone())));
             self.restores.insert(record.uuid.clone(), record);
         }
+        report_orphan_lvs(&ops, &self.snapshots, &self.restores);
         self.ops = Some(ops);
         self
     }
