@@ -167,6 +167,31 @@ pub fn check_restorable(
     }
 }
 
+/// Checks what an in-place restore of `volume` needs before anything changes: the origin LV
+/// exists and is not open (the VM is off), and a thick origin is active (LVM defers the merge of
+/// an inactive one).
+pub fn check_in_place(lvm: &Lvm, volume: &VolumeRecord) -> Result<(), String> {
+    let Some(l) = &volume.lvm else { return Ok(()) };
+    let fail = |what: String| format!("disk {}: {what}", volume.target);
+    let origin = lvm
+        .find_lv(&l.vg, &l.origin)
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail(format!("its LV {}/{} is missing", l.vg, l.origin)))?;
+    if origin.is_open() {
+        return Err(fail(format!(
+            "{}/{} is open: something still uses it (the VM, a mount, another process)",
+            l.vg, l.origin
+        )));
+    }
+    if !l.thin && !origin.is_active() {
+        return Err(fail(format!(
+            "{}/{} is not active: activate it (lvchange -ay) so the merge can run",
+            l.vg, l.origin
+        )));
+    }
+    Ok(())
+}
+
 pub fn overflow_message(target: &str, vg: &str, lv: &str) -> String {
     format!(
         "disk {target}: the thick LVM snapshot {vg}/{lv} overflowed (its copy-on-write space filled up), so its data is lost; delete this snapshot, and give thick snapshots more space with [lvm] thick_snapshot_size"

@@ -117,6 +117,9 @@ fn restore_steps(
             }
             shut_down(ctx, record, &dom)?;
         }
+        for volume in &snapshot.volumes {
+            lvm_volumes::check_in_place(&lvm, volume)?;
+        }
         // Named as the user knows them, before a safety snapshot puts overlays on top.
         let original = dom
             .xml_desc(VIR_DOMAIN_XML_INACTIVE)
