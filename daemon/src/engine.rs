@@ -321,7 +321,13 @@ impl Engine {
 
     pub fn handle_op_event(&mut self, event: OpEvent) {
         match event {
-            OpEvent::Progress { uuid, text } => self.emit(Change::SnapshotProgress { uuid, text }),
+            // A snapshot an operation makes on its own (a restore's safety snapshot) is known
+            // from its first save; progress before that has no object to go to.
+            OpEvent::Progress { uuid, text } => {
+                if self.snapshots.contains_key(&uuid) {
+                    self.emit(Change::SnapshotProgress { uuid, text })
+                }
+            }
             OpEvent::Saved(record) => {
                 let known = self
                     .snapshots

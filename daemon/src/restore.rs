@@ -64,11 +64,29 @@ pub fn restore(
     snapshot: SnapshotRecord,
     mut records: Vec<SnapshotRecord>,
 ) {
-    if let Err(error) = restore_steps(ctx, &mut record, &snapshot, &mut records) {
+    let mut stopped = false;
+    if let Err(mut error) = restore_steps(ctx, &mut record, &snapshot, &mut records, &mut stopped) {
         warn!(vm = %record.vm_name, snapshot = %record.snapshot_name, %error, "restore failed");
+        // Past the point of no return the journal stays, so the next start finishes it.
+        let forward_pending = matches!(
+            &record.step,
+            RestoreStep::Committed { lvm_steps, .. } if !lvm_steps.is_empty()
+        );
+        if stopped && !forward_pending {
+            // Nothing changed: the VM this restore shut down runs again.
+            let started = connect(&ctx.uri)
+                .and_then(|conn| lookup(&conn, &record.vm_uuid))
+                .and_then(|dom| dom.create().map_err(|e| e.message().to_string()));
+            match started {
+                Ok(_) => error.push_str("; the VM was started again"),
+                Err(e) => error.push_str(&format!("; the VM stays off (it did not start: {e})")),
+            }
+        }
         record.phase = RestorePhase::Failed;
         record.error = error;
-        record.step = RestoreStep::Done;
+        if !forward_pending {
+            record.step = RestoreStep::Done;
+        }
         let _ = ctx.save_restore(&record);
     }
     ctx.restore_progress(&record, "");
@@ -79,6 +97,7 @@ fn restore_steps(
     record: &mut RestoreRecord,
     snapshot: &SnapshotRecord,
     records: &mut Vec<SnapshotRecord>,
+    stopped: &mut bool,
 ) -> Result<(), String> {
     let conn = connect(&ctx.uri)?;
     if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
@@ -116,6 +135,7 @@ fn restore_steps(
                 return Err(format!("VM '{}' is running; stop it first", record.vm_name));
             }
             shut_down(ctx, record, &dom)?;
+            *stopped = true;
         }
         for volume in &snapshot.volumes {
             lvm_volumes::check_in_place(&lvm, volume)?;
@@ -556,6 +576,12 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
                 let lvm = ctx.lvm_tool();
                 for volume in snapshot.volumes.iter().filter(|v| v.lvm.is_some()) {
                     let last = lvm_steps.get(&volume.target).map(String::as_str);
+                    info!(
+                        vm = %record.vm_name,
+                        disk = %volume.target,
+                        step = last.unwrap_or("none"),
+                        "finishing the interrupted restore of an LVM volume"
+                    );
                     lvm_volumes::finish_in_place(&lvm, volume, last)?;
                     set_lvm_step(&mut record, &volume.target, lvm_volumes::STEP_DONE);
                     ctx.save_restore(&record)?;

@@ -298,7 +298,15 @@ fn create_steps(
         // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
         let answer_within = (ctx.freeze_timeout.as_secs() / 2).clamp(1, 60) as i32;
         if let Err(e) = virt_ext::agent_set_response_timeout(&dom, answer_within) {
-            warn!(error = %e.message(), "cannot bound the agent's response time");
+            // Drivers without it (test:///) are expected; anything else is worth a warning.
+            if matches!(
+                e.code(),
+                virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoSupport)
+            ) {
+                tracing::debug!(error = %e.message(), "cannot bound the agent's response time");
+            } else {
+                warn!(error = %e.message(), "cannot bound the agent's response time");
+            }
         }
         let started = Instant::now();
         let frozen = virt_ext::fs_freeze(&dom);

@@ -150,10 +150,11 @@ impl Daemon {
         let config_path = dir.path().join("vmsnapd.toml");
         let mut config = config.to_string();
         if !config.contains("state_dir") {
-            config.push_str(&format!(
-                "state_dir = \"{}\"\n",
-                dir.path().join("state").display()
-            ));
+            // First: after a [table] header it would belong to that table.
+            config.insert_str(
+                0,
+                &format!("state_dir = \"{}\"\n", dir.path().join("state").display()),
+            );
         }
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("vmsnapd.log");
@@ -376,6 +377,20 @@ pub fn find_vm<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_
 /// Runs `script` with /bin/sh inside a lab guest through its agent (guest-exec); returns the
 /// exit code and stdout. Panics if the agent does not answer or the command outlives `timeout`.
 pub fn guest_exec(vm: &str, script: &str, timeout: Duration) -> (i64, String) {
+    let out = guest_exec_output(vm, script, timeout);
+    (out.code, out.stdout)
+}
+
+/// What a command run in a guest printed, and its exit code (-1 if it died of a signal).
+#[derive(Debug)]
+pub struct GuestOutput {
+    pub code: i64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Like [`guest_exec`], with the command's standard error too.
+pub fn guest_exec_output(vm: &str, script: &str, timeout: Duration) -> GuestOutput {
     use base64::Engine as _;
     let request = serde_json::json!({
         "execute": "guest-exec",
@@ -391,14 +406,23 @@ pub fn guest_exec(vm: &str, script: &str, timeout: Duration) -> (i64, String) {
             serde_json::from_str(&virsh(&["qemu-agent-command", vm, &status_request])).unwrap();
         (status["return"]["exited"] == true).then_some(status)
     });
-    let out = status["return"]["out-data"].as_str().unwrap_or("");
-    let stdout = base64::engine::general_purpose::STANDARD
-        .decode(out)
-        .unwrap();
-    (
-        status["return"]["exitcode"].as_i64().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-    )
+    let decode = |field: &str| {
+        let data = status["return"][field].as_str().unwrap_or("");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    GuestOutput {
+        code: status["return"]["exitcode"].as_i64().unwrap_or(-1),
+        stdout: decode("out-data"),
+        stderr: decode("err-data"),
+    }
+}
+
+/// `word` quoted for /bin/sh.
+pub fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
 }
 
 /// A throwaway TCG VM built from the lab's guest kernel and initramfs, with its own data disk in
@@ -420,6 +444,8 @@ pub struct ScratchOptions {
     /// Add `<os><nvram>` with a variables file of random bytes (the VM is never started then,
     /// since the lab has no UEFI firmware).
     pub nvram: bool,
+    /// Memory in MiB; 0 means the lab's usual 192.
+    pub memory_mib: u32,
 }
 
 pub fn lab_dir() -> PathBuf {
@@ -508,12 +534,17 @@ impl ScratchVm {
             );
         }
         let xml = format!(
-            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>192</memory><vcpu>1</vcpu>\
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>{memory}</memory><vcpu>1</vcpu>\
              <os>{os}</os><features><acpi/></features><cpu mode='custom' match='exact'><model>qemu64</model></cpu>\
              <on_poweroff>destroy</on_poweroff><devices>{devices}\
              <serial type='file'><source path='{}'/><target port='0'/></serial>\
              <video><model type='none'/></video><memballoon model='none'/></devices></domain>",
-            dir.path().join("console.log").display()
+            dir.path().join("console.log").display(),
+            memory = if options.memory_mib == 0 {
+                192
+            } else {
+                options.memory_mib
+            },
         );
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, xml).unwrap();
@@ -820,3 +851,382 @@ pub fn image_of(snapshot: &serde_json::Value) -> String {
         .unwrap()
         .to_string()
 }
+
+impl ScratchVm {
+    /// Adds a virtio disk with this image to the VM's definition (before it starts), as `target`
+    /// (vdb, vdc, ...: the guest sees them in target order).
+    pub fn attach_disk(&self, image: &Path, target: &str, format: &str, readonly: bool) {
+        let mut args = vec![
+            "attach-disk",
+            &self.name,
+            image.to_str().unwrap(),
+            target,
+            "--config",
+            "--targetbus",
+            "virtio",
+            "--driver",
+            "qemu",
+            "--subdriver",
+            format,
+            "--cache",
+            "unsafe",
+        ];
+        if readonly {
+            args.push("--mode");
+            args.push("readonly");
+        }
+        virsh(&args);
+    }
+
+    /// Adds a sparse raw disk of `size` bytes, in the VM's directory, as `target`; returns its path.
+    pub fn attach_raw_disk(&self, target: &str, size: u64) -> PathBuf {
+        let path = self.dir.path().join(format!("{}-{target}.raw", self.name));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        self.attach_disk(&path, target, "raw", false);
+        path
+    }
+}
+
+/// Builds a payload disk (raw ext4, label vmsnap-payload) with `binaries` in bin/ and their
+/// libraries in lib/ (lab/guest-payload.sh); in a lab guest, mounted on /mnt/payload, they run
+/// with `LD_LIBRARY_PATH=/mnt/payload/lib`.
+pub fn make_guest_payload(out: &Path, binaries: &[&Path]) {
+    let script = workspace_root().join("lab/guest-payload.sh");
+    let mut args = vec![script.to_str().unwrap(), out.to_str().unwrap()];
+    args.extend(binaries.iter().map(|b| b.to_str().unwrap()));
+    run("bash", &args);
+}
+
+/// The volume group an [`LvmGuest`] creates on its raw disk.
+pub const LVM_GUEST_VG: &str = "vmsnaplab";
+/// Where an [`LvmGuest`] keeps its files (on the guest's data disk, so they survive restarts of
+/// vmsnapd): vmsnapd.toml, vmsnapd.log, state/, and whatever the test writes there.
+pub const LVM_GUEST_LAB: &str = "/mnt/data/lab";
+/// The guest's private bus, served by a dbus-daemon from the payload.
+pub const LVM_GUEST_BUS: &str = "unix:path=/run/vmsnaplab/bus.sock";
+const LVM_GUEST_PAYLOAD: &str = "/mnt/payload";
+
+/// The logical volumes an [`LvmGuest`] creates in [`LVM_GUEST_VG`]: thin LVs in a thin pool
+/// named `pool`, and thick LVs; sizes in MiB.
+#[derive(Debug, Clone)]
+pub struct LvmLayout {
+    pub pool_mib: u64,
+    pub thin: Vec<(String, u64)>,
+    pub thick: Vec<(String, u64)>,
+}
+
+/// A lab guest in which vmsnapd itself runs against real LVM: a scratch VM (512 MiB) with a raw
+/// disk (vdb) holding the volume group [`LVM_GUEST_VG`] and a payload disk (vdc, see
+/// [`make_guest_payload`]) with vmsnapd, vmsnapctl, dbus-daemon and qemu-img, mounted on
+/// /mnt/payload (and first in PATH of every command run through [`LvmGuest::exec`]).
+/// vmsnapd talks to libvirt's test driver (a `test:///<node.xml>` URI, in-process, no libvirtd)
+/// and serves on a dbus-daemon of the guest ([`LVM_GUEST_BUS`]); vmsnapctl runs in the guest
+/// too. Everything goes through the guest agent. The VM is removed on drop.
+pub struct LvmGuest {
+    pub vm: ScratchVm,
+    daemon_pid: Option<u32>,
+}
+
+impl LvmGuest {
+    /// Defines and boots the guest, mounts the payload, creates the volume group and `layout`,
+    /// and starts the guest's dbus-daemon. vmsnapd is not started yet ([`LvmGuest::start_daemon`]).
+    pub fn boot(name: &str, layout: &LvmLayout) -> LvmGuest {
+        let vm = ScratchVm::define(
+            name,
+            ScratchOptions {
+                agent: true,
+                memory_mib: 512,
+                ..Default::default()
+            },
+            &[],
+        );
+        vm.attach_raw_disk("vdb", 1 << 30);
+        let payload = vm.dir.path().join("payload.raw");
+        make_guest_payload(
+            &payload,
+            &[
+                &bin("vmsnapd"),
+                &bin("vmsnapctl"),
+                Path::new("/usr/bin/dbus-daemon"),
+                // vmsnapd's file disks need it (overlays, image chains).
+                Path::new("/usr/bin/qemu-img"),
+            ],
+        );
+        vm.attach_disk(&payload, "vdc", "raw", true);
+        vm.start(true);
+        let guest = LvmGuest {
+            vm,
+            daemon_pid: None,
+        };
+        guest.exec(&format!(
+            "set -e; mkdir -p {LVM_GUEST_PAYLOAD} {LVM_GUEST_LAB}/state /run/vmsnaplab
+             mount -o ro \"$(findfs LABEL=vmsnap-payload)\" {LVM_GUEST_PAYLOAD}"
+        ));
+        let vg = LVM_GUEST_VG;
+        let mut script = format!(
+            "set -e; pvcreate -q -ff -y /dev/vdb; vgcreate -q {vg} /dev/vdb
+             lvcreate -q -L {}m -T {vg}/pool\n",
+            layout.pool_mib
+        );
+        for (lv, mib) in &layout.thin {
+            script.push_str(&format!("lvcreate -q -V {mib}m -T {vg}/pool -n {lv}\n"));
+        }
+        for (lv, mib) in &layout.thick {
+            script.push_str(&format!("lvcreate -q -L {mib}m -n {lv} {vg}\n"));
+        }
+        // No udev in the guest: LVM makes the /dev/VG/LV links itself (udev_rules = 0).
+        for (lv, _) in layout.thin.iter().chain(&layout.thick) {
+            script.push_str(&format!("test -b /dev/{vg}/{lv}\n"));
+        }
+        guest.exec(&script);
+        guest.write_file(
+            "/run/vmsnaplab/bus.conf",
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>{LVM_GUEST_BUS}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#
+            )
+            .as_bytes(),
+        );
+        guest.exec(&format!(
+            "cd /; LD_LIBRARY_PATH={LVM_GUEST_PAYLOAD}/lib setsid {LVM_GUEST_PAYLOAD}/bin/dbus-daemon \
+             --config-file=/run/vmsnaplab/bus.conf --nofork </dev/null >/run/vmsnaplab/dbus.log 2>&1 &
+             i=0; while [ ! -S /run/vmsnaplab/bus.sock ]; do
+               i=$((i + 1)); [ $i -lt 100 ] || {{ cat /run/vmsnaplab/dbus.log; exit 1; }}; sleep 0.1
+             done"
+        ));
+        guest
+    }
+
+    /// Runs a shell command in the guest; panics unless it exits 0. Returns its stdout.
+    pub fn exec(&self, script: &str) -> String {
+        let out = self.try_exec(script);
+        assert_eq!(
+            out.code, 0,
+            "guest command failed: {script}\nstdout: {}\nstderr: {}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+
+    /// Runs a shell command in the guest (PATH has the payload's binaries first).
+    pub fn try_exec(&self, script: &str) -> GuestOutput {
+        guest_exec_output(
+            &self.vm.name,
+            &format!("PATH={LVM_GUEST_PAYLOAD}/bin:$PATH\n{script}"),
+            Duration::from_secs(300),
+        )
+    }
+
+    /// Writes a file in the guest.
+    pub fn write_file(&self, path: &str, content: &[u8]) {
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.encode(content);
+        self.exec(&format!("echo {data} | base64 -d > {}", shell_quote(path)));
+    }
+
+    /// Writes vmsnapd's config file (`LVM_GUEST_LAB/vmsnapd.toml`); `state_dir` is added unless
+    /// the text sets it. Takes effect at the next (re)start.
+    pub fn write_daemon_config(&self, config: &str) {
+        let mut config = config.to_string();
+        if !config.contains("state_dir") {
+            // First: after a table header it would belong to that table.
+            config.insert_str(0, &format!("state_dir = \"{LVM_GUEST_LAB}/state\"\n"));
+        }
+        self.write_file(&format!("{LVM_GUEST_LAB}/vmsnapd.toml"), config.as_bytes());
+    }
+
+    /// Writes the config and starts vmsnapd, waiting until it answers on the bus.
+    pub fn start_daemon(&mut self, config: &str, env: &[(&str, &str)]) {
+        self.write_daemon_config(config);
+        self.restart_daemon(env);
+    }
+
+    /// Starts vmsnapd in the background (with `VMSNAP_LOG=debug` and `env`, output appended to
+    /// `LVM_GUEST_LAB/vmsnapd.log`) without waiting for anything.
+    pub fn spawn_daemon(&mut self, env: &[(&str, &str)]) {
+        assert!(self.daemon_pid.is_none(), "vmsnapd is already running");
+        let env: String = env
+            .iter()
+            .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
+            .collect();
+        let out = self.exec(&format!(
+            "cd /; echo \"=== vmsnapd start $(date +%T) {env}\" >>{LVM_GUEST_LAB}/vmsnapd.log
+             VMSNAP_LOG=debug {env}LD_LIBRARY_PATH={LVM_GUEST_PAYLOAD}/lib setsid \
+             {LVM_GUEST_PAYLOAD}/bin/vmsnapd --config {LVM_GUEST_LAB}/vmsnapd.toml \
+             --bus-address {LVM_GUEST_BUS} </dev/null >>{LVM_GUEST_LAB}/vmsnapd.log 2>&1 &
+             echo $!"
+        ));
+        self.daemon_pid = Some(out.trim().parse().unwrap());
+    }
+
+    /// (Re)starts vmsnapd (stopping it first if it runs) and waits until it answers on the bus.
+    pub fn restart_daemon(&mut self, env: &[(&str, &str)]) {
+        if self.daemon_running() {
+            self.stop_daemon();
+        }
+        self.daemon_pid = None;
+        self.spawn_daemon(env);
+        let pid = self.daemon_pid.unwrap();
+        let out = self.try_exec(&format!(
+            "{ALIVE}
+             i=0; until VMSNAP_BUS_ADDRESS={LVM_GUEST_BUS} vmsnapctl vm list >/dev/null 2>&1; do
+               alive {pid} || exit 3
+               i=$((i + 1)); [ $i -lt 300 ] || exit 4; sleep 0.1
+             done"
+        ));
+        assert_eq!(
+            out.code,
+            0,
+            "vmsnapd did not come up ({}):\n{}",
+            if out.code == 3 {
+                "it exited"
+            } else {
+                "timeout"
+            },
+            self.daemon_log()
+        );
+    }
+
+    /// The pid (in the guest) of the vmsnapd started last.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon_pid
+    }
+
+    /// Whether the vmsnapd started last still runs (a zombie does not count).
+    pub fn daemon_running(&self) -> bool {
+        let Some(pid) = self.daemon_pid else {
+            return false;
+        };
+        self.try_exec(&format!("{ALIVE}\nalive {pid}")).code == 0
+    }
+
+    /// Waits until the vmsnapd started last has exited (e.g. at a crash point).
+    pub fn wait_daemon_exit(&mut self, timeout: Duration) {
+        let pid = self.daemon_pid.expect("vmsnapd was started");
+        let tenths = timeout.as_millis() / 100;
+        let out = self.try_exec(&format!(
+            "{ALIVE}
+             i=0; while alive {pid}; do i=$((i + 1)); [ $i -lt {tenths} ] || exit 4; sleep 0.1; done"
+        ));
+        assert_eq!(
+            out.code,
+            0,
+            "vmsnapd (pid {pid}) still runs after {timeout:?}:\n{}",
+            self.daemon_log()
+        );
+        self.daemon_pid = None;
+    }
+
+    /// Kills vmsnapd with SIGKILL and waits until it is gone.
+    pub fn kill_daemon(&mut self) {
+        self.signal_daemon("KILL");
+    }
+
+    /// Stops vmsnapd with SIGTERM and waits until it is gone.
+    pub fn stop_daemon(&mut self) {
+        self.signal_daemon("TERM");
+    }
+
+    fn signal_daemon(&mut self, signal: &str) {
+        let pid = self.daemon_pid.expect("vmsnapd was started");
+        let out = self.try_exec(&format!(
+            "{ALIVE}
+             kill -{signal} {pid} 2>/dev/null
+             i=0; while alive {pid}; do i=$((i + 1)); [ $i -lt 300 ] || exit 4; sleep 0.1; done"
+        ));
+        assert_eq!(
+            out.code,
+            0,
+            "vmsnapd did not end on SIG{signal}:\n{}",
+            self.daemon_log()
+        );
+        self.daemon_pid = None;
+    }
+
+    /// Runs vmsnapctl in the guest against the guest's vmsnapd.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+        let out = self.try_exec(&format!(
+            "VMSNAP_BUS_ADDRESS={LVM_GUEST_BUS} LD_LIBRARY_PATH={LVM_GUEST_PAYLOAD}/lib \
+             vmsnapctl {}",
+            args.join(" ")
+        ));
+        CtlOutput {
+            code: Some(out.code as i32),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        }
+    }
+
+    /// `vmsnapctl ARGS --output json`, which must succeed; its output parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["--output", "json"]);
+        self.ctl(&args).json()
+    }
+
+    /// Everything vmsnapd logged in this guest (all its runs).
+    pub fn daemon_log(&self) -> String {
+        self.try_exec(&format!("cat {LVM_GUEST_LAB}/vmsnapd.log"))
+            .stdout
+    }
+
+    /// The WARN and ERROR lines of vmsnapd's log.
+    pub fn daemon_problems(&self) -> Vec<String> {
+        self.daemon_log()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every LV of [`LVM_GUEST_VG`] (hidden ones too), as `lvs --reportformat json` reports
+    /// them: lv_name, lv_attr, lv_size (bytes), origin, pool_lv, lv_tags, data_percent,
+    /// snap_percent.
+    pub fn lvs(&self) -> Vec<serde_json::Value> {
+        let out = self.exec(&format!(
+            "lvs -a --reportformat json --units b --nosuffix \
+             -o lv_name,lv_attr,lv_size,origin,pool_lv,lv_tags,data_percent,snap_percent {LVM_GUEST_VG}"
+        ));
+        let report: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("lvs printed no JSON ({e}): {out}"));
+        report["report"][0]["lv"].as_array().unwrap().clone()
+    }
+
+    /// Names of the LVs of [`LVM_GUEST_VG`] (not hidden ones), sorted.
+    pub fn lv_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lvs()
+            .iter()
+            .filter_map(|lv| lv["lv_name"].as_str())
+            .filter(|n| !n.starts_with('['))
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// SHA-256 of a whole block device (or file) in the guest.
+    pub fn checksum(&self, path: &str) -> String {
+        let out = self.exec(&format!("sha256sum {}", shell_quote(path)));
+        out.split_whitespace().next().unwrap().to_string()
+    }
+}
+
+/// Shell function `alive PID`: the process exists and is not a zombie (the lab guest's init may
+/// not reap orphans).
+const ALIVE: &str =
+    "alive() { [ -e /proc/$1/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$1/status; }";

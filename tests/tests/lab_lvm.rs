@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use vmsnap_tests::{bin, guest_exec, virsh, ScratchOptions, ScratchVm};
+use vmsnap_tests::{bin, guest_exec, ScratchOptions, ScratchVm};
 
 const VM: &str = "vmsnap-lvm-selftest";
 const SELFTEST: &str = "vmsnap-lvm-selftest";
@@ -49,28 +49,6 @@ const CHECKS: &[&str] = &[
     "delete_removes_only_the_snapshot",
 ];
 
-/// Adds a raw virtio disk of `size` bytes (sparse) as `target` to the VM's definition.
-fn attach_raw_disk(vm: &ScratchVm, target: &str, size: u64) {
-    let path = vm.dir.path().join(format!("{}-{target}.raw", vm.name));
-    let file = std::fs::File::create(&path).unwrap();
-    file.set_len(size).unwrap();
-    virsh(&[
-        "attach-disk",
-        &vm.name,
-        path.to_str().unwrap(),
-        target,
-        "--config",
-        "--targetbus",
-        "virtio",
-        "--driver",
-        "qemu",
-        "--subdriver",
-        "raw",
-        "--cache",
-        "unsafe",
-    ]);
-}
-
 #[test]
 fn lvm_operations_in_a_guest() {
     let selftest = std::fs::read(bin(SELFTEST)).unwrap();
@@ -82,7 +60,7 @@ fn lvm_operations_in_a_guest() {
         },
         &[(SELFTEST, &selftest)],
     );
-    attach_raw_disk(&vm, "vdb", 1 << 30);
+    vm.attach_raw_disk("vdb", 1 << 30);
     vm.start(true);
 
     let (code, out) = guest_exec(
