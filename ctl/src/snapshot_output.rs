@@ -377,7 +377,8 @@ mod tests {
                 },
                 "error": null,
                 "freezeDurationMs": 57,
-                "frozenFilesystems": 2
+                "frozenFilesystems": 2,
+                "cowFillPercent": 0.0
             })
         );
     }
