@@ -12,7 +12,9 @@
 //!   c. deleting a snapshot removes its LVs only;
 //!   d. a thick snapshot that overflows fails, and is not restorable;
 //!   e. a VM with a file disk and an LV: its snapshot fails (the test driver makes no disk-only
-//!      snapshots) and leaves no snapshot LV behind.
+//!      snapshots) and leaves no snapshot LV behind;
+//!   f. restore as a new VM: a thin snapshot becomes the new VM's own thin LV with the
+//!      snapshot's data; a thick one is refused, changing nothing.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeMap;
@@ -29,6 +31,8 @@ const VM_UUID: &str = "6695eb01-f6a4-8304-79aa-97f2502e193f";
 const SMALL_VM: &str = "lvm-small";
 /// A raw file (vda) and a thin LV (vdb).
 const MIXED_VM: &str = "lvm-mixed";
+/// One thin LV (vda), to be restored as a new VM.
+const THIN_VM: &str = "lvm-thin";
 const MIB: u64 = 1 << 20;
 /// Size of every LV, MiB.
 const LV_MIB: u64 = 32;
@@ -49,7 +53,7 @@ fn node_xml() -> String {
         )
     };
     format!(
-        "<node>\n{}{}{}</node>\n",
+        "<node>\n{}{}{}{}</node>\n",
         domain(
             VM,
             VM_UUID,
@@ -68,6 +72,11 @@ fn node_xml() -> String {
                  <source file='{LVM_GUEST_LAB}/mixed-vda.raw'/><target dev='vda' bus='virtio'/></disk>{}",
                 lv("thin1", "vdb")
             )
+        ),
+        domain(
+            THIN_VM,
+            "0d1e8a55-5b7e-4c8e-9a0e-2f6a7f3c1d03",
+            &lv("thin2", "vda")
         ),
     )
 }
@@ -243,7 +252,7 @@ impl Lab {
         names.retain(|n| !expected.contains_key(n));
         assert_eq!(
             names,
-            ["pool", "thick0", "thick1", "thin0", "thin1"],
+            ["pool", "thick0", "thick1", "thin0", "thin1", "thin2"],
             "LVs besides the origins and the snapshots' LVs"
         );
     }
@@ -274,7 +283,11 @@ fn vmsnapd_on_real_lvm() {
         GUEST,
         &LvmLayout {
             pool_mib: 256,
-            thin: vec![("thin0".into(), LV_MIB), ("thin1".into(), LV_MIB)],
+            thin: vec![
+                ("thin0".into(), LV_MIB),
+                ("thin1".into(), LV_MIB),
+                ("thin2".into(), LV_MIB),
+            ],
             thick: vec![("thick0".into(), LV_MIB), ("thick1".into(), LV_MIB)],
         },
     );
@@ -312,6 +325,8 @@ fn vmsnapd_on_real_lvm() {
         eprintln!("lab_lvm_daemon: d. overflow: passed");
         scenario_mixed(&lab);
         eprintln!("lab_lvm_daemon: e. mixed: passed");
+        scenario_new_vm(&lab);
+        eprintln!("lab_lvm_daemon: f. new VM: passed");
     }));
     if let Err(panic) = ran {
         let log = lab.guest.daemon_log();
@@ -711,4 +726,90 @@ fn scenario_mixed(lab: &Lab) {
     let files = lab.guest.exec(&format!("ls {LVM_GUEST_LAB}"));
     assert!(!files.contains(".qcow2"), "{files}");
     lab.assert_lvs_consistent();
+}
+
+/// f. Restore as a new VM: a thin snapshot becomes a new thin LV of the new VM, holding the
+/// snapshot's data while the source keeps its own; a thick snapshot is refused up front.
+fn scenario_new_vm(lab: &Lab) {
+    // A VM with a thick disk cannot become a new VM without a full copy: refused, nothing made.
+    let lvs_before = lab.guest.lv_names();
+    let refused = lab.guest.ctl(&[
+        "restore",
+        VM,
+        "s2",
+        "--target",
+        "lvm-vm-copy",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    let failed: Value = serde_json::from_str(&refused.stdout).unwrap();
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("disk vdb is a thick LVM snapshot"),
+        "{error}"
+    );
+    assert_eq!(
+        lab.guest.lv_names(),
+        lvs_before,
+        "a refused restore makes no LV"
+    );
+    let vms = lab.guest.ctl_json(&["vm", "list"]);
+    assert!(
+        !vms.to_string().contains("lvm-vm-copy"),
+        "no VM was defined: {vms:#}"
+    );
+
+    // A thin-only VM: its snapshot becomes a new VM with its own LV.
+    lab.write("thin2", 0, 4);
+    let at_snapshot = lab.sum("thin2");
+    let snap = lab.snapshot(THIN_VM, "t1");
+    lab.write("thin2", 0, 4);
+    let source_now = lab.sum("thin2");
+    assert_ne!(source_now, at_snapshot);
+    let out = lab.guest.ctl(&[
+        "restore",
+        THIN_VM,
+        "t1",
+        "--target",
+        "lvm-thin-copy",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", lab.problems());
+    let restore = out.json();
+    assert_eq!(restore["phase"], "Succeeded", "{restore:#}");
+    let copy_lv = restore["restores"][0]["toImage"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let short = &restore["uuid"].as_str().unwrap()[..8];
+    assert_eq!(
+        copy_lv,
+        format!("/dev/{LVM_GUEST_VG}/lvm-thin-copy-vda-r{short}"),
+        "{restore:#}"
+    );
+    assert_eq!(
+        lab.sum(&copy_lv),
+        at_snapshot,
+        "the new VM's disk holds t1's data"
+    );
+    assert_eq!(lab.sum("thin2"), source_now, "the source VM keeps its data");
+    assert_eq!(
+        lab.snapshot_sums(&snap)["vda"],
+        at_snapshot,
+        "t1's LV is unchanged"
+    );
+    let copy = lab.guest.ctl_json(&["vm", "show", "lvm-thin-copy"]);
+    assert_eq!(copy["disks"][0]["source"], copy_lv.as_str(), "{copy:#}");
+    assert_eq!(copy["disks"][0]["backend"], "lvm", "{copy:#}");
+    // The clone is the new VM's plain disk now: no restore marker left, not a vmsnap snapshot.
+    let name = copy_lv.rsplit('/').next().unwrap();
+    let lv = lab
+        .guest
+        .lvs()
+        .into_iter()
+        .find(|l| l["lv_name"] == name)
+        .unwrap();
+    assert_eq!(lv["lv_tags"], "", "{lv}");
 }
