@@ -91,8 +91,9 @@ fn config(lvm: &str) -> String {
 
 /// Thick snapshots of 16 MiB (half of each 32 MiB LV): room for every write of scenarios a-c.
 const ROOMY: &str = "thick_snapshot_size = \"50%\"\nthick_snapshot_min_size = \"4MiB\"\n";
-/// Thick snapshots of 4 MiB, for the overflow.
-const TIGHT: &str = "thick_snapshot_size = \"4MiB\"\nthick_snapshot_min_size = \"4MiB\"\n";
+/// Thick snapshots of 4 MiB, for the overflow, with a warning past 40% full.
+const TIGHT: &str = "thick_snapshot_size = \"4MiB\"\nthick_snapshot_min_size = \"4MiB\"\n\
+                     fill_warning_percent = 40.0\n";
 
 struct Lab {
     guest: LvmGuest,
@@ -650,6 +651,14 @@ fn scenario_overflow(lab: &mut Lab) {
         assert!(Instant::now() < deadline, "cowFillPercent stays at {fill}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Past fill_warning_percent vmsnapd warns, once (the same check set the fill).
+    let warnings: Vec<String> = lab
+        .guest
+        .daemon_problems()
+        .into_iter()
+        .filter(|l| l.contains("copy-on-write space is") && l.contains("snapshot=small"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
     // Overflow: more changes than 4 MiB.
     lab.write("thick1", 12, 8);
     let started = Instant::now();
