@@ -62,23 +62,7 @@ impl PrivateBus {
         let config = dir.path().join("bus.conf");
         std::fs::write(
             &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"#,
-                socket.display()
-            ),
+            permissive_bus_config(&format!("unix:path={}", socket.display())),
         )
         .unwrap();
         let (child, address) = spawn_dbus_daemon(&config);
@@ -88,6 +72,27 @@ impl PrivateBus {
             _dir: dir,
         }
     }
+}
+
+/// A system-like bus configuration listening on `listen` (a D-Bus address) where everyone may
+/// own, send and receive anything.
+pub fn permissive_bus_config(listen: &str) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>{listen}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#
+    )
 }
 
 /// Starts `dbus-daemon` with this config file; returns it and the address it listens on (empty
@@ -982,23 +987,7 @@ impl LvmGuest {
         guest.exec(&script);
         guest.write_file(
             "/run/vmsnaplab/bus.conf",
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>{LVM_GUEST_BUS}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"#
-            )
-            .as_bytes(),
+            permissive_bus_config(LVM_GUEST_BUS).as_bytes(),
         );
         guest.exec(&format!(
             "cd /; LD_LIBRARY_PATH={LVM_GUEST_PAYLOAD}/lib setsid {LVM_GUEST_PAYLOAD}/bin/dbus-daemon \
