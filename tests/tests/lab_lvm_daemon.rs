@@ -14,7 +14,9 @@
 //!   e. a VM with a file disk and an LV: its snapshot fails (the test driver makes no disk-only
 //!      snapshots) and leaves no snapshot LV behind;
 //!   f. restore as a new VM: a thin snapshot becomes the new VM's own thin LV with the
-//!      snapshot's data; a thick one is refused, changing nothing.
+//!      snapshot's data; a thick one is refused, changing nothing;
+//!   g. an LVM failure mid-snapshot (no space left for the thick snapshot, after the thin one
+//!      was taken): Failed with LVM's own message, and no snapshot LV left behind.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeMap;
@@ -328,6 +330,8 @@ fn vmsnapd_on_real_lvm() {
         eprintln!("lab_lvm_daemon: e. mixed: passed");
         scenario_new_vm(&lab);
         eprintln!("lab_lvm_daemon: f. new VM: passed");
+        scenario_lvm_failure(&lab);
+        eprintln!("lab_lvm_daemon: g. LVM failure: passed");
     }));
     if let Err(panic) = ran {
         let log = lab.guest.daemon_log();
@@ -821,4 +825,43 @@ fn scenario_new_vm(lab: &Lab) {
         .find(|l| l["lv_name"] == name)
         .unwrap();
     assert_eq!(lv["lv_tags"], "", "{lv}");
+}
+
+/// g. The VG has no room for the thick snapshot (vdb) once the thin one (vda, in the pool) is
+/// taken: the snapshot fails with LVM's own words, and the thin snapshot LV is removed again.
+fn scenario_lvm_failure(lab: &Lab) {
+    lab.guest.exec(&format!(
+        "lvcreate -q -y -l 100%FREE -n filler {LVM_GUEST_VG} >/dev/null"
+    ));
+    let before = lab.tagged_lvs();
+    let out = lab
+        .guest
+        .ctl(&["snapshot", "create", VM, "no-room", "--output", "json"]);
+    lab.guest
+        .exec(&format!("lvremove -q -y {LVM_GUEST_VG}/filler >/dev/null"));
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let failed: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(failed["phase"], "Failed", "{failed:#}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("disk vdb: lvm lvcreate failed: ") && error.contains("free space"),
+        "LVM's own message, on one line: {error}"
+    );
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert_eq!(lab.tagged_lvs(), before, "no snapshot LV left behind");
+    // The thin snapshot had been made (LVM's metadata archive says so) and was removed.
+    let name = format!("thin0.vmsnap-{}", &failed["uuid"].as_str().unwrap()[..8]);
+    let history = lab
+        .guest
+        .exec("grep -h '^description' /etc/lvm/archive/*.vg");
+    for command in ["lvcreate", "lvremove"] {
+        assert!(
+            history
+                .lines()
+                .any(|l| l.contains(&format!("'{command} ")) && l.contains(&name)),
+            "no {command} of {name}:\n{history}"
+        );
+    }
+    lab.guest.ctl(&["snapshot", "delete", VM, "no-room"]).ok();
+    lab.assert_lvs_consistent();
 }
