@@ -276,8 +276,7 @@ pub fn clone_thin(
     let Some(l) = &volume.lvm else {
         return Err(format!("disk {} is not on LVM", volume.target));
     };
-    let tag = format!("vmsnap-restore-{restore_uuid}");
-    lvm.snapshot_thin(&l.vg, &l.snapshot, name, &[tag])
+    lvm.snapshot_thin(&l.vg, &l.snapshot, name, &[restore_tag(restore_uuid)])
         .map_err(|e| format!("disk {}: {e}", volume.target))?;
     Ok(format!("/dev/{}/{name}", l.vg))
 }
@@ -287,13 +286,24 @@ pub fn restore_tag(restore_uuid: &str) -> String {
     format!("vmsnap-restore-{restore_uuid}")
 }
 
-/// Removes the LV at `path` if it carries `restore_uuid`'s tag (a clone that restore made).
-pub fn remove_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), String> {
+/// The LV at `path` if it carries `restore_uuid`'s tag (a clone that restore made).
+fn own_clone(
+    lvm: &Lvm,
+    path: &str,
+    restore_uuid: &str,
+) -> Result<Option<(String, String)>, String> {
     let Some((vg, lv)) = vmsnap_lvm::resolve_device(Path::new(path)) else {
-        return Ok(());
+        return Ok(None);
     };
     let found = lvm.find_lv(&vg, &lv).map_err(|e| e.to_string())?;
-    if found.is_some_and(|f| f.tags.contains(&restore_tag(restore_uuid))) {
+    Ok(found
+        .is_some_and(|f| f.tags.contains(&restore_tag(restore_uuid)))
+        .then_some((vg, lv)))
+}
+
+/// Removes the LV at `path` if it is a clone `restore_uuid` made.
+pub fn remove_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), String> {
+    if let Some((vg, lv)) = own_clone(lvm, path, restore_uuid)? {
         lvm.remove(&vg, &lv).map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -301,11 +311,7 @@ pub fn remove_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), Str
 
 /// Drops the restore tag from a new VM's cloned LV once the restore is done.
 pub fn keep_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), String> {
-    let Some((vg, lv)) = vmsnap_lvm::resolve_device(Path::new(path)) else {
-        return Ok(());
-    };
-    let found = lvm.find_lv(&vg, &lv).map_err(|e| e.to_string())?;
-    if found.is_some_and(|f| f.tags.contains(&restore_tag(restore_uuid))) {
+    if let Some((vg, lv)) = own_clone(lvm, path, restore_uuid)? {
         lvm.change_tags(&vg, &lv, &[], &[restore_tag(restore_uuid)])
             .map_err(|e| e.to_string())?;
     }
