@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
-use vmsnap_api::{validate_snapshot_name, ExcludedVolume, SnapshotPhase};
+use vmsnap_api::{
+    excerpt, validate_description, validate_snapshot_name, validate_vm_name, ExcludedVolume,
+    SnapshotPhase,
+};
 
 use crate::domain::VmInfo;
 use crate::libvirt::{LibvirtClient, LibvirtEvent};
@@ -20,27 +23,31 @@ use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERS
 /// Errors the engine answers requests with. The bus layer maps each to a named D-Bus error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    #[error("VM '{0}' not found")]
+    #[error("VM '{}' not found", excerpt(.0))]
     VmNotFound(String),
-    #[error("snapshot '{name}' of VM '{vm}' not found")]
+    #[error("snapshot '{}' of VM '{}' not found", excerpt(name), excerpt(vm))]
     SnapshotNotFound { vm: String, name: String },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
     InvalidName(String),
-    #[error("VM '{vm}' already has a snapshot named '{name}'")]
+    #[error(
+        "VM '{}' already has a snapshot named '{}'",
+        excerpt(vm),
+        excerpt(name)
+    )]
     AlreadyExists { vm: String, name: String },
     #[error("{0}")]
     ExcludedDisks(String),
-    #[error("VM '{vm}' is busy: {what}; try again when it has finished")]
+    #[error("VM '{}' is busy: {what}; try again when it has finished", excerpt(vm))]
     Busy { vm: String, what: String },
     #[error("{0}")]
     InvalidState(String),
     #[error("vmsnapd is shutting down")]
     ShuttingDown,
-    #[error("VM '{0}' is running; stop it first, or ask the restore to stop it")]
+    #[error("VM '{}' is running; stop it first, or ask the restore to stop it", excerpt(.0))]
     VmRunning(String),
-    #[error("a VM named '{0}' already exists")]
+    #[error("a VM named '{}' already exists", excerpt(.0))]
     VmExists(String),
 }
 
@@ -204,23 +211,6 @@ fn report_orphan_lvs(
         });
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the LVM orphan check");
-    }
-}
-
-/// A new VM's name: what libvirt accepts in practice, without path separators.
-fn validate_vm_name(name: &str) -> Result<(), EngineError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(EngineError::InvalidArgument(format!(
-            "invalid VM name {name:?}: use A-Z a-z 0-9 . _ - +, not starting with '-'"
-        )))
     }
 }
 
@@ -587,6 +577,10 @@ impl Engine {
         snapshot_name: &str,
         options: &RestoreOptions,
     ) -> Result<(VmInfo, SnapshotRecord), EngineError> {
+        // First of all: a new VM's name reaches libvirt, which derives paths from it.
+        if !options.target.is_empty() {
+            validate_vm_name(&options.target).map_err(EngineError::InvalidName)?;
+        }
         let vm = self.find_vm(vm_key)?.clone();
         let snapshot = self
             .snapshots
@@ -614,11 +608,8 @@ impl Engine {
                 snapshot.name, missing.image, missing.target
             )));
         }
-        if !options.target.is_empty() {
-            if self.vms.values().any(|v| v.name == options.target) {
-                return Err(EngineError::VmExists(options.target.clone()));
-            }
-            validate_vm_name(&options.target)?;
+        if !options.target.is_empty() && self.vms.values().any(|v| v.name == options.target) {
+            return Err(EngineError::VmExists(options.target.clone()));
         }
         self.check_idle(&vm)?;
         if !self.connected {
@@ -733,13 +724,14 @@ impl Engine {
         name: String,
         options: CreateOptions,
     ) -> Result<String, EngineError> {
+        validate_snapshot_name(&name).map_err(EngineError::InvalidName)?;
+        validate_description(&options.description).map_err(EngineError::InvalidArgument)?;
         let vm = self.find_vm(vm_key)?.clone();
         if !self.connected {
             return Err(EngineError::InvalidState(
                 "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
             ));
         }
-        validate_snapshot_name(&name).map_err(EngineError::InvalidName)?;
         if self
             .snapshots
             .values()
@@ -1157,6 +1149,62 @@ mod tests {
             engine.create_snapshot("a", "done".into(), CreateOptions::default()),
             Err(EngineError::AlreadyExists { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_names_and_descriptions_are_refused_before_anything_else() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        let done = snapshot_record("done", SnapshotPhase::Succeeded);
+        engine.snapshots.insert(done.uuid.clone(), done);
+        drain(&mut rx);
+        let huge = "x".repeat(1 << 20);
+        for target in [".", "..", "...", "a/b", "-rf", "a\n", &huge] {
+            let options = RestoreOptions {
+                target: target.to_string(),
+                ..RestoreOptions::default()
+            };
+            // Refused even for a VM or snapshot that does not exist: the name is checked first.
+            for (vm_key, snapshot) in [("a", "done"), ("nope", "nope")] {
+                let (reply, mut answer) = oneshot::channel();
+                engine.handle_request(Request::Restore {
+                    vm: vm_key.into(),
+                    snapshot: snapshot.into(),
+                    options: options.clone(),
+                    reply,
+                });
+                match answer.try_recv() {
+                    Ok(Err(EngineError::InvalidName(m))) => assert!(m.len() < 200, "{m}"),
+                    other => panic!("target {:?}: {other:?}", excerpt(target)),
+                }
+            }
+        }
+        for description in [
+            "two\nlines",
+            "\u{1b}[2J",
+            &"d".repeat(vmsnap_api::MAX_DESCRIPTION + 1),
+        ] {
+            let options = CreateOptions {
+                description: description.to_string(),
+                ..CreateOptions::default()
+            };
+            assert!(matches!(
+                engine.create_snapshot("a", "new".into(), options),
+                Err(EngineError::InvalidArgument(_))
+            ));
+        }
+        let error = engine
+            .create_snapshot(&huge, "new".into(), CreateOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.len() < 200, "{error}");
+        assert!(
+            drain(&mut rx).is_empty(),
+            "a refused request changed nothing"
+        );
+        assert_eq!(engine.snapshots.len(), 1);
+        assert!(engine.restores.is_empty() && engine.busy.is_empty());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
-use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError};
+use vmsnap_api::{excerpt, restore_path, snapshot_path, vm_path, VmSnapError};
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
@@ -57,7 +57,29 @@ fn snapshot_object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
 
 /// Reads the a{sv} options of CreateSnapshot; unknown keys and wrong types are errors, so a
 /// typo does not silently change what is done.
+/// More entries than any method knows options: such a dict is refused before it is looked at.
+const MAX_OPTIONS: usize = 16;
+
+/// Refuses an options dict too large to be meant, and names an unknown option safely.
+fn check_options_size(options: &HashMap<String, OwnedVariant>) -> Result<(), VmSnapError> {
+    if options.len() > MAX_OPTIONS {
+        return Err(VmSnapError::InvalidArgument(format!(
+            "{} options given; no method takes more than {MAX_OPTIONS}",
+            options.len()
+        )));
+    }
+    Ok(())
+}
+
+fn unknown_option(key: &str, known: &str) -> VmSnapError {
+    VmSnapError::InvalidArgument(format!(
+        "unknown option \"{}\" (known: {known})",
+        excerpt(key)
+    ))
+}
+
 fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOptions, VmSnapError> {
+    check_options_size(&options)?;
     let mut parsed = CreateOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
@@ -71,11 +93,7 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
                 parsed.allow_excluded =
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?;
             }
-            other => {
-                return Err(VmSnapError::InvalidArgument(format!(
-                    "unknown option {other:?} (known: description, allow_excluded)"
-                )))
-            }
+            other => return Err(unknown_option(other, "description, allow_excluded")),
         }
     }
     Ok(parsed)
@@ -83,6 +101,7 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
 
 /// Reads the a{sv} options of Restore; unknown keys and wrong types are errors.
 fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOptions, VmSnapError> {
+    check_options_size(&options)?;
     let mut parsed = RestoreOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
@@ -101,9 +120,10 @@ fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOpti
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?
             }
             other => {
-                return Err(VmSnapError::InvalidArgument(format!(
-                    "unknown option {other:?} (known: target, stop_target, start, safety_snapshot)"
-                )))
+                return Err(unknown_option(
+                    other,
+                    "target, stop_target, start, safety_snapshot",
+                ))
             }
         }
     }
