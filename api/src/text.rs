@@ -246,11 +246,13 @@ mod tests {
     fn errors_about_huge_names_stay_short_and_printable() {
         let huge = format!("{}\u{1b}[2J", "x".repeat(1 << 20));
         for error in [
-            validate_vm_name(&huge).unwrap_err(),
-            validate_snapshot_name(&huge).unwrap_err(),
-            validate_description(&huge).unwrap_err(),
-            validate_vm_name("a\u{1b}[31mred").unwrap_err(),
-        ] {
+            validate_vm_name(&huge),
+            validate_snapshot_name(&huge),
+            validate_description(&huge),
+            validate_vm_name("a\u{1b}[31mred"),
+        ]
+        .map(|result| result.expect_err("refused"))
+        {
             assert!(error.len() < 200, "{error}");
             assert!(!error.chars().any(is_unsafe_char), "{error:?}");
         }

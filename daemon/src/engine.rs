@@ -1196,7 +1196,7 @@ mod tests {
         }
         let error = engine
             .create_snapshot(&huge, "new".into(), CreateOptions::default())
-            .unwrap_err()
+            .expect_err("a huge VM key is refused")
             .to_string();
         assert!(error.len() < 200, "{error}");
         assert!(
