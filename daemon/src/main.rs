@@ -7,6 +7,7 @@ mod config;
 mod disks;
 mod domain;
 mod engine;
+mod files;
 mod images;
 mod libvirt;
 mod lvm_volumes;

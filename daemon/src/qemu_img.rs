@@ -63,11 +63,21 @@ pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result
     run(&["rebase", "-u", "-b", backing, "-F", backing_format, image]).map(|_| ())
 }
 
+/// Makes the empty file qemu-img then formats: new (nothing at `overlay`, not even a symlink)
+/// and with the permissions of the image it extends. qemu-img itself would follow a symlink and
+/// create the file with the umask's mode.
+fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), String> {
+    crate::files::create_new_like(Path::new(overlay), Path::new(backing))
+        .map(drop)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!("{overlay} already exists"),
+            _ => format!("cannot create {overlay}: {e}"),
+        })
+}
+
 /// Creates a qcow2 overlay of `backing`.
 pub fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-    if Path::new(overlay).exists() {
-        return Err(format!("{overlay} already exists"));
-    }
+    create_overlay_file(overlay, backing)?;
     run(&[
         "create",
         "-q",
@@ -90,9 +100,7 @@ pub fn create_overlay_unopened(
     backing_format: &str,
     size: u64,
 ) -> Result<(), String> {
-    if Path::new(overlay).exists() {
-        return Err(format!("{overlay} already exists"));
-    }
+    create_overlay_file(overlay, backing)?;
     run(&[
         "create",
         "-q",

@@ -18,6 +18,7 @@ use vmsnap_api::{DetachedDisk, RestorePhase, SnapshotPhase, VmState, VolumeResto
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::files;
 use crate::images::prune_unclaimed;
 use crate::lvm_volumes;
 use crate::qemu_img;
@@ -235,7 +236,14 @@ fn apply(
     }
     for copy in snapshot.extra_state.iter().filter(|c| c.kind == "nvram") {
         let target = nvram_target_path(record, &copy.source);
-        std::fs::copy(&copy.copy, format!("{target}{PENDING}"))
+        let pending = format!("{target}{PENDING}");
+        // A pending copy is vmsnapd's own, left by an interrupted attempt: it is made again.
+        if let Err(e) = std::fs::remove_file(&pending) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!("cannot replace {pending}: {e}"));
+            }
+        }
+        files::copy_file_new(Path::new(&copy.copy), Path::new(&pending))
             .map_err(|e| format!("cannot stage the NVRAM copy for {target}: {e}"))?;
     }
     let lvm = ctx.lvm_tool();
@@ -362,7 +370,7 @@ fn finish(
                     };
                     let target = format!("/var/lib/libvirt/swtpm/{uuid}");
                     let _ = std::fs::remove_dir_all(&target);
-                    snapshot::copy_dir(Path::new(&copy.copy), Path::new(&target))
+                    files::copy_dir_new(Path::new(&copy.copy), Path::new(&target))
                         .map_err(|e| format!("cannot put the TPM state back: {e}"))?;
                 }
                 _ => {}

@@ -21,6 +21,7 @@ use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 use crate::config::{LvmConfig, Quiesce};
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::files;
 use crate::images::{is_owned, prune_unclaimed, Forest};
 use crate::lvm_volumes;
 use crate::qemu_img;
@@ -206,7 +207,7 @@ fn create_steps(
                     .join(format!("{}-{}-{short}.qcow2", record.vm_name, disk.target))
                     .to_string_lossy()
                     .into_owned();
-                if Path::new(&overlay).exists() {
+                if crate::files::path_taken(Path::new(&overlay)) {
                     return Err(format!("disk {}: {overlay} already exists", disk.target));
                 }
                 let virtual_size = dom
@@ -505,9 +506,9 @@ fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         let copied = if source.is_dir() {
-            copy_dir(source, target)
+            files::copy_dir_new(source, target)
         } else {
-            std::fs::copy(source, target).map(|_| ())
+            files::copy_file_new(source, target)
         };
         copied.map_err(|e| {
             format!(
@@ -515,20 +516,6 @@ fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
                 copy.kind, copy.source
             )
         })?;
-    }
-    Ok(())
-}
-
-pub(crate) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let dest = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
-        } else {
-            std::fs::copy(entry.path(), dest)?;
-        }
     }
     Ok(())
 }
