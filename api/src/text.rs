@@ -58,19 +58,24 @@ fn escape_unsafe(s: &str, keep_newlines: bool) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Longest error message a record keeps (and the bus shows), in characters.
+pub const MAX_ERROR_CHARS: usize = 1000;
+
+/// At most `max_chars` characters of `s`, with a marker saying how long it really was.
+pub fn clip(s: &str, max_chars: usize) -> Cow<'_, str> {
+    match s.char_indices().nth(max_chars) {
+        None => Cow::Borrowed(s),
+        Some((cut, _)) => {
+            let more = s[cut..].chars().count();
+            Cow::Owned(format!("{}...[{more} more characters]", &s[..cut]))
+        }
+    }
+}
+
 /// A foreign string as an error message or a log line may show it: terminal-safe and at most
 /// [`EXCERPT_CHARS`] characters, with a marker saying how long it really was.
 pub fn excerpt(s: &str) -> String {
-    let chars = s.chars().count();
-    if chars <= EXCERPT_CHARS {
-        return terminal_safe(s).into_owned();
-    }
-    let head: String = s.chars().take(EXCERPT_CHARS).collect();
-    format!(
-        "{}...[{} more characters]",
-        terminal_safe(&head),
-        chars - EXCERPT_CHARS
-    )
+    terminal_safe(&clip(s, EXCERPT_CHARS)).into_owned()
 }
 
 fn describe(what: &str, name: &str) -> String {

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
+use tracing::warn;
 
 /// One image of a backing chain, top first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,27 +21,36 @@ struct ImageInfo {
     _virtual_size: Option<u64>,
 }
 
-fn run(args: &[&str]) -> Result<String, String> {
+/// Runs qemu-img on `image` (one of `args`). A failure names the command and the image; what
+/// qemu-img printed goes to the journal only, since it can name other files of the host and the
+/// error ends up in properties every user can read.
+fn run(image: &str, args: &[&str]) -> Result<String, String> {
+    let command = args.first().copied().unwrap_or_default();
     let output = Command::new("qemu-img")
         .args(args)
         .output()
         .map_err(|e| format!("cannot run qemu-img: {e}"))?;
     if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(format!(
-            "qemu-img {} failed: {}",
-            args.first().unwrap_or(&""),
-            stderr.trim().replace('\n', "; ")
-        ))
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    warn!(image, command, stderr = %stderr.trim(), "qemu-img failed");
+    let status = match output.status.code() {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
+    };
+    Err(format!(
+        "qemu-img {command} of {image} failed ({status}; its messages are in vmsnapd's journal)"
+    ))
 }
 
 /// The backing chain of `top`, top first. `-U` so that it also works on images a running QEMU
 /// holds open; the chain metadata does not change under it while vmsnap holds the VM's lock.
 pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
-    let text = run(&["info", "-U", "--backing-chain", "--output", "json", top])?;
+    let text = run(
+        top,
+        &["info", "-U", "--backing-chain", "--output", "json", top],
+    )?;
     let infos: Vec<ImageInfo> =
         serde_json::from_str(&text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
     Ok(infos
@@ -54,13 +64,17 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
 
 /// Commits `top` into its backing file.
 pub fn commit(top: &str) -> Result<(), String> {
-    run(&["commit", "-q", "-d", top]).map(|_| ())
+    run(top, &["commit", "-q", "-d", top]).map(|_| ())
 }
 
 /// Points `image` at a new backing file without copying data: only valid when the new backing
 /// file has the same content as the old one (it does after a commit of the old one into it).
 pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-    run(&["rebase", "-u", "-b", backing, "-F", backing_format, image]).map(|_| ())
+    run(
+        image,
+        &["rebase", "-u", "-b", backing, "-F", backing_format, image],
+    )
+    .map(|_| ())
 }
 
 /// Makes the empty file qemu-img then formats: new (nothing at `overlay`, not even a symlink)
@@ -77,19 +91,11 @@ fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), String> {
 
 /// Creates a qcow2 overlay of `backing`.
 pub fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-    create_overlay_file(overlay, backing)?;
-    run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing,
-        "-F",
-        backing_format,
+    create_qcow2(
         overlay,
-    ])
-    .map(|_| ())
+        backing,
+        &["-b", backing, "-F", backing_format, overlay],
+    )
 }
 
 /// Creates a qcow2 overlay of `backing` without opening it (`-u`): `backing` may be the image a
@@ -100,21 +106,20 @@ pub fn create_overlay_unopened(
     backing_format: &str,
     size: u64,
 ) -> Result<(), String> {
+    let size = size.to_string();
+    let args = ["-u", "-b", backing, "-F", backing_format, overlay, &size];
+    create_qcow2(overlay, backing, &args)
+}
+
+/// `qemu-img create -f qcow2 ARGS` into a file made by [`create_overlay_file`], which is removed
+/// again (it is vmsnapd's own) when qemu-img fails.
+fn create_qcow2(overlay: &str, backing: &str, args: &[&str]) -> Result<(), String> {
     create_overlay_file(overlay, backing)?;
-    run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        backing,
-        "-F",
-        backing_format,
-        overlay,
-        &size.to_string(),
-    ])
-    .map(|_| ())
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    run(overlay, &all).map(drop).inspect_err(|_| {
+        let _ = std::fs::remove_file(overlay);
+    })
 }
 
 #[cfg(test)]
@@ -147,7 +152,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
         let (base, mid, top) = (p("base.qcow2"), p("mid.qcow2"), p("top.qcow2"));
-        run(&["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
+        run(&base, &["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
         write_pattern(&base, 0, 1);
         create_overlay(&mid, &base, "qcow2").expect("overlay");
         write_pattern(&mid, 65536, 2);
@@ -168,5 +173,32 @@ mod tests {
         assert!(read_pattern(&top, 65536, 2));
         assert!(read_pattern(&top, 131072, 3));
         assert!(!read_pattern(&top, 131072, 9));
+    }
+
+    #[test]
+    fn overlays_take_the_image_mode_and_failures_keep_qemu_img_output_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let (base, top) = (p("base.qcow2"), p("top.qcow2"));
+        run(&base, &["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        create_overlay(&top, &base, "qcow2").expect("overlay");
+        let mode = std::fs::metadata(&top).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "the overlay is no more open than its image");
+
+        // qemu-img refuses (a backing file of another format): its own words ("Image is not in
+        // qcow2 format", the path of the backing file) stay out of the error, and the empty file
+        // vmsnapd made for it is gone again.
+        let failed = p("failed.qcow2");
+        let error = create_overlay(&failed, &base, "raw-but-wrong-\u{1b}").expect_err("refused");
+        assert!(error.starts_with(&format!("qemu-img create of {failed} failed (exit status ")));
+        assert!(
+            error.ends_with("its messages are in vmsnapd's journal)"),
+            "{error}"
+        );
+        assert!(!crate::files::path_taken(std::path::Path::new(&failed)));
+        let error = backing_chain(&p("missing.qcow2")).expect_err("no such image");
+        assert!(!error.contains("Could not open"), "{error}");
     }
 }

@@ -167,7 +167,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         remove_unused_overlays(ctx, &record);
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = error;
+        record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
         record.step = Step::Done;
         let _ = ctx.save(&record);
     }
@@ -552,7 +552,8 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
         // is no longer the snapshot's, so it is not offered for restore again.
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = format!("delete failed: {error}");
+        let error = format!("delete failed: {error}");
+        record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
         let _ = ctx.save(&record);
     }
 }
@@ -894,7 +895,7 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Snapshot
             if let Err(error) = recover_create(ctx, &mut record) {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
-                record.error = error;
+                record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
                 record.step = Step::Done;
                 let _ = ctx.save(&record);
             }
