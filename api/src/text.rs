@@ -73,9 +73,29 @@ pub fn clip(s: &str, max_chars: usize) -> Cow<'_, str> {
 }
 
 /// A foreign string as an error message or a log line may show it: terminal-safe and at most
-/// [`EXCERPT_CHARS`] characters, with a marker saying how long it really was.
+/// [`EXCERPT_CHARS`] characters once escaped, with a marker saying how much was left out.
 pub fn excerpt(s: &str) -> String {
-    terminal_safe(&clip(s, EXCERPT_CHARS)).into_owned()
+    let mut shown = String::new();
+    let (mut shown_chars, mut taken) = (0, 0);
+    for c in s.chars() {
+        let escaped: String = if is_unsafe_char(c) {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        let width = escaped.chars().count();
+        if shown_chars + width > EXCERPT_CHARS {
+            break;
+        }
+        shown.push_str(&escaped);
+        shown_chars += width;
+        taken += 1;
+    }
+    let left = s.chars().count() - taken;
+    if left > 0 {
+        shown.push_str(&format!("...[{left} more characters]"));
+    }
+    shown
 }
 
 fn describe(what: &str, name: &str) -> String {
@@ -304,5 +324,9 @@ mod tests {
         assert!(shown.ends_with("...[9936 more characters]"), "{shown}");
         // Cut on a character boundary, never inside a multi-byte character.
         assert!(excerpt(&"ü".repeat(100)).starts_with(&"ü".repeat(EXCERPT_CHARS)));
+        // The bound holds after escaping: 64 escapes would otherwise be 640 characters.
+        let escapes = excerpt(&"\u{10ffff}\0".repeat(100));
+        assert!(escapes.chars().count() < EXCERPT_CHARS + 40, "{escapes}");
+        assert!(!escapes.chars().any(is_unsafe_char));
     }
 }

@@ -8,6 +8,8 @@ mod disks;
 mod domain;
 mod engine;
 mod files;
+#[cfg(test)]
+mod fuzz_tests;
 mod images;
 mod libvirt;
 mod lvm_volumes;

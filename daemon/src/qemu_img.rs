@@ -51,8 +51,13 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
         top,
         &["info", "-U", "--backing-chain", "--output", "json", top],
     )?;
+    parse_chain(&text)
+}
+
+/// `qemu-img info --backing-chain --output json`'s answer, top first.
+pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, String> {
     let infos: Vec<ImageInfo> =
-        serde_json::from_str(&text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
+        serde_json::from_str(text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
     Ok(infos
         .into_iter()
         .map(|i| ChainImage {

@@ -206,9 +206,8 @@ impl Store {
                 }
                 match fs::read(&path)
                     .map_err(|e| e.to_string())
-                    .and_then(|bytes| {
-                        serde_json::from_slice::<SnapshotRecord>(&bytes).map_err(|e| e.to_string())
-                    }) {
+                    .and_then(|bytes| parse_snapshot_record(&bytes))
+                {
                     Ok(record) => records.push(record),
                     Err(e) => problems.push(format!("{}: {e}", path.display())),
                 }
@@ -223,7 +222,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
@@ -411,15 +410,43 @@ impl Store {
             {
                 continue;
             }
-            match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
-                serde_json::from_slice::<RestoreRecord>(&b).map_err(|e| e.to_string())
-            }) {
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_restore_record(&b))
+            {
                 Ok(r) => records.push(r),
                 Err(e) => problems.push(format!("{}: {e}", path.display())),
             }
         }
         records.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
         (records, problems)
+    }
+}
+
+/// A snapshot record as read from its file. Its UUIDs become path components (the state copies'
+/// folder) and D-Bus object paths, so a record whose UUIDs hold anything but letters, digits and
+/// `-` is refused, like one that is not JSON.
+pub fn parse_snapshot_record(bytes: &[u8]) -> Result<SnapshotRecord, String> {
+    let record: SnapshotRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    check_uuids(&[&record.uuid, &record.vm_uuid])?;
+    Ok(record)
+}
+
+/// A restore record as read from its file; see [`parse_snapshot_record`].
+pub fn parse_restore_record(bytes: &[u8]) -> Result<RestoreRecord, String> {
+    let record: RestoreRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    check_uuids(&[&record.uuid, &record.vm_uuid, &record.snapshot_uuid])?;
+    if !record.target_uuid.is_empty() {
+        check_uuids(&[&record.target_uuid])?;
+    }
+    Ok(record)
+}
+
+fn check_uuids(uuids: &[&str]) -> Result<(), String> {
+    let safe = |u: &&str| !u.is_empty() && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    match uuids.iter().find(|u| !safe(u)) {
+        Some(bad) => Err(format!("\"{}\" is not a UUID", vmsnap_api::excerpt(bad))),
+        None => Ok(()),
     }
 }
 

@@ -250,3 +250,63 @@ impl ManagerObject {
         self.libvirt_error.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use zbus::Variant;
+
+    use super::*;
+
+    fn value() -> impl Strategy<Value = OwnedVariant> {
+        prop_oneof![
+            any::<bool>().prop_map(OwnedVariant::from),
+            any::<u32>().prop_map(OwnedVariant::from),
+            any::<i64>().prop_map(OwnedVariant::from),
+            ".{0,120}".prop_map(|s| OwnedVariant::try_from(Variant::from(s))
+                .unwrap_or_else(|_| OwnedVariant::from(false))),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(|v| {
+                OwnedVariant::try_from(Variant::from(v)).unwrap_or_else(|_| OwnedVariant::from(0u8))
+            }),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "description",
+                "allow_excluded",
+                "target",
+                "stop_target",
+                "start",
+                "safety_snapshot",
+            ])
+            .prop_map(str::to_string),
+            ".{0,80}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_tests::config())]
+
+        /// D-Bus option dicts of any keys, types and sizes: parsed or refused, never a panic,
+        /// and a refusal never echoes more than a short excerpt.
+        #[test]
+        fn fuzz_option_dicts(options in prop::collection::hash_map(key(), value(), 0..24)) {
+            let copy = || -> HashMap<String, OwnedVariant> {
+                options
+                    .iter()
+                    .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.clone(), v)))
+                    .collect()
+            };
+            for result in [create_options(copy()).err(), restore_options(copy()).err()] {
+                if let Some(error) = result {
+                    prop_assert!(error.to_string().len() < 300, "{}", error);
+                }
+            }
+            if options.len() > MAX_OPTIONS {
+                prop_assert!(create_options(copy()).is_err());
+            }
+        }
+    }
+}
