@@ -299,10 +299,9 @@ mod tests {
                     .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.clone(), v)))
                     .collect()
             };
-            for result in [create_options(copy()).err(), restore_options(copy()).err()] {
-                if let Some(error) = result {
-                    prop_assert!(error.to_string().len() < 300, "{}", error);
-                }
+            let errors = [create_options(copy()).err(), restore_options(copy()).err()];
+            for error in errors.into_iter().flatten() {
+                prop_assert!(error.to_string().len() < 300, "{}", error);
             }
             if options.len() > MAX_OPTIONS {
                 prop_assert!(create_options(copy()).is_err());
