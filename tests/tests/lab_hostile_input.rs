@@ -106,10 +106,16 @@ fn hostile_names_descriptions_and_options_are_refused_and_change_nothing() {
         (out.code == Some(0)).then_some(())
     });
     // A real, restorable snapshot: without validation, a restore from it goes on to libvirt.
+    // The disk is private (0600); the overlay the snapshot puts on it must be no more open.
+    std::fs::set_permissions(&vm.disk, std::fs::Permissions::from_mode(0o600)).unwrap();
     let taken = daemon
         .ctl(&["snapshot", "create", &vm.name, "base", "--output", "json"])
         .json();
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    let overlay = vm.disk_source();
+    assert_ne!(Path::new(&overlay), vm.disk.as_path(), "the VM writes to a new overlay");
+    let mode = std::fs::metadata(&overlay).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "overlay {overlay} has mode {mode:o}");
     let before = host_fingerprint(&daemon, &vm);
     assert!(
         before.0.len() > 3,
