@@ -113,7 +113,11 @@ fn hostile_names_descriptions_and_options_are_refused_and_change_nothing() {
         .json();
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
     let overlay = vm.disk_source();
-    assert_ne!(Path::new(&overlay), vm.disk.as_path(), "the VM writes to a new overlay");
+    assert_ne!(
+        Path::new(&overlay),
+        vm.disk.as_path(),
+        "the VM writes to a new overlay"
+    );
     let mode = std::fs::metadata(&overlay).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "overlay {overlay} has mode {mode:o}");
     let before = host_fingerprint(&daemon, &vm);
