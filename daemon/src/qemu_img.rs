@@ -2,9 +2,11 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tracing::warn;
+use vmsnap_exec::RunError;
 
 /// One image of a backing chain, top first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,15 +23,27 @@ struct ImageInfo {
     _virtual_size: Option<u64>,
 }
 
-/// Runs qemu-img on `image` (one of `args`). A failure names the command and the image; what
-/// qemu-img printed goes to the journal only, since it can name other files of the host and the
-/// error ends up in properties every user can read.
-fn run(image: &str, args: &[&str]) -> Result<String, String> {
+/// How long the quick qemu-img commands (info, create, rebase -u) may take: they touch metadata
+/// only, so even a deep chain on a slow disk answers in seconds; one that does not is hung.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs qemu-img on `image` (one of `args`), killing it at `timeout`. A failure names the command
+/// and the image; what qemu-img printed goes to the journal only, since it can name other files
+/// of the host and the error ends up in properties every user can read.
+fn run(image: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
     let command = args.first().copied().unwrap_or_default();
-    let output = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    let mut qemu_img = Command::new("qemu-img");
+    qemu_img.args(args);
+    let output = match vmsnap_exec::run_bounded(&mut qemu_img, timeout) {
+        Ok(output) => output,
+        Err(RunError::Spawn(e)) => return Err(format!("cannot run qemu-img: {e}")),
+        Err(RunError::TimedOut) => {
+            return Err(format!(
+                "qemu-img {command} of {image} did not finish within {}s and was stopped",
+                timeout.as_secs()
+            ))
+        }
+    };
     if output.status.success() {
         return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
@@ -50,6 +64,7 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
     let text = run(
         top,
         &["info", "-U", "--backing-chain", "--output", "json", top],
+        QUICK_TIMEOUT,
     )?;
     parse_chain(&text)
 }
@@ -67,19 +82,18 @@ pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, String> {
         .collect())
 }
 
-/// Commits `top` into its backing file.
-pub fn commit(top: &str) -> Result<(), String> {
-    run(top, &["commit", "-q", "-d", top]).map(|_| ())
+/// Commits `top` into its backing file, stopping at `deadline`. A stopped commit leaves the
+/// backing file partly merged, which a merge resumed from the journal completes.
+pub fn commit(top: &str, deadline: Instant) -> Result<(), String> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    run(top, &["commit", "-q", "-d", top], timeout).map(|_| ())
 }
 
 /// Points `image` at a new backing file without copying data: only valid when the new backing
 /// file has the same content as the old one (it does after a commit of the old one into it).
 pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-    run(
-        image,
-        &["rebase", "-u", "-b", backing, "-F", backing_format, image],
-    )
-    .map(|_| ())
+    let args = ["rebase", "-u", "-b", backing, "-F", backing_format, image];
+    run(image, &args, QUICK_TIMEOUT).map(|_| ())
 }
 
 /// Makes the empty file qemu-img then formats: new (nothing at `overlay`, not even a symlink)
@@ -122,9 +136,11 @@ fn create_qcow2(overlay: &str, backing: &str, args: &[&str]) -> Result<(), Strin
     create_overlay_file(overlay, backing)?;
     let mut all = vec!["create", "-q", "-f", "qcow2"];
     all.extend_from_slice(args);
-    run(overlay, &all).map(drop).inspect_err(|_| {
-        let _ = std::fs::remove_file(overlay);
-    })
+    run(overlay, &all, QUICK_TIMEOUT)
+        .map(drop)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(overlay);
+        })
 }
 
 #[cfg(test)]
@@ -157,7 +173,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
         let (base, mid, top) = (p("base.qcow2"), p("mid.qcow2"), p("top.qcow2"));
-        run(&base, &["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
+        run(
+            &base,
+            &["create", "-q", "-f", "qcow2", &base, "16M"],
+            QUICK_TIMEOUT,
+        )
+        .expect("create");
         write_pattern(&base, 0, 1);
         create_overlay(&mid, &base, "qcow2").expect("overlay");
         write_pattern(&mid, 65536, 2);
@@ -170,7 +191,7 @@ mod tests {
         assert_eq!(paths, [top.as_str(), mid.as_str(), base.as_str()]);
 
         // Merge mid into base, then point top at base: top's content is unchanged.
-        commit(&mid).expect("commit");
+        commit(&mid, Instant::now() + QUICK_TIMEOUT).expect("commit");
         rebase_unsafe(&top, &base, "qcow2").expect("rebase");
         let chain = backing_chain(&top).expect("chain");
         assert_eq!(chain.len(), 2);
@@ -186,7 +207,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
         let (base, top) = (p("base.qcow2"), p("top.qcow2"));
-        run(&base, &["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
+        run(
+            &base,
+            &["create", "-q", "-f", "qcow2", &base, "16M"],
+            QUICK_TIMEOUT,
+        )
+        .expect("create");
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         create_overlay(&top, &base, "qcow2").expect("overlay");
         let mode = std::fs::metadata(&top).expect("stat").permissions().mode() & 0o7777;

@@ -741,7 +741,7 @@ fn merge_down(
         }
         [] => {
             let base_format = forest.format(base).to_string();
-            qemu_img::commit(top)?;
+            qemu_img::commit(top, deadline)?;
             for child in &children {
                 qemu_img::rebase_unsafe(child, base, &base_format)?;
             }
@@ -852,7 +852,7 @@ fn merge(
             &mut report,
         )
     } else {
-        qemu_img::commit(top)?;
+        qemu_img::commit(top, deadline)?;
         if active {
             let inactive = dom
                 .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)

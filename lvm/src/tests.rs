@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::Path;
+use std::time::Instant;
 
 use super::*;
 
