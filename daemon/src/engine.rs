@@ -43,6 +43,13 @@ pub enum EngineError {
     Busy { vm: String, what: String },
     #[error("{0}")]
     InvalidState(String),
+    #[error("libvirt is unavailable; try again when vmsnapd has reconnected")]
+    LibvirtUnavailable,
+    #[error("libvirt could not answer: {0}")]
+    Libvirt(String),
+    /// The record (the journal) could not be written: nothing was started.
+    #[error("{0}")]
+    RecordWrite(String),
     #[error("vmsnapd is shutting down")]
     ShuttingDown,
     #[error("VM '{}' is running; stop it first, or ask the restore to stop it", excerpt(.0))]
@@ -613,9 +620,7 @@ impl Engine {
         }
         self.check_idle(&vm)?;
         if !self.connected {
-            return Err(EngineError::InvalidState(
-                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
-            ));
+            return Err(EngineError::LibvirtUnavailable);
         }
         self.ops()?;
         Ok((vm, snapshot))
@@ -641,7 +646,7 @@ impl Engine {
                 name: snapshot_uuid.to_string(),
             }
         })?;
-        let running = running.map_err(EngineError::InvalidState)?;
+        let running = running.map_err(EngineError::Libvirt)?;
         let new_vm = !options.target.is_empty();
         if !new_vm && running && !options.stop_target {
             return Err(EngineError::VmRunning(vm.name.clone()));
@@ -682,7 +687,7 @@ impl Engine {
             step: RestoreStep::Planned,
         };
         ops.store.save_restore(&record).map_err(|e| {
-            EngineError::InvalidState(format!("cannot write the restore record: {e}"))
+            EngineError::RecordWrite(format!("cannot write the restore record: {e}"))
         })?;
         info!(vm = %vm.name, snapshot = %snapshot.name, target = %record.target_name, "restoring");
         self.busy.insert(
@@ -728,9 +733,7 @@ impl Engine {
         validate_description(&options.description).map_err(EngineError::InvalidArgument)?;
         let vm = self.find_vm(vm_key)?.clone();
         if !self.connected {
-            return Err(EngineError::InvalidState(
-                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
-            ));
+            return Err(EngineError::LibvirtUnavailable);
         }
         if self
             .snapshots
@@ -780,7 +783,7 @@ impl Engine {
             cow_fill_percent: 0.0,
         };
         ops.store.save(&record).map_err(|e| {
-            EngineError::InvalidState(format!("cannot write the snapshot record: {e}"))
+            EngineError::RecordWrite(format!("cannot write the snapshot record: {e}"))
         })?;
         info!(vm = %vm.name, snapshot = %record.name, "creating snapshot");
         let uuid = record.uuid.clone();
@@ -1001,7 +1004,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use vmsnap_api::{AgentState, VmState};
+    use vmsnap_api::{AgentState, VmSnapError, VmState};
 
     use super::*;
 
@@ -1205,6 +1208,42 @@ mod tests {
         );
         assert_eq!(engine.snapshots.len(), 1);
         assert!(engine.restores.is_empty() && engine.busy.is_empty());
+    }
+
+    #[test]
+    fn libvirt_unavailable_and_record_write_failures_are_told_apart() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        assert!(matches!(
+            engine.create_snapshot("a", "s".into(), CreateOptions::default()),
+            Err(EngineError::LibvirtUnavailable)
+        ));
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        // A state folder that cannot hold a record (below a regular file): nothing starts.
+        let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.ops = Some(OpContext {
+            uri: "test:///default".into(),
+            store: crate::store::Store::new(std::path::Path::new("/dev/null/state")),
+            freeze_timeout: std::time::Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: std::time::Duration::from_secs(60),
+            quiesce: crate::config::Quiesce::Auto,
+            lvm: crate::config::LvmConfig::default(),
+            events,
+        });
+        drain(&mut rx);
+        let refused = engine.create_snapshot("a", "s".into(), CreateOptions::default());
+        assert!(
+            matches!(&refused, Err(EngineError::RecordWrite(m)) if m.contains("snapshot record")),
+            "{refused:?}"
+        );
+        let error = VmSnapError::from(refused.expect_err("refused"));
+        assert!(
+            matches!(error, VmSnapError::RecordWriteFailed(_)),
+            "{error:?}"
+        );
+        assert!(engine.snapshots.is_empty() && engine.busy.is_empty());
+        assert!(drain(&mut rx).is_empty());
     }
 
     #[test]

@@ -173,6 +173,9 @@ impl From<EngineError> for VmSnapError {
             EngineError::ExcludedDisks(_) => VmSnapError::ExcludedDisks(message),
             EngineError::Busy { .. } => VmSnapError::Busy(message),
             EngineError::InvalidState(_) => VmSnapError::InvalidState(message),
+            EngineError::LibvirtUnavailable => VmSnapError::LibvirtUnavailable(message),
+            EngineError::Libvirt(_) => VmSnapError::LibvirtError(message),
+            EngineError::RecordWrite(_) => VmSnapError::RecordWriteFailed(message),
             EngineError::ShuttingDown => VmSnapError::ShuttingDown(message),
         }
     }
