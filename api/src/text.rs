@@ -61,6 +61,12 @@ fn escape_unsafe(s: &str, keep_newlines: bool) -> Cow<'_, str> {
 /// Longest error message a record keeps (and the bus shows), in characters.
 pub const MAX_ERROR_CHARS: usize = 1000;
 
+/// An operation's error as its record keeps it (and the bus shows it): at most
+/// [`MAX_ERROR_CHARS`] characters.
+pub fn record_error(error: &str) -> String {
+    clip(error, MAX_ERROR_CHARS).into_owned()
+}
+
 /// At most `max_chars` characters of `s`, with a marker saying how long it really was.
 pub fn clip(s: &str, max_chars: usize) -> Cow<'_, str> {
     match s.char_indices().nth(max_chars) {

@@ -84,7 +84,7 @@ pub fn restore(
             }
         }
         record.phase = RestorePhase::Failed;
-        record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
+        record.error = vmsnap_api::record_error(&error);
         if !forward_pending {
             record.step = RestoreStep::Done;
         }
@@ -652,7 +652,7 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
         Ok(how) => info!(vm = %record.vm_name, "interrupted restore {how}"),
         Err(error) => {
             record.phase = RestorePhase::Failed;
-            record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
+            record.error = vmsnap_api::record_error(&error);
             record.step = RestoreStep::Done;
             let _ = ctx.save_restore(&record);
         }

@@ -167,7 +167,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         remove_unused_overlays(ctx, &record);
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
+        record.error = vmsnap_api::record_error(&error);
         record.step = Step::Done;
         let _ = ctx.save(&record);
     }
@@ -207,7 +207,7 @@ fn create_steps(
                     .join(format!("{}-{}-{short}.qcow2", record.vm_name, disk.target))
                     .to_string_lossy()
                     .into_owned();
-                if crate::files::path_taken(Path::new(&overlay)) {
+                if files::path_taken(Path::new(&overlay)) {
                     return Err(format!("disk {}: {overlay} already exists", disk.target));
                 }
                 let virtual_size = dom
@@ -553,7 +553,7 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
         let error = format!("delete failed: {error}");
-        record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
+        record.error = vmsnap_api::record_error(&error);
         let _ = ctx.save(&record);
     }
 }
@@ -895,7 +895,7 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Snapshot
             if let Err(error) = recover_create(ctx, &mut record) {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
-                record.error = vmsnap_api::clip(&error, vmsnap_api::MAX_ERROR_CHARS).into_owned();
+                record.error = vmsnap_api::record_error(&error);
                 record.step = Step::Done;
                 let _ = ctx.save(&record);
             }
