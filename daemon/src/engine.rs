@@ -147,15 +147,40 @@ pub enum Request {
 pub enum Change {
     VmAdded(VmInfo),
     VmUpdated(VmInfo),
-    VmRemoved { uuid: String },
-    Libvirt { connected: bool, error: String },
+    VmRemoved {
+        uuid: String,
+    },
+    Libvirt {
+        connected: bool,
+        error: String,
+    },
     SnapshotAdded(Box<SnapshotRecord>),
     SnapshotUpdated(Box<SnapshotRecord>),
-    SnapshotProgress { uuid: String, text: String },
-    SnapshotRemoved { uuid: String },
+    SnapshotProgress {
+        uuid: String,
+        text: String,
+    },
+    SnapshotRemoved {
+        uuid: String,
+    },
     RestoreAdded(Box<RestoreRecord>),
     RestoreUpdated(Box<RestoreRecord>),
-    RestoreProgress { uuid: String, text: String },
+    RestoreProgress {
+        uuid: String,
+        text: String,
+    },
+    /// Not a change: the publisher notifies it once every change sent before it is applied.
+    Flush(Flushed),
+}
+
+/// Notified when a [`Change::Flush`] has been reached.
+#[derive(Debug, Clone, Default)]
+pub struct Flushed(pub std::sync::Arc<tokio::sync::Notify>);
+
+impl PartialEq for Flushed {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// Whether the engine has heard from libvirt at least once (connected with an inventory, or

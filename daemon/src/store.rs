@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -137,6 +138,59 @@ impl SnapshotRecord {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+}
+
+/// The exclusive hold of one vmsnapd on a state folder, for as long as it lives: a second daemon
+/// on the same folder would settle the first one's running operations as if they were
+/// interrupted.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the lock (`<state_dir>/lock`, `flock`), or says which process holds it. The file
+    /// holds the holder's pid, for that message only: the lock itself is the kernel's, released
+    /// when the process ends however it ends.
+    pub fn take(state_dir: &Path) -> Result<StateLock, String> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|e| {
+                format!(
+                    "cannot create the state folder {}: {e}",
+                    state_dir.display()
+                )
+            })?;
+        let path = state_dir.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked != 0 {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            return Err(format!(
+                "another vmsnapd (pid {}) uses the state folder {}; one daemon per state folder",
+                holder
+                    .trim()
+                    .parse::<u32>()
+                    .map_or("unknown".to_string(), |p| p.to_string()),
+                state_dir.display()
+            ));
+        }
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(StateLock { _file: file })
+    }
 }
 
 impl Store {

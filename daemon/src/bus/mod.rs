@@ -133,6 +133,7 @@ async fn apply(
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
         }
+        Change::Flush(flushed) => flushed.0.notify_one(),
         Change::SnapshotRemoved { uuid } => {
             server
                 .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
