@@ -737,6 +737,7 @@ fn merge_down(
                 deadline,
                 &mut report,
             )?;
+            refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
         [] => {
@@ -745,19 +746,43 @@ fn merge_down(
             for child in &children {
                 qemu_img::rebase_unsafe(child, base, &base_format)?;
             }
-            for user in forest.tops.iter().filter(|t| t.path == top) {
-                let dom = lookup(conn, &user.domain_uuid)?;
-                let inactive = dom
-                    .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
-                    .map_err(|e| e.message().to_string())?;
-                let edited = domain::set_disk_source(&inactive, &user.target, base, &base_format)?;
-                conn.define_domain_xml(&edited)
-                    .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
-            }
+            refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
         _ => Ok(false),
     }
+}
+
+/// After `top` was merged into `base`: every stored definition that still names `top` (as its
+/// disk, or in the `<backingStore>` chain libvirt writes into it) names the real chain again,
+/// else that VM would not start. The disk's source becomes `base` where it was `top`; the
+/// backing chain is left out, for libvirt to read from the images at the next start. `forest`
+/// is the one from before the merge.
+fn refresh_definitions(
+    conn: &Connect,
+    forest: &Forest,
+    base: &str,
+    top: &str,
+) -> Result<(), String> {
+    for user in forest.users(top) {
+        let dom = lookup(conn, &user.domain_uuid)?;
+        let inactive = dom
+            .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| e.message().to_string())?;
+        let (source, format) = domain::disk_source(&inactive, &user.target)?;
+        if !domain::disk_names_image(&inactive, &user.target, top)? {
+            continue;
+        }
+        let (source, format) = if source == top {
+            (base.to_string(), forest.format(base).to_string())
+        } else {
+            (source, format)
+        };
+        let edited = domain::set_disk_source(&inactive, &user.target, &source, &format)?;
+        conn.define_domain_xml(&edited)
+            .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
+    }
+    Ok(())
 }
 
 fn abort_leftover_job(dom: &Domain, disk: &str) -> Result<(), String> {
