@@ -2,16 +2,7 @@
 //! libvirt's definition names the real chain and the VM boots with its data.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
-use vmsnap_tests::{config_for, virsh, wait_for, Daemon, PrivateBus, ScratchVm, LAB_URI};
-
-fn shut_off(vm: &ScratchVm) {
-    virsh(&["shutdown", &vm.name, "--mode", "agent"]);
-    wait_for(Duration::from_secs(60), "the VM to shut off", || {
-        (virsh(&["domstate", &vm.name]).trim() == "shut off").then_some(())
-    });
-}
+use vmsnap_tests::{config_for, virsh, Daemon, PrivateBus, ScratchVm, LAB_URI};
 
 /// Every file a disk's chain in `xml` names (source and backingStore sources) exists.
 fn named_images_exist(xml: &str) -> Result<(), String> {
@@ -46,7 +37,7 @@ fn a_vm_boots_after_an_online_then_an_offline_delete() {
     let live = vm.guest_checksums();
 
     daemon.ctl(&["snapshot", "delete", &vm.name, "s2"]).ok();
-    shut_off(&vm);
+    vmsnap_tests::shut_down_by_agent(&vm.name);
     daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
 
     let inactive = virsh(&["dumpxml", "--inactive", &vm.name]);
