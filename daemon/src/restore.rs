@@ -46,6 +46,20 @@ impl OpContext {
         });
     }
 
+    /// As [`OpContext::save_failed`], for a restore.
+    fn save_restore_failed(&self, record: &mut RestoreRecord) {
+        if let Err(e) = self.save_restore(record) {
+            warn!(vm = %record.vm_name, error = %e, "the failed restore's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self
+                .events
+                .send(OpEvent::RestoreSaved(Box::new(record.clone())));
+        }
+    }
+
     fn save_restore(&self, record: &RestoreRecord) -> Result<(), String> {
         self.store
             .save_restore(record)
@@ -88,7 +102,7 @@ pub fn restore(
         if !forward_pending {
             record.step = RestoreStep::Done;
         }
-        let _ = ctx.save_restore(&record);
+        ctx.save_restore_failed(&mut record);
     }
     ctx.restore_progress(&record, "");
 }
@@ -654,7 +668,7 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
             record.phase = RestorePhase::Failed;
             record.error = vmsnap_api::record_error(&error);
             record.step = RestoreStep::Done;
-            let _ = ctx.save_restore(&record);
+            ctx.save_restore_failed(&mut record);
         }
     }
 }

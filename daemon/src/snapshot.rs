@@ -100,6 +100,20 @@ impl OpContext {
         Ok(())
     }
 
+    /// Saves the record that ends a failed operation. Should even that fail (a full or failing
+    /// state folder), the engine and the bus still learn that it failed, with a note that the
+    /// record on disk is behind: the next start settles it from the journal.
+    fn save_failed(&self, record: &mut SnapshotRecord) {
+        if let Err(e) = self.save(record) {
+            warn!(vm = %record.vm_name, snapshot = %record.name, error = %e, "the failed snapshot's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
+        }
+    }
+
     pub(crate) fn lvm_tool(&self) -> vmsnap_lvm::Lvm {
         lvm_volumes::tool(&self.lvm)
     }
@@ -169,7 +183,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         record.ready_to_use = false;
         record.error = vmsnap_api::record_error(&error);
         record.step = Step::Done;
-        let _ = ctx.save(&record);
+        ctx.save_failed(&mut record);
     }
     record
 }
@@ -554,7 +568,7 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
         record.ready_to_use = false;
         let error = format!("delete failed: {error}");
         record.error = vmsnap_api::record_error(&error);
-        let _ = ctx.save(&record);
+        ctx.save_failed(&mut record);
     }
 }
 
@@ -922,7 +936,7 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Snapshot
                 record.ready_to_use = false;
                 record.error = vmsnap_api::record_error(&error);
                 record.step = Step::Done;
-                let _ = ctx.save(&record);
+                ctx.save_failed(&mut record);
             }
         }
         SnapshotPhase::Succeeded | SnapshotPhase::Failed => {

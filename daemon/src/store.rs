@@ -511,7 +511,7 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result
         .mode(0o700)
         .create(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -521,7 +521,12 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result
             .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
+        fs::rename(&tmp, dir.join(name))
+    })();
+    if let Err(e) = written {
+        // A full disk or an I/O error: no half-written temporary file stays behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
 }
