@@ -199,6 +199,8 @@ pub struct Engine {
     busy: HashMap<String, String>,
     /// Restore records by restore UUID.
     restores: BTreeMap<String, RestoreRecord>,
+    /// Changes that show an operation ended, held until its VM is released (by VM UUID).
+    held: HashMap<String, Vec<Change>>,
     /// Settings for operations; None in tests that run no operation.
     ops: Option<OpContext>,
     /// For fresh facts from libvirt before a decision, and the way back into this engine.
@@ -257,6 +259,7 @@ impl Engine {
                 settled,
                 snapshots: BTreeMap::new(),
                 restores: BTreeMap::new(),
+                held: HashMap::new(),
                 busy: HashMap::new(),
                 ops: None,
                 libvirt: None,
@@ -355,16 +358,26 @@ impl Engine {
                     .snapshots
                     .insert(record.uuid.clone(), (*record).clone())
                     .is_some();
+                let settled = matches!(
+                    record.phase,
+                    SnapshotPhase::Succeeded | SnapshotPhase::Failed
+                );
+                let vm_uuid = record.vm_uuid.clone();
                 // Operations may create snapshots of their own (a restore's safety snapshot).
-                self.emit(if known {
+                let change = if known {
                     Change::SnapshotUpdated(record)
                 } else {
                     Change::SnapshotAdded(record)
-                });
+                };
+                self.emit_when_free(&vm_uuid, settled, change);
             }
             OpEvent::Removed { uuid } => {
-                self.snapshots.remove(&uuid);
-                self.emit(Change::SnapshotRemoved { uuid });
+                let vm_uuid = self.snapshots.remove(&uuid).map(|r| r.vm_uuid);
+                let change = Change::SnapshotRemoved { uuid };
+                match vm_uuid {
+                    Some(vm_uuid) => self.emit_when_free(&vm_uuid, true, change),
+                    None => self.emit(change),
+                }
             }
             OpEvent::RestoreProgress { uuid, text } => {
                 self.emit(Change::RestoreProgress { uuid, text })
@@ -374,14 +387,23 @@ impl Engine {
                     .restores
                     .insert(record.uuid.clone(), (*record).clone())
                     .is_some();
-                self.emit(if known {
+                let settled = matches!(
+                    record.phase,
+                    vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
+                );
+                let vm_uuid = record.vm_uuid.clone();
+                let change = if known {
                     Change::RestoreUpdated(record)
                 } else {
                     Change::RestoreAdded(record)
-                });
+                };
+                self.emit_when_free(&vm_uuid, settled, change);
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
+                for change in self.held.remove(&vm_uuid).unwrap_or_default() {
+                    self.emit(change);
+                }
             }
             OpEvent::CowFill(result) => {
                 self.fill_check_running = false;
@@ -390,6 +412,20 @@ impl Engine {
                     Err(error) => warn!(%error, "cannot check thick LVM snapshots' space"),
                 }
             }
+        }
+    }
+
+    /// Emits `change`, unless it shows an operation as ended (`settled`) while its VM is still
+    /// busy: then it waits for the operation's end, so that a client who sees it finished also
+    /// finds the VM free for the next one.
+    fn emit_when_free(&mut self, vm_uuid: &str, settled: bool, change: Change) {
+        if settled && self.busy.contains_key(vm_uuid) {
+            self.held
+                .entry(vm_uuid.to_string())
+                .or_default()
+                .push(change);
+        } else {
+            self.emit(change);
         }
     }
 
@@ -1140,6 +1176,52 @@ mod tests {
             extra_state: vec![],
             cow_fill_percent: 0.0,
         }
+    }
+
+    #[test]
+    fn an_operation_is_shown_ended_only_once_its_vm_is_free() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        engine
+            .busy
+            .insert(A.into(), "snapshot 's' is being created".into());
+        drain(&mut rx);
+        let running = snapshot_record("s", SnapshotPhase::InProgress);
+        engine.handle_op_event(OpEvent::Saved(Box::new(running)));
+        assert_eq!(
+            drain(&mut rx).len(),
+            1,
+            "progress on the way is shown at once"
+        );
+        let done = snapshot_record("s", SnapshotPhase::Succeeded);
+        engine.handle_op_event(OpEvent::Saved(Box::new(done.clone())));
+        assert!(drain(&mut rx).is_empty(), "held while the VM is busy");
+        assert_eq!(
+            engine.snapshots.get("uuid-s"),
+            Some(&done),
+            "the engine knows at once"
+        );
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert!(engine.busy.is_empty());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotUpdated(Box::new(done))],
+            "shown once the VM is free"
+        );
+        // A removal (a delete's end) waits the same way.
+        engine.busy.insert(A.into(), "deleting".into());
+        engine.handle_op_event(OpEvent::Removed {
+            uuid: "uuid-s".into(),
+        });
+        assert!(drain(&mut rx).is_empty());
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotRemoved {
+                uuid: "uuid-s".into()
+            }]
+        );
     }
 
     #[test]
