@@ -184,6 +184,9 @@ pub struct DetachedDisk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestorePhase {
     InProgress,
+    /// An in-place restore waiting for its VM to be shut off (targetReadinessPolicy
+    /// WaitGracePeriod or WaitEventually); nothing has changed yet.
+    Waiting,
     Succeeded,
     Failed,
 }
@@ -192,6 +195,7 @@ impl RestorePhase {
     pub const fn as_str(self) -> &'static str {
         match self {
             RestorePhase::InProgress => "InProgress",
+            RestorePhase::Waiting => "Waiting",
             RestorePhase::Succeeded => "Succeeded",
             RestorePhase::Failed => "Failed",
         }

@@ -52,6 +52,10 @@ pub struct RestoreOptions {
     pub stop_target: bool,
     pub start: bool,
     pub safety_snapshot: bool,
+    /// The restore's name (unique among restores); empty: none.
+    pub name: String,
+    /// KubeVirt's targetReadinessPolicy (see `RestoreRecord::readiness_policy`); empty: none.
+    pub readiness_policy: String,
 }
 
 impl Default for RestoreOptions {
@@ -61,7 +65,26 @@ impl Default for RestoreOptions {
             stop_target: false,
             start: false,
             safety_snapshot: true,
+            name: String::new(),
+            readiness_policy: String::new(),
         }
+    }
+}
+
+/// The readiness policies a restore accepts.
+pub const READINESS_POLICIES: [&str; 4] = [
+    "StopTarget",
+    "FailImmediate",
+    "WaitGracePeriod",
+    "WaitEventually",
+];
+
+/// A restore as messages name it: its name, or its UUID.
+fn display_restore(record: &RestoreRecord) -> String {
+    if record.name.is_empty() {
+        record.uuid.clone()
+    } else {
+        format!("'{}'", record.name)
     }
 }
 
@@ -70,6 +93,8 @@ impl Default for RestoreOptions {
 pub struct CreateOptions {
     pub description: String,
     pub allow_excluded: bool,
+    /// This snapshot's failure deadline instead of the configured one.
+    pub failure_deadline: Option<std::time::Duration>,
 }
 
 /// Everything the bus layer can ask of the engine.
@@ -126,6 +151,11 @@ pub enum Request {
     Ping { reply: oneshot::Sender<()> },
     /// Restore UUIDs, oldest first.
     ListRestores { reply: oneshot::Sender<Vec<String>> },
+    /// Deletes a finished restore's record.
+    DeleteRestore {
+        uuid: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 /// What the bus layer must reflect.
@@ -142,6 +172,7 @@ pub enum Change {
     RestoreAdded(Box<RestoreRecord>),
     RestoreUpdated(Box<RestoreRecord>),
     RestoreProgress { uuid: String, text: String },
+    RestoreRemoved { uuid: String },
 }
 
 /// Whether the engine has heard from libvirt at least once (connected with an inventory, or
@@ -299,6 +330,8 @@ impl Engine {
                 }
                 () = shutdown.wait(), if !self.shutting_down => {
                     self.shutting_down = true;
+                    // A restore waiting for its VM gives up, so the shutdown is not held.
+                    restore::cancel_waits();
                     if self.busy.is_empty() {
                         break;
                     }
@@ -521,6 +554,7 @@ impl Engine {
                     ops.freeze_timeout = config.freeze_timeout;
                     ops.require_quiesce = config.require_quiesce;
                     ops.failure_deadline = config.failure_deadline;
+                    ops.restore_grace_period = config.restore_grace_period;
                     ops.quiesce = config.quiesce;
                     ops.lvm = config.lvm.clone();
                 }
@@ -532,6 +566,9 @@ impl Engine {
                 let mut list: Vec<&RestoreRecord> = self.restores.values().collect();
                 list.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
                 let _ = reply.send(list.into_iter().map(|r| r.uuid.clone()).collect());
+            }
+            Request::DeleteRestore { uuid, reply } => {
+                let _ = reply.send(self.delete_restore(&uuid));
             }
         }
     }
@@ -614,6 +651,16 @@ impl Engine {
                 snapshot.name, missing.image, missing.target
             )));
         }
+        if !options.name.is_empty() {
+            validate_snapshot_name(&options.name)
+                .map_err(|e| EngineError::InvalidName(e.replacen("snapshot", "restore", 1)))?;
+            if self.restores.values().any(|r| r.name == options.name) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "a restore named '{}' already exists",
+                    options.name
+                )));
+            }
+        }
         if !options.target.is_empty() {
             if self.vms.values().any(|v| v.name == options.target) {
                 return Err(EngineError::VmExists(options.target.clone()));
@@ -652,9 +699,17 @@ impl Engine {
         })?;
         let running = running.map_err(EngineError::InvalidState)?;
         let new_vm = !options.target.is_empty();
-        if !new_vm && running && !options.stop_target {
+        let policy = options.readiness_policy.as_str();
+        let stop_target = options.stop_target || policy == "StopTarget";
+        let wait = matches!(policy, "WaitGracePeriod" | "WaitEventually");
+        if !new_vm && running && !stop_target && !wait {
             return Err(EngineError::VmRunning(vm.name.clone()));
         }
+        let phase = if !new_vm && running && wait {
+            vmsnap_api::RestorePhase::Waiting
+        } else {
+            vmsnap_api::RestorePhase::InProgress
+        };
         // The VM may have become busy while libvirt was asked.
         self.check_idle(&vm)?;
         let ops = self.ops()?.clone();
@@ -676,10 +731,10 @@ impl Engine {
                 vm.uuid.clone()
             },
             new_vm,
-            stop_target: options.stop_target,
+            stop_target,
             start: options.start,
             take_safety_snapshot: options.safety_snapshot && !new_vm,
-            phase: vmsnap_api::RestorePhase::InProgress,
+            phase,
             complete: false,
             creation_time: snapshot::now_rfc3339(),
             restore_time: String::new(),
@@ -689,6 +744,8 @@ impl Engine {
             safety_snapshot: String::new(),
             error: String::new(),
             step: RestoreStep::Planned,
+            name: options.name.clone(),
+            readiness_policy: options.readiness_policy.clone(),
         };
         ops.store.save_restore(&record).map_err(|e| {
             EngineError::InvalidState(format!("cannot write the restore record: {e}"))
@@ -706,6 +763,35 @@ impl Engine {
             restore::restore(ctx, record, snapshot, records)
         });
         Ok(uuid)
+    }
+
+    /// Removes the record of a finished restore; the restored VM is left as it is.
+    fn delete_restore(&mut self, uuid: &str) -> Result<(), EngineError> {
+        let record = self
+            .restores
+            .get(uuid)
+            .ok_or_else(|| EngineError::InvalidArgument(format!("no restore {uuid}")))?;
+        let finished = matches!(
+            record.phase,
+            vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
+        ) && record.step == RestoreStep::Done;
+        if !finished {
+            return Err(EngineError::InvalidState(format!(
+                "restore {} is {}; it can be deleted once it has finished",
+                display_restore(record),
+                record.phase.as_str()
+            )));
+        }
+        let ops = self.ops()?.clone();
+        ops.store.remove_restore(uuid).map_err(|e| {
+            EngineError::InvalidState(format!("cannot remove the restore record: {e}"))
+        })?;
+        info!(restore = %display_restore(record), "restore record deleted");
+        self.restores.remove(uuid);
+        self.emit(Change::RestoreRemoved {
+            uuid: uuid.to_string(),
+        });
+        Ok(())
     }
 
     fn ops(&self) -> Result<&OpContext, EngineError> {
@@ -765,7 +851,17 @@ impl Engine {
                 &excluded,
             )));
         }
-        let ops = self.ops()?.clone();
+        let mut ops = self.ops()?.clone();
+        if let Some(deadline) = options.failure_deadline {
+            if deadline <= ops.freeze_timeout {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the failure deadline ({} ms) must be longer than freeze_timeout ({} ms)",
+                    deadline.as_millis(),
+                    ops.freeze_timeout.as_millis()
+                )));
+            }
+            ops.failure_deadline = deadline;
+        }
         let record = SnapshotRecord {
             version: RECORD_VERSION,
             uuid: uuid::Uuid::new_v4().to_string(),

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -29,6 +30,15 @@ use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERS
 
 /// How long a VM gets to shut down by itself before it is forced off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Set when vmsnapd shuts down: restores waiting for their VM give up (having changed nothing)
+/// so the shutdown is not held up by a VM that may never stop.
+static WAITS_CANCELLED: AtomicBool = AtomicBool::new(false);
+
+/// Makes every restore that waits for its VM to be shut off give up.
+pub fn cancel_waits() {
+    WAITS_CANCELLED.store(true, Ordering::SeqCst);
+}
 
 /// Suffix of a NVRAM copy waiting to be renamed into place.
 const PENDING: &str = ".vmsnap-restore";
@@ -130,6 +140,17 @@ fn restore_steps(
     let mut detached = Vec::new();
     if !record.new_vm {
         let dom = lookup(&conn, &record.vm_uuid)?;
+        let policy_waits = matches!(
+            record.readiness_policy.as_str(),
+            "WaitGracePeriod" | "WaitEventually"
+        );
+        if policy_waits && is_active(&dom)? {
+            wait_until_shut_off(ctx, record, &dom)?;
+        }
+        if record.phase == RestorePhase::Waiting {
+            record.phase = RestorePhase::InProgress;
+            ctx.save_restore(record)?;
+        }
         if is_active(&dom)? {
             if !record.stop_target {
                 return Err(format!("VM '{}' is running; stop it first", record.vm_name));
@@ -466,6 +487,51 @@ fn roll_back(
     for pending in staged {
         let _ = std::fs::remove_file(pending);
     }
+}
+
+/// targetReadinessPolicy WaitGracePeriod and WaitEventually: the restore waits in phase Waiting
+/// until libvirt reports the VM shut off (by its user or the guest), up to
+/// `restore_grace_period` for WaitGracePeriod. Nothing has changed while it waits, so giving
+/// up leaves the VM as it was.
+fn wait_until_shut_off(
+    ctx: &OpContext,
+    record: &mut RestoreRecord,
+    dom: &Domain,
+) -> Result<(), String> {
+    let eventually = record.readiness_policy == "WaitEventually";
+    let grace = ctx.restore_grace_period;
+    let deadline = Instant::now() + grace;
+    if record.phase != RestorePhase::Waiting {
+        record.phase = RestorePhase::Waiting;
+        ctx.save_restore(record)?;
+    }
+    let grace_text = humantime::format_duration(grace).to_string();
+    if eventually {
+        ctx.restore_progress(record, "waiting for the VM to be shut off");
+    } else {
+        ctx.restore_progress(
+            record,
+            format!("waiting up to {grace_text} for the VM to be shut off"),
+        );
+    }
+    while is_active(dom)? {
+        if WAITS_CANCELLED.load(Ordering::SeqCst) {
+            return Err(format!(
+                "vmsnapd stopped while the restore waited for VM '{}' to be shut off; nothing \
+                 was changed",
+                record.vm_name
+            ));
+        }
+        if !eventually && Instant::now() >= deadline {
+            return Err(format!(
+                "VM '{}' was not shut off within the grace period ({grace_text}, \
+                 targetReadinessPolicy WaitGracePeriod); nothing was changed",
+                record.vm_name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
 }
 
 fn shut_down(ctx: &OpContext, record: &RestoreRecord, dom: &Domain) -> Result<(), String> {

@@ -63,6 +63,8 @@ pub struct OpContext {
     pub freeze_timeout: Duration,
     pub require_quiesce: bool,
     pub failure_deadline: Duration,
+    /// How long a WaitGracePeriod restore waits for its VM to be shut off.
+    pub restore_grace_period: Duration,
     pub quiesce: Quiesce,
     pub lvm: LvmConfig,
     pub events: UnboundedSender<OpEvent>,

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use clap::Args;
-use vmsnap_api::RESTORE_INTERFACE;
 
 use super::apply::read_source;
 use super::manifest;
@@ -86,16 +85,12 @@ async fn delete_restore(bus: &Bus, name: &str, wait: bool) -> Result<bool, Strin
     else {
         return Ok(false);
     };
-    bus.connection()
-        .call_method(
-            Some(vmsnap_api::BUS_NAME),
-            item.path.as_str(),
-            Some(RESTORE_INTERFACE),
-            "Delete",
-            &(),
-        )
+    let proxy = vmsnap_api::RestoreProxy::builder(bus.connection())
+        .path(item.path.clone())
+        .build()
         .await
         .map_err(|e| bus.describe(&e))?;
+    proxy.delete().await.map_err(|e| bus.describe_api(e))?;
     if wait {
         loop {
             match bus.read_restore(&item.path).await {

@@ -118,7 +118,10 @@ async fn apply(
         Change::RestoreAdded(record) => {
             let path = restore_path(&record.uuid);
             server
-                .at(path.as_str(), RestoreObject::new(*record))
+                .at(
+                    path.as_str(),
+                    RestoreObject::new(*record, engine.clone(), auth.clone()),
+                )
                 .await?;
         }
         Change::RestoreUpdated(record) => {
@@ -132,6 +135,11 @@ async fn apply(
             let iface = server.interface::<_, RestoreObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
+        }
+        Change::RestoreRemoved { uuid } => {
+            server
+                .remove::<RestoreObject, _>(restore_path(&uuid).as_str())
+                .await?;
         }
         Change::SnapshotRemoved { uuid } => {
             server

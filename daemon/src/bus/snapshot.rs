@@ -56,6 +56,9 @@ impl SnapshotObject {
         if old.ready_to_use != new.ready_to_use {
             self.ready_to_use_changed(emitter).await?;
         }
+        if old.domain_xml != new.domain_xml {
+            self.domain_xml_changed(emitter).await?;
+        }
         if old.cow_fill_percent != new.cow_fill_percent {
             self.cow_fill_percent_changed(emitter).await?;
         }
@@ -101,6 +104,15 @@ impl SnapshotObject {
     #[zbus(property(emits_changed_signal = "const"))]
     fn name(&self) -> String {
         self.record.name.clone()
+    }
+
+    /// The content record's definition: the VM's inactive domain XML as recorded with the
+    /// snapshot (what a restore brings back); empty until recorded. Together with
+    /// IncludedVolumes (one image or logical volume per captured disk) it is KubeVirt's
+    /// VirtualMachineSnapshotContent.
+    #[zbus(property)]
+    fn domain_xml(&self) -> String {
+        self.record.domain_xml.clone()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
