@@ -109,6 +109,14 @@ fn restore_steps(
     records: &mut Vec<SnapshotRecord>,
     stopped: &mut bool,
 ) -> Result<(), String> {
+    let policy_waits = matches!(
+        record.readiness_policy.as_str(),
+        "WaitGracePeriod" | "WaitEventually"
+    );
+    if !record.new_vm && policy_waits {
+        // Before the connection the rest uses: the wait outlives libvirtd restarts.
+        wait_until_shut_off(ctx, record)?;
+    }
     let conn = connect(&ctx.uri)?;
     if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
         return Err(format!(
@@ -140,13 +148,6 @@ fn restore_steps(
     let mut detached = Vec::new();
     if !record.new_vm {
         let dom = lookup(&conn, &record.vm_uuid)?;
-        let policy_waits = matches!(
-            record.readiness_policy.as_str(),
-            "WaitGracePeriod" | "WaitEventually"
-        );
-        if policy_waits && is_active(&dom)? {
-            wait_until_shut_off(ctx, record, &dom)?;
-        }
         if record.phase == RestorePhase::Waiting {
             record.phase = RestorePhase::InProgress;
             ctx.save_restore(record)?;
@@ -489,18 +490,56 @@ fn roll_back(
     }
 }
 
+/// Whether the VM runs, on a connection kept across calls and opened again when libvirt went
+/// away (libvirtd restarted): `None` while libvirt cannot be reached. A VM that no longer
+/// exists is an error.
+fn vm_active(
+    ctx: &OpContext,
+    record: &RestoreRecord,
+    session: &mut Option<(Connect, Domain)>,
+) -> Result<Option<bool>, String> {
+    if let Some((_, dom)) = session.as_ref() {
+        if let Ok(active) = dom.is_active() {
+            return Ok(Some(active));
+        }
+    }
+    *session = None;
+    let Ok(conn) = connect(&ctx.uri) else {
+        return Ok(None);
+    };
+    match conn.lookup_domain_by_uuid_string(&record.vm_uuid) {
+        Ok(dom) => {
+            let active = dom.is_active().ok();
+            *session = Some((conn, dom));
+            Ok(active)
+        }
+        Err(e)
+            if matches!(
+                e.code(),
+                virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+            ) =>
+        {
+            Err(format!(
+                "VM '{}' was undefined while the restore waited for it to be shut off",
+                record.vm_name
+            ))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
 /// targetReadinessPolicy WaitGracePeriod and WaitEventually: the restore waits in phase Waiting
 /// until libvirt reports the VM shut off (by its user or the guest), up to
 /// `restore_grace_period` for WaitGracePeriod. Nothing has changed while it waits, so giving
-/// up leaves the VM as it was.
-fn wait_until_shut_off(
-    ctx: &OpContext,
-    record: &mut RestoreRecord,
-    dom: &Domain,
-) -> Result<(), String> {
+/// up leaves the VM as it was. A libvirtd restart meanwhile is waited out.
+fn wait_until_shut_off(ctx: &OpContext, record: &mut RestoreRecord) -> Result<(), String> {
     let eventually = record.readiness_policy == "WaitEventually";
     let grace = ctx.restore_grace_period;
     let deadline = Instant::now() + grace;
+    let mut session = None;
+    if vm_active(ctx, record, &mut session)? == Some(false) {
+        return Ok(());
+    }
     if record.phase != RestorePhase::Waiting {
         record.phase = RestorePhase::Waiting;
         ctx.save_restore(record)?;
@@ -514,7 +553,17 @@ fn wait_until_shut_off(
             format!("waiting up to {grace_text} for the VM to be shut off"),
         );
     }
-    while is_active(dom)? {
+    let mut unreachable_reported = false;
+    loop {
+        match vm_active(ctx, record, &mut session)? {
+            Some(false) => return Ok(()),
+            Some(true) => unreachable_reported = false,
+            None if !unreachable_reported => {
+                warn!(vm = %record.vm_name, "libvirt unreachable while waiting for the VM to be shut off; retrying");
+                unreachable_reported = true;
+            }
+            None => {}
+        }
         if WAITS_CANCELLED.load(Ordering::SeqCst) {
             return Err(format!(
                 "vmsnapd stopped while the restore waited for VM '{}' to be shut off; nothing \
@@ -531,7 +580,6 @@ fn wait_until_shut_off(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    Ok(())
 }
 
 fn shut_down(ctx: &OpContext, record: &RestoreRecord, dom: &Domain) -> Result<(), String> {
