@@ -410,6 +410,45 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_restore_is_an_alias_of_restore() {
+        let cli =
+            parse(&["vmsnapctl", "snapshot", "restore", "vm1", "snap1", "--stop"]).expect("parses");
+        let Command::Snapshot(SnapshotCommand::Restore(args)) = cli.command else {
+            panic!("not snapshot restore: {cli:?}");
+        };
+        assert_eq!(args.vm.as_deref(), Some("vm1"));
+        assert_eq!(args.snapshot.as_deref(), Some("snap1"));
+        assert!(args.stop);
+        assert!(parse(&["vmsnapctl", "snapshot", "restore", "vm1"]).is_err());
+    }
+
+    #[test]
+    fn kube_commands_parse() {
+        let cli = parse(&["vmsnapctl", "get", "vmsnapshots", "-o", "yaml"]).expect("parses");
+        assert_eq!(cli.output, Format::Yaml);
+        assert!(matches!(cli.command, Command::Get(_)));
+        assert!(parse(&["vmsnapctl", "apply"]).is_err());
+        assert!(matches!(
+            parse(&["vmsnapctl", "apply", "-f", "-"]).map(|c| c.command),
+            Ok(Command::Apply(_))
+        ));
+        assert!(parse(&["vmsnapctl", "wait", "vmsnapshot/a"]).is_err());
+        assert!(matches!(
+            parse(&[
+                "vmsnapctl",
+                "wait",
+                "--for=delete",
+                "vmsnapshot/a",
+                "--timeout=1m"
+            ])
+            .map(|c| c.command),
+            Ok(Command::Wait(_))
+        ));
+        assert!(parse(&["vmsnapctl", "delete", "vmsnapshot", "a", "-f", "x"]).is_err());
+        assert!(parse(&["vmsnapctl", "-q", "vm", "list"]).is_ok_and(|c| c.quiet));
+    }
+
+    #[test]
     fn restore_list_parses() {
         for argv in [
             &["vmsnapctl", "restore", "list"][..],

@@ -190,6 +190,14 @@ pub async fn run(bus: &Bus, args: RestoreArgs, format: OutputFormat) -> Result<(
     }
 }
 
+/// `vmsnapctl restore VM SNAPSHOT` (and its alias `vmsnapctl snapshot restore VM SNAPSHOT`).
+pub async fn run_create(bus: &Bus, args: &CreateArgs, format: OutputFormat) -> Result<(), Failure> {
+    let (Some(vm), Some(snapshot)) = (&args.vm, &args.snapshot) else {
+        return Err("restore needs a VM and a snapshot".to_string().into());
+    };
+    restore(bus, vm, snapshot, args, format).await
+}
+
 /// The options of Manager.Restore: `target` (s) only with --target, `stop_target` (b) only with
 /// --stop, `start` (b) only with --start, `safety_snapshot` (b, false) only with
 /// --no-safety-snapshot. Whatever is left out takes vmsnapd's default.

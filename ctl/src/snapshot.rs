@@ -99,6 +99,12 @@ pub enum SnapshotCommand {
         #[arg(long)]
         no_wait: bool,
     },
+
+    /// Restore a VM to one of its snapshots: the same as `vmsnapctl restore VM NAME`.
+    ///
+    /// Takes the same arguments and flags as `vmsnapctl restore` (see its help), for users
+    /// of virsh and incus, who type it this way.
+    Restore(crate::restore::CreateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +143,7 @@ pub async fn run(bus: &Bus, command: SnapshotCommand, format: OutputFormat) -> R
         SnapshotCommand::Delete { vm, name, no_wait } => {
             delete(bus, &vm, &name, no_wait, format).await
         }
+        SnapshotCommand::Restore(args) => crate::restore::run_create(bus, &args, format).await,
     }
 }
 
