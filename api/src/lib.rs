@@ -12,7 +12,8 @@ pub use error::VmSnapError;
 pub use proxies::{ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy};
 pub use types::{
     validate_snapshot_name, AgentState, DetachedDisk, DiskBackend, DiskInfo, ExcludedVolume,
-    IncludedVolume, Indication, RestorePhase, SnapshotPhase, VmState, VolumeRestore,
+    IncludedVolume, Indication, RestorePhase, SnapshotPhase, SourceIndication, VmState,
+    VolumeRestore,
 };
 
 /// Well-known bus name of vmsnapd. The trailing `1` is the API version: an incompatible API gets

@@ -126,9 +126,13 @@ pub trait Snapshot {
     /// RFC 3339, UTC.
     #[zbus(property)]
     fn creation_time(&self) -> zbus::Result<String>;
-    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, Paused.
+    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, QuiesceTimeout, Paused,
+    /// PartialSnapshot.
     #[zbus(property)]
     fn indications(&self) -> zbus::Result<Vec<String>>;
+    /// Each indication with a message saying why (the agent's error, the excluded disks).
+    #[zbus(property)]
+    fn source_indications(&self) -> zbus::Result<Vec<crate::SourceIndication>>;
     #[zbus(property)]
     fn included_volumes(&self) -> zbus::Result<Vec<IncludedVolume>>;
     #[zbus(property)]

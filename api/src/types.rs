@@ -147,6 +147,11 @@ pub enum Indication {
     QuiesceFailed,
     /// The VM was paused: consistent as a whole, no freeze needed.
     Paused,
+    /// The guest agent did not answer the freeze in time, or the guest was thawed at
+    /// `freeze_timeout` before the disks were snapshotted; the snapshot is crash-consistent.
+    QuiesceTimeout,
+    /// Disks were excluded (acknowledged with allow_excluded): the snapshot holds only some.
+    PartialSnapshot,
 }
 
 impl Indication {
@@ -157,8 +162,17 @@ impl Indication {
             Indication::NoGuestAgent => "NoGuestAgent",
             Indication::QuiesceFailed => "QuiesceFailed",
             Indication::Paused => "Paused",
+            Indication::QuiesceTimeout => "QuiesceTimeout",
+            Indication::PartialSnapshot => "PartialSnapshot",
         }
     }
+}
+
+/// An indication with its message, as KubeVirt's sourceIndications. On the bus: `(ss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct SourceIndication {
+    pub indication: String,
+    pub message: String,
 }
 
 /// One disk a restore brought back. On the bus: `(sss)`.

@@ -882,6 +882,7 @@ impl Engine {
             excluded,
             extra_state: Vec::new(),
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         };
         ops.store.save(&record).map_err(|e| {
             EngineError::InvalidState(format!("cannot write the snapshot record: {e}"))
@@ -1215,6 +1216,7 @@ mod tests {
             excluded: vec![],
             extra_state: vec![],
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         }
     }
 

@@ -638,6 +638,7 @@ fn take_safety_snapshot(
         excluded: Vec::new(),
         extra_state: Vec::new(),
         cow_fill_percent: 0.0,
+        source_indications: Vec::new(),
     };
     let done = snapshot::create(ctx, safety, true);
     if done.phase != SnapshotPhase::Succeeded {

@@ -47,6 +47,9 @@ pub struct SnapshotRecord {
     /// it has none). Kept current by the fill monitor.
     #[serde(default)]
     pub cow_fill_percent: f64,
+    /// Each indication with its message (KubeVirt's sourceIndications).
+    #[serde(default)]
+    pub source_indications: Vec<vmsnap_api::SourceIndication>,
 }
 
 /// One included disk.
@@ -257,6 +260,7 @@ mod tests {
             excluded: vec![],
             extra_state: vec![],
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         }
     }
 

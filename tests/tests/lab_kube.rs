@@ -322,3 +322,84 @@ fn wait_grace_period_waits_proceeds_and_times_out() {
     let listed = daemon.ctl(&["get", "vmrestores", "-o", "name"]);
     assert_eq!(listed.ok(), "");
 }
+
+#[test]
+fn a_vm_with_only_a_cdrom_gets_a_snapshot_of_its_definition_alone() {
+    vmsnap_tests::require_lab();
+    let name = "vmsnap-t15-nodisk";
+    let dir = tempfile::Builder::new()
+        .prefix("vmsnap-t15-nodisk-")
+        .tempdir_in(vmsnap_tests::lab_dir())
+        .unwrap();
+    let iso = dir.path().join("cidata.img");
+    std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='sda' bus='sata'/><readonly/></disk>\
+         <video><model type='none'/></video><memballoon model='none'/></devices></domain>",
+        iso.display()
+    );
+    let xml_path = dir.path().join("domain.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    virsh(&["define", xml_path.to_str().unwrap()]);
+    // Undefined on drop, with the directory.
+    let vm = ScratchVm {
+        name: name.to_string(),
+        disk: iso.clone(),
+        dir,
+    };
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+
+    // Without the annotation, the excluded cdrom is refused, naming the annotation.
+    let refused = apply(&daemon, &snapshot_manifest("def-only", &vm.name));
+    let message = refused.failure();
+    assert!(message.contains("sda"), "{message}");
+    assert!(
+        message.contains("snapshot.vmsnap.org/allow-excluded"),
+        "{message}"
+    );
+
+    let manifest = snapshot_manifest("def-only", &vm.name).replace(
+        "  name: def-only\n",
+        "  name: def-only\n  annotations:\n    snapshot.vmsnap.org/allow-excluded: \"true\"\n",
+    );
+    assert_eq!(apply(&daemon, &manifest).code, Some(0));
+    snapshot_ready(&daemon, "def-only");
+    let object = get(&daemon, "vmsnapshot", "def-only");
+    let status = &object["status"];
+    assert_eq!(
+        status["snapshotVolumes"],
+        serde_json::json!({"includedVolumes": [], "excludedVolumes": ["sda"]})
+    );
+    assert_eq!(
+        status["indications"],
+        serde_json::json!(["PartialSnapshot"])
+    );
+    let message = status["sourceIndications"][0]["message"].as_str().unwrap();
+    assert!(message.contains("sda (cdrom"), "{message}");
+    let content = get(
+        &daemon,
+        "vmsnapshotcontent",
+        status["virtualMachineSnapshotContentName"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(content["spec"]["volumeBackups"], serde_json::json!([]));
+    assert!(content["spec"]["source"]["virtualMachine"]["domainXML"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("<name>{name}</name>")));
+    // Re-applied: unchanged; and the round trip of get.
+    assert!(apply(&daemon, &manifest).ok().ends_with("unchanged\n"));
+    let yaml = daemon
+        .ctl(&["get", "vmsnapshot", "def-only", "-o", "yaml"])
+        .ok()
+        .to_string();
+    assert!(apply(&daemon, &yaml).ok().ends_with("unchanged\n"));
+}

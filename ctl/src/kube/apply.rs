@@ -313,6 +313,7 @@ mod tests {
         SnapshotItem {
             path: zbus::OwnedObjectPath::try_from("/x").expect("path"),
             snapshot: s,
+            messages: Vec::new(),
         }
     }
 

@@ -59,7 +59,7 @@ pub fn snapshot_listed(item: &SnapshotItem, now: i64) -> Listed {
     let s = &item.snapshot;
     Listed {
         name: s.name.clone(),
-        object: model::snapshot_object(s),
+        object: model::snapshot_object(s, &item.messages),
         row: vec![
             cell(&s.name),
             model::VM_KIND.to_string(),
@@ -293,6 +293,7 @@ mod tests {
         SnapshotItem {
             path: zbus::OwnedObjectPath::try_from("/x").expect("path"),
             snapshot: snapshot(),
+            messages: Vec::new(),
         }
     }
 

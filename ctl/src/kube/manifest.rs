@@ -633,7 +633,8 @@ items:
 
     #[test]
     fn round_trip_of_get_output() {
-        let object = crate::kube::model::snapshot_object(&crate::kube::model::tests::snapshot());
+        let object =
+            crate::kube::model::snapshot_object(&crate::kube::model::tests::snapshot(), &[]);
         let yaml = crate::emit::to_yaml(&object).expect("yaml");
         let Ok(Manifest::Snapshot(s)) = one(&yaml) else {
             panic!("not parsed: {yaml}");

@@ -3,6 +3,7 @@
 //! with KubeVirt's field names. Keys are written in alphabetical order, as kubectl prints them.
 
 use serde_json::{json, Map, Value};
+use vmsnap_api::SourceIndication;
 
 use crate::restore_output::Restore;
 use crate::snapshot_output::Snapshot;
@@ -172,8 +173,9 @@ pub fn indications(snapshot: &Snapshot) -> Vec<String> {
     list
 }
 
-/// A snapshot as a VirtualMachineSnapshot.
-pub fn snapshot_object(s: &Snapshot) -> Value {
+/// A snapshot as a VirtualMachineSnapshot. `messages` are vmsnapd's messages for its
+/// indications (empty: vmsnapctl's own words are used).
+pub fn snapshot_object(s: &Snapshot, messages: &[SourceIndication]) -> Value {
     let mut annotations = Map::new();
     if !s.description.is_empty() {
         annotations.insert(ANNOTATION_DESCRIPTION.into(), json!(s.description));
@@ -229,7 +231,14 @@ pub fn snapshot_object(s: &Snapshot) -> Value {
     let indications = indications(s);
     let source_indications: Vec<Value> = indications
         .iter()
-        .map(|i| json!({"indication": i, "message": indication_message(i, s)}))
+        .map(|i| {
+            let message = messages
+                .iter()
+                .find(|m| &m.indication == i)
+                .map(|m| m.message.clone())
+                .unwrap_or_else(|| indication_message(i, s));
+            json!({"indication": i, "message": message})
+        })
         .collect();
 
     let mut status = Map::new();
@@ -493,7 +502,7 @@ pub mod tests {
 
     #[test]
     fn snapshot_object_has_kubevirts_fields() {
-        let object = snapshot_object(&snapshot());
+        let object = snapshot_object(&snapshot(), &[]);
         assert_eq!(object["apiVersion"], "snapshot.kubevirt.io/v1beta1");
         assert_eq!(object["kind"], "VirtualMachineSnapshot");
         assert_eq!(object["metadata"]["name"], "my-vmsnapshot");
@@ -552,7 +561,7 @@ pub mod tests {
         s.phase = "Failed".into();
         s.ready_to_use = false;
         s.error = "the guest agent did not answer".into();
-        let object = snapshot_object(&s);
+        let object = snapshot_object(&s, &[]);
         assert_eq!(
             object["status"]["error"],
             json!({"message": "the guest agent did not answer", "time": "2026-11-26T14:03:12Z"})

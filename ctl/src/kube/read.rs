@@ -1,6 +1,6 @@
 //! Reading every snapshot and restore from vmsnapd, with their object paths.
 
-use vmsnap_api::RESTORE_INTERFACE;
+use vmsnap_api::{SourceIndication, RESTORE_INTERFACE};
 use zbus::names::InterfaceName;
 use zbus::OwnedObjectPath;
 
@@ -11,6 +11,8 @@ use crate::snapshot_output::Snapshot;
 pub struct SnapshotItem {
     pub path: OwnedObjectPath,
     pub snapshot: Snapshot,
+    /// vmsnapd's message for each indication; empty from a vmsnapd that has none.
+    pub messages: Vec<SourceIndication>,
 }
 
 pub struct RestoreItem {
@@ -36,7 +38,14 @@ pub async fn snapshots(bus: &Bus) -> Result<Vec<SnapshotItem>, String> {
     let mut items = Vec::with_capacity(paths.len());
     for path in paths {
         match bus.read_snapshot(&path).await {
-            Ok(snapshot) => items.push(SnapshotItem { path, snapshot }),
+            Ok(snapshot) => {
+                let messages = source_indications(bus, &path).await;
+                items.push(SnapshotItem {
+                    path,
+                    snapshot,
+                    messages,
+                })
+            }
             Err(ReadError::Vanished) => {}
             Err(ReadError::Other(message)) => return Err(message),
         }
@@ -67,6 +76,14 @@ pub async fn restores(bus: &Bus) -> Result<Vec<RestoreItem>, String> {
         }
     }
     Ok(items)
+}
+
+/// The SourceIndications of a snapshot; empty when vmsnapd does not have the property.
+async fn source_indications(bus: &Bus, path: &OwnedObjectPath) -> Vec<SourceIndication> {
+    let Ok(proxy) = bus.snapshot_proxy(path).await else {
+        return Vec::new();
+    };
+    proxy.source_indications().await.unwrap_or_default()
 }
 
 /// A string property that an older vmsnapd may not have: empty when it is missing.

@@ -38,6 +38,9 @@ impl SnapshotObject {
         if old.indications != new.indications {
             self.indications_changed(emitter).await?;
         }
+        if old.source_indications != new.source_indications {
+            self.source_indications_changed(emitter).await?;
+        }
         if old.volumes != new.volumes {
             self.included_volumes_changed(emitter).await?;
         }
@@ -154,7 +157,21 @@ impl SnapshotObject {
         self.record.creation_time.clone()
     }
 
-    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, Paused.
+    /// Each indication with a message saying why: (indication, message), as KubeVirt's
+    /// sourceIndications (the guest agent's error for QuiesceFailed and QuiesceTimeout, the
+    /// excluded disks for PartialSnapshot).
+    #[zbus(property)]
+    fn source_indications(&self) -> Vec<vmsnap_api::SourceIndication> {
+        if self.record.source_indications.is_empty() {
+            // A record from before messages were kept, or still in progress.
+            crate::snapshot::source_indications(&self.record, &[])
+        } else {
+            self.record.source_indications.clone()
+        }
+    }
+
+    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, QuiesceTimeout, Paused,
+    /// PartialSnapshot.
     #[zbus(property)]
     fn indications(&self) -> Vec<String> {
         self.record
