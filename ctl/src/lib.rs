@@ -8,6 +8,7 @@ mod bus;
 mod emit;
 mod kube;
 mod output;
+mod remote;
 mod restore;
 mod restore_output;
 mod snapshot;
@@ -40,9 +41,22 @@ use crate::vm::VmCommand;
 #[derive(Debug, Parser)]
 #[command(name = "vmsnapctl", version, about, long_about)]
 struct Cli {
-    /// Talk to vmsnapd on this D-Bus address instead of the system bus.
+    /// Talk to vmsnapd on this D-Bus address instead of the system bus (with -H: an address
+    /// on the remote host).
     #[arg(long, global = true, value_name = "ADDRESS", env = BUS_ADDRESS_ENV)]
     bus_address: Option<String>,
+
+    /// Talk to vmsnapd of another hypervisor over SSH, as systemctl -H does: D-Bus through
+    /// `ssh -xT [USER@]HOST systemd-stdio-bridge` (systemd-stdio-bridge must be installed
+    /// there). Keys and known hosts are ssh's own; VMSNAP_SSH names another ssh program.
+    #[arg(
+        short = 'H',
+        long = "host",
+        global = true,
+        value_name = "[USER@]HOST[:PORT]",
+        env = "VMSNAP_HOST"
+    )]
+    host: Option<String>,
 
     /// Output format: table, json or yaml everywhere; name and wide (more columns) for `get`.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
@@ -267,15 +281,29 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The bus of the command line: local, another address, or a host's over SSH.
+async fn connect(cli: &Cli) -> Result<Bus, String> {
+    match &cli.host {
+        None => Bus::connect(cli.bus_address.as_deref()).await,
+        Some(host) => {
+            let parsed = remote::parse_host(host)?;
+            let ssh = std::env::var(remote::SSH_ENV).unwrap_or_else(|_| "ssh".to_string());
+            let address = remote::ssh_address(&ssh, &parsed, cli.bus_address.as_deref());
+            let bus_name = cli.bus_address.as_deref().unwrap_or("the system bus");
+            Bus::connect_described(address, format!("{bus_name} of {host} (over ssh)")).await
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let format = cli.output;
     if let Command::Apply(args) = &cli.command {
         // A manifest that is wrong is refused before anything else, vmsnapd or not.
         let manifests = kube::apply::load(args)?;
-        let bus = Bus::connect(cli.bus_address.as_deref()).await?;
+        let bus = connect(&cli).await?;
         return kube::apply::apply(&bus, &manifests).await;
     }
-    let bus = Bus::connect(cli.bus_address.as_deref()).await?;
+    let bus = connect(&cli).await?;
     match cli.command {
         Command::Vm(command) => Ok(vm::run(&bus, command, format.basic()?).await?),
         Command::Snapshot(command) => snapshot::run(&bus, command, format.basic()?).await,
