@@ -5,6 +5,7 @@
 //! definition ([`command`]).
 
 mod bus;
+mod complete;
 mod emit;
 mod kube;
 mod output;
@@ -256,6 +257,8 @@ pub fn command() -> clap::Command {
 /// vmsnapctl's entry point: parses the process's arguments, runs the command and returns the
 /// exit status.
 pub fn main() -> ExitCode {
+    // `COMPLETE=bash vmsnapctl -- WORDS...`: answer the shell's completion request and exit.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     emit::quiet_broken_pipe();
     let cli = Cli::parse_from(restore::hoist_global_options(std::env::args_os().collect()));
     emit::select_yaml(cli.output == Format::Yaml);

@@ -89,11 +89,19 @@ pub enum RestoreCommand {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The VM to restore, by name or UUID: the VM the snapshot belongs to.
-    #[arg(value_name = "VM", required = true)]
+    #[arg(
+        value_name = "VM",
+        required = true,
+        add = clap_complete::engine::ArgValueCandidates::new(crate::complete::vm_names)
+    )]
     pub vm: Option<String>,
 
     /// The name of the VM's snapshot to restore (see `vmsnapctl snapshot list VM`).
-    #[arg(value_name = "SNAPSHOT", required = true)]
+    #[arg(
+        value_name = "SNAPSHOT",
+        required = true,
+        add = clap_complete::engine::ArgValueCandidates::new(crate::complete::snapshot_names)
+    )]
     pub snapshot: Option<String>,
 
     /// Restore into a new VM named NEWVM instead of in place. The new VM gets a new UUID and

@@ -13,6 +13,7 @@ pub enum VmCommand {
     /// Show one VM in detail, including why any disk is excluded from snapshots.
     Show {
         /// The VM's name or UUID.
+        #[arg(add = clap_complete::engine::ArgValueCandidates::new(crate::complete::vm_names))]
         vm: String,
     },
 }

@@ -324,3 +324,66 @@ fn yaml_everywhere_exit_codes_and_a_closed_pipe() {
     assert_eq!(output.status.code(), Some(141), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stderr), "");
 }
+
+/// What bash's completion asks: the words so far, the index of the word being completed.
+fn complete(daemon: &Daemon, words: &[&str]) -> Vec<String> {
+    let output = Command::new(bin("vmsnapctl"))
+        .arg("--")
+        .args(words)
+        .env("COMPLETE", "bash")
+        .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
+        .env("_CLAP_IFS", "\n")
+        .env("VMSNAP_BUS_ADDRESS", &daemon.bus_address)
+        .env_remove("VMSNAP_HOST")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    // Options are offered too for an empty word; the values are what is tested here.
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('-'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn shell_completion_offers_commands_vm_and_snapshot_names() {
+    let (_bus, daemon) = daemon();
+    let out = ctl_stdin(
+        &daemon,
+        &["apply", "-f", "-"],
+        &snapshot_manifest("tab-snap", "test"),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    wait_settled(&daemon, "tab-snap");
+
+    assert_eq!(complete(&daemon, &["vmsnapctl", "sn"]), ["snapshot"]);
+    assert_eq!(
+        complete(&daemon, &["vmsnapctl", "vm", "show", ""]),
+        ["test"]
+    );
+    assert_eq!(
+        complete(&daemon, &["vmsnapctl", "snapshot", "show", "te"]),
+        ["test"]
+    );
+    assert_eq!(
+        complete(&daemon, &["vmsnapctl", "snapshot", "show", "test", ""]),
+        ["tab-snap"]
+    );
+    assert_eq!(
+        complete(&daemon, &["vmsnapctl", "restore", "test", "ta"]),
+        ["tab-snap"]
+    );
+    // vmsnapd unreachable: no candidates, no error in the middle of the command line.
+    let output = Command::new(bin("vmsnapctl"))
+        .args(["--", "vmsnapctl", "vm", "show", ""])
+        .env("COMPLETE", "bash")
+        .env("_CLAP_COMPLETE_INDEX", "3")
+        .env("VMSNAP_BUS_ADDRESS", "unix:path=/nonexistent/bus.sock")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.lines().all(|l| l.starts_with('-')), "{stdout}");
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "");
+}

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap_complete::aot::{generate_to, Bash, Fish, Zsh};
+use clap_complete::env::{Bash, EnvCompleter, Fish, Zsh};
 
 const USAGE: &str = "usage: vmsnapctl-gen man DIR | vmsnapctl-gen completions DIR";
 
@@ -137,16 +137,33 @@ vmsnapctl \-H root@hv2 snapshot list \-o json | jq \-r '.[].name'
     roff
 }
 
-/// bash, zsh and fish completions, under the names their vendor directories expect.
+/// bash, zsh and fish completions, under the names their vendor directories expect. They are
+/// dynamic: the shell asks `COMPLETE=SHELL vmsnapctl -- WORDS...`, so commands, options and the
+/// names of VMs and snapshots (asked of vmsnapd) are always current.
 fn completions(dir: &Path) -> Result<(), String> {
     create_dir(dir)?;
-    let mut command = vmsnapctl::command();
     let failed = |e: std::io::Error| format!("cannot write completions to {}: {e}", dir.display());
-    let written: Vec<PathBuf> = vec![
-        generate_to(Bash, &mut command, "vmsnapctl", dir).map_err(failed)?,
-        generate_to(Zsh, &mut command, "vmsnapctl", dir).map_err(failed)?,
-        generate_to(Fish, &mut command, "vmsnapctl", dir).map_err(failed)?,
+    let shells: [(&dyn EnvCompleter, &str); 3] = [
+        (&Bash, "vmsnapctl.bash"),
+        (&Zsh, "_vmsnapctl"),
+        (&Fish, "vmsnapctl.fish"),
     ];
+    let mut written: Vec<PathBuf> = Vec::new();
+    for (shell, file) in shells {
+        let mut script = Vec::new();
+        shell
+            .write_registration(
+                "COMPLETE",
+                "vmsnapctl",
+                "vmsnapctl",
+                "vmsnapctl",
+                &mut script,
+            )
+            .map_err(failed)?;
+        let path = dir.join(file);
+        std::fs::write(&path, script).map_err(failed)?;
+        written.push(path);
+    }
     for path in written {
         if !path.exists() {
             return Err(format!("{} was not written", path.display()));
