@@ -387,3 +387,33 @@ fn shell_completion_offers_commands_vm_and_snapshot_names() {
     assert!(stdout.lines().all(|l| l.starts_with('-')), "{stdout}");
     assert_eq!(String::from_utf8_lossy(&output.stderr), "");
 }
+
+#[test]
+fn failure_deadline_is_passed_to_vmsnapd_and_checked_there() {
+    let (_bus, daemon) = daemon();
+    let with_deadline = |name: &str, deadline: &str| {
+        format!(
+            "{}  failureDeadline: {deadline}\n",
+            snapshot_manifest(name, "test")
+        )
+    };
+    let out = ctl_stdin(
+        &daemon,
+        &["apply", "-f", "-"],
+        &with_deadline("d1", "1m30s"),
+    );
+    assert_eq!(
+        out.ok(),
+        "virtualmachinesnapshot.snapshot.kubevirt.io/d1 created\n"
+    );
+    // One operation per VM: d1 first settles (Failed on the test driver).
+    wait_settled(&daemon, "d1");
+    // Not longer than freeze_timeout (10s by default): vmsnapd refuses, nothing is created.
+    let out = ctl_stdin(&daemon, &["apply", "-f", "-"], &with_deadline("d2", "5s"));
+    let message = out.failure();
+    assert!(message.contains("freeze_timeout"), "{message}");
+    assert!(daemon
+        .ctl(&["get", "vmsnapshot", "d2"])
+        .failure()
+        .contains("not found"));
+}
