@@ -1220,6 +1220,101 @@ mod tests {
         }
     }
 
+    fn restore_record(
+        name: &str,
+        phase: vmsnap_api::RestorePhase,
+        step: RestoreStep,
+    ) -> RestoreRecord {
+        RestoreRecord {
+            version: RECORD_VERSION,
+            uuid: format!("restore-{name}"),
+            vm_name: "a".into(),
+            vm_uuid: A.into(),
+            snapshot_name: "s".into(),
+            snapshot_uuid: "uuid-s".into(),
+            target_name: "a".into(),
+            target_uuid: A.into(),
+            new_vm: false,
+            stop_target: false,
+            start: false,
+            take_safety_snapshot: true,
+            phase,
+            complete: phase == vmsnap_api::RestorePhase::Succeeded,
+            creation_time: "2026-11-26T15:00:00Z".into(),
+            restore_time: String::new(),
+            restores: vec![],
+            detached: vec![],
+            not_restored: vec![],
+            safety_snapshot: String::new(),
+            error: String::new(),
+            step,
+            name: name.into(),
+            readiness_policy: "WaitGracePeriod".into(),
+        }
+    }
+
+    #[test]
+    fn only_finished_restores_can_be_deleted() {
+        let (mut engine, _rx, _settled) = engine();
+        use vmsnap_api::RestorePhase;
+        for (phase, step) in [
+            (RestorePhase::InProgress, RestoreStep::Planned),
+            (RestorePhase::Waiting, RestoreStep::Planned),
+            // Failed past the point of no return: its journal is still needed.
+            (
+                RestorePhase::Failed,
+                RestoreStep::Committed {
+                    previous_xml: String::new(),
+                    lvm_steps: BTreeMap::new(),
+                },
+            ),
+        ] {
+            let record = restore_record("r", phase, step);
+            engine.restores.insert(record.uuid.clone(), record);
+            assert!(
+                matches!(
+                    engine.delete_restore("restore-r"),
+                    Err(EngineError::InvalidState(ref m)) if m.contains("once it has finished")
+                ),
+                "{phase:?}"
+            );
+            assert!(engine.restores.contains_key("restore-r"));
+        }
+        assert!(matches!(
+            engine.delete_restore("restore-nope"),
+            Err(EngineError::InvalidArgument(_))
+        ));
+        // A finished one goes (its record file with it) and the bus object is told.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let store = crate::store::Store::new(&dir.path().join("state"));
+        let record = restore_record("done", RestorePhase::Succeeded, RestoreStep::Done);
+        store.save_restore(&record).expect("saved");
+        engine.ops = Some(OpContext {
+            uri: "test:///default".into(),
+            store: store.clone(),
+            freeze_timeout: std::time::Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: std::time::Duration::from_secs(300),
+            restore_grace_period: std::time::Duration::from_secs(300),
+            quiesce: crate::config::Quiesce::Auto,
+            lvm: crate::config::LvmConfig::default(),
+            events,
+        });
+        engine.restores.insert(record.uuid.clone(), record);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine.changes = tx;
+        engine.delete_restore("restore-done").expect("deleted");
+        assert!(!engine.restores.contains_key("restore-done"));
+        assert_eq!(store.load_restores().0, Vec::<RestoreRecord>::new());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::RestoreRemoved {
+                uuid: "restore-done".into()
+            }]
+        );
+    }
+
     #[test]
     fn unsettled_snapshots_cannot_be_deleted_and_busy_vms_refuse_work() {
         let (mut engine, _rx, _settled) = engine();
