@@ -131,7 +131,9 @@ enum Command {
     /// and the VM's definition goes back to the one recorded with the snapshot. vmsnapctl waits
     /// until the restore has succeeded or failed, printing on standard error what vmsnapd is
     /// doing, then prints the restore as `restore show` does. Ctrl-C stops the waiting, not the
-    /// restore: vmsnapd finishes it regardless. Phases: InProgress, Succeeded, Failed.
+    /// restore: vmsnapd finishes it regardless. Phases: InProgress, Succeeded, Failed (and
+    /// Waiting, for a restore applied with a targetReadinessPolicy that waits for the VM to be
+    /// shut off: see `vmsnapctl apply`).
     ///
     /// In place (the default), VM must be shut off: a running or paused VM is refused unless
     /// --stop is given, which makes vmsnapd shut it down first. Before changing anything,
