@@ -74,6 +74,17 @@ spec:
     text
 }
 
+/// A VM a restore created: undefined on drop (its disks live in the source VM's directory).
+struct NewVm(String);
+
+impl Drop for NewVm {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-c", LAB_URI, "undefine", &self.0])
+            .output();
+    }
+}
+
 fn daemon_for(vm: &ScratchVm, extra_config: &str) -> (PrivateBus, Daemon) {
     let bus = PrivateBus::start();
     let daemon = Daemon::start(&bus, &format!("{}{extra_config}", config_for(LAB_URI)));
@@ -209,6 +220,41 @@ fn seed_flow_through_manifests_only() {
     assert_eq!(virsh(&["domstate", &vm.name]).trim(), "shut off");
     vm.start(true);
     assert_eq!(vm.guest_checksums(), good);
+
+    // A target that does not exist: the snapshot becomes a new VM (KubeVirt's restore to a new
+    // VM), with the data of then; the source VM is left alone.
+    let copy = format!("{}-copy", vm.name);
+    let to_new = restore_manifest("to-new-vm", &copy, "my-vmsnapshot", None);
+    assert_eq!(
+        apply(&daemon, &to_new).ok(),
+        "virtualmachinerestore.snapshot.kubevirt.io/to-new-vm created\n"
+    );
+    let waited = daemon.ctl(&[
+        "wait",
+        "--for=condition=Ready",
+        "vmrestore/to-new-vm",
+        "--timeout=5m",
+    ]);
+    let copy_guard = NewVm(copy.clone());
+    waited.ok();
+    let object = get(&daemon, "vmrestore", "to-new-vm");
+    assert_eq!(object["spec"]["target"]["name"], copy.as_str());
+    assert_eq!(virsh(&["domstate", &copy]).trim(), "shut off");
+    assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
+    // Another existing VM as the target: refused, nothing created.
+    let refused = apply(
+        &daemon,
+        &restore_manifest("onto-other", &copy, "my-vmsnapshot", None),
+    );
+    assert!(
+        refused.failure().contains("is another existing VM"),
+        "{refused:?}"
+    );
+    assert!(daemon
+        .ctl(&["get", "vmrestore", "onto-other"])
+        .failure()
+        .contains("not found"));
+    drop(copy_guard);
 
     // Restores can be deleted; the VM stays as it is.
     assert_eq!(
