@@ -162,7 +162,8 @@ pub trait Snapshot {
     default_service = "org.vmsnap.VmSnap1"
 )]
 pub trait Restore {
-    /// Deletes a finished restore's record; the restored VM stays as it is.
+    /// Deletes a finished restore's record (the restored VM stays as it is), or cancels a
+    /// restore waiting for its VM and removes it.
     fn delete(&self) -> Result<(), VmSnapError>;
     /// The name it was asked under; empty if none.
     #[zbus(property)]

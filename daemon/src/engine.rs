@@ -196,6 +196,8 @@ pub struct Engine {
     /// For fresh facts from libvirt before a decision, and the way back into this engine.
     libvirt: Option<(LibvirtClient, mpsc::Sender<Request>)>,
     shutting_down: bool,
+    /// Restores deleted while they waited for their VM: their records go once they have failed.
+    deleted_while_waiting: std::collections::BTreeSet<String>,
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
     settle_pending: bool,
@@ -270,6 +272,7 @@ impl Engine {
                 ops: None,
                 libvirt: None,
                 shutting_down: false,
+                deleted_while_waiting: std::collections::BTreeSet::new(),
                 settle_pending: false,
                 fill_check_running: false,
                 fill_warned: Default::default(),
@@ -381,6 +384,8 @@ impl Engine {
                 self.emit(Change::RestoreProgress { uuid, text })
             }
             OpEvent::RestoreSaved(record) => {
+                let uuid = record.uuid.clone();
+                let finished = record.step == RestoreStep::Done;
                 let known = self
                     .restores
                     .insert(record.uuid.clone(), (*record).clone())
@@ -390,6 +395,11 @@ impl Engine {
                 } else {
                     Change::RestoreAdded(record)
                 });
+                if finished && self.deleted_while_waiting.remove(&uuid) {
+                    if let Err(e) = self.delete_restore(&uuid) {
+                        warn!(restore = %uuid, error = %e, "cannot remove a restore deleted while it waited");
+                    }
+                }
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
@@ -775,6 +785,13 @@ impl Engine {
             record.phase,
             vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
         ) && record.step == RestoreStep::Done;
+        if !finished && restore::cancel_wait(uuid) {
+            // Still waiting for its VM: it gives up (nothing has changed) and its record goes
+            // once it has said so.
+            info!(restore = %display_restore(record), "restore deleted while waiting: cancelled");
+            self.deleted_while_waiting.insert(uuid.to_string());
+            return Ok(());
+        }
         if !finished {
             return Err(EngineError::InvalidState(format!(
                 "restore {} is {}; it can be deleted once it has finished",

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -39,6 +40,33 @@ static WAITS_CANCELLED: AtomicBool = AtomicBool::new(false);
 pub fn cancel_waits() {
     WAITS_CANCELLED.store(true, Ordering::SeqCst);
 }
+
+/// Restores waiting for their VM, by UUID: `false` while waiting, `true` once deleted (the
+/// wait then gives up). A restore leaves the map, under its lock, when it stops waiting, so a
+/// deletion either cancels it before anything changed or finds it gone and is refused.
+static WAITING: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
+
+fn waiting() -> std::sync::MutexGuard<'static, BTreeMap<String, bool>> {
+    WAITING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Cancels the restore `uuid` if it is still waiting for its VM; false if it is not waiting
+/// (any more).
+pub fn cancel_wait(uuid: &str) -> bool {
+    match waiting().get_mut(uuid) {
+        Some(cancelled) => {
+            *cancelled = true;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The error of a restore deleted while it waited.
+pub const DELETED_WHILE_WAITING: &str =
+    "the restore was deleted while it waited for the VM to be shut off; nothing was changed";
 
 /// Suffix of a NVRAM copy waiting to be renamed into place.
 const PENDING: &str = ".vmsnap-restore";
@@ -115,7 +143,14 @@ fn restore_steps(
     );
     if !record.new_vm && policy_waits {
         // Before the connection the rest uses: the wait outlives libvirtd restarts.
-        wait_until_shut_off(ctx, record)?;
+        waiting().insert(record.uuid.clone(), false);
+        let waited = wait_until_shut_off(ctx, record);
+        // Leaving the map decides: deleted before this point means cancelled.
+        let deleted = waiting().remove(&record.uuid).unwrap_or(false);
+        waited?;
+        if deleted {
+            return Err(DELETED_WHILE_WAITING.to_string());
+        }
     }
     let conn = connect(&ctx.uri)?;
     if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
@@ -555,6 +590,9 @@ fn wait_until_shut_off(ctx: &OpContext, record: &mut RestoreRecord) -> Result<()
     }
     let mut unreachable_reported = false;
     loop {
+        if waiting().get(&record.uuid).copied().unwrap_or(false) {
+            return Err(DELETED_WHILE_WAITING.to_string());
+        }
         match vm_active(ctx, record, &mut session)? {
             Some(false) => return Ok(()),
             Some(true) => unreachable_reported = false,

@@ -362,6 +362,30 @@ fn wait_grace_period_waits_proceeds_and_times_out() {
         "no safety snapshot was taken"
     );
 
+    // Deleting a restore that waits cancels it: nothing changes, and it is gone.
+    assert_eq!(
+        apply(
+            &daemon,
+            &restore_manifest("cancel-me", &vm.name, "base", Some("WaitEventually"))
+        )
+        .code,
+        Some(0)
+    );
+    wait_for(Duration::from_secs(10), "phase Waiting", || {
+        let object = get(&daemon, "vmrestore", "cancel-me");
+        (object["status"]["phase"] == "Waiting").then_some(())
+    });
+    assert_eq!(
+        daemon.ctl(&["delete", "vmrestore", "cancel-me"]).ok(),
+        "virtualmachinerestore.snapshot.kubevirt.io \"cancel-me\" deleted\n"
+    );
+    assert_eq!(virsh(&["domstate", &vm.name]).trim(), "running");
+    assert_eq!(vm.guest_checksums(), before);
+    assert_eq!(
+        daemon.ctl(&["get", "vmsnapshot", "-o", "name"]).ok(),
+        snapshots_before
+    );
+
     // Both restores can be deleted.
     let deleted = daemon.ctl(&["delete", "vmrestore", "later", "never"]);
     assert_eq!(deleted.ok().lines().count(), 2, "{deleted:?}");

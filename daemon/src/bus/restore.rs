@@ -81,7 +81,9 @@ impl RestoreObject {
 #[interface(name = "org.vmsnap.VmSnap1.Restore")]
 impl RestoreObject {
     /// Deletes the record of a finished restore (Succeeded or Failed); the restored VM, its
-    /// disks and the safety snapshot stay. Authorized as a restore. The object disappears.
+    /// disks and the safety snapshot stay. A restore still waiting for its VM to be shut off
+    /// is cancelled (nothing has changed) and then removed. Authorized as a restore. The
+    /// object disappears.
     async fn delete(
         &self,
         #[zbus(header)] header: zbus::message::Header<'_>,
