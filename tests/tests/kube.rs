@@ -238,6 +238,20 @@ fn get_formats_round_trip_immutability_wait_and_delete() {
         ])
         .json();
     assert_eq!(content["kind"], "VirtualMachineSnapshotContent");
+    // The content as get prints it applies unchanged; one that does not exist is refused.
+    let printed = daemon
+        .ctl(&["get", "vmsnapshotcontent", "-o", "yaml"])
+        .ok()
+        .to_string();
+    assert_eq!(
+        ctl_stdin(&daemon, &["apply", "-f", "-"], &printed).ok(),
+        format!("virtualmachinesnapshotcontent.snapshot.kubevirt.io/vmsnapshot-content-{uid} unchanged\n")
+    );
+    let made_up = printed.replace(&uid, "00000000-0000-4000-8000-000000000000");
+    let message = ctl_stdin(&daemon, &["apply", "-f", "-"], &made_up)
+        .failure()
+        .to_string();
+    assert!(message.contains("cannot be created"), "{message}");
     assert_eq!(content["spec"]["virtualMachineSnapshotName"], "snap-a");
     assert_eq!(content["spec"]["source"]["virtualMachine"]["name"], "test");
 

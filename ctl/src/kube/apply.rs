@@ -12,7 +12,9 @@ use clap::Args;
 use vmsnap_api::VmSnapError;
 use zbus::{OwnedVariant, Variant};
 
-use super::manifest::{self, Manifest, ReadinessPolicy, RestoreManifest, SnapshotManifest};
+use super::manifest::{
+    self, ContentManifest, Manifest, ReadinessPolicy, RestoreManifest, SnapshotManifest,
+};
 use super::model::Kind;
 use super::read::{self, RestoreItem, SnapshotItem};
 use crate::bus::Bus;
@@ -80,6 +82,32 @@ pub fn plan_snapshot(m: &SnapshotManifest, existing: &[SnapshotItem]) -> Result<
         ));
     }
     Ok(Plan::CreateSnapshot(m.clone()))
+}
+
+/// Plans a snapshot content: it exists with its snapshot (unchanged) or cannot be made.
+pub fn plan_content(m: &ContentManifest, existing: &[SnapshotItem]) -> Result<Plan, String> {
+    let found = existing
+        .iter()
+        .find(|i| super::model::content_name(&i.snapshot.uuid) == m.name);
+    match found {
+        Some(item)
+            if m.snapshot
+                .as_deref()
+                .is_none_or(|s| s == item.snapshot.name) =>
+        {
+            Ok(Plan::Unchanged)
+        }
+        Some(item) => Err(format!(
+            "VirtualMachineSnapshotContent {:?} is invalid: spec.virtualMachineSnapshotName: \
+             spec is immutable (it is {:?})",
+            m.name, item.snapshot.name
+        )),
+        None => Err(format!(
+            "VirtualMachineSnapshotContent {:?} cannot be created: vmsnapd records a content \
+             with each VirtualMachineSnapshot (apply the snapshot)",
+            m.name
+        )),
+    }
 }
 
 /// Plans a restore. `vm_exists` tells whether a VM of that name exists.
@@ -212,6 +240,7 @@ pub async fn plan_all(bus: &Bus, manifests: &[Manifest]) -> Result<Vec<Plan>, St
         seen.push(key);
         let plan = match m {
             Manifest::Snapshot(s) => plan_snapshot(s, &snapshots)?,
+            Manifest::Content(c) => plan_content(c, &snapshots)?,
             Manifest::Restore(r) => {
                 // A snapshot created earlier in this input is not yet there: refer to it.
                 let planned_here = plans
@@ -325,6 +354,31 @@ mod tests {
             allow_excluded: false,
             failure_deadline: None,
         }
+    }
+
+    #[test]
+    fn content_plans() {
+        let existing = [snap_item("a", "vm1")];
+        let name = crate::kube::model::content_name(&existing[0].snapshot.uuid);
+        let content = |snapshot: Option<&str>| ContentManifest {
+            name: name.clone(),
+            snapshot: snapshot.map(str::to_string),
+        };
+        assert_eq!(
+            plan_content(&content(Some("a")), &existing),
+            Ok(Plan::Unchanged)
+        );
+        assert_eq!(plan_content(&content(None), &existing), Ok(Plan::Unchanged));
+        assert!(plan_content(&content(Some("b")), &existing)
+            .expect_err("immutable")
+            .contains("spec is immutable"));
+        let missing = ContentManifest {
+            name: "vmsnapshot-content-x".into(),
+            snapshot: None,
+        };
+        assert!(plan_content(&missing, &existing)
+            .expect_err("refused")
+            .contains("cannot be created"));
     }
 
     #[test]

@@ -56,10 +56,20 @@ pub struct RestoreManifest {
     pub readiness: ReadinessPolicy,
 }
 
+/// A VirtualMachineSnapshotContent: vmsnapd records one with each snapshot, so applying one
+/// can only find it unchanged (the round trip of `get vmsnapshotcontent -o yaml`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentManifest {
+    pub name: String,
+    /// spec.virtualMachineSnapshotName, when given.
+    pub snapshot: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Manifest {
     Snapshot(SnapshotManifest),
     Restore(RestoreManifest),
+    Content(ContentManifest),
 }
 
 impl Manifest {
@@ -67,6 +77,7 @@ impl Manifest {
         match self {
             Manifest::Snapshot(_) => Kind::Snapshot,
             Manifest::Restore(_) => Kind::Restore,
+            Manifest::Content(_) => Kind::Content,
         }
     }
 
@@ -74,6 +85,7 @@ impl Manifest {
         match self {
             Manifest::Snapshot(s) => &s.name,
             Manifest::Restore(r) => &r.name,
+            Manifest::Content(c) => &c.name,
         }
     }
 }
@@ -342,12 +354,23 @@ fn manifest(doc: &Value) -> Result<Manifest, String> {
     match kind {
         Kind::Snapshot => snapshot(doc).map(Manifest::Snapshot),
         Kind::Restore => restore(doc).map(Manifest::Restore),
-        Kind::Content => Err(
-            "VirtualMachineSnapshotContent cannot be applied: vmsnapd records it with its \
-             VirtualMachineSnapshot"
-                .to_string(),
-        ),
+        Kind::Content => content(doc).map(Manifest::Content),
     }
+}
+
+fn content(doc: &Map<String, Value>) -> Result<ContentManifest, String> {
+    let (name, _) = metadata(doc, Kind::Content, &[])?;
+    let spec = object(required(doc, "spec", "")?, "spec")?;
+    only_known(
+        spec,
+        "spec",
+        &["source", "virtualMachineSnapshotName", "volumeBackups"],
+    )?;
+    let snapshot = match spec.get("virtualMachineSnapshotName") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(string(value, "spec.virtualMachineSnapshotName")?.to_string()),
+    };
+    Ok(ContentManifest { name, snapshot })
 }
 
 fn snapshot(doc: &Map<String, Value>) -> Result<SnapshotManifest, String> {
@@ -749,7 +772,8 @@ items:
         let top: Vec<(&str, &str)> = vec![
             ("apiVersion: v1\nkind: VirtualMachineSnapshot\nmetadata: {name: s}\nspec: {}\n", "apiVersion \"v1\""),
             ("apiVersion: snapshot.kubevirt.io/v1beta1\nkind: Pod\nmetadata: {name: s}\n", "kind \"Pod\""),
-            ("apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineSnapshotContent\nmetadata: {name: s}\n", "cannot be applied"),
+            ("apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineSnapshotContent\nmetadata: {name: s}\n", "spec is required"),
+            ("apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineSnapshotContent\nmetadata: {name: s}\nspec: {volumeSnapshotClass: x}\n", "unknown field \"spec.volumeSnapshotClass\""),
             ("kind: VirtualMachineSnapshot\nmetadata: {name: s}\n", "apiVersion is required"),
             ("apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineSnapshot\nmetadata: {name: s, labels: {a: b}}\nspec: {source: {apiGroup: kubevirt.io, kind: VirtualMachine, name: vm}}\n", "metadata.labels"),
             ("apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineSnapshot\nmetadata: {name: s, annotations: {x: y}}\nspec: {source: {apiGroup: kubevirt.io, kind: VirtualMachine, name: vm}}\n", "unknown annotation \"x\""),
