@@ -187,6 +187,8 @@ enum Command {
     ///
     /// Prints, per object, what oc prints: `virtualmachinesnapshot.snapshot.kubevirt.io/NAME
     /// created` or `unchanged`. A changed spec of an existing object is refused as immutable.
+    /// A VirtualMachineSnapshotContent (vmsnapd records one with each snapshot) can only be
+    /// applied unchanged, as `get vmsnapshotcontent -o yaml` prints it.
     /// apply does not wait: follow with `vmsnapctl wait`.
     ///
     /// Exit status: 0 when every object was created or unchanged; 1 otherwise; 2 on a wrong
