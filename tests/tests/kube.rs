@@ -431,3 +431,26 @@ fn failure_deadline_is_passed_to_vmsnapd_and_checked_there() {
         .failure()
         .contains("not found"));
 }
+
+#[test]
+fn apply_goes_on_past_an_object_vmsnapd_refuses_as_oc_does() {
+    let (_bus, daemon) = daemon();
+    let input = format!(
+        "{}---\n{}",
+        snapshot_manifest("for-nope", "nope"),
+        snapshot_manifest("for-test", "test")
+    );
+    let out = ctl_stdin(&daemon, &["apply", "-f", "-"], &input);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "virtualmachinesnapshot.snapshot.kubevirt.io/for-test created\n"
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("vmsnapctl: virtualmachinesnapshot.snapshot.kubevirt.io/for-nope: "),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("nope"), "{out:?}");
+}

@@ -319,13 +319,27 @@ pub fn load(args: &ApplyArgs) -> Result<Vec<Manifest>, String> {
     Ok(manifests)
 }
 
+/// Applies checked manifests. Every plan must be sound before anything is done; then, as
+/// `oc apply` does, each object is carried out in order and one that vmsnapd refuses does not
+/// stop the others: its error is a line on standard error and the exit status is 1.
 pub async fn apply(bus: &Bus, manifests: &[Manifest]) -> Result<(), Failure> {
     let plans = plan_all(bus, manifests).await?;
+    let mut failed = 0;
     for (m, plan) in manifests.iter().zip(&plans) {
-        let word = carry_out(bus, plan)
-            .await
-            .map_err(|e| format!("{}: {e}", manifest_name(m)))?;
-        println!("{} {word}", manifest_name(m));
+        match carry_out(bus, plan).await {
+            Ok(word) => println!("{} {word}", manifest_name(m)),
+            Err(e) => {
+                eprintln!("vmsnapctl: {}: {e}", manifest_name(m));
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        // Each error was printed where it happened.
+        return Err(Failure {
+            message: String::new(),
+            code: 1,
+        });
     }
     Ok(())
 }
