@@ -500,6 +500,16 @@ mod tests {
         }
         let cli = parse(&["vmsnapctl", "restore", "-o", "json", "list"]).expect("parses");
         assert_eq!(cli.output, Format::Json);
+        let cli = parse(&["vmsnapctl", "restore", "-H", "root@hv2", "-q", "list"]).expect("parses");
+        assert_eq!(cli.host.as_deref(), Some("root@hv2"));
+        assert!(cli.quiet);
+        assert!(matches!(
+            cli.command,
+            Command::Restore(RestoreArgs {
+                command: Some(restore::RestoreCommand::List),
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -135,12 +135,12 @@ pub struct CreateArgs {
 }
 
 /// How many words starting at `args[i]` make up one of vmsnapctl's global options (`-o json`,
-/// `-ojson`, `--output json`, `--output=json`, and the same for `--bus-address`), if one starts
-/// there.
+/// `-ojson`, `--output json`, `--output=json`, and the same for `--bus-address`, `-H`/`--host`;
+/// `-q`/`--quiet`), if one starts there.
 fn global_option_len(args: &[OsString], i: usize) -> Option<usize> {
     let word = args.get(i)?.to_str()?;
     let has_value = i + 1 < args.len();
-    for long in ["--output", "--bus-address"] {
+    for long in ["--output", "--bus-address", "--host"] {
         if word == long {
             return has_value.then_some(2);
         }
@@ -151,12 +151,21 @@ fn global_option_len(args: &[OsString], i: usize) -> Option<usize> {
             return Some(1);
         }
     }
-    if word == "-o" {
-        return has_value.then_some(2);
+    if word == "-q" || word == "--quiet" {
+        return Some(1);
     }
-    word.strip_prefix("-o")
-        .is_some_and(|rest| !rest.is_empty())
-        .then_some(1)
+    for short in ["-o", "-H"] {
+        if word == short {
+            return has_value.then_some(2);
+        }
+        if word
+            .strip_prefix(short)
+            .is_some_and(|rest| !rest.is_empty())
+        {
+            return Some(1);
+        }
+    }
+    None
 }
 
 /// Moves the global options that directly follow the `restore` command word in front of it, so
