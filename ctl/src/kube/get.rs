@@ -230,8 +230,9 @@ pub async fn collect(bus: &Bus, kind: Kind, name: Option<&str>) -> Result<Vec<Li
     let mut listed = Vec::new();
     match kind {
         Kind::Snapshot => {
-            for item in read::snapshots(bus).await? {
+            for mut item in read::snapshots(bus).await? {
                 if name.is_none_or(|n| n == item.snapshot.name) {
+                    read::read_messages(bus, &mut item).await;
                     listed.push(snapshot_listed(&item, now));
                 }
             }

@@ -11,7 +11,8 @@ use crate::snapshot_output::Snapshot;
 pub struct SnapshotItem {
     pub path: OwnedObjectPath,
     pub snapshot: Snapshot,
-    /// vmsnapd's message for each indication; empty from a vmsnapd that has none.
+    /// vmsnapd's message for each indication (read by [`read_messages`] where needed); empty
+    /// from a vmsnapd that has none.
     pub messages: Vec<SourceIndication>,
 }
 
@@ -38,14 +39,11 @@ pub async fn snapshots(bus: &Bus) -> Result<Vec<SnapshotItem>, String> {
     let mut items = Vec::with_capacity(paths.len());
     for path in paths {
         match bus.read_snapshot(&path).await {
-            Ok(snapshot) => {
-                let messages = source_indications(bus, &path).await;
-                items.push(SnapshotItem {
-                    path,
-                    snapshot,
-                    messages,
-                })
-            }
+            Ok(snapshot) => items.push(SnapshotItem {
+                path,
+                snapshot,
+                messages: Vec::new(),
+            }),
             Err(ReadError::Vanished) => {}
             Err(ReadError::Other(message)) => return Err(message),
         }
@@ -78,12 +76,13 @@ pub async fn restores(bus: &Bus) -> Result<Vec<RestoreItem>, String> {
     Ok(items)
 }
 
-/// The SourceIndications of a snapshot; empty when vmsnapd does not have the property.
-async fn source_indications(bus: &Bus, path: &OwnedObjectPath) -> Vec<SourceIndication> {
-    let Ok(proxy) = bus.snapshot_proxy(path).await else {
-        return Vec::new();
+/// Reads the SourceIndications of a snapshot into `item`; none when vmsnapd does not have the
+/// property.
+pub async fn read_messages(bus: &Bus, item: &mut SnapshotItem) {
+    let Ok(proxy) = bus.snapshot_proxy(&item.path).await else {
+        return;
     };
-    proxy.source_indications().await.unwrap_or_default()
+    item.messages = proxy.source_indications().await.unwrap_or_default();
 }
 
 /// A string property that an older vmsnapd may not have: empty when it is missing.
