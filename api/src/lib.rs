@@ -18,7 +18,7 @@ pub use text::{
 };
 pub use types::{
     AgentState, DetachedDisk, DiskBackend, DiskInfo, ExcludedVolume, IncludedVolume, Indication,
-    RestorePhase, SnapshotPhase, VmState, VolumeRestore,
+    RestorePhase, SnapshotPhase, SourceIndication, VmState, VolumeRestore,
 };
 
 /// Well-known bus name of vmsnapd. The trailing `1` is the API version: an incompatible API gets

@@ -147,6 +147,11 @@ pub enum Indication {
     QuiesceFailed,
     /// The VM was paused: consistent as a whole, no freeze needed.
     Paused,
+    /// The guest agent did not answer the freeze in time, or the guest was thawed at
+    /// `freeze_timeout` before the disks were snapshotted; the snapshot is crash-consistent.
+    QuiesceTimeout,
+    /// Disks were excluded (acknowledged with allow_excluded): the snapshot holds only some.
+    PartialSnapshot,
 }
 
 impl Indication {
@@ -157,8 +162,17 @@ impl Indication {
             Indication::NoGuestAgent => "NoGuestAgent",
             Indication::QuiesceFailed => "QuiesceFailed",
             Indication::Paused => "Paused",
+            Indication::QuiesceTimeout => "QuiesceTimeout",
+            Indication::PartialSnapshot => "PartialSnapshot",
         }
     }
+}
+
+/// An indication with its message, as KubeVirt's sourceIndications. On the bus: `(ss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct SourceIndication {
+    pub indication: String,
+    pub message: String,
 }
 
 /// One disk a restore brought back. On the bus: `(sss)`.
@@ -184,6 +198,9 @@ pub struct DetachedDisk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestorePhase {
     InProgress,
+    /// An in-place restore waiting for its VM to be shut off (targetReadinessPolicy
+    /// WaitGracePeriod or WaitEventually); nothing has changed yet.
+    Waiting,
     Succeeded,
     Failed,
 }
@@ -192,6 +209,7 @@ impl RestorePhase {
     pub const fn as_str(self) -> &'static str {
         match self {
             RestorePhase::InProgress => "InProgress",
+            RestorePhase::Waiting => "Waiting",
             RestorePhase::Succeeded => "Succeeded",
             RestorePhase::Failed => "Failed",
         }

@@ -139,10 +139,9 @@ pub fn yes_no(b: bool) -> &'static str {
     }
 }
 
+/// Prints a document as JSON, or as YAML when -o yaml was given.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    println!("{text}");
-    Ok(())
+    crate::emit::print_structured(value)
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.

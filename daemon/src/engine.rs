@@ -66,6 +66,10 @@ pub struct RestoreOptions {
     pub stop_target: bool,
     pub start: bool,
     pub safety_snapshot: bool,
+    /// The restore's name (unique among restores); empty: none.
+    pub name: String,
+    /// KubeVirt's targetReadinessPolicy (see `RestoreRecord::readiness_policy`); empty: none.
+    pub readiness_policy: String,
 }
 
 impl Default for RestoreOptions {
@@ -75,7 +79,26 @@ impl Default for RestoreOptions {
             stop_target: false,
             start: false,
             safety_snapshot: true,
+            name: String::new(),
+            readiness_policy: String::new(),
         }
+    }
+}
+
+/// The readiness policies a restore accepts.
+pub const READINESS_POLICIES: [&str; 4] = [
+    "StopTarget",
+    "FailImmediate",
+    "WaitGracePeriod",
+    "WaitEventually",
+];
+
+/// A restore as messages name it: its name, or its UUID.
+fn display_restore(record: &RestoreRecord) -> String {
+    if record.name.is_empty() {
+        record.uuid.clone()
+    } else {
+        format!("'{}'", record.name)
     }
 }
 
@@ -84,6 +107,8 @@ impl Default for RestoreOptions {
 pub struct CreateOptions {
     pub description: String,
     pub allow_excluded: bool,
+    /// This snapshot's failure deadline instead of the configured one.
+    pub failure_deadline: Option<std::time::Duration>,
 }
 
 /// Everything the bus layer can ask of the engine.
@@ -140,6 +165,11 @@ pub enum Request {
     Ping { reply: oneshot::Sender<()> },
     /// Restore UUIDs, oldest first.
     ListRestores { reply: oneshot::Sender<Vec<String>> },
+    /// Deletes a finished restore's record.
+    DeleteRestore {
+        uuid: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 /// What the bus layer must reflect.
@@ -168,6 +198,9 @@ pub enum Change {
     RestoreProgress {
         uuid: String,
         text: String,
+    },
+    RestoreRemoved {
+        uuid: String,
     },
     /// Not a change: the publisher notifies it once every change sent before it is applied.
     Flush(Flushed),
@@ -206,6 +239,8 @@ pub struct Engine {
     /// For fresh facts from libvirt before a decision, and the way back into this engine.
     libvirt: Option<(LibvirtClient, mpsc::Sender<Request>)>,
     shutting_down: bool,
+    /// Restores deleted while they waited for their VM: their records go once they have failed.
+    deleted_while_waiting: std::collections::BTreeSet<String>,
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
     settle_pending: bool,
@@ -264,6 +299,7 @@ impl Engine {
                 ops: None,
                 libvirt: None,
                 shutting_down: false,
+                deleted_while_waiting: std::collections::BTreeSet::new(),
                 settle_pending: false,
                 fill_check_running: false,
                 fill_warned: Default::default(),
@@ -324,6 +360,8 @@ impl Engine {
                 }
                 () = shutdown.wait(), if !self.shutting_down => {
                     self.shutting_down = true;
+                    // A restore waiting for its VM gives up, so the shutdown is not held.
+                    restore::cancel_waits();
                     if self.busy.is_empty() {
                         break;
                     }
@@ -383,6 +421,8 @@ impl Engine {
                 self.emit(Change::RestoreProgress { uuid, text })
             }
             OpEvent::RestoreSaved(record) => {
+                let uuid = record.uuid.clone();
+                let finished = record.step == RestoreStep::Done;
                 let known = self
                     .restores
                     .insert(record.uuid.clone(), (*record).clone())
@@ -397,7 +437,15 @@ impl Engine {
                 } else {
                     Change::RestoreAdded(record)
                 };
-                self.emit_when_free(&vm_uuid, settled, change);
+                // A restore deleted while it waited goes at once: nobody waits for its end.
+                if finished && self.deleted_while_waiting.remove(&uuid) {
+                    self.emit(change);
+                    if let Err(e) = self.delete_restore(&uuid) {
+                        warn!(restore = %uuid, error = %e, "cannot remove a restore deleted while it waited");
+                    }
+                } else {
+                    self.emit_when_free(&vm_uuid, settled, change);
+                }
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
@@ -579,6 +627,7 @@ impl Engine {
                     ops.freeze_timeout = config.freeze_timeout;
                     ops.require_quiesce = config.require_quiesce;
                     ops.failure_deadline = config.failure_deadline;
+                    ops.restore_grace_period = config.restore_grace_period;
                     ops.quiesce = config.quiesce;
                     ops.lvm = config.lvm.clone();
                 }
@@ -590,6 +639,9 @@ impl Engine {
                 let mut list: Vec<&RestoreRecord> = self.restores.values().collect();
                 list.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
                 let _ = reply.send(list.into_iter().map(|r| r.uuid.clone()).collect());
+            }
+            Request::DeleteRestore { uuid, reply } => {
+                let _ = reply.send(self.delete_restore(&uuid));
             }
         }
     }
@@ -645,9 +697,14 @@ impl Engine {
         snapshot_name: &str,
         options: &RestoreOptions,
     ) -> Result<(VmInfo, SnapshotRecord), EngineError> {
-        // First of all: a new VM's name reaches libvirt, which derives paths from it.
+        // First of all: a new VM's name reaches libvirt, which derives paths from it; a
+        // restore's name reaches records and logs.
         if !options.target.is_empty() {
             validate_vm_name(&options.target).map_err(EngineError::InvalidName)?;
+        }
+        if !options.name.is_empty() {
+            validate_snapshot_name(&options.name)
+                .map_err(|e| EngineError::InvalidName(e.replacen("snapshot", "restore", 1)))?;
         }
         let vm = self.find_vm(vm_key)?.clone();
         let snapshot = self
@@ -674,6 +731,12 @@ impl Engine {
             return Err(EngineError::InvalidState(format!(
                 "snapshot '{}' cannot be restored: its image {} of disk {} is missing",
                 snapshot.name, missing.image, missing.target
+            )));
+        }
+        if !options.name.is_empty() && self.restores.values().any(|r| r.name == options.name) {
+            return Err(EngineError::InvalidArgument(format!(
+                "a restore named '{}' already exists",
+                options.name
             )));
         }
         if !options.target.is_empty() && self.vms.values().any(|v| v.name == options.target) {
@@ -709,9 +772,17 @@ impl Engine {
         })?;
         let running = running.map_err(EngineError::Libvirt)?;
         let new_vm = !options.target.is_empty();
-        if !new_vm && running && !options.stop_target {
+        let policy = options.readiness_policy.as_str();
+        let stop_target = options.stop_target || policy == "StopTarget";
+        let wait = matches!(policy, "WaitGracePeriod" | "WaitEventually");
+        if !new_vm && running && !stop_target && !wait {
             return Err(EngineError::VmRunning(vm.name.clone()));
         }
+        let phase = if !new_vm && running && wait {
+            vmsnap_api::RestorePhase::Waiting
+        } else {
+            vmsnap_api::RestorePhase::InProgress
+        };
         // The VM may have become busy while libvirt was asked.
         self.check_idle(&vm)?;
         let ops = self.ops()?.clone();
@@ -733,10 +804,10 @@ impl Engine {
                 vm.uuid.clone()
             },
             new_vm,
-            stop_target: options.stop_target,
+            stop_target,
             start: options.start,
             take_safety_snapshot: options.safety_snapshot && !new_vm,
-            phase: vmsnap_api::RestorePhase::InProgress,
+            phase,
             complete: false,
             creation_time: snapshot::now_rfc3339(),
             restore_time: String::new(),
@@ -746,6 +817,8 @@ impl Engine {
             safety_snapshot: String::new(),
             error: String::new(),
             step: RestoreStep::Planned,
+            name: options.name.clone(),
+            readiness_policy: options.readiness_policy.clone(),
         };
         ops.store.save_restore(&record).map_err(|e| {
             EngineError::RecordWrite(format!("cannot write the restore record: {e}"))
@@ -763,6 +836,42 @@ impl Engine {
             restore::restore(ctx, record, snapshot, records)
         });
         Ok(uuid)
+    }
+
+    /// Removes the record of a finished restore; the restored VM is left as it is.
+    fn delete_restore(&mut self, uuid: &str) -> Result<(), EngineError> {
+        let record = self
+            .restores
+            .get(uuid)
+            .ok_or_else(|| EngineError::InvalidArgument(format!("no restore {uuid}")))?;
+        let finished = matches!(
+            record.phase,
+            vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
+        ) && record.step == RestoreStep::Done;
+        if !finished && restore::cancel_wait(uuid) {
+            // Still waiting for its VM: it gives up (nothing has changed) and its record goes
+            // once it has said so.
+            info!(restore = %display_restore(record), "restore deleted while waiting: cancelled");
+            self.deleted_while_waiting.insert(uuid.to_string());
+            return Ok(());
+        }
+        if !finished {
+            return Err(EngineError::InvalidState(format!(
+                "restore {} is {}; it can be deleted once it has finished",
+                display_restore(record),
+                record.phase.as_str()
+            )));
+        }
+        let ops = self.ops()?.clone();
+        ops.store.remove_restore(uuid).map_err(|e| {
+            EngineError::InvalidState(format!("cannot remove the restore record: {e}"))
+        })?;
+        info!(restore = %display_restore(record), "restore record deleted");
+        self.restores.remove(uuid);
+        self.emit(Change::RestoreRemoved {
+            uuid: uuid.to_string(),
+        });
+        Ok(())
     }
 
     fn ops(&self) -> Result<&OpContext, EngineError> {
@@ -821,7 +930,17 @@ impl Engine {
                 &excluded,
             )));
         }
-        let ops = self.ops()?.clone();
+        let mut ops = self.ops()?.clone();
+        if let Some(deadline) = options.failure_deadline {
+            if deadline <= ops.freeze_timeout {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the failure deadline ({} ms) must be longer than freeze_timeout ({} ms)",
+                    deadline.as_millis(),
+                    ops.freeze_timeout.as_millis()
+                )));
+            }
+            ops.failure_deadline = deadline;
+        }
         let record = SnapshotRecord {
             version: RECORD_VERSION,
             uuid: uuid::Uuid::new_v4().to_string(),
@@ -842,6 +961,7 @@ impl Engine {
             excluded,
             extra_state: Vec::new(),
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         };
         ops.store.save(&record).map_err(|e| {
             EngineError::RecordWrite(format!("cannot write the snapshot record: {e}"))
@@ -1175,7 +1295,103 @@ mod tests {
             excluded: vec![],
             extra_state: vec![],
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         }
+    }
+
+    fn restore_record(
+        name: &str,
+        phase: vmsnap_api::RestorePhase,
+        step: RestoreStep,
+    ) -> RestoreRecord {
+        RestoreRecord {
+            version: RECORD_VERSION,
+            uuid: format!("restore-{name}"),
+            vm_name: "a".into(),
+            vm_uuid: A.into(),
+            snapshot_name: "s".into(),
+            snapshot_uuid: "uuid-s".into(),
+            target_name: "a".into(),
+            target_uuid: A.into(),
+            new_vm: false,
+            stop_target: false,
+            start: false,
+            take_safety_snapshot: true,
+            phase,
+            complete: phase == vmsnap_api::RestorePhase::Succeeded,
+            creation_time: "2026-11-26T15:00:00Z".into(),
+            restore_time: String::new(),
+            restores: vec![],
+            detached: vec![],
+            not_restored: vec![],
+            safety_snapshot: String::new(),
+            error: String::new(),
+            step,
+            name: name.into(),
+            readiness_policy: "WaitGracePeriod".into(),
+        }
+    }
+
+    #[test]
+    fn only_finished_restores_can_be_deleted() {
+        let (mut engine, _rx, _settled) = engine();
+        use vmsnap_api::RestorePhase;
+        for (phase, step) in [
+            (RestorePhase::InProgress, RestoreStep::Planned),
+            (RestorePhase::Waiting, RestoreStep::Planned),
+            // Failed past the point of no return: its journal is still needed.
+            (
+                RestorePhase::Failed,
+                RestoreStep::Committed {
+                    previous_xml: String::new(),
+                    lvm_steps: BTreeMap::new(),
+                },
+            ),
+        ] {
+            let record = restore_record("r", phase, step);
+            engine.restores.insert(record.uuid.clone(), record);
+            assert!(
+                matches!(
+                    engine.delete_restore("restore-r"),
+                    Err(EngineError::InvalidState(ref m)) if m.contains("once it has finished")
+                ),
+                "{phase:?}"
+            );
+            assert!(engine.restores.contains_key("restore-r"));
+        }
+        assert!(matches!(
+            engine.delete_restore("restore-nope"),
+            Err(EngineError::InvalidArgument(_))
+        ));
+        // A finished one goes (its record file with it) and the bus object is told.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let store = crate::store::Store::new(&dir.path().join("state"));
+        let record = restore_record("done", RestorePhase::Succeeded, RestoreStep::Done);
+        store.save_restore(&record).expect("saved");
+        engine.ops = Some(OpContext {
+            uri: "test:///default".into(),
+            store: store.clone(),
+            freeze_timeout: std::time::Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: std::time::Duration::from_secs(300),
+            restore_grace_period: std::time::Duration::from_secs(300),
+            quiesce: crate::config::Quiesce::Auto,
+            lvm: crate::config::LvmConfig::default(),
+            events,
+        });
+        engine.restores.insert(record.uuid.clone(), record);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine.changes = tx;
+        engine.delete_restore("restore-done").expect("deleted");
+        assert!(!engine.restores.contains_key("restore-done"));
+        assert_eq!(store.load_restores().0, Vec::<RestoreRecord>::new());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::RestoreRemoved {
+                uuid: "restore-done".into()
+            }]
+        );
     }
 
     #[test]
@@ -1334,6 +1550,7 @@ mod tests {
             freeze_timeout: std::time::Duration::from_secs(10),
             require_quiesce: false,
             failure_deadline: std::time::Duration::from_secs(60),
+            restore_grace_period: std::time::Duration::from_secs(300),
             quiesce: crate::config::Quiesce::Auto,
             lvm: crate::config::LvmConfig::default(),
             events,

@@ -189,6 +189,7 @@ async fn run(
         freeze_timeout: config.freeze_timeout,
         require_quiesce: config.require_quiesce,
         failure_deadline: config.failure_deadline,
+        restore_grace_period: config.restore_grace_period,
         quiesce: config.quiesce,
         lvm: config.lvm.clone(),
         events: op_events,

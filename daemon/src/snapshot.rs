@@ -64,6 +64,8 @@ pub struct OpContext {
     pub freeze_timeout: Duration,
     pub require_quiesce: bool,
     pub failure_deadline: Duration,
+    /// How long a WaitGracePeriod restore waits for its VM to be shut off.
+    pub restore_grace_period: Duration,
     pub quiesce: Quiesce,
     pub lvm: LvmConfig,
     pub events: UnboundedSender<OpEvent>,
@@ -255,9 +257,8 @@ fn create_steps(
     if !excluded.is_empty() && !allow_excluded {
         return Err(excluded_message(&excluded));
     }
-    if volumes.is_empty() {
-        return Err("the VM has no disk that can be snapshotted".to_string());
-    }
+    // A VM with no disk to capture (only a cdrom, say) gets a snapshot of its definition
+    // alone, with zero volumes, as KubeVirt's does.
     let extra = domain::extra_state(&inactive_xml, &record.vm_uuid)?;
     let copy_dir = ctx.store.state_copy_dir(&record.vm_uuid, &record.uuid);
     record.extra_state = extra
@@ -278,6 +279,7 @@ fn create_steps(
     let paused = state == DomainState::Paused;
     let online = is_active(&dom)?;
     let try_freeze = running
+        && !record.volumes.is_empty()
         && match ctx.quiesce {
             Quiesce::Auto => vm.agent == vmsnap_api::AgentState::Connected,
             Quiesce::Always => vm.agent != vmsnap_api::AgentState::NotConfigured,
@@ -286,10 +288,22 @@ fn create_steps(
     if online {
         record.indications.push(Indication::Online);
     }
+    // Why each indication was given, for sourceIndications.
+    let mut notes: Vec<(Indication, String)> = Vec::new();
     if paused {
         record.indications.push(Indication::Paused);
-    } else if running && !try_freeze {
+    } else if running && !try_freeze && !record.volumes.is_empty() {
         record.indications.push(Indication::NoGuestAgent);
+        notes.push((
+            Indication::NoGuestAgent,
+            format!(
+                "the guest agent is {}: the snapshot is crash-consistent",
+                vm.agent.as_str().replace('-', " ")
+            ),
+        ));
+    }
+    if !record.excluded.is_empty() {
+        record.indications.push(Indication::PartialSnapshot);
     }
 
     check_deadline(deadline)?;
@@ -354,7 +368,26 @@ fn create_steps(
                     ));
                 }
                 warn!(vm = %record.vm_name, error = %e.message(), "freeze failed; taking a crash-consistent snapshot");
-                record.indications.push(Indication::QuiesceFailed);
+                let timed_out = matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::AgentUnresponsive)
+                );
+                let (indication, what) = if timed_out {
+                    (
+                        Indication::QuiesceTimeout,
+                        "the guest agent did not answer the freeze in time",
+                    )
+                } else {
+                    (
+                        Indication::QuiesceFailed,
+                        "the guest agent could not freeze the filesystems",
+                    )
+                };
+                record.indications.push(indication);
+                notes.push((
+                    indication,
+                    format!("{what} ({}): the snapshot is crash-consistent", e.message()),
+                ));
             }
         }
     }
@@ -395,9 +428,17 @@ fn create_steps(
                 if let Err(e) = guard.disarm() {
                     // The guard may have thawed at its deadline before the disks were
                     // snapshotted: the snapshot cannot claim a quiesced guest then.
-                    warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceFailed");
+                    warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceTimeout");
                     record.indications.retain(|i| *i != Indication::GuestAgent);
-                    record.indications.push(Indication::QuiesceFailed);
+                    record.indications.push(Indication::QuiesceTimeout);
+                    notes.push((
+                        Indication::QuiesceTimeout,
+                        format!(
+                            "the guest may have been thawed at freeze_timeout ({} s) before the \
+                             disks were snapshotted ({e}): the snapshot is crash-consistent",
+                            ctx.freeze_timeout.as_secs()
+                        ),
+                    ));
                 }
             }
             // Dropping the armed guard makes it thaw at once, on its own connection.
@@ -411,7 +452,10 @@ fn create_steps(
     }
 
     let result = result.and_then(|()| {
-        if ctx.require_quiesce && record.indications.contains(&Indication::QuiesceFailed) {
+        if ctx.require_quiesce
+            && (record.indications.contains(&Indication::QuiesceFailed)
+                || record.indications.contains(&Indication::QuiesceTimeout))
+        {
             Err(
                 "the guest was thawed before the disks were snapshotted; require_quiesce is \
                  set, so the snapshot was undone"
@@ -428,12 +472,63 @@ fn create_steps(
         lvm_volumes::discard(&ctx.lvm_tool(), &record.uuid, &record.volumes);
         return Err(error);
     }
+    record.source_indications = source_indications(record, &notes);
     record.phase = SnapshotPhase::Succeeded;
     record.ready_to_use = true;
     record.step = Step::Done;
     ctx.save(record)?;
     ctx.progress(record, "");
     Ok(())
+}
+
+/// Each indication of `record` with its message: the one noted when it was given, or one
+/// that says what it means.
+pub(crate) fn source_indications(
+    record: &SnapshotRecord,
+    notes: &[(Indication, String)],
+) -> Vec<vmsnap_api::SourceIndication> {
+    record
+        .indications
+        .iter()
+        .map(|indication| {
+            let noted = notes
+                .iter()
+                .find(|(i, _)| i == indication)
+                .map(|(_, m)| m.clone());
+            let message = noted.unwrap_or_else(|| match indication {
+                Indication::Online => "the VM was running when the snapshot was taken".to_string(),
+                Indication::GuestAgent => format!(
+                    "the guest agent froze {} filesystem(s) for {} ms",
+                    record.frozen_filesystems, record.freeze_duration_ms
+                ),
+                Indication::NoGuestAgent => {
+                    "no guest agent answered: the snapshot is crash-consistent".to_string()
+                }
+                Indication::QuiesceFailed => "the freeze failed: the snapshot is \
+                                              crash-consistent"
+                    .to_string(),
+                Indication::QuiesceTimeout => "the freeze did not finish in time: the \
+                                               snapshot is crash-consistent"
+                    .to_string(),
+                Indication::Paused => {
+                    "the VM was paused: its disks were consistent without a freeze".to_string()
+                }
+                Indication::PartialSnapshot => format!(
+                    "disks left out: {}",
+                    record
+                        .excluded
+                        .iter()
+                        .map(|v| format!("{} ({})", v.target, v.reason))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            vmsnap_api::SourceIndication {
+                indication: indication.as_str().to_string(),
+                message,
+            }
+        })
+        .collect()
 }
 
 /// Fault injection for the crash-safety tests: when VMSNAP_TEST_CRASH_AT names this point, the

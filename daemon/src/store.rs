@@ -48,6 +48,9 @@ pub struct SnapshotRecord {
     /// it has none). Kept current by the fill monitor.
     #[serde(default)]
     pub cow_fill_percent: f64,
+    /// Each indication with its message (KubeVirt's sourceIndications).
+    #[serde(default)]
+    pub source_indications: Vec<vmsnap_api::SourceIndication>,
 }
 
 /// One included disk.
@@ -310,6 +313,7 @@ pub(crate) mod tests {
             excluded: vec![],
             extra_state: vec![],
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         }
     }
 
@@ -412,6 +416,15 @@ pub struct RestoreRecord {
     pub safety_snapshot: String,
     pub error: String,
     pub step: RestoreStep,
+    /// The name the restore was asked under (a VirtualMachineRestore's metadata.name); empty
+    /// for a restore that has none (it is then known by its UUID).
+    #[serde(default)]
+    pub name: String,
+    /// KubeVirt's targetReadinessPolicy for an in-place restore of a VM that is not shut off:
+    /// `StopTarget`, `FailImmediate`, `WaitGracePeriod` or `WaitEventually`; empty: as
+    /// `stop_target` says (shut it down, or fail).
+    #[serde(default)]
+    pub readiness_policy: String,
 }
 
 /// Restore journal steps, each written before the action it names.
@@ -449,6 +462,17 @@ impl Store {
         let dir = self.restores_dir();
         let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
         write_atomically(&dir, &format!("{}.json", record.uuid), &text)
+    }
+
+    /// Removes a restore's record (deleting a finished restore).
+    pub fn remove_restore(&self, uuid: &str) -> std::io::Result<()> {
+        let dir = self.restores_dir();
+        match fs::remove_file(dir.join(format!("{uuid}.json"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        File::open(&dir)?.sync_all()
     }
 
     pub fn load_restores(&self) -> (Vec<RestoreRecord>, Vec<String>) {

@@ -7,7 +7,7 @@ use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
 use super::ask;
 use super::auth::{Authorizer, ACTION_CREATE, ACTION_RESTORE};
-use crate::engine::{CreateOptions, Request, RestoreOptions};
+use crate::engine::{CreateOptions, Request, RestoreOptions, READINESS_POLICIES};
 
 /// `org.vmsnap.VmSnap1.Manager`: entry point for requests that are not about one object.
 pub struct ManagerObject {
@@ -93,7 +93,21 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
                 parsed.allow_excluded =
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?;
             }
-            other => return Err(unknown_option(other, "description, allow_excluded")),
+            "failure_deadline_ms" => {
+                let ms = u64::try_from(value).map_err(|_| wrong_type("a uint64"))?;
+                if ms == 0 || ms > 24 * 3600 * 1000 {
+                    return Err(VmSnapError::InvalidArgument(
+                        "option failure_deadline_ms must be between 1 ms and 24 h".to_string(),
+                    ));
+                }
+                parsed.failure_deadline = Some(std::time::Duration::from_millis(ms));
+            }
+            other => {
+                return Err(unknown_option(
+                    other,
+                    "description, allow_excluded, failure_deadline_ms",
+                ))
+            }
         }
     }
     Ok(parsed)
@@ -119,10 +133,22 @@ fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOpti
                 parsed.safety_snapshot =
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?
             }
+            "name" => parsed.name = String::try_from(value).map_err(|_| wrong_type("a string"))?,
+            "readiness_policy" => {
+                let policy = String::try_from(value).map_err(|_| wrong_type("a string"))?;
+                if !READINESS_POLICIES.contains(&policy.as_str()) {
+                    return Err(VmSnapError::InvalidArgument(format!(
+                        "option readiness_policy must be one of {}, not \"{}\"",
+                        READINESS_POLICIES.join(", "),
+                        excerpt(&policy)
+                    )));
+                }
+                parsed.readiness_policy = policy;
+            }
             other => {
                 return Err(unknown_option(
                     other,
-                    "target, stop_target, start, safety_snapshot",
+                    "target, stop_target, start, safety_snapshot, name, readiness_policy",
                 ))
             }
         }
@@ -154,7 +180,8 @@ impl ManagerObject {
 
     /// Starts a snapshot of a VM (name or UUID) and returns its object at once, in phase
     /// InProgress; completion shows as PropertiesChanged on it. Options: description (s),
-    /// allow_excluded (b).
+    /// allow_excluded (b), failure_deadline_ms (t: this snapshot's failure deadline instead of
+    /// the configured one; longer than freeze_timeout).
     async fn create_snapshot(
         &self,
         vm: String,
@@ -198,7 +225,10 @@ impl ManagerObject {
 
     /// Restores a VM (name or UUID) to one of its snapshots; returns the restore object at
     /// once, in phase InProgress. Options: target (s: a new VM's name; empty restores in
-    /// place), stop_target (b), start (b), safety_snapshot (b, default true).
+    /// place), stop_target (b), start (b), safety_snapshot (b, default true), name (s: a name
+    /// unique among restores), readiness_policy (s: for a VM that is not shut off,
+    /// StopTarget, FailImmediate, WaitGracePeriod (wait in phase Waiting up to
+    /// restore_grace_period for it to be shut off) or WaitEventually).
     async fn restore(
         &self,
         vm: String,

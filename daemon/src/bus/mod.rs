@@ -118,7 +118,10 @@ async fn apply(
         Change::RestoreAdded(record) => {
             let path = restore_path(&record.uuid);
             server
-                .at(path.as_str(), RestoreObject::new(*record))
+                .at(
+                    path.as_str(),
+                    RestoreObject::new(*record, engine.clone(), auth.clone()),
+                )
                 .await?;
         }
         Change::RestoreUpdated(record) => {
@@ -134,6 +137,11 @@ async fn apply(
             iface.get_mut().await.set_progress(text, &emitter).await?;
         }
         Change::Flush(flushed) => flushed.0.notify_one(),
+        Change::RestoreRemoved { uuid } => {
+            server
+                .remove::<RestoreObject, _>(restore_path(&uuid).as_str())
+                .await?;
+        }
         Change::SnapshotRemoved { uuid } => {
             server
                 .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
