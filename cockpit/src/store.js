@@ -1,0 +1,168 @@
+// vmsnapd's objects, as the ObjectManager on the system bus reports them: one watch on the
+// root path, kept up to date by the bridge from InterfacesAdded/Removed and PropertiesChanged
+// (no polling). Consumers subscribe and re-render at most once per frame of changes.
+
+const cockpit = window.cockpit;
+
+export const BUS_NAME = "org.vmsnap.VmSnap1";
+export const ROOT_PATH = "/org/vmsnap/VmSnap1";
+export const MANAGER_PATH = ROOT_PATH + "/Manager";
+export const MANAGER_IFACE = "org.vmsnap.VmSnap1.Manager";
+export const VM_IFACE = "org.vmsnap.VmSnap1.VirtualMachine";
+export const SNAPSHOT_IFACE = "org.vmsnap.VmSnap1.Snapshot";
+export const RESTORE_IFACE = "org.vmsnap.VmSnap1.Restore";
+
+const KINDS = {
+    [VM_IFACE]: "vms",
+    [SNAPSHOT_IFACE]: "snapshots",
+    [RESTORE_IFACE]: "restores",
+};
+
+export function createStore() {
+    const client = cockpit.dbus(BUS_NAME, { bus: "system", superuser: "try" });
+    const state = {
+        vms: new Map(),
+        snapshots: new Map(),
+        restores: new Map(),
+        manager: null,
+        loaded: false,
+        error: null,
+        version: 0,
+    };
+    const listeners = new Set();
+    let scheduled = null;
+
+    function changed() {
+        state.version += 1;
+        if (scheduled === null) {
+            scheduled = window.setTimeout(() => {
+                scheduled = null;
+                for (const listener of listeners) listener(state.version);
+            }, 0);
+        }
+    }
+
+    function apply(path, iface, props) {
+        if (iface === MANAGER_IFACE) {
+            state.manager = props === null ? null : { ...(state.manager || {}), ...props, path };
+            return;
+        }
+        const kind = KINDS[iface];
+        if (!kind) return;
+        const map = state[kind];
+        if (props === null) {
+            map.delete(path);
+        } else {
+            // A new object for every change, so unchanged rows keep their identity.
+            map.set(path, { ...(map.get(path) || {}), ...props, path });
+        }
+    }
+
+    client.addEventListener("notify", (_event, data) => {
+        for (const path of Object.keys(data)) {
+            const ifaces = data[path];
+            if (ifaces === null) {
+                for (const kind of Object.values(KINDS)) state[kind].delete(path);
+                continue;
+            }
+            for (const iface of Object.keys(ifaces)) apply(path, iface, ifaces[iface]);
+        }
+        changed();
+    });
+    client.addEventListener("close", (_event, options) => {
+        state.error = { problem: options.problem || "disconnected", message: options.message || "" };
+        changed();
+    });
+
+    client.watch({ path_namespace: ROOT_PATH })
+            .then(() => {
+                state.loaded = true;
+                changed();
+            })
+            .catch(ex => {
+                state.error = ex;
+                state.loaded = true;
+                changed();
+            });
+
+    return {
+        state,
+        subscribe(listener) {
+            listeners.add(listener);
+            return () => listeners.delete(listener);
+        },
+        call(path, iface, method, args, type) {
+            return client.call(path, iface, method, args, { type });
+        },
+        createSnapshot(vm, name, description, allowExcluded) {
+            return client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSnapshot",
+                               [vm, name, {
+                                   description: { t: "s", v: description },
+                                   allow_excluded: { t: "b", v: allowExcluded },
+                               }], { type: "ssa{sv}" })
+                    .then(([path]) => path);
+        },
+        restore(vm, snapshot, { target, stop }) {
+            return client.call(MANAGER_PATH, MANAGER_IFACE, "Restore",
+                               [vm, snapshot, {
+                                   target: { t: "s", v: target || "" },
+                                   stop_target: { t: "b", v: !!stop },
+                               }], { type: "ssa{sv}" })
+                    .then(([path]) => path);
+        },
+        deleteSnapshot(path) {
+            return client.call(path, SNAPSHOT_IFACE, "Delete", [], { type: "" });
+        },
+    };
+}
+
+// The daemon's errors in words. `ex` is what cockpit.dbus() rejects with: a D-Bus error
+// (name, message) or a transport problem.
+export function errorText(ex) {
+    if (!ex) return "";
+    const name = ex.name || "";
+    const message = ex.message || String(ex);
+    const short = name.replace(/^org\.vmsnap\.VmSnap1\.Error\./, "");
+    switch (short) {
+    case "AccessDenied":
+        return "Not authorized: " + message + ". Turn on administrative access (the “Limited access” " +
+            "button in Cockpit's top bar) or ask an administrator to grant this right.";
+    case "VmRunning":
+        return "The VM is running: " + message;
+    case "Busy":
+        return "Busy: " + message;
+    case "NotFound":
+        return "Not found: " + message;
+    case "InvalidName":
+    case "InvalidArgument":
+        return "Invalid: " + message;
+    case "AlreadyExists":
+        return "Already exists: " + message;
+    case "ExcludedDisks":
+        return "Disks cannot be included: " + message;
+    case "LibvirtUnavailable":
+        return "libvirt is unavailable: " + message;
+    case "ShuttingDown":
+        return "vmsnapd is shutting down: " + message;
+    default:
+        break;
+    }
+    if (name === "org.freedesktop.DBus.Error.ServiceUnknown" || ex.problem === "not-found")
+        return "vmsnapd is not running: " + message;
+    if (ex.problem === "access-denied" || name === "org.freedesktop.DBus.Error.AccessDenied")
+        return "Not authorized: " + message + ". Turn on administrative access or ask an administrator.";
+    if (ex.problem === "disconnected")
+        return "The connection to the host was lost: reload the page.";
+    return message;
+}
+
+// vmsnapd's snapshot name rules (vmsnap_api::validate_snapshot_name), in the same words.
+export function validateSnapshotName(name) {
+    if (name.length === 0) return "snapshot name must not be empty";
+    const bytes = new TextEncoder().encode(name).length;
+    if (bytes > 63) return `snapshot name is ${bytes} characters long; the limit is 63`;
+    const bad = [...name].find(c => !/^[A-Za-z0-9._-]$/.test(c));
+    if (bad !== undefined) return `snapshot name "${name}" contains '${bad}'; use only A-Z a-z 0-9 . _ -`;
+    if (name.startsWith(".") || name.startsWith("-")) return `snapshot name "${name}" must not start with '.' or '-'`;
+    return null;
+}
