@@ -1,28 +1,228 @@
 //! The web console (cockpit/): the lab's snapshot exercises done in headless Chromium against a
-//! real cockpit-ws, the page installed by install.sh, and the real vmsnapd serving a system-type
-//! dbus-daemon that loads the shipped bus policy, with polkitd deciding (see tests/src/browser.rs
-//! for why vmsnapd does not own the name on the lab's shared system bus). Screenshots of each
-//! step land in target/test-artifacts/cockpit/<test>/.
+//! real cockpit-ws, the page installed by install.sh, and the real vmsnapd as root serving a
+//! system-type dbus-daemon that loads the shipped bus policy, with the lab's polkitd deciding
+//! (tests/src/browser.rs says why vmsnapd does not own its name on the lab's shared system bus).
+//! Everything a user does happens in the browser; the test only checks the guest's files through
+//! its agent and breaks things a user cannot break from the page. Screenshots of each step land
+//! in target/test-artifacts/cockpit/<test>/.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vmsnap_tests::browser::{Browser, CockpitWs, SystemBus, SystemDaemon};
-use vmsnap_tests::config_for;
+use vmsnap_tests::{config_for, virsh, wait_for, GuestSlot, ScratchOptions, ScratchVm, LAB_URI};
 
 const SHORT: Duration = Duration::from_secs(30);
+const LONG: Duration = Duration::from_secs(180);
+
+/// vmsnapd on the lab's libvirt, once it lists `vm`.
+fn daemon_for(bus: &SystemBus, vm: &str) -> SystemDaemon {
+    let daemon = SystemDaemon::start(bus, &config_for(LAB_URI));
+    wait_for(SHORT, "the VM in vmsnapd's inventory", || {
+        (daemon.ctl(&["vm", "show", vm]).code == Some(0)).then_some(())
+    });
+    daemon
+}
+
+/// The row of snapshot `name` in the Snapshots tab.
+fn snapshot_row(name: &str) -> String {
+    format!("tr[data-snapshot='{name}']")
+}
+
+/// Opens the page on VM `vm`'s Snapshots tab, from the VM list.
+fn open_vm(browser: &Browser, ws: &CockpitWs, vm: &str) {
+    browser.goto(&ws.page_url());
+    browser.wait_element(&format!("#vm-{vm} .vm-open"), SHORT);
+    browser.click(&format!("#vm-{vm} .vm-open"));
+    browser.wait_text("#vm-name", vm, SHORT);
+    browser.wait_element("#take-snapshot", SHORT);
+}
+
+/// Records every text the status cell of snapshot `name` shows from now on (the row may not
+/// exist yet), in window.__statusSeen.
+fn record_status_texts(browser: &Browser, name: &str) {
+    browser.js(
+        "window.__statusSeen = []; \
+         const look = () => { const c = document.querySelector(arguments[0] + ' .snapshot-status'); \
+           if (c) { const t = c.innerText; const seen = window.__statusSeen; \
+             if (seen[seen.length - 1] !== t) seen.push(t); } }; \
+         new MutationObserver(look).observe(document.body, {subtree: true, childList: true, characterData: true}); \
+         look();",
+        json!([snapshot_row(name)]),
+    );
+}
+
+/// Takes a snapshot from the Take snapshot dialog (ticking the excluded-disk checkbox when the
+/// dialog asks) and waits until its row shows Ready.
+fn take_snapshot_in_page(browser: &Browser, name: &str, description: &str) {
+    browser.click("#take-snapshot");
+    browser.wait_element("#take-snapshot-dialog", SHORT);
+    browser.type_into("#snapshot-name", name);
+    browser.type_into("#snapshot-description", description);
+    if browser.text("#take-snapshot-dialog").contains("I am aware") {
+        browser.click("#snapshot-aware");
+    }
+    browser.click("#snapshot-save");
+    browser.wait_text(&snapshot_row(name), "Ready", LONG);
+}
+
+/// Chooses `action` in the row's kebab menu.
+fn row_action(browser: &Browser, name: &str, action: &str) {
+    browser.click(&format!("{} button[aria-label='Kebab toggle']", snapshot_row(name)));
+    browser.click_text("body", action);
+}
 
 #[test]
-fn the_page_lists_the_hosts_vms() {
+fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_file_back() {
+    let _slot = GuestSlot::take();
+    let vm = ScratchVm::define(
+        "vmsnap-t14-story",
+        ScratchOptions {
+            agent: true,
+            cdrom: true,
+            ..Default::default()
+        },
+        &[("f-seed", b"seeded before the first boot\n")],
+    );
+    vm.start(true);
+    vm.write_file("f-one", 300_000);
+    vm.write_file("f-two", 70_000);
+    let before = vm.guest_checksums();
+    assert_eq!(before.lines().count(), 3, "{before}");
+
     let bus = SystemBus::start();
-    let daemon = SystemDaemon::start(&bus, &config_for("test:///default"));
+    let daemon = daemon_for(&bus, &vm.name);
+    vmsnap_tests::wait_for(Duration::from_secs(60), "the agent in vmsnapd", || {
+        let out = daemon.ctl(&["vm", "show", &vm.name, "--output", "json"]);
+        (out.code == Some(0) && out.json()["agent"] == "connected").then_some(())
+    });
     let ws = CockpitWs::start(&bus, None);
-    let browser = Browser::start("vm-list");
+    let browser = Browser::start("lab-story");
+
+    // The VM list: state, agent, each disk's backend or why it is excluded, the count.
     browser.goto(&ws.page_url());
-    let row = browser.wait_text("#vm-test", "test", SHORT);
+    let row = format!("#vm-{}", vm.name);
+    let text = browser.wait_text(&row, "Connected", SHORT);
+    assert!(text.contains("Running"), "{text}");
+    assert!(text.contains("vda: qcow2"), "{text}");
+    assert!(text.contains("sda: excluded (cdrom"), "{text}");
+    assert_eq!(browser.text(&format!("{row} .vm-snapshots")), "0");
     browser.screenshot("vm-list");
-    assert!(row.contains("Running"), "{row}");
+
+    // The VM's Snapshots tab.
+    browser.click(&format!("{row} .vm-open"));
+    browser.wait_text("#vm-name", &vm.name, SHORT);
+    browser.wait_text("#no-snapshots", "No snapshots", SHORT);
+
+    // Take snapshot: a valid suggested name; the daemon's name rules inline; the excluded cdrom
+    // listed with its reason; Save disabled until the warning is acknowledged.
+    browser.click("#take-snapshot");
+    browser.wait_element("#take-snapshot-dialog", SHORT);
+    let suggested = browser
+        .js("return document.querySelector('#snapshot-name').value;", json!([]))
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(suggested.starts_with("snapshot-"), "{suggested}");
+    let warning = browser.wait_text("#excluded-warning", "sda", SHORT);
+    assert!(warning.contains("cdrom"), "{warning}");
+    assert!(warning.contains("I am aware of this warning and wish to proceed"));
+    assert!(browser.is_disabled("#snapshot-save"), "Save before the checkbox");
+    browser.type_into("#snapshot-name", "before wipe");
+    let error = browser.wait_text("#snapshot-name-error", "contains", SHORT);
+    assert!(error.contains("use only A-Z a-z 0-9 . _ -"), "{error}");
+    browser.type_into("#snapshot-name", "before-wipe");
+    browser.type_into("#snapshot-description", "all files as written");
+    assert!(browser.text("#snapshot-name-error").is_empty());
+    assert!(
+        browser.is_disabled("#snapshot-save"),
+        "Save stays disabled without the checkbox"
+    );
+    browser.screenshot("take-snapshot-warning");
+    browser.click("#snapshot-aware");
+    assert!(!browser.is_disabled("#snapshot-save"));
+    browser.screenshot("take-snapshot-acknowledged");
+    record_status_texts(&browser, "before-wipe");
+    browser.click("#snapshot-save");
+
+    // In progress, then Ready, live; indications and the freeze window in words.
+    let snap_row = snapshot_row("before-wipe");
+    let text = browser.wait_text(&snap_row, "Ready", LONG);
+    let seen = browser.js("return window.__statusSeen;", json!([]));
+    assert!(
+        seen.as_array().unwrap()[0]
+            .as_str()
+            .unwrap()
+            .starts_with("In progress"),
+        "the row showed {seen} (first In progress, then Ready)"
+    );
+    assert!(text.contains("all files as written"), "{text}");
+    assert!(text.contains("Online"), "{text}");
+    assert!(
+        text.contains("Guest agent: filesystems frozen"),
+        "indications in words: {text}"
+    );
+    let freeze = browser.text(&format!("{snap_row} .snapshot-freeze"));
+    assert!(
+        freeze.contains(" ms (") && freeze.contains("filesystem"),
+        "{freeze}"
+    );
+    browser.screenshot("snapshot-ready");
+
+    // The accident.
+    vm.exec("rm -f /mnt/data/f-* && head -c 5000 /dev/urandom > /mnt/data/f-one && sync");
+    assert_ne!(vm.guest_checksums(), before);
+
+    // Restore while the VM runs: the popup says it must be stopped and offers to stop it.
+    row_action(&browser, "before-wipe", "Restore");
+    browser.wait_element("#restore-dialog", SHORT);
+    let dialog = browser.wait_text(
+        "#restore-dialog",
+        "must be stopped before it can be restored",
+        SHORT,
+    );
+    assert!(
+        dialog.contains(&vm.name) && dialog.contains("before-wipe"),
+        "{dialog}"
+    );
+    assert!(dialog.contains("safety snapshot"), "{dialog}");
+    assert!(dialog.contains("Disks attached since the snapshot are detached"));
+    assert!(
+        browser.text("#restore-dialog button#restore-confirm").is_empty(),
+        "no plain Restore for a running VM"
+    );
+    browser.screenshot("restore-running-vm");
+
+    // Stop and restore, from the popup; progress and the result live.
+    let started = Instant::now();
+    browser.click("#restore-stop-and-restore");
+    let result = browser.wait_text("#restore-result", "restored from before-wipe", LONG);
+    eprintln!("stop and restore took {:?}", started.elapsed());
+    assert!(result.contains("Safety snapshot: pre-restore-"), "{result}");
+    assert!(result.contains("Not restored: sda"), "{result}");
+    browser.screenshot("restore-succeeded");
+    browser.click("#restore-close");
+
+    // Start the VM from the page.
+    browser.wait_text("#vm-state", "Shut off", SHORT);
+    browser.click("#vm-start");
+    browser.wait_text("#vm-state", "Running", SHORT);
+    vmsnap_tests::wait_guest_ready(&vm.name);
+    assert_eq!(vm.guest_checksums(), before, "every file back");
+
+    // The list now holds the snapshot and the safety snapshot, oldest first; the Restores tab
+    // the restore.
+    let list = browser.wait_text("#snapshot-list", "pre-restore-", SHORT);
+    let first = list.find("before-wipe").unwrap();
+    let safety = list.find("pre-restore-").unwrap();
+    assert!(first < safety, "oldest first: {list}");
+    browser.wait_text("#vm-agent", "Connected", SHORT);
+    browser.screenshot("snapshots-tab");
+    browser.click_text(".pf-v5-c-tabs", "Restores");
+    let restores = browser.wait_text("#restore-list", "Succeeded", SHORT);
+    assert!(restores.contains("before-wipe"), "{restores}");
+    assert!(restores.contains("(in place)"), "{restores}");
+    browser.screenshot("restores-tab");
     drop(daemon);
-    let _ = json!(null);
 }
