@@ -527,7 +527,9 @@ impl Browser {
             match self.try_command("POST", &format!("/element/{id}/click"), Some(json!({}))) {
                 Ok(_) => return,
                 // A modal fading in can cover it for a moment.
-                Err(e) if Instant::now() < deadline && e["error"] == "element click intercepted" => {
+                Err(e)
+                    if Instant::now() < deadline && e["error"] == "element click intercepted" =>
+                {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => panic!("click failed: {e}"),

@@ -69,7 +69,10 @@ fn take_snapshot_in_page(browser: &Browser, name: &str, description: &str) {
 
 /// Chooses `action` in the row's kebab menu.
 fn row_action(browser: &Browser, name: &str, action: &str) {
-    browser.click(&format!("{} button[aria-label='Kebab toggle']", snapshot_row(name)));
+    browser.click(&format!(
+        "{} button[aria-label='Kebab toggle']",
+        snapshot_row(name)
+    ));
     browser.click_text("body", action);
 }
 
@@ -120,7 +123,10 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     browser.click("#take-snapshot");
     browser.wait_element("#take-snapshot-dialog", SHORT);
     let suggested = browser
-        .js("return document.querySelector('#snapshot-name').value;", json!([]))
+        .js(
+            "return document.querySelector('#snapshot-name').value;",
+            json!([]),
+        )
         .as_str()
         .unwrap()
         .to_string();
@@ -128,7 +134,10 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     let warning = browser.wait_text("#excluded-warning", "sda", SHORT);
     assert!(warning.contains("cdrom"), "{warning}");
     assert!(warning.contains("I am aware of this warning and wish to proceed"));
-    assert!(browser.is_disabled("#snapshot-save"), "Save before the checkbox");
+    assert!(
+        browser.is_disabled("#snapshot-save"),
+        "Save before the checkbox"
+    );
     browser.type_into("#snapshot-name", "before wipe");
     let error = browser.wait_text("#snapshot-name-error", "contains", SHORT);
     assert!(error.contains("use only A-Z a-z 0-9 . _ -"), "{error}");
@@ -189,7 +198,9 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     assert!(dialog.contains("safety snapshot"), "{dialog}");
     assert!(dialog.contains("Disks attached since the snapshot are detached"));
     assert!(
-        browser.text("#restore-dialog button#restore-confirm").is_empty(),
+        browser
+            .text("#restore-dialog button#restore-confirm")
+            .is_empty(),
         "no plain Restore for a running VM"
     );
     browser.screenshot("restore-running-vm");
@@ -225,4 +236,193 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     assert!(restores.contains("(in place)"), "{restores}");
     browser.screenshot("restores-tab");
     drop(daemon);
+}
+
+/// Removes a VM the test made through the page (a restore as a new VM), also on failure.
+struct RemoveVmOnDrop(&'static str);
+
+impl Drop for RemoveVmOnDrop {
+    fn drop(&mut self) {
+        for args in [
+            &["destroy", self.0][..],
+            &["undefine", self.0, "--nvram"][..],
+            &["undefine", self.0][..],
+        ] {
+            let _ = std::process::Command::new("virsh")
+                .args(["-c", LAB_URI])
+                .args(args)
+                .output();
+        }
+    }
+}
+
+#[test]
+fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
+    const CLONE: &str = "vmsnap-t14-clone";
+    let _remove_clone = RemoveVmOnDrop(CLONE);
+    let vm = ScratchVm::define(
+        "vmsnap-t14-offline",
+        ScratchOptions::default(),
+        &[("f-data", b"offline data\n")],
+    );
+    let bus = SystemBus::start();
+    let _daemon = daemon_for(&bus, &vm.name);
+    let ws = CockpitWs::start(&bus, None);
+    let browser = Browser::start("new-vm-and-delete");
+    open_vm(&browser, &ws, &vm.name);
+    assert!(browser.text("#vm-agent").contains("Not configured"));
+
+    // No excluded disk: no warning, Save enabled at once.
+    browser.click("#take-snapshot");
+    browser.wait_element("#take-snapshot-dialog", SHORT);
+    assert!(browser
+        .text("#take-snapshot-dialog")
+        .contains("Snapshot name"));
+    assert!(!browser.text("#take-snapshot-dialog").contains("I am aware"));
+    browser.type_into("#snapshot-name", "offline-1");
+    assert!(!browser.is_disabled("#snapshot-save"));
+    browser.click("#snapshot-save");
+    browser.wait_text(&snapshot_row("offline-1"), "Ready", LONG);
+    // A second one with the same name is refused inline, before the daemon is asked.
+    browser.click("#take-snapshot");
+    browser.type_into("#snapshot-name", "offline-1");
+    browser.wait_text("#snapshot-name-error", "already exists", SHORT);
+    assert!(browser.is_disabled("#snapshot-save"));
+    browser.click_text("#take-snapshot-dialog", "Cancel");
+
+    // The snapshot's details.
+    browser.click(&format!("{} .snapshot-open", snapshot_row("offline-1")));
+    let details = browser.wait_text("#snapshot-details", "Included volumes", SHORT);
+    assert!(
+        details.contains("Offline: the VM was shut off"),
+        "{details}"
+    );
+    assert!(details.contains("No freeze"), "{details}");
+    let included = browser.text("#included-volumes");
+    assert!(
+        included.contains("vda") && included.contains("qcow2"),
+        "{included}"
+    );
+    assert_eq!(browser.text("#excluded-volumes"), "None");
+    assert!(details.contains("No restores"), "{details}");
+    browser.screenshot("snapshot-details");
+
+    // Restore from the details as a new VM: it asks for the name.
+    browser.click("#details-restore");
+    browser.wait_element("#restore-dialog", SHORT);
+    browser.click("#restore-new-vm");
+    browser.type_into("#restore-new-name", CLONE);
+    let dialog = browser.wait_text("#restore-dialog", "A new VM is created", SHORT);
+    assert!(dialog.contains("is left as it is"), "{dialog}");
+    browser.screenshot("restore-as-new-vm");
+    browser.click("#restore-confirm");
+    let result = browser.wait_text("#restore-result", &format!("new VM {CLONE}"), LONG);
+    assert!(!result.contains("Safety snapshot"), "{result}");
+    browser.screenshot("restored-as-new-vm");
+    browser.click("#restore-close");
+    // The restore is listed on the snapshot; the new VM exists in libvirt and on the page.
+    let restores = browser.wait_text("#snapshot-details", &format!("New VM {CLONE}"), SHORT);
+    assert!(restores.contains("Succeeded"), "{restores}");
+    assert_eq!(virsh(&["domstate", CLONE]).trim(), "shut off");
+    browser.click_text(".pf-v5-c-breadcrumb", "Virtual machines");
+    browser.wait_text(&format!("#vm-{CLONE}"), "Shut off", SHORT);
+    assert_eq!(browser.text(&format!("#vm-{} .vm-snapshots", vm.name)), "1");
+
+    // Delete, with a confirmation naming the snapshot; the row goes away live.
+    browser.click(&format!("#vm-{} .vm-open", vm.name));
+    row_action(&browser, "offline-1", "Delete");
+    let confirm = browser.wait_text("#delete-dialog", "cannot be restored afterwards", SHORT);
+    assert!(confirm.contains("offline-1") && confirm.contains(&vm.name));
+    browser.screenshot("delete-confirmation");
+    browser.click("#delete-confirm");
+    browser.wait_text("#no-snapshots", "No snapshots", LONG);
+    browser.screenshot("deleted");
+}
+
+#[test]
+fn a_daemon_error_is_shown_in_place_and_nothing_is_left_half_done() {
+    let vm = ScratchVm::define(
+        "vmsnap-t14-error",
+        ScratchOptions::default(),
+        &[("f-data", b"data\n")],
+    );
+    let bus = SystemBus::start();
+    let daemon = daemon_for(&bus, &vm.name);
+    let ws = CockpitWs::start(&bus, None);
+    let browser = Browser::start("daemon-error");
+    open_vm(&browser, &ws, &vm.name);
+    take_snapshot_in_page(&browser, "s1", "");
+
+    // Someone removes the snapshot's image behind vmsnapd's back: the daemon refuses the
+    // restore, and the popup says so in its own words.
+    let snapshot = vmsnap_tests::ctl(
+        &daemon.bus_address,
+        &["snapshot", "show", &vm.name, "s1", "--output", "json"],
+    )
+    .json();
+    let image = vmsnap_tests::image_of(&snapshot);
+    std::fs::remove_file(&image).unwrap();
+    row_action(&browser, "s1", "Restore");
+    browser.click("#restore-confirm");
+    let error = browser.wait_text("#restore-error", "cannot be restored", SHORT);
+    assert!(error.contains(&image), "{error}");
+    // Nothing half-done: the dialog can be used again or closed, no restore appears.
+    assert!(!browser.is_disabled("#restore-confirm"));
+    assert!(browser.text("#restore-dialog").contains("Restore to"));
+    browser.screenshot("restore-refused-in-place");
+    browser.click_text("#restore-dialog", "Cancel");
+    browser.click_text(".pf-v5-c-tabs", "Restores");
+    browser.wait_text("#vm-name", &vm.name, SHORT);
+    let restores = browser.wait_js(
+        SHORT,
+        "the Restores tab",
+        "const e = document.querySelector('.pf-v5-c-tab-content:not([hidden])'); return e ? e.innerText : null;",
+        json!([]),
+    );
+    assert!(
+        restores.as_str().unwrap().contains("No restores"),
+        "{restores}"
+    );
+}
+
+#[test]
+fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_administrative_access() {
+    let user = vmsnap_tests::browser::unprivileged_user("vmsnap-t14-web");
+    let bus = SystemBus::start();
+    let daemon = SystemDaemon::start(&bus, &config_for("test:///default"));
+    // A snapshot by root, for the delete below (the test driver cannot take disk snapshots, so
+    // it fails, but it is there).
+    let out = daemon.ctl(&["snapshot", "create", "test", "by-root", "--no-wait"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let ws = CockpitWs::start(&bus, Some(user));
+    let browser = Browser::start("unprivileged");
+    open_vm(&browser, &ws, "test");
+    browser.wait_text(&snapshot_row("by-root"), "Failed", SHORT);
+
+    browser.click("#take-snapshot");
+    browser.type_into("#snapshot-name", "by-user");
+    browser.click("#snapshot-save");
+    let error = browser.wait_text("#snapshot-error", "Not authorized", SHORT);
+    assert!(error.contains("administrative access"), "{error}");
+    assert!(!browser.is_disabled("#snapshot-save"), "usable again");
+    browser.screenshot("create-refused");
+    browser.click_text("#take-snapshot-dialog", "Cancel");
+
+    row_action(&browser, "by-root", "Delete");
+    browser.click("#delete-confirm");
+    let error = browser.wait_text("#delete-error", "Not authorized", SHORT);
+    assert!(error.contains("administrative access"), "{error}");
+    browser.screenshot("delete-refused");
+    browser.click_text("#delete-dialog", "Cancel");
+
+    let names: Vec<String> = daemon
+        .ctl(&["snapshot", "list", "--output", "json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["by-root"], "nothing changed");
+    assert!(browser.text("#snapshot-list").contains("by-root"));
 }
