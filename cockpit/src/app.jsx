@@ -7,7 +7,7 @@ import {
     TextInput, Title,
 } from "@patternfly/react-core";
 import { ActionsColumn, Table, Tbody, Td, Th, Thead, Tr } from "@patternfly/react-table";
-import { errorText, validateSnapshotName } from "./store.js";
+import { errorText, validateSnapshotName, validateVmName } from "./store.js";
 
 const cockpit = window.cockpit;
 
@@ -516,9 +516,8 @@ function RestoreModal({ store, vm, snapshot, onClose }) {
     const running = isRunning(vm);
     const inPlace = mode === "in-place";
     const nameTaken = !inPlace && [...store.state.vms.values()].some(v => v.Name === newName);
-    const newNameError = !inPlace && (newName.trim() === ""
-        ? "the new VM needs a name"
-        : nameTaken ? `a VM named ${newName} already exists` : null);
+    const newNameError = !inPlace &&
+        (validateVmName(newName) || (nameTaken ? `a VM named ${newName} already exists` : null));
 
     const run = (stop) => {
         setPending(true);
@@ -579,7 +578,7 @@ function RestoreModal({ store, vm, snapshot, onClose }) {
                         <TextInput id="restore-new-name" value={newName} onChange={(_ev, v) => setNewName(v)}
                                    validated={newNameError ? "error" : "default"} />
                         {newNameError && (
-                            <FormHelperText><HelperText><HelperTextItem variant="error">{newNameError}</HelperTextItem></HelperText></FormHelperText>
+                            <FormHelperText><HelperText><HelperTextItem id="restore-new-name-error" variant="error">{newNameError}</HelperTextItem></HelperText></FormHelperText>
                         )}
                     </FormGroup>
                 )}

@@ -125,7 +125,7 @@ export function errorText(ex) {
     const short = name.replace(/^org\.vmsnap\.VmSnap1\.Error\./, "");
     switch (short) {
     case "AccessDenied":
-        return "Not authorized: " + message + ". Turn on administrative access (the “Limited access” " +
+        return "Not authorized: " + message.replace(/^not authorized:\s*/i, "") + ". Turn on administrative access (the “Limited access” " +
             "button in Cockpit's top bar) or ask an administrator to grant this right.";
     case "VmRunning":
         return "The VM is running: " + message;
@@ -164,5 +164,17 @@ export function validateSnapshotName(name) {
     const bad = [...name].find(c => !/^[A-Za-z0-9._-]$/.test(c));
     if (bad !== undefined) return `snapshot name "${name}" contains '${bad}'; use only A-Z a-z 0-9 . _ -`;
     if (name.startsWith(".") || name.startsWith("-")) return `snapshot name "${name}" must not start with '.' or '-'`;
+    return null;
+}
+
+// vmsnapd's rules for a new VM's name (and never "." or "..", which no tool should hand to
+// libvirt).
+export function validateVmName(name) {
+    if (name.length === 0) return "the new VM needs a name";
+    if (name.length > 200) return `the name is ${name.length} characters long; the limit is 200`;
+    if (name === "." || name === "..") return `"${name}" cannot be a VM's name`;
+    if (name.startsWith("-")) return "the name must not start with '-'";
+    const bad = [...name].find(c => !/^[A-Za-z0-9._+-]$/.test(c));
+    if (bad !== undefined) return `the name contains '${bad}'; use only A-Z a-z 0-9 . _ - +`;
     return null;
 }

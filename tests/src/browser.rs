@@ -494,6 +494,16 @@ impl Browser {
         )
     }
 
+    /// Waits until no element matches `css` (a dialog has closed).
+    pub fn wait_gone(&self, css: &str, timeout: Duration) {
+        self.wait_js(
+            timeout,
+            &format!("{css} to go away"),
+            "return document.querySelector(arguments[0]) === null;",
+            json!([css]),
+        );
+    }
+
     /// Waits until the text of `css` contains `text`; returns the whole text.
     pub fn wait_text(&self, css: &str, text: &str, timeout: Duration) -> String {
         self.wait_js(

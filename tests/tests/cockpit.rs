@@ -64,6 +64,7 @@ fn take_snapshot_in_page(browser: &Browser, name: &str, description: &str) {
         browser.click("#snapshot-aware");
     }
     browser.click("#snapshot-save");
+    browser.wait_gone("#take-snapshot-dialog", LONG);
     browser.wait_text(&snapshot_row(name), "Ready", LONG);
 }
 
@@ -154,6 +155,7 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     browser.screenshot("take-snapshot-acknowledged");
     record_status_texts(&browser, "before-wipe");
     browser.click("#snapshot-save");
+    browser.wait_gone("#take-snapshot-dialog", LONG);
 
     // In progress, then Ready, live; indications and the freeze window in words.
     let snap_row = snapshot_row("before-wipe");
@@ -214,6 +216,7 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     assert!(result.contains("Not restored: sda"), "{result}");
     browser.screenshot("restore-succeeded");
     browser.click("#restore-close");
+    browser.wait_gone("#restore-dialog", SHORT);
 
     // Start the VM from the page.
     browser.wait_text("#vm-state", "Shut off", SHORT);
@@ -282,6 +285,7 @@ fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
     browser.type_into("#snapshot-name", "offline-1");
     assert!(!browser.is_disabled("#snapshot-save"));
     browser.click("#snapshot-save");
+    browser.wait_gone("#take-snapshot-dialog", LONG);
     browser.wait_text(&snapshot_row("offline-1"), "Ready", LONG);
     // A second one with the same name is refused inline, before the daemon is asked.
     browser.click("#take-snapshot");
@@ -289,6 +293,7 @@ fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
     browser.wait_text("#snapshot-name-error", "already exists", SHORT);
     assert!(browser.is_disabled("#snapshot-save"));
     browser.click_text("#take-snapshot-dialog", "Cancel");
+    browser.wait_gone("#take-snapshot-dialog", SHORT);
 
     // The snapshot's details.
     browser.click(&format!("{} .snapshot-open", snapshot_row("offline-1")));
@@ -311,6 +316,14 @@ fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
     browser.click("#details-restore");
     browser.wait_element("#restore-dialog", SHORT);
     browser.click("#restore-new-vm");
+    // vmsnapd's rules for a VM name, inline.
+    for bad in ["bad name", ".", "-x"] {
+        browser.type_into("#restore-new-name", bad);
+        browser.wait_element("#restore-new-name-error", SHORT);
+        assert!(browser.is_disabled("#restore-confirm"), "{bad:?}");
+    }
+    browser.type_into("#restore-new-name", &vm.name);
+    browser.wait_text("#restore-new-name-error", "already exists", SHORT);
     browser.type_into("#restore-new-name", CLONE);
     let dialog = browser.wait_text("#restore-dialog", "A new VM is created", SHORT);
     assert!(dialog.contains("is left as it is"), "{dialog}");
@@ -320,6 +333,7 @@ fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
     assert!(!result.contains("Safety snapshot"), "{result}");
     browser.screenshot("restored-as-new-vm");
     browser.click("#restore-close");
+    browser.wait_gone("#restore-dialog", SHORT);
     // The restore is listed on the snapshot; the new VM exists in libvirt and on the page.
     let restores = browser.wait_text("#snapshot-details", &format!("New VM {CLONE}"), SHORT);
     assert!(restores.contains("Succeeded"), "{restores}");
@@ -335,6 +349,7 @@ fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
     assert!(confirm.contains("offline-1") && confirm.contains(&vm.name));
     browser.screenshot("delete-confirmation");
     browser.click("#delete-confirm");
+    browser.wait_gone("#delete-dialog", LONG);
     browser.wait_text("#no-snapshots", "No snapshots", LONG);
     browser.screenshot("deleted");
 }
@@ -371,6 +386,7 @@ fn a_daemon_error_is_shown_in_place_and_nothing_is_left_half_done() {
     assert!(browser.text("#restore-dialog").contains("Restore to"));
     browser.screenshot("restore-refused-in-place");
     browser.click_text("#restore-dialog", "Cancel");
+    browser.wait_gone("#restore-dialog", SHORT);
     browser.click_text(".pf-v5-c-tabs", "Restores");
     browser.wait_text("#vm-name", &vm.name, SHORT);
     let restores = browser.wait_js(
@@ -397,7 +413,14 @@ fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_admini
     let ws = CockpitWs::start(&bus, Some(user));
     let browser = Browser::start("unprivileged");
     open_vm(&browser, &ws, "test");
-    browser.wait_text(&snapshot_row("by-root"), "Failed", SHORT);
+    // Failed, with the daemon's error in the row.
+    let failed = browser.wait_text(&snapshot_row("by-root"), "Failed", SHORT);
+    let shown = daemon
+        .ctl(&["snapshot", "show", "test", "by-root", "--output", "json"])
+        .json();
+    let reason = shown["error"].as_str().unwrap();
+    assert!(!reason.is_empty(), "{shown}");
+    assert!(failed.contains(reason), "{failed} shows {reason}");
 
     browser.click("#take-snapshot");
     browser.type_into("#snapshot-name", "by-user");
@@ -407,6 +430,7 @@ fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_admini
     assert!(!browser.is_disabled("#snapshot-save"), "usable again");
     browser.screenshot("create-refused");
     browser.click_text("#take-snapshot-dialog", "Cancel");
+    browser.wait_gone("#take-snapshot-dialog", SHORT);
 
     row_action(&browser, "by-root", "Delete");
     browser.click("#delete-confirm");
@@ -414,6 +438,7 @@ fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_admini
     assert!(error.contains("administrative access"), "{error}");
     browser.screenshot("delete-refused");
     browser.click_text("#delete-dialog", "Cancel");
+    browser.wait_gone("#delete-dialog", SHORT);
 
     let names: Vec<String> = daemon
         .ctl(&["snapshot", "list", "--output", "json"])
