@@ -359,23 +359,34 @@ fn two_hundred_vms_and_two_thousand_snapshots_render_and_update_without_lag() {
         json!([]),
     );
 
-    // One snapshot starts and completes: its VM's row counts it.
-    measure_when(
-        &browser,
-        "single",
-        "document.querySelector('#vm-scale-100 .vm-snapshots').innerText === '10'",
+    // One snapshot starts and completes: its VM's row counts it. Five times, a second apart.
+    let mut singles = Vec::new();
+    for k in 0..5 {
+        let vm = 100 + k;
+        measure_when(
+            &browser,
+            "single",
+            &format!(
+                "document.querySelector('#vm-scale-{vm:03} .vm-snapshots').innerText === '10'"
+            ),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let t0 = epoch_ms();
+        rt.block_on(async {
+            let path = add_snapshot(&conn, vm, "one-more", 5000 + k).await;
+            complete(&conn, &path).await;
+        });
+        singles.push(measured(&browser, "single") - t0);
+    }
+    singles.sort_by(f64::total_cmp);
+    let (single_median, single) = (singles[2], singles[4]);
+    eprintln!(
+        "bench: a new snapshot counted in its VM's row after its signals: median {single_median:.0} ms, max {single:.0} ms of 5"
     );
-    let t0 = epoch_ms();
-    rt.block_on(async {
-        let path = add_snapshot(&conn, 100, "one-more", 5000).await;
-        complete(&conn, &path).await;
-    });
-    let single = measured(&browser, "single") - t0;
-    eprintln!("bench: a new snapshot counted in its VM's row {single:.0} ms after its signal");
 
     // A burst: every VM starts a snapshot, then all complete (200 InterfacesAdded and 1,200
     // PropertiesChanged).
-    measure_when(&browser, "burst", &format!("{SUM_OF_COUNTS} === 2201"));
+    measure_when(&browser, "burst", &format!("{SUM_OF_COUNTS} === 2205"));
     let t0 = epoch_ms();
     rt.block_on(async {
         let mut paths = Vec::new();
