@@ -2,6 +2,17 @@
 //! root on it, the Cockpit page installed by install.sh, a real cockpit-ws serving one session,
 //! and headless Chromium driven over the W3C WebDriver protocol (Debian's chromedriver; a small
 //! HTTP client here, so the tests need nothing but std and serde_json).
+//!
+//! Why vmsnapd does not own `org.vmsnap.VmSnap1` on the lab's real system bus: that bus is
+//! shared by every test binary running at once (and by other people's work on the same machine);
+//! two tests owning the name there would queue behind each other and one test's page would talk
+//! to another test's daemon. Each test gets its own system-type dbus-daemon instead, with the
+//! stock system bus's default policy (no name owned, no method called unless allowed) plus the
+//! shipped `config/dbus/system.d/org.vmsnap.VmSnap1.conf` included, so the same rules are
+//! enforced; vmsnapd runs as root as it would under systemd, and authorization is still the real
+//! polkitd's on the lab's system bus, asked about the caller's process (vmsnapd learns the
+//! bridge's pid from the bus; see daemon/src/bus/auth.rs). cockpit-ws and its bridge get
+//! `DBUS_SYSTEM_BUS_ADDRESS` pointing at that bus, which the bridge uses for `bus: "system"`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

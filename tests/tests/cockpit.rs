@@ -208,12 +208,28 @@ fn lab_story_snapshot_destroy_refused_while_running_stop_restore_start_every_fil
     browser.screenshot("restore-running-vm");
 
     // Stop and restore, from the popup; progress and the result live.
+    browser.js(
+        "window.__progressSeen = []; const look = () => { const p = document.querySelector('#restore-progress'); \
+           if (p && !window.__progressSeen.includes(p.innerText)) window.__progressSeen.push(p.innerText); }; \
+         new MutationObserver(look).observe(document.body, {subtree: true, childList: true, characterData: true});",
+        json!([]),
+    );
     let started = Instant::now();
     browser.click("#restore-stop-and-restore");
     let result = browser.wait_text("#restore-result", "restored from before-wipe", LONG);
     eprintln!("stop and restore took {:?}", started.elapsed());
     assert!(result.contains("Safety snapshot: pre-restore-"), "{result}");
     assert!(result.contains("Not restored: sda"), "{result}");
+    let progress = browser.js("return window.__progressSeen;", json!([]));
+    assert!(
+        progress
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("Restoring: ")),
+        "the restore's progress was shown: {progress}"
+    );
+    eprintln!("restore progress shown: {progress}");
     browser.screenshot("restore-succeeded");
     browser.click("#restore-close");
     browser.wait_gone("#restore-dialog", SHORT);
