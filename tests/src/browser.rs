@@ -305,6 +305,14 @@ impl CockpitWs {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The manifests of every package the session's bridge found (what Cockpit's shell builds
+    /// its menu from).
+    pub fn manifests(&self) -> Value {
+        let (status, body) = http(self.port, "GET", "/cockpit/@localhost/manifests.json", None);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
 }
 
 impl Drop for CockpitWs {

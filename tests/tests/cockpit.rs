@@ -287,6 +287,12 @@ fn details_restore_as_a_new_vm_and_delete_with_confirmation() {
     let bus = SystemBus::start();
     let _daemon = daemon_for(&bus, &vm.name);
     let ws = CockpitWs::start(&bus, None);
+    // The installed package is in Cockpit's menu.
+    let manifests = ws.manifests();
+    assert_eq!(
+        manifests["vmsnap"]["menu"]["index"]["label"], "VM snapshots",
+        "{manifests}"
+    );
     let browser = Browser::start("new-vm-and-delete");
     open_vm(&browser, &ws, &vm.name);
     assert!(browser.text("#vm-agent").contains("Not configured"));
@@ -419,7 +425,7 @@ fn a_daemon_error_is_shown_in_place_and_nothing_is_left_half_done() {
 
 #[test]
 fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_administrative_access() {
-    let user = vmsnap_tests::browser::unprivileged_user("vmsnap-t14-web");
+    let user = vmsnap_tests::browser::unprivileged_user("vmsnap-cockpit-test");
     let bus = SystemBus::start();
     let daemon = SystemDaemon::start(&bus, &config_for("test:///default"));
     // A snapshot by root, for the delete below (the test driver cannot take disk snapshots, so
