@@ -216,6 +216,12 @@ export function App({ store }) {
                     <Alert id="connection-error" variant="danger" isInline title={errorText(state.error)} />
                 </PageSection>
             )}
+            {state.daemonGone && (
+                <PageSection variant="light" padding={{ default: "noPadding" }}>
+                    <Alert id="daemon-gone" variant="warning" isInline
+                           title="vmsnapd has stopped: this is what it last reported. The page follows it again when it is back." />
+                </PageSection>
+            )}
             {state.manager && state.manager.LibvirtConnected === false && (
                 <PageSection variant="light" padding={{ default: "noPadding" }}>
                     <Alert variant="warning" isInline

@@ -19,7 +19,6 @@ const KINDS = {
 };
 
 export function createStore() {
-    const client = cockpit.dbus(BUS_NAME, { bus: "system", superuser: "try" });
     const state = {
         vms: new Map(),
         snapshots: new Map(),
@@ -27,10 +26,13 @@ export function createStore() {
         manager: null,
         loaded: false,
         error: null,
+        // vmsnapd left the bus: what is shown is what it last reported.
+        daemonGone: false,
         version: 0,
     };
     const listeners = new Set();
     let scheduled = null;
+    let client = null;
 
     function changed() {
         state.version += 1;
@@ -58,41 +60,65 @@ export function createStore() {
         }
     }
 
-    client.addEventListener("notify", (_event, data) => {
-        for (const path of Object.keys(data)) {
-            const ifaces = data[path];
-            if (ifaces === null) {
-                for (const kind of Object.values(KINDS)) state[kind].delete(path);
-                continue;
+    // One client and one watch of the ObjectManager's tree. When vmsnapd comes back after it
+    // left the bus, a fresh client reads everything again.
+    function connect() {
+        const current = cockpit.dbus(BUS_NAME, { bus: "system", superuser: "try" });
+        client = current;
+        let owner = null;
+        current.addEventListener("notify", (_event, data) => {
+            if (client !== current) return;
+            for (const path of Object.keys(data)) {
+                const ifaces = data[path];
+                if (ifaces === null) {
+                    for (const kind of Object.values(KINDS)) state[kind].delete(path);
+                    continue;
+                }
+                for (const iface of Object.keys(ifaces)) apply(path, iface, ifaces[iface]);
             }
-            for (const iface of Object.keys(ifaces)) apply(path, iface, ifaces[iface]);
-        }
-        changed();
-    });
-    client.addEventListener("close", (_event, options) => {
-        state.error = { problem: options.problem || "disconnected", message: options.message || "" };
-        changed();
-    });
-
-    client.watch({ path_namespace: ROOT_PATH })
-            .then(() => {
-                state.loaded = true;
+            changed();
+        });
+        current.addEventListener("owner", (_event, newOwner) => {
+            if (client !== current) return;
+            if (newOwner === null && owner !== null) {
+                state.daemonGone = true;
                 changed();
-            })
-            .catch(ex => {
-                state.error = ex;
-                state.loaded = true;
+            } else if (newOwner !== null && state.daemonGone) {
+                state.daemonGone = false;
+                for (const kind of Object.values(KINDS)) state[kind].clear();
+                state.manager = null;
+                client = null;
+                current.close();
+                connect();
                 changed();
-            });
+                return;
+            }
+            owner = newOwner;
+        });
+        current.addEventListener("close", (_event, options) => {
+            if (client !== current) return;
+            state.error = { problem: options.problem || "disconnected", message: options.message || "" };
+            changed();
+        });
+        current.watch({ path_namespace: ROOT_PATH })
+                .then(() => {
+                    state.loaded = true;
+                    changed();
+                })
+                .catch(ex => {
+                    if (client !== current) return;
+                    state.error = ex;
+                    state.loaded = true;
+                    changed();
+                });
+    }
+    connect();
 
     return {
         state,
         subscribe(listener) {
             listeners.add(listener);
             return () => listeners.delete(listener);
-        },
-        call(path, iface, method, args, type) {
-            return client.call(path, iface, method, args, { type });
         },
         createSnapshot(vm, name, description, allowExcluded) {
             return client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSnapshot",

@@ -421,6 +421,26 @@ fn a_daemon_error_is_shown_in_place_and_nothing_is_left_half_done() {
         restores.as_str().unwrap().contains("No restores"),
         "{restores}"
     );
+
+    // vmsnapd stops: the page says so instead of showing a stale view as current, and an
+    // attempt is refused in words.
+    let mut daemon = daemon;
+    daemon.stop();
+    browser.wait_text("#daemon-gone", "vmsnapd has stopped", SHORT);
+    browser.click_text(".pf-v5-c-tabs", "Snapshots");
+    row_action(&browser, "s1", "Delete");
+    browser.click("#delete-confirm");
+    let error = browser.wait_text("#delete-error", "vmsnapd is not running", SHORT);
+    browser.screenshot("daemon-stopped");
+    browser.click_text("#delete-dialog", "Cancel");
+    browser.wait_gone("#delete-dialog", SHORT);
+    assert!(!error.is_empty());
+
+    // A vmsnapd comes back (with a state of its own: no snapshots): the page follows it.
+    let _again = daemon_for(&bus, &vm.name);
+    browser.wait_gone("#daemon-gone", SHORT);
+    browser.wait_text("#no-snapshots", "No snapshots", SHORT);
+    browser.screenshot("daemon-back");
 }
 
 #[test]
