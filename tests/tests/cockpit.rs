@@ -463,6 +463,10 @@ fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_admini
     let reason = shown["error"].as_str().unwrap();
     assert!(!reason.is_empty(), "{shown}");
     assert!(failed.contains(reason), "{failed} shows {reason}");
+    assert!(
+        failed.contains("No guest agent: crash-consistent"),
+        "indications in words: {failed}"
+    );
 
     browser.click("#take-snapshot");
     browser.type_into("#snapshot-name", "by-user");
