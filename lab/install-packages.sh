@@ -10,7 +10,7 @@ packages=(
   qemu-system-x86 qemu-guest-agent qemu-utils
   dbus polkitd pkexec busybox-static e2fsprogs cpio kmod gzip
   lvm2 thin-provisioning-tools pkg-config
-  cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver
+  cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver sudo
 )
 
 missing=()

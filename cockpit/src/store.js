@@ -114,6 +114,26 @@ export function createStore() {
     }
     connect();
 
+    // Cockpit's administrative access: when it is turned on or off, the calls must go through
+    // the other bridge, so a fresh client is made (the bridge routes superuser: "try" channels
+    // when they open).
+    const superuser = cockpit.dbus(null, { bus: "internal" }).proxy("cockpit.Superuser", "/superuser");
+    let privileges = null;
+    superuser.addEventListener("changed", () => {
+        const current = superuser.Current;
+        if (current === "init") return;
+        if (privileges !== null && current !== privileges) {
+            const old = client;
+            client = null;
+            if (old) old.close();
+            for (const kind of Object.values(KINDS)) state[kind].clear();
+            state.manager = null;
+            connect();
+            changed();
+        }
+        privileges = current;
+    });
+
     return {
         state,
         subscribe(listener) {

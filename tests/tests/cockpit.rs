@@ -497,3 +497,79 @@ fn an_unprivileged_session_reads_but_is_refused_changes_with_a_pointer_to_admini
     assert_eq!(names, ["by-root"], "nothing changed");
     assert!(browser.text("#snapshot-list").contains("by-root"));
 }
+
+/// Lets `user` run anything through sudo without a password, keeping the test bus's address
+/// (sudo resets the environment), as an admin with Cockpit's "administrative access" would;
+/// removed on drop.
+struct SudoRule(std::path::PathBuf);
+
+impl SudoRule {
+    fn allow(user: &str) -> SudoRule {
+        let path = std::path::PathBuf::from("/etc/sudoers.d/vmsnap-cockpit-test");
+        std::fs::write(
+            &path,
+            format!(
+                "Defaults:{user} env_keep += \"DBUS_SYSTEM_BUS_ADDRESS\"\n{user} ALL=(ALL) NOPASSWD: ALL\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o440))
+            .unwrap();
+        SudoRule(path)
+    }
+}
+
+impl Drop for SudoRule {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn an_admin_turns_on_administrative_access_and_may_then_take_snapshots() {
+    const ADMIN: &str = "vmsnap-cockpit-admin";
+    let user = vmsnap_tests::browser::unprivileged_user(ADMIN);
+    let _sudo = SudoRule::allow(ADMIN);
+    let bus = SystemBus::start();
+    let daemon = SystemDaemon::start(&bus, &config_for("test:///default"));
+    let ws = CockpitWs::start(&bus, Some(user));
+    let browser = Browser::start("administrative-access");
+    open_vm(&browser, &ws, "test");
+
+    // Limited access: refused, with the pointer.
+    browser.click("#take-snapshot");
+    browser.type_into("#snapshot-name", "limited");
+    browser.click("#snapshot-save");
+    browser.wait_text("#snapshot-error", "administrative access", SHORT);
+    browser.click_text("#take-snapshot-dialog", "Cancel");
+    browser.wait_gone("#take-snapshot-dialog", SHORT);
+
+    // Turn on administrative access, as Cockpit's "Limited access" button does (the bridge's
+    // superuser Start with the sudo bridge); the page follows without a reload.
+    let started = browser.wait_js(
+        SHORT,
+        "administrative access",
+        "if (window.__superuser === undefined) { window.__superuser = null; \
+           cockpit.dbus(null, {bus: 'internal'}).call('/superuser', 'cockpit.Superuser', 'Start', ['sudo']) \
+             .then(() => { window.__superuser = 'ok'; }, e => { window.__superuser = 'failed: ' + (e.message || e.problem); }); } \
+         return window.__superuser;",
+        json!([]),
+    );
+    assert_eq!(started, json!("ok"), "{}", ws.log_text());
+    browser.wait_element("#take-snapshot", SHORT);
+    browser.click("#take-snapshot");
+    browser.type_into("#snapshot-name", "as-admin");
+    browser.click("#snapshot-save");
+    browser.wait_gone("#take-snapshot-dialog", SHORT);
+    browser.wait_element(&snapshot_row("as-admin"), SHORT);
+    browser.screenshot("admin-snapshot");
+    let names: Vec<String> = daemon
+        .ctl(&["snapshot", "list", "--output", "json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["as-admin"]);
+}
