@@ -204,6 +204,9 @@ impl Drop for SystemDaemon {
 
 /// An unprivileged account for a Cockpit session that is not an administrator (created once).
 pub fn unprivileged_user(name: &str) -> (u32, u32) {
+    // useradd locks /etc/passwd: two at once, one fails. Test binaries run one at a time.
+    static USERADD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = USERADD.lock().unwrap_or_else(|e| e.into_inner());
     let exists = Command::new("id")
         .arg(name)
         .output()
