@@ -17,6 +17,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -282,6 +283,9 @@ impl CockpitWs {
             .env("HOME", &home)
             .env("XDG_RUNTIME_DIR", &home)
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            // Its own process group: the bridge starts a session dbus-daemon and an ssh-agent
+            // that outlive the session unless the whole group is stopped.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = command.spawn().unwrap();
@@ -320,7 +324,10 @@ impl CockpitWs {
 
 impl Drop for CockpitWs {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // cockpit-ws, its bridges (the sudo one too), the session bus and ssh-agent they start.
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.wait();
     }
 }
