@@ -595,15 +595,24 @@ impl Browser {
         self.click_element(&element);
     }
 
-    /// Replaces the text of an input or textarea, as typed.
+    /// Replaces the text of an input or textarea, as typed: select all, delete, type (WebDriver's
+    /// element clear changes the DOM value without the input event React listens to, so a
+    /// controlled field would put its old value back). Waits until the field holds `text`.
     pub fn type_into(&self, css: &str, text: &str) {
         let element = self.wait_element(css, Duration::from_secs(20));
         let id = element[ELEMENT_KEY].as_str().unwrap().to_string();
-        self.command("POST", &format!("/element/{id}/clear"), Some(json!({})));
+        // Control+A, release modifiers, Backspace, then the text.
+        let keys = format!("\u{E009}a\u{E000}\u{E003}{text}");
         self.command(
             "POST",
             &format!("/element/{id}/value"),
-            Some(json!({ "text": text })),
+            Some(json!({ "text": keys })),
+        );
+        self.wait_js(
+            Duration::from_secs(20),
+            &format!("{css} to hold {text:?}"),
+            "const e = document.querySelector(arguments[0]); return !!e && e.value === arguments[1];",
+            json!([css, text]),
         );
     }
 
