@@ -619,7 +619,8 @@ function RestoreModal({ store, vm, snapshot, onClose }) {
 
     return (
         <Modal id="restore-dialog" variant={ModalVariant.medium} isOpen onClose={onClose}
-               title={`Restore ${vm.Name} from snapshot ${snapshot.Name}?`} titleIconVariant="warning"
+               title={restorePath ? `Restore of ${vm.Name} from snapshot ${snapshot.Name}` : `Restore ${vm.Name} from snapshot ${snapshot.Name}?`}
+               titleIconVariant={restorePath ? undefined : "warning"}
                actions={actions}>
             {body}
         </Modal>
