@@ -573,3 +573,51 @@ fn an_admin_turns_on_administrative_access_and_may_then_take_snapshots() {
         .collect();
     assert_eq!(names, ["as-admin"]);
 }
+
+#[test]
+fn busy_while_a_snapshot_waits_for_a_hung_agent_then_crash_consistent_in_words() {
+    let _slot = GuestSlot::take();
+    let vm = ScratchVm::running_with_agent("vmsnap-t14-busy");
+    let bus = SystemBus::start();
+    let daemon = daemon_for(&bus, &vm.name);
+    wait_for(Duration::from_secs(60), "the agent in vmsnapd", || {
+        let out = daemon.ctl(&["vm", "show", &vm.name, "--output", "json"]);
+        (out.code == Some(0) && out.json()["agent"] == "connected").then_some(())
+    });
+    let ws = CockpitWs::start(&bus, None);
+    let browser = Browser::start("busy");
+    open_vm(&browser, &ws, &vm.name);
+
+    // The agent stops answering for 25 s (every agent call then waits 5 s and fails), detached
+    // from the guest-exec that asks for it.
+    vm.exec(
+        "setsid sh -c 'sleep 1; kill -STOP $(pidof qemu-ga); sleep 25; kill -CONT $(pidof qemu-ga)' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    browser.click("#take-snapshot");
+    browser.type_into("#snapshot-name", "first");
+    browser.click("#snapshot-save");
+    browser.wait_gone("#take-snapshot-dialog", SHORT);
+    browser.wait_text(&snapshot_row("first"), "In progress", SHORT);
+
+    // A second one while the first waits for the agent: Busy, in place; nothing else happens.
+    browser.click("#take-snapshot");
+    browser.type_into("#snapshot-name", "second");
+    browser.click("#snapshot-save");
+    let error = browser.wait_text("#snapshot-error", "Busy", SHORT);
+    assert!(
+        browser.text(&snapshot_row("first")).contains("In progress"),
+        "Busy while the first runs: {error}"
+    );
+    browser.screenshot("busy");
+    browser.click_text("#take-snapshot-dialog", "Cancel");
+    browser.wait_gone("#take-snapshot-dialog", SHORT);
+
+    // The first ends crash-consistent, and says so in words.
+    let row = browser.wait_text(&snapshot_row("first"), "Ready", LONG);
+    assert!(row.contains("Freeze failed: crash-consistent"), "{row}");
+    browser.screenshot("quiesce-failed");
+    assert!(browser.text(&snapshot_row("second")).is_empty());
+}
