@@ -389,6 +389,19 @@ fn a_daemon_error_is_shown_in_place_and_nothing_is_left_half_done() {
     let browser = Browser::start("daemon-error");
     open_vm(&browser, &ws, &vm.name);
     take_snapshot_in_page(&browser, "s1", "");
+    take_snapshot_in_page(&browser, "s2", "");
+
+    // Another administrator deletes s2 (with vmsnapctl) while the popup is open: Not found.
+    row_action(&browser, "s2", "Restore");
+    browser.wait_element("#restore-dialog", SHORT);
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s2"]).ok();
+    browser.wait_gone(&snapshot_row("s2"), SHORT);
+    browser.click("#restore-confirm");
+    let error = browser.wait_text("#restore-error", "Not found", SHORT);
+    assert!(error.contains("s2"), "{error}");
+    browser.screenshot("restore-not-found");
+    browser.click_text("#restore-dialog", "Cancel");
+    browser.wait_gone("#restore-dialog", SHORT);
 
     // Someone removes the snapshot's image behind vmsnapd's back: the daemon refuses the
     // restore, and the popup says so in its own words.
