@@ -148,7 +148,8 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("vmsnapctl: {}", failure.message);
+            // The message may carry what the daemon echoed back: one safe line.
+            eprintln!("vmsnapctl: {}", vmsnap_api::terminal_safe(&failure.message));
             ExitCode::from(failure.code)
         }
     }

@@ -196,6 +196,8 @@ pub async fn run(bus: &Bus, args: RestoreArgs, format: OutputFormat) -> Result<(
 pub fn restore_options(args: &CreateArgs) -> Result<HashMap<&'static str, OwnedVariant>, String> {
     let mut options = HashMap::new();
     if let Some(target) = &args.target {
+        // vmsnapd's own rule, so the answer comes before anything is asked.
+        vmsnap_api::validate_vm_name(target)?;
         let value = OwnedVariant::try_from(Variant::from(target.as_str()))
             .map_err(|e| format!("cannot encode the target name: {e}"))?;
         options.insert("target", value);

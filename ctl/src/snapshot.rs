@@ -148,6 +148,8 @@ pub fn create_options(
 ) -> Result<HashMap<&'static str, OwnedVariant>, String> {
     let mut options = HashMap::new();
     if let Some(text) = description {
+        // vmsnapd's own rule, so the answer comes before anything is asked.
+        vmsnap_api::validate_description(text)?;
         let value = OwnedVariant::try_from(Variant::from(text))
             .map_err(|e| format!("cannot encode the description: {e}"))?;
         options.insert("description", value);
@@ -176,6 +178,7 @@ fn with_allow_excluded_hint(message: String) -> String {
 }
 
 async fn create(bus: &Bus, args: &CreateArgs, format: OutputFormat) -> Result<(), Failure> {
+    vmsnap_api::validate_snapshot_name(&args.name)?;
     let options = create_options(args.description.as_deref(), args.allow_excluded)?;
     let manager = bus.manager().await?;
     let path = manager

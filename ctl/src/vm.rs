@@ -38,7 +38,10 @@ async fn list(bus: &Bus, format: OutputFormat) -> Result<(), String> {
     }
     let status = bus.libvirt_status(&manager).await?;
     if let Some(warning) = status {
-        eprintln!("vmsnapctl: warning: {warning}");
+        eprintln!(
+            "vmsnapctl: warning: {}",
+            vmsnap_api::terminal_safe(&warning)
+        );
     }
     print_vm_list(&vms, format)
 }

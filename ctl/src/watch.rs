@@ -58,7 +58,7 @@ pub struct Progress {
 impl Progress {
     pub fn show(&mut self, text: &str) {
         if !text.is_empty() && text != self.last {
-            eprintln!("vmsnapctl: {text}");
+            eprintln!("vmsnapctl: {}", vmsnap_api::terminal_safe(text));
         }
         self.last = text.to_string();
     }

@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
-use vmsnap_api::{validate_snapshot_name, ExcludedVolume, SnapshotPhase};
+use vmsnap_api::{
+    excerpt, validate_description, validate_snapshot_name, validate_vm_name, ExcludedVolume,
+    SnapshotPhase,
+};
 
 use crate::domain::VmInfo;
 use crate::libvirt::{LibvirtClient, LibvirtEvent};
@@ -20,27 +23,38 @@ use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERS
 /// Errors the engine answers requests with. The bus layer maps each to a named D-Bus error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    #[error("VM '{0}' not found")]
+    #[error("VM '{}' not found", excerpt(.0))]
     VmNotFound(String),
-    #[error("snapshot '{name}' of VM '{vm}' not found")]
+    #[error("snapshot '{}' of VM '{}' not found", excerpt(name), excerpt(vm))]
     SnapshotNotFound { vm: String, name: String },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
     InvalidName(String),
-    #[error("VM '{vm}' already has a snapshot named '{name}'")]
+    #[error(
+        "VM '{}' already has a snapshot named '{}'",
+        excerpt(vm),
+        excerpt(name)
+    )]
     AlreadyExists { vm: String, name: String },
     #[error("{0}")]
     ExcludedDisks(String),
-    #[error("VM '{vm}' is busy: {what}; try again when it has finished")]
+    #[error("VM '{}' is busy: {what}; try again when it has finished", excerpt(vm))]
     Busy { vm: String, what: String },
     #[error("{0}")]
     InvalidState(String),
+    #[error("libvirt is unavailable; try again when vmsnapd has reconnected")]
+    LibvirtUnavailable,
+    #[error("libvirt could not answer: {0}")]
+    Libvirt(String),
+    /// The record (the journal) could not be written: nothing was started.
+    #[error("{0}")]
+    RecordWrite(String),
     #[error("vmsnapd is shutting down")]
     ShuttingDown,
-    #[error("VM '{0}' is running; stop it first, or ask the restore to stop it")]
+    #[error("VM '{}' is running; stop it first, or ask the restore to stop it", excerpt(.0))]
     VmRunning(String),
-    #[error("a VM named '{0}' already exists")]
+    #[error("a VM named '{}' already exists", excerpt(.0))]
     VmExists(String),
 }
 
@@ -133,15 +147,40 @@ pub enum Request {
 pub enum Change {
     VmAdded(VmInfo),
     VmUpdated(VmInfo),
-    VmRemoved { uuid: String },
-    Libvirt { connected: bool, error: String },
+    VmRemoved {
+        uuid: String,
+    },
+    Libvirt {
+        connected: bool,
+        error: String,
+    },
     SnapshotAdded(Box<SnapshotRecord>),
     SnapshotUpdated(Box<SnapshotRecord>),
-    SnapshotProgress { uuid: String, text: String },
-    SnapshotRemoved { uuid: String },
+    SnapshotProgress {
+        uuid: String,
+        text: String,
+    },
+    SnapshotRemoved {
+        uuid: String,
+    },
     RestoreAdded(Box<RestoreRecord>),
     RestoreUpdated(Box<RestoreRecord>),
-    RestoreProgress { uuid: String, text: String },
+    RestoreProgress {
+        uuid: String,
+        text: String,
+    },
+    /// Not a change: the publisher notifies it once every change sent before it is applied.
+    Flush(Flushed),
+}
+
+/// Notified when a [`Change::Flush`] has been reached.
+#[derive(Debug, Clone, Default)]
+pub struct Flushed(pub std::sync::Arc<tokio::sync::Notify>);
+
+impl PartialEq for Flushed {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// Whether the engine has heard from libvirt at least once (connected with an inventory, or
@@ -160,6 +199,8 @@ pub struct Engine {
     busy: HashMap<String, String>,
     /// Restore records by restore UUID.
     restores: BTreeMap<String, RestoreRecord>,
+    /// Changes that show an operation ended, held until its VM is released (by VM UUID).
+    held: HashMap<String, Vec<Change>>,
     /// Settings for operations; None in tests that run no operation.
     ops: Option<OpContext>,
     /// For fresh facts from libvirt before a decision, and the way back into this engine.
@@ -207,23 +248,6 @@ fn report_orphan_lvs(
     }
 }
 
-/// A new VM's name: what libvirt accepts in practice, without path separators.
-fn validate_vm_name(name: &str) -> Result<(), EngineError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(EngineError::InvalidArgument(format!(
-            "invalid VM name {name:?}: use A-Z a-z 0-9 . _ - +, not starting with '-'"
-        )))
-    }
-}
-
 impl Engine {
     pub fn new(changes: mpsc::UnboundedSender<Change>) -> (Engine, Settled) {
         let (settled, settled_rx) = watch::channel(false);
@@ -235,6 +259,7 @@ impl Engine {
                 settled,
                 snapshots: BTreeMap::new(),
                 restores: BTreeMap::new(),
+                held: HashMap::new(),
                 busy: HashMap::new(),
                 ops: None,
                 libvirt: None,
@@ -333,16 +358,26 @@ impl Engine {
                     .snapshots
                     .insert(record.uuid.clone(), (*record).clone())
                     .is_some();
+                let settled = matches!(
+                    record.phase,
+                    SnapshotPhase::Succeeded | SnapshotPhase::Failed
+                );
+                let vm_uuid = record.vm_uuid.clone();
                 // Operations may create snapshots of their own (a restore's safety snapshot).
-                self.emit(if known {
+                let change = if known {
                     Change::SnapshotUpdated(record)
                 } else {
                     Change::SnapshotAdded(record)
-                });
+                };
+                self.emit_when_free(&vm_uuid, settled, change);
             }
             OpEvent::Removed { uuid } => {
-                self.snapshots.remove(&uuid);
-                self.emit(Change::SnapshotRemoved { uuid });
+                let vm_uuid = self.snapshots.remove(&uuid).map(|r| r.vm_uuid);
+                let change = Change::SnapshotRemoved { uuid };
+                match vm_uuid {
+                    Some(vm_uuid) => self.emit_when_free(&vm_uuid, true, change),
+                    None => self.emit(change),
+                }
             }
             OpEvent::RestoreProgress { uuid, text } => {
                 self.emit(Change::RestoreProgress { uuid, text })
@@ -352,14 +387,23 @@ impl Engine {
                     .restores
                     .insert(record.uuid.clone(), (*record).clone())
                     .is_some();
-                self.emit(if known {
+                let settled = matches!(
+                    record.phase,
+                    vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
+                );
+                let vm_uuid = record.vm_uuid.clone();
+                let change = if known {
                     Change::RestoreUpdated(record)
                 } else {
                     Change::RestoreAdded(record)
-                });
+                };
+                self.emit_when_free(&vm_uuid, settled, change);
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
+                for change in self.held.remove(&vm_uuid).unwrap_or_default() {
+                    self.emit(change);
+                }
             }
             OpEvent::CowFill(result) => {
                 self.fill_check_running = false;
@@ -368,6 +412,20 @@ impl Engine {
                     Err(error) => warn!(%error, "cannot check thick LVM snapshots' space"),
                 }
             }
+        }
+    }
+
+    /// Emits `change`, unless it shows an operation as ended (`settled`) while its VM is still
+    /// busy: then it waits for the operation's end, so that a client who sees it finished also
+    /// finds the VM free for the next one.
+    fn emit_when_free(&mut self, vm_uuid: &str, settled: bool, change: Change) {
+        if settled && self.busy.contains_key(vm_uuid) {
+            self.held
+                .entry(vm_uuid.to_string())
+                .or_default()
+                .push(change);
+        } else {
+            self.emit(change);
         }
     }
 
@@ -587,6 +645,10 @@ impl Engine {
         snapshot_name: &str,
         options: &RestoreOptions,
     ) -> Result<(VmInfo, SnapshotRecord), EngineError> {
+        // First of all: a new VM's name reaches libvirt, which derives paths from it.
+        if !options.target.is_empty() {
+            validate_vm_name(&options.target).map_err(EngineError::InvalidName)?;
+        }
         let vm = self.find_vm(vm_key)?.clone();
         let snapshot = self
             .snapshots
@@ -614,17 +676,12 @@ impl Engine {
                 snapshot.name, missing.image, missing.target
             )));
         }
-        if !options.target.is_empty() {
-            if self.vms.values().any(|v| v.name == options.target) {
-                return Err(EngineError::VmExists(options.target.clone()));
-            }
-            validate_vm_name(&options.target)?;
+        if !options.target.is_empty() && self.vms.values().any(|v| v.name == options.target) {
+            return Err(EngineError::VmExists(options.target.clone()));
         }
         self.check_idle(&vm)?;
         if !self.connected {
-            return Err(EngineError::InvalidState(
-                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
-            ));
+            return Err(EngineError::LibvirtUnavailable);
         }
         self.ops()?;
         Ok((vm, snapshot))
@@ -650,7 +707,7 @@ impl Engine {
                 name: snapshot_uuid.to_string(),
             }
         })?;
-        let running = running.map_err(EngineError::InvalidState)?;
+        let running = running.map_err(EngineError::Libvirt)?;
         let new_vm = !options.target.is_empty();
         if !new_vm && running && !options.stop_target {
             return Err(EngineError::VmRunning(vm.name.clone()));
@@ -691,7 +748,7 @@ impl Engine {
             step: RestoreStep::Planned,
         };
         ops.store.save_restore(&record).map_err(|e| {
-            EngineError::InvalidState(format!("cannot write the restore record: {e}"))
+            EngineError::RecordWrite(format!("cannot write the restore record: {e}"))
         })?;
         info!(vm = %vm.name, snapshot = %snapshot.name, target = %record.target_name, "restoring");
         self.busy.insert(
@@ -733,13 +790,12 @@ impl Engine {
         name: String,
         options: CreateOptions,
     ) -> Result<String, EngineError> {
+        validate_snapshot_name(&name).map_err(EngineError::InvalidName)?;
+        validate_description(&options.description).map_err(EngineError::InvalidArgument)?;
         let vm = self.find_vm(vm_key)?.clone();
         if !self.connected {
-            return Err(EngineError::InvalidState(
-                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
-            ));
+            return Err(EngineError::LibvirtUnavailable);
         }
-        validate_snapshot_name(&name).map_err(EngineError::InvalidName)?;
         if self
             .snapshots
             .values()
@@ -788,7 +844,7 @@ impl Engine {
             cow_fill_percent: 0.0,
         };
         ops.store.save(&record).map_err(|e| {
-            EngineError::InvalidState(format!("cannot write the snapshot record: {e}"))
+            EngineError::RecordWrite(format!("cannot write the snapshot record: {e}"))
         })?;
         info!(vm = %vm.name, snapshot = %record.name, "creating snapshot");
         let uuid = record.uuid.clone();
@@ -1009,7 +1065,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use vmsnap_api::{AgentState, VmState};
+    use vmsnap_api::{AgentState, VmSnapError, VmState};
 
     use super::*;
 
@@ -1123,6 +1179,52 @@ mod tests {
     }
 
     #[test]
+    fn an_operation_is_shown_ended_only_once_its_vm_is_free() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        engine
+            .busy
+            .insert(A.into(), "snapshot 's' is being created".into());
+        drain(&mut rx);
+        let running = snapshot_record("s", SnapshotPhase::InProgress);
+        engine.handle_op_event(OpEvent::Saved(Box::new(running)));
+        assert_eq!(
+            drain(&mut rx).len(),
+            1,
+            "progress on the way is shown at once"
+        );
+        let done = snapshot_record("s", SnapshotPhase::Succeeded);
+        engine.handle_op_event(OpEvent::Saved(Box::new(done.clone())));
+        assert!(drain(&mut rx).is_empty(), "held while the VM is busy");
+        assert_eq!(
+            engine.snapshots.get("uuid-s"),
+            Some(&done),
+            "the engine knows at once"
+        );
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert!(engine.busy.is_empty());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotUpdated(Box::new(done))],
+            "shown once the VM is free"
+        );
+        // A removal (a delete's end) waits the same way.
+        engine.busy.insert(A.into(), "deleting".into());
+        engine.handle_op_event(OpEvent::Removed {
+            uuid: "uuid-s".into(),
+        });
+        assert!(drain(&mut rx).is_empty());
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotRemoved {
+                uuid: "uuid-s".into()
+            }]
+        );
+    }
+
+    #[test]
     fn unsettled_snapshots_cannot_be_deleted_and_busy_vms_refuse_work() {
         let (mut engine, _rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
@@ -1157,6 +1259,98 @@ mod tests {
             engine.create_snapshot("a", "done".into(), CreateOptions::default()),
             Err(EngineError::AlreadyExists { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_names_and_descriptions_are_refused_before_anything_else() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        let done = snapshot_record("done", SnapshotPhase::Succeeded);
+        engine.snapshots.insert(done.uuid.clone(), done);
+        drain(&mut rx);
+        let huge = "x".repeat(1 << 20);
+        for target in [".", "..", "...", "a/b", "-rf", "a\n", &huge] {
+            let options = RestoreOptions {
+                target: target.to_string(),
+                ..RestoreOptions::default()
+            };
+            // Refused even for a VM or snapshot that does not exist: the name is checked first.
+            for (vm_key, snapshot) in [("a", "done"), ("nope", "nope")] {
+                let (reply, mut answer) = oneshot::channel();
+                engine.handle_request(Request::Restore {
+                    vm: vm_key.into(),
+                    snapshot: snapshot.into(),
+                    options: options.clone(),
+                    reply,
+                });
+                match answer.try_recv() {
+                    Ok(Err(EngineError::InvalidName(m))) => assert!(m.len() < 200, "{m}"),
+                    other => panic!("target {:?}: {other:?}", excerpt(target)),
+                }
+            }
+        }
+        for description in [
+            "two\nlines",
+            "\u{1b}[2J",
+            &"d".repeat(vmsnap_api::MAX_DESCRIPTION + 1),
+        ] {
+            let options = CreateOptions {
+                description: description.to_string(),
+                ..CreateOptions::default()
+            };
+            assert!(matches!(
+                engine.create_snapshot("a", "new".into(), options),
+                Err(EngineError::InvalidArgument(_))
+            ));
+        }
+        let error = engine
+            .create_snapshot(&huge, "new".into(), CreateOptions::default())
+            .expect_err("a huge VM key is refused")
+            .to_string();
+        assert!(error.len() < 200, "{error}");
+        assert!(
+            drain(&mut rx).is_empty(),
+            "a refused request changed nothing"
+        );
+        assert_eq!(engine.snapshots.len(), 1);
+        assert!(engine.restores.is_empty() && engine.busy.is_empty());
+    }
+
+    #[test]
+    fn libvirt_unavailable_and_record_write_failures_are_told_apart() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        assert!(matches!(
+            engine.create_snapshot("a", "s".into(), CreateOptions::default()),
+            Err(EngineError::LibvirtUnavailable)
+        ));
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        // A state folder that cannot hold a record (below a regular file): nothing starts.
+        let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.ops = Some(OpContext {
+            uri: "test:///default".into(),
+            store: crate::store::Store::new(std::path::Path::new("/dev/null/state")),
+            freeze_timeout: std::time::Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: std::time::Duration::from_secs(60),
+            quiesce: crate::config::Quiesce::Auto,
+            lvm: crate::config::LvmConfig::default(),
+            events,
+        });
+        drain(&mut rx);
+        let refused = engine.create_snapshot("a", "s".into(), CreateOptions::default());
+        assert!(
+            matches!(&refused, Err(EngineError::RecordWrite(m)) if m.contains("snapshot record")),
+            "{refused:?}"
+        );
+        let error = VmSnapError::from(refused.expect_err("refused"));
+        assert!(
+            matches!(error, VmSnapError::RecordWriteFailed(_)),
+            "{error:?}"
+        );
+        assert!(engine.snapshots.is_empty() && engine.busy.is_empty());
+        assert!(drain(&mut rx).is_empty());
     }
 
     #[test]

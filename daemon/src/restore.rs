@@ -18,6 +18,7 @@ use vmsnap_api::{DetachedDisk, RestorePhase, SnapshotPhase, VmState, VolumeResto
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::files;
 use crate::images::prune_unclaimed;
 use crate::lvm_volumes;
 use crate::qemu_img;
@@ -43,6 +44,20 @@ impl OpContext {
             uuid: record.uuid.clone(),
             text,
         });
+    }
+
+    /// As [`OpContext::save_failed`], for a restore.
+    fn save_restore_failed(&self, record: &mut RestoreRecord) {
+        if let Err(e) = self.save_restore(record) {
+            warn!(vm = %record.vm_name, error = %e, "the failed restore's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self
+                .events
+                .send(OpEvent::RestoreSaved(Box::new(record.clone())));
+        }
     }
 
     fn save_restore(&self, record: &RestoreRecord) -> Result<(), String> {
@@ -83,11 +98,11 @@ pub fn restore(
             }
         }
         record.phase = RestorePhase::Failed;
-        record.error = error;
+        record.error = vmsnap_api::record_error(&error);
         if !forward_pending {
             record.step = RestoreStep::Done;
         }
-        let _ = ctx.save_restore(&record);
+        ctx.save_restore_failed(&mut record);
     }
     ctx.restore_progress(&record, "");
 }
@@ -235,7 +250,14 @@ fn apply(
     }
     for copy in snapshot.extra_state.iter().filter(|c| c.kind == "nvram") {
         let target = nvram_target_path(record, &copy.source);
-        std::fs::copy(&copy.copy, format!("{target}{PENDING}"))
+        let pending = format!("{target}{PENDING}");
+        // A pending copy is vmsnapd's own, left by an interrupted attempt: it is made again.
+        if let Err(e) = std::fs::remove_file(&pending) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!("cannot replace {pending}: {e}"));
+            }
+        }
+        files::copy_file_new(Path::new(&copy.copy), Path::new(&pending))
             .map_err(|e| format!("cannot stage the NVRAM copy for {target}: {e}"))?;
     }
     let lvm = ctx.lvm_tool();
@@ -362,7 +384,7 @@ fn finish(
                     };
                     let target = format!("/var/lib/libvirt/swtpm/{uuid}");
                     let _ = std::fs::remove_dir_all(&target);
-                    snapshot::copy_dir(Path::new(&copy.copy), Path::new(&target))
+                    files::copy_dir_new(Path::new(&copy.copy), Path::new(&target))
                         .map_err(|e| format!("cannot put the TPM state back: {e}"))?;
                 }
                 _ => {}
@@ -644,9 +666,9 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
         Ok(how) => info!(vm = %record.vm_name, "interrupted restore {how}"),
         Err(error) => {
             record.phase = RestorePhase::Failed;
-            record.error = error;
+            record.error = vmsnap_api::record_error(&error);
             record.step = RestoreStep::Done;
-            let _ = ctx.save_restore(&record);
+            ctx.save_restore_failed(&mut record);
         }
     }
 }

@@ -21,6 +21,7 @@ use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 use crate::config::{LvmConfig, Quiesce};
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::files;
 use crate::images::{is_owned, prune_unclaimed, Forest};
 use crate::lvm_volumes;
 use crate::qemu_img;
@@ -99,6 +100,20 @@ impl OpContext {
         Ok(())
     }
 
+    /// Saves the record that ends a failed operation. Should even that fail (a full or failing
+    /// state folder), the engine and the bus still learn that it failed, with a note that the
+    /// record on disk is behind: the next start settles it from the journal.
+    fn save_failed(&self, record: &mut SnapshotRecord) {
+        if let Err(e) = self.save(record) {
+            warn!(vm = %record.vm_name, snapshot = %record.name, error = %e, "the failed snapshot's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
+        }
+    }
+
     pub(crate) fn lvm_tool(&self) -> vmsnap_lvm::Lvm {
         lvm_volumes::tool(&self.lvm)
     }
@@ -166,9 +181,9 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         remove_unused_overlays(ctx, &record);
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = error;
+        record.error = vmsnap_api::record_error(&error);
         record.step = Step::Done;
-        let _ = ctx.save(&record);
+        ctx.save_failed(&mut record);
     }
     record
 }
@@ -206,7 +221,7 @@ fn create_steps(
                     .join(format!("{}-{}-{short}.qcow2", record.vm_name, disk.target))
                     .to_string_lossy()
                     .into_owned();
-                if Path::new(&overlay).exists() {
+                if files::path_taken(Path::new(&overlay)) {
                     return Err(format!("disk {}: {overlay} already exists", disk.target));
                 }
                 let virtual_size = dom
@@ -505,9 +520,9 @@ fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         let copied = if source.is_dir() {
-            copy_dir(source, target)
+            files::copy_dir_new(source, target)
         } else {
-            std::fs::copy(source, target).map(|_| ())
+            files::copy_file_new(source, target)
         };
         copied.map_err(|e| {
             format!(
@@ -515,20 +530,6 @@ fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
                 copy.kind, copy.source
             )
         })?;
-    }
-    Ok(())
-}
-
-pub(crate) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let dest = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
-        } else {
-            std::fs::copy(entry.path(), dest)?;
-        }
     }
     Ok(())
 }
@@ -565,8 +566,9 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
         // is no longer the snapshot's, so it is not offered for restore again.
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = format!("delete failed: {error}");
-        let _ = ctx.save(&record);
+        let error = format!("delete failed: {error}");
+        record.error = vmsnap_api::record_error(&error);
+        ctx.save_failed(&mut record);
     }
 }
 
@@ -749,27 +751,52 @@ fn merge_down(
                 deadline,
                 &mut report,
             )?;
+            refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
         [] => {
             let base_format = forest.format(base).to_string();
-            qemu_img::commit(top)?;
+            qemu_img::commit(top, deadline)?;
             for child in &children {
                 qemu_img::rebase_unsafe(child, base, &base_format)?;
             }
-            for user in forest.tops.iter().filter(|t| t.path == top) {
-                let dom = lookup(conn, &user.domain_uuid)?;
-                let inactive = dom
-                    .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
-                    .map_err(|e| e.message().to_string())?;
-                let edited = domain::set_disk_source(&inactive, &user.target, base, &base_format)?;
-                conn.define_domain_xml(&edited)
-                    .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
-            }
+            refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
         _ => Ok(false),
     }
+}
+
+/// After `top` was merged into `base`: every stored definition that still names `top` (as its
+/// disk, or in the `<backingStore>` chain libvirt writes into it) names the real chain again,
+/// else that VM would not start. The disk's source becomes `base` where it was `top`; the
+/// backing chain is left out, for libvirt to read from the images at the next start. `forest`
+/// is the one from before the merge.
+fn refresh_definitions(
+    conn: &Connect,
+    forest: &Forest,
+    base: &str,
+    top: &str,
+) -> Result<(), String> {
+    for user in forest.users(top) {
+        let dom = lookup(conn, &user.domain_uuid)?;
+        let inactive = dom
+            .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| e.message().to_string())?;
+        let (source, format) = domain::disk_source(&inactive, &user.target)?;
+        if !domain::disk_names_image(&inactive, &user.target, top)? {
+            continue;
+        }
+        let (source, format) = if source == top {
+            (base.to_string(), forest.format(base).to_string())
+        } else {
+            (source, format)
+        };
+        let edited = domain::set_disk_source(&inactive, &user.target, &source, &format)?;
+        conn.define_domain_xml(&edited)
+            .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
+    }
+    Ok(())
 }
 
 fn abort_leftover_job(dom: &Domain, disk: &str) -> Result<(), String> {
@@ -864,7 +891,7 @@ fn merge(
             &mut report,
         )
     } else {
-        qemu_img::commit(top)?;
+        qemu_img::commit(top, deadline)?;
         if active {
             let inactive = dom
                 .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
@@ -907,9 +934,9 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Snapshot
             if let Err(error) = recover_create(ctx, &mut record) {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
-                record.error = error;
+                record.error = vmsnap_api::record_error(&error);
                 record.step = Step::Done;
-                let _ = ctx.save(&record);
+                ctx.save_failed(&mut record);
             }
         }
         SnapshotPhase::Succeeded | SnapshotPhase::Failed => {

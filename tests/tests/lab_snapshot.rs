@@ -374,10 +374,7 @@ fn deleting_offline_in_any_order_keeps_every_other_snapshot_and_the_live_disk() 
         vm.start(true);
         vm.write_file(&format!("f-{name}"), 200 << 10);
         let sums = vm.guest_checksums();
-        virsh(&["shutdown", &vm.name, "--mode", "agent"]);
-        wait_for(Duration::from_secs(60), "the VM to shut off", || {
-            (virsh(&["domstate", &vm.name]).trim() == "shut off").then_some(())
-        });
+        vmsnap_tests::shut_down_by_agent(&vm.name);
         expected.insert(name.to_string(), sums);
         let snap = create(&daemon, &vm.name, name);
         assert_eq!(snap["phase"], "Succeeded", "{snap}");

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
-use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError};
+use vmsnap_api::{excerpt, restore_path, snapshot_path, vm_path, VmSnapError};
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
@@ -57,7 +57,29 @@ fn snapshot_object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
 
 /// Reads the a{sv} options of CreateSnapshot; unknown keys and wrong types are errors, so a
 /// typo does not silently change what is done.
+/// More entries than any method knows options: such a dict is refused before it is looked at.
+const MAX_OPTIONS: usize = 16;
+
+/// Refuses an options dict too large to be meant, and names an unknown option safely.
+fn check_options_size(options: &HashMap<String, OwnedVariant>) -> Result<(), VmSnapError> {
+    if options.len() > MAX_OPTIONS {
+        return Err(VmSnapError::InvalidArgument(format!(
+            "{} options given; no method takes more than {MAX_OPTIONS}",
+            options.len()
+        )));
+    }
+    Ok(())
+}
+
+fn unknown_option(key: &str, known: &str) -> VmSnapError {
+    VmSnapError::InvalidArgument(format!(
+        "unknown option \"{}\" (known: {known})",
+        excerpt(key)
+    ))
+}
+
 fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOptions, VmSnapError> {
+    check_options_size(&options)?;
     let mut parsed = CreateOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
@@ -71,11 +93,7 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
                 parsed.allow_excluded =
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?;
             }
-            other => {
-                return Err(VmSnapError::InvalidArgument(format!(
-                    "unknown option {other:?} (known: description, allow_excluded)"
-                )))
-            }
+            other => return Err(unknown_option(other, "description, allow_excluded")),
         }
     }
     Ok(parsed)
@@ -83,6 +101,7 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
 
 /// Reads the a{sv} options of Restore; unknown keys and wrong types are errors.
 fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOptions, VmSnapError> {
+    check_options_size(&options)?;
     let mut parsed = RestoreOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
@@ -101,9 +120,10 @@ fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOpti
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?
             }
             other => {
-                return Err(VmSnapError::InvalidArgument(format!(
-                    "unknown option {other:?} (known: target, stop_target, start, safety_snapshot)"
-                )))
+                return Err(unknown_option(
+                    other,
+                    "target, stop_target, start, safety_snapshot",
+                ))
             }
         }
     }
@@ -228,5 +248,64 @@ impl ManagerObject {
     #[zbus(property)]
     fn libvirt_error(&self) -> String {
         self.libvirt_error.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use zbus::Variant;
+
+    use super::*;
+
+    fn value() -> impl Strategy<Value = OwnedVariant> {
+        prop_oneof![
+            any::<bool>().prop_map(OwnedVariant::from),
+            any::<u32>().prop_map(OwnedVariant::from),
+            any::<i64>().prop_map(OwnedVariant::from),
+            ".{0,120}".prop_map(|s| OwnedVariant::try_from(Variant::from(s))
+                .unwrap_or_else(|_| OwnedVariant::from(false))),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(|v| {
+                OwnedVariant::try_from(Variant::from(v)).unwrap_or_else(|_| OwnedVariant::from(0u8))
+            }),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "description",
+                "allow_excluded",
+                "target",
+                "stop_target",
+                "start",
+                "safety_snapshot",
+            ])
+            .prop_map(str::to_string),
+            ".{0,80}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_tests::config())]
+
+        /// D-Bus option dicts of any keys, types and sizes: parsed or refused, never a panic,
+        /// and a refusal never echoes more than a short excerpt.
+        #[test]
+        fn fuzz_option_dicts(options in prop::collection::hash_map(key(), value(), 0..24)) {
+            let copy = || -> HashMap<String, OwnedVariant> {
+                options
+                    .iter()
+                    .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.clone(), v)))
+                    .collect()
+            };
+            let errors = [create_options(copy()).err(), restore_options(copy()).err()];
+            for error in errors.into_iter().flatten() {
+                prop_assert!(error.to_string().len() < 300, "{}", error);
+            }
+            if options.len() > MAX_OPTIONS {
+                prop_assert!(create_options(copy()).is_err());
+            }
+        }
     }
 }

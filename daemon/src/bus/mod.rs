@@ -133,6 +133,7 @@ async fn apply(
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
         }
+        Change::Flush(flushed) => flushed.0.notify_one(),
         Change::SnapshotRemoved { uuid } => {
             server
                 .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
@@ -173,6 +174,9 @@ impl From<EngineError> for VmSnapError {
             EngineError::ExcludedDisks(_) => VmSnapError::ExcludedDisks(message),
             EngineError::Busy { .. } => VmSnapError::Busy(message),
             EngineError::InvalidState(_) => VmSnapError::InvalidState(message),
+            EngineError::LibvirtUnavailable => VmSnapError::LibvirtUnavailable(message),
+            EngineError::Libvirt(_) => VmSnapError::LibvirtError(message),
+            EngineError::RecordWrite(_) => VmSnapError::RecordWriteFailed(message),
             EngineError::ShuttingDown => VmSnapError::ShuttingDown(message),
         }
     }
