@@ -3,11 +3,11 @@ import {
     Alert, Breadcrumb, BreadcrumbItem, Button, Checkbox, DescriptionList, DescriptionListDescription,
     DescriptionListGroup, DescriptionListTerm, EmptyState, EmptyStateBody, EmptyStateHeader, Flex,
     Form, FormGroup, FormHelperText, HelperText, HelperTextItem, Label, LabelGroup, List, ListItem,
-    Modal, ModalVariant, Page, PageSection, Radio, Spinner, Tab, Tabs, TabTitleText, TextArea,
-    TextInput, Title,
+    Modal, ModalVariant, Page, PageSection, Radio, Spinner, Tab, Tabs, TabTitleText, TextInput,
+    Title,
 } from "@patternfly/react-core";
 import { ActionsColumn, Table, Tbody, Td, Th, Thead, Tr } from "@patternfly/react-table";
-import { errorText, validateSnapshotName, validateVmName } from "./store.js";
+import { errorText, validateDescription, validateSnapshotName, validateVmName } from "./store.js";
 
 const cockpit = window.cockpit;
 
@@ -448,7 +448,8 @@ function TakeSnapshotModal({ store, vm, snapshots, onClose }) {
     const excluded = excludedDisks(vm);
     const nameError = validateSnapshotName(name) ||
         (existing.has(name) ? `a snapshot named "${name}" already exists for VM ${vm.Name}` : null);
-    const canSave = !nameError && (excluded.length === 0 || aware) && !pending;
+    const descriptionError = validateDescription(description);
+    const canSave = !nameError && !descriptionError && (excluded.length === 0 || aware) && !pending;
 
     const save = () => {
         setPending(true);
@@ -481,8 +482,14 @@ function TakeSnapshotModal({ store, vm, snapshots, onClose }) {
                     )}
                 </FormGroup>
                 <FormGroup label="Description" fieldId="snapshot-description">
-                    <TextArea id="snapshot-description" value={description}
-                              onChange={(_ev, v) => setDescription(v)} resizeOrientation="vertical" />
+                    <TextInput id="snapshot-description" value={description}
+                               onChange={(_ev, v) => setDescription(v)}
+                               validated={descriptionError ? "error" : "default"} />
+                    {descriptionError && (
+                        <FormHelperText>
+                            <HelperText><HelperTextItem id="snapshot-description-error" variant="error">{descriptionError}</HelperTextItem></HelperText>
+                        </FormHelperText>
+                    )}
                 </FormGroup>
                 {vm.Agent !== "connected" && isRunning(vm) && (
                     <Alert variant="info" isInline

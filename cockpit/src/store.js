@@ -202,25 +202,66 @@ export function errorText(ex) {
     return message;
 }
 
-// vmsnapd's snapshot name rules (vmsnap_api::validate_snapshot_name), in the same words.
-export function validateSnapshotName(name) {
-    if (name.length === 0) return "snapshot name must not be empty";
+// vmsnapd's rules for names and descriptions (vmsnap_api's text.rs), in the same words, so
+// the dialogs answer before the daemon is asked.
+const EXCERPT_CHARS = 64;
+
+function isUnsafeChar(c) {
+    const code = c.codePointAt(0);
+    return code < 0x20 || (code >= 0x7f && code <= 0x9f) ||
+        code === 0x061c || code === 0x200e || code === 0x200f ||
+        (code >= 0x202a && code <= 0x202e) || (code >= 0x2066 && code <= 0x2069);
+}
+
+// Rust's char::escape_default.
+function escapeChar(c) {
+    const named = { "\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\", "'": "\\'", "\"": "\\\"" };
+    if (named[c]) return named[c];
+    const code = c.codePointAt(0);
+    return code >= 0x20 && code <= 0x7e ? c : `\\u{${code.toString(16)}}`;
+}
+
+function excerpt(s) {
+    let shown = "";
+    let width = 0;
+    let taken = 0;
+    const chars = [...s];
+    for (const c of chars) {
+        const escaped = isUnsafeChar(c) ? escapeChar(c) : c;
+        if (width + [...escaped].length > EXCERPT_CHARS) break;
+        shown += escaped;
+        width += [...escaped].length;
+        taken += 1;
+    }
+    const left = chars.length - taken;
+    return left > 0 ? `${shown}...[${left} more characters]` : shown;
+}
+
+function validateName(what, name, max, allowed, isAllowed) {
+    if (name.length === 0) return `${what} must not be empty`;
+    const described = `${what} "${excerpt(name)}"`;
     const bytes = new TextEncoder().encode(name).length;
-    if (bytes > 63) return `snapshot name is ${bytes} characters long; the limit is 63`;
-    const bad = [...name].find(c => !/^[A-Za-z0-9._-]$/.test(c));
-    if (bad !== undefined) return `snapshot name "${name}" contains '${bad}'; use only A-Z a-z 0-9 . _ -`;
-    if (name.startsWith(".") || name.startsWith("-")) return `snapshot name "${name}" must not start with '.' or '-'`;
+    if (bytes > max) return `${described} is ${bytes} bytes long; the limit is ${max}`;
+    const bad = [...name].find(c => !isAllowed(c));
+    if (bad !== undefined) {
+        return `${described} contains '${escapeChar(bad)}'; use only ${allowed}`;
+    }
+    if (name.startsWith(".") || name.startsWith("-")) return `${described} must not start with '.' or '-'`;
     return null;
 }
 
-// vmsnapd's rules for a new VM's name (and never "." or "..", which no tool should hand to
-// libvirt).
+export function validateSnapshotName(name) {
+    return validateName("snapshot name", name, 63, "A-Z a-z 0-9 . _ -", c => /^[A-Za-z0-9._-]$/.test(c));
+}
+
 export function validateVmName(name) {
-    if (name.length === 0) return "the new VM needs a name";
-    if (name.length > 200) return `the name is ${name.length} characters long; the limit is 200`;
-    if (name === "." || name === "..") return `"${name}" cannot be a VM's name`;
-    if (name.startsWith("-")) return "the name must not start with '-'";
-    const bad = [...name].find(c => !/^[A-Za-z0-9._+-]$/.test(c));
-    if (bad !== undefined) return `the name contains '${bad}'; use only A-Z a-z 0-9 . _ - +`;
+    return validateName("VM name", name, 200, "A-Z a-z 0-9 . _ - +", c => /^[A-Za-z0-9._+-]$/.test(c));
+}
+
+export function validateDescription(description) {
+    const bytes = new TextEncoder().encode(description).length;
+    if (bytes > 4096) return `the description is ${bytes} bytes long; the limit is 4096`;
+    const bad = [...description].find(isUnsafeChar);
+    if (bad !== undefined) return `the description contains the control character ${escapeChar(bad)}; use one line of text`;
     return null;
 }
