@@ -11,6 +11,7 @@ packages=(
   dbus polkitd pkexec busybox-static e2fsprogs cpio kmod gzip
   lvm2 thin-provisioning-tools pkg-config
   openssh-server openssh-client
+  cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver sudo
 )
 
 missing=()

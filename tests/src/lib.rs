@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod browser;
+
 use tempfile::TempDir;
 
 /// Names of the lab's VMs (lab/up.sh).

@@ -134,6 +134,15 @@ fn expected_files(prefix: &str) -> BTreeSet<(String, u32)> {
         files.insert((format!("{prefix}/share/man/man1/{page}"), 0o644));
     }
     files.insert(("/etc/vmsnap/vmsnapd.toml".to_string(), 0o644));
+    // The Cockpit page, as built into cockpit/dist (lab/build-cockpit.sh).
+    let dist = workspace_root().join("cockpit/dist");
+    assert!(
+        dist.join("index.html").exists(),
+        "cockpit/dist is missing: build the Cockpit page with lab/build-cockpit.sh"
+    );
+    for (path, _) in files_under(&dist) {
+        files.insert((format!("{prefix}/share/cockpit/vmsnap{path}"), 0o644));
+    }
     files
 }
 
