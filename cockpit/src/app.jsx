@@ -86,6 +86,8 @@ const INDICATION_WORDS = {
     GuestAgent: "Guest agent: filesystems frozen (application-consistent)",
     NoGuestAgent: "No guest agent: crash-consistent",
     QuiesceFailed: "Freeze failed: crash-consistent",
+    QuiesceTimeout: "Freeze timed out (the guest agent did not answer): crash-consistent",
+    PartialSnapshot: "Partial: some disks were left out",
     Paused: "Paused: not frozen, consistent as of the pause",
 };
 
