@@ -333,6 +333,28 @@ pub fn disk_source(xml: &str, target: &str) -> Result<(String, String), String> 
     Ok((file.to_string(), format.to_string()))
 }
 
+/// A definition fit for everyone to read: the secrets libvirt includes with
+/// `VIR_DOMAIN_XML_SECURE` (the `passwd` of a VNC or SPICE `<graphics>`, and any other
+/// `passwd` attribute) are left out. The record keeps them, for a restore to bring them back.
+/// XML that does not parse is not shown at all.
+pub fn without_secrets(xml: &str) -> String {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return String::new();
+    };
+    let mut secrets: Vec<std::ops::Range<usize>> = doc
+        .descendants()
+        .flat_map(|n| n.attributes())
+        .filter(|a| a.name() == "passwd")
+        .map(|a| a.range())
+        .collect();
+    secrets.sort_by_key(|r| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for range in secrets {
+        out.replace_range(range, "");
+    }
+    out
+}
+
 /// Whether disk `target` of a definition names `image`: as its source or anywhere in its
 /// `<backingStore>` chain.
 pub fn disk_names_image(xml: &str, target: &str, image: &str) -> Result<bool, String> {
@@ -362,6 +384,29 @@ mod xml_edit_tests {
         <source file='/i/top.qcow2'/><backingStore type='file'><format type='qcow2'/>\
         <source file='/i/base.qcow2'/></backingStore><target dev='vda' bus='virtio'/></disk>\
         <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>";
+
+    #[test]
+    fn secrets_are_left_out_of_the_definition_everyone_reads() {
+        let xml = "<domain><name>a</name><devices><graphics type='vnc' port='-1' \
+                   passwd='s3cret&amp;' autoport='yes'/><graphics type=\"spice\" \
+                   passwd=\"other\"/></devices></domain>";
+        let public = without_secrets(xml);
+        assert!(
+            !public.contains("s3cret") && !public.contains("other"),
+            "{public}"
+        );
+        assert!(!public.contains("passwd"), "{public}");
+        let doc = roxmltree::Document::parse(&public).expect("still XML");
+        assert_eq!(
+            doc.descendants()
+                .filter(|n| n.has_tag_name("graphics"))
+                .filter_map(|n| n.attribute("autoport"))
+                .collect::<Vec<_>>(),
+            ["yes"]
+        );
+        assert_eq!(without_secrets(XML), XML, "nothing else changes");
+        assert_eq!(without_secrets("<domain"), "");
+    }
 
     #[test]
     fn disk_names_image_in_source_and_backing_chain() {

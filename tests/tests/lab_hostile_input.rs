@@ -107,11 +107,33 @@ fn hostile_names_descriptions_and_options_are_refused_and_change_nothing() {
     });
     // A real, restorable snapshot: without validation, a restore from it goes on to libvirt.
     // The disk is private (0600); the overlay the snapshot puts on it must be no more open.
+    // The VM has a VNC password, which the record keeps and nobody else reads.
     std::fs::set_permissions(&vm.disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with_password = virsh(&["dumpxml", "--inactive", &vm.name]).replace(
+        "</devices>",
+        "<graphics type='vnc' port='-1' passwd='Zq7xK2pW'/></devices>",
+    );
+    let xml_path = vm.dir.path().join("with-password.xml");
+    std::fs::write(&xml_path, with_password).unwrap();
+    virsh(&["define", xml_path.to_str().unwrap()]);
     let taken = daemon
         .ctl(&["snapshot", "create", &vm.name, "base", "--output", "json"])
         .json();
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    let content = daemon
+        .ctl(&["get", "vmsnapshotcontent", "-o", "json"])
+        .stdout;
+    assert!(content.contains("graphics"), "{content}");
+    assert!(!content.contains("Zq7xK2pW"), "{content}");
+    let records = std::process::Command::new("grep")
+        .args(["-rl", "Zq7xK2pW"])
+        .arg(daemon.state_dir())
+        .output()
+        .unwrap();
+    assert!(
+        !records.stdout.is_empty(),
+        "the record keeps the password for a restore"
+    );
     let overlay = vm.disk_source();
     assert_ne!(
         Path::new(&overlay),

@@ -112,10 +112,10 @@ impl SnapshotObject {
     /// The content record's definition: the VM's inactive domain XML as recorded with the
     /// snapshot (what a restore brings back); empty until recorded. Together with
     /// IncludedVolumes (one image or logical volume per captured disk) it is KubeVirt's
-    /// VirtualMachineSnapshotContent.
+    /// VirtualMachineSnapshotContent. Graphics passwords are left out: everyone may read it.
     #[zbus(property)]
     fn domain_xml(&self) -> String {
-        self.record.domain_xml.clone()
+        crate::domain::without_secrets(&self.record.domain_xml)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
