@@ -82,6 +82,38 @@ pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, String> {
         .collect())
 }
 
+/// Checks an image a shut-off VM's operation is about to build on: it must be there, and no other
+/// process may hold it open for writing (QEMU's image locks, which `qemu-img info` without `-U`
+/// respects): a snapshot of an image something else still writes would not stay what it
+/// captured. Not for a running VM's images, which its own QEMU holds.
+pub fn check_not_in_use(image: &str) -> Result<(), String> {
+    if std::fs::metadata(image).is_err() {
+        return Err(format!("{image} is missing"));
+    }
+    let mut qemu_img = Command::new("qemu-img");
+    qemu_img.args(["info", "--output", "json", image]);
+    let output = match vmsnap_exec::run_bounded(&mut qemu_img, QUICK_TIMEOUT) {
+        Ok(output) => output,
+        Err(RunError::Spawn(e)) => return Err(format!("cannot run qemu-img: {e}")),
+        Err(RunError::TimedOut) => return Err(format!("{image} could not be read in time")),
+    };
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    warn!(image, stderr = %stderr.trim(), "qemu-img info failed");
+    // qemu-img says so only in words: "Failed to get shared "write" lock".
+    if stderr.contains("lock") {
+        Err(format!(
+            "{image} is in use by another process (it holds the image's write lock)"
+        ))
+    } else {
+        Err(format!(
+            "{image} cannot be opened (qemu-img's messages are in vmsnapd's journal)"
+        ))
+    }
+}
+
 /// Commits `top` into its backing file, stopping at `deadline`. A stopped commit leaves the
 /// backing file partly merged, which a merge resumed from the journal completes.
 pub fn commit(top: &str, deadline: Instant) -> Result<(), String> {
@@ -231,5 +263,50 @@ mod tests {
         assert!(!crate::files::path_taken(std::path::Path::new(&failed)));
         let error = backing_chain(&p("missing.qcow2")).expect_err("no such image");
         assert!(!error.contains("Could not open"), "{error}");
+    }
+
+    #[test]
+    fn an_image_another_process_writes_or_a_missing_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.qcow2").to_string_lossy().into_owned();
+        run(
+            &image,
+            &["create", "-q", "-f", "qcow2", &image, "16M"],
+            QUICK_TIMEOUT,
+        )
+        .expect("create");
+        assert_eq!(check_not_in_use(&image), Ok(()));
+        // qemu-io holds it open read-write for as long as it sleeps.
+        let mut writer = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "sleep 20000", &image])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io runs");
+        let refused = refusal_once_locked(&image);
+        let _ = writer.kill();
+        let _ = writer.wait();
+        assert!(
+            refused.contains("is in use by another process"),
+            "{refused}"
+        );
+        assert_eq!(check_not_in_use(&image), Ok(()), "free again");
+        let missing = dir.path().join("gone.qcow2").to_string_lossy().into_owned();
+        assert_eq!(
+            check_not_in_use(&missing),
+            Err(format!("{missing} is missing"))
+        );
+    }
+
+    /// The refusal once the writer has taken its lock (it starts in a few milliseconds).
+    fn refusal_once_locked(image: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match check_not_in_use(image) {
+                Err(e) => return e,
+                Ok(()) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                Ok(()) => return "never locked".to_string(),
+            }
+        }
     }
 }

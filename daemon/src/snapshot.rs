@@ -208,6 +208,7 @@ fn create_steps(
         .map_err(|e| e.message().to_string())?;
     let live_xml = current_xml(&dom)?;
     let vm = parse_domain(&live_xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe)?;
+    let online = is_active(&dom)?;
 
     let mut volumes = Vec::new();
     let mut excluded = Vec::new();
@@ -216,6 +217,10 @@ fn create_steps(
         match disk.backend.as_str() {
             b if b == DiskBackend::Qcow2.as_str() => {
                 let (image, format) = domain::disk_source(&live_xml, &disk.target)?;
+                if !online {
+                    qemu_img::check_not_in_use(&image)
+                        .map_err(|e| format!("disk {}: {e}", disk.target))?;
+                }
                 let dir = Path::new(&image)
                     .parent()
                     .ok_or_else(|| format!("disk {}: {image} has no directory", disk.target))?;
@@ -277,7 +282,6 @@ fn create_steps(
 
     let running = state == DomainState::Running;
     let paused = state == DomainState::Paused;
-    let online = is_active(&dom)?;
     let try_freeze = running
         && !record.volumes.is_empty()
         && match ctx.quiesce {

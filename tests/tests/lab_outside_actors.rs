@@ -1,0 +1,81 @@
+//! Outside actors on a shut-off VM's disk: another process writing its image, or the image gone.
+//! A snapshot then fails with words that say so, and nothing changes: not the definition, not the
+//! disk folder, not the image the other process writes.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use vmsnap_tests::{
+    config_for, image_checksums, virsh, wait_for, Daemon, PrivateBus, ScratchOptions, ScratchVm,
+    LAB_URI,
+};
+
+fn failed_snapshot(daemon: &Daemon, vm: &str, name: &str) -> Value {
+    let out = daemon.ctl(&["snapshot", "create", vm, name, "--output", "json"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let shown = daemon
+        .ctl(&["snapshot", "show", vm, name, "--output", "json"])
+        .json();
+    assert_eq!(shown["phase"], "Failed", "{shown}");
+    shown
+}
+
+#[test]
+fn a_shut_off_vm_whose_image_another_process_writes_or_that_is_gone_is_not_snapshotted() {
+    let vm = ScratchVm::define(
+        "vmsnap-t12-actors",
+        ScratchOptions::default(),
+        &[("hello.txt", b"hello\n")],
+    );
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let definition = virsh(&["dumpxml", "--inactive", &vm.name]);
+    let images = vm.images();
+    let disk = vm.disk.to_str().unwrap().to_string();
+
+    // Another process holds the image open read-write (qemu-io, as a backup tool or another
+    // QEMU would).
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 60000", &disk])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let shown = failed_snapshot(&daemon, &vm.name, "while-written");
+    let error = shown["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("disk vda: {disk} is in use by another process")),
+        "{error}"
+    );
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert_eq!(virsh(&["dumpxml", "--inactive", &vm.name]), definition);
+    assert_eq!(vm.images(), images);
+    let content = image_checksums(&disk);
+
+    // The image is gone (moved away by someone).
+    let moved = vm.dir.path().join("moved-away.img");
+    std::fs::rename(&disk, &moved).unwrap();
+    let shown = failed_snapshot(&daemon, &vm.name, "while-gone");
+    let error = shown["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("disk vda: {disk} is missing")),
+        "{error}"
+    );
+    std::fs::rename(&moved, &disk).unwrap();
+    assert_eq!(virsh(&["dumpxml", "--inactive", &vm.name]), definition);
+    assert_eq!(vm.images(), images);
+
+    // Back to normal, a snapshot works and holds what the image held.
+    let taken = daemon
+        .ctl(&["snapshot", "create", &vm.name, "after", "--output", "json"])
+        .json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    assert_eq!(image_checksums(&disk), content);
+}
