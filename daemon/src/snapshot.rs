@@ -755,7 +755,16 @@ fn release_image(
     {
         if t == target {
             let forest = Forest::scan(conn, others)?;
-            if forest.contains(&top) && forest.parent(&top) == Some(base.as_str()) {
+            // QEMU finishes a block commit of a lower layer on its own, also with vmsnapd gone:
+            // then no disk goes through `top` any more, one goes through `base`, and nothing
+            // builds on `top`. Merging it again would write into an image a running VM holds.
+            let finished_by_qemu = !forest.in_any_chain(&top)
+                && forest.in_any_chain(&base)
+                && forest.children(&top).is_empty();
+            if forest.contains(&top)
+                && forest.parent(&top) == Some(base.as_str())
+                && !finished_by_qemu
+            {
                 merge_down(ctx, conn, &forest, deleting, target, &base, &top, deadline)?;
             }
             move_claims(ctx, others, &top, &base, &Forest::scan(conn, others)?)?;
