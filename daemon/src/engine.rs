@@ -283,6 +283,25 @@ fn report_orphan_lvs(
     }
 }
 
+/// A ready snapshot whose image file is gone is not ready to use, and says why. Only in memory:
+/// the record stays as it was, so a snapshot whose image comes back is ready at the next start.
+fn mark_missing_images(record: &mut SnapshotRecord) {
+    if record.phase != SnapshotPhase::Succeeded || !record.ready_to_use {
+        return;
+    }
+    let missing = record
+        .volumes
+        .iter()
+        .find(|v| v.lvm.is_none() && std::fs::metadata(&v.image).is_err());
+    if let Some(volume) = missing {
+        record.ready_to_use = false;
+        record.error = format!(
+            "the image {} of disk {} is missing: this snapshot cannot be restored",
+            volume.image, volume.target
+        );
+    }
+}
+
 impl Engine {
     pub fn new(changes: mpsc::UnboundedSender<Change>) -> (Engine, Settled) {
         let (settled, settled_rx) = watch::channel(false);
@@ -321,7 +340,8 @@ impl Engine {
         for problem in problems {
             warn!("skipping an unreadable snapshot record: {problem}");
         }
-        for record in records {
+        for mut record in records {
+            mark_missing_images(&mut record);
             self.emit(Change::SnapshotAdded(Box::new(record.clone())));
             self.snapshots.insert(record.uuid.clone(), record);
         }
@@ -716,11 +736,17 @@ impl Engine {
                 vm: vm_key.to_string(),
                 name: snapshot_name.to_string(),
             })?;
-        if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
+        if snapshot.phase != SnapshotPhase::Succeeded {
             return Err(EngineError::InvalidState(format!(
                 "snapshot '{}' is {}; only a Succeeded snapshot can be restored",
                 snapshot.name,
                 snapshot.phase.as_str()
+            )));
+        }
+        if !snapshot.ready_to_use {
+            return Err(EngineError::InvalidState(format!(
+                "snapshot '{}' is not ready to use: {}",
+                snapshot.name, snapshot.error
             )));
         }
         if let Some(missing) = snapshot

@@ -185,6 +185,17 @@ fn restore_steps(
             snapshot.name, missing.image, missing.target
         ));
     }
+    // Before anything changes (the safety snapshot included): the images each need their own
+    // backing files too.
+    for volume in snapshot.volumes.iter().filter(|v| v.lvm.is_none()) {
+        qemu_img::backing_chain(&volume.image).map_err(|_| {
+            format!(
+                "snapshot '{}' cannot be restored: the backing chain of its image {} of disk {} \
+                 cannot be read (a backing file is missing or damaged; see vmsnapd's journal)",
+                snapshot.name, volume.image, volume.target
+            )
+        })?;
+    }
 
     let lvm = ctx.lvm_tool();
     for volume in snapshot.volumes.iter().filter(|v| v.lvm.is_some()) {

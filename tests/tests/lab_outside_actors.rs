@@ -79,3 +79,59 @@ fn a_shut_off_vm_whose_image_another_process_writes_or_that_is_gone_is_not_snaps
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
     assert_eq!(image_checksums(&disk), content);
 }
+
+#[test]
+fn a_snapshot_whose_image_or_backing_file_is_gone_is_not_offered_and_nothing_changes() {
+    let vm = ScratchVm::define("vmsnap-t12-gone", ScratchOptions::default(), &[]);
+    let bus = PrivateBus::start();
+    let mut daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    for name in ["g1", "g2"] {
+        let taken = daemon
+            .ctl(&["snapshot", "create", &vm.name, name, "--output", "json"])
+            .json();
+        assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    }
+    // Someone removes g1's image, which g2's image (and the VM's disk) builds on.
+    let g1_image = vmsnap_tests::image_of(&vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1"));
+    let kept = vm.dir.path().join("kept-aside.qcow2");
+    std::fs::rename(&g1_image, &kept).unwrap();
+    let definition = virsh(&["dumpxml", "--inactive", &vm.name]);
+    let images = vm.images();
+
+    // g2's own image is there, but not its backing file: refused before anything, the safety
+    // snapshot included.
+    let out = daemon.ctl(&["restore", &vm.name, "g2"]);
+    let message = out.failure();
+    assert!(message.contains("backing chain"), "{message}");
+    let names: Vec<String> = daemon
+        .ctl(&["snapshot", "list", &vm.name, "--output", "json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["g1", "g2"], "no safety snapshot was taken");
+    assert_eq!(virsh(&["dumpxml", "--inactive", &vm.name]), definition);
+    assert_eq!(vm.images(), images);
+
+    // After a restart, g1 is not offered for restore, and says why.
+    daemon.restart_with_env(&[]);
+    let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
+    assert_eq!(g1["readyToUse"], false, "{g1}");
+    assert!(g1["error"].as_str().unwrap().contains("is missing"), "{g1}");
+    let refused = daemon.ctl(&["restore", &vm.name, "g1"]);
+    assert!(
+        refused.failure().contains("not ready to use"),
+        "{refused:?}"
+    );
+
+    // With the image back, it is ready again after the next start.
+    std::fs::rename(&kept, &g1_image).unwrap();
+    daemon.restart_with_env(&[]);
+    let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
+    assert_eq!(g1["readyToUse"], true, "{g1}");
+}
