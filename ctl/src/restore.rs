@@ -20,7 +20,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::bus::{Bus, ReadError};
 use crate::restore_output::{print_restore, print_restore_list, Restore};
-use crate::watch::{Event, Progress, Watch};
+use crate::watch::{Stopped, Watch};
 use crate::{Failure, OutputFormat};
 
 /// `vmsnapctl restore`: a subcommand, or the arguments of a restore.
@@ -279,37 +279,27 @@ async fn restore(
     }
 
     let mut watch = Watch::subscribe(bus, &path, RESTORE_INTERFACE).await?;
-    // Read after subscribing: whatever happened before is in this read, the rest in the watch.
-    let mut restore = read(bus, &path, gone).await?;
-    let mut progress = Progress::default();
-    progress.show(&restore.progress);
-    while restore.phase == RestorePhase::InProgress.as_str() {
-        match watch.next().await? {
-            Event::Progress(text) => progress.show(&text),
-            Event::Phase(phase) => {
-                if phase != RestorePhase::InProgress.as_str() {
-                    // The final state, read in one go.
-                    restore = read(bus, &path, gone).await?;
-                }
-            }
-            Event::Removed => return Err(gone().into()),
-            Event::DaemonGone => {
-                return Err(format!(
+    let restore = watch
+        .until_settled(
+            RestorePhase::InProgress.as_str(),
+            || read(bus, &path, &gone),
+            |r: &Restore| &r.phase,
+            |r| &r.progress,
+            &gone,
+            |r| Stopped {
+                daemon_gone: format!(
                     "vmsnapd stopped while the restore of {vm} to snapshot {snapshot} was in \
                      progress; check it with 'vmsnapctl restore show {}'",
-                    restore.short_uuid()
-                )
-                .into())
-            }
-            Event::Interrupted => {
-                return Err(Failure::interrupted(&format!(
+                    r.short_uuid()
+                ),
+                interrupted: format!(
                     "stopped waiting; the restore continues in vmsnapd \
                      (follow it with 'vmsnapctl restore show {}')",
-                    restore.short_uuid()
-                )))
-            }
-        }
-    }
+                    r.short_uuid()
+                ),
+            },
+        )
+        .await?;
 
     if restore.phase == RestorePhase::Failed.as_str() {
         if format == OutputFormat::Json {

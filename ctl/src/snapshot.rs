@@ -11,7 +11,7 @@ use crate::bus::{Bus, ReadError};
 use crate::snapshot_output::{
     print_deleted, print_snapshot, print_snapshot_list, Deleted, Snapshot,
 };
-use crate::watch::{Event, Progress, Watch};
+use crate::watch::{Event, Progress, Stopped, Watch};
 use crate::{Failure, OutputFormat};
 
 #[derive(Debug, Subcommand)]
@@ -213,35 +213,23 @@ async fn create(bus: &Bus, args: &CreateArgs, format: OutputFormat) -> Result<()
     }
 
     let mut watch = Watch::subscribe(bus, &path, SNAPSHOT_INTERFACE).await?;
-    // Read after subscribing: whatever happened before is in this read, the rest in the watch.
-    let mut snapshot = read(bus, &path, gone).await?;
-    let mut progress = Progress::default();
-    progress.show(&snapshot.progress);
-    while snapshot.phase == SnapshotPhase::InProgress.as_str() {
-        match watch.next().await? {
-            Event::Progress(text) => progress.show(&text),
-            Event::Phase(phase) => {
-                if phase != SnapshotPhase::InProgress.as_str() {
-                    // The final state, read in one go.
-                    snapshot = read(bus, &path, gone).await?;
-                }
-            }
-            Event::Removed => return Err(gone().into()),
-            Event::DaemonGone => {
-                return Err(format!(
+    let snapshot = watch
+        .until_settled(
+            SnapshotPhase::InProgress.as_str(),
+            || read(bus, &path, &gone),
+            |s: &Snapshot| &s.phase,
+            |s| &s.progress,
+            &gone,
+            |_| Stopped {
+                daemon_gone: format!(
                     "vmsnapd stopped while snapshot {} of {} was in progress; \
                      check it with 'vmsnapctl snapshot show {} {}'",
                     args.name, args.vm, args.vm, args.name
-                )
-                .into())
-            }
-            Event::Interrupted => {
-                return Err(Failure::interrupted(
-                    "stopped waiting; the snapshot continues in vmsnapd",
-                ))
-            }
-        }
-    }
+                ),
+                interrupted: "stopped waiting; the snapshot continues in vmsnapd".to_string(),
+            },
+        )
+        .await?;
 
     if snapshot.phase == SnapshotPhase::Failed.as_str() {
         if format == OutputFormat::Json {

@@ -26,6 +26,7 @@ use zbus::proxy::{CacheProperties, OwnerChangedStream};
 use zbus::OwnedObjectPath;
 
 use crate::bus::Bus;
+use crate::Failure;
 
 /// Something that happened to the watched object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +79,54 @@ pub struct Watch {
     pending: VecDeque<Event>,
 }
 
+/// What a wait says when it stops before the operation's end.
+pub struct Stopped {
+    /// vmsnapd left the bus.
+    pub daemon_gone: String,
+    /// The user pressed Ctrl-C (the operation goes on in vmsnapd).
+    pub interrupted: String,
+}
+
 impl Watch {
+    /// Follows the watched snapshot or restore until its phase is no longer `running`: progress
+    /// lines on standard error, then the final state, read once with `read`. Read after
+    /// subscribing, so nothing that happened before is missed. `gone` is the error when the
+    /// object is removed meanwhile; `stopped` says what to tell when the wait ends early.
+    pub async fn until_settled<T, Read, Reading>(
+        &mut self,
+        running: &str,
+        mut read: Read,
+        phase_of: impl Fn(&T) -> &str,
+        progress_of: impl Fn(&T) -> &str,
+        gone: impl Fn() -> String,
+        stopped: impl Fn(&T) -> Stopped,
+    ) -> Result<T, Failure>
+    where
+        Read: FnMut() -> Reading,
+        Reading: Future<Output = Result<T, String>>,
+    {
+        let mut current = read().await?;
+        let mut progress = Progress::default();
+        progress.show(progress_of(&current));
+        while phase_of(&current) == running {
+            match self.next().await? {
+                Event::Progress(text) => progress.show(&text),
+                Event::Phase(phase) => {
+                    if phase != running {
+                        // The final state, read in one go.
+                        current = read().await?;
+                    }
+                }
+                Event::Removed => return Err(gone().into()),
+                Event::DaemonGone => return Err(stopped(&current).daemon_gone.into()),
+                Event::Interrupted => {
+                    return Err(Failure::interrupted(&stopped(&current).interrupted))
+                }
+            }
+        }
+        Ok(current)
+    }
+
     /// Subscribes to everything about the object at `path` that implements `interface`
     /// (`SNAPSHOT_INTERFACE` or `RESTORE_INTERFACE`). Returns once the bus has the match rules,
     /// so every later change is seen.
