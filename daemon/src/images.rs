@@ -14,6 +14,7 @@ use vmsnap_api::SnapshotPhase;
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::qcow2;
 use crate::qemu_img;
 use crate::store::SnapshotRecord;
 
@@ -34,6 +35,8 @@ pub struct Forest {
     pub tops: Vec<DiskTop>,
     /// Every image seen.
     images: BTreeSet<String>,
+    /// Files found next to the images that build on one of them, named by no domain or record.
+    unknown: BTreeSet<String>,
 }
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
@@ -89,7 +92,44 @@ impl Forest {
                 }
             }
         }
+        forest.add_unknown_children();
         Ok(forest)
+    }
+
+    /// Adds the files in the folders of the images seen so far that build on one of them but
+    /// that no domain or record names: a disk of a VM undefined with `virsh undefine`, a copy made
+    /// by hand, another host's VM on a shared folder. Each counts as a child of its backing
+    /// image, so that image is neither merged into nor removed while the file exists. Files in
+    /// other folders that build on vmsnap's images are not seen.
+    fn add_unknown_children(&mut self) {
+        let folders: BTreeSet<std::path::PathBuf> = self
+            .images
+            .iter()
+            .filter_map(|i| std::path::Path::new(i).parent().map(|p| p.to_path_buf()))
+            .collect();
+        for folder in folders {
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+                let name = path.to_string_lossy().into_owned();
+                if !is_file || self.images.contains(&name) {
+                    continue;
+                }
+                let Ok(Some(backing)) = qcow2::backing_file(&path) else {
+                    continue;
+                };
+                let backing = backing.to_string_lossy().into_owned();
+                if self.images.contains(&backing) {
+                    debug!(file = %name, %backing, "a file no domain or record names builds on an image");
+                    self.parent.insert(name.clone(), backing);
+                    self.unknown.insert(name);
+                }
+            }
+        }
+        self.images.extend(self.unknown.iter().cloned());
     }
 
     fn add_chain(&mut self, top: &str) {

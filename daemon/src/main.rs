@@ -13,6 +13,7 @@ mod fuzz_tests;
 mod images;
 mod libvirt;
 mod lvm_volumes;
+mod qcow2;
 mod qemu_img;
 mod restore;
 mod service;

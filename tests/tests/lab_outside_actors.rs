@@ -135,3 +135,91 @@ fn a_snapshot_whose_image_or_backing_file_is_gone_is_not_offered_and_nothing_cha
     let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
     assert_eq!(g1["readyToUse"], true, "{g1}");
 }
+
+/// The disk's content as a guest would read it, whole: SHA-256 of the flattened image.
+fn flat_sum(image: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("flat.raw");
+    vmsnap_tests::run(
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
+    );
+    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes a 64 KiB pattern into a shut-off VM's top image, as the guest would.
+fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
+    vmsnap_tests::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {byte} {}k 64k", offset_kib),
+            image,
+        ],
+    );
+}
+
+#[test]
+fn an_undefined_vms_disk_keeps_its_content_when_the_snapshot_it_builds_on_is_deleted() {
+    let vm = ScratchVm::define("vmsnap-t12-undef", ScratchOptions::default(), &[]);
+    let clone = "vmsnap-t12-undef-copy";
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let snapshot = |name: &str| {
+        let taken = daemon
+            .ctl(&["snapshot", "create", &vm.name, name, "--output", "json"])
+            .json();
+        assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    };
+    snapshot("x");
+    write_pattern(&vm.disk_source(), 0xaa, 1024);
+    snapshot("y");
+    write_pattern(&vm.disk_source(), 0xbb, 2048);
+    let y_sum = flat_sum(&vmsnap_tests::image_of(&vmsnap_tests::show_snapshot(
+        &daemon, &vm.name, "y",
+    )));
+
+    // X becomes a new VM, which someone then undefines; its disk stays (virsh keeps it).
+    let restored = daemon
+        .ctl(&[
+            "restore", &vm.name, "x", "--target", clone, "--output", "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    let clone_disk = virsh(&["domblklist", clone])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
+        .unwrap();
+    write_pattern(&clone_disk, 0xcc, 3072);
+    let clone_sum = flat_sum(&clone_disk);
+    virsh(&["undefine", clone]);
+    wait_for(
+        Duration::from_secs(30),
+        "vmsnapd to see the VM gone",
+        || (daemon.ctl(&["vm", "show", clone]).code == Some(1)).then_some(()),
+    );
+
+    // Deleting X must not merge Y's data into the image the undefined VM's disk builds on.
+    daemon.ctl(&["snapshot", "delete", &vm.name, "x"]).ok();
+    assert_eq!(
+        flat_sum(&clone_disk),
+        clone_sum,
+        "the undefined VM's disk changed"
+    );
+    let y = vmsnap_tests::show_snapshot(&daemon, &vm.name, "y");
+    assert_eq!(
+        flat_sum(&vmsnap_tests::image_of(&y)),
+        y_sum,
+        "snapshot y changed"
+    );
+    std::fs::remove_file(&clone_disk).unwrap();
+}

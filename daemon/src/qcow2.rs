@@ -1,0 +1,146 @@
+//! The one thing vmsnapd reads from a qcow2 header itself: which file an image is built on. Used
+//! to find files next to vmsnap's images that build on them without vmsnapd knowing them (a disk
+//! of a VM undefined with `virsh undefine`, a copy made by hand), with no process per file.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"QFI\xfb";
+/// The qcow2 specification's limit on the backing file name.
+const MAX_BACKING_NAME: u32 = 1023;
+
+/// The backing file named in `path`'s qcow2 header, made absolute against `path`'s folder;
+/// `None` for an image without one, or a file that is not qcow2.
+pub fn backing_file(path: &Path) -> io::Result<Option<PathBuf>> {
+    let mut file = File::open(path)?;
+    let mut header = [0u8; 20];
+    if file.read_exact(&mut header).is_err() || &header[..4] != MAGIC {
+        return Ok(None);
+    }
+    parse_backing(&header, |offset, size| {
+        let mut name = vec![0u8; size];
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(&mut name)?;
+        Ok(name)
+    })
+    .map(|name| {
+        name.map(|name| {
+            let name = Path::new(OsStr::from_bytes(&name));
+            match path.parent() {
+                Some(dir) if name.is_relative() => dir.join(name),
+                _ => name.to_path_buf(),
+            }
+        })
+    })
+}
+
+/// The backing file name from a header's first 20 bytes (`read` fetches the name's bytes).
+fn parse_backing(
+    header: &[u8; 20],
+    read: impl FnOnce(u64, usize) -> io::Result<Vec<u8>>,
+) -> io::Result<Option<Vec<u8>>> {
+    let version = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let offset = u64::from_be_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+    let size = u32::from_be_bytes([header[16], header[17], header[18], header[19]]);
+    if !(2..=3).contains(&version) || offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    if size > MAX_BACKING_NAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a backing file name of {size} bytes"),
+        ));
+    }
+    // Both bounded just above: a usize holds them.
+    read(offset, size as usize).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img runs");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    #[test]
+    fn reads_the_backing_file_as_qemu_img_wrote_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let relative = dir.path().join("relative.qcow2");
+        let raw = dir.path().join("plain.raw");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            base.to_str().expect("utf-8"),
+            "1M",
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            base.to_str().expect("utf-8"),
+            top.to_str().expect("utf-8"),
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            relative.to_str().expect("utf-8"),
+            "1M",
+        ]);
+        std::fs::write(&raw, vec![0u8; 4096]).expect("write");
+        assert_eq!(backing_file(&base).expect("reads"), None);
+        assert_eq!(backing_file(&top).expect("reads"), Some(base.clone()));
+        assert_eq!(backing_file(&relative).expect("reads"), Some(base));
+        assert_eq!(backing_file(&raw).expect("reads"), None);
+        std::fs::write(&raw, b"QFI").expect("write");
+        assert_eq!(
+            backing_file(&raw).expect("reads"),
+            None,
+            "too short to be qcow2"
+        );
+    }
+
+    #[test]
+    fn odd_headers_are_refused_or_ignored_never_trusted() {
+        let mut header = [0u8; 20];
+        header[..4].copy_from_slice(MAGIC);
+        header[7] = 3;
+        header[15] = 0x40; // offset 64
+        header[16..20].copy_from_slice(&5000u32.to_be_bytes());
+        assert!(parse_backing(&header, |_, _| Ok(vec![])).is_err());
+        header[16..20].copy_from_slice(&0u32.to_be_bytes());
+        assert_eq!(parse_backing(&header, |_, _| Ok(vec![])).expect("ok"), None);
+        header[7] = 9;
+        header[16..20].copy_from_slice(&4u32.to_be_bytes());
+        assert_eq!(
+            parse_backing(&header, |_, _| Ok(b"base".to_vec())).expect("ok"),
+            None
+        );
+    }
+}
