@@ -1,6 +1,6 @@
 //! A thaw that sticks: the guest agent stops answering just before a snapshot and resumes a
 //! minute later, when it may run the freeze it had queued. The snapshot is bounded and says
-//! QuiesceFailed; the guest must end thawed without anyone's help, and stay so.
+//! QuiesceTimeout; the guest must end thawed without anyone's help, and stay so.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ fn a_guest_whose_agent_answers_a_minute_late_ends_thawed() {
         .iter()
         .filter_map(|i| i.as_str())
         .collect();
-    assert!(indications.contains(&"QuiesceFailed"), "{snap}");
+    assert!(indications.contains(&"QuiesceTimeout"), "{snap}");
     assert!(
         stopped.elapsed() < Duration::from_secs(50),
         "the snapshot did not wait for the agent"
