@@ -608,7 +608,7 @@ impl Engine {
             }
             Request::FindSnapshot { vm, name, reply } => {
                 let found = self
-                    .find_vm(&vm)
+                    .snapshots_vm(&vm)
                     .map(|vm| vm.uuid.clone())
                     .and_then(|vm_uuid| {
                         self.snapshots
@@ -683,7 +683,10 @@ impl Engine {
                 return Err(e);
             }
         };
-        let Some((libvirt, requests)) = self.libvirt.clone() else {
+        // Without libvirt at hand, or for a source VM that is no longer defined (a new VM is
+        // made from the content record alone), there is nothing to ask whether it runs.
+        let libvirt = self.libvirt.clone().filter(|_| self.is_defined(&vm.uuid));
+        let Some((libvirt, requests)) = libvirt else {
             let answer = self.confirm_restore(&vm.uuid, &snapshot.uuid, options, Ok(false));
             let _ = reply.send(answer);
             return Ok(());
@@ -726,7 +729,14 @@ impl Engine {
             validate_snapshot_name(&options.name)
                 .map_err(|e| EngineError::InvalidName(e.replacen("snapshot", "restore", 1)))?;
         }
-        let vm = self.find_vm(vm_key)?.clone();
+        let vm = self.snapshots_vm(vm_key)?;
+        if options.target.is_empty() && !self.is_defined(&vm.uuid) {
+            return Err(EngineError::InvalidState(format!(
+                "VM '{}' is no longer defined: restore its snapshot as a new VM (give a target \
+                 name), or define the VM again to restore it in place",
+                excerpt(&vm.name)
+            )));
+        }
         let snapshot = self
             .snapshots
             .values()
@@ -785,11 +795,7 @@ impl Engine {
         options: RestoreOptions,
         running: Result<bool, String>,
     ) -> Result<String, EngineError> {
-        let vm = self
-            .vms
-            .get(vm_uuid)
-            .cloned()
-            .ok_or_else(|| EngineError::VmNotFound(vm_uuid.to_string()))?;
+        let vm = self.snapshots_vm(vm_uuid)?;
         let snapshot = self.snapshots.get(snapshot_uuid).cloned().ok_or_else(|| {
             EngineError::SnapshotNotFound {
                 vm: vm.name.clone(),
@@ -1060,7 +1066,7 @@ impl Engine {
         let vm_uuid = if vm_key.is_empty() {
             None
         } else {
-            Some(self.find_vm(vm_key)?.uuid.clone())
+            Some(self.snapshots_vm(vm_key)?.uuid)
         };
         let mut list: Vec<&SnapshotRecord> = self
             .snapshots
@@ -1126,6 +1132,43 @@ impl Engine {
             ops.clone()
                 .spawn(vm_uuid, move |ctx| snapshot::recover(ctx, record, others));
         }
+    }
+
+    /// The VM whose snapshots `key` (a name or UUID) asks for: a defined one, or one that is
+    /// gone from libvirt (`virsh undefine`) but whose snapshots are still here: they outlive it,
+    /// and their content records hold its whole definition.
+    fn snapshots_vm(&self, key: &str) -> Result<VmInfo, EngineError> {
+        let defined = match self.find_vm(key) {
+            Ok(vm) => return Ok(vm.clone()),
+            Err(e) => e,
+        };
+        let lower = key.to_ascii_lowercase();
+        let mut owners: Vec<&SnapshotRecord> = self
+            .snapshots
+            .values()
+            .filter(|s| s.vm_uuid == lower || s.vm_name == key)
+            .collect();
+        owners.sort_by(|a, b| a.vm_uuid.cmp(&b.vm_uuid));
+        owners.dedup_by(|a, b| a.vm_uuid == b.vm_uuid);
+        match owners.as_slice() {
+            [] => Err(defined),
+            [record] => Ok(VmInfo {
+                name: record.vm_name.clone(),
+                uuid: record.vm_uuid.clone(),
+                state: vmsnap_api::VmState::Unknown,
+                agent: vmsnap_api::AgentState::NotConfigured,
+                disks: Vec::new(),
+            }),
+            _ => Err(EngineError::InvalidArgument(format!(
+                "several undefined VMs named '{}' have snapshots; name the VM by its UUID",
+                excerpt(key)
+            ))),
+        }
+    }
+
+    /// Whether the VM with this UUID is defined in libvirt now.
+    fn is_defined(&self, vm_uuid: &str) -> bool {
+        self.vms.contains_key(vm_uuid)
     }
 
     fn find_vm(&self, key: &str) -> Result<&VmInfo, EngineError> {

@@ -151,6 +151,11 @@ impl Forest {
         }
     }
 
+    /// Whether `image` is a file no domain or record names (see `add_unknown_children`).
+    pub fn is_unknown(&self, image: &str) -> bool {
+        self.unknown.contains(image)
+    }
+
     pub fn contains(&self, image: &str) -> bool {
         self.images.contains(image)
     }

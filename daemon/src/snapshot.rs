@@ -862,6 +862,9 @@ fn merge_down(
             refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
+        // Offline, the images on `top` would be rebased onto `base`: not one vmsnapd does not
+        // know (an undefined VM's disk, a copy made by hand), which it must not change.
+        [] if children.iter().any(|c| forest.is_unknown(c)) => Ok(false),
         [] => {
             let base_format = forest.format(base).to_string();
             qemu_img::commit(top, deadline)?;

@@ -169,6 +169,7 @@ fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
 fn an_undefined_vms_disk_keeps_its_content_when_the_snapshot_it_builds_on_is_deleted() {
     let vm = ScratchVm::define("vmsnap-t12-undef", ScratchOptions::default(), &[]);
     let clone = "vmsnap-t12-undef-copy";
+    undefine_leftover(clone);
     let bus = PrivateBus::start();
     let daemon = Daemon::start(&bus, &config_for(LAB_URI));
     wait_for(Duration::from_secs(30), "the VM in the inventory", || {
@@ -222,4 +223,78 @@ fn an_undefined_vms_disk_keeps_its_content_when_the_snapshot_it_builds_on_is_del
         "snapshot y changed"
     );
     std::fs::remove_file(&clone_disk).unwrap();
+}
+
+#[test]
+fn snapshots_outlive_their_vm_and_become_a_new_vm_without_touching_its_disk() {
+    let vm = ScratchVm::define("vmsnap-t12-gonevm", ScratchOptions::default(), &[]);
+    let copy = "vmsnap-t12-gonevm-copy";
+    undefine_leftover(copy);
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    for (name, byte) in [("s1", 0x11), ("s2", 0x22)] {
+        write_pattern(&vm.disk_source(), byte, 512);
+        let taken = daemon
+            .ctl(&["snapshot", "create", &vm.name, name, "--output", "json"])
+            .json();
+        assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    }
+    write_pattern(&vm.disk_source(), 0x33, 4096);
+    let top = vm.disk_source();
+    let top_sum = flat_sum(&top);
+    let s2_sum = flat_sum(&vmsnap_tests::image_of(&vmsnap_tests::show_snapshot(
+        &daemon, &vm.name, "s2",
+    )));
+
+    // The VM is undefined (its disks stay, as virsh leaves them).
+    virsh(&["undefine", &vm.name]);
+    wait_for(
+        Duration::from_secs(30),
+        "vmsnapd to see the VM gone",
+        || (daemon.ctl(&["vm", "show", &vm.name]).code == Some(1)).then_some(()),
+    );
+    // Its snapshots are still listed, shown and restorable, as a new VM.
+    let listed = daemon
+        .ctl(&["snapshot", "list", &vm.name, "--output", "json"])
+        .json();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(
+        vmsnap_tests::show_snapshot(&daemon, &vm.name, "s1")["readyToUse"],
+        true
+    );
+    let in_place = daemon.ctl(&["restore", &vm.name, "s2"]);
+    assert!(
+        in_place.failure().contains("no longer defined"),
+        "{in_place:?}"
+    );
+    let restored = daemon
+        .ctl(&[
+            "restore", &vm.name, "s2", "--target", copy, "--output", "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    let copy_disk = virsh(&["domblklist", copy])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
+        .unwrap();
+    assert_eq!(flat_sum(&copy_disk), s2_sum, "the new VM holds s2's data");
+
+    // Deleting s1 leaves the undefined VM's disk (and the new VM's) as they were.
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
+    assert_eq!(flat_sum(&top), top_sum, "the undefined VM's disk changed");
+    assert_eq!(flat_sum(&copy_disk), s2_sum, "the new VM's disk changed");
+    undefine_leftover(copy);
+}
+
+/// A VM an earlier, failed run of these tests may have left defined.
+fn undefine_leftover(name: &str) {
+    let _ = Command::new("virsh")
+        .args(["-c", LAB_URI, "destroy", name])
+        .output();
+    let _ = Command::new("virsh")
+        .args(["-c", LAB_URI, "undefine", name])
+        .output();
 }
