@@ -129,9 +129,18 @@ pub fn restore(
             // Nothing changed: the VM this restore shut down runs again.
             let started = connect(&ctx.uri)
                 .and_then(|conn| lookup(&conn, &record.vm_uuid))
-                .and_then(|dom| dom.create().map_err(|e| e.message().to_string()));
+                .and_then(|dom| {
+                    // Someone may have started it meanwhile.
+                    if is_active(&dom)? {
+                        return Ok(false);
+                    }
+                    dom.create()
+                        .map(|_| true)
+                        .map_err(|e| e.message().to_string())
+                });
             match started {
-                Ok(_) => error.push_str("; the VM was started again"),
+                Ok(true) => error.push_str("; the VM was started again"),
+                Ok(false) => {}
                 Err(e) => error.push_str(&format!("; the VM stays off (it did not start: {e})")),
             }
         }
@@ -338,6 +347,16 @@ fn apply(
         }
     }
     crash_point("restore-before-define");
+    // libvirt cannot refuse a start meanwhile: a VM started by someone else during the restore
+    // runs on its old disks, and restoring under it would lose what it writes. Last check
+    // before anything of the VM changes.
+    if !record.new_vm && lookup(conn, &record.vm_uuid).and_then(|dom| is_active(&dom))? {
+        return Err(format!(
+            "VM '{}' was started during the restore (by someone else); nothing of it was \
+             restored: stop it and restore again",
+            record.vm_name
+        ));
+    }
     let in_place_lvm = !record.new_vm && snapshot.volumes.iter().any(|v| v.lvm.is_some());
     if in_place_lvm {
         record.step = RestoreStep::Committed {

@@ -536,11 +536,16 @@ pub(crate) fn source_indications(
 }
 
 /// Fault injection for the crash-safety tests: when VMSNAP_TEST_CRASH_AT names this point, the
-/// daemon dies on the spot, as a SIGKILL or power cut would leave it.
+/// daemon dies on the spot, as a SIGKILL or power cut would leave it. When VMSNAP_TEST_PAUSE_AT
+/// names it, the operation waits 3 s there, for a test to act meanwhile as another admin would.
 pub(crate) fn crash_point(name: &str) {
     if std::env::var("VMSNAP_TEST_CRASH_AT").is_ok_and(|v| v == name) {
         warn!(point = name, "VMSNAP_TEST_CRASH_AT: aborting");
         std::process::abort();
+    }
+    if std::env::var("VMSNAP_TEST_PAUSE_AT").is_ok_and(|v| v == name) {
+        warn!(point = name, "VMSNAP_TEST_PAUSE_AT: pausing 3 s");
+        std::thread::sleep(Duration::from_secs(3));
     }
 }
 

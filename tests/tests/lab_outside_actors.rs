@@ -298,3 +298,67 @@ fn undefine_leftover(name: &str) {
         .args(["-c", LAB_URI, "undefine", name])
         .output();
 }
+
+#[test]
+fn a_vm_started_by_someone_else_during_a_restore_is_not_restored_under_it() {
+    let vm = ScratchVm::define(
+        "vmsnap-t12-racestart",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let bus = PrivateBus::start();
+    let mut daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let taken = daemon
+        .ctl(&["snapshot", "create", &vm.name, "s", "--output", "json"])
+        .json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    write_pattern(&vm.disk_source(), 0x44, 1024);
+
+    // The restore pauses just before it changes the VM; an admin starts the VM meanwhile.
+    daemon.restart_with_env(&[("VMSNAP_TEST_PAUSE_AT", "restore-before-define")]);
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let started = daemon
+        .ctl(&["restore", &vm.name, "s", "--no-wait", "--output", "json"])
+        .json();
+    let uuid = started["uuid"].as_str().unwrap().to_string();
+    wait_for(
+        Duration::from_secs(30),
+        "the restore to reach its pause",
+        || {
+            daemon
+                .log_text()
+                .contains("VMSNAP_TEST_PAUSE_AT: pausing")
+                .then_some(())
+        },
+    );
+    virsh(&["start", &vm.name]);
+    let before_restore = vm.disk_source();
+    let failed = wait_for(Duration::from_secs(60), "the restore to end", || {
+        let shown = daemon
+            .ctl(&["restore", "show", &uuid, "--output", "json"])
+            .json();
+        (shown["phase"] != "InProgress").then_some(shown)
+    });
+    assert_eq!(failed["phase"], "Failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("was started during the restore"), "{error}");
+    // It runs on its own disk, which holds what was written after the snapshot; the restore's
+    // new overlays are gone.
+    assert!(virsh(&["domstate", &vm.name]).contains("running"));
+    assert_eq!(vm.disk_source(), before_restore);
+    let planned = failed["restores"].as_array().unwrap();
+    assert!(!planned.is_empty(), "{failed}");
+    for volume in planned {
+        let to = volume["toImage"].as_str().unwrap();
+        assert!(!std::path::Path::new(to).exists(), "{to} was left behind");
+    }
+    virsh(&["destroy", &vm.name]);
+}
