@@ -198,6 +198,64 @@ fn create_steps(
 ) -> Result<(), String> {
     let conn = connect(&ctx.uri)?;
     let dom = lookup(&conn, &record.vm_uuid)?;
+    let planned = plan_snapshot(ctx, &dom, record, allow_excluded)?;
+    // Why each indication was given, for sourceIndications.
+    let mut notes: Vec<(Indication, String)> = Vec::new();
+    let try_freeze = choose_quiesce(ctx, &planned, record, &mut notes);
+    check_deadline(deadline)?;
+    create_overlays(record)?;
+    let freeze = if try_freeze {
+        freeze_guest(ctx, &dom, record, &mut notes)?
+    } else {
+        None
+    };
+    if freeze.is_none() {
+        record.step = Step::Snapshotting;
+        ctx.save(record)?;
+    }
+    let result = capture(
+        ctx,
+        &dom,
+        record,
+        &planned.vm.disks,
+        freeze.is_some(),
+        deadline,
+    );
+    if let Some(frozen) = freeze {
+        thaw_guest(ctx, &dom, record, frozen, &mut notes);
+    }
+    let result = result.and_then(|()| quiesced_as_required(ctx, record));
+    if let Err(error) = result {
+        // libvirt's atomic snapshot creates all overlays or none; undo those a later failure
+        // left in use.
+        rollback_overlays(ctx, &dom, record);
+        lvm_volumes::discard(&ctx.lvm_tool(), &record.uuid, &record.volumes);
+        return Err(error);
+    }
+    record.source_indications = source_indications(record, &notes);
+    record.phase = SnapshotPhase::Succeeded;
+    record.ready_to_use = true;
+    record.step = Step::Done;
+    ctx.save(record)?;
+    ctx.progress(record, "");
+    Ok(())
+}
+
+/// What planning learnt about the VM.
+struct Planned {
+    vm: domain::VmInfo,
+    state: DomainState,
+    online: bool,
+}
+
+/// Reads the VM, plans one volume per disk (refusing disks that must not be built on), and
+/// journals the plan (step Planned): nothing outside the record has changed yet.
+fn plan_snapshot(
+    ctx: &OpContext,
+    dom: &Domain,
+    record: &mut SnapshotRecord,
+    allow_excluded: bool,
+) -> Result<Planned, String> {
     ctx.progress(record, "reading the VM definition");
     let state = match dom.info().map_err(|e| e.message().to_string())?.state {
         virt::enumutil::Enum::Known(s) => s,
@@ -206,9 +264,9 @@ fn create_steps(
     let inactive_xml = dom
         .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
         .map_err(|e| e.message().to_string())?;
-    let live_xml = current_xml(&dom)?;
+    let live_xml = current_xml(dom)?;
     let vm = parse_domain(&live_xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe)?;
-    let online = is_active(&dom)?;
+    let online = is_active(dom)?;
 
     let mut volumes = Vec::new();
     let mut excluded = Vec::new();
@@ -279,21 +337,29 @@ fn create_steps(
     record.excluded = excluded;
     record.step = Step::Planned;
     ctx.save(record)?;
+    Ok(Planned { vm, state, online })
+}
 
-    let running = state == DomainState::Running;
-    let paused = state == DomainState::Paused;
+/// Decides whether to freeze and records the indications known before the freeze, with a
+/// note for each (sourceIndications). Returns whether to try the freeze.
+fn choose_quiesce(
+    ctx: &OpContext,
+    planned: &Planned,
+    record: &mut SnapshotRecord,
+    notes: &mut Vec<(Indication, String)>,
+) -> bool {
+    let running = planned.state == DomainState::Running;
+    let paused = planned.state == DomainState::Paused;
     let try_freeze = running
         && !record.volumes.is_empty()
         && match ctx.quiesce {
-            Quiesce::Auto => vm.agent == vmsnap_api::AgentState::Connected,
-            Quiesce::Always => vm.agent != vmsnap_api::AgentState::NotConfigured,
+            Quiesce::Auto => planned.vm.agent == vmsnap_api::AgentState::Connected,
+            Quiesce::Always => planned.vm.agent != vmsnap_api::AgentState::NotConfigured,
         };
     record.indications = Vec::new();
-    if online {
+    if planned.online {
         record.indications.push(Indication::Online);
     }
-    // Why each indication was given, for sourceIndications.
-    let mut notes: Vec<(Indication, String)> = Vec::new();
     if paused {
         record.indications.push(Indication::Paused);
     } else if running && !try_freeze && !record.volumes.is_empty() {
@@ -302,15 +368,19 @@ fn create_steps(
             Indication::NoGuestAgent,
             format!(
                 "the guest agent is {}: the snapshot is crash-consistent",
-                vm.agent.as_str().replace('-', " ")
+                planned.vm.agent.as_str().replace('-', " ")
             ),
         ));
     }
     if !record.excluded.is_empty() {
         record.indications.push(Indication::PartialSnapshot);
     }
+    try_freeze
+}
 
-    check_deadline(deadline)?;
+/// Creates the qcow2 overlays before the freeze, so that the frozen window holds only the
+/// snapshot call (REUSE_EXT).
+fn create_overlays(record: &SnapshotRecord) -> Result<(), String> {
     for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
         qemu_img::create_overlay_unopened(
             &volume.overlay,
@@ -320,169 +390,178 @@ fn create_steps(
         )
         .map_err(|e| format!("disk {}: cannot create the overlay: {e}", volume.target))?;
     }
-    let mut freeze: Option<(ThawGuard, Instant)> = None;
-    if try_freeze {
-        let guard = ThawGuard::arm(&ctx.uri, &record.vm_uuid, ctx.freeze_timeout)
-            .map_err(|e| format!("cannot start the thaw guard: {e}"))?;
-        record.step = Step::Freezing;
-        ctx.save(record)?;
-        ctx.progress(record, "freezing the guest's filesystems");
-        // Bound the freeze call itself: half the freeze deadline, so a freeze that does not
-        // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
-        let answer_within = (ctx.freeze_timeout.as_secs() / 2).clamp(1, 60) as i32;
-        if let Err(e) = virt_ext::agent_set_response_timeout(&dom, answer_within) {
-            // Drivers without it (test:///) are expected; anything else is worth a warning.
-            if matches!(
-                e.code(),
-                virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoSupport)
-            ) {
-                tracing::debug!(error = %e.message(), "cannot bound the agent's response time");
-            } else {
-                warn!(error = %e.message(), "cannot bound the agent's response time");
-            }
-        }
-        let started = Instant::now();
-        let frozen = virt_ext::fs_freeze(&dom);
-        // Back to libvirt's default for everyone else who uses this agent.
-        let _ = virt_ext::agent_set_response_timeout(
-            &dom,
-            virt::sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT,
-        );
-        match frozen {
-            Ok(count) => {
-                record.frozen_filesystems = count;
-                record.indications.push(Indication::GuestAgent);
-                freeze = Some((guard, started));
-            }
-            Err(e) => {
-                // libvirt sends the freeze only after the agent answered a sync, so a failed
-                // freeze normally froze nothing; thaw anyway in case the agent froze late, and
-                // leave it to the guard (by dropping it armed) if even that fails.
-                match virt_ext::fs_thaw(&dom) {
-                    Ok(_) => {
-                        let _ = guard.disarm();
-                    }
-                    Err(_) => drop(guard),
-                }
-                if ctx.require_quiesce {
-                    return Err(format!(
-                        "the guest's filesystems could not be frozen ({}); require_quiesce is set, \
-                         so no snapshot was taken",
-                        e.message()
-                    ));
-                }
-                warn!(vm = %record.vm_name, error = %e.message(), "freeze failed; taking a crash-consistent snapshot");
-                let timed_out = matches!(
-                    e.code(),
-                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::AgentUnresponsive)
-                );
-                let (indication, what) = if timed_out {
-                    (
-                        Indication::QuiesceTimeout,
-                        "the guest agent did not answer the freeze in time",
-                    )
-                } else {
-                    (
-                        Indication::QuiesceFailed,
-                        "the guest agent could not freeze the filesystems",
-                    )
-                };
-                record.indications.push(indication);
-                notes.push((
-                    indication,
-                    format!("{what} ({}): the snapshot is crash-consistent", e.message()),
-                ));
-            }
-        }
-    }
-    if freeze.is_none() {
-        record.step = Step::Snapshotting;
-        ctx.save(record)?;
-    }
+    Ok(())
+}
 
-    // Frozen from here: only the snapshot calls and the small state copies, nothing slow. The
-    // LVM snapshots go first: if libvirt's then fails, they are cheap to remove, while undoing
-    // libvirt's overlays means merging them back.
-    let result = (|| {
-        crash_point("create-before-snapshot");
-        check_deadline(deadline)?;
-        if freeze.is_none() {
-            ctx.progress(record, "snapshotting the disks");
+/// Freezes the guest's filesystems under a thaw guard. Returns the armed guard and when the
+/// freeze began, or `None` when the freeze failed (the guest is thawed again, the indication and
+/// its note are recorded); an error only when `require_quiesce` forbids going on unfrozen.
+fn freeze_guest(
+    ctx: &OpContext,
+    dom: &Domain,
+    record: &mut SnapshotRecord,
+    notes: &mut Vec<(Indication, String)>,
+) -> Result<Option<(ThawGuard, Instant)>, String> {
+    let guard = ThawGuard::arm(&ctx.uri, &record.vm_uuid, ctx.freeze_timeout)
+        .map_err(|e| format!("cannot start the thaw guard: {e}"))?;
+    record.step = Step::Freezing;
+    ctx.save(record)?;
+    ctx.progress(record, "freezing the guest's filesystems");
+    // Bound the freeze call itself: half the freeze deadline, so a freeze that does not
+    // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
+    let answer_within = (ctx.freeze_timeout.as_secs() / 2).clamp(1, 60) as i32;
+    if let Err(e) = virt_ext::agent_set_response_timeout(dom, answer_within) {
+        // Drivers without it (test:///) are expected; anything else is worth a warning.
+        if matches!(
+            e.code(),
+            virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoSupport)
+        ) {
+            tracing::debug!(error = %e.message(), "cannot bound the agent's response time");
+        } else {
+            warn!(error = %e.message(), "cannot bound the agent's response time");
         }
-        let lvm = ctx.lvm_tool();
-        lvm_volumes::take(&lvm, &record.uuid, &record.volumes)?;
-        if record.volumes.iter().any(|v| v.lvm.is_none()) {
-            let xml = snapshot_xml(record, &vm.disks);
-            if let Err(e) = dom.create_snapshot_xml(&xml, SNAPSHOT_FLAGS) {
-                lvm_volumes::discard(&lvm, &record.uuid, &record.volumes);
+    }
+    let started = Instant::now();
+    let frozen = virt_ext::fs_freeze(dom);
+    // Back to libvirt's default for everyone else who uses this agent.
+    let _ = virt_ext::agent_set_response_timeout(
+        dom,
+        virt::sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT,
+    );
+    match frozen {
+        Ok(count) => {
+            record.frozen_filesystems = count;
+            record.indications.push(Indication::GuestAgent);
+            return Ok(Some((guard, started)));
+        }
+        Err(e) => {
+            // libvirt sends the freeze only after the agent answered a sync, so a failed
+            // freeze normally froze nothing; thaw anyway in case the agent froze late, and
+            // leave it to the guard (by dropping it armed) if even that fails.
+            match virt_ext::fs_thaw(dom) {
+                Ok(_) => {
+                    let _ = guard.disarm();
+                }
+                Err(_) => drop(guard),
+            }
+            if ctx.require_quiesce {
                 return Err(format!(
-                    "libvirt could not snapshot the disks: {}",
+                    "the guest's filesystems could not be frozen ({}); require_quiesce is set, \
+                     so no snapshot was taken",
                     e.message()
                 ));
             }
+            warn!(vm = %record.vm_name, error = %e.message(), "freeze failed; taking a crash-consistent snapshot");
+            let timed_out = matches!(
+                e.code(),
+                virt::enumutil::Enum::Known(virt::error::ErrorNumber::AgentUnresponsive)
+            );
+            let (indication, what) = if timed_out {
+                (
+                    Indication::QuiesceTimeout,
+                    "the guest agent did not answer the freeze in time",
+                )
+            } else {
+                (
+                    Indication::QuiesceFailed,
+                    "the guest agent could not freeze the filesystems",
+                )
+            };
+            record.indications.push(indication);
+            notes.push((
+                indication,
+                format!("{what} ({}): the snapshot is crash-consistent", e.message()),
+            ));
         }
-        crash_point("create-after-snapshot");
-        copy_extra_state(record)
-    })();
-
-    if let Some((guard, started)) = freeze {
-        match virt_ext::fs_thaw(&dom) {
-            Ok(_) => {
-                record.freeze_duration_ms = started.elapsed().as_millis() as u64;
-                if let Err(e) = guard.disarm() {
-                    // The guard may have thawed at its deadline before the disks were
-                    // snapshotted: the snapshot cannot claim a quiesced guest then.
-                    warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceTimeout");
-                    record.indications.retain(|i| *i != Indication::GuestAgent);
-                    record.indications.push(Indication::QuiesceTimeout);
-                    notes.push((
-                        Indication::QuiesceTimeout,
-                        format!(
-                            "the guest may have been thawed at freeze_timeout ({} s) before the \
-                             disks were snapshotted ({e}): the snapshot is crash-consistent",
-                            ctx.freeze_timeout.as_secs()
-                        ),
-                    ));
-                }
-            }
-            // Dropping the armed guard makes it thaw at once, on its own connection.
-            Err(e) => {
-                record.freeze_duration_ms = started.elapsed().as_millis() as u64;
-                warn!(vm = %record.vm_name, error = %e.message(), "thaw failed; the thaw guard retries");
-                drop(guard);
-            }
-        }
-        ctx.progress(record, "thawed the guest's filesystems");
     }
+    Ok(None)
+}
 
-    let result = result.and_then(|()| {
-        if ctx.require_quiesce
-            && (record.indications.contains(&Indication::QuiesceFailed)
-                || record.indications.contains(&Indication::QuiesceTimeout))
-        {
-            Err(
-                "the guest was thawed before the disks were snapshotted; require_quiesce is \
-                 set, so the snapshot was undone"
-                    .to_string(),
-            )
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(error) = result {
-        // libvirt's atomic snapshot creates all overlays or none; undo those a later failure
-        // left in use.
-        rollback_overlays(ctx, &dom, record);
-        lvm_volumes::discard(&ctx.lvm_tool(), &record.uuid, &record.volumes);
-        return Err(error);
+/// Takes the snapshot of every volume, then copies the small state files. Frozen or not: only
+/// the snapshot calls and the small copies, nothing slow. The LVM snapshots go first: if
+/// libvirt's then fails, they are cheap to remove, while undoing libvirt's overlays means merging
+/// them back.
+fn capture(
+    ctx: &OpContext,
+    dom: &Domain,
+    record: &SnapshotRecord,
+    disks: &[vmsnap_api::DiskInfo],
+    frozen: bool,
+    deadline: Instant,
+) -> Result<(), String> {
+    crash_point("create-before-snapshot");
+    check_deadline(deadline)?;
+    if !frozen {
+        ctx.progress(record, "snapshotting the disks");
     }
-    record.source_indications = source_indications(record, &notes);
-    record.phase = SnapshotPhase::Succeeded;
-    record.ready_to_use = true;
-    record.step = Step::Done;
-    ctx.save(record)?;
-    ctx.progress(record, "");
-    Ok(())
+    let lvm = ctx.lvm_tool();
+    lvm_volumes::take(&lvm, &record.uuid, &record.volumes)?;
+    if record.volumes.iter().any(|v| v.lvm.is_none()) {
+        let xml = snapshot_xml(record, disks);
+        if let Err(e) = dom.create_snapshot_xml(&xml, SNAPSHOT_FLAGS) {
+            lvm_volumes::discard(&lvm, &record.uuid, &record.volumes);
+            return Err(format!(
+                "libvirt could not snapshot the disks: {}",
+                e.message()
+            ));
+        }
+    }
+    crash_point("create-after-snapshot");
+    copy_extra_state(record)
+}
+
+/// Thaws the guest and disarms its guard; a thaw that fails is left to the guard (dropped
+/// armed, it thaws at once). A guard that had thawed first means the snapshot was not quiesced.
+fn thaw_guest(
+    ctx: &OpContext,
+    dom: &Domain,
+    record: &mut SnapshotRecord,
+    (guard, started): (ThawGuard, Instant),
+    notes: &mut Vec<(Indication, String)>,
+) {
+    match virt_ext::fs_thaw(dom) {
+        Ok(_) => {
+            record.freeze_duration_ms = started.elapsed().as_millis() as u64;
+            if let Err(e) = guard.disarm() {
+                // The guard may have thawed at its deadline before the disks were
+                // snapshotted: the snapshot cannot claim a quiesced guest then.
+                warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceTimeout");
+                record.indications.retain(|i| *i != Indication::GuestAgent);
+                record.indications.push(Indication::QuiesceTimeout);
+                notes.push((
+                    Indication::QuiesceTimeout,
+                    format!(
+                        "the guest may have been thawed at freeze_timeout ({} s) before the \
+                         disks were snapshotted ({e}): the snapshot is crash-consistent",
+                        ctx.freeze_timeout.as_secs()
+                    ),
+                ));
+            }
+        }
+        // Dropping the armed guard makes it thaw at once, on its own connection.
+        Err(e) => {
+            record.freeze_duration_ms = started.elapsed().as_millis() as u64;
+            warn!(vm = %record.vm_name, error = %e.message(), "thaw failed; the thaw guard retries");
+            drop(guard);
+        }
+    }
+    ctx.progress(record, "thawed the guest's filesystems");
+}
+
+/// With `require_quiesce`, a snapshot the guest was not frozen for is undone.
+fn quiesced_as_required(ctx: &OpContext, record: &SnapshotRecord) -> Result<(), String> {
+    if ctx.require_quiesce
+        && (record.indications.contains(&Indication::QuiesceFailed)
+            || record.indications.contains(&Indication::QuiesceTimeout))
+    {
+        Err(
+            "the guest was thawed before the disks were snapshotted; require_quiesce is \
+             set, so the snapshot was undone"
+                .to_string(),
+        )
+    } else {
+        Ok(())
+    }
 }
 
 /// Each indication of `record` with its message: the one noted when it was given, or one
