@@ -177,6 +177,45 @@ fn restore_steps(
         }
     }
     let conn = connect(&ctx.uri)?;
+    check_restorable(ctx, record, snapshot)?;
+    let (previous_xml, detached) = prepare_target(ctx, &conn, record, snapshot, records, stopped)?;
+    plan_restores(record, snapshot)?;
+    record.not_restored = snapshot.excluded.clone();
+    record.detached = detached;
+    record.step = RestoreStep::Applying {
+        previous_xml: previous_xml.clone(),
+    };
+    ctx.save_restore(record)?;
+
+    let applied = apply(ctx, &conn, record, snapshot, &previous_xml);
+    if let Err(error) = applied {
+        if let RestoreStep::Committed { lvm_steps, .. } = &record.step {
+            if !lvm_steps.is_empty() {
+                // LV data was replaced: there is no going back, only forward.
+                return Err(format!(
+                    "{error}; the VM's LVM disks are partly restored: vmsnapd finishes this restore when it next starts (keep the VM off until then)"
+                ));
+            }
+        }
+        roll_back(
+            ctx,
+            &conn,
+            record,
+            &previous_xml,
+            &staged_nvram(record, snapshot),
+        );
+        return Err(error);
+    }
+    finish(ctx, &conn, record, records, &previous_xml)
+}
+
+/// Whether the snapshot can be restored at all: ready, its images and their backing chains
+/// there, its LVM volumes intact. Checked before anything changes, the safety snapshot included.
+fn check_restorable(
+    ctx: &OpContext,
+    record: &RestoreRecord,
+    snapshot: &SnapshotRecord,
+) -> Result<(), String> {
     if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
         return Err(format!(
             "snapshot '{}' is {}, not ready to restore",
@@ -213,11 +252,22 @@ fn restore_steps(
     if record.new_vm {
         lvm_volumes::check_new_vm(&snapshot.volumes)?;
     }
+    Ok(())
+}
 
-    let mut previous_xml = String::new();
-    let mut detached = Vec::new();
+/// In place: the VM shut down (if asked), its LVM origins checked, the disks attached since the
+/// snapshot listed, the safety snapshot taken. Returns the definition to put back should the
+/// restore fail, and the disks it detaches. For a new VM: its name must be free.
+fn prepare_target(
+    ctx: &OpContext,
+    conn: &Connect,
+    record: &mut RestoreRecord,
+    snapshot: &SnapshotRecord,
+    records: &mut Vec<SnapshotRecord>,
+    stopped: &mut bool,
+) -> Result<(String, Vec<DetachedDisk>), String> {
     if !record.new_vm {
-        let dom = lookup(&conn, &record.vm_uuid)?;
+        let dom = lookup(conn, &record.vm_uuid)?;
         if record.phase == RestorePhase::Waiting {
             record.phase = RestorePhase::InProgress;
             ctx.save_restore(record)?;
@@ -229,6 +279,7 @@ fn restore_steps(
             shut_down(ctx, record, &dom)?;
             *stopped = true;
         }
+        let lvm = ctx.lvm_tool();
         for volume in &snapshot.volumes {
             lvm_volumes::check_in_place(&lvm, volume)?;
         }
@@ -236,21 +287,26 @@ fn restore_steps(
         let original = dom
             .xml_desc(VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| e.message().to_string())?;
-        detached = detached_disks(&original, &snapshot.domain_xml)?;
+        let detached = detached_disks(&original, &snapshot.domain_xml)?;
         if record.take_safety_snapshot {
             take_safety_snapshot(ctx, record, records)?;
         }
-        previous_xml = dom
+        let previous_xml = dom
             .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
             .map_err(|e| e.message().to_string())?;
+        return Ok((previous_xml, detached));
     } else if conn.lookup_domain_by_name(&record.target_name).is_ok() {
         return Err(format!(
             "a VM named '{}' already exists",
             record.target_name
         ));
     }
+    Ok((String::new(), Vec::new()))
+}
 
-    // Plan: one new overlay per disk, named after the target VM and this restore.
+/// Plans one new overlay per disk (a new VM's own LV for an LVM disk; in place, the origin LV
+/// itself), named after the target VM and this restore.
+fn plan_restores(record: &mut RestoreRecord, snapshot: &SnapshotRecord) -> Result<(), String> {
     let short = record.uuid.get(..8).unwrap_or(&record.uuid).to_string();
     record.restores = snapshot
         .volumes
@@ -281,33 +337,7 @@ fn restore_steps(
             })
         })
         .collect::<Result<_, String>>()?;
-    record.not_restored = snapshot.excluded.clone();
-    record.detached = detached;
-    record.step = RestoreStep::Applying {
-        previous_xml: previous_xml.clone(),
-    };
-    ctx.save_restore(record)?;
-
-    let applied = apply(ctx, &conn, record, snapshot, &previous_xml);
-    if let Err(error) = applied {
-        if let RestoreStep::Committed { lvm_steps, .. } = &record.step {
-            if !lvm_steps.is_empty() {
-                // LV data was replaced: there is no going back, only forward.
-                return Err(format!(
-                    "{error}; the VM's LVM disks are partly restored: vmsnapd finishes this restore when it next starts (keep the VM off until then)"
-                ));
-            }
-        }
-        roll_back(
-            ctx,
-            &conn,
-            record,
-            &previous_xml,
-            &staged_nvram(record, snapshot),
-        );
-        return Err(error);
-    }
-    finish(ctx, &conn, record, records, &previous_xml)
+    Ok(())
 }
 
 /// Creates the overlays (and a new VM's LVs), stages the NVRAM state, restores the LVM volumes
