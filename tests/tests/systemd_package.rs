@@ -332,10 +332,11 @@ fn build_debs(out: &Path) {
     let binaries = bin("vmsnapd").parent().unwrap().to_path_buf();
     for version in [Some(OLD_VERSION), None] {
         let mut command = Command::new("bash");
-        command.arg(&script).arg("--from").arg(&binaries).arg(out);
+        command.arg(&script).arg("--from").arg(&binaries);
         if let Some(version) = version {
             command.args(["--version", version]);
         }
+        command.arg(out);
         let output = command.output().unwrap();
         assert!(
             output.status.success(),
@@ -376,8 +377,8 @@ fn write_file(guest: &SystemdGuest, path: &str, content: &str) {
 #[test]
 fn the_debian_package_under_systemd() {
     let started = Instant::now();
-    let guest = SystemdGuest::boot();
     let mut step = Instant::now();
+    let guest = SystemdGuest::boot();
     let mut lap = |what: &str| {
         eprintln!(
             "systemd guest: {what}: {:.1} s",
@@ -385,7 +386,7 @@ fn the_debian_package_under_systemd() {
         );
         step = Instant::now();
     };
-    lap("boot");
+    lap("boot (image check, two .deb builds, virsh start to systemd up)");
     scenario_install(&guest);
     lap("install");
     scenario_reload(&guest);
