@@ -10,6 +10,7 @@ packages=(
   qemu-system-x86 qemu-guest-agent qemu-utils
   dbus polkitd pkexec busybox-static e2fsprogs cpio kmod gzip
   lvm2 thin-provisioning-tools pkg-config
+  mmdebstrap dpkg-dev
 )
 
 missing=()
