@@ -18,6 +18,7 @@
 #   $PREFIX/share/dbus-1/system-services/org.vmsnap.VmSnap1.service                0644
 #   $PREFIX/share/polkit-1/actions/org.vmsnap.policy                               0644
 #   $PREFIX/share/man/man1/vmsnapctl.1, vmsnapctl-<command>.1                      0644
+#   $PREFIX/share/man/man8/vmsnapd.8                                               0644
 #   $PREFIX/share/bash-completion/completions/vmsnapctl                            0644
 #   $PREFIX/share/zsh/vendor-completions/_vmsnapctl                                0644
 #   $PREFIX/share/fish/vendor_completions.d/vmsnapctl.fish                         0644
@@ -84,6 +85,7 @@ dbus_policy_dir=$PREFIX/share/dbus-1/system.d
 dbus_service_dir=$PREFIX/share/dbus-1/system-services
 polkit_dir=$PREFIX/share/polkit-1/actions
 man1dir=$PREFIX/share/man/man1
+man8dir=$PREFIX/share/man/man8
 bash_dir=$PREFIX/share/bash-completion/completions
 zsh_dir=$PREFIX/share/zsh/vendor-completions
 fish_dir=$PREFIX/share/fish/vendor_completions.d
@@ -97,6 +99,7 @@ files=(
   "$dbus_policy_dir/org.vmsnap.VmSnap1.conf"
   "$dbus_service_dir/org.vmsnap.VmSnap1.service"
   "$polkit_dir/org.vmsnap.policy"
+  "$man8dir/vmsnapd.8"
   "$bash_dir/vmsnapctl"
   "$zsh_dir/_vmsnapctl"
   "$fish_dir/vmsnapctl.fish"
@@ -156,6 +159,7 @@ put 0644 "$root/config/polkit/org.vmsnap.policy" "$polkit_dir"
 for page in "$work"/man/*.1; do
   put 0644 "$page" "$man1dir"
 done
+put 0644 "$root/daemon/vmsnapd.8" "$man8dir"
 put 0644 "$work/completions/vmsnapctl.bash" "$bash_dir" vmsnapctl
 put 0644 "$work/completions/_vmsnapctl" "$zsh_dir"
 put 0644 "$work/completions/vmsnapctl.fish" "$fish_dir"

@@ -8,7 +8,8 @@
 # Writes OUTDIR/vmsnap_VERSION_ARCH.deb and prints its path. The files and their places come from
 # install.sh (DESTDIR, PREFIX=/usr): one list of what vmsnap installs, for both ways. This script
 # only adds what makes it a Debian package: DEBIAN/control (Depends computed by dpkg-shlibdeps),
-# conffiles, md5sums, the maintainer scripts in packaging/debian/, the copyright and changelog.
+# conffiles, md5sums, the maintainer scripts in packaging/debian/, the copyright, changelog and
+# lintian overrides (each with its reason).
 # Needs dpkg-dev (dpkg-shlibdeps); run as any user (ownership is set with --root-owner-group).
 set -euo pipefail
 umask 022
@@ -79,7 +80,7 @@ rmdir "$stage/usr/lib/systemd" "$stage/usr/lib" 2>/dev/null || true
 for b in vmsnapd vmsnapctl; do
   strip --strip-unneeded --remove-section=.comment --remove-section=.note "$stage/usr/bin/$b"
 done
-gzip -9n "$stage"/usr/share/man/man1/*.1
+gzip -9n "$stage"/usr/share/man/man1/*.1 "$stage"/usr/share/man/man8/*.8
 
 doc=$stage/usr/share/doc/vmsnap
 install -d -m 0755 "$doc"
@@ -92,6 +93,8 @@ install -m 0644 "$root/packaging/debian/copyright" "$doc/copyright"
   echo " -- vmsnap maintainers <vmsnap@example.invalid>  $(date -u -R -d "@$SOURCE_DATE_EPOCH")"
 } | gzip -9n >"$doc/changelog.Debian.gz"
 chmod 0644 "$doc/changelog.Debian.gz"
+install -D -m 0644 "$root/packaging/debian/lintian-overrides" \
+  "$stage/usr/share/lintian/overrides/vmsnap"
 
 # Depends on the shared libraries the binaries link, as dpkg-shlibdeps computes them (it wants to
 # run in a source tree: give it a minimal one).

@@ -116,6 +116,7 @@ fn expected_files(prefix: &str) -> BTreeSet<(String, u32)> {
             0o644,
         ),
         ("/share/polkit-1/actions/org.vmsnap.policy", 0o644),
+        ("/share/man/man8/vmsnapd.8", 0o644),
         ("/share/bash-completion/completions/vmsnapctl", 0o644),
         ("/share/zsh/vendor-completions/_vmsnapctl", 0o644),
         ("/share/fish/vendor_completions.d/vmsnapctl.fish", 0o644),

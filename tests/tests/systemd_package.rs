@@ -616,7 +616,7 @@ fn scenario_watchdog(guest: &SystemdGuest) {
     let pid = guest.main_pid();
     let restarts: u32 = guest.unit_property("NRestarts").parse().unwrap();
     guest.exec(&format!(
-        "setsid flock /run/lock/lvm/V_{VG} sleep 600 </dev/null >/dev/null 2>&1 &
+        "setsid flock -o /run/lock/lvm/V_{VG} sleep 600 </dev/null >/dev/null 2>&1 &
          echo $! >/run/vmsnap-lab-lock.pid
          setsid vmsnapctl snapshot create {VM} inflight </dev/null >/run/vmsnap-lab-inflight.log 2>&1 &"
     ));
@@ -662,7 +662,8 @@ fn scenario_watchdog(guest: &SystemdGuest) {
     let log = guest.exec("journalctl -u vmsnapd --no-pager -o cat");
     assert!(log.contains("Watchdog timeout"), "{log}");
 
-    guest.exec("kill $(cat /run/vmsnap-lab-lock.pid)");
+    // The whole session: flock (which holds the lock) and its sleep.
+    guest.exec("/bin/kill -TERM -- -$(cat /run/vmsnap-lab-lock.pid)");
     let settled = wait_for(Duration::from_secs(120), "the snapshot to settle", || {
         let snapshot = guest.ctl_json(&["snapshot", "show", VM, "inflight"]);
         (snapshot["phase"] != "InProgress").then_some(snapshot)
