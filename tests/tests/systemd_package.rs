@@ -12,7 +12,8 @@
 //!      action to a group; root may;
 //!   f. watchdog: vmsnapd stopped with SIGSTOP while a snapshot waits for LVM is killed and
 //!      restarted by systemd within WatchdogSec, and the restarted daemon settles that snapshot;
-//!   g. `apt remove`, reinstall and upgrade to a newer build keep every snapshot usable;
+//!   g. `apt remove`, reinstall and upgrade to a newer build keep every snapshot usable; `apt
+//!      purge` removes the config but keeps the records and snapshot LVs;
 //!   h. `systemd-analyze security` rates the unit (the score is in README).
 //! The two package versions are two builds of this tree (an older version number, then the
 //! current one), from the binaries the test suite runs, so that an upgrade is really an upgrade.
@@ -400,7 +401,7 @@ fn the_debian_package_under_systemd() {
     scenario_watchdog(&guest);
     lap("watchdog");
     scenario_package_lifecycle(&guest);
-    lap("remove, reinstall, upgrade");
+    lap("remove, reinstall, upgrade, purge");
     scenario_security(&guest);
     lap("systemd-analyze security");
     eprintln!(
@@ -699,7 +700,8 @@ fn scenario_watchdog(guest: &SystemdGuest) {
 }
 
 /// g. apt remove stops the service and keeps records, config and snapshot LVs; reinstalling the
-/// same version and upgrading to the current build bring the snapshot back, and it restores.
+/// same version and upgrading to the current build bring the snapshot back, and it restores;
+/// purge keeps the records and LVs too.
 fn scenario_package_lifecycle(guest: &SystemdGuest) {
     guest.scribble();
     let kept = guest.vm_sums();
@@ -748,6 +750,28 @@ fn scenario_package_lifecycle(guest: &SystemdGuest) {
     guest.restore("kept");
     assert_eq!(guest.vm_sums(), kept, "the kept snapshot did not restore");
     guest.delete_safety_snapshots();
+
+    // Purge removes the package's config, never data: the records and the snapshot's LVs stay,
+    // and a new install, configured again, finds the snapshot.
+    let out = guest.try_exec("apt-get purge -y vmsnap");
+    assert_eq!(out.code, 0, "{out:?}");
+    guest.exec(&format!("test ! -e /usr/bin/vmsnapd && test ! -e {CONFIG}"));
+    guest.exec(&format!("grep -rqs {uuid} /var/lib/vmsnap"));
+    assert_eq!(
+        guest
+            .lv_names()
+            .iter()
+            .filter(|lv| lv.contains(&uuid[..8]))
+            .count(),
+        2
+    );
+    let out = guest.try_exec(&format!("dpkg -i {deb}"));
+    assert_eq!(out.code, 0, "{out:?}");
+    write_file(guest, CONFIG, &config(""));
+    guest.exec("systemctl restart vmsnapd");
+    let listed = guest.ctl_json(&["snapshot", "show", VM, "kept"]);
+    assert_eq!(listed["phase"], "Succeeded", "{listed:#}");
+    assert_eq!(listed["uuid"], uuid.as_str());
     let out = guest.ctl(&["snapshot", "delete", VM, "kept"]);
     assert_eq!(out.code, 0, "{out:?}");
 }
