@@ -619,6 +619,9 @@ fn scenario_watchdog(guest: &SystemdGuest) {
     guest.exec(&format!(
         "setsid flock -o /run/lock/lvm/V_{VG} sleep 600 </dev/null >/dev/null 2>&1 &
          echo $! >/run/vmsnap-lab-lock.pid
+         i=0; while flock -n /run/lock/lvm/V_{VG} true; do
+           i=$((i + 1)); [ $i -lt 300 ] || exit 1; sleep 0.1
+         done
          setsid vmsnapctl snapshot create {VM} inflight </dev/null >/run/vmsnap-lab-inflight.log 2>&1 &"
     ));
     // In flight: the record exists and an LVM command of vmsnapd's waits for the lock.
