@@ -5,6 +5,7 @@
 #   ./install.sh --no-build         install the binaries already in target/release
 #   ./install.sh --from DIR         install the binaries in DIR (implies --no-build)
 #   ./install.sh --uninstall        remove what install put (the config file stays)
+#   ./install.sh --no-cockpit       leave out the Cockpit page (no Node.js/npm needed)
 #
 # Environment: PREFIX (default /usr) and DESTDIR (default empty), as packagers expect: every file
 # goes to $DESTDIR$PREFIX/..., except the config, which vmsnapd reads from /etc/vmsnap whatever
@@ -18,12 +19,15 @@
 #   $PREFIX/share/dbus-1/system-services/org.vmsnap.VmSnap1.service                0644
 #   $PREFIX/share/polkit-1/actions/org.vmsnap.policy                               0644
 #   $PREFIX/share/man/man1/vmsnapctl.1, vmsnapctl-<command>.1                      0644
-#   $PREFIX/share/man/man8/vmsnapd.8                                               0644
+#   $PREFIX/share/man/man5/vmsnapd.toml.5, $PREFIX/share/man/man8/vmsnapd.8         0644
 #   $PREFIX/share/bash-completion/completions/vmsnapctl                            0644
 #   $PREFIX/share/zsh/vendor-completions/_vmsnapctl                                0644
 #   $PREFIX/share/fish/vendor_completions.d/vmsnapctl.fish                         0644
 #   /etc/vmsnap/vmsnapd.toml (the documented defaults; an existing one is kept)    0644
+#   $PREFIX/share/cockpit/vmsnap/ (the Cockpit page, cockpit/dist/)                0644
 #
+# The Cockpit page is built with npm and esbuild (lab/build-cockpit.sh): a build (the default)
+# builds it; with --no-build or --from, cockpit/dist/ must have been built before.
 # Man pages and completions are generated from vmsnapctl's command line by vmsnapctl-gen, built
 # with the binaries. Running it again installs the same files again (idempotent).
 set -euo pipefail
@@ -42,6 +46,7 @@ usage() {
 root=$(cd "$(dirname "$0")" && pwd)
 build=1
 uninstall=0
+cockpit=1
 from=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -57,6 +62,7 @@ while [ $# -gt 0 ]; do
       build=0
       ;;
     --uninstall) uninstall=1 ;;
+    --no-cockpit) cockpit=0 ;;
     -h | --help)
       usage
       exit 0
@@ -85,10 +91,12 @@ dbus_policy_dir=$PREFIX/share/dbus-1/system.d
 dbus_service_dir=$PREFIX/share/dbus-1/system-services
 polkit_dir=$PREFIX/share/polkit-1/actions
 man1dir=$PREFIX/share/man/man1
+man5dir=$PREFIX/share/man/man5
 man8dir=$PREFIX/share/man/man8
 bash_dir=$PREFIX/share/bash-completion/completions
 zsh_dir=$PREFIX/share/zsh/vendor-completions
 fish_dir=$PREFIX/share/fish/vendor_completions.d
+cockpit_dir=$PREFIX/share/cockpit/vmsnap
 confdir=/etc/vmsnap
 
 # Every file install puts, but the man pages (their names come from vmsnapctl's commands).
@@ -99,6 +107,7 @@ files=(
   "$dbus_policy_dir/org.vmsnap.VmSnap1.conf"
   "$dbus_service_dir/org.vmsnap.VmSnap1.service"
   "$polkit_dir/org.vmsnap.policy"
+  "$man5dir/vmsnapd.toml.5"
   "$man8dir/vmsnapd.8"
   "$bash_dir/vmsnapctl"
   "$zsh_dir/_vmsnapctl"
@@ -111,6 +120,9 @@ if [ $uninstall = 1 ]; then
   done
   # vmsnapctl.1 and vmsnapctl-<command>.1: all of vmsnapctl's pages, whatever its commands were.
   rm -f -- "$DESTDIR$man1dir"/vmsnapctl.1 "$DESTDIR$man1dir"/vmsnapctl-*.1
+  # The page's asset names carry content hashes: the whole directory is the page's.
+  rm -rf -- "$DESTDIR$cockpit_dir"
+  rmdir -- "$DESTDIR$PREFIX/share/cockpit" 2>/dev/null || true
   if [ -e "$DESTDIR$confdir/vmsnapd.toml" ]; then
     echo "$me: vmsnap removed; $DESTDIR$confdir/vmsnapd.toml is kept (remove it by hand if unwanted)"
   else
@@ -123,6 +135,12 @@ if [ $build = 1 ]; then
   command -v cargo >/dev/null || die "cargo not found: install Rust, or build first and use --no-build"
   (cd "$root" && cargo build --release --locked --quiet -p vmsnapd -p vmsnapctl) ||
     die "cargo build failed"
+  if [ $cockpit = 1 ]; then
+    bash "$root/lab/build-cockpit.sh" || die "the Cockpit page's build failed (or use --no-cockpit)"
+  fi
+fi
+if [ $cockpit = 1 ] && ! [ -f "$root/cockpit/dist/index.html" ]; then
+  die "$root/cockpit/dist is missing: build the Cockpit page first (lab/build-cockpit.sh) or use --no-cockpit"
 fi
 from=${from:-$root/target/release}
 [ -d "$from" ] || die "$from does not exist: build first (cargo build --release) or name the binaries' directory with --from"
@@ -159,10 +177,18 @@ put 0644 "$root/config/polkit/org.vmsnap.policy" "$polkit_dir"
 for page in "$work"/man/*.1; do
   put 0644 "$page" "$man1dir"
 done
-put 0644 "$root/daemon/vmsnapd.8" "$man8dir"
+put 0644 "$root/man/vmsnapd.toml.5" "$man5dir"
+put 0644 "$root/man/vmsnapd.8" "$man8dir"
 put 0644 "$work/completions/vmsnapctl.bash" "$bash_dir" vmsnapctl
 put 0644 "$work/completions/_vmsnapctl" "$zsh_dir"
 put 0644 "$work/completions/vmsnapctl.fish" "$fish_dir"
+if [ $cockpit = 1 ]; then
+  # A fresh copy: no asset of an older build stays behind.
+  rm -rf -- "$DESTDIR$cockpit_dir"
+  (cd "$root/cockpit/dist" && find . -type f | sort) | while read -r f; do
+    put 0644 "$root/cockpit/dist/$f" "$cockpit_dir/$(dirname "$f")"
+  done
+fi
 if [ -e "$DESTDIR$confdir/vmsnapd.toml" ]; then
   kept=" (kept the existing $DESTDIR$confdir/vmsnapd.toml)"
 else

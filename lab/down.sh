@@ -70,6 +70,9 @@ if timeout 10 virsh -c "$URI" version >/dev/null 2>&1; then
   for j in "${jobs_[@]}"; do wait "$j" || status=1; done
 fi
 
+# --- the lab's sshd (lab/sshd.sh) ------------------------------------------------------------
+stop_daemon "$LAB_DIR/ssh/sshd.pid" sshd
+
 # --- private D-Bus --------------------------------------------------------------------------
 stop_daemon "$LAB_DIR/dbus.pid" dbus-daemon
 rm -f "$LAB_DIR/dbus.pid" "$LAB_DIR/bus-address" "$LAB_DIR/bus.sock"

@@ -10,6 +10,8 @@ packages=(
   qemu-system-x86 qemu-guest-agent qemu-utils
   dbus polkitd pkexec busybox-static e2fsprogs cpio kmod gzip
   lvm2 thin-provisioning-tools pkg-config
+  openssh-server openssh-client
+  cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver sudo
   mmdebstrap dpkg-dev
 )
 

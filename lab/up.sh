@@ -17,6 +17,7 @@
 #      vmsnap-lab-noagent  vda qcow2; no agent channel                       -> agent not configured
 #      vmsnap-lab-mixed    vda qcow2; agent channel but vmsnap.agent=off     -> agent disconnected;
 #                          vdb raw <readonly/>; sda cdrom (sata, raw "cidata" image, readonly)
+#  - an sshd of its own on 127.0.0.1:2222 for `vmsnapctl -H` (lab/sshd.sh);
 #  - waits until vmsnap-lab-agent answers guest-ping.
 # State dir: ${VMSNAP_LAB_DIR:-/var/lib/vmsnap-lab}.
 set -euo pipefail
@@ -127,6 +128,9 @@ EOF
   sed -n 2p <<<"$out" >"$LAB_DIR/dbus.pid"
   bus_alive || die "the private bus does not answer ($(cat "$LAB_DIR/bus-address"))"
 fi
+
+# --- sshd for vmsnapctl -H (lab/sshd.sh) -----------------------------------------------------
+"$LAB_SRC/sshd.sh"
 
 # --- guest kernel and initramfs (built in the background, see above) ------------------------
 if ! wait "$build_pid"; then

@@ -68,7 +68,9 @@ stage=$work/vmsnap
 # The same date in every build of one commit (reproducible builds).
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || date +%s)}
 
-DESTDIR=$stage PREFIX=/usr "$root/install.sh" --from "$from" >/dev/null
+# The Cockpit page is left out: it would belong in a package of its own (cockpit-vmsnap), which
+# needs npm to build.
+DESTDIR=$stage PREFIX=/usr "$root/install.sh" --no-cockpit --from "$from" >/dev/null
 
 # Debian 12's systemd and lintian look for units in /lib/systemd/system (usrmerge moves are not
 # safe before Debian 13).
@@ -80,7 +82,7 @@ rmdir "$stage/usr/lib/systemd" "$stage/usr/lib" 2>/dev/null || true
 for b in vmsnapd vmsnapctl; do
   strip --strip-unneeded --remove-section=.comment --remove-section=.note "$stage/usr/bin/$b"
 done
-gzip -9n "$stage"/usr/share/man/man1/*.1 "$stage"/usr/share/man/man8/*.8
+gzip -9n "$stage"/usr/share/man/man*/*.[0-9]
 
 doc=$stage/usr/share/doc/vmsnap
 install -d -m 0755 "$doc"

@@ -36,6 +36,9 @@ pub enum VmSnapError {
     Failed(String),
     /// The VM runs; stop it first (or ask the operation to stop it).
     VmRunning(String),
+    /// vmsnapd could not write the record that journals the operation (a full or read-only
+    /// state folder): nothing was started.
+    RecordWriteFailed(String),
 }
 
 impl VmSnapError {
@@ -56,7 +59,8 @@ impl VmSnapError {
             | VmSnapError::Busy(m)
             | VmSnapError::InvalidState(m)
             | VmSnapError::Failed(m)
-            | VmSnapError::VmRunning(m) => m.clone(),
+            | VmSnapError::VmRunning(m)
+            | VmSnapError::RecordWriteFailed(m) => m.clone(),
         }
     }
 }

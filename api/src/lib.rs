@@ -6,13 +6,19 @@
 
 mod error;
 mod proxies;
+mod text;
 mod types;
 
 pub use error::VmSnapError;
 pub use proxies::{ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy};
+pub use text::{
+    clip, excerpt, is_unsafe_char, record_error, terminal_safe, terminal_safe_multiline,
+    validate_description, validate_snapshot_name, validate_vm_name, EXCERPT_CHARS, MAX_DESCRIPTION,
+    MAX_ERROR_CHARS, MAX_SNAPSHOT_NAME, MAX_VM_NAME,
+};
 pub use types::{
-    validate_snapshot_name, AgentState, DetachedDisk, DiskBackend, DiskInfo, ExcludedVolume,
-    IncludedVolume, Indication, RestorePhase, SnapshotPhase, VmState, VolumeRestore,
+    AgentState, DetachedDisk, DiskBackend, DiskInfo, ExcludedVolume, IncludedVolume, Indication,
+    RestorePhase, SnapshotPhase, SourceIndication, VmState, VolumeRestore,
 };
 
 /// Well-known bus name of vmsnapd. The trailing `1` is the API version: an incompatible API gets

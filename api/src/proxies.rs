@@ -38,7 +38,8 @@ pub trait Manager {
     fn find_snapshot(&self, vm: &str, name: &str) -> Result<OwnedObjectPath, VmSnapError>;
 
     /// Restores a VM (name or UUID) to one of its snapshots and returns the restore object at
-    /// once, in phase InProgress. Options: `target` (s: a new VM name; empty or absent restores
+    /// once, in phase InProgress (or Waiting, see `readiness_policy`). More options: `name`
+    /// (s), `readiness_policy` (s: StopTarget, FailImmediate, WaitGracePeriod, WaitEventually). Options: `target` (s: a new VM name; empty or absent restores
     /// in place), `stop_target` (b: shut the VM down first, gracefully then forced),
     /// `start` (b: start the VM afterwards), `safety_snapshot` (b, default true: snapshot the
     /// current state first so the restore can be undone).
@@ -106,6 +107,9 @@ pub trait Snapshot {
 
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
+    /// The VM's inactive domain XML recorded with the snapshot (the content record).
+    #[zbus(property)]
+    fn domain_xml(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn description(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -122,9 +126,13 @@ pub trait Snapshot {
     /// RFC 3339, UTC.
     #[zbus(property)]
     fn creation_time(&self) -> zbus::Result<String>;
-    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, Paused.
+    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, QuiesceTimeout, Paused,
+    /// PartialSnapshot.
     #[zbus(property)]
     fn indications(&self) -> zbus::Result<Vec<String>>;
+    /// Each indication with a message saying why (the agent's error, the excluded disks).
+    #[zbus(property)]
+    fn source_indications(&self) -> zbus::Result<Vec<crate::SourceIndication>>;
     #[zbus(property)]
     fn included_volumes(&self) -> zbus::Result<Vec<IncludedVolume>>;
     #[zbus(property)]
@@ -154,6 +162,15 @@ pub trait Snapshot {
     default_service = "org.vmsnap.VmSnap1"
 )]
 pub trait Restore {
+    /// Deletes a finished restore's record (the restored VM stays as it is), or cancels a
+    /// restore waiting for its VM and removes it.
+    fn delete(&self) -> Result<(), VmSnapError>;
+    /// The name it was asked under; empty if none.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// The targetReadinessPolicy it was asked with; empty if none.
+    #[zbus(property)]
+    fn readiness_policy(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn uuid(&self) -> zbus::Result<String>;
     /// The VM the snapshot belongs to.
@@ -168,7 +185,7 @@ pub trait Restore {
     /// Whether the restore created a new VM.
     #[zbus(property)]
     fn new_vm(&self) -> zbus::Result<bool>;
-    /// InProgress, Succeeded or Failed.
+    /// InProgress, Waiting, Succeeded or Failed.
     #[zbus(property)]
     fn phase(&self) -> zbus::Result<String>;
     #[zbus(property)]

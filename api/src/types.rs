@@ -147,6 +147,11 @@ pub enum Indication {
     QuiesceFailed,
     /// The VM was paused: consistent as a whole, no freeze needed.
     Paused,
+    /// The guest agent did not answer the freeze in time, or the guest was thawed at
+    /// `freeze_timeout` before the disks were snapshotted; the snapshot is crash-consistent.
+    QuiesceTimeout,
+    /// Disks were excluded (acknowledged with allow_excluded): the snapshot holds only some.
+    PartialSnapshot,
 }
 
 impl Indication {
@@ -157,8 +162,17 @@ impl Indication {
             Indication::NoGuestAgent => "NoGuestAgent",
             Indication::QuiesceFailed => "QuiesceFailed",
             Indication::Paused => "Paused",
+            Indication::QuiesceTimeout => "QuiesceTimeout",
+            Indication::PartialSnapshot => "PartialSnapshot",
         }
     }
+}
+
+/// An indication with its message, as KubeVirt's sourceIndications. On the bus: `(ss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct SourceIndication {
+    pub indication: String,
+    pub message: String,
 }
 
 /// One disk a restore brought back. On the bus: `(sss)`.
@@ -184,6 +198,9 @@ pub struct DetachedDisk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestorePhase {
     InProgress,
+    /// An in-place restore waiting for its VM to be shut off (targetReadinessPolicy
+    /// WaitGracePeriod or WaitEventually); nothing has changed yet.
+    Waiting,
     Succeeded,
     Failed,
 }
@@ -192,69 +209,9 @@ impl RestorePhase {
     pub const fn as_str(self) -> &'static str {
         match self {
             RestorePhase::InProgress => "InProgress",
+            RestorePhase::Waiting => "Waiting",
             RestorePhase::Succeeded => "Succeeded",
             RestorePhase::Failed => "Failed",
-        }
-    }
-}
-
-/// Longest snapshot name.
-pub const MAX_SNAPSHOT_NAME: usize = 63;
-
-/// Checks a snapshot name: 1-63 characters of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
-/// The error text is meant for users.
-pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("snapshot name must not be empty".to_string());
-    }
-    if name.len() > MAX_SNAPSHOT_NAME {
-        return Err(format!(
-            "snapshot name is {} characters long; the limit is {MAX_SNAPSHOT_NAME}",
-            name.len()
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "snapshot name {name:?} contains {bad:?}; use only A-Z a-z 0-9 . _ -"
-        ));
-    }
-    if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!(
-            "snapshot name {name:?} must not start with '.' or '-'"
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_names() {
-        for good in [
-            "a",
-            "before-upgrade",
-            "db_2026.11.26",
-            "A9",
-            &"x".repeat(63),
-        ] {
-            assert!(validate_snapshot_name(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            ".hidden",
-            "-x",
-            "a b",
-            "a/b",
-            "ü",
-            &"x".repeat(64),
-            "a\n",
-        ] {
-            assert!(validate_snapshot_name(bad).is_err(), "{bad:?}");
         }
     }
 }

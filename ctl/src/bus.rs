@@ -62,6 +62,22 @@ impl Bus {
         })
     }
 
+    /// Connects to `address`, described as `description` in messages (`-H`: "the system bus
+    /// of HOST (over ssh)").
+    pub async fn connect_described(
+        address: zbus::Address,
+        description: String,
+    ) -> Result<Bus, String> {
+        let connection = zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .map_err(|e| format!("cannot connect to {description}: {e}"))?;
+        Ok(Bus {
+            connection,
+            description,
+        })
+    }
+
     pub fn connection(&self) -> &Connection {
         &self.connection
     }

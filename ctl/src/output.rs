@@ -1,7 +1,7 @@
 //! Rendering: tables for people, JSON with stable field names for scripts.
 
 use serde::Serialize;
-use vmsnap_api::DiskInfo;
+use vmsnap_api::{terminal_safe, terminal_safe_multiline, DiskInfo};
 
 use crate::OutputFormat;
 
@@ -46,10 +46,12 @@ pub fn print_vm(vm: &Vm, format: OutputFormat) -> Result<(), String> {
     match format {
         OutputFormat::Json => print_json(vm),
         OutputFormat::Table => {
-            println!("Name:   {}", vm.name);
-            println!("UUID:   {}", vm.uuid);
-            println!("State:  {}", vm.state);
-            println!("Agent:  {}", vm.agent);
+            let mut out = String::new();
+            show_field(&mut out, 8, "Name", &vm.name);
+            show_field(&mut out, 8, "UUID", &vm.uuid);
+            show_field(&mut out, 8, "State", &vm.state);
+            show_field(&mut out, 8, "Agent", &vm.agent);
+            print!("{out}");
             println!("Disks:");
             let rows: Vec<Vec<String>> = vm
                 .disks
@@ -102,6 +104,24 @@ pub fn none_if_empty(s: &str) -> Option<&str> {
     }
 }
 
+/// Appends one `Label:   value` line of a `show` layout. The value is made terminal-safe (a
+/// newline in it shows as `\n`), so that no part of a value can pass for a field of its own.
+pub fn show_field(out: &mut String, label_width: usize, label: &str, value: &str) {
+    let label = format!("{label}:");
+    let value = terminal_safe(value);
+    out.push_str(format!("{label:<label_width$}{value}").trim_end());
+    out.push('\n');
+}
+
+/// As [`show_field`], for a value that may span lines (an error): each continuation line is
+/// indented under the first, so none can pass for a field either.
+pub fn show_multiline_field(out: &mut String, label_width: usize, label: &str, value: &str) {
+    let label = format!("{label}:");
+    let value = terminal_safe_multiline(value).replace('\n', &format!("\n{:label_width$}", ""));
+    out.push_str(format!("{label:<label_width$}{value}").trim_end());
+    out.push('\n');
+}
+
 /// Appends `text` with every line indented by two spaces.
 pub fn indent_into(out: &mut String, text: &str) {
     for line in text.lines() {
@@ -119,14 +139,20 @@ pub fn yes_no(b: bool) -> &'static str {
     }
 }
 
+/// Prints a document as JSON, or as YAML when -o yaml was given.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    println!("{text}");
-    Ok(())
+    crate::emit::print_structured(value)
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
+/// Every cell is made terminal-safe first: a value can neither break the layout nor send escape
+/// sequences.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| terminal_safe(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

@@ -89,11 +89,19 @@ pub enum RestoreCommand {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The VM to restore, by name or UUID: the VM the snapshot belongs to.
-    #[arg(value_name = "VM", required = true)]
+    #[arg(
+        value_name = "VM",
+        required = true,
+        add = clap_complete::engine::ArgValueCandidates::new(crate::complete::vm_names)
+    )]
     pub vm: Option<String>,
 
     /// The name of the VM's snapshot to restore (see `vmsnapctl snapshot list VM`).
-    #[arg(value_name = "SNAPSHOT", required = true)]
+    #[arg(
+        value_name = "SNAPSHOT",
+        required = true,
+        add = clap_complete::engine::ArgValueCandidates::new(crate::complete::snapshot_names)
+    )]
     pub snapshot: Option<String>,
 
     /// Restore into a new VM named NEWVM instead of in place. The new VM gets a new UUID and
@@ -127,12 +135,12 @@ pub struct CreateArgs {
 }
 
 /// How many words starting at `args[i]` make up one of vmsnapctl's global options (`-o json`,
-/// `-ojson`, `--output json`, `--output=json`, and the same for `--bus-address`), if one starts
-/// there.
+/// `-ojson`, `--output json`, `--output=json`, and the same for `--bus-address`, `-H`/`--host`;
+/// `-q`/`--quiet`), if one starts there.
 fn global_option_len(args: &[OsString], i: usize) -> Option<usize> {
     let word = args.get(i)?.to_str()?;
     let has_value = i + 1 < args.len();
-    for long in ["--output", "--bus-address"] {
+    for long in ["--output", "--bus-address", "--host"] {
         if word == long {
             return has_value.then_some(2);
         }
@@ -143,12 +151,21 @@ fn global_option_len(args: &[OsString], i: usize) -> Option<usize> {
             return Some(1);
         }
     }
-    if word == "-o" {
-        return has_value.then_some(2);
+    if word == "-q" || word == "--quiet" {
+        return Some(1);
     }
-    word.strip_prefix("-o")
-        .is_some_and(|rest| !rest.is_empty())
-        .then_some(1)
+    for short in ["-o", "-H"] {
+        if word == short {
+            return has_value.then_some(2);
+        }
+        if word
+            .strip_prefix(short)
+            .is_some_and(|rest| !rest.is_empty())
+        {
+            return Some(1);
+        }
+    }
+    None
 }
 
 /// Moves the global options that directly follow the `restore` command word in front of it, so
@@ -190,12 +207,22 @@ pub async fn run(bus: &Bus, args: RestoreArgs, format: OutputFormat) -> Result<(
     }
 }
 
+/// `vmsnapctl restore VM SNAPSHOT` (and its alias `vmsnapctl snapshot restore VM SNAPSHOT`).
+pub async fn run_create(bus: &Bus, args: &CreateArgs, format: OutputFormat) -> Result<(), Failure> {
+    let (Some(vm), Some(snapshot)) = (&args.vm, &args.snapshot) else {
+        return Err("restore needs a VM and a snapshot".to_string().into());
+    };
+    restore(bus, vm, snapshot, args, format).await
+}
+
 /// The options of Manager.Restore: `target` (s) only with --target, `stop_target` (b) only with
 /// --stop, `start` (b) only with --start, `safety_snapshot` (b, false) only with
 /// --no-safety-snapshot. Whatever is left out takes vmsnapd's default.
 pub fn restore_options(args: &CreateArgs) -> Result<HashMap<&'static str, OwnedVariant>, String> {
     let mut options = HashMap::new();
     if let Some(target) = &args.target {
+        // vmsnapd's own rule, so the answer comes before anything is asked.
+        vmsnap_api::validate_vm_name(target)?;
         let value = OwnedVariant::try_from(Variant::from(target.as_str()))
             .map_err(|e| format!("cannot encode the target name: {e}"))?;
         options.insert("target", value);

@@ -7,7 +7,9 @@
 use serde::Serialize;
 use vmsnap_api::{DetachedDisk, ExcludedVolume, VolumeRestore};
 
-use crate::output::{dash, indent_into, none_if_empty, print_json, table, yes_no};
+use crate::output::{
+    dash, indent_into, none_if_empty, print_json, show_field, show_multiline_field, table, yes_no,
+};
 use crate::OutputFormat;
 
 /// A restore as vmsnapctl reads it from vmsnapd: every property of the Restore interface.
@@ -209,13 +211,7 @@ pub const NOT_RESTORED_HEADING: &str =
 /// The `restore show` layout.
 pub fn render_show(r: &Restore) -> String {
     let mut out = String::new();
-    let mut field = |label: &str, value: &str| {
-        let label = format!("{label}:");
-        // Continuation lines of a multi-line value line up under its first line.
-        let value = value.replace('\n', &format!("\n{:LABEL_WIDTH$}", ""));
-        out.push_str(format!("{label:<LABEL_WIDTH$}{value}").trim_end());
-        out.push('\n');
-    };
+    let mut field = |label: &str, value: &str| show_field(&mut out, LABEL_WIDTH, label, value);
     field("UUID", &r.uuid);
     field("VM", &r.vm);
     field("Snapshot", &r.snapshot);
@@ -234,7 +230,7 @@ pub fn render_show(r: &Restore) -> String {
     field("Restored", &dash(&r.restore_time));
     field("Safety snapshot", &dash(&r.safety_snapshot));
     if !r.error.is_empty() {
-        field("Error", &r.error);
+        show_multiline_field(&mut out, LABEL_WIDTH, "Error", &r.error);
     }
 
     if r.restores.is_empty() {

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use clap::{Args, Subcommand};
+use clap_complete::engine::ArgValueCandidates;
 use vmsnap_api::{SnapshotPhase, VmSnapError, SNAPSHOT_INTERFACE};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
@@ -47,7 +48,7 @@ pub enum SnapshotCommand {
     /// when VM does not exist.
     List {
         /// List only the snapshots of this VM (name or UUID). Default: every VM's snapshots.
-        #[arg(value_name = "VM")]
+        #[arg(value_name = "VM", add = ArgValueCandidates::new(crate::complete::vm_names))]
         vm: Option<String>,
     },
 
@@ -68,10 +69,13 @@ pub enum SnapshotCommand {
     /// Exit status: 0 on success; 1 on error, for instance when there is no such snapshot.
     Show {
         /// The VM's name or UUID.
-        #[arg(value_name = "VM")]
+        #[arg(value_name = "VM", add = ArgValueCandidates::new(crate::complete::vm_names))]
         vm: String,
         /// The snapshot's name.
-        #[arg(value_name = "NAME")]
+        #[arg(
+            value_name = "NAME",
+            add = ArgValueCandidates::new(crate::complete::snapshot_names)
+        )]
         name: String,
     },
 
@@ -89,22 +93,31 @@ pub enum SnapshotCommand {
     /// standard error; 130 when the wait was interrupted with Ctrl-C.
     Delete {
         /// The VM's name or UUID.
-        #[arg(value_name = "VM")]
+        #[arg(value_name = "VM", add = ArgValueCandidates::new(crate::complete::vm_names))]
         vm: String,
         /// The snapshot's name.
-        #[arg(value_name = "NAME")]
+        #[arg(
+            value_name = "NAME",
+            add = ArgValueCandidates::new(crate::complete::snapshot_names)
+        )]
         name: String,
         /// Do not wait: return as soon as vmsnapd has accepted the deletion, and print
         /// "Deleting snapshot NAME of VM" (with --output json: "deleted": false).
         #[arg(long)]
         no_wait: bool,
     },
+
+    /// Restore a VM to one of its snapshots: the same as `vmsnapctl restore VM NAME`.
+    ///
+    /// Takes the same arguments and flags as `vmsnapctl restore` (see its help), for users
+    /// of virsh and incus, who type it this way.
+    Restore(crate::restore::CreateArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The VM's name or UUID.
-    #[arg(value_name = "VM")]
+    #[arg(value_name = "VM", add = ArgValueCandidates::new(crate::complete::vm_names))]
     pub vm: String,
 
     /// The new snapshot's name: 1 to 63 characters of A-Z a-z 0-9 . _ -, not starting with
@@ -137,6 +150,7 @@ pub async fn run(bus: &Bus, command: SnapshotCommand, format: OutputFormat) -> R
         SnapshotCommand::Delete { vm, name, no_wait } => {
             delete(bus, &vm, &name, no_wait, format).await
         }
+        SnapshotCommand::Restore(args) => crate::restore::run_create(bus, &args, format).await,
     }
 }
 
@@ -148,6 +162,8 @@ pub fn create_options(
 ) -> Result<HashMap<&'static str, OwnedVariant>, String> {
     let mut options = HashMap::new();
     if let Some(text) = description {
+        // vmsnapd's own rule, so the answer comes before anything is asked.
+        vmsnap_api::validate_description(text)?;
         let value = OwnedVariant::try_from(Variant::from(text))
             .map_err(|e| format!("cannot encode the description: {e}"))?;
         options.insert("description", value);
@@ -176,6 +192,7 @@ fn with_allow_excluded_hint(message: String) -> String {
 }
 
 async fn create(bus: &Bus, args: &CreateArgs, format: OutputFormat) -> Result<(), Failure> {
+    vmsnap_api::validate_snapshot_name(&args.name)?;
     let options = create_options(args.description.as_deref(), args.allow_excluded)?;
     let manager = bus.manager().await?;
     let path = manager

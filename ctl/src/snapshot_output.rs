@@ -5,9 +5,11 @@
 //! for the thing; they are part of vmsnapctl's interface.
 
 use serde::Serialize;
-use vmsnap_api::{ExcludedVolume, IncludedVolume};
+use vmsnap_api::{terminal_safe, ExcludedVolume, IncludedVolume};
 
-use crate::output::{dash, indent_into, none_if_empty, print_json, table, yes_no};
+use crate::output::{
+    dash, indent_into, none_if_empty, print_json, show_field, show_multiline_field, table, yes_no,
+};
 use crate::OutputFormat;
 
 /// A snapshot as vmsnapctl reads it from vmsnapd: every property of the Snapshot interface.
@@ -176,13 +178,11 @@ pub fn print_deleted(deleted: &Deleted<'_>, format: OutputFormat) -> Result<(), 
     match format {
         OutputFormat::Json => print_json(deleted),
         OutputFormat::Table => {
+            let (name, vm) = (terminal_safe(deleted.name), terminal_safe(deleted.vm));
             if deleted.deleted {
-                println!("Deleted snapshot {} of {}", deleted.name, deleted.vm);
+                println!("Deleted snapshot {name} of {vm}");
             } else {
-                println!(
-                    "Deleting snapshot {} of {}; vmsnapd finishes in the background",
-                    deleted.name, deleted.vm
-                );
+                println!("Deleting snapshot {name} of {vm}; vmsnapd finishes in the background");
             }
             Ok(())
         }
@@ -216,13 +216,7 @@ const LABEL_WIDTH: usize = 16;
 /// The `snapshot show` layout.
 pub fn render_show(s: &Snapshot) -> String {
     let mut out = String::new();
-    let mut field = |label: &str, value: &str| {
-        let label = format!("{label}:");
-        // Continuation lines of a multi-line value line up under its first line.
-        let value = value.replace('\n', &format!("\n{:LABEL_WIDTH$}", ""));
-        out.push_str(format!("{label:<LABEL_WIDTH$}{value}").trim_end());
-        out.push('\n');
-    };
+    let mut field = |label: &str, value: &str| show_field(&mut out, LABEL_WIDTH, label, value);
     field("Name", &s.name);
     field("VM", &s.vm);
     field("UUID", &s.uuid);
@@ -248,7 +242,7 @@ pub fn render_show(s: &Snapshot) -> String {
         );
     }
     if !s.error.is_empty() {
-        field("Error", &s.error);
+        show_multiline_field(&mut out, LABEL_WIDTH, "Error", &s.error);
     }
 
     if s.included_volumes.is_empty() {
@@ -485,6 +479,41 @@ mod tests {
              Excluded volumes:\n\
              \x20 TARGET  REASON\n\
              \x20 sda     cdrom\n"
+        );
+    }
+
+    #[test]
+    fn hostile_values_cannot_forge_lines_or_send_escapes() {
+        let mut hostile = sample();
+        hostile.name = "web\u{1b}]0;owned\u{7}".into();
+        hostile.description = "x\nPhase:          Succeeded\r\u{1b}[2K\u{202e}".into();
+        hostile.error = "line one\nPhase:          Succeeded".into();
+        hostile.excluded_volumes[0].reason = "cdrom\nvdz     qcow2".into();
+        for text in [render_show(&hostile), render_list(&[hostile.clone()])] {
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| vmsnap_api::is_unsafe_char(c) && c != '\n'),
+                "{text:?}"
+            );
+            // Exactly one line starts with "Phase:" (the real one) in the show layout.
+            assert!(
+                text.lines().filter(|l| l.starts_with("Phase:")).count() <= 1,
+                "{text}"
+            );
+            assert!(
+                !text.lines().any(|l| l.trim_start().starts_with("vdz")),
+                "{text}"
+            );
+        }
+        let show = render_show(&hostile);
+        assert!(
+            show.contains("Description:    x\\nPhase:          Succeeded\\r\\u{1b}[2K\\u{202e}\n")
+        );
+        // A multi-line error keeps its lines, each indented under the first.
+        assert!(
+            show.contains("Error:          line one\n                Phase:"),
+            "{show}"
         );
     }
 

@@ -9,10 +9,16 @@ use crate::OutputFormat;
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// List every VM: name, state, guest agent and how each disk would be snapshotted.
+    ///
+    /// Exit status: 0 on success (also when there are no VMs); 1 on error, for instance when
+    /// vmsnapd cannot be reached.
     List,
     /// Show one VM in detail, including why any disk is excluded from snapshots.
+    ///
+    /// Exit status: 0 on success; 1 on error, for instance when there is no such VM.
     Show {
         /// The VM's name or UUID.
+        #[arg(add = clap_complete::engine::ArgValueCandidates::new(crate::complete::vm_names))]
         vm: String,
     },
 }
@@ -38,7 +44,10 @@ async fn list(bus: &Bus, format: OutputFormat) -> Result<(), String> {
     }
     let status = bus.libvirt_status(&manager).await?;
     if let Some(warning) = status {
-        eprintln!("vmsnapctl: warning: {warning}");
+        eprintln!(
+            "vmsnapctl: warning: {}",
+            vmsnap_api::terminal_safe(&warning)
+        );
     }
     print_vm_list(&vms, format)
 }

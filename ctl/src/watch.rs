@@ -57,8 +57,8 @@ pub struct Progress {
 
 impl Progress {
     pub fn show(&mut self, text: &str) {
-        if !text.is_empty() && text != self.last {
-            eprintln!("vmsnapctl: {text}");
+        if !text.is_empty() && text != self.last && !crate::emit::quiet() {
+            eprintln!("vmsnapctl: {}", vmsnap_api::terminal_safe(text));
         }
         self.last = text.to_string();
     }

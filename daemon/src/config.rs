@@ -34,6 +34,10 @@ pub struct Config {
     /// A snapshot not finished within this time fails and is rolled back.
     #[serde(with = "duration_text")]
     pub failure_deadline: Duration,
+    /// How long a restore with targetReadinessPolicy WaitGracePeriod waits for its VM to be
+    /// shut off before it fails.
+    #[serde(with = "duration_text")]
+    pub restore_grace_period: Duration,
     /// Authorize create, delete and restore through polkit.
     pub polkit: bool,
     /// When to try freezing the guest's filesystems.
@@ -188,6 +192,7 @@ impl Default for Config {
             freeze_timeout: Duration::from_secs(10),
             require_quiesce: false,
             failure_deadline: Duration::from_secs(300),
+            restore_grace_period: Duration::from_secs(300),
             polkit: true,
             quiesce: Quiesce::Auto,
             lvm: LvmConfig::default(),
@@ -297,6 +302,12 @@ impl Config {
             self.failure_deadline,
             secs(5),
             secs(24 * 3600),
+        )?;
+        between(
+            "restore_grace_period",
+            self.restore_grace_period,
+            secs(1),
+            secs(7 * 24 * 3600),
         )?;
         if self.failure_deadline <= self.freeze_timeout {
             return Err("failure_deadline must be longer than freeze_timeout".to_string());

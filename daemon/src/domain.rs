@@ -333,6 +333,24 @@ pub fn disk_source(xml: &str, target: &str) -> Result<(String, String), String> 
     Ok((file.to_string(), format.to_string()))
 }
 
+/// Whether disk `target` of a definition names `image`: as its source or anywhere in its
+/// `<backingStore>` chain.
+pub fn disk_names_image(xml: &str, target: &str, image: &str) -> Result<bool, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let disk = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .find(|d| {
+            d.children()
+                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
+        })
+        .ok_or_else(|| format!("the domain has no disk {target}"))?;
+    Ok(disk
+        .descendants()
+        .filter(|n| n.has_tag_name("source"))
+        .any(|s| s.attribute("file") == Some(image)))
+}
+
 #[cfg(test)]
 mod xml_edit_tests {
     use super::*;
@@ -344,6 +362,14 @@ mod xml_edit_tests {
         <source file='/i/top.qcow2'/><backingStore type='file'><format type='qcow2'/>\
         <source file='/i/base.qcow2'/></backingStore><target dev='vda' bus='virtio'/></disk>\
         <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>";
+
+    #[test]
+    fn disk_names_image_in_source_and_backing_chain() {
+        assert_eq!(disk_names_image(XML, "vda", "/i/top.qcow2"), Ok(true));
+        assert_eq!(disk_names_image(XML, "vda", "/i/base.qcow2"), Ok(true));
+        assert_eq!(disk_names_image(XML, "vda", "/i/other.qcow2"), Ok(false));
+        assert!(disk_names_image(XML, "vdz", "/i/top.qcow2").is_err());
+    }
 
     #[test]
     fn set_disk_source_rewrites_path_format_and_drops_backing_store() {

@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
-use vmsnap_api::{validate_snapshot_name, ExcludedVolume, SnapshotPhase};
+use vmsnap_api::{
+    excerpt, validate_description, validate_snapshot_name, validate_vm_name, ExcludedVolume,
+    SnapshotPhase,
+};
 
 use crate::domain::VmInfo;
 use crate::libvirt::{LibvirtClient, LibvirtEvent};
@@ -20,27 +23,38 @@ use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERS
 /// Errors the engine answers requests with. The bus layer maps each to a named D-Bus error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    #[error("VM '{0}' not found")]
+    #[error("VM '{}' not found", excerpt(.0))]
     VmNotFound(String),
-    #[error("snapshot '{name}' of VM '{vm}' not found")]
+    #[error("snapshot '{}' of VM '{}' not found", excerpt(name), excerpt(vm))]
     SnapshotNotFound { vm: String, name: String },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
     InvalidName(String),
-    #[error("VM '{vm}' already has a snapshot named '{name}'")]
+    #[error(
+        "VM '{}' already has a snapshot named '{}'",
+        excerpt(vm),
+        excerpt(name)
+    )]
     AlreadyExists { vm: String, name: String },
     #[error("{0}")]
     ExcludedDisks(String),
-    #[error("VM '{vm}' is busy: {what}; try again when it has finished")]
+    #[error("VM '{}' is busy: {what}; try again when it has finished", excerpt(vm))]
     Busy { vm: String, what: String },
     #[error("{0}")]
     InvalidState(String),
+    #[error("libvirt is unavailable; try again when vmsnapd has reconnected")]
+    LibvirtUnavailable,
+    #[error("libvirt could not answer: {0}")]
+    Libvirt(String),
+    /// The record (the journal) could not be written: nothing was started.
+    #[error("{0}")]
+    RecordWrite(String),
     #[error("vmsnapd is shutting down")]
     ShuttingDown,
-    #[error("VM '{0}' is running; stop it first, or ask the restore to stop it")]
+    #[error("VM '{}' is running; stop it first, or ask the restore to stop it", excerpt(.0))]
     VmRunning(String),
-    #[error("a VM named '{0}' already exists")]
+    #[error("a VM named '{}' already exists", excerpt(.0))]
     VmExists(String),
 }
 
@@ -52,6 +66,10 @@ pub struct RestoreOptions {
     pub stop_target: bool,
     pub start: bool,
     pub safety_snapshot: bool,
+    /// The restore's name (unique among restores); empty: none.
+    pub name: String,
+    /// KubeVirt's targetReadinessPolicy (see `RestoreRecord::readiness_policy`); empty: none.
+    pub readiness_policy: String,
 }
 
 impl Default for RestoreOptions {
@@ -61,7 +79,26 @@ impl Default for RestoreOptions {
             stop_target: false,
             start: false,
             safety_snapshot: true,
+            name: String::new(),
+            readiness_policy: String::new(),
         }
+    }
+}
+
+/// The readiness policies a restore accepts.
+pub const READINESS_POLICIES: [&str; 4] = [
+    "StopTarget",
+    "FailImmediate",
+    "WaitGracePeriod",
+    "WaitEventually",
+];
+
+/// A restore as messages name it: its name, or its UUID.
+fn display_restore(record: &RestoreRecord) -> String {
+    if record.name.is_empty() {
+        record.uuid.clone()
+    } else {
+        format!("'{}'", record.name)
     }
 }
 
@@ -70,6 +107,8 @@ impl Default for RestoreOptions {
 pub struct CreateOptions {
     pub description: String,
     pub allow_excluded: bool,
+    /// This snapshot's failure deadline instead of the configured one.
+    pub failure_deadline: Option<std::time::Duration>,
 }
 
 /// Everything the bus layer can ask of the engine.
@@ -126,6 +165,11 @@ pub enum Request {
     Ping { reply: oneshot::Sender<()> },
     /// Restore UUIDs, oldest first.
     ListRestores { reply: oneshot::Sender<Vec<String>> },
+    /// Deletes a finished restore's record.
+    DeleteRestore {
+        uuid: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 /// What the bus layer must reflect.
@@ -133,15 +177,43 @@ pub enum Request {
 pub enum Change {
     VmAdded(VmInfo),
     VmUpdated(VmInfo),
-    VmRemoved { uuid: String },
-    Libvirt { connected: bool, error: String },
+    VmRemoved {
+        uuid: String,
+    },
+    Libvirt {
+        connected: bool,
+        error: String,
+    },
     SnapshotAdded(Box<SnapshotRecord>),
     SnapshotUpdated(Box<SnapshotRecord>),
-    SnapshotProgress { uuid: String, text: String },
-    SnapshotRemoved { uuid: String },
+    SnapshotProgress {
+        uuid: String,
+        text: String,
+    },
+    SnapshotRemoved {
+        uuid: String,
+    },
     RestoreAdded(Box<RestoreRecord>),
     RestoreUpdated(Box<RestoreRecord>),
-    RestoreProgress { uuid: String, text: String },
+    RestoreProgress {
+        uuid: String,
+        text: String,
+    },
+    RestoreRemoved {
+        uuid: String,
+    },
+    /// Not a change: the publisher notifies it once every change sent before it is applied.
+    Flush(Flushed),
+}
+
+/// Notified when a [`Change::Flush`] has been reached.
+#[derive(Debug, Clone, Default)]
+pub struct Flushed(pub std::sync::Arc<tokio::sync::Notify>);
+
+impl PartialEq for Flushed {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// Whether the engine has heard from libvirt at least once (connected with an inventory, or
@@ -160,11 +232,15 @@ pub struct Engine {
     busy: HashMap<String, String>,
     /// Restore records by restore UUID.
     restores: BTreeMap<String, RestoreRecord>,
+    /// Changes that show an operation ended, held until its VM is released (by VM UUID).
+    held: HashMap<String, Vec<Change>>,
     /// Settings for operations; None in tests that run no operation.
     ops: Option<OpContext>,
     /// For fresh facts from libvirt before a decision, and the way back into this engine.
     libvirt: Option<(LibvirtClient, mpsc::Sender<Request>)>,
     shutting_down: bool,
+    /// Restores deleted while they waited for their VM: their records go once they have failed.
+    deleted_while_waiting: std::collections::BTreeSet<String>,
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
     settle_pending: bool,
@@ -207,23 +283,6 @@ fn report_orphan_lvs(
     }
 }
 
-/// A new VM's name: what libvirt accepts in practice, without path separators.
-fn validate_vm_name(name: &str) -> Result<(), EngineError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(EngineError::InvalidArgument(format!(
-            "invalid VM name {name:?}: use A-Z a-z 0-9 . _ - +, not starting with '-'"
-        )))
-    }
-}
-
 impl Engine {
     pub fn new(changes: mpsc::UnboundedSender<Change>) -> (Engine, Settled) {
         let (settled, settled_rx) = watch::channel(false);
@@ -235,10 +294,12 @@ impl Engine {
                 settled,
                 snapshots: BTreeMap::new(),
                 restores: BTreeMap::new(),
+                held: HashMap::new(),
                 busy: HashMap::new(),
                 ops: None,
                 libvirt: None,
                 shutting_down: false,
+                deleted_while_waiting: std::collections::BTreeSet::new(),
                 settle_pending: false,
                 fill_check_running: false,
                 fill_warned: Default::default(),
@@ -299,6 +360,8 @@ impl Engine {
                 }
                 () = shutdown.wait(), if !self.shutting_down => {
                     self.shutting_down = true;
+                    // A restore waiting for its VM gives up, so the shutdown is not held.
+                    restore::cancel_waits();
                     if self.busy.is_empty() {
                         break;
                     }
@@ -333,33 +396,62 @@ impl Engine {
                     .snapshots
                     .insert(record.uuid.clone(), (*record).clone())
                     .is_some();
+                let settled = matches!(
+                    record.phase,
+                    SnapshotPhase::Succeeded | SnapshotPhase::Failed
+                );
+                let vm_uuid = record.vm_uuid.clone();
                 // Operations may create snapshots of their own (a restore's safety snapshot).
-                self.emit(if known {
+                let change = if known {
                     Change::SnapshotUpdated(record)
                 } else {
                     Change::SnapshotAdded(record)
-                });
+                };
+                self.emit_when_free(&vm_uuid, settled, change);
             }
             OpEvent::Removed { uuid } => {
-                self.snapshots.remove(&uuid);
-                self.emit(Change::SnapshotRemoved { uuid });
+                let vm_uuid = self.snapshots.remove(&uuid).map(|r| r.vm_uuid);
+                let change = Change::SnapshotRemoved { uuid };
+                match vm_uuid {
+                    Some(vm_uuid) => self.emit_when_free(&vm_uuid, true, change),
+                    None => self.emit(change),
+                }
             }
             OpEvent::RestoreProgress { uuid, text } => {
                 self.emit(Change::RestoreProgress { uuid, text })
             }
             OpEvent::RestoreSaved(record) => {
+                let uuid = record.uuid.clone();
+                let finished = record.step == RestoreStep::Done;
                 let known = self
                     .restores
                     .insert(record.uuid.clone(), (*record).clone())
                     .is_some();
-                self.emit(if known {
+                let settled = matches!(
+                    record.phase,
+                    vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
+                );
+                let vm_uuid = record.vm_uuid.clone();
+                let change = if known {
                     Change::RestoreUpdated(record)
                 } else {
                     Change::RestoreAdded(record)
-                });
+                };
+                // A restore deleted while it waited goes at once: nobody waits for its end.
+                if finished && self.deleted_while_waiting.remove(&uuid) {
+                    self.emit(change);
+                    if let Err(e) = self.delete_restore(&uuid) {
+                        warn!(restore = %uuid, error = %e, "cannot remove a restore deleted while it waited");
+                    }
+                } else {
+                    self.emit_when_free(&vm_uuid, settled, change);
+                }
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
+                for change in self.held.remove(&vm_uuid).unwrap_or_default() {
+                    self.emit(change);
+                }
             }
             OpEvent::CowFill(result) => {
                 self.fill_check_running = false;
@@ -368,6 +460,20 @@ impl Engine {
                     Err(error) => warn!(%error, "cannot check thick LVM snapshots' space"),
                 }
             }
+        }
+    }
+
+    /// Emits `change`, unless it shows an operation as ended (`settled`) while its VM is still
+    /// busy: then it waits for the operation's end, so that a client who sees it finished also
+    /// finds the VM free for the next one.
+    fn emit_when_free(&mut self, vm_uuid: &str, settled: bool, change: Change) {
+        if settled && self.busy.contains_key(vm_uuid) {
+            self.held
+                .entry(vm_uuid.to_string())
+                .or_default()
+                .push(change);
+        } else {
+            self.emit(change);
         }
     }
 
@@ -521,6 +627,7 @@ impl Engine {
                     ops.freeze_timeout = config.freeze_timeout;
                     ops.require_quiesce = config.require_quiesce;
                     ops.failure_deadline = config.failure_deadline;
+                    ops.restore_grace_period = config.restore_grace_period;
                     ops.quiesce = config.quiesce;
                     ops.lvm = config.lvm.clone();
                 }
@@ -532,6 +639,9 @@ impl Engine {
                 let mut list: Vec<&RestoreRecord> = self.restores.values().collect();
                 list.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
                 let _ = reply.send(list.into_iter().map(|r| r.uuid.clone()).collect());
+            }
+            Request::DeleteRestore { uuid, reply } => {
+                let _ = reply.send(self.delete_restore(&uuid));
             }
         }
     }
@@ -587,6 +697,15 @@ impl Engine {
         snapshot_name: &str,
         options: &RestoreOptions,
     ) -> Result<(VmInfo, SnapshotRecord), EngineError> {
+        // First of all: a new VM's name reaches libvirt, which derives paths from it; a
+        // restore's name reaches records and logs.
+        if !options.target.is_empty() {
+            validate_vm_name(&options.target).map_err(EngineError::InvalidName)?;
+        }
+        if !options.name.is_empty() {
+            validate_snapshot_name(&options.name)
+                .map_err(|e| EngineError::InvalidName(e.replacen("snapshot", "restore", 1)))?;
+        }
         let vm = self.find_vm(vm_key)?.clone();
         let snapshot = self
             .snapshots
@@ -614,17 +733,18 @@ impl Engine {
                 snapshot.name, missing.image, missing.target
             )));
         }
-        if !options.target.is_empty() {
-            if self.vms.values().any(|v| v.name == options.target) {
-                return Err(EngineError::VmExists(options.target.clone()));
-            }
-            validate_vm_name(&options.target)?;
+        if !options.name.is_empty() && self.restores.values().any(|r| r.name == options.name) {
+            return Err(EngineError::InvalidArgument(format!(
+                "a restore named '{}' already exists",
+                options.name
+            )));
+        }
+        if !options.target.is_empty() && self.vms.values().any(|v| v.name == options.target) {
+            return Err(EngineError::VmExists(options.target.clone()));
         }
         self.check_idle(&vm)?;
         if !self.connected {
-            return Err(EngineError::InvalidState(
-                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
-            ));
+            return Err(EngineError::LibvirtUnavailable);
         }
         self.ops()?;
         Ok((vm, snapshot))
@@ -650,11 +770,19 @@ impl Engine {
                 name: snapshot_uuid.to_string(),
             }
         })?;
-        let running = running.map_err(EngineError::InvalidState)?;
+        let running = running.map_err(EngineError::Libvirt)?;
         let new_vm = !options.target.is_empty();
-        if !new_vm && running && !options.stop_target {
+        let policy = options.readiness_policy.as_str();
+        let stop_target = options.stop_target || policy == "StopTarget";
+        let wait = matches!(policy, "WaitGracePeriod" | "WaitEventually");
+        if !new_vm && running && !stop_target && !wait {
             return Err(EngineError::VmRunning(vm.name.clone()));
         }
+        let phase = if !new_vm && running && wait {
+            vmsnap_api::RestorePhase::Waiting
+        } else {
+            vmsnap_api::RestorePhase::InProgress
+        };
         // The VM may have become busy while libvirt was asked.
         self.check_idle(&vm)?;
         let ops = self.ops()?.clone();
@@ -676,10 +804,10 @@ impl Engine {
                 vm.uuid.clone()
             },
             new_vm,
-            stop_target: options.stop_target,
+            stop_target,
             start: options.start,
             take_safety_snapshot: options.safety_snapshot && !new_vm,
-            phase: vmsnap_api::RestorePhase::InProgress,
+            phase,
             complete: false,
             creation_time: snapshot::now_rfc3339(),
             restore_time: String::new(),
@@ -689,9 +817,11 @@ impl Engine {
             safety_snapshot: String::new(),
             error: String::new(),
             step: RestoreStep::Planned,
+            name: options.name.clone(),
+            readiness_policy: options.readiness_policy.clone(),
         };
         ops.store.save_restore(&record).map_err(|e| {
-            EngineError::InvalidState(format!("cannot write the restore record: {e}"))
+            EngineError::RecordWrite(format!("cannot write the restore record: {e}"))
         })?;
         info!(vm = %vm.name, snapshot = %snapshot.name, target = %record.target_name, "restoring");
         self.busy.insert(
@@ -706,6 +836,42 @@ impl Engine {
             restore::restore(ctx, record, snapshot, records)
         });
         Ok(uuid)
+    }
+
+    /// Removes the record of a finished restore; the restored VM is left as it is.
+    fn delete_restore(&mut self, uuid: &str) -> Result<(), EngineError> {
+        let record = self
+            .restores
+            .get(uuid)
+            .ok_or_else(|| EngineError::InvalidArgument(format!("no restore {uuid}")))?;
+        let finished = matches!(
+            record.phase,
+            vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
+        ) && record.step == RestoreStep::Done;
+        if !finished && restore::cancel_wait(uuid) {
+            // Still waiting for its VM: it gives up (nothing has changed) and its record goes
+            // once it has said so.
+            info!(restore = %display_restore(record), "restore deleted while waiting: cancelled");
+            self.deleted_while_waiting.insert(uuid.to_string());
+            return Ok(());
+        }
+        if !finished {
+            return Err(EngineError::InvalidState(format!(
+                "restore {} is {}; it can be deleted once it has finished",
+                display_restore(record),
+                record.phase.as_str()
+            )));
+        }
+        let ops = self.ops()?.clone();
+        ops.store.remove_restore(uuid).map_err(|e| {
+            EngineError::InvalidState(format!("cannot remove the restore record: {e}"))
+        })?;
+        info!(restore = %display_restore(record), "restore record deleted");
+        self.restores.remove(uuid);
+        self.emit(Change::RestoreRemoved {
+            uuid: uuid.to_string(),
+        });
+        Ok(())
     }
 
     fn ops(&self) -> Result<&OpContext, EngineError> {
@@ -733,13 +899,12 @@ impl Engine {
         name: String,
         options: CreateOptions,
     ) -> Result<String, EngineError> {
+        validate_snapshot_name(&name).map_err(EngineError::InvalidName)?;
+        validate_description(&options.description).map_err(EngineError::InvalidArgument)?;
         let vm = self.find_vm(vm_key)?.clone();
         if !self.connected {
-            return Err(EngineError::InvalidState(
-                "libvirt is unavailable; try again when vmsnapd has reconnected".to_string(),
-            ));
+            return Err(EngineError::LibvirtUnavailable);
         }
-        validate_snapshot_name(&name).map_err(EngineError::InvalidName)?;
         if self
             .snapshots
             .values()
@@ -765,7 +930,17 @@ impl Engine {
                 &excluded,
             )));
         }
-        let ops = self.ops()?.clone();
+        let mut ops = self.ops()?.clone();
+        if let Some(deadline) = options.failure_deadline {
+            if deadline <= ops.freeze_timeout {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the failure deadline ({} ms) must be longer than freeze_timeout ({} ms)",
+                    deadline.as_millis(),
+                    ops.freeze_timeout.as_millis()
+                )));
+            }
+            ops.failure_deadline = deadline;
+        }
         let record = SnapshotRecord {
             version: RECORD_VERSION,
             uuid: uuid::Uuid::new_v4().to_string(),
@@ -786,9 +961,10 @@ impl Engine {
             excluded,
             extra_state: Vec::new(),
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         };
         ops.store.save(&record).map_err(|e| {
-            EngineError::InvalidState(format!("cannot write the snapshot record: {e}"))
+            EngineError::RecordWrite(format!("cannot write the snapshot record: {e}"))
         })?;
         info!(vm = %vm.name, snapshot = %record.name, "creating snapshot");
         let uuid = record.uuid.clone();
@@ -1009,7 +1185,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use vmsnap_api::{AgentState, VmState};
+    use vmsnap_api::{AgentState, VmSnapError, VmState};
 
     use super::*;
 
@@ -1119,7 +1295,149 @@ mod tests {
             excluded: vec![],
             extra_state: vec![],
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         }
+    }
+
+    fn restore_record(
+        name: &str,
+        phase: vmsnap_api::RestorePhase,
+        step: RestoreStep,
+    ) -> RestoreRecord {
+        RestoreRecord {
+            version: RECORD_VERSION,
+            uuid: format!("restore-{name}"),
+            vm_name: "a".into(),
+            vm_uuid: A.into(),
+            snapshot_name: "s".into(),
+            snapshot_uuid: "uuid-s".into(),
+            target_name: "a".into(),
+            target_uuid: A.into(),
+            new_vm: false,
+            stop_target: false,
+            start: false,
+            take_safety_snapshot: true,
+            phase,
+            complete: phase == vmsnap_api::RestorePhase::Succeeded,
+            creation_time: "2026-11-26T15:00:00Z".into(),
+            restore_time: String::new(),
+            restores: vec![],
+            detached: vec![],
+            not_restored: vec![],
+            safety_snapshot: String::new(),
+            error: String::new(),
+            step,
+            name: name.into(),
+            readiness_policy: "WaitGracePeriod".into(),
+        }
+    }
+
+    #[test]
+    fn only_finished_restores_can_be_deleted() {
+        let (mut engine, _rx, _settled) = engine();
+        use vmsnap_api::RestorePhase;
+        for (phase, step) in [
+            (RestorePhase::InProgress, RestoreStep::Planned),
+            (RestorePhase::Waiting, RestoreStep::Planned),
+            // Failed past the point of no return: its journal is still needed.
+            (
+                RestorePhase::Failed,
+                RestoreStep::Committed {
+                    previous_xml: String::new(),
+                    lvm_steps: BTreeMap::new(),
+                },
+            ),
+        ] {
+            let record = restore_record("r", phase, step);
+            engine.restores.insert(record.uuid.clone(), record);
+            assert!(
+                matches!(
+                    engine.delete_restore("restore-r"),
+                    Err(EngineError::InvalidState(ref m)) if m.contains("once it has finished")
+                ),
+                "{phase:?}"
+            );
+            assert!(engine.restores.contains_key("restore-r"));
+        }
+        assert!(matches!(
+            engine.delete_restore("restore-nope"),
+            Err(EngineError::InvalidArgument(_))
+        ));
+        // A finished one goes (its record file with it) and the bus object is told.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let store = crate::store::Store::new(&dir.path().join("state"));
+        let record = restore_record("done", RestorePhase::Succeeded, RestoreStep::Done);
+        store.save_restore(&record).expect("saved");
+        engine.ops = Some(OpContext {
+            uri: "test:///default".into(),
+            store: store.clone(),
+            freeze_timeout: std::time::Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: std::time::Duration::from_secs(300),
+            restore_grace_period: std::time::Duration::from_secs(300),
+            quiesce: crate::config::Quiesce::Auto,
+            lvm: crate::config::LvmConfig::default(),
+            events,
+        });
+        engine.restores.insert(record.uuid.clone(), record);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine.changes = tx;
+        engine.delete_restore("restore-done").expect("deleted");
+        assert!(!engine.restores.contains_key("restore-done"));
+        assert_eq!(store.load_restores().0, Vec::<RestoreRecord>::new());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::RestoreRemoved {
+                uuid: "restore-done".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn an_operation_is_shown_ended_only_once_its_vm_is_free() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        engine
+            .busy
+            .insert(A.into(), "snapshot 's' is being created".into());
+        drain(&mut rx);
+        let running = snapshot_record("s", SnapshotPhase::InProgress);
+        engine.handle_op_event(OpEvent::Saved(Box::new(running)));
+        assert_eq!(
+            drain(&mut rx).len(),
+            1,
+            "progress on the way is shown at once"
+        );
+        let done = snapshot_record("s", SnapshotPhase::Succeeded);
+        engine.handle_op_event(OpEvent::Saved(Box::new(done.clone())));
+        assert!(drain(&mut rx).is_empty(), "held while the VM is busy");
+        assert_eq!(
+            engine.snapshots.get("uuid-s"),
+            Some(&done),
+            "the engine knows at once"
+        );
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert!(engine.busy.is_empty());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotUpdated(Box::new(done))],
+            "shown once the VM is free"
+        );
+        // A removal (a delete's end) waits the same way.
+        engine.busy.insert(A.into(), "deleting".into());
+        engine.handle_op_event(OpEvent::Removed {
+            uuid: "uuid-s".into(),
+        });
+        assert!(drain(&mut rx).is_empty());
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotRemoved {
+                uuid: "uuid-s".into()
+            }]
+        );
     }
 
     #[test]
@@ -1157,6 +1475,99 @@ mod tests {
             engine.create_snapshot("a", "done".into(), CreateOptions::default()),
             Err(EngineError::AlreadyExists { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_names_and_descriptions_are_refused_before_anything_else() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        let done = snapshot_record("done", SnapshotPhase::Succeeded);
+        engine.snapshots.insert(done.uuid.clone(), done);
+        drain(&mut rx);
+        let huge = "x".repeat(1 << 20);
+        for target in [".", "..", "...", "a/b", "-rf", "a\n", &huge] {
+            let options = RestoreOptions {
+                target: target.to_string(),
+                ..RestoreOptions::default()
+            };
+            // Refused even for a VM or snapshot that does not exist: the name is checked first.
+            for (vm_key, snapshot) in [("a", "done"), ("nope", "nope")] {
+                let (reply, mut answer) = oneshot::channel();
+                engine.handle_request(Request::Restore {
+                    vm: vm_key.into(),
+                    snapshot: snapshot.into(),
+                    options: options.clone(),
+                    reply,
+                });
+                match answer.try_recv() {
+                    Ok(Err(EngineError::InvalidName(m))) => assert!(m.len() < 200, "{m}"),
+                    other => panic!("target {:?}: {other:?}", excerpt(target)),
+                }
+            }
+        }
+        for description in [
+            "two\nlines",
+            "\u{1b}[2J",
+            &"d".repeat(vmsnap_api::MAX_DESCRIPTION + 1),
+        ] {
+            let options = CreateOptions {
+                description: description.to_string(),
+                ..CreateOptions::default()
+            };
+            assert!(matches!(
+                engine.create_snapshot("a", "new".into(), options),
+                Err(EngineError::InvalidArgument(_))
+            ));
+        }
+        let error = engine
+            .create_snapshot(&huge, "new".into(), CreateOptions::default())
+            .expect_err("a huge VM key is refused")
+            .to_string();
+        assert!(error.len() < 200, "{error}");
+        assert!(
+            drain(&mut rx).is_empty(),
+            "a refused request changed nothing"
+        );
+        assert_eq!(engine.snapshots.len(), 1);
+        assert!(engine.restores.is_empty() && engine.busy.is_empty());
+    }
+
+    #[test]
+    fn libvirt_unavailable_and_record_write_failures_are_told_apart() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        assert!(matches!(
+            engine.create_snapshot("a", "s".into(), CreateOptions::default()),
+            Err(EngineError::LibvirtUnavailable)
+        ));
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        // A state folder that cannot hold a record (below a regular file): nothing starts.
+        let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.ops = Some(OpContext {
+            uri: "test:///default".into(),
+            store: crate::store::Store::new(std::path::Path::new("/dev/null/state")),
+            freeze_timeout: std::time::Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: std::time::Duration::from_secs(60),
+            restore_grace_period: std::time::Duration::from_secs(300),
+            quiesce: crate::config::Quiesce::Auto,
+            lvm: crate::config::LvmConfig::default(),
+            events,
+        });
+        drain(&mut rx);
+        let refused = engine.create_snapshot("a", "s".into(), CreateOptions::default());
+        assert!(
+            matches!(&refused, Err(EngineError::RecordWrite(m)) if m.contains("snapshot record")),
+            "{refused:?}"
+        );
+        let error = VmSnapError::from(refused.expect_err("refused"));
+        assert!(
+            matches!(error, VmSnapError::RecordWriteFailed(_)),
+            "{error:?}"
+        );
+        assert!(engine.snapshots.is_empty() && engine.busy.is_empty());
+        assert!(drain(&mut rx).is_empty());
     }
 
     #[test]

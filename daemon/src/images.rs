@@ -133,23 +133,13 @@ impl Forest {
 
     /// Whether any domain's disk chain includes `image`.
     pub fn in_any_chain(&self, image: &str) -> bool {
-        self.tops.iter().any(|t| {
-            let mut cur = Some(t.path.as_str());
-            while let Some(p) = cur {
-                if p == image {
-                    return true;
-                }
-                cur = self.parent(p);
-            }
-            false
-        })
+        !self.users(image).is_empty()
     }
 
-    /// Running domains whose chain includes `image`.
-    pub fn running_users(&self, image: &str) -> Vec<&DiskTop> {
+    /// The domain disks whose chain includes `image`, running or not.
+    pub fn users(&self, image: &str) -> Vec<&DiskTop> {
         self.tops
             .iter()
-            .filter(|t| t.running)
             .filter(|t| {
                 let mut cur = Some(t.path.as_str());
                 while let Some(p) = cur {
@@ -160,6 +150,14 @@ impl Forest {
                 }
                 false
             })
+            .collect()
+    }
+
+    /// Running domains whose chain includes `image`.
+    pub fn running_users(&self, image: &str) -> Vec<&DiskTop> {
+        self.users(image)
+            .into_iter()
+            .filter(|t| t.running)
             .collect()
     }
 }

@@ -7,6 +7,9 @@ mod config;
 mod disks;
 mod domain;
 mod engine;
+mod files;
+#[cfg(test)]
+mod fuzz_tests;
 mod images;
 mod libvirt;
 mod lvm_volumes;
@@ -33,11 +36,11 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::bus::{Authorizer, BusTarget, ManagerObject};
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Change, Engine, Flushed};
 use crate::libvirt::LibvirtSettings;
 use crate::shutdown::{SignalRequest, SignalRequests};
 use crate::snapshot::OpContext;
-use crate::store::Store;
+use crate::store::{StateLock, Store};
 
 /// How long to wait for the first word from libvirt before taking the bus name anyway, so that a
 /// slow libvirtd does not keep the API away.
@@ -165,6 +168,8 @@ async fn run(
     // soon as the service looks up must reload or stop it, not kill it with the default action.
     // Signals that arrive before the loop below waits are kept and handled there.
     let mut signals = SignalRequests::new().map_err(|e| format!("cannot wait for signals: {e}"))?;
+    // Before anything is read from the state folder: it is this daemon's alone.
+    let _state_lock = StateLock::take(&config.state_dir)?;
     let (trigger, shutdown) = shutdown::channel();
 
     let (libvirt_events, libvirt_events_rx) = mpsc::unbounded_channel();
@@ -179,6 +184,7 @@ async fn run(
     .map_err(|e| format!("cannot start the libvirt thread: {e}"))?;
 
     let (changes, changes_rx) = mpsc::unbounded_channel();
+    let flush = changes.clone();
     let (requests, requests_rx) = mpsc::channel(64);
     let (op_events, op_events_rx) = mpsc::unbounded_channel();
     let ops = OpContext {
@@ -187,6 +193,7 @@ async fn run(
         freeze_timeout: config.freeze_timeout,
         require_quiesce: config.require_quiesce,
         failure_deadline: config.failure_deadline,
+        restore_grace_period: config.restore_grace_period,
         quiesce: config.quiesce,
         lvm: config.lvm.clone(),
         events: op_events,
@@ -219,8 +226,13 @@ async fn run(
     {
         warn!("libvirt has not answered yet; serving without an inventory");
     }
-    // Let the publisher export what the engine has emitted so far.
-    tokio::task::yield_now().await;
+    // Every object the engine has announced so far (the records loaded, the inventory) is
+    // exported before the name is taken, however many there are.
+    let exported = Flushed::default();
+    if flush.send(Change::Flush(exported.clone())).is_ok() {
+        exported.0.notified().await;
+    }
+    drop(flush);
     // No replacement either way: a second vmsnapd must fail, not take over a running one.
     let reply = connection
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)

@@ -2,8 +2,11 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tracing::warn;
+use vmsnap_exec::RunError;
 
 /// One image of a backing chain, top first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,29 +23,56 @@ struct ImageInfo {
     _virtual_size: Option<u64>,
 }
 
-fn run(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+/// How long the quick qemu-img commands (info, create, rebase -u) may take: they touch metadata
+/// only, so even a deep chain on a slow disk answers in seconds; one that does not is hung.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs qemu-img on `image` (one of `args`), killing it at `timeout`. A failure names the command
+/// and the image; what qemu-img printed goes to the journal only, since it can name other files
+/// of the host and the error ends up in properties every user can read.
+fn run(image: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let command = args.first().copied().unwrap_or_default();
+    let mut qemu_img = Command::new("qemu-img");
+    qemu_img.args(args);
+    let output = match vmsnap_exec::run_bounded(&mut qemu_img, timeout) {
+        Ok(output) => output,
+        Err(RunError::Spawn(e)) => return Err(format!("cannot run qemu-img: {e}")),
+        Err(RunError::TimedOut) => {
+            return Err(format!(
+                "qemu-img {command} of {image} did not finish within {}s and was stopped",
+                timeout.as_secs()
+            ))
+        }
+    };
     if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(format!(
-            "qemu-img {} failed: {}",
-            args.first().unwrap_or(&""),
-            stderr.trim().replace('\n', "; ")
-        ))
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    warn!(image, command, stderr = %stderr.trim(), "qemu-img failed");
+    let status = match output.status.code() {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
+    };
+    Err(format!(
+        "qemu-img {command} of {image} failed ({status}; its messages are in vmsnapd's journal)"
+    ))
 }
 
 /// The backing chain of `top`, top first. `-U` so that it also works on images a running QEMU
 /// holds open; the chain metadata does not change under it while vmsnap holds the VM's lock.
 pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
-    let text = run(&["info", "-U", "--backing-chain", "--output", "json", top])?;
+    let text = run(
+        top,
+        &["info", "-U", "--backing-chain", "--output", "json", top],
+        QUICK_TIMEOUT,
+    )?;
+    parse_chain(&text)
+}
+
+/// `qemu-img info --backing-chain --output json`'s answer, top first.
+pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, String> {
     let infos: Vec<ImageInfo> =
-        serde_json::from_str(&text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
+        serde_json::from_str(text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
     Ok(infos
         .into_iter()
         .map(|i| ChainImage {
@@ -52,34 +82,39 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
         .collect())
 }
 
-/// Commits `top` into its backing file.
-pub fn commit(top: &str) -> Result<(), String> {
-    run(&["commit", "-q", "-d", top]).map(|_| ())
+/// Commits `top` into its backing file, stopping at `deadline`. A stopped commit leaves the
+/// backing file partly merged, which a merge resumed from the journal completes.
+pub fn commit(top: &str, deadline: Instant) -> Result<(), String> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    run(top, &["commit", "-q", "-d", top], timeout).map(|_| ())
 }
 
 /// Points `image` at a new backing file without copying data: only valid when the new backing
 /// file has the same content as the old one (it does after a commit of the old one into it).
 pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-    run(&["rebase", "-u", "-b", backing, "-F", backing_format, image]).map(|_| ())
+    let args = ["rebase", "-u", "-b", backing, "-F", backing_format, image];
+    run(image, &args, QUICK_TIMEOUT).map(|_| ())
+}
+
+/// Makes the empty file qemu-img then formats: new (nothing at `overlay`, not even a symlink)
+/// and with the permissions of the image it extends. qemu-img itself would follow a symlink and
+/// create the file with the umask's mode.
+fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), String> {
+    crate::files::create_new_like(Path::new(overlay), Path::new(backing))
+        .map(drop)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!("{overlay} already exists"),
+            _ => format!("cannot create {overlay}: {e}"),
+        })
 }
 
 /// Creates a qcow2 overlay of `backing`.
 pub fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
-    if Path::new(overlay).exists() {
-        return Err(format!("{overlay} already exists"));
-    }
-    run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing,
-        "-F",
-        backing_format,
+    create_qcow2(
         overlay,
-    ])
-    .map(|_| ())
+        backing,
+        &["-b", backing, "-F", backing_format, overlay],
+    )
 }
 
 /// Creates a qcow2 overlay of `backing` without opening it (`-u`): `backing` may be the image a
@@ -90,23 +125,22 @@ pub fn create_overlay_unopened(
     backing_format: &str,
     size: u64,
 ) -> Result<(), String> {
-    if Path::new(overlay).exists() {
-        return Err(format!("{overlay} already exists"));
-    }
-    run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        backing,
-        "-F",
-        backing_format,
-        overlay,
-        &size.to_string(),
-    ])
-    .map(|_| ())
+    let size = size.to_string();
+    let args = ["-u", "-b", backing, "-F", backing_format, overlay, &size];
+    create_qcow2(overlay, backing, &args)
+}
+
+/// `qemu-img create -f qcow2 ARGS` into a file made by [`create_overlay_file`], which is removed
+/// again (it is vmsnapd's own) when qemu-img fails.
+fn create_qcow2(overlay: &str, backing: &str, args: &[&str]) -> Result<(), String> {
+    create_overlay_file(overlay, backing)?;
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    run(overlay, &all, QUICK_TIMEOUT)
+        .map(drop)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(overlay);
+        })
 }
 
 #[cfg(test)]
@@ -139,7 +173,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
         let (base, mid, top) = (p("base.qcow2"), p("mid.qcow2"), p("top.qcow2"));
-        run(&["create", "-q", "-f", "qcow2", &base, "16M"]).expect("create");
+        run(
+            &base,
+            &["create", "-q", "-f", "qcow2", &base, "16M"],
+            QUICK_TIMEOUT,
+        )
+        .expect("create");
         write_pattern(&base, 0, 1);
         create_overlay(&mid, &base, "qcow2").expect("overlay");
         write_pattern(&mid, 65536, 2);
@@ -152,7 +191,7 @@ mod tests {
         assert_eq!(paths, [top.as_str(), mid.as_str(), base.as_str()]);
 
         // Merge mid into base, then point top at base: top's content is unchanged.
-        commit(&mid).expect("commit");
+        commit(&mid, Instant::now() + QUICK_TIMEOUT).expect("commit");
         rebase_unsafe(&top, &base, "qcow2").expect("rebase");
         let chain = backing_chain(&top).expect("chain");
         assert_eq!(chain.len(), 2);
@@ -160,5 +199,37 @@ mod tests {
         assert!(read_pattern(&top, 65536, 2));
         assert!(read_pattern(&top, 131072, 3));
         assert!(!read_pattern(&top, 131072, 9));
+    }
+
+    #[test]
+    fn overlays_take_the_image_mode_and_failures_keep_qemu_img_output_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let (base, top) = (p("base.qcow2"), p("top.qcow2"));
+        run(
+            &base,
+            &["create", "-q", "-f", "qcow2", &base, "16M"],
+            QUICK_TIMEOUT,
+        )
+        .expect("create");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        create_overlay(&top, &base, "qcow2").expect("overlay");
+        let mode = std::fs::metadata(&top).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "the overlay is no more open than its image");
+
+        // qemu-img refuses (a backing file of another format): its own words ("Image is not in
+        // qcow2 format", the path of the backing file) stay out of the error, and the empty file
+        // vmsnapd made for it is gone again.
+        let failed = p("failed.qcow2");
+        let error = create_overlay(&failed, &base, "raw-but-wrong-\u{1b}").expect_err("refused");
+        assert!(error.starts_with(&format!("qemu-img create of {failed} failed (exit status ")));
+        assert!(
+            error.ends_with("its messages are in vmsnapd's journal)"),
+            "{error}"
+        );
+        assert!(!crate::files::path_taken(std::path::Path::new(&failed)));
+        let error = backing_chain(&p("missing.qcow2")).expect_err("no such image");
+        assert!(!error.contains("Could not open"), "{error}");
     }
 }

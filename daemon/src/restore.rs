@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -18,6 +20,7 @@ use vmsnap_api::{DetachedDisk, RestorePhase, SnapshotPhase, VmState, VolumeResto
 
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::files;
 use crate::images::prune_unclaimed;
 use crate::lvm_volumes;
 use crate::qemu_img;
@@ -29,6 +32,42 @@ use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERS
 
 /// How long a VM gets to shut down by itself before it is forced off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Set when vmsnapd shuts down: restores waiting for their VM give up (having changed nothing)
+/// so the shutdown is not held up by a VM that may never stop.
+static WAITS_CANCELLED: AtomicBool = AtomicBool::new(false);
+
+/// Makes every restore that waits for its VM to be shut off give up.
+pub fn cancel_waits() {
+    WAITS_CANCELLED.store(true, Ordering::SeqCst);
+}
+
+/// Restores waiting for their VM, by UUID: `false` while waiting, `true` once deleted (the
+/// wait then gives up). A restore leaves the map, under its lock, when it stops waiting, so a
+/// deletion either cancels it before anything changed or finds it gone and is refused.
+static WAITING: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
+
+fn waiting() -> std::sync::MutexGuard<'static, BTreeMap<String, bool>> {
+    WAITING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Cancels the restore `uuid` if it is still waiting for its VM; false if it is not waiting
+/// (any more).
+pub fn cancel_wait(uuid: &str) -> bool {
+    match waiting().get_mut(uuid) {
+        Some(cancelled) => {
+            *cancelled = true;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The error of a restore deleted while it waited.
+pub const DELETED_WHILE_WAITING: &str =
+    "the restore was deleted while it waited for the VM to be shut off; nothing was changed";
 
 /// Suffix of a NVRAM copy waiting to be renamed into place.
 const PENDING: &str = ".vmsnap-restore";
@@ -43,6 +82,20 @@ impl OpContext {
             uuid: record.uuid.clone(),
             text,
         });
+    }
+
+    /// As [`OpContext::save_failed`], for a restore.
+    fn save_restore_failed(&self, record: &mut RestoreRecord) {
+        if let Err(e) = self.save_restore(record) {
+            warn!(vm = %record.vm_name, error = %e, "the failed restore's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self
+                .events
+                .send(OpEvent::RestoreSaved(Box::new(record.clone())));
+        }
     }
 
     fn save_restore(&self, record: &RestoreRecord) -> Result<(), String> {
@@ -83,11 +136,11 @@ pub fn restore(
             }
         }
         record.phase = RestorePhase::Failed;
-        record.error = error;
+        record.error = vmsnap_api::record_error(&error);
         if !forward_pending {
             record.step = RestoreStep::Done;
         }
-        let _ = ctx.save_restore(&record);
+        ctx.save_restore_failed(&mut record);
     }
     ctx.restore_progress(&record, "");
 }
@@ -99,6 +152,21 @@ fn restore_steps(
     records: &mut Vec<SnapshotRecord>,
     stopped: &mut bool,
 ) -> Result<(), String> {
+    let policy_waits = matches!(
+        record.readiness_policy.as_str(),
+        "WaitGracePeriod" | "WaitEventually"
+    );
+    if !record.new_vm && policy_waits {
+        // Before the connection the rest uses: the wait outlives libvirtd restarts.
+        waiting().insert(record.uuid.clone(), false);
+        let waited = wait_until_shut_off(ctx, record);
+        // Leaving the map decides: deleted before this point means cancelled.
+        let deleted = waiting().remove(&record.uuid).unwrap_or(false);
+        waited?;
+        if deleted {
+            return Err(DELETED_WHILE_WAITING.to_string());
+        }
+    }
     let conn = connect(&ctx.uri)?;
     if snapshot.phase != SnapshotPhase::Succeeded || !snapshot.ready_to_use {
         return Err(format!(
@@ -130,6 +198,10 @@ fn restore_steps(
     let mut detached = Vec::new();
     if !record.new_vm {
         let dom = lookup(&conn, &record.vm_uuid)?;
+        if record.phase == RestorePhase::Waiting {
+            record.phase = RestorePhase::InProgress;
+            ctx.save_restore(record)?;
+        }
         if is_active(&dom)? {
             if !record.stop_target {
                 return Err(format!("VM '{}' is running; stop it first", record.vm_name));
@@ -235,7 +307,14 @@ fn apply(
     }
     for copy in snapshot.extra_state.iter().filter(|c| c.kind == "nvram") {
         let target = nvram_target_path(record, &copy.source);
-        std::fs::copy(&copy.copy, format!("{target}{PENDING}"))
+        let pending = format!("{target}{PENDING}");
+        // A pending copy is vmsnapd's own, left by an interrupted attempt: it is made again.
+        if let Err(e) = std::fs::remove_file(&pending) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!("cannot replace {pending}: {e}"));
+            }
+        }
+        files::copy_file_new(Path::new(&copy.copy), Path::new(&pending))
             .map_err(|e| format!("cannot stage the NVRAM copy for {target}: {e}"))?;
     }
     let lvm = ctx.lvm_tool();
@@ -362,7 +441,7 @@ fn finish(
                     };
                     let target = format!("/var/lib/libvirt/swtpm/{uuid}");
                     let _ = std::fs::remove_dir_all(&target);
-                    snapshot::copy_dir(Path::new(&copy.copy), Path::new(&target))
+                    files::copy_dir_new(Path::new(&copy.copy), Path::new(&target))
                         .map_err(|e| format!("cannot put the TPM state back: {e}"))?;
                 }
                 _ => {}
@@ -468,6 +547,101 @@ fn roll_back(
     }
 }
 
+/// Whether the VM runs, on a connection kept across calls and opened again when libvirt went
+/// away (libvirtd restarted): `None` while libvirt cannot be reached. A VM that no longer
+/// exists is an error.
+fn vm_active(
+    ctx: &OpContext,
+    record: &RestoreRecord,
+    session: &mut Option<(Connect, Domain)>,
+) -> Result<Option<bool>, String> {
+    if let Some((_, dom)) = session.as_ref() {
+        if let Ok(active) = dom.is_active() {
+            return Ok(Some(active));
+        }
+    }
+    *session = None;
+    let Ok(conn) = connect(&ctx.uri) else {
+        return Ok(None);
+    };
+    match conn.lookup_domain_by_uuid_string(&record.vm_uuid) {
+        Ok(dom) => {
+            let active = dom.is_active().ok();
+            *session = Some((conn, dom));
+            Ok(active)
+        }
+        Err(e)
+            if matches!(
+                e.code(),
+                virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+            ) =>
+        {
+            Err(format!(
+                "VM '{}' was undefined while the restore waited for it to be shut off",
+                record.vm_name
+            ))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// targetReadinessPolicy WaitGracePeriod and WaitEventually: the restore waits in phase Waiting
+/// until libvirt reports the VM shut off (by its user or the guest), up to
+/// `restore_grace_period` for WaitGracePeriod. Nothing has changed while it waits, so giving
+/// up leaves the VM as it was. A libvirtd restart meanwhile is waited out.
+fn wait_until_shut_off(ctx: &OpContext, record: &mut RestoreRecord) -> Result<(), String> {
+    let eventually = record.readiness_policy == "WaitEventually";
+    let grace = ctx.restore_grace_period;
+    let deadline = Instant::now() + grace;
+    let mut session = None;
+    if vm_active(ctx, record, &mut session)? == Some(false) {
+        return Ok(());
+    }
+    if record.phase != RestorePhase::Waiting {
+        record.phase = RestorePhase::Waiting;
+        ctx.save_restore(record)?;
+    }
+    let grace_text = humantime::format_duration(grace).to_string();
+    if eventually {
+        ctx.restore_progress(record, "waiting for the VM to be shut off");
+    } else {
+        ctx.restore_progress(
+            record,
+            format!("waiting up to {grace_text} for the VM to be shut off"),
+        );
+    }
+    let mut unreachable_reported = false;
+    loop {
+        if waiting().get(&record.uuid).copied().unwrap_or(false) {
+            return Err(DELETED_WHILE_WAITING.to_string());
+        }
+        match vm_active(ctx, record, &mut session)? {
+            Some(false) => return Ok(()),
+            Some(true) => unreachable_reported = false,
+            None if !unreachable_reported => {
+                warn!(vm = %record.vm_name, "libvirt unreachable while waiting for the VM to be shut off; retrying");
+                unreachable_reported = true;
+            }
+            None => {}
+        }
+        if WAITS_CANCELLED.load(Ordering::SeqCst) {
+            return Err(format!(
+                "vmsnapd stopped while the restore waited for VM '{}' to be shut off; nothing \
+                 was changed",
+                record.vm_name
+            ));
+        }
+        if !eventually && Instant::now() >= deadline {
+            return Err(format!(
+                "VM '{}' was not shut off within the grace period ({grace_text}, \
+                 targetReadinessPolicy WaitGracePeriod); nothing was changed",
+                record.vm_name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn shut_down(ctx: &OpContext, record: &RestoreRecord, dom: &Domain) -> Result<(), String> {
     ctx.restore_progress(record, "shutting the VM down");
     let _ = dom.shutdown();
@@ -524,6 +698,7 @@ fn take_safety_snapshot(
         excluded: Vec::new(),
         extra_state: Vec::new(),
         cow_fill_percent: 0.0,
+        source_indications: Vec::new(),
     };
     let done = snapshot::create(ctx, safety, true);
     if done.phase != SnapshotPhase::Succeeded {
@@ -644,9 +819,9 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
         Ok(how) => info!(vm = %record.vm_name, "interrupted restore {how}"),
         Err(error) => {
             record.phase = RestorePhase::Failed;
-            record.error = error;
+            record.error = vmsnap_api::record_error(&error);
             record.step = RestoreStep::Done;
-            let _ = ctx.save_restore(&record);
+            ctx.save_restore_failed(&mut record);
         }
     }
 }

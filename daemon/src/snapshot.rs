@@ -21,6 +21,7 @@ use vmsnap_api::{DiskBackend, ExcludedVolume, Indication, SnapshotPhase};
 use crate::config::{LvmConfig, Quiesce};
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
+use crate::files;
 use crate::images::{is_owned, prune_unclaimed, Forest};
 use crate::lvm_volumes;
 use crate::qemu_img;
@@ -63,6 +64,8 @@ pub struct OpContext {
     pub freeze_timeout: Duration,
     pub require_quiesce: bool,
     pub failure_deadline: Duration,
+    /// How long a WaitGracePeriod restore waits for its VM to be shut off.
+    pub restore_grace_period: Duration,
     pub quiesce: Quiesce,
     pub lvm: LvmConfig,
     pub events: UnboundedSender<OpEvent>,
@@ -97,6 +100,20 @@ impl OpContext {
             .map_err(|e| format!("cannot write the snapshot record: {e}"))?;
         let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
         Ok(())
+    }
+
+    /// Saves the record that ends a failed operation. Should even that fail (a full or failing
+    /// state folder), the engine and the bus still learn that it failed, with a note that the
+    /// record on disk is behind: the next start settles it from the journal.
+    fn save_failed(&self, record: &mut SnapshotRecord) {
+        if let Err(e) = self.save(record) {
+            warn!(vm = %record.vm_name, snapshot = %record.name, error = %e, "the failed snapshot's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
+        }
     }
 
     pub(crate) fn lvm_tool(&self) -> vmsnap_lvm::Lvm {
@@ -166,9 +183,9 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         remove_unused_overlays(ctx, &record);
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = error;
+        record.error = vmsnap_api::record_error(&error);
         record.step = Step::Done;
-        let _ = ctx.save(&record);
+        ctx.save_failed(&mut record);
     }
     record
 }
@@ -206,7 +223,7 @@ fn create_steps(
                     .join(format!("{}-{}-{short}.qcow2", record.vm_name, disk.target))
                     .to_string_lossy()
                     .into_owned();
-                if Path::new(&overlay).exists() {
+                if files::path_taken(Path::new(&overlay)) {
                     return Err(format!("disk {}: {overlay} already exists", disk.target));
                 }
                 let virtual_size = dom
@@ -240,9 +257,8 @@ fn create_steps(
     if !excluded.is_empty() && !allow_excluded {
         return Err(excluded_message(&excluded));
     }
-    if volumes.is_empty() {
-        return Err("the VM has no disk that can be snapshotted".to_string());
-    }
+    // A VM with no disk to capture (only a cdrom, say) gets a snapshot of its definition
+    // alone, with zero volumes, as KubeVirt's does.
     let extra = domain::extra_state(&inactive_xml, &record.vm_uuid)?;
     let copy_dir = ctx.store.state_copy_dir(&record.vm_uuid, &record.uuid);
     record.extra_state = extra
@@ -263,6 +279,7 @@ fn create_steps(
     let paused = state == DomainState::Paused;
     let online = is_active(&dom)?;
     let try_freeze = running
+        && !record.volumes.is_empty()
         && match ctx.quiesce {
             Quiesce::Auto => vm.agent == vmsnap_api::AgentState::Connected,
             Quiesce::Always => vm.agent != vmsnap_api::AgentState::NotConfigured,
@@ -271,10 +288,22 @@ fn create_steps(
     if online {
         record.indications.push(Indication::Online);
     }
+    // Why each indication was given, for sourceIndications.
+    let mut notes: Vec<(Indication, String)> = Vec::new();
     if paused {
         record.indications.push(Indication::Paused);
-    } else if running && !try_freeze {
+    } else if running && !try_freeze && !record.volumes.is_empty() {
         record.indications.push(Indication::NoGuestAgent);
+        notes.push((
+            Indication::NoGuestAgent,
+            format!(
+                "the guest agent is {}: the snapshot is crash-consistent",
+                vm.agent.as_str().replace('-', " ")
+            ),
+        ));
+    }
+    if !record.excluded.is_empty() {
+        record.indications.push(Indication::PartialSnapshot);
     }
 
     check_deadline(deadline)?;
@@ -339,7 +368,26 @@ fn create_steps(
                     ));
                 }
                 warn!(vm = %record.vm_name, error = %e.message(), "freeze failed; taking a crash-consistent snapshot");
-                record.indications.push(Indication::QuiesceFailed);
+                let timed_out = matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::AgentUnresponsive)
+                );
+                let (indication, what) = if timed_out {
+                    (
+                        Indication::QuiesceTimeout,
+                        "the guest agent did not answer the freeze in time",
+                    )
+                } else {
+                    (
+                        Indication::QuiesceFailed,
+                        "the guest agent could not freeze the filesystems",
+                    )
+                };
+                record.indications.push(indication);
+                notes.push((
+                    indication,
+                    format!("{what} ({}): the snapshot is crash-consistent", e.message()),
+                ));
             }
         }
     }
@@ -380,9 +428,17 @@ fn create_steps(
                 if let Err(e) = guard.disarm() {
                     // The guard may have thawed at its deadline before the disks were
                     // snapshotted: the snapshot cannot claim a quiesced guest then.
-                    warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceFailed");
+                    warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceTimeout");
                     record.indications.retain(|i| *i != Indication::GuestAgent);
-                    record.indications.push(Indication::QuiesceFailed);
+                    record.indications.push(Indication::QuiesceTimeout);
+                    notes.push((
+                        Indication::QuiesceTimeout,
+                        format!(
+                            "the guest may have been thawed at freeze_timeout ({} s) before the \
+                             disks were snapshotted ({e}): the snapshot is crash-consistent",
+                            ctx.freeze_timeout.as_secs()
+                        ),
+                    ));
                 }
             }
             // Dropping the armed guard makes it thaw at once, on its own connection.
@@ -396,7 +452,10 @@ fn create_steps(
     }
 
     let result = result.and_then(|()| {
-        if ctx.require_quiesce && record.indications.contains(&Indication::QuiesceFailed) {
+        if ctx.require_quiesce
+            && (record.indications.contains(&Indication::QuiesceFailed)
+                || record.indications.contains(&Indication::QuiesceTimeout))
+        {
             Err(
                 "the guest was thawed before the disks were snapshotted; require_quiesce is \
                  set, so the snapshot was undone"
@@ -413,12 +472,63 @@ fn create_steps(
         lvm_volumes::discard(&ctx.lvm_tool(), &record.uuid, &record.volumes);
         return Err(error);
     }
+    record.source_indications = source_indications(record, &notes);
     record.phase = SnapshotPhase::Succeeded;
     record.ready_to_use = true;
     record.step = Step::Done;
     ctx.save(record)?;
     ctx.progress(record, "");
     Ok(())
+}
+
+/// Each indication of `record` with its message: the one noted when it was given, or one
+/// that says what it means.
+pub(crate) fn source_indications(
+    record: &SnapshotRecord,
+    notes: &[(Indication, String)],
+) -> Vec<vmsnap_api::SourceIndication> {
+    record
+        .indications
+        .iter()
+        .map(|indication| {
+            let noted = notes
+                .iter()
+                .find(|(i, _)| i == indication)
+                .map(|(_, m)| m.clone());
+            let message = noted.unwrap_or_else(|| match indication {
+                Indication::Online => "the VM was running when the snapshot was taken".to_string(),
+                Indication::GuestAgent => format!(
+                    "the guest agent froze {} filesystem(s) for {} ms",
+                    record.frozen_filesystems, record.freeze_duration_ms
+                ),
+                Indication::NoGuestAgent => {
+                    "no guest agent answered: the snapshot is crash-consistent".to_string()
+                }
+                Indication::QuiesceFailed => "the freeze failed: the snapshot is \
+                                              crash-consistent"
+                    .to_string(),
+                Indication::QuiesceTimeout => "the freeze did not finish in time: the \
+                                               snapshot is crash-consistent"
+                    .to_string(),
+                Indication::Paused => {
+                    "the VM was paused: its disks were consistent without a freeze".to_string()
+                }
+                Indication::PartialSnapshot => format!(
+                    "disks left out: {}",
+                    record
+                        .excluded
+                        .iter()
+                        .map(|v| format!("{} ({})", v.target, v.reason))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            vmsnap_api::SourceIndication {
+                indication: indication.as_str().to_string(),
+                message,
+            }
+        })
+        .collect()
 }
 
 /// Fault injection for the crash-safety tests: when VMSNAP_TEST_CRASH_AT names this point, the
@@ -505,9 +615,9 @@ fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         let copied = if source.is_dir() {
-            copy_dir(source, target)
+            files::copy_dir_new(source, target)
         } else {
-            std::fs::copy(source, target).map(|_| ())
+            files::copy_file_new(source, target)
         };
         copied.map_err(|e| {
             format!(
@@ -515,20 +625,6 @@ fn copy_extra_state(record: &SnapshotRecord) -> Result<(), String> {
                 copy.kind, copy.source
             )
         })?;
-    }
-    Ok(())
-}
-
-pub(crate) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let dest = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
-        } else {
-            std::fs::copy(entry.path(), dest)?;
-        }
     }
     Ok(())
 }
@@ -565,8 +661,9 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
         // is no longer the snapshot's, so it is not offered for restore again.
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = format!("delete failed: {error}");
-        let _ = ctx.save(&record);
+        let error = format!("delete failed: {error}");
+        record.error = vmsnap_api::record_error(&error);
+        ctx.save_failed(&mut record);
     }
 }
 
@@ -749,27 +846,52 @@ fn merge_down(
                 deadline,
                 &mut report,
             )?;
+            refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
         [] => {
             let base_format = forest.format(base).to_string();
-            qemu_img::commit(top)?;
+            qemu_img::commit(top, deadline)?;
             for child in &children {
                 qemu_img::rebase_unsafe(child, base, &base_format)?;
             }
-            for user in forest.tops.iter().filter(|t| t.path == top) {
-                let dom = lookup(conn, &user.domain_uuid)?;
-                let inactive = dom
-                    .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
-                    .map_err(|e| e.message().to_string())?;
-                let edited = domain::set_disk_source(&inactive, &user.target, base, &base_format)?;
-                conn.define_domain_xml(&edited)
-                    .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
-            }
+            refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
         _ => Ok(false),
     }
+}
+
+/// After `top` was merged into `base`: every stored definition that still names `top` (as its
+/// disk, or in the `<backingStore>` chain libvirt writes into it) names the real chain again,
+/// else that VM would not start. The disk's source becomes `base` where it was `top`; the
+/// backing chain is left out, for libvirt to read from the images at the next start. `forest`
+/// is the one from before the merge.
+fn refresh_definitions(
+    conn: &Connect,
+    forest: &Forest,
+    base: &str,
+    top: &str,
+) -> Result<(), String> {
+    for user in forest.users(top) {
+        let dom = lookup(conn, &user.domain_uuid)?;
+        let inactive = dom
+            .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| e.message().to_string())?;
+        let (source, format) = domain::disk_source(&inactive, &user.target)?;
+        if !domain::disk_names_image(&inactive, &user.target, top)? {
+            continue;
+        }
+        let (source, format) = if source == top {
+            (base.to_string(), forest.format(base).to_string())
+        } else {
+            (source, format)
+        };
+        let edited = domain::set_disk_source(&inactive, &user.target, &source, &format)?;
+        conn.define_domain_xml(&edited)
+            .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
+    }
+    Ok(())
 }
 
 fn abort_leftover_job(dom: &Domain, disk: &str) -> Result<(), String> {
@@ -864,7 +986,7 @@ fn merge(
             &mut report,
         )
     } else {
-        qemu_img::commit(top)?;
+        qemu_img::commit(top, deadline)?;
         if active {
             let inactive = dom
                 .xml_desc(VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE)
@@ -907,9 +1029,9 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Snapshot
             if let Err(error) = recover_create(ctx, &mut record) {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
-                record.error = error;
+                record.error = vmsnap_api::record_error(&error);
                 record.step = Step::Done;
-                let _ = ctx.save(&record);
+                ctx.save_failed(&mut record);
             }
         }
         SnapshotPhase::Succeeded | SnapshotPhase::Failed => {

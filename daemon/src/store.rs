@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,9 @@ pub struct SnapshotRecord {
     /// it has none). Kept current by the fill monitor.
     #[serde(default)]
     pub cow_fill_percent: f64,
+    /// Each indication with its message (KubeVirt's sourceIndications).
+    #[serde(default)]
+    pub source_indications: Vec<vmsnap_api::SourceIndication>,
 }
 
 /// One included disk.
@@ -139,6 +143,59 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// The exclusive hold of one vmsnapd on a state folder, for as long as it lives: a second daemon
+/// on the same folder would settle the first one's running operations as if they were
+/// interrupted.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the lock (`<state_dir>/lock`, `flock`), or says which process holds it. The file
+    /// holds the holder's pid, for that message only: the lock itself is the kernel's, released
+    /// when the process ends however it ends.
+    pub fn take(state_dir: &Path) -> Result<StateLock, String> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|e| {
+                format!(
+                    "cannot create the state folder {}: {e}",
+                    state_dir.display()
+                )
+            })?;
+        let path = state_dir.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked != 0 {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            return Err(format!(
+                "another vmsnapd (pid {}) uses the state folder {}; one daemon per state folder",
+                holder
+                    .trim()
+                    .parse::<u32>()
+                    .map_or("unknown".to_string(), |p| p.to_string()),
+                state_dir.display()
+            ));
+        }
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(StateLock { _file: file })
+    }
+}
+
 impl Store {
     pub fn new(state_dir: &Path) -> Store {
         Store {
@@ -206,9 +263,8 @@ impl Store {
                 }
                 match fs::read(&path)
                     .map_err(|e| e.to_string())
-                    .and_then(|bytes| {
-                        serde_json::from_slice::<SnapshotRecord>(&bytes).map_err(|e| e.to_string())
-                    }) {
+                    .and_then(|bytes| parse_snapshot_record(&bytes))
+                {
                     Ok(record) => records.push(record),
                     Err(e) => problems.push(format!("{}: {e}", path.display())),
                 }
@@ -223,7 +279,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
@@ -257,6 +313,7 @@ mod tests {
             excluded: vec![],
             extra_state: vec![],
             cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
         }
     }
 
@@ -359,6 +416,15 @@ pub struct RestoreRecord {
     pub safety_snapshot: String,
     pub error: String,
     pub step: RestoreStep,
+    /// The name the restore was asked under (a VirtualMachineRestore's metadata.name); empty
+    /// for a restore that has none (it is then known by its UUID).
+    #[serde(default)]
+    pub name: String,
+    /// KubeVirt's targetReadinessPolicy for an in-place restore of a VM that is not shut off:
+    /// `StopTarget`, `FailImmediate`, `WaitGracePeriod` or `WaitEventually`; empty: as
+    /// `stop_target` says (shut it down, or fail).
+    #[serde(default)]
+    pub readiness_policy: String,
 }
 
 /// Restore journal steps, each written before the action it names.
@@ -398,6 +464,17 @@ impl Store {
         write_atomically(&dir, &format!("{}.json", record.uuid), &text)
     }
 
+    /// Removes a restore's record (deleting a finished restore).
+    pub fn remove_restore(&self, uuid: &str) -> std::io::Result<()> {
+        let dir = self.restores_dir();
+        match fs::remove_file(dir.join(format!("{uuid}.json"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        File::open(&dir)?.sync_all()
+    }
+
     pub fn load_restores(&self) -> (Vec<RestoreRecord>, Vec<String>) {
         let mut records = Vec::new();
         let mut problems = Vec::new();
@@ -411,15 +488,43 @@ impl Store {
             {
                 continue;
             }
-            match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
-                serde_json::from_slice::<RestoreRecord>(&b).map_err(|e| e.to_string())
-            }) {
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_restore_record(&b))
+            {
                 Ok(r) => records.push(r),
                 Err(e) => problems.push(format!("{}: {e}", path.display())),
             }
         }
         records.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
         (records, problems)
+    }
+}
+
+/// A snapshot record as read from its file. Its UUIDs become path components (the state copies'
+/// folder) and D-Bus object paths, so a record whose UUIDs hold anything but letters, digits and
+/// `-` is refused, like one that is not JSON.
+pub fn parse_snapshot_record(bytes: &[u8]) -> Result<SnapshotRecord, String> {
+    let record: SnapshotRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    check_uuids(&[&record.uuid, &record.vm_uuid])?;
+    Ok(record)
+}
+
+/// A restore record as read from its file; see [`parse_snapshot_record`].
+pub fn parse_restore_record(bytes: &[u8]) -> Result<RestoreRecord, String> {
+    let record: RestoreRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    check_uuids(&[&record.uuid, &record.vm_uuid, &record.snapshot_uuid])?;
+    if !record.target_uuid.is_empty() {
+        check_uuids(&[&record.target_uuid])?;
+    }
+    Ok(record)
+}
+
+fn check_uuids(uuids: &[&str]) -> Result<(), String> {
+    let safe = |u: &&str| !u.is_empty() && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    match uuids.iter().find(|u| !safe(u)) {
+        Some(bad) => Err(format!("\"{}\" is not a UUID", vmsnap_api::excerpt(bad))),
+        None => Ok(()),
     }
 }
 
@@ -430,16 +535,22 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result
         .mode(0o700)
         .create(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
+        fs::rename(&tmp, dir.join(name))
+    })();
+    if let Err(e) = written {
+        // A full disk or an I/O error: no half-written temporary file stays behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
 }

@@ -19,10 +19,11 @@
 //!    or if MS milliseconds pass since the guard started, the guard thaws the guest at once
 //!    (virDomainFSThaw) and exits 10 if the thaw succeeded, 11 if it kept failing.
 //!
-//! A thaw that fails is retried for about 10 s, reconnecting if the connection died (libvirtd
-//! restarted: seen to thaw about 1 s after libvirtd came back). A hung agent does not make the
-//! thaw fail: libvirt 9.0 waits for it without a limit once it is in sync, so the guard blocks
-//! until the agent answers again, then thaws.
+//! A thaw that fails is retried until the agent answers one (up to 30 minutes, then a loud log),
+//! reconnecting if the connection died (libvirtd restarted: seen to thaw about 1 s after libvirtd
+//! came back). A hung agent fails each attempt after libvirt's agent timeout, and may run a
+//! freeze it had queued once it resumes, minutes later: the thaw that it finally answers comes
+//! after that freeze, so the guest ends thawed.
 //!
 //! The guard ignores SIGTERM, SIGINT and SIGHUP (see `ignore_stop_signals`): stopping vmsnapd
 //! from a terminal or from systemd signals the guard too, and it must still thaw. The daemon's
@@ -58,12 +59,14 @@ const DISARM: &str = "disarm";
 const READY_WAIT: Duration = Duration::from_secs(10);
 /// How long [`ThawGuard::disarm`] waits for the guard to exit after `disarm`.
 const DISARM_WAIT: Duration = Duration::from_secs(5);
-/// How long the guard keeps retrying a failing thaw. An agent call can take seconds before it
-/// fails (5 s for "Guest agent not available for now"), so there are always at least
-/// [`MIN_THAW_ATTEMPTS`]: one attempt may spend the whole window waiting for libvirt's per-domain
-/// agent job, held by the daemon's own stuck call, and the next can succeed once that ends.
-const THAW_RETRY_WINDOW: Duration = Duration::from_secs(10);
-const MIN_THAW_ATTEMPTS: u32 = 2;
+/// How long the guard keeps retrying a failing thaw. A hung agent (stopped, or starved of CPU)
+/// may answer minutes later, and may then run a freeze it had queued before our thaws: the guard
+/// keeps thawing until the agent itself answers a thaw (thawed, or "not frozen"), which it does
+/// only after everything queued before it. Past this bound it gives up with a loud log; a
+/// stopped service (systemd's TimeoutStopSec) ends it sooner.
+const THAW_GIVE_UP_AFTER: Duration = Duration::from_secs(30 * 60);
+/// Longest pause between two thaw attempts.
+const THAW_MAX_PAUSE: Duration = Duration::from_secs(5);
 
 const EXIT_DISARMED: u8 = 0;
 const EXIT_NOT_STARTED: u8 = 1;
@@ -386,8 +389,9 @@ fn ignore_stop_signals(domain_uuid: &str) -> Vec<(&'static str, Arc<AtomicBool>)
     flags
 }
 
-/// Thaws, retrying for up to [`THAW_RETRY_WINDOW`] with a fresh connection when the old one is
-/// dead (libvirtd restarted meanwhile). Returns whether the guest is thawed.
+/// Thaws, retrying until the agent answers (up to [`THAW_GIVE_UP_AFTER`]), with a fresh
+/// connection when the old one is dead (libvirtd restarted meanwhile). Returns whether the guest
+/// is thawed.
 fn thaw(uri: &str, domain_uuid: &str, conn: Connect, dom: Domain) -> bool {
     let first = Instant::now();
     let mut current = Some((conn, dom));
@@ -408,27 +412,38 @@ fn thaw(uri: &str, domain_uuid: &str, conn: Connect, dom: Domain) -> bool {
                     log(domain_uuid, &format!("not frozen: {}", e.message()));
                     return true;
                 }
+                // A guest that is not running has no frozen filesystems.
+                Err(_) if !dom.is_active().unwrap_or(true) => {
+                    log(domain_uuid, "the domain is not running: nothing to thaw");
+                    return true;
+                }
                 Err(e) => e.message().to_string(),
             },
             None => "no connection".to_string(),
         };
-        let elapsed = first.elapsed();
-        if elapsed >= THAW_RETRY_WINDOW && attempt >= MIN_THAW_ATTEMPTS {
+        if first.elapsed() >= THAW_GIVE_UP_AFTER {
             log(
                 domain_uuid,
-                &format!("thaw attempt {attempt} failed: {error}; giving up, the guest may still be frozen"),
+                &format!(
+                    "thaw attempt {attempt} failed: {error}; GIVING UP after {} minutes: the \
+                     guest may still be frozen; thaw it with: virsh domfsthaw {domain_uuid}",
+                    THAW_GIVE_UP_AFTER.as_secs() / 60
+                ),
             );
             return false;
         }
-        log(
-            domain_uuid,
-            &format!(
-                "thaw attempt {attempt} failed: {error}; retrying in {} ms",
-                pause.as_millis()
-            ),
-        );
-        std::thread::sleep(pause.min(THAW_RETRY_WINDOW.saturating_sub(elapsed)));
-        pause = (pause * 2).min(Duration::from_secs(2));
+        // Every failure at first, then one in ten: a long wait stays readable.
+        if attempt <= 5 || attempt % 10 == 0 {
+            log(
+                domain_uuid,
+                &format!(
+                    "thaw attempt {attempt} failed: {error}; retrying in {} ms",
+                    pause.as_millis()
+                ),
+            );
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(THAW_MAX_PAUSE);
         let alive = current
             .as_ref()
             .is_some_and(|(conn, _)| conn.is_alive().unwrap_or(false));

@@ -30,13 +30,12 @@
 //!   [`Lvm::recover_thick_restore`]).
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use vmsnap_exec::RunError;
 
 mod names;
 mod report;
@@ -226,12 +225,9 @@ impl Lvm {
     /// Runs `lvm SUBCOMMAND ARGS...` and returns its standard output. A non-zero exit becomes
     /// [`Error::Command`] with LVM's message (see [`lvm_message`]).
     ///
-    /// Standard output and error are read on two threads while the command runs. If it is still
-    /// running after the timeout ([`Lvm::with_timeout`]), it is killed (`SIGKILL`) and reaped,
-    /// and the result is [`Error::Timeout`] (see the module documentation for what that leaves).
-    /// Only `lvm` itself is killed: a process it started and left running is not. Should such a
-    /// process keep the output pipes open after `lvm` has exited, the output read until the
-    /// timeout is used and the exit status decides.
+    /// It runs with [`vmsnap_exec::run_bounded`]: output read while it runs, killed (`SIGKILL`)
+    /// and reaped if still running after the timeout ([`Lvm::with_timeout`]), which gives
+    /// [`Error::Timeout`] (see the module documentation for what that leaves).
     pub fn run<I, S>(&self, subcommand: &str, args: I) -> Result<String>
     where
         I: IntoIterator<Item = S>,
@@ -242,45 +238,20 @@ impl Lvm {
             program: self.program.display().to_string(),
             source,
         };
-        let deadline = Instant::now().checked_add(self.timeout);
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command
             .arg(subcommand)
             .args(&args)
             .env("LC_ALL", "C")
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_error)?;
-        let drains = Drain::start(&mut child.stdout)
-            .and_then(|out| Ok((out, Drain::start(&mut child.stderr)?)));
-        let (stdout, stderr) = match drains {
-            Ok(drains) => drains,
-            Err(e) => {
-                stop(&mut child);
-                return Err(spawn_error(e));
-            }
-        };
-        let status = match poll_until(deadline, || child.try_wait()) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                stop(&mut child);
-                return Err(Error::Timeout {
-                    command: subcommand.to_string(),
-                    after: self.timeout,
-                });
-            }
-            Err(e) => {
-                stop(&mut child);
-                return Err(spawn_error(e));
-            }
-        };
-        // The pipes close when lvm exits, unless a process it left running still holds them.
-        let _ = poll_until(deadline, || {
-            Ok((stdout.is_done() && stderr.is_done()).then_some(()))
-        });
-        command_result(subcommand, status, &stdout.take(), &stderr.take())
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1");
+        match vmsnap_exec::run_bounded(&mut command, self.timeout) {
+            Ok(done) => command_result(subcommand, done.status, &done.stdout, &done.stderr),
+            Err(RunError::TimedOut) => Err(Error::Timeout {
+                command: subcommand.to_string(),
+                after: self.timeout,
+            }),
+            Err(RunError::Spawn(e)) => Err(spawn_error(e)),
+        }
     }
 
     fn report(&self, selector: &str, extra: &[&str]) -> Result<Vec<LvInfo>> {
@@ -814,84 +785,6 @@ fn command_result(
         status: status.code(),
         message,
     })
-}
-
-/// Calls `check` until it returns something or `deadline` (`None`: never) passes, sleeping
-/// between calls (1 ms at first, doubling up to 50 ms). `Ok(None)`: the deadline passed.
-fn poll_until<T>(
-    deadline: Option<Instant>,
-    mut check: impl FnMut() -> std::io::Result<Option<T>>,
-) -> std::io::Result<Option<T>> {
-    const MAX_PAUSE: Duration = Duration::from_millis(50);
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(done) = check()? {
-            return Ok(Some(done));
-        }
-        let left = match deadline {
-            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
-            None => MAX_PAUSE,
-        };
-        if left.is_zero() {
-            return Ok(None);
-        }
-        std::thread::sleep(pause.min(left));
-        pause = (pause * 2).min(MAX_PAUSE);
-    }
-}
-
-/// Kills `child` (`SIGKILL`) and reaps it.
-fn stop(child: &mut Child) {
-    // Fails only if it has already exited, which is as good.
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A pipe read to its end on a thread of its own, into a buffer the caller can take at any time.
-struct Drain {
-    buf: Arc<Mutex<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drain {
-    /// Takes `pipe` (none: an empty drain) and starts reading it.
-    fn start(pipe: &mut Option<impl Read + Send + 'static>) -> std::io::Result<Drain> {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let Some(mut pipe) = pipe.take() else {
-            return Ok(Drain { buf, thread: None });
-        };
-        let shared = Arc::clone(&buf);
-        let thread = std::thread::Builder::new()
-            .name("lvm-output".into())
-            .spawn(move || {
-                let mut chunk = vec![0; 64 * 1024];
-                loop {
-                    match pipe.read(&mut chunk) {
-                        Ok(0) => break,
-                        Ok(n) => shared
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .extend_from_slice(&chunk[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
-                    }
-                }
-            })?;
-        Ok(Drain {
-            buf,
-            thread: Some(thread),
-        })
-    }
-
-    /// Whether the pipe has been read to its end.
-    fn is_done(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-
-    /// What has been read so far. A thread still reading is left to finish on its own.
-    fn take(&self) -> Vec<u8> {
-        std::mem::take(&mut *self.buf.lock().unwrap_or_else(PoisonError::into_inner))
-    }
 }
 
 /// `10m`, `1h`, `30s`, `200ms`; other durations as `Duration`'s `Debug` (`1.5s`).

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::Path;
+use std::time::Instant;
 
 use super::*;
 
@@ -586,4 +587,79 @@ fn quick_commands_succeed_within_a_short_timeout() {
     let fake = FakeLvm::new("silent", "exit 3");
     let err = fake.lvm.run("lvs", ["vg0"]).unwrap_err();
     assert_eq!(err.to_string(), "lvm lvs failed: exit status 3");
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, FileFailurePersistence};
+
+    use crate::parse_lvs_report;
+
+    const REPORT: &str = r#"{"report":[{"lv":[{"lv_name":"a","vg_name":"v","lv_uuid":"u",
+        "lv_size":"1048576B","lv_attr":"Vwi-a-tz--","segtype":"thin","pool_lv":"pool",
+        "origin":"","data_percent":"12.50","snap_percent":"","lv_tags":"vmsnap,vmsnap-vm-x",
+        "lv_path":"/dev/v/a"},{"lv_name":"s","vg_name":"v","lv_size":1048576,
+        "lv_attr":"swi-a-s---","origin":"a","snap_percent":3.5,"lv_tags":["vmsnap"]}]}]}"#;
+    const TOKENS: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "\"",
+        "null",
+        "-1",
+        "1e999",
+        "\"\"",
+        "\"lv_attr\":\"-\"",
+        "18446744073709551616B",
+        "NaN",
+        "\u{0}",
+        "..",
+        "/",
+    ];
+
+    proptest! {
+        #![proptest_config(Config {
+            cases: 3000,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
+            ..Config::default()
+        })]
+
+        /// `lvs --reportformat json` output, mutated: parsed or refused, never a panic, also
+        /// when what was accepted is used.
+        #[test]
+        fn fuzz_lvs_report(
+            edits in prop::collection::vec((any::<u16>(), 0u8..5, any::<u8>()), 0..8)
+        ) {
+            let mut bytes = REPORT.as_bytes().to_vec();
+            for (position, op, value) in edits {
+                let at = usize::from(position) % (bytes.len() + 1);
+                match op {
+                    0 => bytes.insert(at, value),
+                    1 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    2 if at < bytes.len() => bytes[at] = value,
+                    3 => {
+                        let token = TOKENS[usize::from(value) % TOKENS.len()].as_bytes();
+                        bytes.splice(at..at, token.iter().copied());
+                    }
+                    _ => bytes.truncate(at.max(bytes.len() / 2)),
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(lvs) = parse_lvs_report(&text) {
+                for lv in lvs {
+                    let _ = lv.fill_percent();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn seed_is_accepted() {
+        assert_eq!(parse_lvs_report(REPORT).map(|l| l.len()), Ok(2));
+    }
 }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod browser;
+
 use tempfile::TempDir;
 
 /// Names of the lab's VMs (lab/up.sh).
@@ -355,6 +357,25 @@ pub fn virsh(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Shuts a lab VM down through its guest agent and waits until it is shut off. libvirt 9.0 may
+/// answer "End of file from agent socket" when qemu-ga closes its channel as the guest powers
+/// off before libvirt has seen QEMU's SHUTDOWN event (seen on a loaded machine); the guest shuts
+/// down all the same, so the domain's state, not virsh's exit status, says whether it worked.
+pub fn shut_down_by_agent(name: &str) {
+    let output = Command::new("virsh")
+        .args(["-c", LAB_URI, "shutdown", name, "--mode", "agent"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() || stderr.contains("End of file from agent socket"),
+        "virsh shutdown {name} --mode agent failed: {stderr}"
+    );
+    wait_for(Duration::from_secs(60), "the VM to shut off", || {
+        (virsh(&["domstate", name]).trim() == "shut off").then_some(())
+    });
 }
 
 /// Panics with instructions unless the lab is up: libvirtd answers and the lab VMs exist.

@@ -280,3 +280,83 @@ fn snapshot_requests_are_validated_before_anything_is_done() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_folder_is_refused_before_it_reads_anything() {
+    let bus = PrivateBus::start();
+    let first = Daemon::start(&bus, &config_for("test:///default"));
+    let state = first.state_dir();
+    // Another bus, so the bus name does not stop it: only the state folder is shared.
+    let other_bus = PrivateBus::start();
+    let config = format!(
+        "state_dir = \"{}\"\n{}",
+        state.display(),
+        config_for("test:///default")
+    );
+    let mut second = Daemon::spawn(&other_bus, &config);
+    let status = second.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{status}");
+    let log = second.log_text();
+    let expected = format!(
+        "another vmsnapd (pid {}) uses the state folder {}",
+        first.pid().unwrap(),
+        state.display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(!vmsnap_tests::name_has_owner(&other_bus.address));
+    // The first one goes on serving.
+    let list = first.ctl(&["vm", "list", "--output", "json"]).json();
+    assert!(find_vm(&list, "test").is_some(), "{list}");
+}
+
+#[test]
+fn every_record_is_exported_before_the_name_is_owned() {
+    // Thousands of records: exporting them takes a while, and a client that sees the name must
+    // see every one of them.
+    const RECORDS: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let vm_uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+    let records = dir.path().join("state/snapshots").join(vm_uuid);
+    std::fs::create_dir_all(&records).unwrap();
+    for i in 0..RECORDS {
+        let uuid = format!("00000000-0000-4000-8000-{i:012}");
+        let record = serde_json::json!({
+            "version": 1, "uuid": uuid, "name": format!("s{i}"), "description": "",
+            "vmName": "test", "vmUuid": vm_uuid, "phase": "Succeeded", "readyToUse": true,
+            "creationTime": format!("2026-11-01T00:{:02}:{:02}Z", i / 60 % 60, i % 60),
+            "indications": [], "error": "", "freezeDurationMs": 0, "frozenFilesystems": 0,
+            "step": {"step": "done"}, "domainXml": "", "volumes": [], "excluded": [],
+            "extraState": []
+        });
+        std::fs::write(records.join(format!("{uuid}.json")), record.to_string()).unwrap();
+    }
+    let bus = PrivateBus::start();
+    let config = format!(
+        "state_dir = \"{}\"\n{}",
+        dir.path().join("state").display(),
+        config_for("test:///default")
+    );
+    let daemon = Daemon::start(&bus, &config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let exported = rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
+            .destination(vmsnap_api::BUS_NAME)
+            .path(vmsnap_api::ROOT_PATH)
+            .build()
+            .await
+            .unwrap()
+            .get_managed_objects()
+            .await
+            .unwrap();
+        objects
+            .keys()
+            .filter(|path| path.as_str().contains("/snapshot/"))
+            .count()
+    });
+    assert_eq!(exported, RECORDS, "exported when the name was owned");
+    drop(daemon);
+}

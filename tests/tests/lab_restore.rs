@@ -37,10 +37,7 @@ fn data_set_checksums(vm: &ScratchVm) -> String {
 }
 
 fn stop(vm: &ScratchVm) {
-    virsh(&["shutdown", &vm.name, "--mode", "agent"]);
-    wait_for(Duration::from_secs(60), "the VM to shut off", || {
-        (virsh(&["domstate", &vm.name]).trim() == "shut off").then_some(())
-    });
+    vmsnap_tests::shut_down_by_agent(&vm.name);
 }
 
 fn restore(daemon: &Daemon, args: &[&str]) -> Value {

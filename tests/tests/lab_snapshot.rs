@@ -169,8 +169,8 @@ fn excluded_disks_are_refused_then_allowed_and_recorded() {
         ])
         .json();
     assert_eq!(snap["phase"], "Succeeded", "{snap}");
-    // Offline: no Online indication.
-    assert_eq!(indications(&snap), Vec::<String>::new());
+    // Offline: no Online indication; the excluded cdrom makes it partial.
+    assert_eq!(indications(&snap), ["PartialSnapshot"]);
     let excluded = &snap["snapshotVolumes"]["excludedVolumes"];
     assert_eq!(excluded[0]["target"], "sda");
     assert!(excluded[0]["reason"].as_str().unwrap().contains("cdrom"));
@@ -374,10 +374,7 @@ fn deleting_offline_in_any_order_keeps_every_other_snapshot_and_the_live_disk() 
         vm.start(true);
         vm.write_file(&format!("f-{name}"), 200 << 10);
         let sums = vm.guest_checksums();
-        virsh(&["shutdown", &vm.name, "--mode", "agent"]);
-        wait_for(Duration::from_secs(60), "the VM to shut off", || {
-            (virsh(&["domstate", &vm.name]).trim() == "shut off").then_some(())
-        });
+        vmsnap_tests::shut_down_by_agent(&vm.name);
         expected.insert(name.to_string(), sums);
         let snap = create(&daemon, &vm.name, name);
         assert_eq!(snap["phase"], "Succeeded", "{snap}");
@@ -439,12 +436,24 @@ fn hung_agent_gives_a_crash_consistent_snapshot_or_fails_by_policy() {
     assert_eq!(vm.images(), images);
     drop(strict);
 
-    // Default policy: crash-consistent, recorded as QuiesceFailed.
+    // Default policy: crash-consistent, recorded as QuiesceTimeout (the agent did not answer
+    // the freeze in time), with the agent's error as its message.
     let lenient = Daemon::start(&bus, &config_for(LAB_URI));
     wait_known(&lenient, &vm.name);
     let snap = create(&lenient, &vm.name, "lenient");
     assert_eq!(snap["phase"], "Succeeded", "{snap}");
-    assert_eq!(indications(&snap), ["Online", "QuiesceFailed"]);
+    assert_eq!(indications(&snap), ["Online", "QuiesceTimeout"]);
+    let object = lenient
+        .ctl(&["get", "vmsnapshot", "lenient", "-o", "json"])
+        .json();
+    let message = object["status"]["sourceIndications"][1]["message"]
+        .as_str()
+        .unwrap();
+    assert!(
+        message.contains("did not answer the freeze in time"),
+        "{object}"
+    );
+    assert!(message.contains("not responding"), "{object}");
     assert_eq!(image_checksums(&image_of(&snap)), before);
 
     // Once the agent runs again, the guest is not frozen (no late freeze left behind).

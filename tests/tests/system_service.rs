@@ -33,9 +33,14 @@ const MAN_PAGES: &[&str] = &[
     "vmsnapctl-snapshot-list.1",
     "vmsnapctl-snapshot-show.1",
     "vmsnapctl-snapshot-delete.1",
+    "vmsnapctl-snapshot-restore.1",
     "vmsnapctl-restore.1",
     "vmsnapctl-restore-list.1",
     "vmsnapctl-restore-show.1",
+    "vmsnapctl-apply.1",
+    "vmsnapctl-get.1",
+    "vmsnapctl-wait.1",
+    "vmsnapctl-delete.1",
 ];
 
 fn workspace_root() -> PathBuf {
@@ -116,6 +121,7 @@ fn expected_files(prefix: &str) -> BTreeSet<(String, u32)> {
             0o644,
         ),
         ("/share/polkit-1/actions/org.vmsnap.policy", 0o644),
+        ("/share/man/man5/vmsnapd.toml.5", 0o644),
         ("/share/man/man8/vmsnapd.8", 0o644),
         ("/share/bash-completion/completions/vmsnapctl", 0o644),
         ("/share/zsh/vendor-completions/_vmsnapctl", 0o644),
@@ -128,6 +134,15 @@ fn expected_files(prefix: &str) -> BTreeSet<(String, u32)> {
         files.insert((format!("{prefix}/share/man/man1/{page}"), 0o644));
     }
     files.insert(("/etc/vmsnap/vmsnapd.toml".to_string(), 0o644));
+    // The Cockpit page, as built into cockpit/dist (lab/build-cockpit.sh).
+    let dist = workspace_root().join("cockpit/dist");
+    assert!(
+        dist.join("index.html").exists(),
+        "cockpit/dist is missing: build the Cockpit page with lab/build-cockpit.sh"
+    );
+    for (path, _) in files_under(&dist) {
+        files.insert((format!("{prefix}/share/cockpit/vmsnap{path}"), 0o644));
+    }
     files
 }
 
@@ -176,6 +191,37 @@ fn install_puts_every_file_where_distributions_expect_it_and_uninstall_removes_t
             "{page}: {text}"
         );
         assert!(text.contains(".SH NAME"), "{page}");
+        assert!(text.contains(".SH \"EXIT STATUS\""), "{page}");
+        assert!(text.contains(".SH \"SEE ALSO\""), "{page}");
+    }
+    let main_page = std::fs::read_to_string(d.join("usr/share/man/man1/vmsnapctl.1")).unwrap();
+    assert!(main_page.contains(".SH EXAMPLES"), "{main_page}");
+    // vmsnapd(8) and vmsnapd.toml(5), shipped as written; the latter names every key of the
+    // documented config.
+    for (installed, shipped) in [
+        ("usr/share/man/man8/vmsnapd.8", "man/vmsnapd.8"),
+        ("usr/share/man/man5/vmsnapd.toml.5", "man/vmsnapd.toml.5"),
+    ] {
+        let text = std::fs::read_to_string(d.join(installed)).unwrap();
+        assert_eq!(text, read(shipped), "{installed}");
+        for section in [".SH \"SEE ALSO\"", ".SH EXAMPLES"] {
+            assert!(text.contains(section), "{installed} lacks {section}");
+        }
+    }
+    assert!(read("man/vmsnapd.8").contains(".SH \"EXIT STATUS\""));
+    let keys_page = read("man/vmsnapd.toml.5");
+    for line in read("config/vmsnapd.toml").lines() {
+        let Some(entry) = line.strip_prefix("#: ") else {
+            continue;
+        };
+        if entry.starts_with('[') {
+            continue;
+        }
+        let key = entry.split(" = ").next().unwrap();
+        assert!(
+            keys_page.contains(&format!(".B {} = ", key)),
+            "vmsnapd.toml.5 does not document {key}"
+        );
     }
     let create =
         std::fs::read_to_string(d.join("usr/share/man/man1/vmsnapctl-snapshot-create.1")).unwrap();
@@ -184,8 +230,12 @@ fn install_puts_every_file_where_distributions_expect_it_and_uninstall_removes_t
     // Completions: each in its shell's format, bash's at least syntactically valid.
     let bash = d.join("usr/share/bash-completion/completions/vmsnapctl");
     let bash_text = std::fs::read_to_string(&bash).unwrap();
-    assert!(bash_text.contains("complete -F"), "{bash_text}");
-    assert!(bash_text.contains("snapshot"), "{bash_text}");
+    // Dynamic: the shell asks vmsnapctl (COMPLETE=bash vmsnapctl -- WORDS).
+    assert!(
+        bash_text.contains("-F _clap_complete_vmsnapctl vmsnapctl"),
+        "{bash_text}"
+    );
+    assert!(bash_text.contains("COMPLETE=\"bash\""), "{bash_text}");
     let syntax = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
     assert!(syntax.status.success(), "{syntax:?}");
     let zsh =
@@ -194,7 +244,7 @@ fn install_puts_every_file_where_distributions_expect_it_and_uninstall_removes_t
     let fish =
         std::fs::read_to_string(d.join("usr/share/fish/vendor_completions.d/vmsnapctl.fish"))
             .unwrap();
-    assert!(fish.contains("complete -c vmsnapctl"), "{fish}");
+    assert!(fish.contains("--command vmsnapctl"), "{fish}");
 
     // Idempotent; an existing (edited) config is never overwritten.
     let config = d.join("etc/vmsnap/vmsnapd.toml");

@@ -1,13 +1,13 @@
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
-use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError};
+use vmsnap_api::{excerpt, restore_path, snapshot_path, vm_path, VmSnapError};
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
 use super::ask;
 use super::auth::{Authorizer, ACTION_CREATE, ACTION_RESTORE};
-use crate::engine::{CreateOptions, Request, RestoreOptions};
+use crate::engine::{CreateOptions, Request, RestoreOptions, READINESS_POLICIES};
 
 /// `org.vmsnap.VmSnap1.Manager`: entry point for requests that are not about one object.
 pub struct ManagerObject {
@@ -57,7 +57,29 @@ fn snapshot_object_path(uuid: &str) -> Result<OwnedObjectPath, VmSnapError> {
 
 /// Reads the a{sv} options of CreateSnapshot; unknown keys and wrong types are errors, so a
 /// typo does not silently change what is done.
+/// More entries than any method knows options: such a dict is refused before it is looked at.
+const MAX_OPTIONS: usize = 16;
+
+/// Refuses an options dict too large to be meant, and names an unknown option safely.
+fn check_options_size(options: &HashMap<String, OwnedVariant>) -> Result<(), VmSnapError> {
+    if options.len() > MAX_OPTIONS {
+        return Err(VmSnapError::InvalidArgument(format!(
+            "{} options given; no method takes more than {MAX_OPTIONS}",
+            options.len()
+        )));
+    }
+    Ok(())
+}
+
+fn unknown_option(key: &str, known: &str) -> VmSnapError {
+    VmSnapError::InvalidArgument(format!(
+        "unknown option \"{}\" (known: {known})",
+        excerpt(key)
+    ))
+}
+
 fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOptions, VmSnapError> {
+    check_options_size(&options)?;
     let mut parsed = CreateOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
@@ -71,10 +93,20 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
                 parsed.allow_excluded =
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?;
             }
+            "failure_deadline_ms" => {
+                let ms = u64::try_from(value).map_err(|_| wrong_type("a uint64"))?;
+                if ms == 0 || ms > 24 * 3600 * 1000 {
+                    return Err(VmSnapError::InvalidArgument(
+                        "option failure_deadline_ms must be between 1 ms and 24 h".to_string(),
+                    ));
+                }
+                parsed.failure_deadline = Some(std::time::Duration::from_millis(ms));
+            }
             other => {
-                return Err(VmSnapError::InvalidArgument(format!(
-                    "unknown option {other:?} (known: description, allow_excluded)"
-                )))
+                return Err(unknown_option(
+                    other,
+                    "description, allow_excluded, failure_deadline_ms",
+                ))
             }
         }
     }
@@ -83,6 +115,7 @@ fn create_options(options: HashMap<String, OwnedVariant>) -> Result<CreateOption
 
 /// Reads the a{sv} options of Restore; unknown keys and wrong types are errors.
 fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOptions, VmSnapError> {
+    check_options_size(&options)?;
     let mut parsed = RestoreOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
@@ -100,10 +133,23 @@ fn restore_options(options: HashMap<String, OwnedVariant>) -> Result<RestoreOpti
                 parsed.safety_snapshot =
                     bool::try_from(value).map_err(|_| wrong_type("a boolean"))?
             }
+            "name" => parsed.name = String::try_from(value).map_err(|_| wrong_type("a string"))?,
+            "readiness_policy" => {
+                let policy = String::try_from(value).map_err(|_| wrong_type("a string"))?;
+                if !READINESS_POLICIES.contains(&policy.as_str()) {
+                    return Err(VmSnapError::InvalidArgument(format!(
+                        "option readiness_policy must be one of {}, not \"{}\"",
+                        READINESS_POLICIES.join(", "),
+                        excerpt(&policy)
+                    )));
+                }
+                parsed.readiness_policy = policy;
+            }
             other => {
-                return Err(VmSnapError::InvalidArgument(format!(
-                    "unknown option {other:?} (known: target, stop_target, start, safety_snapshot)"
-                )))
+                return Err(unknown_option(
+                    other,
+                    "target, stop_target, start, safety_snapshot, name, readiness_policy",
+                ))
             }
         }
     }
@@ -134,7 +180,8 @@ impl ManagerObject {
 
     /// Starts a snapshot of a VM (name or UUID) and returns its object at once, in phase
     /// InProgress; completion shows as PropertiesChanged on it. Options: description (s),
-    /// allow_excluded (b).
+    /// allow_excluded (b), failure_deadline_ms (t: this snapshot's failure deadline instead of
+    /// the configured one; longer than freeze_timeout).
     async fn create_snapshot(
         &self,
         vm: String,
@@ -178,7 +225,10 @@ impl ManagerObject {
 
     /// Restores a VM (name or UUID) to one of its snapshots; returns the restore object at
     /// once, in phase InProgress. Options: target (s: a new VM's name; empty restores in
-    /// place), stop_target (b), start (b), safety_snapshot (b, default true).
+    /// place), stop_target (b), start (b), safety_snapshot (b, default true), name (s: a name
+    /// unique among restores), readiness_policy (s: for a VM that is not shut off,
+    /// StopTarget, FailImmediate, WaitGracePeriod (wait in phase Waiting up to
+    /// restore_grace_period for it to be shut off) or WaitEventually).
     async fn restore(
         &self,
         vm: String,
@@ -228,5 +278,64 @@ impl ManagerObject {
     #[zbus(property)]
     fn libvirt_error(&self) -> String {
         self.libvirt_error.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use zbus::Variant;
+
+    use super::*;
+
+    fn value() -> impl Strategy<Value = OwnedVariant> {
+        prop_oneof![
+            any::<bool>().prop_map(OwnedVariant::from),
+            any::<u32>().prop_map(OwnedVariant::from),
+            any::<i64>().prop_map(OwnedVariant::from),
+            ".{0,120}".prop_map(|s| OwnedVariant::try_from(Variant::from(s))
+                .unwrap_or_else(|_| OwnedVariant::from(false))),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(|v| {
+                OwnedVariant::try_from(Variant::from(v)).unwrap_or_else(|_| OwnedVariant::from(0u8))
+            }),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "description",
+                "allow_excluded",
+                "target",
+                "stop_target",
+                "start",
+                "safety_snapshot",
+            ])
+            .prop_map(str::to_string),
+            ".{0,80}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_tests::config())]
+
+        /// D-Bus option dicts of any keys, types and sizes: parsed or refused, never a panic,
+        /// and a refusal never echoes more than a short excerpt.
+        #[test]
+        fn fuzz_option_dicts(options in prop::collection::hash_map(key(), value(), 0..24)) {
+            let copy = || -> HashMap<String, OwnedVariant> {
+                options
+                    .iter()
+                    .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.clone(), v)))
+                    .collect()
+            };
+            let errors = [create_options(copy()).err(), restore_options(copy()).err()];
+            for error in errors.into_iter().flatten() {
+                prop_assert!(error.to_string().len() < 300, "{}", error);
+            }
+            if options.len() > MAX_OPTIONS {
+                prop_assert!(create_options(copy()).is_err());
+            }
+        }
     }
 }

@@ -118,7 +118,10 @@ async fn apply(
         Change::RestoreAdded(record) => {
             let path = restore_path(&record.uuid);
             server
-                .at(path.as_str(), RestoreObject::new(*record))
+                .at(
+                    path.as_str(),
+                    RestoreObject::new(*record, engine.clone(), auth.clone()),
+                )
                 .await?;
         }
         Change::RestoreUpdated(record) => {
@@ -132,6 +135,12 @@ async fn apply(
             let iface = server.interface::<_, RestoreObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
+        }
+        Change::Flush(flushed) => flushed.0.notify_one(),
+        Change::RestoreRemoved { uuid } => {
+            server
+                .remove::<RestoreObject, _>(restore_path(&uuid).as_str())
+                .await?;
         }
         Change::SnapshotRemoved { uuid } => {
             server
@@ -173,6 +182,9 @@ impl From<EngineError> for VmSnapError {
             EngineError::ExcludedDisks(_) => VmSnapError::ExcludedDisks(message),
             EngineError::Busy { .. } => VmSnapError::Busy(message),
             EngineError::InvalidState(_) => VmSnapError::InvalidState(message),
+            EngineError::LibvirtUnavailable => VmSnapError::LibvirtUnavailable(message),
+            EngineError::Libvirt(_) => VmSnapError::LibvirtError(message),
+            EngineError::RecordWrite(_) => VmSnapError::RecordWriteFailed(message),
             EngineError::ShuttingDown => VmSnapError::ShuttingDown(message),
         }
     }

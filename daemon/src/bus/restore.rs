@@ -1,7 +1,11 @@
-use vmsnap_api::{DetachedDisk, ExcludedVolume, VolumeRestore};
+use tokio::sync::mpsc;
+use vmsnap_api::{DetachedDisk, ExcludedVolume, VmSnapError, VolumeRestore};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
+use super::ask;
+use super::auth::{Authorizer, ACTION_RESTORE};
+use crate::engine::Request;
 use crate::store::RestoreRecord;
 
 /// `org.vmsnap.VmSnap1.Restore`: one per restore, mirroring KubeVirt's VirtualMachineRestore
@@ -9,13 +13,17 @@ use crate::store::RestoreRecord;
 pub struct RestoreObject {
     record: RestoreRecord,
     progress: String,
+    engine: mpsc::Sender<Request>,
+    auth: Authorizer,
 }
 
 impl RestoreObject {
-    pub fn new(record: RestoreRecord) -> Self {
+    pub fn new(record: RestoreRecord, engine: mpsc::Sender<Request>, auth: Authorizer) -> Self {
         RestoreObject {
             record,
             progress: String::new(),
+            engine,
+            auth,
         }
     }
 
@@ -72,6 +80,34 @@ impl RestoreObject {
 
 #[interface(name = "org.vmsnap.VmSnap1.Restore")]
 impl RestoreObject {
+    /// Deletes the record of a finished restore (Succeeded or Failed); the restored VM, its
+    /// disks and the safety snapshot stay. A restore still waiting for its VM to be shut off
+    /// is cancelled (nothing has changed) and then removed. Authorized as a restore. The
+    /// object disappears.
+    async fn delete(
+        &self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &zbus::Connection,
+    ) -> Result<(), VmSnapError> {
+        self.auth.check(connection, &header, ACTION_RESTORE).await?;
+        let uuid = self.record.uuid.clone();
+        ask(&self.engine, |reply| Request::DeleteRestore { uuid, reply }).await??;
+        Ok(())
+    }
+
+    /// The name the restore was asked under (a VirtualMachineRestore's metadata.name); empty
+    /// when it has none.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.record.name.clone()
+    }
+
+    /// The targetReadinessPolicy it was asked with; empty when none.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn readiness_policy(&self) -> String {
+        self.record.readiness_policy.clone()
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn uuid(&self) -> String {
         self.record.uuid.clone()
@@ -101,7 +137,7 @@ impl RestoreObject {
         self.record.new_vm
     }
 
-    /// InProgress, Succeeded or Failed.
+    /// InProgress, Waiting (for the VM to be shut off), Succeeded or Failed.
     #[zbus(property)]
     fn phase(&self) -> String {
         self.record.phase.as_str().to_string()

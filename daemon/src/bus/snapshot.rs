@@ -38,6 +38,9 @@ impl SnapshotObject {
         if old.indications != new.indications {
             self.indications_changed(emitter).await?;
         }
+        if old.source_indications != new.source_indications {
+            self.source_indications_changed(emitter).await?;
+        }
         if old.volumes != new.volumes {
             self.included_volumes_changed(emitter).await?;
         }
@@ -55,6 +58,9 @@ impl SnapshotObject {
         }
         if old.ready_to_use != new.ready_to_use {
             self.ready_to_use_changed(emitter).await?;
+        }
+        if old.domain_xml != new.domain_xml {
+            self.domain_xml_changed(emitter).await?;
         }
         if old.cow_fill_percent != new.cow_fill_percent {
             self.cow_fill_percent_changed(emitter).await?;
@@ -103,6 +109,15 @@ impl SnapshotObject {
         self.record.name.clone()
     }
 
+    /// The content record's definition: the VM's inactive domain XML as recorded with the
+    /// snapshot (what a restore brings back); empty until recorded. Together with
+    /// IncludedVolumes (one image or logical volume per captured disk) it is KubeVirt's
+    /// VirtualMachineSnapshotContent.
+    #[zbus(property)]
+    fn domain_xml(&self) -> String {
+        self.record.domain_xml.clone()
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn description(&self) -> String {
         self.record.description.clone()
@@ -142,7 +157,21 @@ impl SnapshotObject {
         self.record.creation_time.clone()
     }
 
-    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, Paused.
+    /// Each indication with a message saying why: (indication, message), as KubeVirt's
+    /// sourceIndications (the guest agent's error for QuiesceFailed and QuiesceTimeout, the
+    /// excluded disks for PartialSnapshot).
+    #[zbus(property)]
+    fn source_indications(&self) -> Vec<vmsnap_api::SourceIndication> {
+        if self.record.source_indications.is_empty() {
+            // A record from before messages were kept, or still in progress.
+            crate::snapshot::source_indications(&self.record, &[])
+        } else {
+            self.record.source_indications.clone()
+        }
+    }
+
+    /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, QuiesceTimeout, Paused,
+    /// PartialSnapshot.
     #[zbus(property)]
     fn indications(&self) -> Vec<String> {
         self.record

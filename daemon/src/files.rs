@@ -1,0 +1,144 @@
+//! Files vmsnapd makes next to a VM's disks: created only where nothing is (not even a dangling
+//! symlink, which `Path::exists` would miss and `open` would follow), with the permissions of
+//! the file they extend or copy, whatever the process umask.
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Permission bits copied from a file: read, write and execute for owner, group and others;
+/// never setuid, setgid or sticky.
+const COPIED_BITS: u32 = 0o777;
+
+/// True when anything is at `path`: a file, a directory, or a symlink, dangling or not.
+pub fn path_taken(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Creates `path` as a new, empty regular file with the permission bits of `like`. Fails if
+/// anything is at `path` already (`O_EXCL`: a symlink planted there is not followed).
+pub fn create_new_like(path: &Path, like: &Path) -> io::Result<File> {
+    let mode = fs::metadata(like)?.permissions().mode() & COPIED_BITS;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)?;
+    // The umask may have taken bits away; the file gets exactly those of `like`.
+    file.set_permissions(Permissions::from_mode(mode))?;
+    Ok(file)
+}
+
+/// Copies the regular file `from` to a new file `to` (see [`create_new_like`]).
+pub fn copy_file_new(from: &Path, to: &Path) -> io::Result<()> {
+    let mut source = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let mut target = create_new_like(to, from)?;
+    io::copy(&mut source, &mut target)?;
+    target.sync_all()
+}
+
+/// Copies the directory tree `from` to a new directory `to`, each file and directory with the
+/// permission bits of its original. A symlink in `from` is refused rather than followed.
+pub fn copy_dir_new(from: &Path, to: &Path) -> io::Result<()> {
+    let mode = fs::symlink_metadata(from)?.permissions().mode() & COPIED_BITS;
+    fs::DirBuilder::new().mode(mode).create(to)?;
+    fs::set_permissions(to, Permissions::from_mode(mode))?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_dir_new(&entry.path(), &dest)?;
+        } else if kind.is_file() {
+            copy_file_new(&entry.path(), &dest)?;
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a regular file or directory",
+                    entry.path().display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn new_files_take_the_mode_of_their_original_whatever_the_umask() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for original_mode in [0o600, 0o640, 0o644, 0o660] {
+            let disk = dir.path().join(format!("disk-{original_mode:o}"));
+            fs::write(&disk, b"data").expect("write");
+            fs::set_permissions(&disk, Permissions::from_mode(original_mode)).expect("chmod");
+            let overlay = dir.path().join(format!("overlay-{original_mode:o}"));
+            create_new_like(&overlay, &disk).expect("created");
+            assert_eq!(mode(&overlay), original_mode);
+            let copy = dir.path().join(format!("copy-{original_mode:o}"));
+            copy_file_new(&disk, &copy).expect("copied");
+            assert_eq!(mode(&copy), original_mode);
+            assert_eq!(fs::read(&copy).expect("read"), b"data");
+        }
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk");
+        fs::write(&disk, b"data").expect("write");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").expect("write");
+        let dangling_target = dir.path().join("not-there");
+        for (link, target) in [("to-victim", &victim), ("dangling", &dangling_target)] {
+            let link = dir.path().join(link);
+            symlink(target, &link).expect("symlink");
+            assert!(path_taken(&link), "a symlink is taken, even dangling");
+            assert!(create_new_like(&link, &disk).is_err());
+            assert!(copy_file_new(&disk, &link).is_err());
+        }
+        assert_eq!(fs::read(&victim).expect("read"), b"precious");
+        assert!(
+            !dangling_target.exists(),
+            "nothing was created through the link"
+        );
+        // Reading through a symlink is refused too: a copy's source must be the file itself.
+        assert!(copy_file_new(&dir.path().join("to-victim"), &dir.path().join("c")).is_err());
+    }
+
+    #[test]
+    fn directory_copies_keep_modes_and_refuse_symlinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let from = dir.path().join("tpm");
+        fs::create_dir(&from).expect("mkdir");
+        fs::set_permissions(&from, Permissions::from_mode(0o700)).expect("chmod");
+        fs::create_dir(from.join("tpm2")).expect("mkdir");
+        fs::write(from.join("tpm2/state"), b"s").expect("write");
+        fs::set_permissions(from.join("tpm2/state"), Permissions::from_mode(0o600)).expect("chmod");
+        let to = dir.path().join("copy");
+        copy_dir_new(&from, &to).expect("copied");
+        assert_eq!(mode(&to), 0o700);
+        assert_eq!(mode(&to.join("tpm2/state")), 0o600);
+        assert_eq!(fs::read(to.join("tpm2/state")).expect("read"), b"s");
+        assert!(copy_dir_new(&from, &to).is_err(), "the target must be new");
+        symlink("/etc/passwd", from.join("tpm2/link")).expect("symlink");
+        assert!(copy_dir_new(&from, &dir.path().join("copy2")).is_err());
+    }
+}
