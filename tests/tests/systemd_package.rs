@@ -668,14 +668,15 @@ fn scenario_watchdog(guest: &SystemdGuest) {
         .unwrap()
         .parse()
         .unwrap();
-    // The last ping came at most WatchdogSec before the SIGSTOP; a second for the bookkeeping.
+    // The last ping came at most WatchdogSec before the SIGSTOP; 3 s for the timer slack of a
+    // TCG guest on a busy host.
     let after = Duration::from_micros(timed_out_at.saturating_sub(stopped_at));
     eprintln!(
         "systemd guest: watchdog timeout {:.1} s after SIGSTOP",
         after.as_secs_f64()
     );
     assert!(
-        after <= WATCHDOG + Duration::from_secs(1),
+        after <= WATCHDOG + Duration::from_secs(3),
         "the watchdog fired {after:?} after SIGSTOP"
     );
     let new_restarts: u32 = guest.unit_property("NRestarts").parse().unwrap();
