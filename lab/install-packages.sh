@@ -12,6 +12,7 @@ packages=(
   lvm2 thin-provisioning-tools pkg-config
   openssh-server openssh-client
   cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver sudo
+  mmdebstrap dpkg-dev
 )
 
 missing=()

@@ -9,6 +9,8 @@
 #    (address in $LAB_DIR/bus-address, pid in $LAB_DIR/dbus.pid; extra policy files may be dropped
 #    in $LAB_DIR/dbus.d/, then send the daemon SIGHUP);
 #  - the guest kernel/initramfs, cached in $LAB_DIR/guest/ (lab/build-guest.sh);
+#  - the systemd guest's image (Debian 12 with systemd as PID 1, for the package tests), cached
+#    in $LAB_DIR/systemd-guest/ (lab/build-systemd-guest.sh; rebuilt only when the script changes);
 #  - three TCG domains, each with its own data disk under $LAB_DIR/disks/ (ext4 holding /hello.txt,
 #    mounted on /mnt/data in the guest), console logged to $LAB_DIR/<vm>.console.log:
 #      vmsnap-lab-agent    vda qcow2; agent channel, qemu-ga running        -> agent connected
@@ -60,6 +62,8 @@ quiet "$LAB_SRC/install-packages.sh"
 # The guest build (a no-op when cached) overlaps libvirtd's first start, which probes QEMU.
 "$LAB_SRC/build-guest.sh" "$GUEST" >"$LAB_DIR/build-guest.log" 2>&1 &
 build_pid=$!
+"$LAB_SRC/build-systemd-guest.sh" "$LAB_DIR/systemd-guest" >"$LAB_DIR/build-systemd-guest.log" 2>&1 &
+systemd_build_pid=$!
 
 # --- libvirt --------------------------------------------------------------------------------
 getent group libvirt-qemu >/dev/null || quiet groupadd --system libvirt-qemu
@@ -260,6 +264,13 @@ if ! busctl --system status org.freedesktop.PolicyKit1 >/dev/null 2>&1; then
     [ $SECONDS -lt $deadline ] || die "polkitd did not start; see $LAB_DIR/polkitd.log"
     sleep 0.2
   done
+fi
+
+# --- systemd guest image (built in the background, see above) -------------------------------
+if ! wait "$systemd_build_pid"; then
+  echo "lab up: building the systemd guest failed:" >&2
+  cat "$LAB_DIR/build-systemd-guest.log" >&2
+  exit 1
 fi
 
 # --- summary --------------------------------------------------------------------------------

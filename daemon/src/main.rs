@@ -165,6 +165,10 @@ async fn run(
     target: BusTarget,
     mut reload: service::Reloader,
 ) -> Result<(), String> {
+    // Handlers before anything is announced (bus name, READY=1): a SIGHUP or SIGTERM sent as
+    // soon as the service looks up must reload or stop it, not kill it with the default action.
+    // Signals that arrive before the loop below waits are kept and handled there.
+    let mut signals = SignalRequests::new().map_err(|e| format!("cannot wait for signals: {e}"))?;
     // Before anything is read from the state folder: it is this daemon's alone.
     let _state_lock = StateLock::take(&config.state_dir)?;
     let (trigger, shutdown) = shutdown::channel();
@@ -244,7 +248,6 @@ async fn run(
     service::notify_ready();
     let watchdog = service::spawn_watchdog(requests.clone());
 
-    let mut signals = SignalRequests::new().map_err(|e| format!("cannot wait for signals: {e}"))?;
     loop {
         match signals.next().await {
             SignalRequest::Reload => reload.reload(&requests).await,

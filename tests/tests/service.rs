@@ -77,7 +77,7 @@ fn ready_only_once_serving_then_watchdog_pings() {
 fn sighup_reloads_the_configuration_and_a_broken_one_is_refused() {
     let bus = PrivateBus::start();
     let notify = NotifySocket::new();
-    let daemon = Daemon::spawn_with_env(
+    let mut daemon = Daemon::spawn_with_env(
         &bus,
         &config_for("test:///default"),
         &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
@@ -98,6 +98,7 @@ fn sighup_reloads_the_configuration_and_a_broken_one_is_refused() {
         .success());
     let seen = notify.wait_for_line("READY=1", Duration::from_secs(10));
     assert!(seen.iter().any(|m| m.contains("RELOADING=1")), "{seen:?}");
+    assert!(daemon.try_wait().is_none(), "{}", daemon.log_text());
     wait_for(Duration::from_secs(5), "the reload in the log", || {
         let log = daemon.log_text();
         (log.contains("configuration reloaded") && log.contains("require_quiesce=true"))
@@ -122,6 +123,31 @@ fn sighup_reloads_the_configuration_and_a_broken_one_is_refused() {
         daemon.ctl(&["vm", "list", "--output", "json"]).json()[0]["name"],
         "test"
     );
+}
+
+/// systemd sends SIGTERM (`systemctl stop`) as soon as it may, i.e. right after READY=1: the
+/// daemon must already be listening for it and stop cleanly, not die of the default action.
+#[test]
+fn sigterm_right_after_ready_stops_cleanly() {
+    let bus = PrivateBus::start();
+    let notify = NotifySocket::new();
+    let mut daemon = Daemon::spawn_with_env(
+        &bus,
+        &config_for("test:///default"),
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    notify.wait_for_line("READY=1", Duration::from_secs(20));
+    let pid = daemon.pid().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    let log = daemon.log_text();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.contains("stopping") && log.contains("stopped"), "{log}");
+    notify.wait_for_line("STOPPING=1", Duration::from_secs(1));
 }
 
 #[test]
