@@ -29,7 +29,7 @@ use vmsnap_tests::{
     GuestSlot, LAB_URI,
 };
 
-const GUEST: &str = "vmsnap-t16-systemd";
+const GUEST: &str = "vmsnap-systemd-guest";
 const VG: &str = "vmsnaplab";
 /// A test-driver domain with a thin LV (vda) and a thick LV (vdb).
 const VM: &str = "lvm-vm";
