@@ -197,14 +197,7 @@ pub fn set_disk_source(
     format: &str,
 ) -> Result<String, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
-    let disk = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("disk"))
-        .find(|d| {
-            d.children()
-                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
-        })
-        .ok_or_else(|| format!("the domain has no disk {target}"))?;
+    let disk = disk_node(&doc, target)?;
     // Edits by byte range, back to front so earlier ranges stay valid.
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     let source = disk
@@ -309,17 +302,24 @@ fn escape_attr(s: &str) -> String {
         .replace('\'', "&apos;")
 }
 
-/// A disk's current top image and its format, from a domain definition.
-pub fn disk_source(xml: &str, target: &str) -> Result<(String, String), String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
-    let disk = doc
-        .descendants()
+/// The `<disk>` element of disk `target` (its `<target dev=...>`).
+fn disk_node<'a, 'input>(
+    doc: &'a roxmltree::Document<'input>,
+    target: &str,
+) -> Result<roxmltree::Node<'a, 'input>, String> {
+    doc.descendants()
         .filter(|n| n.has_tag_name("disk"))
         .find(|d| {
             d.children()
                 .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
         })
-        .ok_or_else(|| format!("the domain has no disk {target}"))?;
+        .ok_or_else(|| format!("the domain has no disk {target}"))
+}
+
+/// A disk's current top image and its format, from a domain definition.
+pub fn disk_source(xml: &str, target: &str) -> Result<(String, String), String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let disk = disk_node(&doc, target)?;
     let file = disk
         .children()
         .find(|c| c.has_tag_name("source"))
@@ -359,14 +359,7 @@ pub fn without_secrets(xml: &str) -> String {
 /// `<backingStore>` chain.
 pub fn disk_names_image(xml: &str, target: &str, image: &str) -> Result<bool, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
-    let disk = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("disk"))
-        .find(|d| {
-            d.children()
-                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
-        })
-        .ok_or_else(|| format!("the domain has no disk {target}"))?;
+    let disk = disk_node(&doc, target)?;
     Ok(disk
         .descendants()
         .filter(|n| n.has_tag_name("source"))

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::{bin, name_has_owner, spawn_dbus_daemon, wait_for};
+use crate::{bin, name_has_owner, wait_for};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -43,76 +43,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A system-type dbus-daemon on its own socket: the stock system bus's default policy (deny
-/// owning names and method calls) plus vmsnap's shipped policy file, nothing else. Readable by
-/// every user; stopped on drop.
-pub struct SystemBus {
-    pub address: String,
-    child: Child,
-    _dir: TempDir,
-}
-
-impl SystemBus {
-    pub fn start() -> SystemBus {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = dir.path().join("system_bus_socket");
-        let config = dir.path().join("system.conf");
-        let policy = workspace_root().join("config/dbus/system.d/org.vmsnap.VmSnap1.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={socket}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus" />
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.DBus"
-          send_member="UpdateActivationEnvironment"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-                socket = socket.display(),
-                policy = policy.display()
-            ),
-        )
-        .unwrap();
-        let (child, address) = spawn_dbus_daemon(&config);
-        assert!(!address.is_empty(), "dbus-daemon refused the config");
-        SystemBus {
-            address,
-            child,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for SystemBus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use crate::SystemBus;
 
 /// vmsnapd as root on a [`SystemBus`], with polkit (polkitd on the lab's system bus decides for
 /// the callers' processes). Stopped (SIGTERM) on drop.

@@ -344,6 +344,86 @@ pub fn config_for(uri: &str) -> String {
     )
 }
 
+/// A system-like dbus-daemon: the stock system bus's default policy (everything denied but
+/// talking to the bus itself, signals and replies) plus the shipped policy file, nothing else.
+/// Its directory is reachable by every user; stopped on drop.
+pub struct SystemBus {
+    pub address: String,
+    child: Child,
+    /// A folder beside the bus that tests may use (readable by everyone).
+    pub dir: TempDir,
+}
+
+impl SystemBus {
+    pub fn start() -> SystemBus {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let socket = dir.path().join("system_bus_socket");
+        let config = dir.path().join("system.conf");
+        let policy = workspace_root().join("config/dbus/system.d/org.vmsnap.VmSnap1.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={socket}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus" />
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus"
+          send_interface="org.freedesktop.DBus"
+          send_member="UpdateActivationEnvironment"/>
+    <deny send_destination="org.freedesktop.DBus"
+          send_interface="org.freedesktop.DBus.Debug.Stats"/>
+    <deny send_destination="org.freedesktop.DBus"
+          send_interface="org.freedesktop.systemd1.Activator"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+                socket = socket.display(),
+                policy = policy.display()
+            ),
+        )
+        .unwrap();
+        let (child, address) = spawn_dbus_daemon(&config);
+        assert!(!address.is_empty(), "dbus-daemon refused the config");
+        SystemBus {
+            address,
+            child,
+            dir,
+        }
+    }
+}
+
+impl Drop for SystemBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs virsh against the lab's libvirt; returns stdout, panics on failure.
 pub fn virsh(args: &[&str]) -> String {
     let output = Command::new("virsh")

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tempfile::TempDir;
-use vmsnap_tests::{bin, config_for, find_vm, name_has_owner, wait_for};
+use vmsnap_tests::{bin, config_for, find_vm, name_has_owner, wait_for, SystemBus};
 
 const BUS_NAME: &str = vmsnap_api::BUS_NAME;
 const POLICY: &str = "config/dbus/system.d/org.vmsnap.VmSnap1.conf";
@@ -562,81 +562,6 @@ fn is_root() -> bool {
     String::from_utf8_lossy(&output.stdout).trim() == "0"
 }
 
-/// A system-like dbus-daemon: the stock system bus's default policy (everything denied but
-/// talking to the bus itself, signals and replies) plus the shipped policy file, nothing else.
-/// Its directory is reachable by every user; stopped on drop.
-struct SystemLikeBus {
-    address: String,
-    child: Child,
-    dir: TempDir,
-}
-
-impl SystemLikeBus {
-    fn start() -> SystemLikeBus {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = dir.path().join("system_bus_socket");
-        let config = dir.path().join("system.conf");
-        let policy = workspace_root().join(POLICY);
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={socket}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus" />
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.DBus"
-          send_member="UpdateActivationEnvironment"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.DBus.Debug.Stats"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.systemd1.Activator"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-                socket = socket.display(),
-                policy = policy.display()
-            ),
-        )
-        .unwrap();
-        let (child, address) = vmsnap_tests::spawn_dbus_daemon(&config);
-        assert!(!address.is_empty(), "dbus-daemon refused the config");
-        SystemLikeBus {
-            address,
-            child,
-            dir,
-        }
-    }
-}
-
-impl Drop for SystemLikeBus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// vmsnapd (as root) on the bus with libvirt's test driver, stopped (SIGTERM) on drop.
 struct RootDaemon {
     child: Child,
@@ -645,7 +570,7 @@ struct RootDaemon {
 }
 
 impl RootDaemon {
-    fn start(bus: &SystemLikeBus) -> RootDaemon {
+    fn start(bus: &SystemBus) -> RootDaemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("vmsnapd.toml");
         std::fs::write(
@@ -719,7 +644,7 @@ fn as_user(user: (u32, u32), program: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn busctl_as_user(user: (u32, u32), bus: &SystemLikeBus, args: &[&str]) -> Output {
+fn busctl_as_user(user: (u32, u32), bus: &SystemBus, args: &[&str]) -> Output {
     let address = format!("--address={}", bus.address);
     let mut all = vec![address.as_str()];
     all.extend_from_slice(args);
@@ -727,14 +652,14 @@ fn busctl_as_user(user: (u32, u32), bus: &SystemLikeBus, args: &[&str]) -> Outpu
 }
 
 /// A copy of vmsnapctl the test user can run wherever the workspace lives.
-fn vmsnapctl_for_user(bus: &SystemLikeBus) -> PathBuf {
+fn vmsnapctl_for_user(bus: &SystemBus) -> PathBuf {
     let copy = bus.dir.path().join("vmsnapctl");
     std::fs::copy(bin("vmsnapctl"), &copy).unwrap();
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
     copy
 }
 
-fn request_name_as_user(user: (u32, u32), bus: &SystemLikeBus) -> Output {
+fn request_name_as_user(user: (u32, u32), bus: &SystemBus) -> Output {
     busctl_as_user(
         user,
         bus,
@@ -754,7 +679,7 @@ fn request_name_as_user(user: (u32, u32), bus: &SystemLikeBus) -> Output {
 #[test]
 fn on_a_system_bus_only_root_owns_the_name_and_anyone_reads() {
     let user = test_user();
-    let bus = SystemLikeBus::start();
+    let bus = SystemBus::start();
 
     // The user reaches the bus (the bus itself answers it) but may not own the name, free or not.
     let hello = busctl_as_user(user, &bus, &["list", "--no-pager"]);
