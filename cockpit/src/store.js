@@ -186,6 +186,8 @@ export function errorText(ex) {
         return "Already exists: " + message;
     case "ExcludedDisks":
         return "Disks cannot be included: " + message;
+    case "RecordWriteFailed":
+        return "vmsnapd could not write its record (is its state folder full?): " + message;
     case "LibvirtUnavailable":
         return "libvirt is unavailable: " + message;
     case "ShuttingDown":

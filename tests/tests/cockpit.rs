@@ -641,3 +641,59 @@ fn busy_while_a_snapshot_waits_for_a_hung_agent_then_crash_consistent_in_words()
     browser.screenshot("quiesce-failed");
     assert!(browser.text(&snapshot_row("second")).is_empty());
 }
+
+#[test]
+fn a_vm_started_behind_the_pages_back_is_refused_in_words_then_restored_and_started_from_the_result(
+) {
+    let _slot = GuestSlot::take();
+    let vm = ScratchVm::define(
+        "vmsnap-t14-race",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[("f-kept", b"as at the snapshot\n")],
+    );
+    let bus = SystemBus::start();
+    // vmsnapd reads the inventory once an hour: the page does not learn that the VM started, as
+    // when someone starts it between the popup and the click.
+    let daemon = SystemDaemon::start(
+        &bus,
+        &format!("libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\n"),
+    );
+    wait_for(SHORT, "the VM in vmsnapd's inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let ws = CockpitWs::start(&bus, None);
+    let browser = Browser::start("vm-running-race");
+    open_vm(&browser, &ws, &vm.name);
+    take_snapshot_in_page(&browser, "kept", "");
+
+    row_action(&browser, "kept", "Restore");
+    browser.wait_element("#restore-confirm", SHORT);
+    virsh(&["start", &vm.name]);
+    browser.click("#restore-confirm");
+    let error = browser.wait_text("#restore-error", "The VM is running", SHORT);
+    assert!(error.contains(&vm.name), "{error}");
+    browser.screenshot("restore-refused-vm-running");
+    // Nothing half-done: no restore was made, and the popup can be used again.
+    assert!(!browser.is_disabled("#restore-confirm"));
+    let restores = daemon.ctl(&["restore", "list", "--output", "json"]).json();
+    assert_eq!(restores, json!([]), "no restore was recorded");
+
+    // Stopped again (behind the page's back too), the same popup restores; Start in the result.
+    virsh(&["destroy", &vm.name]);
+    browser.click("#restore-confirm");
+    browser.wait_text("#restore-result", "restored from kept", LONG);
+    browser.click("#restore-start");
+    browser.wait_element("#restore-started", SHORT);
+    wait_for(SHORT, "the VM to run", || {
+        virsh(&["domstate", &vm.name])
+            .contains("running")
+            .then_some(())
+    });
+    vmsnap_tests::wait_guest_ready(&vm.name);
+    let kept = vm.exec("cat /mnt/data/f-kept");
+    assert_eq!(kept, "as at the snapshot\n");
+    browser.screenshot("restored-and-started");
+}
