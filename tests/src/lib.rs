@@ -307,18 +307,40 @@ impl CtlOutput {
 }
 
 pub fn ctl(bus_address: &str, args: &[&str]) -> CtlOutput {
-    let output: Output = Command::new(bin("vmsnapctl"))
+    ctl_with_input(bus_address, args, "")
+}
+
+/// vmsnapctl with `input` on standard input (a manifest for `apply -f -`, say).
+pub fn ctl_with_input(bus_address: &str, args: &[&str], input: &str) -> CtlOutput {
+    let mut child = Command::new(bin("vmsnapctl"))
         .arg("--bus-address")
         .arg(bus_address)
         .args(args)
         .env_remove("VMSNAP_BUS_ADDRESS")
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // A command that does not read its input may exit first: a broken pipe is no error here.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = std::io::Write::write_all(&mut stdin, input.as_bytes());
+    }
+    let output: Output = child.wait_with_output().unwrap();
     CtlOutput {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// A KubeVirt VirtualMachineSnapshot manifest, as in KubeVirt's documentation.
+pub fn snapshot_manifest(name: &str, vm: &str) -> String {
+    format!(
+        "apiVersion: snapshot.kubevirt.io/v1alpha1\nkind: VirtualMachineSnapshot\nmetadata:\n  \
+         name: {name}\nspec:\n  source:\n    apiGroup: kubevirt.io\n    kind: VirtualMachine\n    \
+         name: {vm}\n"
+    )
 }
 
 /// Whether org.vmsnap.VmSnap1 is owned on the bus at `address`.

@@ -4,44 +4,14 @@
 //! into `apply` (unchanged), immutability, `wait`, `delete`, exit codes and a closed pipe.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vmsnap_tests::{bin, config_for, wait_for, CtlOutput, Daemon, PrivateBus};
+use vmsnap_tests::{bin, config_for, snapshot_manifest, wait_for, CtlOutput, Daemon, PrivateBus};
 
 /// vmsnapctl with `input` on standard input.
 fn ctl_stdin(daemon: &Daemon, args: &[&str], input: &str) -> CtlOutput {
-    let mut child = Command::new(bin("vmsnapctl"))
-        .arg("--bus-address")
-        .arg(&daemon.bus_address)
-        .args(args)
-        .env_remove("VMSNAP_BUS_ADDRESS")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    CtlOutput {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn snapshot_manifest(name: &str, vm: &str) -> String {
-    format!(
-        "apiVersion: snapshot.kubevirt.io/v1alpha1\nkind: VirtualMachineSnapshot\nmetadata:\n  \
-         name: {name}\nspec:\n  source:\n    apiGroup: kubevirt.io\n    kind: VirtualMachine\n    \
-         name: {vm}\n"
-    )
+    vmsnap_tests::ctl_with_input(&daemon.bus_address, args, input)
 }
 
 fn daemon() -> (PrivateBus, Daemon) {

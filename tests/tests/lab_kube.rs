@@ -5,52 +5,17 @@
 //! period having changed nothing.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmsnap_tests::{
-    bin, config_for, virsh, wait_for, CtlOutput, Daemon, GuestSlot, PrivateBus, ScratchVm, LAB_URI,
+    config_for, snapshot_manifest, virsh, wait_for, CtlOutput, Daemon, GuestSlot, PrivateBus,
+    ScratchVm, LAB_URI,
 };
 
 fn apply(daemon: &Daemon, manifest: &str) -> CtlOutput {
-    let mut child = Command::new(bin("vmsnapctl"))
-        .args(["--bus-address", &daemon.bus_address, "apply", "-f", "-"])
-        .env_remove("VMSNAP_BUS_ADDRESS")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifest.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    CtlOutput {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// The issue's manifest, with a lab VM's name.
-fn snapshot_manifest(name: &str, vm: &str) -> String {
-    format!(
-        "apiVersion: snapshot.kubevirt.io/v1alpha1
-kind: VirtualMachineSnapshot
-metadata:
-  name: {name}
-spec:
-  source:
-    apiGroup: kubevirt.io
-    kind: VirtualMachine
-    name: {vm}
-"
-    )
+    vmsnap_tests::ctl_with_input(&daemon.bus_address, &["apply", "-f", "-"], manifest)
 }
 
 /// KubeVirt's documented VirtualMachineRestore, with an optional targetReadinessPolicy.
