@@ -298,15 +298,25 @@ mod tests {
         );
     }
 
-    /// The refusal once the writer has taken its lock (it starts in a few milliseconds).
+    /// The refusal once the writer holds its image locks. Waiting is read from /proc/locks, which
+    /// takes no lock itself: probing with qemu-img while qemu-io opens the image could make
+    /// qemu-io's own open fail on our lock instead.
     fn refusal_once_locked(image: &str) -> String {
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            match check_not_in_use(image) {
-                Err(e) => return e,
-                Ok(()) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
-                Ok(()) => return "never locked".to_string(),
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(image).expect("stat").ino();
+        let locked = || {
+            std::fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains(&format!(":{inode} ")) && l.ends_with(" 201 201"))
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while !locked() {
+            if Instant::now() > end {
+                return "qemu-io never locked the image".to_string();
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        check_not_in_use(image).err().unwrap_or_default()
     }
 }

@@ -12,6 +12,17 @@ use vmsnap_tests::{
     LAB_URI,
 };
 
+/// Whether another process holds QEMU's image locks on `image` (its "not shared: write" lock,
+/// byte 201), read from /proc/locks, which takes no lock itself.
+fn image_locked_by_another(image: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(image).unwrap().ino();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(&format!(":{inode} ")) && l.ends_with(" 201 201"))
+}
+
 fn failed_snapshot(daemon: &Daemon, vm: &str, name: &str) -> Value {
     let out = daemon.ctl(&["snapshot", "create", vm, name, "--output", "json"]);
     assert_eq!(out.code, Some(1), "{out:?}");
@@ -46,7 +57,9 @@ fn a_shut_off_vm_whose_image_another_process_writes_or_that_is_gone_is_not_snaps
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(Duration::from_secs(60), "qemu-io to lock the image", || {
+        image_locked_by_another(&disk).then_some(())
+    });
     let shown = failed_snapshot(&daemon, &vm.name, "while-written");
     let error = shown["error"].as_str().unwrap();
     assert!(
