@@ -4,7 +4,7 @@
 //! `Err`, never panic, and what they accept must keep the invariants callers rely on.
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence};
+use proptest::test_runner::{Config, FileFailurePersistence, RngSeed};
 
 use crate::domain;
 use crate::qemu_img;
@@ -17,6 +17,8 @@ pub(crate) fn config() -> Config {
     Config {
         cases: CASES,
         failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
+        // The same cases on every run: a suite run either passes or fails, never now and then.
+        rng_seed: RngSeed::Fixed(0x766d_736e_6170),
         ..Config::default()
     }
 }
