@@ -15,9 +15,8 @@ use vmsnap_api::{
 
 use crate::domain::VmInfo;
 use crate::libvirt::{LibvirtClient, LibvirtEvent};
-use crate::restore;
+use crate::ops::{self, OpContext, OpEvent};
 use crate::shutdown::Shutdown;
-use crate::snapshot::{self, OpContext, OpEvent};
 use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
 
 /// Errors the engine answers requests with. The bus layer maps each to a named D-Bus error.
@@ -263,7 +262,11 @@ fn report_orphan_lvs(
     let known: std::collections::HashSet<String> = snapshots
         .keys()
         .map(|u| format!("vmsnap-snap-{u}"))
-        .chain(restores.keys().map(|u| crate::lvm_volumes::restore_tag(u)))
+        .chain(
+            restores
+                .keys()
+                .map(|u| crate::backends::lvm::restore_tag(u)),
+        )
         .collect();
     let spawned = std::thread::Builder::new()
         .name("lvm-orphans".to_string())
@@ -289,16 +292,13 @@ fn mark_missing_images(record: &mut SnapshotRecord) {
     if record.phase != SnapshotPhase::Succeeded || !record.ready_to_use {
         return;
     }
-    let missing = record
+    if let Some(missing) = record
         .volumes
         .iter()
-        .find(|v| v.lvm.is_none() && std::fs::metadata(&v.image).is_err());
-    if let Some(volume) = missing {
+        .find_map(crate::backends::missing_artifact)
+    {
         record.ready_to_use = false;
-        record.error = format!(
-            "the image {} of disk {} is missing: this snapshot cannot be restored",
-            volume.image, volume.target
-        );
+        record.error = format!("{missing}: this snapshot cannot be restored");
     }
 }
 
@@ -381,7 +381,7 @@ impl Engine {
                 () = shutdown.wait(), if !self.shutting_down => {
                     self.shutting_down = true;
                     // A restore waiting for its VM gives up, so the shutdown is not held.
-                    restore::cancel_waits();
+                    ops::restore::cancel_waits();
                     if self.busy.is_empty() {
                         break;
                     }
@@ -510,9 +510,7 @@ impl Engine {
         let Some(ops) = self.ops.as_ref() else { return };
         let wanted = self.snapshots.values().any(|s| {
             s.phase == SnapshotPhase::Succeeded
-                && s.volumes
-                    .iter()
-                    .any(|v| v.lvm.as_ref().is_some_and(|l| !l.thin))
+                && s.volumes.iter().any(|v| v.lvm().is_some_and(|l| !l.thin))
         });
         if !wanted || self.fill_check_running || self.shutting_down {
             return;
@@ -521,14 +519,14 @@ impl Engine {
         let lvm = ops.lvm_tool();
         let events = ops.events.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = events.send(OpEvent::CowFill(crate::lvm_volumes::scan_fill(&lvm)));
+            let _ = events.send(OpEvent::CowFill(crate::backends::lvm::scan_fill(&lvm)));
         });
     }
 
     /// Publishes each ready snapshot's fullest copy-on-write space, warns past the threshold,
     /// and fails snapshots whose thick LV overflowed (their data is lost). Snapshots of a VM with
     /// an operation running are left to that operation (a thick restore re-takes its LV).
-    fn apply_cow_fill(&mut self, fills: &[crate::lvm_volumes::CowFill]) {
+    fn apply_cow_fill(&mut self, fills: &[crate::backends::lvm::CowFill]) {
         let Some(ops) = self.ops.clone() else { return };
         let threshold = ops.lvm.fill_warning_percent;
         let uuids: Vec<String> = self
@@ -538,7 +536,7 @@ impl Engine {
             .map(|s| s.uuid.clone())
             .collect();
         for uuid in uuids {
-            let mine: Vec<&crate::lvm_volumes::CowFill> =
+            let mine: Vec<&crate::backends::lvm::CowFill> =
                 fills.iter().filter(|f| f.snapshot_uuid == uuid).collect();
             let Some(record) = self.snapshots.get_mut(&uuid) else {
                 continue;
@@ -551,13 +549,13 @@ impl Engine {
                 let target = record
                     .volumes
                     .iter()
-                    .find(|v| v.lvm.as_ref().is_some_and(|l| l.snapshot == over.lv))
+                    .find(|v| v.lvm().is_some_and(|l| l.snapshot == over.lv))
                     .map(|v| v.target.clone())
                     .unwrap_or_default();
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
                 record.cow_fill_percent = 100.0;
-                record.error = crate::lvm_volumes::overflow_message(&target, &over.vg, &over.lv);
+                record.error = crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv);
                 warn!(vm = %record.vm_name, snapshot = %record.name, "{}", record.error);
                 if let Err(e) = ops.store.save(record) {
                     warn!(error = %e, "cannot write the snapshot record");
@@ -841,7 +839,7 @@ impl Engine {
             take_safety_snapshot: options.safety_snapshot && !new_vm,
             phase,
             complete: false,
-            creation_time: snapshot::now_rfc3339(),
+            creation_time: ops::now_rfc3339(),
             restore_time: String::new(),
             restores: Vec::new(),
             detached: Vec::new(),
@@ -865,7 +863,7 @@ impl Engine {
         let uuid = record.uuid.clone();
         let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
         ops.spawn(vm.uuid, move |ctx| {
-            restore::restore(ctx, record, snapshot, records)
+            ops::restore::restore(ctx, record, snapshot, records)
         });
         Ok(uuid)
     }
@@ -880,7 +878,7 @@ impl Engine {
             record.phase,
             vmsnap_api::RestorePhase::Succeeded | vmsnap_api::RestorePhase::Failed
         ) && record.step == RestoreStep::Done;
-        if !finished && restore::cancel_wait(uuid) {
+        if !finished && ops::restore::cancel_wait(uuid) {
             // Still waiting for its VM: it gives up (nothing has changed) and its record goes
             // once it has said so.
             info!(restore = %display_restore(record), "restore deleted while waiting: cancelled");
@@ -958,7 +956,7 @@ impl Engine {
             })
             .collect();
         if !excluded.is_empty() && !options.allow_excluded {
-            return Err(EngineError::ExcludedDisks(snapshot::excluded_message(
+            return Err(EngineError::ExcludedDisks(ops::create::excluded_message(
                 &excluded,
             )));
         }
@@ -982,7 +980,7 @@ impl Engine {
             vm_uuid: vm.uuid.clone(),
             phase: SnapshotPhase::InProgress,
             ready_to_use: false,
-            creation_time: snapshot::now_rfc3339(),
+            creation_time: ops::now_rfc3339(),
             indications: Vec::new(),
             error: String::new(),
             freeze_duration_ms: 0,
@@ -1008,7 +1006,7 @@ impl Engine {
         self.emit(Change::SnapshotAdded(Box::new(record.clone())));
         let allow = options.allow_excluded;
         ops.spawn(vm.uuid, move |ctx| {
-            snapshot::create(ctx, record, allow);
+            ops::create::create(ctx, record, allow);
         });
         Ok(uuid)
     }
@@ -1048,7 +1046,7 @@ impl Engine {
         let vm_uuid = record.vm_uuid.clone();
         // A Failed snapshot is deleted the same way: its merge steps find nothing left to do
         // or resume an interrupted merge, and leftover overlays are removed.
-        ops.spawn(vm_uuid, move |ctx| snapshot::delete(ctx, record, others));
+        ops.spawn(vm_uuid, move |ctx| ops::delete::delete(ctx, record, others));
         Ok(())
     }
 
@@ -1113,8 +1111,9 @@ impl Engine {
                 "an interrupted restore is being settled".to_string(),
             );
             let vm_uuid = record.vm_uuid.clone();
-            ops.clone()
-                .spawn(vm_uuid, move |ctx| restore::recover(ctx, record, records));
+            ops.clone().spawn(vm_uuid, move |ctx| {
+                ops::restore::recover(ctx, record, records)
+            });
         }
         for record in unfinished {
             if self.busy.contains_key(&record.vm_uuid) {
@@ -1129,8 +1128,9 @@ impl Engine {
                 ),
             );
             let vm_uuid = record.vm_uuid.clone();
-            ops.clone()
-                .spawn(vm_uuid, move |ctx| snapshot::recover(ctx, record, others));
+            ops.clone().spawn(vm_uuid, move |ctx| {
+                ops::delete::recover(ctx, record, others)
+            });
         }
     }
 
@@ -1413,7 +1413,7 @@ mod tests {
                 RestorePhase::Failed,
                 RestoreStep::Committed {
                     previous_xml: String::new(),
-                    lvm_steps: BTreeMap::new(),
+                    volume_steps: BTreeMap::new(),
                 },
             ),
         ] {
@@ -1439,7 +1439,11 @@ mod tests {
         let record = restore_record("done", RestorePhase::Succeeded, RestoreStep::Done);
         store.save_restore(&record).expect("saved");
         engine.ops = Some(OpContext {
-            uri: "test:///default".into(),
+            hypervisor: std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+                uri: "test:///default".into(),
+            }),
+            backends: std::sync::Arc::new(crate::backends::Backends::standard()),
+            faults: crate::ops::Faults::default(),
             store: store.clone(),
             freeze_timeout: std::time::Duration::from_secs(10),
             require_quiesce: false,
@@ -1614,7 +1618,11 @@ mod tests {
         // A state folder that cannot hold a record (below a regular file): nothing starts.
         let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
         engine.ops = Some(OpContext {
-            uri: "test:///default".into(),
+            hypervisor: std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+                uri: "test:///default".into(),
+            }),
+            backends: std::sync::Arc::new(crate::backends::Backends::standard()),
+            faults: crate::ops::Faults::default(),
             store: crate::store::Store::new(std::path::Path::new("/dev/null/state")),
             freeze_timeout: std::time::Duration::from_secs(10),
             require_quiesce: false,

@@ -6,8 +6,8 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, RngSeed};
 
+use crate::backends::qcow2::qemu_img;
 use crate::domain;
-use crate::qemu_img;
 use crate::store;
 
 /// Cases per target: enough to reach every branch of these small parsers, a second or two each.

@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the parts and their invariants.
 
+mod backends;
 mod bus;
 mod config;
 mod disks;
@@ -10,15 +11,11 @@ mod engine;
 mod files;
 #[cfg(test)]
 mod fuzz_tests;
-mod images;
+mod hypervisor;
 mod libvirt;
-mod lvm_volumes;
-mod qcow2;
-mod qemu_img;
-mod restore;
+mod ops;
 mod service;
 mod shutdown;
-mod snapshot;
 mod store;
 mod thaw_guard;
 mod virt_ext;
@@ -39,8 +36,8 @@ use crate::bus::{Authorizer, BusTarget, ManagerObject};
 use crate::config::Config;
 use crate::engine::{Change, Engine, Flushed};
 use crate::libvirt::LibvirtSettings;
+use crate::ops::OpContext;
 use crate::shutdown::{SignalRequest, SignalRequests};
-use crate::snapshot::OpContext;
 use crate::store::{StateLock, Store};
 
 /// How long to wait for the first word from libvirt before taking the bus name anyway, so that a
@@ -189,7 +186,11 @@ async fn run(
     let (requests, requests_rx) = mpsc::channel(64);
     let (op_events, op_events_rx) = mpsc::unbounded_channel();
     let ops = OpContext {
-        uri: config.libvirt_uri.clone(),
+        hypervisor: std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+            uri: config.libvirt_uri.clone(),
+        }),
+        backends: std::sync::Arc::new(crate::backends::Backends::standard()),
+        faults: crate::ops::Faults::from_env(),
         store: Store::new(&config.state_dir),
         freeze_timeout: config.freeze_timeout,
         require_quiesce: config.require_quiesce,

@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vmsnap_api::{ExcludedVolume, IncludedVolume, Indication, SnapshotPhase};
 
-/// Format version of the record files.
-pub const RECORD_VERSION: u32 = 1;
+/// Format version of the record files. 2: each volume's backend part is its own (`backend`
+/// tags it; an LVM volume's fields sit beside the common ones). 1: one shape for every volume
+/// (`imageFormat` and `overlay` always, `lvm` nested for LVM); read and upgraded in memory, and
+/// written as 2 at the record's next change.
+pub const RECORD_VERSION: u32 = 2;
 
 /// A snapshot and its content: KubeVirt's VirtualMachineSnapshot status and
 /// VirtualMachineSnapshotContent, bound 1:1 in one file.
@@ -53,25 +56,59 @@ pub struct SnapshotRecord {
     pub source_indications: Vec<vmsnap_api::SourceIndication>,
 }
 
-/// One included disk.
+/// One included disk: where the snapshot's data is, and what its backend made to hold it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeRecord {
     pub target: String,
-    pub backend: String,
-    /// The image holding this snapshot's data: the disk's top image when the snapshot was
-    /// taken. Never written again while the snapshot exists.
+    /// Where this snapshot's data is: a qcow2 backend's image file (the disk's top image when
+    /// the snapshot was taken), an LVM backend's snapshot LV. Never written while the snapshot
+    /// exists.
     pub image: String,
-    /// `qcow2` or `raw`.
-    pub image_format: String,
-    /// The overlay created by this snapshot: the disk's new top image, on which later writes
-    /// (and later snapshots) build.
-    pub overlay: String,
     pub virtual_size: u64,
-    /// For a disk on an LVM logical volume: its LVs. `image` is then the snapshot LV's path,
-    /// `image_format` `lvm-thin` or `lvm-thick`, and `overlay` empty.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lvm: Option<LvmVolume>,
+    /// The backend's own part, tagged `backend` in the file.
+    #[serde(flatten)]
+    pub artifact: Artifact,
+}
+
+/// What each storage backend records for a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum Artifact {
+    /// A qcow2 (or raw) file disk, captured by an external qcow2 overlay.
+    #[serde(rename_all = "camelCase")]
+    Qcow2 {
+        /// The format of `image`: `qcow2` or `raw`.
+        image_format: String,
+        /// The overlay created by this snapshot: the disk's new top image, on which later
+        /// writes (and later snapshots) build.
+        overlay: String,
+    },
+    /// A disk on an LVM logical volume, captured by a snapshot LV.
+    Lvm(LvmVolume),
+    /// The simulated backend of the unit tests.
+    #[cfg(test)]
+    Sim(crate::backends::sim::SimVolume),
+}
+
+impl VolumeRecord {
+    /// The backend's name, as clients see it (`IncludedVolume.backend`).
+    pub fn backend_name(&self) -> &'static str {
+        match self.artifact {
+            Artifact::Qcow2 { .. } => vmsnap_api::DiskBackend::Qcow2.as_str(),
+            Artifact::Lvm(_) => vmsnap_api::DiskBackend::Lvm.as_str(),
+            #[cfg(test)]
+            Artifact::Sim(_) => "sim",
+        }
+    }
+
+    /// The LVM part of a volume on LVM.
+    pub fn lvm(&self) -> Option<&LvmVolume> {
+        match &self.artifact {
+            Artifact::Lvm(l) => Some(l),
+            _ => None,
+        }
+    }
 }
 
 /// An LVM volume of a snapshot.
@@ -129,7 +166,7 @@ impl SnapshotRecord {
             .iter()
             .map(|v| IncludedVolume {
                 target: v.target.clone(),
-                backend: v.backend.clone(),
+                backend: v.backend_name().to_string(),
                 image: v.image.clone(),
                 virtual_size: v.virtual_size,
             })
@@ -303,12 +340,12 @@ pub(crate) mod tests {
             domain_xml: "<domain/>".into(),
             volumes: vec![VolumeRecord {
                 target: "vda".into(),
-                backend: "qcow2".into(),
                 image: "/i/a.qcow2".into(),
-                image_format: "qcow2".into(),
-                overlay: "/i/b.qcow2".into(),
                 virtual_size: 1 << 30,
-                lvm: None,
+                artifact: Artifact::Qcow2 {
+                    image_format: "qcow2".into(),
+                    overlay: "/i/b.qcow2".into(),
+                },
             }],
             excluded: vec![],
             extra_state: vec![],
@@ -325,12 +362,9 @@ pub(crate) mod tests {
         let mut bb = record("bb");
         bb.volumes.push(VolumeRecord {
             target: "vdb".into(),
-            backend: "lvm".into(),
             image: "/dev/vg/data.vmsnap-uuid-bb".into(),
-            image_format: "lvm-thick".into(),
-            overlay: String::new(),
             virtual_size: 1 << 30,
-            lvm: Some(LvmVolume {
+            artifact: Artifact::Lvm(LvmVolume {
                 vg: "vg".into(),
                 origin: "data".into(),
                 snapshot: "data.vmsnap-uuid-bb".into(),
@@ -373,6 +407,86 @@ pub(crate) mod tests {
         object.remove("cowFillPercent");
         let parsed: SnapshotRecord = serde_json::from_value(json).expect("old record loads");
         assert_eq!(parsed, record("a"));
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/records-v1")
+            .join(name);
+        fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Records written by the release before format 2 (its own serializer wrote these files).
+    #[test]
+    fn format_1_records_load_with_every_field() {
+        let mixed = parse_snapshot_record(&fixture("snapshot-mixed.json")).expect("loads");
+        assert_eq!(mixed.version, RECORD_VERSION);
+        assert_eq!(mixed.volumes.len(), 3);
+        assert_eq!(
+            mixed.volumes[0].artifact,
+            Artifact::Qcow2 {
+                image_format: "qcow2".into(),
+                overlay: "/var/lib/libvirt/images/vmsnap-lab-mixed-vda-5b0c2a52.qcow2".into()
+            }
+        );
+        assert_eq!(
+            mixed.volumes[0].image,
+            "/var/lib/libvirt/images/mixed.qcow2"
+        );
+        assert_eq!(mixed.volumes[0].virtual_size, 2147483648);
+        let thin = mixed.volumes[1].lvm().expect("lvm");
+        assert_eq!(mixed.volumes[1].image, "/dev/vmsnapvg/data.vmsnap-5b0c2a52");
+        assert_eq!(
+            (
+                thin.vg.as_str(),
+                thin.origin.as_str(),
+                thin.snapshot.as_str()
+            ),
+            ("vmsnapvg", "data", "data.vmsnap-5b0c2a52")
+        );
+        assert!(thin.thin && thin.cow_size == 0 && thin.tags.len() == 3);
+        let thick = mixed.volumes[2].lvm().expect("lvm");
+        assert!(!thick.thin && thick.cow_size == 67108864);
+        assert_eq!(mixed.volumes[2].backend_name(), "lvm");
+        assert_eq!(mixed.excluded.len(), 1);
+        assert_eq!(mixed.source_indications.len(), 1);
+
+        let merging = parse_snapshot_record(&fixture("snapshot-merging.json")).expect("loads");
+        assert_eq!(merging.phase, SnapshotPhase::Deleting);
+        assert!(matches!(merging.step, Step::Merging { ref target, .. } if target == "vda"));
+
+        let restore =
+            parse_restore_record(&fixture("restores/restore-committed.json")).expect("loads");
+        match &restore.step {
+            RestoreStep::Committed { volume_steps, .. } => {
+                assert_eq!(volume_steps.get("vdb").map(String::as_str), Some("swap"))
+            }
+            other => panic!("step {other:?}"),
+        }
+        assert_eq!(restore.version, RECORD_VERSION);
+    }
+
+    /// Written again, an upgraded record is format 2 and reads back the same.
+    #[test]
+    fn an_upgraded_record_is_written_as_format_2() {
+        let mixed = parse_snapshot_record(&fixture("snapshot-mixed.json")).expect("loads");
+        let text = serde_json::to_vec(&mixed).expect("json");
+        let json: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        assert_eq!(json["version"], 2);
+        assert_eq!(json["volumes"][1]["backend"], "lvm");
+        assert_eq!(json["volumes"][1]["vg"], "vmsnapvg");
+        assert!(json["volumes"][1].get("overlay").is_none());
+        assert!(json["volumes"][1].get("lvm").is_none());
+        assert_eq!(parse_snapshot_record(&text).expect("loads"), mixed);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_by_name() {
+        let mut json = serde_json::to_value(record("a")).expect("json");
+        json["version"] = 3.into();
+        let text = serde_json::to_vec(&json).expect("json");
+        let refused = parse_snapshot_record(&text).expect_err("newer");
+        assert!(refused.contains("format version 3"), "{refused}");
     }
 
     #[test]
@@ -439,13 +553,15 @@ pub enum RestoreStep {
     Applying {
         previous_xml: String,
     },
-    /// LVM volumes being restored, then the definition: from here the restore only goes
-    /// forward (an LV's data, once replaced, cannot be put back). `lvm_steps` holds, per disk
-    /// target, the LVM step last begun (see `lvm_volumes`), `done` once the disk is restored.
+    /// Volumes whose restore replaces data in place being restored, then the definition: from
+    /// here the restore only goes forward (an LV's data, once replaced, cannot be put back).
+    /// `volume_steps` holds, per disk target, the backend's step last begun, `done` once the
+    /// disk is restored (`lvmSteps` in format 1).
     #[serde(rename_all = "camelCase")]
     Committed {
         previous_xml: String,
-        lvm_steps: std::collections::BTreeMap<String, String>,
+        #[serde(alias = "lvmSteps")]
+        volume_steps: std::collections::BTreeMap<String, String>,
     },
     Done,
 }
@@ -505,14 +621,58 @@ impl Store {
 /// folder) and D-Bus object paths, so a record whose UUIDs hold anything but letters, digits and
 /// `-` is refused, like one that is not JSON.
 pub fn parse_snapshot_record(bytes: &[u8]) -> Result<SnapshotRecord, String> {
-    let record: SnapshotRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    match json.get("version").and_then(serde_json::Value::as_u64) {
+        Some(1) => upgrade_volumes_from_v1(&mut json)?,
+        Some(v) if v == u64::from(RECORD_VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "format version {v} is newer than this vmsnapd reads ({RECORD_VERSION}); it was written by a newer vmsnapd"
+            ))
+        }
+        None => return Err("the record has no format version".to_string()),
+    }
+    let mut record: SnapshotRecord = serde_json::from_value(json).map_err(|e| e.to_string())?;
+    record.version = RECORD_VERSION;
     check_uuids(&[&record.uuid, &record.vm_uuid])?;
     Ok(record)
 }
 
+/// Format 1 gave every volume `imageFormat` and `overlay` (empty for LVM) and nested an LVM
+/// volume's fields under `lvm`; format 2 keeps only the backend's own fields, flat.
+fn upgrade_volumes_from_v1(json: &mut serde_json::Value) -> Result<(), String> {
+    let Some(volumes) = json.get_mut("volumes").and_then(|v| v.as_array_mut()) else {
+        return Ok(());
+    };
+    for volume in volumes {
+        let Some(fields) = volume.as_object_mut() else {
+            return Err("a volume is not an object".to_string());
+        };
+        let lvm = fields.remove("lvm").filter(|l| !l.is_null());
+        match (fields.get("backend").and_then(|b| b.as_str()), lvm) {
+            (Some("lvm"), Some(serde_json::Value::Object(lvm))) => {
+                fields.remove("imageFormat");
+                fields.remove("overlay");
+                fields.extend(lvm);
+            }
+            (Some("lvm"), _) => return Err("an LVM volume has no `lvm` part".to_string()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A restore record as read from its file; see [`parse_snapshot_record`].
 pub fn parse_restore_record(bytes: &[u8]) -> Result<RestoreRecord, String> {
-    let record: RestoreRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut record: RestoreRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if record.version > RECORD_VERSION {
+        return Err(format!(
+            "format version {} is newer than this vmsnapd reads ({RECORD_VERSION}); it was written by a newer vmsnapd",
+            record.version
+        ));
+    }
+    // Format 1 differs only in `lvmSteps`, read through its alias.
+    record.version = RECORD_VERSION;
     check_uuids(&[&record.uuid, &record.vm_uuid, &record.snapshot_uuid])?;
     if !record.target_uuid.is_empty() {
         check_uuids(&[&record.target_uuid])?;

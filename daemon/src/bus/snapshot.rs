@@ -164,7 +164,7 @@ impl SnapshotObject {
     fn source_indications(&self) -> Vec<vmsnap_api::SourceIndication> {
         if self.record.source_indications.is_empty() {
             // A record from before messages were kept, or still in progress.
-            crate::snapshot::source_indications(&self.record, &[])
+            crate::ops::create::source_indications(&self.record, &[])
         } else {
             self.record.source_indications.clone()
         }

@@ -1,6 +1,6 @@
-//! The LVM side of snapshots and restores: disks on LVM logical volumes, through the
-//! `vmsnap-lvm` library. Nothing here calls libvirt; the snapshot and restore operations call
-//! these functions from their operation threads (LVM commands block).
+//! The LVM backend: disks on LVM logical volumes, through the `vmsnap-lvm` library. Nothing
+//! here calls libvirt; the operation flows call it from their operation threads (LVM commands
+//! block, each with the configured timeout).
 //!
 //! A snapshot's LVM volume is one snapshot LV, `<origin>.vmsnap-<first 8 of the snapshot UUID>`,
 //! tagged `vmsnap`, `vmsnap-vm-<VM UUID>` and `vmsnap-snap-<snapshot UUID>`: a thin snapshot of a
@@ -12,8 +12,13 @@ use std::path::Path;
 
 use vmsnap_lvm::{LvKind, Lvm, ThickRestoreStep, ThinRestoreStep};
 
+use vmsnap_api::{DiskBackend, DiskInfo, VolumeRestore};
+
+use super::{BeforeStep, Env, VolumeBackend};
 use crate::config::LvmConfig;
-use crate::store::{LvmVolume, VolumeRecord};
+use crate::ops::{OpError, OpResult, StorageContext};
+use crate::store::{Artifact, LvmVolume, VolumeRecord};
+use crate::store::{RestoreRecord, SnapshotRecord};
 
 /// Suffix of a snapshot LV's name before the short snapshot UUID.
 const SNAPSHOT_SUFFIX: &str = ".vmsnap-";
@@ -69,12 +74,9 @@ pub fn plan(
     let tags = vmsnap_lvm::vmsnap_tags(vm_uuid, snapshot_uuid).map_err(|e| fail(&e))?;
     Ok(VolumeRecord {
         target: target.to_string(),
-        backend: vmsnap_api::DiskBackend::Lvm.as_str().to_string(),
         image: format!("/dev/{vg}/{snapshot}"),
-        image_format: if thin { "lvm-thin" } else { "lvm-thick" }.to_string(),
-        overlay: String::new(),
         virtual_size: info.size,
-        lvm: Some(LvmVolume {
+        artifact: Artifact::Lvm(LvmVolume {
             vg,
             origin,
             snapshot,
@@ -93,7 +95,7 @@ pub fn plan(
 /// took and returns LVM's message.
 pub fn take(lvm: &Lvm, snapshot_uuid: &str, volumes: &[VolumeRecord]) -> Result<(), String> {
     for volume in volumes {
-        let Some(l) = &volume.lvm else { continue };
+        let Some(l) = volume.lvm() else { continue };
         let taken = if l.thin {
             lvm.snapshot_thin(&l.vg, &l.origin, &l.snapshot, &l.tags)
         } else {
@@ -109,7 +111,7 @@ pub fn take(lvm: &Lvm, snapshot_uuid: &str, volumes: &[VolumeRecord]) -> Result<
 
 /// Whether the snapshot LV of `volume` exists (and is this snapshot's).
 pub fn is_taken(lvm: &Lvm, snapshot_uuid: &str, volume: &VolumeRecord) -> Result<bool, String> {
-    let Some(l) = &volume.lvm else {
+    let Some(l) = volume.lvm() else {
         return Ok(false);
     };
     let found = lvm
@@ -132,7 +134,7 @@ pub fn discard(lvm: &Lvm, snapshot_uuid: &str, volumes: &[VolumeRecord]) {
 /// changes (a thin or thick snapshot's removal leaves its origin and other snapshots as they
 /// are).
 pub fn remove(lvm: &Lvm, snapshot_uuid: &str, volume: &VolumeRecord) -> Result<(), String> {
-    let Some(l) = &volume.lvm else { return Ok(()) };
+    let Some(l) = volume.lvm() else { return Ok(()) };
     if is_taken(lvm, snapshot_uuid, volume)? {
         lvm.remove(&l.vg, &l.snapshot)
             .map_err(|e| format!("disk {}: {e}", volume.target))?;
@@ -146,7 +148,7 @@ pub fn check_restorable(
     snapshot_uuid: &str,
     volume: &VolumeRecord,
 ) -> Result<(), String> {
-    let Some(l) = &volume.lvm else { return Ok(()) };
+    let Some(l) = volume.lvm() else { return Ok(()) };
     let found = lvm
         .find_lv(&l.vg, &l.snapshot)
         .map_err(|e| format!("disk {}: {e}", volume.target))?;
@@ -171,7 +173,7 @@ pub fn check_restorable(
 /// exists and is not open (the VM is off), and a thick origin is active (LVM defers the merge of
 /// an inactive one).
 pub fn check_in_place(lvm: &Lvm, volume: &VolumeRecord) -> Result<(), String> {
-    let Some(l) = &volume.lvm else { return Ok(()) };
+    let Some(l) = volume.lvm() else { return Ok(()) };
     let fail = |what: String| format!("disk {}: {what}", volume.target);
     let origin = lvm
         .find_lv(&l.vg, &l.origin)
@@ -207,7 +209,7 @@ pub fn restore_in_place(
     volume: &VolumeRecord,
     mut before: impl FnMut(&'static str) -> ControlFlow<()>,
 ) -> Result<(), String> {
-    let Some(l) = &volume.lvm else { return Ok(()) };
+    let Some(l) = volume.lvm() else { return Ok(()) };
     let done = if l.thin {
         lvm.restore_thin_with(&l.vg, &l.origin, &l.snapshot, |s: ThinRestoreStep| {
             before(s.name())
@@ -229,7 +231,7 @@ pub fn finish_in_place(
     volume: &VolumeRecord,
     last_step: Option<&str>,
 ) -> Result<(), String> {
-    let Some(l) = &volume.lvm else { return Ok(()) };
+    let Some(l) = volume.lvm() else { return Ok(()) };
     let fail = |e: vmsnap_lvm::Error| format!("disk {}: {e}", volume.target);
     match last_step {
         Some(STEP_DONE) => Ok(()),
@@ -273,7 +275,7 @@ pub fn clone_thin(
     name: &str,
     restore_uuid: &str,
 ) -> Result<String, String> {
-    let Some(l) = &volume.lvm else {
+    let Some(l) = volume.lvm() else {
         return Err(format!("disk {} is not on LVM", volume.target));
     };
     lvm.snapshot_thin(&l.vg, &l.snapshot, name, &[restore_tag(restore_uuid)])
@@ -320,12 +322,213 @@ pub fn keep_clone(lvm: &Lvm, path: &str, restore_uuid: &str) -> Result<(), Strin
 
 /// A restore as a new VM needs a thin snapshot for every LVM volume.
 pub fn check_new_vm(volumes: &[VolumeRecord]) -> Result<(), String> {
-    match volumes.iter().find(|v| v.lvm.as_ref().is_some_and(|l| !l.thin)) {
+    match volumes.iter().find(|v| v.lvm().is_some_and(|l| !l.thin)) {
         Some(v) => Err(format!(
             "disk {} is a thick LVM snapshot: restoring it as a new VM would copy the whole volume, which vmsnap does not do; restore it in place, or copy {} yourself",
             v.target, v.image
         )),
         None => Ok(()),
+    }
+}
+
+/// LVM logical volumes: thin snapshots of thin LVs, copy-on-write snapshots of thick ones.
+pub struct LvmBackend;
+
+impl VolumeBackend for LvmBackend {
+    fn name(&self) -> &'static str {
+        "lvm"
+    }
+
+    fn takes(&self, disk: &DiskInfo) -> bool {
+        disk.backend == DiskBackend::Lvm.as_str()
+    }
+
+    fn owns(&self, volume: &VolumeRecord) -> bool {
+        volume.lvm().is_some()
+    }
+
+    fn plan(
+        &self,
+        env: &Env,
+        snapshot: &SnapshotRecord,
+        _live_xml: &str,
+        disk: &DiskInfo,
+    ) -> OpResult<VolumeRecord> {
+        plan(
+            &env.ctx.lvm_tool(),
+            &env.ctx.lvm,
+            &disk.target,
+            &disk.source,
+            &snapshot.vm_uuid,
+            &snapshot.uuid,
+        )
+        .map_err(OpError::Refused)
+    }
+
+    fn capture(
+        &self,
+        env: &Env,
+        snapshot: &SnapshotRecord,
+        volumes: &[VolumeRecord],
+        _disks: &[DiskInfo],
+    ) -> OpResult<()> {
+        take(&env.ctx.lvm_tool(), &snapshot.uuid, volumes).storage()
+    }
+
+    fn is_captured(
+        &self,
+        env: &Env,
+        snapshot: &SnapshotRecord,
+        volume: &VolumeRecord,
+    ) -> OpResult<bool> {
+        is_taken(&env.ctx.lvm_tool(), &snapshot.uuid, volume).storage()
+    }
+
+    fn undo(&self, env: &Env, snapshot: &SnapshotRecord, volumes: &[VolumeRecord]) {
+        discard(&env.ctx.lvm_tool(), &snapshot.uuid, volumes);
+    }
+
+    fn discard(&self, env: &Env, snapshot: &SnapshotRecord, volumes: &[VolumeRecord]) {
+        discard(&env.ctx.lvm_tool(), &snapshot.uuid, volumes);
+    }
+
+    fn check_intact(
+        &self,
+        env: &Env,
+        snapshot: &SnapshotRecord,
+        volume: &VolumeRecord,
+    ) -> OpResult<()> {
+        check_restorable(&env.ctx.lvm_tool(), &snapshot.uuid, volume).map_err(OpError::Refused)
+    }
+
+    fn release(
+        &self,
+        env: &Env,
+        deleting: &mut SnapshotRecord,
+        _others: &mut [SnapshotRecord],
+        volume: &VolumeRecord,
+        _deadline: std::time::Instant,
+    ) -> OpResult<()> {
+        env.ctx.progress(
+            deleting,
+            format!("removing the snapshot LV of disk {}", volume.target),
+        );
+        remove(&env.ctx.lvm_tool(), &deleting.uuid, volume).storage()
+    }
+
+    /// In place, the origin LV itself gets the snapshot's data; a new VM gets a thin clone.
+    fn plan_restore(
+        &self,
+        restore: &RestoreRecord,
+        volume: &VolumeRecord,
+    ) -> OpResult<VolumeRestore> {
+        let Some(l) = volume.lvm() else {
+            return Err(OpError::Refused(format!(
+                "disk {} is not on LVM",
+                volume.target
+            )));
+        };
+        let to_image = if restore.new_vm {
+            let short = restore.uuid.get(..8).unwrap_or(&restore.uuid);
+            let name = format!("{}-{}-r{short}", restore.target_name, volume.target);
+            vmsnap_lvm::validate_lv_name(&name).map_err(|e| OpError::Refused(e.to_string()))?;
+            format!("/dev/{}/{name}", l.vg)
+        } else {
+            format!("/dev/{}/{}", l.vg, l.origin)
+        };
+        Ok(VolumeRestore {
+            target: volume.target.clone(),
+            from_image: volume.image.clone(),
+            to_image,
+        })
+    }
+
+    fn check_restore_target(&self, env: &Env, new_vm: bool, volume: &VolumeRecord) -> OpResult<()> {
+        if new_vm {
+            check_new_vm(std::slice::from_ref(volume)).map_err(OpError::Refused)
+        } else {
+            check_in_place(&env.ctx.lvm_tool(), volume).map_err(OpError::Refused)
+        }
+    }
+
+    fn stage_restore(
+        &self,
+        env: &Env,
+        restore: &RestoreRecord,
+        volume: &VolumeRecord,
+        planned: &VolumeRestore,
+    ) -> OpResult<()> {
+        if !restore.new_vm {
+            return Ok(());
+        }
+        let name = planned.to_image.rsplit('/').next().unwrap_or_default();
+        clone_thin(&env.ctx.lvm_tool(), volume, name, &restore.uuid)
+            .map(|_| ())
+            .storage()
+    }
+
+    fn restores_in_place(&self, _volume: &VolumeRecord) -> bool {
+        true
+    }
+
+    fn restore_in_place(
+        &self,
+        env: &Env,
+        volume: &VolumeRecord,
+        before: &mut BeforeStep,
+    ) -> OpResult<()> {
+        let mut journal_error = None;
+        let done = restore_in_place(&env.ctx.lvm_tool(), volume, |step| match before(step) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                journal_error = Some(e);
+                ControlFlow::Break(())
+            }
+        });
+        if let Some(e) = journal_error {
+            return Err(e);
+        }
+        done.storage()
+    }
+
+    fn finish_in_place(
+        &self,
+        env: &Env,
+        volume: &VolumeRecord,
+        last_step: Option<&str>,
+    ) -> OpResult<()> {
+        finish_in_place(&env.ctx.lvm_tool(), volume, last_step).storage()
+    }
+
+    fn restored_source(
+        &self,
+        new_vm: bool,
+        _volume: &VolumeRecord,
+        planned: &VolumeRestore,
+    ) -> Option<(String, &'static str)> {
+        new_vm.then(|| (planned.to_image.clone(), "raw"))
+    }
+
+    fn keep_restored(
+        &self,
+        env: &Env,
+        restore: &RestoreRecord,
+        planned: &VolumeRestore,
+    ) -> OpResult<()> {
+        if !restore.new_vm {
+            return Ok(());
+        }
+        keep_clone(&env.ctx.lvm_tool(), &planned.to_image, &restore.uuid).storage()
+    }
+
+    /// Only a new VM's clones, which carry this restore's tag; an origin LV never.
+    fn discard_restored(&self, env: &Env, restore: &RestoreRecord, planned: &VolumeRestore) {
+        if !restore.new_vm {
+            return;
+        }
+        if let Err(e) = remove_clone(&env.ctx.lvm_tool(), &planned.to_image, &restore.uuid) {
+            tracing::warn!(lv = %planned.to_image, error = %e, "cannot remove a restore's LV");
+        }
     }
 }
 

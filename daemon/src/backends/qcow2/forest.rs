@@ -12,11 +12,11 @@ use tracing::{debug, info};
 use virt::connect::Connect;
 use vmsnap_api::SnapshotPhase;
 
+use super::header as qcow2;
+use super::qemu_img;
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
-use crate::qcow2;
-use crate::qemu_img;
-use crate::store::SnapshotRecord;
+use crate::store::{Artifact, SnapshotRecord};
 
 /// A disk of a domain and its top image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +86,11 @@ impl Forest {
             }
         }
         for record in records {
-            for volume in record.volumes.iter().filter(|v| v.lvm.is_none()) {
+            for volume in record
+                .volumes
+                .iter()
+                .filter(|v| matches!(v.artifact, Artifact::Qcow2 { .. }))
+            {
                 if std::path::Path::new(&volume.image).exists() {
                     forest.add_chain(&volume.image);
                 }

@@ -1,0 +1,484 @@
+//! Create: takes a snapshot of every volume in one freeze, backend by backend, with the record
+//! as its journal (Planned, Freezing or Snapshotting, Done). Recovery of an interrupted create
+//! keeps a snapshot whose volumes were all captured and undoes one whose were not.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use vmsnap_api::{ExcludedVolume, Indication, SnapshotPhase};
+
+use super::{check_deadline, OpContext, OpError, OpResult};
+use crate::backends::Env;
+use crate::config::Quiesce;
+use crate::disks::SysfsLvmProbe;
+use crate::domain::{self, parse_domain};
+use crate::files;
+use crate::hypervisor::{Host, RunState, ThawGuardHandle};
+use crate::store::{SnapshotRecord, StateCopy, Step};
+
+/// Takes the snapshot `record` describes (phase InProgress, step Planned, no volumes yet).
+/// Returns the record as it ended.
+pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool) -> SnapshotRecord {
+    let deadline = Instant::now() + ctx.failure_deadline;
+    let host = ctx.hypervisor.session();
+    let result = host
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|host| create_steps(ctx, host.as_ref(), &mut record, allow_excluded, deadline));
+    if let Err(error) = result {
+        warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
+        if let Ok(host) = &host {
+            discard_all(
+                &Env {
+                    ctx,
+                    host: host.as_ref(),
+                },
+                &record,
+            );
+        }
+        record.phase = SnapshotPhase::Failed;
+        record.ready_to_use = false;
+        record.error = vmsnap_api::record_error(&error.to_string());
+        record.step = Step::Done;
+        ctx.save_failed(&mut record);
+    }
+    record
+}
+
+fn create_steps(
+    ctx: &OpContext,
+    host: &dyn Host,
+    record: &mut SnapshotRecord,
+    allow_excluded: bool,
+    deadline: Instant,
+) -> OpResult<()> {
+    let env = Env { ctx, host };
+    let planned = plan_snapshot(&env, record, allow_excluded)?;
+    // Why each indication was given, for sourceIndications.
+    let mut notes: Vec<(Indication, String)> = Vec::new();
+    let try_freeze = choose_quiesce(ctx, &planned, record, &mut notes);
+    check_deadline(deadline, "snapshot")?;
+    for (backend, volumes) in ctx.backends.batches(&record.volumes)? {
+        backend.prepare(&env, record, &volumes)?;
+    }
+    let freeze = if try_freeze {
+        freeze_guest(ctx, host, record, &mut notes)?
+    } else {
+        None
+    };
+    if freeze.is_none() {
+        record.step = Step::Snapshotting;
+        ctx.save(record)?;
+    }
+    let result = capture(&env, record, &planned.vm.disks, freeze.is_some(), deadline);
+    if let Some(frozen) = freeze {
+        thaw_guest(ctx, host, record, frozen, &mut notes);
+    }
+    let result = result.and_then(|()| quiesced_as_required(ctx, record));
+    if let Err(error) = result {
+        undo_all(&env, record);
+        return Err(error);
+    }
+    record.source_indications = source_indications(record, &notes);
+    record.phase = SnapshotPhase::Succeeded;
+    record.ready_to_use = true;
+    record.step = Step::Done;
+    ctx.save(record)?;
+    ctx.progress(record, "");
+    Ok(())
+}
+
+/// Every backend undoes its capture (the VM's disks as before the snapshot).
+fn undo_all(env: &Env, record: &SnapshotRecord) {
+    if let Ok(batches) = env.ctx.backends.batches(&record.volumes) {
+        for (backend, volumes) in batches {
+            backend.undo(env, record, &volumes);
+        }
+    }
+}
+
+/// Every backend removes what a snapshot that was not taken left behind.
+pub(super) fn discard_all(env: &Env, record: &SnapshotRecord) {
+    if let Ok(batches) = env.ctx.backends.batches(&record.volumes) {
+        for (backend, volumes) in batches {
+            backend.discard(env, record, &volumes);
+        }
+    }
+}
+
+/// What planning learnt about the VM.
+struct Planned {
+    vm: domain::VmInfo,
+    state: RunState,
+    online: bool,
+}
+
+/// Reads the VM, plans one volume per disk with the backend that takes it (the others are
+/// excluded), and journals the plan (step Planned): nothing outside the record has changed yet.
+fn plan_snapshot(
+    env: &Env,
+    record: &mut SnapshotRecord,
+    allow_excluded: bool,
+) -> OpResult<Planned> {
+    let (ctx, host) = (env.ctx, env.host);
+    ctx.progress(record, "reading the VM definition");
+    let state = host.run_state(&record.vm_uuid)?;
+    let inactive_xml = host.definition(&record.vm_uuid)?;
+    let live_xml = host.current_definition(&record.vm_uuid)?;
+    let vm = parse_domain(&live_xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe)
+        .map_err(OpError::Refused)?;
+    let online = host.is_active(&record.vm_uuid)?;
+
+    let mut volumes = Vec::new();
+    let mut excluded = Vec::new();
+    for disk in &vm.disks {
+        match ctx.backends.for_disk(disk) {
+            Some(backend) => volumes.push(backend.plan(env, record, &live_xml, disk)?),
+            None => excluded.push(ExcludedVolume {
+                target: disk.target.clone(),
+                reason: disk.reason.clone(),
+            }),
+        }
+    }
+    if !excluded.is_empty() && !allow_excluded {
+        return Err(OpError::Refused(excluded_message(&excluded)));
+    }
+    // A VM with no disk to capture (only a cdrom, say) gets a snapshot of its definition
+    // alone, with zero volumes, as KubeVirt's does.
+    let extra = domain::extra_state(&inactive_xml, &record.vm_uuid).map_err(OpError::Refused)?;
+    let copy_dir = ctx.store.state_copy_dir(&record.vm_uuid, &record.uuid);
+    record.extra_state = extra
+        .iter()
+        .map(|e| StateCopy {
+            kind: e.kind.to_string(),
+            source: e.path.clone(),
+            copy: copy_dir.join(e.kind).to_string_lossy().into_owned(),
+        })
+        .collect();
+    record.domain_xml = inactive_xml;
+    record.volumes = volumes;
+    record.excluded = excluded;
+    record.step = Step::Planned;
+    ctx.save(record)?;
+    Ok(Planned { vm, state, online })
+}
+
+/// Decides whether to freeze and records the indications known before the freeze, with a
+/// note for each (sourceIndications). Returns whether to try the freeze.
+fn choose_quiesce(
+    ctx: &OpContext,
+    planned: &Planned,
+    record: &mut SnapshotRecord,
+    notes: &mut Vec<(Indication, String)>,
+) -> bool {
+    let running = planned.state == RunState::Running;
+    let paused = planned.state == RunState::Paused;
+    let try_freeze = running
+        && !record.volumes.is_empty()
+        && match ctx.quiesce {
+            Quiesce::Auto => planned.vm.agent == vmsnap_api::AgentState::Connected,
+            Quiesce::Always => planned.vm.agent != vmsnap_api::AgentState::NotConfigured,
+        };
+    record.indications = Vec::new();
+    if planned.online {
+        record.indications.push(Indication::Online);
+    }
+    if paused {
+        record.indications.push(Indication::Paused);
+    } else if running && !try_freeze && !record.volumes.is_empty() {
+        record.indications.push(Indication::NoGuestAgent);
+        notes.push((
+            Indication::NoGuestAgent,
+            format!(
+                "the guest agent is {}: the snapshot is crash-consistent",
+                planned.vm.agent.as_str().replace('-', " ")
+            ),
+        ));
+    }
+    if !record.excluded.is_empty() {
+        record.indications.push(Indication::PartialSnapshot);
+    }
+    try_freeze
+}
+
+/// An armed thaw guard and when the freeze began.
+type Frozen = (Box<dyn ThawGuardHandle>, Instant);
+
+/// Freezes the guest's filesystems under a thaw guard. Returns the armed guard and when the
+/// freeze began, or `None` when the freeze failed (the guest is thawed again, the indication and
+/// its note are recorded); an error only when `require_quiesce` forbids going on unfrozen.
+fn freeze_guest(
+    ctx: &OpContext,
+    host: &dyn Host,
+    record: &mut SnapshotRecord,
+    notes: &mut Vec<(Indication, String)>,
+) -> OpResult<Option<Frozen>> {
+    let guard = host.arm_thaw_guard(&record.vm_uuid, ctx.freeze_timeout)?;
+    record.step = Step::Freezing;
+    ctx.save(record)?;
+    ctx.progress(record, "freezing the guest's filesystems");
+    // Bound the freeze call itself: half the freeze deadline, so a freeze that does not
+    // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
+    let answer_within = Duration::from_secs((ctx.freeze_timeout.as_secs() / 2).clamp(1, 60));
+    let started = Instant::now();
+    let failure = match host.freeze(&record.vm_uuid, answer_within) {
+        Ok(count) => {
+            record.frozen_filesystems = count;
+            record.indications.push(Indication::GuestAgent);
+            return Ok(Some((guard, started)));
+        }
+        Err(failure) => failure,
+    };
+    // libvirt sends the freeze only after the agent answered a sync, so a failed freeze
+    // normally froze nothing; thaw anyway in case the agent froze late, and leave it to the
+    // guard (by dropping it armed) if even that fails.
+    match host.thaw(&record.vm_uuid) {
+        Ok(_) => {
+            let _ = guard.disarm();
+        }
+        Err(_) => drop(guard),
+    }
+    if ctx.require_quiesce {
+        return Err(OpError::Refused(format!(
+            "the guest's filesystems could not be frozen ({}); require_quiesce is set, \
+             so no snapshot was taken",
+            failure.message
+        )));
+    }
+    warn!(vm = %record.vm_name, error = %failure.message, "freeze failed; taking a crash-consistent snapshot");
+    let (indication, what) = if failure.timed_out {
+        (
+            Indication::QuiesceTimeout,
+            "the guest agent did not answer the freeze in time",
+        )
+    } else {
+        (
+            Indication::QuiesceFailed,
+            "the guest agent could not freeze the filesystems",
+        )
+    };
+    record.indications.push(indication);
+    notes.push((
+        indication,
+        format!(
+            "{what} ({}): the snapshot is crash-consistent",
+            failure.message
+        ),
+    ));
+    Ok(None)
+}
+
+/// Captures every volume, backend by backend in the registry's order (cheapest to undo first),
+/// then copies the small state files. Frozen or not: only the captures and the small copies,
+/// nothing slow. A backend that fails has undone its own part; the ones before it are undone
+/// here.
+fn capture(
+    env: &Env,
+    record: &SnapshotRecord,
+    disks: &[vmsnap_api::DiskInfo],
+    frozen: bool,
+    deadline: Instant,
+) -> OpResult<()> {
+    let ctx = env.ctx;
+    ctx.faults.point("create-before-snapshot");
+    check_deadline(deadline, "snapshot")?;
+    if !frozen {
+        ctx.progress(record, "snapshotting the disks");
+    }
+    let batches = ctx.backends.batches(&record.volumes)?;
+    for (done, (backend, volumes)) in batches.iter().enumerate() {
+        if let Err(e) = backend.capture(env, record, volumes, disks) {
+            for (earlier, their_volumes) in &batches[..done] {
+                earlier.undo(env, record, their_volumes);
+            }
+            return Err(e);
+        }
+    }
+    ctx.faults.point("create-after-snapshot");
+    copy_extra_state(record)
+}
+
+/// Thaws the guest and disarms its guard; a thaw that fails is left to the guard (dropped
+/// armed, it thaws at once). A guard that had thawed first means the snapshot was not quiesced.
+fn thaw_guest(
+    ctx: &OpContext,
+    host: &dyn Host,
+    record: &mut SnapshotRecord,
+    (guard, started): Frozen,
+    notes: &mut Vec<(Indication, String)>,
+) {
+    match host.thaw(&record.vm_uuid) {
+        Ok(_) => {
+            record.freeze_duration_ms = started.elapsed().as_millis() as u64;
+            if let Err(e) = guard.disarm() {
+                // The guard may have thawed at its deadline before the disks were
+                // snapshotted: the snapshot cannot claim a quiesced guest then.
+                warn!(error = %e, "thaw guard did not stop cleanly; recording QuiesceTimeout");
+                record.indications.retain(|i| *i != Indication::GuestAgent);
+                record.indications.push(Indication::QuiesceTimeout);
+                notes.push((
+                    Indication::QuiesceTimeout,
+                    format!(
+                        "the guest may have been thawed at freeze_timeout ({} s) before the \
+                         disks were snapshotted ({e}): the snapshot is crash-consistent",
+                        ctx.freeze_timeout.as_secs()
+                    ),
+                ));
+            }
+        }
+        // Dropping the armed guard makes it thaw at once, on its own connection.
+        Err(e) => {
+            record.freeze_duration_ms = started.elapsed().as_millis() as u64;
+            warn!(vm = %record.vm_name, error = %e, "thaw failed; the thaw guard retries");
+            drop(guard);
+        }
+    }
+    ctx.progress(record, "thawed the guest's filesystems");
+}
+
+/// With `require_quiesce`, a snapshot the guest was not frozen for is undone.
+fn quiesced_as_required(ctx: &OpContext, record: &SnapshotRecord) -> OpResult<()> {
+    if ctx.require_quiesce
+        && (record.indications.contains(&Indication::QuiesceFailed)
+            || record.indications.contains(&Indication::QuiesceTimeout))
+    {
+        Err(OpError::Refused(
+            "the guest was thawed before the disks were snapshotted; require_quiesce is \
+             set, so the snapshot was undone"
+                .to_string(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Each indication of `record` with its message: the one noted when it was given, or one
+/// that says what it means.
+pub(crate) fn source_indications(
+    record: &SnapshotRecord,
+    notes: &[(Indication, String)],
+) -> Vec<vmsnap_api::SourceIndication> {
+    record
+        .indications
+        .iter()
+        .map(|indication| {
+            let noted = notes
+                .iter()
+                .find(|(i, _)| i == indication)
+                .map(|(_, m)| m.clone());
+            let message = noted.unwrap_or_else(|| match indication {
+                Indication::Online => "the VM was running when the snapshot was taken".to_string(),
+                Indication::GuestAgent => format!(
+                    "the guest agent froze {} filesystem(s) for {} ms",
+                    record.frozen_filesystems, record.freeze_duration_ms
+                ),
+                Indication::NoGuestAgent => {
+                    "no guest agent answered: the snapshot is crash-consistent".to_string()
+                }
+                Indication::QuiesceFailed => "the freeze failed: the snapshot is \
+                                              crash-consistent"
+                    .to_string(),
+                Indication::QuiesceTimeout => "the freeze did not finish in time: the \
+                                               snapshot is crash-consistent"
+                    .to_string(),
+                Indication::Paused => {
+                    "the VM was paused: its disks were consistent without a freeze".to_string()
+                }
+                Indication::PartialSnapshot => format!(
+                    "disks left out: {}",
+                    record
+                        .excluded
+                        .iter()
+                        .map(|v| format!("{} ({})", v.target, v.reason))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            vmsnap_api::SourceIndication {
+                indication: indication.as_str().to_string(),
+                message,
+            }
+        })
+        .collect()
+}
+
+pub fn excluded_message(excluded: &[ExcludedVolume]) -> String {
+    let list: Vec<String> = excluded
+        .iter()
+        .map(|e| format!("{} ({})", e.target, e.reason))
+        .collect();
+    format!(
+        "the VM has disks that cannot be snapshotted: {}; allow them to be left out with allow_excluded",
+        list.join("; ")
+    )
+}
+
+fn copy_extra_state(record: &SnapshotRecord) -> OpResult<()> {
+    for copy in &record.extra_state {
+        let source = Path::new(&copy.source);
+        let target = Path::new(&copy.copy);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let copied = if source.is_dir() {
+            files::copy_dir_new(source, target)
+        } else {
+            files::copy_file_new(source, target)
+        };
+        copied.map_err(|e| {
+            format!(
+                "cannot copy the VM's {} state {}: {e}",
+                copy.kind, copy.source
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Settles a create a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
+/// keeps the snapshot if every volume was captured, undoes it otherwise.
+pub(super) fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> OpResult<()> {
+    let host = ctx.hypervisor.session()?;
+    let env = Env {
+        ctx,
+        host: host.as_ref(),
+    };
+    if record.step == Step::Freezing {
+        // Harmless when not frozen; a frozen guest must not wait for anything else.
+        match host.thaw(&record.vm_uuid) {
+            Ok(_) => info!(vm = %record.vm_name, "thawed the guest left frozen"),
+            Err(e) => info!(vm = %record.vm_name, error = %e, "thaw on recovery"),
+        }
+    }
+    let mut taken = 0;
+    for volume in &record.volumes {
+        if ctx
+            .backends
+            .for_volume(volume)?
+            .is_captured(&env, record, volume)?
+        {
+            taken += 1;
+        }
+    }
+    let copies_complete = record
+        .extra_state
+        .iter()
+        .all(|c| Path::new(&c.copy).exists());
+    if taken == record.volumes.len() && taken > 0 && copies_complete {
+        record.phase = SnapshotPhase::Succeeded;
+        record.ready_to_use = true;
+        record.step = Step::Done;
+        ctx.save(record)?;
+        info!(vm = %record.vm_name, snapshot = %record.name, "the interrupted snapshot had been taken: Succeeded");
+        return Ok(());
+    }
+    if taken > 0 {
+        undo_all(&env, record);
+    }
+    discard_all(&env, record);
+    Err(OpError::Refused(
+        "vmsnapd stopped before the snapshot was complete; nothing was kept".to_string(),
+    ))
+}

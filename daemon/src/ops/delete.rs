@@ -1,0 +1,87 @@
+//! Delete: each backend releases the snapshot's volumes (journaled in the record, phase
+//! Deleting), then the record goes. And the settling of a snapshot record a previous vmsnapd
+//! left unfinished.
+
+use std::time::Instant;
+
+use tracing::{info, warn};
+use vmsnap_api::SnapshotPhase;
+
+use super::create::{discard_all, recover_create};
+use super::{OpContext, OpResult};
+use crate::backends::Env;
+use crate::store::{SnapshotRecord, Step};
+
+/// Deletes snapshot `record`; `others` are the VM's other snapshots (their records change where
+/// they referred to an image this delete merges away).
+pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<SnapshotRecord>) {
+    if let Err(error) = delete_steps(ctx, &mut record, &mut others) {
+        warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete failed");
+        // The snapshot's own image may already hold merged data from later writes: its content
+        // is no longer the snapshot's, so it is not offered for restore again.
+        record.phase = SnapshotPhase::Failed;
+        record.ready_to_use = false;
+        let error = format!("delete failed: {error}");
+        record.error = vmsnap_api::record_error(&error);
+        ctx.save_failed(&mut record);
+    }
+}
+
+fn delete_steps(
+    ctx: &OpContext,
+    record: &mut SnapshotRecord,
+    others: &mut [SnapshotRecord],
+) -> OpResult<()> {
+    let deadline = Instant::now() + ctx.failure_deadline;
+    let host = ctx.hypervisor.session()?;
+    let env = Env {
+        ctx,
+        host: host.as_ref(),
+    };
+    // A snapshot that failed while being created holds no data anything depends on: its
+    // captures were undone. Only leftovers are removed. (One that failed mid-delete is still
+    // Merging and resumes below.)
+    let never_taken =
+        record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
+    if never_taken {
+        discard_all(&env, record);
+    } else {
+        if record.phase != SnapshotPhase::Deleting {
+            record.phase = SnapshotPhase::Deleting;
+            record.ready_to_use = false;
+            ctx.save(record)?;
+        }
+        for (backend, volumes) in ctx.backends.batches(&record.volumes.clone())? {
+            for volume in &volumes {
+                backend.release(&env, record, others, volume, deadline)?;
+            }
+        }
+    }
+    ctx.progress(record, "");
+    ctx.remove_record(record)?;
+    info!(vm = %record.vm_name, snapshot = %record.name, "snapshot deleted");
+    Ok(())
+}
+
+/// Settles a record a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
+/// finishes a snapshot whose disks were taken, rolls back one whose were not, and resumes a
+/// delete.
+pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<SnapshotRecord>) {
+    info!(vm = %record.vm_name, snapshot = %record.name, step = ?record.step, "settling an unfinished operation");
+    match record.phase {
+        SnapshotPhase::Deleting => delete(ctx, record, others),
+        SnapshotPhase::InProgress => {
+            if let Err(error) = recover_create(ctx, &mut record) {
+                record.phase = SnapshotPhase::Failed;
+                record.ready_to_use = false;
+                record.error = vmsnap_api::record_error(&error.to_string());
+                record.step = Step::Done;
+                ctx.save_failed(&mut record);
+            }
+        }
+        SnapshotPhase::Succeeded | SnapshotPhase::Failed => {
+            record.step = Step::Done;
+            let _ = ctx.save(&record);
+        }
+    }
+}

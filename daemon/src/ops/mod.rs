@@ -1,0 +1,249 @@
+//! The operation flows: create, delete and restore, each written once over the storage
+//! backend contract (`crate::backends`) and the hypervisor contract (`crate::hypervisor`).
+//!
+//! Each operation runs on a thread of its own (an operation thread: nothing here runs on tokio),
+//! opens its own hypervisor session, writes its record before every step that changes anything
+//! (the record is the journal), and reports progress and saved records to the engine.
+
+pub mod create;
+pub mod delete;
+mod error;
+pub mod restore;
+#[cfg(test)]
+pub(crate) mod sim_tests;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+
+pub use self::error::{OpError, OpResult, StorageContext};
+use crate::backends::Backends;
+use crate::config::{LvmConfig, Quiesce};
+use crate::hypervisor::Hypervisor;
+use crate::store::{RestoreRecord, SnapshotRecord, Store};
+
+/// What an operation tells the engine.
+#[derive(Debug)]
+pub enum OpEvent {
+    Progress {
+        uuid: String,
+        text: String,
+    },
+    RestoreProgress {
+        uuid: String,
+        text: String,
+    },
+    /// A restore record was saved.
+    RestoreSaved(Box<RestoreRecord>),
+    /// A record was saved; the engine's copy must follow.
+    Saved(Box<SnapshotRecord>),
+    /// A record was removed (the snapshot is deleted).
+    Removed {
+        uuid: String,
+    },
+    /// The operation on this VM is over; the VM takes new work.
+    Finished {
+        vm_uuid: String,
+    },
+    /// A check of the thick LVM snapshots' copy-on-write space ended.
+    CowFill(Result<Vec<crate::backends::lvm::CowFill>, String>),
+}
+
+/// Everything an operation needs, owned, so it can move to its thread.
+#[derive(Clone)]
+pub struct OpContext {
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub backends: Arc<Backends>,
+    pub store: Store,
+    pub freeze_timeout: Duration,
+    pub require_quiesce: bool,
+    pub failure_deadline: Duration,
+    /// How long a WaitGracePeriod restore waits for its VM to be shut off.
+    pub restore_grace_period: Duration,
+    pub quiesce: Quiesce,
+    pub lvm: LvmConfig,
+    pub events: UnboundedSender<OpEvent>,
+    pub faults: Faults,
+}
+
+impl OpContext {
+    pub(crate) fn progress(&self, record: &SnapshotRecord, text: impl Into<String>) {
+        let text = text.into();
+        if !text.is_empty() {
+            info!(vm = %record.vm_name, snapshot = %record.name, "{text}");
+        }
+        let _ = self.events.send(OpEvent::Progress {
+            uuid: record.uuid.clone(),
+            text,
+        });
+    }
+
+    /// Saves a record, then tells the engine. A record that cannot be saved stops the operation:
+    /// going on without the journal would break the crash-safety promise.
+    pub(crate) fn save(&self, record: &SnapshotRecord) -> OpResult<()> {
+        self.faults.journal_step();
+        self.store
+            .save(record)
+            .map_err(|e| OpError::RecordWrite(format!("cannot write the snapshot record: {e}")))?;
+        self.faults.journal_step();
+        let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
+        Ok(())
+    }
+
+    /// Saves the record that ends a failed operation. Should even that fail (a full or failing
+    /// state folder), the engine and the bus still learn that it failed, with a note that the
+    /// record on disk is behind: the next start settles it from the journal.
+    pub(crate) fn save_failed(&self, record: &mut SnapshotRecord) {
+        if let Err(e) = self.save(record) {
+            warn!(vm = %record.vm_name, snapshot = %record.name, error = %e, "the failed snapshot's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
+        }
+    }
+
+    pub(crate) fn restore_progress(&self, record: &RestoreRecord, text: impl Into<String>) {
+        let text = text.into();
+        if !text.is_empty() {
+            info!(vm = %record.vm_name, snapshot = %record.snapshot_name, "{text}");
+        }
+        let _ = self.events.send(OpEvent::RestoreProgress {
+            uuid: record.uuid.clone(),
+            text,
+        });
+    }
+
+    pub(crate) fn save_restore(&self, record: &RestoreRecord) -> OpResult<()> {
+        self.faults.journal_step();
+        self.store
+            .save_restore(record)
+            .map_err(|e| OpError::RecordWrite(format!("cannot write the restore record: {e}")))?;
+        self.faults.journal_step();
+        let _ = self
+            .events
+            .send(OpEvent::RestoreSaved(Box::new(record.clone())));
+        Ok(())
+    }
+
+    /// Removes a deleted snapshot's record: the delete's last journal step.
+    pub(crate) fn remove_record(&self, record: &SnapshotRecord) -> OpResult<()> {
+        self.faults.journal_step();
+        self.store
+            .remove(record)
+            .map_err(|e| OpError::RecordWrite(format!("cannot remove the snapshot record: {e}")))?;
+        self.faults.journal_step();
+        let _ = self.events.send(OpEvent::Removed {
+            uuid: record.uuid.clone(),
+        });
+        Ok(())
+    }
+
+    /// As [`OpContext::save_failed`], for a restore.
+    pub(crate) fn save_restore_failed(&self, record: &mut RestoreRecord) {
+        if let Err(e) = self.save_restore(record) {
+            warn!(vm = %record.vm_name, error = %e, "the failed restore's record is not on disk");
+            record.error = vmsnap_api::record_error(&format!(
+                "{}; {e} (vmsnapd settles it again at its next start)",
+                record.error
+            ));
+            let _ = self
+                .events
+                .send(OpEvent::RestoreSaved(Box::new(record.clone())));
+        }
+    }
+
+    pub(crate) fn lvm_tool(&self) -> vmsnap_lvm::Lvm {
+        crate::backends::lvm::tool(&self.lvm)
+    }
+
+    fn finished(&self, vm_uuid: &str) {
+        let _ = self.events.send(OpEvent::Finished {
+            vm_uuid: vm_uuid.to_string(),
+        });
+    }
+
+    /// Starts `work` on a new operation thread; the VM is released when it ends.
+    pub fn spawn(self, vm_uuid: String, work: impl FnOnce(&OpContext) + Send + 'static) {
+        let ctx = self.clone();
+        let released = vm_uuid.clone();
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-op".to_string())
+            .spawn(move || {
+                work(&ctx);
+                ctx.finished(&released);
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start an operation thread");
+            self.finished(&vm_uuid);
+        }
+    }
+}
+
+/// Fault injection for the crash-safety tests. In the daemon: when VMSNAP_TEST_CRASH_AT names
+/// a crash point, the daemon dies there, as a SIGKILL or power cut would leave it; when
+/// VMSNAP_TEST_PAUSE_AT names it, the operation waits 3 s there, for a test to act meanwhile
+/// as another admin would. In the unit tests: a simulated crash before or after any journal
+/// write.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    crash_at: Option<String>,
+    pause_at: Option<String>,
+    #[cfg(test)]
+    pub journal: Option<Arc<sim_tests::JournalFaults>>,
+}
+
+impl Faults {
+    // The update fills the test-only fields.
+    #[allow(clippy::needless_update)]
+    pub fn from_env() -> Faults {
+        Faults {
+            crash_at: std::env::var("VMSNAP_TEST_CRASH_AT").ok(),
+            pause_at: std::env::var("VMSNAP_TEST_PAUSE_AT").ok(),
+            ..Faults::default()
+        }
+    }
+
+    /// A named point in a flow.
+    pub fn point(&self, name: &str) {
+        if self.crash_at.as_deref() == Some(name) {
+            warn!(point = name, "VMSNAP_TEST_CRASH_AT: aborting");
+            std::process::abort();
+        }
+        if self.pause_at.as_deref() == Some(name) {
+            warn!(point = name, "VMSNAP_TEST_PAUSE_AT: pausing 3 s");
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    }
+
+    /// Whether the daemon is to die at `name` (for points that must set something up first).
+    pub fn crashes_at(&self, name: &str) -> bool {
+        self.crash_at.as_deref() == Some(name)
+    }
+
+    /// Before and after every journal write.
+    fn journal_step(&self) {
+        #[cfg(test)]
+        if let Some(journal) = &self.journal {
+            journal.step();
+        }
+    }
+}
+
+/// RFC 3339 UTC time, to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+pub(crate) fn check_deadline(deadline: Instant, what: &str) -> OpResult<()> {
+    if Instant::now() > deadline {
+        Err(OpError::DeadlineExceeded(format!(
+            "the {what} did not finish within failure_deadline"
+        )))
+    } else {
+        Ok(())
+    }
+}

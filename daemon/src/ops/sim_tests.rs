@@ -1,0 +1,643 @@
+//! The journal, recovery and rollback of create, delete and restore, over the simulated
+//! hypervisor and backend: for every journal write of each flow, the daemon dies just before it
+//! and just after it, a new daemon settles what it finds, and the invariants hold; and every
+//! call that changes something fails once, with the same invariants after the flow and a
+//! settle. Names contain `crash` or `recover`: `cargo test -p vmsnapd crash` runs them alone.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use vmsnap_api::{RestorePhase, SnapshotPhase};
+
+use super::{create, delete, restore, Faults, OpContext};
+use crate::backends::sim::{lock, SharedWorld, SimBackend, SimVm, World};
+use crate::backends::Backends;
+use crate::config::{LvmConfig, Quiesce};
+use crate::hypervisor::sim::SimHypervisor;
+use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, Store, RECORD_VERSION};
+
+/// Counts journal writes (two steps each: before, after) and dies at step `crash_at`.
+#[derive(Debug)]
+pub struct JournalFaults {
+    steps: AtomicUsize,
+    crash_at: usize,
+}
+
+/// The panic payload of a simulated crash.
+pub(crate) struct SimulatedCrash;
+
+impl JournalFaults {
+    pub fn step(&self) {
+        let step = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
+        if step == self.crash_at {
+            std::panic::panic_any(SimulatedCrash);
+        }
+    }
+}
+
+/// Simulated crashes unwind quietly; every other panic is reported as usual.
+fn quiet_crashes() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<SimulatedCrash>().is_none() {
+                default(info);
+            }
+        }));
+    });
+}
+
+const VM: &str = "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d";
+const DISKS: [&str; 2] = ["/sim/web-vda", "/sim/web-vdb"];
+
+fn domain_xml(name: &str, uuid: Option<&str>) -> String {
+    let uuid = uuid
+        .map(|u| format!("<uuid>{u}</uuid>"))
+        .unwrap_or_default();
+    let disks: String = DISKS
+        .iter()
+        .zip(["vda", "vdb"])
+        .map(|(path, target)| {
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
+            )
+        })
+        .collect();
+    format!(
+        "<domain type='test'><name>{name}</name>{uuid}<devices>{disks}\
+         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0' \
+         state='connected'/></channel></devices></domain>"
+    )
+}
+
+/// One simulated host and state folder.
+struct Lab {
+    world: SharedWorld,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// A running VM with two disks holding data 1 and 2.
+    fn new() -> Lab {
+        quiet_crashes();
+        let mut world = World::default();
+        world.images.insert(DISKS[0].to_string(), 1);
+        world.images.insert(DISKS[1].to_string(), 2);
+        world.vms.insert(
+            VM.to_string(),
+            SimVm {
+                xml: domain_xml("web", Some(VM)),
+                active: true,
+                frozen: false,
+            },
+        );
+        Lab {
+            world: Arc::new(Mutex::new(world)),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn store(&self) -> Store {
+        Store::new(self.dir.path())
+    }
+
+    fn ctx(&self, journal: Option<Arc<JournalFaults>>) -> OpContext {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        OpContext {
+            hypervisor: Arc::new(SimHypervisor {
+                world: self.world.clone(),
+            }),
+            backends: Arc::new(Backends::new(vec![
+                Arc::new(SimBackend {
+                    world: self.world.clone(),
+                    kind: "sim-a",
+                    targets: &["vda"],
+                }),
+                Arc::new(SimBackend {
+                    world: self.world.clone(),
+                    kind: "sim-b",
+                    targets: &["vdb"],
+                }),
+            ])),
+            store: self.store(),
+            freeze_timeout: Duration::from_secs(10),
+            require_quiesce: false,
+            failure_deadline: Duration::from_secs(60),
+            restore_grace_period: Duration::from_secs(1),
+            quiesce: Quiesce::Auto,
+            lvm: LvmConfig::default(),
+            events,
+            faults: Faults {
+                journal,
+                ..Faults::default()
+            },
+        }
+    }
+
+    /// The guest writes: each disk's data changes.
+    fn write(&self, data: [u64; 2]) {
+        let mut world = lock(&self.world);
+        for (disk, value) in DISKS.iter().zip(data) {
+            world.images.insert(disk.to_string(), value);
+        }
+    }
+
+    fn disk_data(&self) -> [u64; 2] {
+        let world = lock(&self.world);
+        DISKS.map(|d| world.images.get(d).copied().unwrap_or(0))
+    }
+
+    /// A snapshot request as the engine saves it before the operation starts.
+    fn request(&self, name: &str) -> SnapshotRecord {
+        let record = SnapshotRecord {
+            version: RECORD_VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            name: name.to_string(),
+            description: String::new(),
+            vm_name: "web".into(),
+            vm_uuid: VM.into(),
+            phase: SnapshotPhase::InProgress,
+            ready_to_use: false,
+            creation_time: super::now_rfc3339(),
+            indications: Vec::new(),
+            error: String::new(),
+            freeze_duration_ms: 0,
+            frozen_filesystems: 0,
+            step: Step::Planned,
+            domain_xml: String::new(),
+            volumes: Vec::new(),
+            excluded: Vec::new(),
+            extra_state: Vec::new(),
+            cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
+        };
+        self.store().save(&record).expect("save");
+        record
+    }
+
+    fn restore_request(
+        &self,
+        snapshot: &SnapshotRecord,
+        new_vm: Option<&str>,
+        safety: bool,
+    ) -> RestoreRecord {
+        let record = RestoreRecord {
+            version: RECORD_VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            vm_name: "web".into(),
+            vm_uuid: VM.into(),
+            snapshot_name: snapshot.name.clone(),
+            snapshot_uuid: snapshot.uuid.clone(),
+            target_name: new_vm.unwrap_or("web").to_string(),
+            target_uuid: if new_vm.is_some() {
+                String::new()
+            } else {
+                VM.into()
+            },
+            new_vm: new_vm.is_some(),
+            stop_target: true,
+            start: false,
+            take_safety_snapshot: safety,
+            phase: RestorePhase::InProgress,
+            complete: false,
+            creation_time: super::now_rfc3339(),
+            restore_time: String::new(),
+            restores: Vec::new(),
+            detached: Vec::new(),
+            not_restored: Vec::new(),
+            safety_snapshot: String::new(),
+            error: String::new(),
+            step: RestoreStep::Planned,
+            name: String::new(),
+            readiness_policy: String::new(),
+        };
+        self.store().save_restore(&record).expect("save");
+        record
+    }
+
+    fn snapshots(&self) -> Vec<SnapshotRecord> {
+        let (records, problems) = self.store().load_all();
+        assert!(problems.is_empty(), "{problems:?}");
+        records
+    }
+
+    fn restores(&self) -> Vec<RestoreRecord> {
+        let (records, problems) = self.store().load_restores();
+        assert!(problems.is_empty(), "{problems:?}");
+        records
+    }
+
+    /// A new daemon's start: every unfinished restore, then every unfinished snapshot, is
+    /// settled, as the engine does.
+    fn restart(&self) {
+        let ctx = self.ctx(None);
+        for record in self.restores() {
+            if record.phase == RestorePhase::InProgress
+                || matches!(record.step, RestoreStep::Committed { .. })
+            {
+                restore::recover(&ctx, record, self.snapshots());
+            }
+        }
+        for record in self.snapshots() {
+            if matches!(
+                record.phase,
+                SnapshotPhase::InProgress | SnapshotPhase::Deleting
+            ) {
+                let others = self
+                    .snapshots()
+                    .into_iter()
+                    .filter(|o| o.uuid != record.uuid)
+                    .collect();
+                delete::recover(&ctx, record, others);
+            }
+        }
+    }
+
+    /// A snapshot taken with no fault.
+    fn snapshot(&self, name: &str) -> SnapshotRecord {
+        let taken = create::create(&self.ctx(None), self.request(name), false);
+        assert_eq!(taken.phase, SnapshotPhase::Succeeded, "{}", taken.error);
+        taken
+    }
+
+    /// What every test checks after everything settled.
+    fn check_invariants(&self, kept: &[(&SnapshotRecord, [u64; 2])]) {
+        let world = lock(&self.world);
+        for vm in world.vms.values() {
+            assert!(!vm.frozen, "a guest is left frozen");
+        }
+        let snapshots = self.snapshots();
+        for s in &snapshots {
+            assert_eq!(
+                s.step,
+                Step::Done,
+                "snapshot {} unsettled: {:?}",
+                s.name,
+                s.step
+            );
+            assert!(
+                matches!(s.phase, SnapshotPhase::Succeeded | SnapshotPhase::Failed),
+                "snapshot {} is {:?}",
+                s.name,
+                s.phase
+            );
+            if s.phase == SnapshotPhase::Succeeded {
+                assert!(s.ready_to_use);
+                for v in &s.volumes {
+                    assert!(
+                        world.images.contains_key(&v.image),
+                        "{} lost {}",
+                        s.name,
+                        v.image
+                    );
+                }
+            }
+        }
+        for r in self.restores() {
+            assert_eq!(r.step, RestoreStep::Done, "restore unsettled: {:?}", r.step);
+            assert!(matches!(
+                r.phase,
+                RestorePhase::Succeeded | RestorePhase::Failed
+            ));
+        }
+        // Other snapshots' content never changes.
+        for (snapshot, data) in kept {
+            let now: Vec<u64> = snapshot
+                .volumes
+                .iter()
+                .map(|v| world.images.get(&v.image).copied().unwrap_or(0))
+                .collect();
+            assert_eq!(now, data.to_vec(), "snapshot {} changed", snapshot.name);
+        }
+        // Every image is claimed: a VM's disk or a snapshot record's volume (a failed one's
+        // leftovers go when it is deleted).
+        for image in world.images.keys() {
+            let by_vm = world
+                .vms
+                .values()
+                .any(|vm| vm.xml.contains(&format!("'{image}'")));
+            let by_snapshot = snapshots
+                .iter()
+                .any(|s| s.volumes.iter().any(|v| &v.image == image));
+            assert!(by_vm || by_snapshot, "{image} is claimed by nothing");
+        }
+    }
+}
+
+/// A lab in its starting state and the operation to run in it.
+type Scenario = (Lab, Box<dyn Fn(&Lab, &OpContext)>);
+
+/// Runs `op` once with no fault and returns how many journal steps it took.
+fn count_steps(lab_for: impl Fn() -> Scenario) -> usize {
+    let (lab, op) = lab_for();
+    let journal = Arc::new(JournalFaults {
+        steps: AtomicUsize::new(0),
+        crash_at: usize::MAX,
+    });
+    op(&lab, &lab.ctx(Some(journal.clone())));
+    journal.steps.load(Ordering::SeqCst)
+}
+
+/// For each journal step: a fresh lab, the operation dies there, a restart settles it, and
+/// `check` judges the result.
+fn crash_at_every_step(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
+    let steps = count_steps(&lab_for);
+    assert!(steps >= 4, "only {steps} journal steps");
+    for crash_at in 1..=steps {
+        let (lab, op) = lab_for();
+        let journal = Arc::new(JournalFaults {
+            steps: AtomicUsize::new(0),
+            crash_at,
+        });
+        let ctx = lab.ctx(Some(journal));
+        let crashed = catch_unwind(AssertUnwindSafe(|| op(&lab, &ctx)));
+        assert!(crashed.is_err(), "no crash at step {crash_at} of {steps}");
+        lab.restart();
+        check(&lab, crash_at);
+    }
+}
+
+/// For each call that changes something: a fresh lab, that call fails, the operation ends,
+/// a restart settles anything left, and `check` judges the result.
+fn fail_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
+    let (lab, op) = lab_for();
+    let before = lock(&lab.world).calls;
+    op(&lab, &lab.ctx(None));
+    let calls = lock(&lab.world).calls - before;
+    assert!(calls >= 2, "only {calls} calls");
+    for nth in 1..=calls {
+        let (lab, op) = lab_for();
+        let first = lock(&lab.world).calls + nth;
+        lock(&lab.world).fail_at = Some(first);
+        op(&lab, &lab.ctx(None));
+        lock(&lab.world).fail_at = None;
+        lab.restart();
+        check(&lab, nth);
+    }
+}
+
+/// For each call that changes something: a fresh lab, the daemon dies just before that call,
+/// a restart settles it, and `check` judges the result.
+fn crash_at_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
+    let (lab, op) = lab_for();
+    let before = lock(&lab.world).calls;
+    op(&lab, &lab.ctx(None));
+    let calls = lock(&lab.world).calls - before;
+    for nth in 1..=calls {
+        let (lab, op) = lab_for();
+        let first = lock(&lab.world).calls + nth;
+        lock(&lab.world).crash_at = Some(first);
+        let crashed = catch_unwind(AssertUnwindSafe(|| op(&lab, &lab.ctx(None))));
+        lock(&lab.world).crash_at = None;
+        assert!(crashed.is_err(), "no crash at call {nth} of {calls}");
+        lab.restart();
+        check(&lab, nth);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Create
+
+fn create_lab() -> Scenario {
+    let lab = Lab::new();
+    lab.snapshot("s0");
+    lab.write([11, 12]);
+    (
+        lab,
+        Box::new(|lab: &Lab, ctx: &OpContext| {
+            create::create(ctx, lab.request("s1"), false);
+        }),
+    )
+}
+
+fn check_create(lab: &Lab, at: usize) {
+    let all = lab.snapshots();
+    let s0 = all.iter().find(|s| s.name == "s0").expect("s0 kept");
+    lab.check_invariants(&[(s0, [1, 2])]);
+    let s1 = all
+        .iter()
+        .find(|s| s.name == "s1")
+        .expect("s1's record is kept");
+    if s1.phase == SnapshotPhase::Succeeded {
+        let data: Vec<u64> = s1
+            .volumes
+            .iter()
+            .map(|v| lock(&lab.world).images.get(&v.image).copied().unwrap_or(0))
+            .collect();
+        assert_eq!(
+            data,
+            vec![11, 12],
+            "at {at}: s1 holds the data written before it"
+        );
+        assert_eq!(s1.volumes.len(), 2);
+    } else {
+        assert!(!s1.error.is_empty(), "at {at}: a failed snapshot says why");
+    }
+    // A snapshot never changes the disk the VM uses, and leaves it running.
+    assert_eq!(lab.disk_data(), [11, 12], "at {at}");
+    assert!(lock(&lab.world).vms[VM].active, "at {at}: the VM stopped");
+}
+
+#[test]
+fn create_crash_before_and_after_every_journal_step_settles_on_recover() {
+    crash_at_every_step(create_lab, check_create);
+}
+
+#[test]
+fn create_crash_at_every_storage_and_hypervisor_call_settles_on_recover() {
+    crash_at_every_call(create_lab, check_create);
+}
+
+#[test]
+fn create_failure_of_every_call_leaves_nothing_half_done_or_recovers() {
+    fail_every_call(create_lab, check_create);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delete
+
+fn delete_lab() -> Scenario {
+    let lab = Lab::new();
+    lab.snapshot("s0");
+    lab.write([11, 12]);
+    lab.snapshot("s1");
+    lab.write([21, 22]);
+    lab.snapshot("s2");
+    (
+        lab,
+        Box::new(|lab: &Lab, ctx: &OpContext| {
+            let all = lab.snapshots();
+            let target = all.iter().find(|s| s.name == "s1").cloned().expect("s1");
+            let others = all.into_iter().filter(|s| s.name != "s1").collect();
+            delete::delete(ctx, target, others);
+        }),
+    )
+}
+
+fn check_delete(lab: &Lab, at: usize) {
+    let all = lab.snapshots();
+    let s0 = all.iter().find(|s| s.name == "s0").expect("s0 kept");
+    let s2 = all.iter().find(|s| s.name == "s2").expect("s2 kept");
+    lab.check_invariants(&[(s0, [1, 2]), (s2, [21, 22])]);
+    if let Some(s1) = all.iter().find(|s| s.name == "s1") {
+        // A delete that never began left the snapshot as it was; one that failed says so and
+        // is not offered for restore again. Deleting it again finishes the job.
+        match s1.phase {
+            SnapshotPhase::Succeeded => lab.check_invariants(&[(s1, [11, 12])]),
+            _ => {
+                assert_eq!(s1.phase, SnapshotPhase::Failed, "at {at}");
+                assert!(
+                    s1.error.starts_with("delete failed"),
+                    "at {at}: {}",
+                    s1.error
+                );
+            }
+        }
+        let others = all.iter().filter(|s| s.name != "s1").cloned().collect();
+        delete::delete(&lab.ctx(None), s1.clone(), others);
+        assert!(lab.snapshots().iter().all(|s| s.name != "s1"), "at {at}");
+        lab.check_invariants(&[(s0, [1, 2]), (s2, [21, 22])]);
+    }
+    assert_eq!(lab.disk_data(), [21, 22], "at {at}");
+}
+
+#[test]
+fn delete_crash_before_and_after_every_journal_step_settles_on_recover() {
+    crash_at_every_step(delete_lab, check_delete);
+}
+
+#[test]
+fn delete_crash_at_every_storage_call_settles_on_recover() {
+    crash_at_every_call(delete_lab, check_delete);
+}
+
+#[test]
+fn delete_failure_of_every_call_keeps_others_and_can_be_retried() {
+    fail_every_call(delete_lab, check_delete);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore
+
+fn restore_lab(new_vm: Option<&'static str>, safety: bool) -> Scenario {
+    let lab = Lab::new();
+    lab.snapshot("s0");
+    lab.write([11, 12]);
+    (
+        lab,
+        Box::new(move |lab: &Lab, ctx: &OpContext| {
+            let all = lab.snapshots();
+            let s0 = all.iter().find(|s| s.name == "s0").cloned().expect("s0");
+            let request = lab.restore_request(&s0, new_vm, safety);
+            restore::restore(ctx, request, s0, all);
+        }),
+    )
+}
+
+fn check_restore_in_place(lab: &Lab, at: usize) {
+    let all = lab.snapshots();
+    let s0 = all.iter().find(|s| s.name == "s0").expect("s0 kept");
+    lab.check_invariants(&[(s0, [1, 2])]);
+    let restore = lab.restores().pop().expect("the restore's record");
+    let definition = lock(&lab.world).vms[VM].xml.clone();
+    assert_eq!(
+        definition,
+        domain_xml("web", Some(VM)),
+        "at {at}: the definition is the VM's"
+    );
+    match restore.phase {
+        RestorePhase::Succeeded => {
+            assert_eq!(
+                lab.disk_data(),
+                [1, 2],
+                "at {at}: the guest sees the snapshot's data"
+            );
+        }
+        _ => {
+            // Nothing changed: the data the VM had, and the VM running again if it was
+            // stopped for the restore... or, after a crash, off but intact.
+            assert_eq!(
+                lab.disk_data(),
+                [11, 12],
+                "at {at}: a failed restore changed the data"
+            );
+            assert!(!restore.error.is_empty());
+        }
+    }
+    // A safety snapshot that was kept holds what the VM had before.
+    for safety in all.iter().filter(|s| s.name.starts_with("pre-restore-")) {
+        if safety.phase == SnapshotPhase::Succeeded {
+            let data: Vec<u64> = safety
+                .volumes
+                .iter()
+                .map(|v| lock(&lab.world).images.get(&v.image).copied().unwrap_or(0))
+                .collect();
+            assert_eq!(data, vec![11, 12], "at {at}");
+        }
+    }
+}
+
+fn check_restore_as_new(lab: &Lab, at: usize) {
+    let all = lab.snapshots();
+    let s0 = all.iter().find(|s| s.name == "s0").expect("s0 kept");
+    lab.check_invariants(&[(s0, [1, 2])]);
+    assert_eq!(
+        lab.disk_data(),
+        [11, 12],
+        "at {at}: the source VM's disks changed"
+    );
+    let restore = lab.restores().pop().expect("the restore's record");
+    let world = lock(&lab.world);
+    let clone = world
+        .vms
+        .iter()
+        .find(|(_, vm)| vm.xml.contains("<name>clone</name>"));
+    match restore.phase {
+        RestorePhase::Succeeded => {
+            let (uuid, vm) = clone.expect("the new VM is defined");
+            assert_eq!(uuid, &restore.target_uuid, "at {at}");
+            for r in &restore.restores {
+                assert!(vm.xml.contains(&r.to_image), "at {at}");
+                assert_eq!(
+                    world.images.get(&r.to_image),
+                    world.images.get(&r.from_image)
+                );
+            }
+        }
+        _ => assert!(
+            clone.is_none(),
+            "at {at}: a failed restore left the new VM defined"
+        ),
+    }
+}
+
+#[test]
+fn restore_in_place_crash_before_and_after_every_journal_step_settles_on_recover() {
+    crash_at_every_step(|| restore_lab(None, false), check_restore_in_place);
+}
+
+#[test]
+fn restore_in_place_with_safety_snapshot_crash_at_every_step_settles_on_recover() {
+    crash_at_every_step(|| restore_lab(None, true), check_restore_in_place);
+}
+
+#[test]
+fn restore_as_new_vm_crash_before_and_after_every_journal_step_settles_on_recover() {
+    crash_at_every_step(|| restore_lab(Some("clone"), false), check_restore_as_new);
+}
+
+#[test]
+fn restore_crash_at_every_storage_and_hypervisor_call_settles_on_recover() {
+    crash_at_every_call(|| restore_lab(None, true), check_restore_in_place);
+    crash_at_every_call(|| restore_lab(Some("clone"), false), check_restore_as_new);
+}
+
+#[test]
+fn restore_failure_of_every_call_changes_nothing_or_completes_on_recover() {
+    fail_every_call(|| restore_lab(None, true), check_restore_in_place);
+    fail_every_call(|| restore_lab(Some("clone"), false), check_restore_as_new);
+}
