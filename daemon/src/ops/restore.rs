@@ -721,6 +721,46 @@ fn detached_disks(current: &str, snapshot_xml: &str) -> OpResult<Vec<DetachedDis
         .collect())
 }
 
+/// Past the point of no return: finishes the in-place volumes from the step each had begun,
+/// defines the VM and finishes.
+fn finish_committed(
+    env: &Env,
+    record: &mut RestoreRecord,
+    records: &[SnapshotRecord],
+    snapshot: Option<SnapshotRecord>,
+    previous_xml: &str,
+    volume_steps: &BTreeMap<String, String>,
+) -> OpResult<()> {
+    let ctx = env.ctx;
+    let snapshot = snapshot.ok_or_else(|| {
+        OpError::Refused(
+            "the restore cannot be finished: its snapshot's record is gone".to_string(),
+        )
+    })?;
+    for volume in &snapshot.volumes {
+        let backend = ctx.backends.for_volume(volume)?;
+        if !backend.restores_in_place(volume) {
+            continue;
+        }
+        let last = volume_steps.get(&volume.target).map(String::as_str);
+        if last == Some(STEP_DONE) {
+            continue;
+        }
+        info!(
+            vm = %record.vm_name,
+            disk = %volume.target,
+            step = last.unwrap_or("none"),
+            "finishing the interrupted in-place restore of a volume"
+        );
+        backend.finish_in_place(env, volume, last)?;
+        set_volume_step(record, &volume.target, STEP_DONE);
+        ctx.save_restore(record)?;
+    }
+    define_restored(env, record, &snapshot)?;
+    record.error = String::new();
+    finish(env, record, records, previous_xml)
+}
+
 /// Settles a restore a previous vmsnapd left unfinished: finishes it if the new definition is
 /// in place (or it was past its point of no return), else puts the VM back as it was.
 pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<SnapshotRecord>) {
@@ -755,36 +795,15 @@ fn recover_steps(
             previous_xml,
             volume_steps,
         } => {
-            // Past the point of no return: finish the in-place volumes, define, finish.
-            let previous_xml = previous_xml.clone();
-            let volume_steps = volume_steps.clone();
-            let snapshot = snapshot.ok_or_else(|| {
-                OpError::Refused(
-                    "the restore cannot be finished: its snapshot's record is gone".to_string(),
-                )
-            })?;
-            for volume in &snapshot.volumes {
-                let backend = ctx.backends.for_volume(volume)?;
-                if !backend.restores_in_place(volume) {
-                    continue;
-                }
-                let last = volume_steps.get(&volume.target).map(String::as_str);
-                if last == Some(STEP_DONE) {
-                    continue;
-                }
-                info!(
-                    vm = %record.vm_name,
-                    disk = %volume.target,
-                    step = last.unwrap_or("none"),
-                    "finishing the interrupted in-place restore of a volume"
-                );
-                backend.finish_in_place(&env, volume, last)?;
-                set_volume_step(record, &volume.target, STEP_DONE);
-                ctx.save_restore(record)?;
-            }
-            define_restored(&env, record, &snapshot)?;
-            record.error = String::new();
-            finish(&env, record, records, &previous_xml)?;
+            let (previous_xml, volume_steps) = (previous_xml.clone(), volume_steps.clone());
+            finish_committed(
+                &env,
+                record,
+                records,
+                snapshot,
+                &previous_xml,
+                &volume_steps,
+            )?;
             return Ok("finished");
         }
         RestoreStep::Planned => {
