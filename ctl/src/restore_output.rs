@@ -494,6 +494,41 @@ mod tests {
     }
 
     #[test]
+    fn show_layout_of_a_failed_restore_in_full() {
+        let mut r = sample();
+        r.target = String::new();
+        r.new_vm = true;
+        r.phase = "Failed".into();
+        r.progress = "removing overlays".into();
+        r.complete = false;
+        r.restore_time = String::new();
+        r.error = "cannot define the VM:\nlibvirt said no".into();
+        r.restores[0].to_image = String::new();
+        r.not_restored.clear();
+        assert_eq!(
+            render_show(&r),
+            "UUID:             7e3f1c2a-9b4d-4e8f-a1c2-3d4e5f607182\n\
+             VM:               web\n\
+             Snapshot:         before-upgrade\n\
+             Target:           - (new VM)\n\
+             Phase:            Failed\n\
+             Progress:         removing overlays\n\
+             Complete:         no\n\
+             Created:          2026-11-26T15:00:00Z\n\
+             Restored:         -\n\
+             Safety snapshot:  pre-restore-20261126T150000Z\n\
+             Error:            cannot define the VM:\n\
+             \x20                 libvirt said no\n\
+             Restored disks:\n\
+             \x20 TARGET  FROM                               TO\n\
+             \x20 vda     /var/lib/libvirt/images/web.qcow2  -\n\
+             Detached disks (attached after the snapshot; detached, image untouched):\n\
+             \x20 TARGET  SOURCE\n\
+             \x20 vdc     /var/lib/libvirt/images/web-scratch.qcow2\n"
+        );
+    }
+
+    #[test]
     fn short_uuids() {
         assert_eq!(sample().short_uuid(), "7e3f1c2a");
         assert_eq!(short_uuid("abc"), "abc");

@@ -559,6 +559,67 @@ mod tests {
     }
 
     #[test]
+    fn show_layout_with_every_optional_field() {
+        let mut s = sample();
+        s.phase = "InProgress".into();
+        s.progress = "copying vdb".into();
+        s.ready_to_use = false;
+        s.cow_fill_percent = 42.25;
+        s.error = "one\ntwo".into();
+        s.excluded_volumes.clear();
+        assert_eq!(
+            render_show(&s),
+            "Name:           before-upgrade\n\
+             VM:             web\n\
+             UUID:           5c1d7a9e-0000-4000-8000-000000000001\n\
+             Description:    before the kernel upgrade\n\
+             Phase:          InProgress\n\
+             Progress:       copying vdb\n\
+             Ready:          no\n\
+             Created:        2026-11-26T14:03:12Z\n\
+             Indications:    Online, GuestAgent\n\
+             Freeze window:  57 ms (2 filesystems)\n\
+             COW space used: 42.2% (thick LVM snapshot; invalid at 100%)\n\
+             Error:          one\n\
+             \x20               two\n\
+             Included volumes:\n\
+             \x20 TARGET  BACKEND  VIRTUAL SIZE  IMAGE\n\
+             \x20 vda     qcow2    1.0 GiB       /var/lib/libvirt/images/web.qcow2\n\
+             \x20 vdb     lvm      20.5 GiB      /dev/vg0/web-data-snap\n"
+        );
+    }
+
+    #[test]
+    fn show_layout_of_empty_values() {
+        let mut s = sample();
+        s.name = String::new();
+        s.uuid = String::new();
+        s.creation_time = String::new();
+        s.indications.clear();
+        s.included_volumes[0].image = String::new();
+        s.included_volumes.truncate(1);
+        s.excluded_volumes[0].reason = String::new();
+        assert_eq!(
+            render_show(&s),
+            "Name:\n\
+             VM:             web\n\
+             UUID:\n\
+             Description:    before the kernel upgrade\n\
+             Phase:          Succeeded\n\
+             Ready:          yes\n\
+             Created:        -\n\
+             Indications:    -\n\
+             Freeze window:  57 ms (2 filesystems)\n\
+             Included volumes:\n\
+             \x20 TARGET  BACKEND  VIRTUAL SIZE  IMAGE\n\
+             \x20 vda     qcow2    1.0 GiB       -\n\
+             Excluded volumes:\n\
+             \x20 TARGET  REASON\n\
+             \x20 sda     -\n"
+        );
+    }
+
+    #[test]
     fn freeze_windows() {
         assert_eq!(freeze_window(57, 2), "57 ms (2 filesystems)");
         assert_eq!(freeze_window(3, 1), "3 ms (1 filesystem)");
