@@ -12,6 +12,7 @@ mod output;
 mod remote;
 mod restore;
 mod restore_output;
+mod show;
 mod snapshot;
 mod snapshot_output;
 mod vm;

@@ -7,9 +7,8 @@
 use serde::Serialize;
 use vmsnap_api::{DetachedDisk, ExcludedVolume, VolumeRestore};
 
-use crate::output::{
-    dash, indent_into, none_if_empty, print_json, show_field, show_multiline_field, table, yes_no,
-};
+use crate::output::{dash, none_if_empty, yes_no};
+use crate::show::{self, Layout, WhenEmpty};
 use crate::OutputFormat;
 
 /// A restore as vmsnapctl reads it from vmsnapd: every property of the Restore interface.
@@ -151,33 +150,21 @@ pub fn short_uuid(uuid: &str) -> String {
 }
 
 pub fn print_restore_list(restores: &[Restore], format: OutputFormat) -> Result<(), String> {
-    match format {
-        OutputFormat::Json => {
-            let list: Vec<RestoreJson<'_>> = restores.iter().map(Restore::to_json).collect();
-            print_json(&list)
-        }
-        OutputFormat::Table => {
-            print!("{}", render_list(restores));
-            Ok(())
-        }
-    }
+    show::print_list(format, restores, Restore::to_json, render_list)
 }
 
 pub fn print_restore(restore: &Restore, format: OutputFormat) -> Result<(), String> {
-    match format {
-        OutputFormat::Json => print_json(&restore.to_json()),
-        OutputFormat::Table => {
-            print!("{}", render_show(restore));
-            Ok(())
-        }
-    }
+    show::print(format, || restore.to_json(), || render_show(restore))
 }
 
 /// The `restore list` table.
 pub fn render_list(restores: &[Restore]) -> String {
-    let rows: Vec<Vec<String>> = restores
-        .iter()
-        .map(|r| {
+    show::table_of(
+        &[
+            "UUID", "VM", "SNAPSHOT", "TARGET", "PHASE", "COMPLETE", "RESTORED",
+        ],
+        restores,
+        |r| {
             vec![
                 r.short_uuid(),
                 r.vm.clone(),
@@ -187,13 +174,7 @@ pub fn render_list(restores: &[Restore]) -> String {
                 yes_no(r.complete).to_string(),
                 dash(&r.restore_time),
             ]
-        })
-        .collect();
-    table(
-        &[
-            "UUID", "VM", "SNAPSHOT", "TARGET", "PHASE", "COMPLETE", "RESTORED",
-        ],
-        &rows,
+        },
     )
 }
 
@@ -202,69 +183,52 @@ const LABEL_WIDTH: usize = 18;
 
 /// Heading of the disks an in-place restore detached.
 pub const DETACHED_HEADING: &str =
-    "Detached disks (attached after the snapshot; detached, image untouched):";
+    "Detached disks (attached after the snapshot; detached, image untouched)";
 
 /// Heading of the disks the snapshot did not capture.
 pub const NOT_RESTORED_HEADING: &str =
-    "Not restored (excluded from the snapshot: content not captured):";
+    "Not restored (excluded from the snapshot: content not captured)";
 
 /// The `restore show` layout.
 pub fn render_show(r: &Restore) -> String {
-    let mut out = String::new();
-    let mut field = |label: &str, value: &str| show_field(&mut out, LABEL_WIDTH, label, value);
-    field("UUID", &r.uuid);
-    field("VM", &r.vm);
-    field("Snapshot", &r.snapshot);
-    let target = if r.new_vm {
-        format!("{} (new VM)", dash(&r.target))
+    let mut show = Layout::new(LABEL_WIDTH);
+    show.field("UUID", &r.uuid);
+    show.field("VM", &r.vm);
+    show.field("Snapshot", &r.snapshot);
+    if r.new_vm {
+        show.field("Target", &format!("{} (new VM)", dash(&r.target)));
     } else {
-        dash(&r.target)
-    };
-    field("Target", &target);
-    field("Phase", &r.phase);
-    if !r.progress.is_empty() {
-        field("Progress", &r.progress);
+        show.field_or_dash("Target", &r.target);
     }
-    field("Complete", yes_no(r.complete));
-    field("Created", &dash(&r.creation_time));
-    field("Restored", &dash(&r.restore_time));
-    field("Safety snapshot", &dash(&r.safety_snapshot));
-    if !r.error.is_empty() {
-        show_multiline_field(&mut out, LABEL_WIDTH, "Error", &r.error);
-    }
-
-    if r.restores.is_empty() {
-        out.push_str("Restored disks: none\n");
-    } else {
-        out.push_str("Restored disks:\n");
-        let rows: Vec<Vec<String>> = r
-            .restores
-            .iter()
-            .map(|v| vec![v.target.clone(), dash(&v.from_image), dash(&v.to_image)])
-            .collect();
-        indent_into(&mut out, &table(&["TARGET", "FROM", "TO"], &rows));
-    }
-    if !r.detached_disks.is_empty() {
-        out.push_str(DETACHED_HEADING);
-        out.push('\n');
-        let rows: Vec<Vec<String>> = r
-            .detached_disks
-            .iter()
-            .map(|d| vec![d.target.clone(), dash(&d.source)])
-            .collect();
-        indent_into(&mut out, &table(&["TARGET", "SOURCE"], &rows));
-    }
-    if !r.not_restored.is_empty() {
-        out.push_str(NOT_RESTORED_HEADING);
-        out.push('\n');
-        let rows: Vec<Vec<String>> = r
-            .not_restored
-            .iter()
-            .map(|v| vec![v.target.clone(), dash(&v.reason)])
-            .collect();
-        indent_into(&mut out, &table(&["TARGET", "REASON"], &rows));
-    }
-    out
+    show.field("Phase", &r.phase);
+    show.field_if_set("Progress", &r.progress);
+    show.field("Complete", yes_no(r.complete));
+    show.field_or_dash("Created", &r.creation_time);
+    show.field_or_dash("Restored", &r.restore_time);
+    show.field_or_dash("Safety snapshot", &r.safety_snapshot);
+    show.multiline_if_set("Error", &r.error);
+    show.table(
+        "Restored disks",
+        &["TARGET", "FROM", "TO"],
+        &r.restores,
+        |v| vec![v.target.clone(), dash(&v.from_image), dash(&v.to_image)],
+        WhenEmpty::SayNone,
+    );
+    show.table(
+        DETACHED_HEADING,
+        &["TARGET", "SOURCE"],
+        &r.detached_disks,
+        |d| vec![d.target.clone(), dash(&d.source)],
+        WhenEmpty::Omit,
+    );
+    show.table(
+        NOT_RESTORED_HEADING,
+        &["TARGET", "REASON"],
+        &r.not_restored,
+        |v| vec![v.target.clone(), dash(&v.reason)],
+        WhenEmpty::Omit,
+    );
+    show.finish()
 }
 
 #[cfg(test)]
@@ -491,6 +455,41 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("Detached disks"), "{text}");
+    }
+
+    #[test]
+    fn show_layout_of_a_failed_restore_in_full() {
+        let mut r = sample();
+        r.target = String::new();
+        r.new_vm = true;
+        r.phase = "Failed".into();
+        r.progress = "removing overlays".into();
+        r.complete = false;
+        r.restore_time = String::new();
+        r.error = "cannot define the VM:\nlibvirt said no".into();
+        r.restores[0].to_image = String::new();
+        r.not_restored.clear();
+        assert_eq!(
+            render_show(&r),
+            "UUID:             7e3f1c2a-9b4d-4e8f-a1c2-3d4e5f607182\n\
+             VM:               web\n\
+             Snapshot:         before-upgrade\n\
+             Target:           - (new VM)\n\
+             Phase:            Failed\n\
+             Progress:         removing overlays\n\
+             Complete:         no\n\
+             Created:          2026-11-26T15:00:00Z\n\
+             Restored:         -\n\
+             Safety snapshot:  pre-restore-20261126T150000Z\n\
+             Error:            cannot define the VM:\n\
+             \x20                 libvirt said no\n\
+             Restored disks:\n\
+             \x20 TARGET  FROM                               TO\n\
+             \x20 vda     /var/lib/libvirt/images/web.qcow2  -\n\
+             Detached disks (attached after the snapshot; detached, image untouched):\n\
+             \x20 TARGET  SOURCE\n\
+             \x20 vdc     /var/lib/libvirt/images/web-scratch.qcow2\n"
+        );
     }
 
     #[test]

@@ -7,9 +7,8 @@
 use serde::Serialize;
 use vmsnap_api::{terminal_safe, ExcludedVolume, IncludedVolume};
 
-use crate::output::{
-    dash, indent_into, none_if_empty, print_json, show_field, show_multiline_field, table, yes_no,
-};
+use crate::output::{dash, none_if_empty, yes_no};
+use crate::show::{self, Layout, WhenEmpty};
 use crate::OutputFormat;
 
 /// A snapshot as vmsnapctl reads it from vmsnapd: every property of the Snapshot interface.
@@ -152,48 +151,33 @@ pub struct Deleted<'a> {
 }
 
 pub fn print_snapshot_list(snapshots: &[Snapshot], format: OutputFormat) -> Result<(), String> {
-    match format {
-        OutputFormat::Json => {
-            let list: Vec<SnapshotJson<'_>> = snapshots.iter().map(Snapshot::to_json).collect();
-            print_json(&list)
-        }
-        OutputFormat::Table => {
-            print!("{}", render_list(snapshots));
-            Ok(())
-        }
-    }
+    show::print_list(format, snapshots, Snapshot::to_json, render_list)
 }
 
 pub fn print_snapshot(snapshot: &Snapshot, format: OutputFormat) -> Result<(), String> {
-    match format {
-        OutputFormat::Json => print_json(&snapshot.to_json()),
-        OutputFormat::Table => {
-            print!("{}", render_show(snapshot));
-            Ok(())
-        }
-    }
+    show::print(format, || snapshot.to_json(), || render_show(snapshot))
 }
 
 pub fn print_deleted(deleted: &Deleted<'_>, format: OutputFormat) -> Result<(), String> {
-    match format {
-        OutputFormat::Json => print_json(deleted),
-        OutputFormat::Table => {
-            let (name, vm) = (terminal_safe(deleted.name), terminal_safe(deleted.vm));
-            if deleted.deleted {
-                println!("Deleted snapshot {name} of {vm}");
-            } else {
-                println!("Deleting snapshot {name} of {vm}; vmsnapd finishes in the background");
-            }
-            Ok(())
-        }
+    show::print(format, || deleted, || render_deleted(deleted))
+}
+
+/// What `snapshot delete` says: one line.
+pub fn render_deleted(deleted: &Deleted<'_>) -> String {
+    let (name, vm) = (terminal_safe(deleted.name), terminal_safe(deleted.vm));
+    if deleted.deleted {
+        format!("Deleted snapshot {name} of {vm}\n")
+    } else {
+        format!("Deleting snapshot {name} of {vm}; vmsnapd finishes in the background\n")
     }
 }
 
 /// The `snapshot list` table.
 pub fn render_list(snapshots: &[Snapshot]) -> String {
-    let rows: Vec<Vec<String>> = snapshots
-        .iter()
-        .map(|s| {
+    show::table_of(
+        &["NAME", "VM", "PHASE", "READY", "CREATED", "INDICATIONS"],
+        snapshots,
+        |s| {
             vec![
                 s.name.clone(),
                 s.vm.clone(),
@@ -202,11 +186,7 @@ pub fn render_list(snapshots: &[Snapshot]) -> String {
                 dash(&s.creation_time),
                 dash(&s.indications.join(",")),
             ]
-        })
-        .collect();
-    table(
-        &["NAME", "VM", "PHASE", "READY", "CREATED", "INDICATIONS"],
-        &rows,
+        },
     )
 }
 
@@ -215,25 +195,22 @@ const LABEL_WIDTH: usize = 16;
 
 /// The `snapshot show` layout.
 pub fn render_show(s: &Snapshot) -> String {
-    let mut out = String::new();
-    let mut field = |label: &str, value: &str| show_field(&mut out, LABEL_WIDTH, label, value);
-    field("Name", &s.name);
-    field("VM", &s.vm);
-    field("UUID", &s.uuid);
-    field("Description", &dash(&s.description));
-    field("Phase", &s.phase);
-    if !s.progress.is_empty() {
-        field("Progress", &s.progress);
-    }
-    field("Ready", yes_no(s.ready_to_use));
-    field("Created", &dash(&s.creation_time));
-    field("Indications", &dash(&s.indications.join(", ")));
-    field(
+    let mut show = Layout::new(LABEL_WIDTH);
+    show.field("Name", &s.name);
+    show.field("VM", &s.vm);
+    show.field("UUID", &s.uuid);
+    show.field_or_dash("Description", &s.description);
+    show.field("Phase", &s.phase);
+    show.field_if_set("Progress", &s.progress);
+    show.field("Ready", yes_no(s.ready_to_use));
+    show.field_or_dash("Created", &s.creation_time);
+    show.field_or_dash("Indications", &s.indications.join(", "));
+    show.field(
         "Freeze window",
         &freeze_window(s.freeze_duration_ms, s.frozen_filesystems),
     );
     if s.cow_fill_percent > 0.0 {
-        field(
+        show.field(
             "COW space used",
             &format!(
                 "{:.1}% (thick LVM snapshot; invalid at 100%)",
@@ -241,41 +218,29 @@ pub fn render_show(s: &Snapshot) -> String {
             ),
         );
     }
-    if !s.error.is_empty() {
-        show_multiline_field(&mut out, LABEL_WIDTH, "Error", &s.error);
-    }
-
-    if s.included_volumes.is_empty() {
-        out.push_str("Included volumes: none\n");
-    } else {
-        out.push_str("Included volumes:\n");
-        let rows: Vec<Vec<String>> = s
-            .included_volumes
-            .iter()
-            .map(|v| {
-                vec![
-                    v.target.clone(),
-                    v.backend.clone(),
-                    human_size(v.virtual_size),
-                    dash(&v.image),
-                ]
-            })
-            .collect();
-        indent_into(
-            &mut out,
-            &table(&["TARGET", "BACKEND", "VIRTUAL SIZE", "IMAGE"], &rows),
-        );
-    }
-    if !s.excluded_volumes.is_empty() {
-        out.push_str("Excluded volumes:\n");
-        let rows: Vec<Vec<String>> = s
-            .excluded_volumes
-            .iter()
-            .map(|v| vec![v.target.clone(), dash(&v.reason)])
-            .collect();
-        indent_into(&mut out, &table(&["TARGET", "REASON"], &rows));
-    }
-    out
+    show.multiline_if_set("Error", &s.error);
+    show.table(
+        "Included volumes",
+        &["TARGET", "BACKEND", "VIRTUAL SIZE", "IMAGE"],
+        &s.included_volumes,
+        |v| {
+            vec![
+                v.target.clone(),
+                v.backend.clone(),
+                human_size(v.virtual_size),
+                dash(&v.image),
+            ]
+        },
+        WhenEmpty::SayNone,
+    );
+    show.table(
+        "Excluded volumes",
+        &["TARGET", "REASON"],
+        &s.excluded_volumes,
+        |v| vec![v.target.clone(), dash(&v.reason)],
+        WhenEmpty::Omit,
+    );
+    show.finish()
 }
 
 /// "57 ms (2 filesystems)", or "none" when the guest was not frozen.
@@ -443,6 +408,24 @@ mod tests {
     }
 
     #[test]
+    fn deleted_text() {
+        let mut deleted = Deleted {
+            name: "before-upgrade",
+            vm: "web\u{1b}[2K",
+            deleted: true,
+        };
+        assert_eq!(
+            render_deleted(&deleted),
+            "Deleted snapshot before-upgrade of web\\u{1b}[2K\n"
+        );
+        deleted.deleted = false;
+        assert_eq!(
+            render_deleted(&deleted),
+            "Deleting snapshot before-upgrade of web\\u{1b}[2K; vmsnapd finishes in the background\n"
+        );
+    }
+
+    #[test]
     fn list_table() {
         let mut second = sample();
         second.name = "nightly".into();
@@ -555,6 +538,67 @@ mod tests {
         assert!(
             text.contains("Phase:          InProgress\nProgress:       freezing filesystems\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn show_layout_with_every_optional_field() {
+        let mut s = sample();
+        s.phase = "InProgress".into();
+        s.progress = "copying vdb".into();
+        s.ready_to_use = false;
+        s.cow_fill_percent = 42.25;
+        s.error = "one\ntwo".into();
+        s.excluded_volumes.clear();
+        assert_eq!(
+            render_show(&s),
+            "Name:           before-upgrade\n\
+             VM:             web\n\
+             UUID:           5c1d7a9e-0000-4000-8000-000000000001\n\
+             Description:    before the kernel upgrade\n\
+             Phase:          InProgress\n\
+             Progress:       copying vdb\n\
+             Ready:          no\n\
+             Created:        2026-11-26T14:03:12Z\n\
+             Indications:    Online, GuestAgent\n\
+             Freeze window:  57 ms (2 filesystems)\n\
+             COW space used: 42.2% (thick LVM snapshot; invalid at 100%)\n\
+             Error:          one\n\
+             \x20               two\n\
+             Included volumes:\n\
+             \x20 TARGET  BACKEND  VIRTUAL SIZE  IMAGE\n\
+             \x20 vda     qcow2    1.0 GiB       /var/lib/libvirt/images/web.qcow2\n\
+             \x20 vdb     lvm      20.5 GiB      /dev/vg0/web-data-snap\n"
+        );
+    }
+
+    #[test]
+    fn show_layout_of_empty_values() {
+        let mut s = sample();
+        s.name = String::new();
+        s.uuid = String::new();
+        s.creation_time = String::new();
+        s.indications.clear();
+        s.included_volumes[0].image = String::new();
+        s.included_volumes.truncate(1);
+        s.excluded_volumes[0].reason = String::new();
+        assert_eq!(
+            render_show(&s),
+            "Name:\n\
+             VM:             web\n\
+             UUID:\n\
+             Description:    before the kernel upgrade\n\
+             Phase:          Succeeded\n\
+             Ready:          yes\n\
+             Created:        -\n\
+             Indications:    -\n\
+             Freeze window:  57 ms (2 filesystems)\n\
+             Included volumes:\n\
+             \x20 TARGET  BACKEND  VIRTUAL SIZE  IMAGE\n\
+             \x20 vda     qcow2    1.0 GiB       -\n\
+             Excluded volumes:\n\
+             \x20 TARGET  REASON\n\
+             \x20 sda     -\n"
         );
     }
 

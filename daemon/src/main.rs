@@ -34,10 +34,10 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::bus::{Authorizer, BusTarget, ManagerObject};
 use crate::config::Config;
-use crate::engine::{Change, Engine, Flushed};
-use crate::libvirt::LibvirtSettings;
+use crate::engine::{Change, Engine, Flushed, Request, Settled};
+use crate::libvirt::{LibvirtClient, LibvirtEvent, LibvirtSettings};
 use crate::ops::OpContext;
-use crate::shutdown::{SignalRequest, SignalRequests};
+use crate::shutdown::{Shutdown, SignalRequest, SignalRequests};
 use crate::store::{StateLock, Store};
 
 /// How long to wait for the first word from libvirt before taking the bus name anyway, so that a
@@ -164,12 +164,56 @@ async fn run(
 ) -> Result<(), String> {
     // Handlers before anything is announced (bus name, READY=1): a SIGHUP or SIGTERM sent as
     // soon as the service looks up must reload or stop it, not kill it with the default action.
-    // Signals that arrive before the loop below waits are kept and handled there.
+    // Signals that arrive before wait_for_stop waits are kept and handled there.
     let mut signals = SignalRequests::new().map_err(|e| format!("cannot wait for signals: {e}"))?;
     // Before anything is read from the state folder: it is this daemon's alone.
     let _state_lock = StateLock::take(&config.state_dir)?;
     let (trigger, shutdown) = shutdown::channel();
 
+    let (libvirt, libvirt_thread, libvirt_events) = start_libvirt(&config)?;
+    let EngineHandles {
+        task: engine_task,
+        mut settled,
+        requests,
+        changes,
+        flush,
+    } = start_engine(&config, &libvirt, libvirt_events, shutdown.clone());
+    let (connection, publisher) = connect_bus(&config, &target, &requests, changes).await?;
+    take_bus_name(&connection, &mut settled, flush).await?;
+    info!(name = BUS_NAME, "serving on D-Bus");
+    service::notify_ready();
+    let watchdog = service::spawn_watchdog(requests.clone());
+
+    wait_for_stop(&mut signals, &mut reload, &requests).await;
+    service::notify_stopping();
+    trigger.trigger();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    stop_serving(
+        connection,
+        engine_task,
+        requests,
+        libvirt,
+        publisher,
+        libvirt_thread,
+    )
+    .await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Starts the libvirt thread; returns its client, the thread, and the events it sends.
+fn start_libvirt(
+    config: &Config,
+) -> Result<
+    (
+        LibvirtClient,
+        std::thread::JoinHandle<()>,
+        mpsc::UnboundedReceiver<LibvirtEvent>,
+    ),
+    String,
+> {
     let (libvirt_events, libvirt_events_rx) = mpsc::unbounded_channel();
     let (libvirt, libvirt_thread) = libvirt::start(
         LibvirtSettings {
@@ -180,7 +224,28 @@ async fn run(
         libvirt_events,
     )
     .map_err(|e| format!("cannot start the libvirt thread: {e}"))?;
+    Ok((libvirt, libvirt_thread, libvirt_events_rx))
+}
 
+/// The engine's task and the ends of its channels that the rest of the daemon holds.
+struct EngineHandles {
+    task: tokio::task::JoinHandle<()>,
+    /// True once the engine has taken in libvirt's first word.
+    settled: Settled,
+    requests: mpsc::Sender<Request>,
+    /// What the engine announces, for the bus.
+    changes: mpsc::UnboundedReceiver<Change>,
+    /// A sender of changes of our own, to flush the bus before the name is taken.
+    flush: mpsc::UnboundedSender<Change>,
+}
+
+/// Loads the records from the state folder into the engine and starts it.
+fn start_engine(
+    config: &Config,
+    libvirt: &LibvirtClient,
+    libvirt_events: mpsc::UnboundedReceiver<LibvirtEvent>,
+    shutdown: Shutdown,
+) -> EngineHandles {
     let (changes, changes_rx) = mpsc::unbounded_channel();
     let flush = changes.clone();
     let (requests, requests_rx) = mpsc::channel(64);
@@ -200,27 +265,46 @@ async fn run(
         lvm: config.lvm.clone(),
         events: op_events,
     };
-    let (engine, mut settled) = Engine::new(changes);
+    let (engine, settled) = Engine::new(changes);
     let engine = engine.with_operations(ops, libvirt.clone(), requests.clone());
-    let engine_task = tokio::spawn(engine.run(
-        requests_rx,
-        libvirt_events_rx,
-        op_events_rx,
-        shutdown.clone(),
-    ));
+    let task = tokio::spawn(engine.run(requests_rx, libvirt_events, op_events_rx, shutdown));
+    EngineHandles {
+        task,
+        settled,
+        requests,
+        changes: changes_rx,
+        flush,
+    }
+}
 
+/// Connects to the bus with the manager object registered, and starts publishing what the
+/// engine announces. The bus name is not taken yet.
+async fn connect_bus(
+    config: &Config,
+    target: &BusTarget,
+    requests: &mpsc::Sender<Request>,
+    changes: mpsc::UnboundedReceiver<Change>,
+) -> Result<(zbus::Connection, tokio::task::JoinHandle<()>), String> {
     let auth = Authorizer::new(config.polkit, matches!(target, BusTarget::System)).await;
     let manager = ManagerObject::new(requests.clone(), auth.clone(), config.libvirt_uri.clone());
-    let connection = bus::connect(&target, manager)
+    let connection = bus::connect(target, manager)
         .await
         .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
     let publisher = tokio::spawn(bus::publish(
         connection.clone(),
         requests.clone(),
         auth,
-        changes_rx,
+        changes,
     ));
+    Ok((connection, publisher))
+}
 
+/// Takes the bus name once the objects are exported.
+async fn take_bus_name(
+    connection: &zbus::Connection,
+    settled: &mut Settled,
+    flush: mpsc::UnboundedSender<Change>,
+) -> Result<(), String> {
     // Objects first, name last: a client that sees the name also sees the VMs.
     if tokio::time::timeout(FIRST_INVENTORY_WAIT, settled.wait_for(|s| *s))
         .await
@@ -245,25 +329,36 @@ async fn run(
             "cannot own the bus name {BUS_NAME}: another process owns it (is vmsnapd already running?)"
         ));
     }
-    info!(name = BUS_NAME, "serving on D-Bus");
-    service::notify_ready();
-    let watchdog = service::spawn_watchdog(requests.clone());
+    Ok(())
+}
 
+/// Serves until SIGTERM or SIGINT; SIGHUP reloads the configuration meanwhile.
+async fn wait_for_stop(
+    signals: &mut SignalRequests,
+    reload: &mut service::Reloader,
+    requests: &mpsc::Sender<Request>,
+) {
     loop {
         match signals.next().await {
-            SignalRequest::Reload => reload.reload(&requests).await,
+            SignalRequest::Reload => reload.reload(requests).await,
             SignalRequest::Stop(signal) => {
                 info!(signal, "stopping");
                 break;
             }
         }
     }
-    service::notify_stopping();
-    trigger.trigger();
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
+}
 
+/// Gives up the bus name, lets the engine finish, then closes the bus and stops the libvirt
+/// thread (waiting for it at most LIBVIRT_STOP_WAIT).
+async fn stop_serving(
+    connection: zbus::Connection,
+    engine_task: tokio::task::JoinHandle<()>,
+    requests: mpsc::Sender<Request>,
+    libvirt: LibvirtClient,
+    publisher: tokio::task::JoinHandle<()>,
+    libvirt_thread: std::thread::JoinHandle<()>,
+) {
     if let Err(e) = connection.release_name(BUS_NAME).await {
         warn!(error = %e, "could not release the bus name");
     }
@@ -280,6 +375,4 @@ async fn run(
     {
         warn!("the libvirt thread did not stop in time");
     }
-    info!("stopped");
-    Ok(())
 }
