@@ -39,6 +39,10 @@ pub enum VmSnapError {
     /// vmsnapd could not write the record that journals the operation (a full or read-only
     /// state folder): nothing was started.
     RecordWriteFailed(String),
+    /// A storage step failed: an image, a logical volume, a file of the VM's state.
+    StorageFailed(String),
+    /// The operation did not finish within its deadline (`failure_deadline`, a grace period).
+    DeadlineExceeded(String),
 }
 
 impl VmSnapError {
@@ -60,7 +64,9 @@ impl VmSnapError {
             | VmSnapError::InvalidState(m)
             | VmSnapError::Failed(m)
             | VmSnapError::VmRunning(m)
-            | VmSnapError::RecordWriteFailed(m) => m.clone(),
+            | VmSnapError::RecordWriteFailed(m)
+            | VmSnapError::StorageFailed(m)
+            | VmSnapError::DeadlineExceeded(m) => m.clone(),
         }
     }
 }

@@ -188,6 +188,10 @@ export function errorText(ex) {
         return "Disks cannot be included: " + message;
     case "RecordWriteFailed":
         return "vmsnapd could not write its record (is its state folder full?): " + message;
+    case "StorageFailed":
+        return "A storage step failed: " + message;
+    case "DeadlineExceeded":
+        return "It did not finish in time: " + message;
     case "LibvirtUnavailable":
         return "libvirt is unavailable: " + message;
     case "ShuttingDown":

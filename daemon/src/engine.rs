@@ -299,6 +299,7 @@ fn mark_missing_images(record: &mut SnapshotRecord) {
     {
         record.ready_to_use = false;
         record.error = format!("{missing}: this snapshot cannot be restored");
+        record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
     }
 }
 
@@ -556,6 +557,7 @@ impl Engine {
                 record.ready_to_use = false;
                 record.cow_fill_percent = 100.0;
                 record.error = crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv);
+                record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
                 warn!(vm = %record.vm_name, snapshot = %record.name, "{}", record.error);
                 if let Err(e) = ops.store.save(record) {
                     warn!(error = %e, "cannot write the snapshot record");
@@ -849,6 +851,7 @@ impl Engine {
             step: RestoreStep::Planned,
             name: options.name.clone(),
             readiness_policy: options.readiness_policy.clone(),
+            error_name: String::new(),
         };
         ops.store.save_restore(&record).map_err(|e| {
             EngineError::RecordWrite(format!("cannot write the restore record: {e}"))
@@ -992,6 +995,7 @@ impl Engine {
             extra_state: Vec::new(),
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
+            error_name: String::new(),
         };
         ops.store.save(&record).map_err(|e| {
             EngineError::RecordWrite(format!("cannot write the snapshot record: {e}"))
@@ -1365,6 +1369,7 @@ mod tests {
             extra_state: vec![],
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
+            error_name: String::new(),
         }
     }
 
@@ -1398,6 +1403,7 @@ mod tests {
             step,
             name: name.into(),
             readiness_policy: "WaitGracePeriod".into(),
+            error_name: String::new(),
         }
     }
 

@@ -54,6 +54,10 @@ pub struct SnapshotRecord {
     /// Each indication with its message (KubeVirt's sourceIndications).
     #[serde(default)]
     pub source_indications: Vec<vmsnap_api::SourceIndication>,
+    /// The D-Bus error name of `error` (`org.vmsnap.VmSnap1.Error.StorageFailed`, ...), so
+    /// clients tell failures apart without reading the message; empty without an error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_name: String,
 }
 
 /// One included disk: where the snapshot's data is, and what its backend made to hold it.
@@ -351,6 +355,7 @@ pub(crate) mod tests {
             extra_state: vec![],
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
+            error_name: String::new(),
         }
     }
 
@@ -539,6 +544,9 @@ pub struct RestoreRecord {
     /// `stop_target` says (shut it down, or fail).
     #[serde(default)]
     pub readiness_policy: String,
+    /// As [`SnapshotRecord::error_name`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_name: String,
 }
 
 /// Restore journal steps, each written before the action it names.

@@ -52,6 +52,9 @@ impl RestoreObject {
         if old.error != new.error {
             self.error_changed(emitter).await?;
         }
+        if old.error_name != new.error_name {
+            self.error_name_changed(emitter).await?;
+        }
         if old.restore_time != new.restore_time {
             self.restore_time_changed(emitter).await?;
         }
@@ -187,6 +190,15 @@ impl RestoreObject {
     #[zbus(property)]
     fn error(&self) -> String {
         self.record.error.clone()
+    }
+
+    /// The D-Bus error name of Error, so that clients tell failures apart without reading
+    /// the message: org.vmsnap.VmSnap1.Error.StorageFailed (an image, a logical volume, a
+    /// state file), DeadlineExceeded, LibvirtUnavailable, LibvirtError, RecordWriteFailed,
+    /// NotFound (the VM is gone) or Failed (refused as things are); empty without an error.
+    #[zbus(property)]
+    fn error_name(&self) -> String {
+        self.record.error_name.clone()
     }
 
     /// What the restore is doing right now; empty when idle.

@@ -40,6 +40,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
         record.error = vmsnap_api::record_error(&error.to_string());
+        record.error_name = error.error_name();
         record.step = Step::Done;
         ctx.save_failed(&mut record);
     }

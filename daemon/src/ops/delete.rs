@@ -21,8 +21,8 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
         // is no longer the snapshot's, so it is not offered for restore again.
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        let error = format!("delete failed: {error}");
-        record.error = vmsnap_api::record_error(&error);
+        record.error_name = error.error_name();
+        record.error = vmsnap_api::record_error(&format!("delete failed: {error}"));
         ctx.save_failed(&mut record);
     }
 }
@@ -75,6 +75,7 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Snapshot
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
                 record.error = vmsnap_api::record_error(&error.to_string());
+                record.error_name = error.error_name();
                 record.step = Step::Done;
                 ctx.save_failed(&mut record);
             }

@@ -30,6 +30,23 @@ pub enum OpError {
     Refused(String),
 }
 
+impl OpError {
+    /// The D-Bus error this failure is reported as (`org.vmsnap.VmSnap1.Error.<name>`), on a
+    /// method's reply or in a Snapshot's or Restore's `ErrorName`.
+    pub fn error_name(&self) -> String {
+        let short = match self {
+            OpError::LibvirtUnavailable(_) => "LibvirtUnavailable",
+            OpError::VmNotFound(_) => "NotFound",
+            OpError::Libvirt(_) => "LibvirtError",
+            OpError::Storage(_) => "StorageFailed",
+            OpError::RecordWrite(_) => "RecordWriteFailed",
+            OpError::DeadlineExceeded(_) => "DeadlineExceeded",
+            OpError::Refused(_) => "Failed",
+        };
+        format!("{}.{short}", vmsnap_api::ERROR_PREFIX)
+    }
+}
+
 /// Results of the operation layer.
 pub type OpResult<T> = Result<T, OpError>;
 

@@ -82,6 +82,7 @@ pub fn restore(
     let mut stopped = false;
     if let Err(error) = restore_steps(ctx, &mut record, &snapshot, &mut records, &mut stopped) {
         warn!(vm = %record.vm_name, snapshot = %record.snapshot_name, %error, "restore failed");
+        record.error_name = error.error_name();
         let mut error = error.to_string();
         // Past the point of no return the journal stays, so the next start finishes it.
         let forward_pending = matches!(
@@ -456,6 +457,7 @@ fn finish(
         if let Err(e) = env.host.start(&record.target_uuid) {
             // The restore itself is done and stays so; the start is reported beside it.
             record.error = format!("restored, but the VM did not start: {e}");
+            record.error_name = e.error_name();
         }
     }
     record.phase = RestorePhase::Succeeded;
@@ -692,6 +694,7 @@ fn take_safety_snapshot(
         extra_state: Vec::new(),
         cow_fill_percent: 0.0,
         source_indications: Vec::new(),
+        error_name: String::new(),
     };
     let done = create::create(ctx, safety, true);
     if done.phase != SnapshotPhase::Succeeded {
@@ -758,6 +761,7 @@ fn finish_committed(
     }
     define_restored(env, record, &snapshot)?;
     record.error = String::new();
+    record.error_name = String::new();
     finish(env, record, records, previous_xml)
 }
 
@@ -769,6 +773,7 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
         Err(error) => {
             record.phase = RestorePhase::Failed;
             record.error = vmsnap_api::record_error(&error.to_string());
+            record.error_name = error.error_name();
             record.step = RestoreStep::Done;
             ctx.save_restore_failed(&mut record);
         }

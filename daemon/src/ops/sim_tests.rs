@@ -174,6 +174,7 @@ impl Lab {
             extra_state: Vec::new(),
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
+            error_name: String::new(),
         };
         self.store().save(&record).expect("save");
         record
@@ -214,6 +215,7 @@ impl Lab {
             step: RestoreStep::Planned,
             name: String::new(),
             readiness_policy: String::new(),
+            error_name: String::new(),
         };
         self.store().save_restore(&record).expect("save");
         record
