@@ -243,11 +243,34 @@ pub struct Engine {
     /// Set on (re)connecting to libvirt: unfinished records are settled after the next
     /// inventory.
     settle_pending: bool,
+    /// Callers waiting for a record write an operation thread does (the engine task writes
+    /// none: a slow state folder must not stall every request), by record UUID.
+    awaiting_write: HashMap<String, AwaitingWrite>,
     /// A check of thick LVM snapshots' copy-on-write space is running.
     fill_check_running: bool,
     /// Snapshots whose copy-on-write fill was last seen past the warning threshold (warned
     /// once per crossing).
     fill_warned: std::collections::HashSet<String>,
+}
+
+/// Runs blocking work (a record write or removal) on a thread of its own, off the engine task.
+fn off_task(name: &str, work: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(work)
+    {
+        warn!(error = %e, "cannot start a thread for {name}");
+    }
+}
+
+/// A caller waiting for a record to be written or removed.
+#[derive(Debug)]
+enum AwaitingWrite {
+    /// A create or restore, answered with the new record's UUID once it is on disk and its
+    /// object announced.
+    Start(oneshot::Sender<Result<String, EngineError>>),
+    /// A restore record's deletion.
+    Removal(oneshot::Sender<Result<(), EngineError>>),
 }
 
 /// Logs vmsnap-tagged LVs no record accounts for (a state directory restored from an old backup,
@@ -323,6 +346,7 @@ impl Engine {
                 settle_pending: false,
                 fill_check_running: false,
                 fill_warned: Default::default(),
+                awaiting_write: HashMap::new(),
             },
             settled_rx,
         )
@@ -423,12 +447,14 @@ impl Engine {
                 );
                 let vm_uuid = record.vm_uuid.clone();
                 // Operations may create snapshots of their own (a restore's safety snapshot).
+                let uuid = record.uuid.clone();
                 let change = if known {
                     Change::SnapshotUpdated(record)
                 } else {
                     Change::SnapshotAdded(record)
                 };
                 self.emit_when_free(&vm_uuid, settled, change);
+                self.answer_started(&uuid);
             }
             OpEvent::Removed { uuid } => {
                 let vm_uuid = self.snapshots.remove(&uuid).map(|r| r.vm_uuid);
@@ -467,6 +493,32 @@ impl Engine {
                 } else {
                     self.emit_when_free(&vm_uuid, settled, change);
                 }
+                self.answer_started(&uuid);
+            }
+            OpEvent::NotStarted { uuid, error } => {
+                warn!(record = %uuid, %error, "operation not started");
+                if let Some(AwaitingWrite::Start(reply)) = self.awaiting_write.remove(&uuid) {
+                    let _ = reply.send(Err(EngineError::RecordWrite(error)));
+                }
+            }
+            OpEvent::RestoreRecordRemoved { uuid, result } => {
+                let answer = match result {
+                    Ok(()) => {
+                        if let Some(record) = self.restores.remove(&uuid) {
+                            info!(restore = %display_restore(&record), "restore record deleted");
+                        }
+                        self.emit(Change::RestoreRemoved { uuid: uuid.clone() });
+                        Ok(())
+                    }
+                    Err(e) => Err(EngineError::InvalidState(format!(
+                        "cannot remove the restore record: {e}"
+                    ))),
+                };
+                if let Some(AwaitingWrite::Removal(reply)) = self.awaiting_write.remove(&uuid) {
+                    let _ = reply.send(answer);
+                } else if let Err(e) = answer {
+                    warn!(restore = %uuid, error = %e, "restore record not deleted");
+                }
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
@@ -481,6 +533,14 @@ impl Engine {
                     Err(error) => warn!(%error, "cannot check thick LVM snapshots' space"),
                 }
             }
+        }
+    }
+
+    /// Answers the caller who started the operation of record `uuid`, now that its first
+    /// record is on disk and its object announced.
+    fn answer_started(&mut self, uuid: &str) {
+        if let Some(AwaitingWrite::Start(reply)) = self.awaiting_write.remove(uuid) {
+            let _ = reply.send(Ok(uuid.to_string()));
         }
     }
 
@@ -559,9 +619,12 @@ impl Engine {
                 record.error = crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv);
                 record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
                 warn!(vm = %record.vm_name, snapshot = %record.name, "{}", record.error);
-                if let Err(e) = ops.store.save(record) {
-                    warn!(error = %e, "cannot write the snapshot record");
-                }
+                let (store, saved) = (ops.store.clone(), record.clone());
+                off_task("cow-fill-record", move || {
+                    if let Err(e) = store.save(&saved) {
+                        warn!(error = %e, "cannot write the snapshot record");
+                    }
+                });
                 let record = Box::new(record.clone());
                 self.emit(Change::SnapshotUpdated(record));
                 continue;
@@ -597,9 +660,15 @@ impl Engine {
                 name,
                 options,
                 reply,
-            } => {
-                let _ = reply.send(self.create_snapshot(&vm, name, options));
-            }
+            } => match self.create_snapshot(&vm, name, options) {
+                Ok(uuid) => {
+                    self.awaiting_write
+                        .insert(uuid, AwaitingWrite::Start(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Request::DeleteSnapshot { uuid, reply } => {
                 let _ = reply.send(self.delete_snapshot(&uuid));
             }
@@ -638,10 +707,15 @@ impl Engine {
                 options,
                 running,
                 reply,
-            } => {
-                let _ =
-                    reply.send(self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running));
-            }
+            } => match self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running) {
+                Ok(uuid) => {
+                    self.awaiting_write
+                        .insert(uuid, AwaitingWrite::Start(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Request::Reconfigure(config) => {
                 if let Some(ops) = self.ops.as_mut() {
                     ops.freeze_timeout = config.freeze_timeout;
@@ -660,9 +734,18 @@ impl Engine {
                 list.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
                 let _ = reply.send(list.into_iter().map(|r| r.uuid.clone()).collect());
             }
-            Request::DeleteRestore { uuid, reply } => {
-                let _ = reply.send(self.delete_restore(&uuid));
-            }
+            Request::DeleteRestore { uuid, reply } => match self.delete_restore(&uuid) {
+                Ok(true) => {
+                    self.awaiting_write
+                        .insert(uuid, AwaitingWrite::Removal(reply));
+                }
+                Ok(false) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
         }
     }
 
@@ -853,26 +936,31 @@ impl Engine {
             readiness_policy: options.readiness_policy.clone(),
             error_name: String::new(),
         };
-        ops.store.save_restore(&record).map_err(|e| {
-            EngineError::RecordWrite(format!("cannot write the restore record: {e}"))
-        })?;
         info!(vm = %vm.name, snapshot = %snapshot.name, target = %record.target_name, "restoring");
         self.busy.insert(
             vm.uuid.clone(),
             format!("it is being restored to snapshot '{}'", snapshot.name),
         );
-        self.restores.insert(record.uuid.clone(), record.clone());
-        self.emit(Change::RestoreAdded(Box::new(record.clone())));
         let uuid = record.uuid.clone();
         let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
+        // As for a create, the operation's thread writes the first record.
         ops.spawn(vm.uuid, move |ctx| {
+            if let Err(e) = ctx.save_restore(&record) {
+                let _ = ctx.events.send(OpEvent::NotStarted {
+                    uuid: record.uuid.clone(),
+                    error: e.to_string(),
+                });
+                return;
+            }
             ops::restore::restore(ctx, record, snapshot, records)
         });
         Ok(uuid)
     }
 
-    /// Removes the record of a finished restore; the restored VM is left as it is.
-    fn delete_restore(&mut self, uuid: &str) -> Result<(), EngineError> {
+    /// Removes the record of a finished restore (the restored VM is left as it is), on a
+    /// thread of its own: true when the removal was started (its end comes as an
+    /// `OpEvent::RestoreRecordRemoved`), false when the restore was cancelled instead.
+    fn delete_restore(&mut self, uuid: &str) -> Result<bool, EngineError> {
         let record = self
             .restores
             .get(uuid)
@@ -886,7 +974,7 @@ impl Engine {
             // once it has said so.
             info!(restore = %display_restore(record), "restore deleted while waiting: cancelled");
             self.deleted_while_waiting.insert(uuid.to_string());
-            return Ok(());
+            return Ok(false);
         }
         if !finished {
             return Err(EngineError::InvalidState(format!(
@@ -896,15 +984,14 @@ impl Engine {
             )));
         }
         let ops = self.ops()?.clone();
-        ops.store.remove_restore(uuid).map_err(|e| {
-            EngineError::InvalidState(format!("cannot remove the restore record: {e}"))
-        })?;
-        info!(restore = %display_restore(record), "restore record deleted");
-        self.restores.remove(uuid);
-        self.emit(Change::RestoreRemoved {
-            uuid: uuid.to_string(),
+        let uuid = uuid.to_string();
+        off_task("restore-record", move || {
+            let result = ops.store.remove_restore(&uuid).map_err(|e| e.to_string());
+            let _ = ops
+                .events
+                .send(OpEvent::RestoreRecordRemoved { uuid, result });
         });
-        Ok(())
+        Ok(true)
     }
 
     fn ops(&self) -> Result<&OpContext, EngineError> {
@@ -997,19 +1084,23 @@ impl Engine {
             source_indications: Vec::new(),
             error_name: String::new(),
         };
-        ops.store.save(&record).map_err(|e| {
-            EngineError::RecordWrite(format!("cannot write the snapshot record: {e}"))
-        })?;
         info!(vm = %vm.name, snapshot = %record.name, "creating snapshot");
         let uuid = record.uuid.clone();
         self.busy.insert(
             vm.uuid.clone(),
             format!("snapshot '{}' is being created", record.name),
         );
-        self.snapshots.insert(uuid.clone(), record.clone());
-        self.emit(Change::SnapshotAdded(Box::new(record.clone())));
         let allow = options.allow_excluded;
+        // The first record is written by the operation's thread; the object appears, and the
+        // caller is answered, once it is on disk.
         ops.spawn(vm.uuid, move |ctx| {
+            if let Err(e) = ctx.save(&record) {
+                let _ = ctx.events.send(OpEvent::NotStarted {
+                    uuid: record.uuid.clone(),
+                    error: e.to_string(),
+                });
+                return;
+            }
             ops::create::create(ctx, record, allow);
         });
         Ok(uuid)
@@ -1442,6 +1533,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (events, _events_rx) = mpsc::unbounded_channel();
         let store = crate::store::Store::new(&dir.path().join("state"));
+        let mut events_rx = _events_rx;
         let record = restore_record("done", RestorePhase::Succeeded, RestoreStep::Done);
         store.save_restore(&record).expect("saved");
         engine.ops = Some(OpContext {
@@ -1462,7 +1554,17 @@ mod tests {
         engine.restores.insert(record.uuid.clone(), record);
         let (tx, mut rx) = mpsc::unbounded_channel();
         engine.changes = tx;
-        engine.delete_restore("restore-done").expect("deleted");
+        // The file goes on a thread of its own; the engine learns of it as an event, and
+        // answers the caller then.
+        let (reply, mut answer) = oneshot::channel();
+        engine.handle_request(Request::DeleteRestore {
+            uuid: "restore-done".into(),
+            reply,
+        });
+        assert!(answer.try_recv().is_err(), "answered before the file went");
+        let event = events_rx.blocking_recv().expect("the removal's end");
+        engine.handle_op_event(event);
+        assert_eq!(answer.try_recv().expect("answered"), Ok(()));
         assert!(!engine.restores.contains_key("restore-done"));
         assert_eq!(store.load_restores().0, Vec::<RestoreRecord>::new());
         assert_eq!(
@@ -1639,7 +1741,20 @@ mod tests {
             events,
         });
         drain(&mut rx);
-        let refused = engine.create_snapshot("a", "s".into(), CreateOptions::default());
+        // The operation's thread writes the first record; the caller is answered from there.
+        let (reply, mut answer) = oneshot::channel();
+        engine.handle_request(Request::CreateSnapshot {
+            vm: "a".into(),
+            name: "s".into(),
+            options: CreateOptions::default(),
+            reply,
+        });
+        let mut events_rx = _events_rx;
+        while engine.busy.contains_key(A) {
+            let event = events_rx.blocking_recv().expect("the operation's events");
+            engine.handle_op_event(event);
+        }
+        let refused = answer.try_recv().expect("answered");
         assert!(
             matches!(&refused, Err(EngineError::RecordWrite(m)) if m.contains("snapshot record")),
             "{refused:?}"

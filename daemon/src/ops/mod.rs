@@ -47,6 +47,16 @@ pub enum OpEvent {
     Finished {
         vm_uuid: String,
     },
+    /// The first record of an operation could not be written: nothing was started.
+    NotStarted {
+        uuid: String,
+        error: String,
+    },
+    /// A finished restore's record file was removed (or could not be).
+    RestoreRecordRemoved {
+        uuid: String,
+        result: Result<(), String>,
+    },
     /// A check of the thick LVM snapshots' copy-on-write space ended.
     CowFill(Result<Vec<crate::backends::lvm::CowFill>, String>),
 }
