@@ -502,23 +502,7 @@ impl Engine {
                 }
             }
             OpEvent::RestoreRecordRemoved { uuid, result } => {
-                let answer = match result {
-                    Ok(()) => {
-                        if let Some(record) = self.restores.remove(&uuid) {
-                            info!(restore = %display_restore(&record), "restore record deleted");
-                        }
-                        self.emit(Change::RestoreRemoved { uuid: uuid.clone() });
-                        Ok(())
-                    }
-                    Err(e) => Err(EngineError::InvalidState(format!(
-                        "cannot remove the restore record: {e}"
-                    ))),
-                };
-                if let Some(AwaitingWrite::Removal(reply)) = self.awaiting_write.remove(&uuid) {
-                    let _ = reply.send(answer);
-                } else if let Err(e) = answer {
-                    warn!(restore = %uuid, error = %e, "restore record not deleted");
-                }
+                self.restore_record_removed(uuid, result)
             }
             OpEvent::Finished { vm_uuid } => {
                 self.busy.remove(&vm_uuid);
@@ -533,6 +517,46 @@ impl Engine {
                     Err(error) => warn!(%error, "cannot check thick LVM snapshots' space"),
                 }
             }
+        }
+    }
+
+    /// Answers a create or restore request: at once when refused, else once the operation's
+    /// first record is written (`answer_started`) or could not be (`OpEvent::NotStarted`).
+    fn answer_once_written(
+        &mut self,
+        started: Result<String, EngineError>,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    ) {
+        match started {
+            Ok(uuid) => {
+                self.awaiting_write
+                    .insert(uuid, AwaitingWrite::Start(reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// A finished restore's record file is gone (or could not be removed): its object goes,
+    /// and whoever asked is answered.
+    fn restore_record_removed(&mut self, uuid: String, result: Result<(), String>) {
+        let answer = match result {
+            Ok(()) => {
+                if let Some(record) = self.restores.remove(&uuid) {
+                    info!(restore = %display_restore(&record), "restore record deleted");
+                }
+                self.emit(Change::RestoreRemoved { uuid: uuid.clone() });
+                Ok(())
+            }
+            Err(e) => Err(EngineError::InvalidState(format!(
+                "cannot remove the restore record: {e}"
+            ))),
+        };
+        if let Some(AwaitingWrite::Removal(reply)) = self.awaiting_write.remove(&uuid) {
+            let _ = reply.send(answer);
+        } else if let Err(e) = answer {
+            warn!(restore = %uuid, error = %e, "restore record not deleted");
         }
     }
 
@@ -660,15 +684,10 @@ impl Engine {
                 name,
                 options,
                 reply,
-            } => match self.create_snapshot(&vm, name, options) {
-                Ok(uuid) => {
-                    self.awaiting_write
-                        .insert(uuid, AwaitingWrite::Start(reply));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            } => {
+                let started = self.create_snapshot(&vm, name, options);
+                self.answer_once_written(started, reply);
+            }
             Request::DeleteSnapshot { uuid, reply } => {
                 let _ = reply.send(self.delete_snapshot(&uuid));
             }
@@ -707,15 +726,10 @@ impl Engine {
                 options,
                 running,
                 reply,
-            } => match self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running) {
-                Ok(uuid) => {
-                    self.awaiting_write
-                        .insert(uuid, AwaitingWrite::Start(reply));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            } => {
+                let started = self.confirm_restore(&vm_uuid, &snapshot_uuid, options, running);
+                self.answer_once_written(started, reply);
+            }
             Request::Reconfigure(config) => {
                 if let Some(ops) = self.ops.as_mut() {
                     ops.freeze_timeout = config.freeze_timeout;

@@ -29,7 +29,13 @@ fn flat_sum(image: &str) -> String {
 fn write_pattern(image: &str, byte: u8) {
     vmsnap_tests::run(
         "qemu-io",
-        &["-f", "qcow2", "-c", &format!("write -P {byte} 1m 64k"), image],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {byte} 1m 64k"),
+            image,
+        ],
     );
 }
 
@@ -46,7 +52,10 @@ fn keys(object: &Value) -> BTreeSet<String> {
 
 fn records_of(state: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    for vm in std::fs::read_dir(state.join("snapshots")).unwrap().flatten() {
+    for vm in std::fs::read_dir(state.join("snapshots"))
+        .unwrap()
+        .flatten()
+    {
         for file in std::fs::read_dir(vm.path()).unwrap().flatten() {
             if file.path().extension().is_some_and(|e| e == "json") {
                 found.push(file.path());
@@ -97,8 +106,16 @@ fn snapshots_recorded_in_format_1_restore_and_delete_after_an_upgrade() {
     assert_eq!(shown["readyToUse"], true, "{shown}");
     let restored = daemon.ctl(&["restore", &vm.name, "before", "--output", "json"]);
     assert_eq!(restored.code, Some(0), "{restored:?}");
-    assert_eq!(flat_sum(&vm.disk_source()), then, "the VM sees the snapshot's data");
+    assert_eq!(
+        flat_sum(&vm.disk_source()),
+        then,
+        "the VM sees the snapshot's data"
+    );
     let deleted = daemon.ctl(&["snapshot", "delete", &vm.name, "before"]);
     assert_eq!(deleted.code, Some(0), "{deleted:?}");
-    assert_eq!(flat_sum(&vm.disk_source()), then, "the delete kept the VM's data");
+    assert_eq!(
+        flat_sum(&vm.disk_source()),
+        then,
+        "the delete kept the VM's data"
+    );
 }
