@@ -18,6 +18,8 @@ pub struct Config {
     pub libvirt_uri: String,
     /// Where vmsnap keeps its records.
     pub state_dir: PathBuf,
+    /// Where vmsnapd locks each VM it works on, for the libvirt hook to see.
+    pub vm_lock_dir: PathBuf,
     /// How often the VM inventory is re-read from libvirt.
     #[serde(with = "duration_text")]
     pub refresh_interval: Duration,
@@ -186,6 +188,7 @@ impl Default for Config {
         Config {
             libvirt_uri: "qemu:///system".to_string(),
             state_dir: PathBuf::from("/var/lib/vmsnap"),
+            vm_lock_dir: PathBuf::from("/run/vmsnap/vms"),
             refresh_interval: Duration::from_secs(1),
             reconnect_interval: Duration::from_secs(2),
             log_level: "info".to_string(),
@@ -269,6 +272,12 @@ impl Config {
             return Err(format!(
                 "state_dir must be an absolute path, not {:?}",
                 self.state_dir
+            ));
+        }
+        if !self.vm_lock_dir.is_absolute() {
+            return Err(format!(
+                "vm_lock_dir must be an absolute path, not {:?}",
+                self.vm_lock_dir
             ));
         }
         let between = |name: &str, value: Duration, min: Duration, max: Duration| {

@@ -15,6 +15,7 @@ use vmsnap_api::{
 
 use crate::domain::VmInfo;
 use crate::libvirt::{LibvirtClient, LibvirtEvent};
+use crate::ops::vm_lock::{VmLock, VmLockRefused};
 use crate::ops::{self, OpContext, OpEvent};
 use crate::shutdown::Shutdown;
 use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
@@ -951,14 +952,15 @@ impl Engine {
             error_name: String::new(),
         };
         info!(vm = %vm.name, snapshot = %snapshot.name, target = %record.target_name, "restoring");
-        self.busy.insert(
-            vm.uuid.clone(),
+        let lock = self.claim_vm(
+            &vm.uuid,
+            &vm.name,
             format!("it is being restored to snapshot '{}'", snapshot.name),
-        );
+        )?;
         let uuid = record.uuid.clone();
         let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
         // As for a create, the operation's thread writes the first record.
-        ops.spawn(vm.uuid, move |ctx| {
+        ops.spawn(vm.uuid, lock, move |ctx| {
             if let Err(e) = ctx.save_restore(&record) {
                 let _ = ctx.events.send(OpEvent::NotStarted {
                     uuid: record.uuid.clone(),
@@ -1015,6 +1017,37 @@ impl Engine {
         self.ops
             .as_ref()
             .ok_or_else(|| EngineError::InvalidState("snapshots are not enabled".to_string()))
+    }
+
+    /// Marks the VM busy with `what` and takes its lock (for the libvirt hook, and against a
+    /// second vmsnapd on another state folder). A lock held elsewhere is Busy; a lock folder
+    /// that cannot be used is logged, and the operation goes on without the lock.
+    fn claim_vm(
+        &mut self,
+        vm_uuid: &str,
+        vm_name: &str,
+        what: String,
+    ) -> Result<Option<VmLock>, EngineError> {
+        let lock = match self
+            .ops
+            .as_ref()
+            .map(|ops| ops.vm_locks.take(vm_uuid, &what))
+        {
+            None => None,
+            Some(Ok(lock)) => Some(lock),
+            Some(Err(VmLockRefused::Held(by))) => {
+                return Err(EngineError::Busy {
+                    vm: vm_name.to_string(),
+                    what: format!("{by} (by another vmsnapd)"),
+                })
+            }
+            Some(Err(VmLockRefused::Unusable(e))) => {
+                warn!(vm = %vm_name, error = %e, "no VM lock: the libvirt hook cannot refuse a start meanwhile");
+                None
+            }
+        };
+        self.busy.insert(vm_uuid.to_string(), what);
+        Ok(lock)
     }
 
     fn check_idle(&self, vm: &VmInfo) -> Result<(), EngineError> {
@@ -1100,14 +1133,15 @@ impl Engine {
         };
         info!(vm = %vm.name, snapshot = %record.name, "creating snapshot");
         let uuid = record.uuid.clone();
-        self.busy.insert(
-            vm.uuid.clone(),
+        let lock = self.claim_vm(
+            &vm.uuid,
+            &vm.name,
             format!("snapshot '{}' is being created", record.name),
-        );
+        )?;
         let allow = options.allow_excluded;
         // The first record is written by the operation's thread; the object appears, and the
         // caller is answered, once it is on disk.
-        ops.spawn(vm.uuid, move |ctx| {
+        ops.spawn(vm.uuid, lock, move |ctx| {
             if let Err(e) = ctx.save(&record) {
                 let _ = ctx.events.send(OpEvent::NotStarted {
                     uuid: record.uuid.clone(),
@@ -1147,15 +1181,18 @@ impl Engine {
         }
         let ops = self.ops()?.clone();
         let others = self.others_of(&record);
-        self.busy.insert(
-            record.vm_uuid.clone(),
+        let lock = self.claim_vm(
+            &record.vm_uuid,
+            &record.vm_name,
             format!("snapshot '{}' is being deleted", record.name),
-        );
+        )?;
         info!(vm = %record.vm_name, snapshot = %record.name, "deleting snapshot");
         let vm_uuid = record.vm_uuid.clone();
         // A Failed snapshot is deleted the same way: its merge steps find nothing left to do
         // or resume an interrupted merge, and leftover overlays are removed.
-        ops.spawn(vm_uuid, move |ctx| ops::delete::delete(ctx, record, others));
+        ops.spawn(vm_uuid, lock, move |ctx| {
+            ops::delete::delete(ctx, record, others)
+        });
         Ok(())
     }
 
@@ -1215,12 +1252,17 @@ impl Engine {
                 continue;
             }
             let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
-            self.busy.insert(
-                record.vm_uuid.clone(),
+            let claimed = self.claim_vm(
+                &record.vm_uuid,
+                &record.vm_name,
                 "an interrupted restore is being settled".to_string(),
             );
+            let Ok(lock) = claimed else {
+                warn!(vm = %record.vm_name, "an interrupted restore waits: another vmsnapd works on the VM");
+                continue;
+            };
             let vm_uuid = record.vm_uuid.clone();
-            ops.clone().spawn(vm_uuid, move |ctx| {
+            ops.clone().spawn(vm_uuid, lock, move |ctx| {
                 ops::restore::recover(ctx, record, records)
             });
         }
@@ -1229,15 +1271,20 @@ impl Engine {
                 continue;
             }
             let others = self.others_of(&record);
-            self.busy.insert(
-                record.vm_uuid.clone(),
+            let claimed = self.claim_vm(
+                &record.vm_uuid,
+                &record.vm_name,
                 format!(
                     "snapshot '{}' is being settled after a restart",
                     record.name
                 ),
             );
+            let Ok(lock) = claimed else {
+                warn!(vm = %record.vm_name, snapshot = %record.name, "an interrupted operation waits: another vmsnapd works on the VM");
+                continue;
+            };
             let vm_uuid = record.vm_uuid.clone();
-            ops.clone().spawn(vm_uuid, move |ctx| {
+            ops.clone().spawn(vm_uuid, lock, move |ctx| {
                 ops::delete::recover(ctx, record, others)
             });
         }
@@ -1548,23 +1595,22 @@ mod tests {
         let (events, _events_rx) = mpsc::unbounded_channel();
         let store = crate::store::Store::new(&dir.path().join("state"));
         let mut events_rx = _events_rx;
+        let lock_dir = tempfile::tempdir().expect("tempdir");
         let record = restore_record("done", RestorePhase::Succeeded, RestoreStep::Done);
         store.save_restore(&record).expect("saved");
-        engine.ops = Some(OpContext {
-            hypervisor: std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+        engine.ops = Some(OpContext::new(
+            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
                 uri: "test:///default".into(),
             }),
-            backends: std::sync::Arc::new(crate::backends::Backends::standard()),
-            faults: crate::ops::Faults::default(),
-            store: store.clone(),
-            freeze_timeout: std::time::Duration::from_secs(10),
-            require_quiesce: false,
-            failure_deadline: std::time::Duration::from_secs(300),
-            restore_grace_period: std::time::Duration::from_secs(300),
-            quiesce: crate::config::Quiesce::Auto,
-            lvm: crate::config::LvmConfig::default(),
+            std::sync::Arc::new(crate::backends::Backends::standard()),
+            store.clone(),
+            crate::ops::vm_lock::VmLocks {
+                dir: lock_dir.path().to_path_buf(),
+            },
+            &crate::config::Config::default(),
             events,
-        });
+            crate::ops::Faults::default(),
+        ));
         engine.restores.insert(record.uuid.clone(), record);
         let (tx, mut rx) = mpsc::unbounded_channel();
         engine.changes = tx;
@@ -1739,21 +1785,20 @@ mod tests {
         engine.handle_libvirt(LibvirtEvent::Connected);
         // A state folder that cannot hold a record (below a regular file): nothing starts.
         let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
-        engine.ops = Some(OpContext {
-            hypervisor: std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        engine.ops = Some(OpContext::new(
+            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
                 uri: "test:///default".into(),
             }),
-            backends: std::sync::Arc::new(crate::backends::Backends::standard()),
-            faults: crate::ops::Faults::default(),
-            store: crate::store::Store::new(std::path::Path::new("/dev/null/state")),
-            freeze_timeout: std::time::Duration::from_secs(10),
-            require_quiesce: false,
-            failure_deadline: std::time::Duration::from_secs(60),
-            restore_grace_period: std::time::Duration::from_secs(300),
-            quiesce: crate::config::Quiesce::Auto,
-            lvm: crate::config::LvmConfig::default(),
+            std::sync::Arc::new(crate::backends::Backends::standard()),
+            crate::store::Store::new(std::path::Path::new("/dev/null/state")),
+            crate::ops::vm_lock::VmLocks {
+                dir: lock_dir.path().to_path_buf(),
+            },
+            &crate::config::Config::default(),
             events,
-        });
+            crate::ops::Faults::default(),
+        ));
         drain(&mut rx);
         // The operation's thread writes the first record; the caller is answered from there.
         let (reply, mut answer) = oneshot::channel();

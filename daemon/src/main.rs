@@ -250,21 +250,19 @@ fn start_engine(
     let flush = changes.clone();
     let (requests, requests_rx) = mpsc::channel(64);
     let (op_events, op_events_rx) = mpsc::unbounded_channel();
-    let ops = OpContext {
-        hypervisor: std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+    let ops = OpContext::new(
+        std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
             uri: config.libvirt_uri.clone(),
         }),
-        backends: std::sync::Arc::new(crate::backends::Backends::standard()),
-        faults: crate::ops::Faults::from_env(),
-        store: Store::new(&config.state_dir),
-        freeze_timeout: config.freeze_timeout,
-        require_quiesce: config.require_quiesce,
-        failure_deadline: config.failure_deadline,
-        restore_grace_period: config.restore_grace_period,
-        quiesce: config.quiesce,
-        lvm: config.lvm.clone(),
-        events: op_events,
-    };
+        std::sync::Arc::new(crate::backends::Backends::standard()),
+        Store::new(&config.state_dir),
+        crate::ops::vm_lock::VmLocks {
+            dir: config.vm_lock_dir.clone(),
+        },
+        config,
+        op_events,
+        crate::ops::Faults::from_env(),
+    );
     let (engine, settled) = Engine::new(changes);
     let engine = engine.with_operations(ops, libvirt.clone(), requests.clone());
     let task = tokio::spawn(engine.run(requests_rx, libvirt_events, op_events_rx, shutdown));

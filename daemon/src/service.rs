@@ -85,6 +85,10 @@ impl Reloader {
                     ),
                     ("state_dir", config.state_dir != self.current.state_dir),
                     (
+                        "vm_lock_dir",
+                        config.vm_lock_dir != self.current.vm_lock_dir,
+                    ),
+                    (
                         "refresh_interval",
                         config.refresh_interval != self.current.refresh_interval,
                     ),

@@ -312,18 +312,12 @@ fn undefine_leftover(name: &str) {
         .output();
 }
 
-#[test]
-fn a_vm_started_by_someone_else_during_a_restore_is_not_restored_under_it() {
-    let vm = ScratchVm::define(
-        "vmsnap-t12-racestart",
-        ScratchOptions {
-            agent: true,
-            ..Default::default()
-        },
-        &[],
-    );
+/// A restore of a VM with a snapshot `s` and data written since, paused just before it changes
+/// the VM, while an admin runs `virsh start`. Returns the daemon, the restore's UUID and what
+/// `virsh start` answered.
+fn start_during_a_restore(vm: &ScratchVm, config: &str) -> (Daemon, String, std::process::Output) {
     let bus = PrivateBus::start();
-    let mut daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    let mut daemon = Daemon::start(&bus, config);
     wait_for(Duration::from_secs(30), "the VM in the inventory", || {
         (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
     });
@@ -352,14 +346,44 @@ fn a_vm_started_by_someone_else_during_a_restore_is_not_restored_under_it() {
                 .then_some(())
         },
     );
-    virsh(&["start", &vm.name]);
-    let before_restore = vm.disk_source();
-    let failed = wait_for(Duration::from_secs(60), "the restore to end", || {
+    let start = Command::new("virsh")
+        .args(["-c", LAB_URI, "start", &vm.name])
+        .output()
+        .unwrap();
+    (daemon, uuid, start)
+}
+
+fn restore_end(daemon: &Daemon, uuid: &str) -> Value {
+    wait_for(Duration::from_secs(60), "the restore to end", || {
         let shown = daemon
-            .ctl(&["restore", "show", &uuid, "--output", "json"])
+            .ctl(&["restore", "show", uuid, "--output", "json"])
             .json();
         (shown["phase"] != "InProgress").then_some(shown)
-    });
+    })
+}
+
+/// Without the libvirt hook (here: vmsnapd's VM locks where the hook does not look), libvirt
+/// cannot refuse the start; vmsnapd sees the VM running before it changes anything.
+#[test]
+fn a_vm_started_by_someone_else_during_a_restore_is_not_restored_under_it() {
+    let vm = ScratchVm::define(
+        "vmsnap-t12-racestart",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let locks = tempfile::tempdir().unwrap();
+    let config = format!(
+        "vm_lock_dir = \"{}\"\n{}",
+        locks.path().display(),
+        config_for(LAB_URI)
+    );
+    let before_restore = vm.disk_source();
+    let (daemon, uuid, start) = start_during_a_restore(&vm, &config);
+    assert!(start.status.success(), "{start:?}");
+    let failed = restore_end(&daemon, &uuid);
     assert_eq!(failed["phase"], "Failed", "{failed}");
     let error = failed["error"].as_str().unwrap();
     assert!(error.contains("was started during the restore"), "{error}");
@@ -373,5 +397,44 @@ fn a_vm_started_by_someone_else_during_a_restore_is_not_restored_under_it() {
         let to = volume["toImage"].as_str().unwrap();
         assert!(!std::path::Path::new(to).exists(), "{to} was left behind");
     }
+    virsh(&["destroy", &vm.name]);
+}
+
+/// With the libvirt hook the lab installs (/etc/libvirt/hooks/qemu.d/vmsnap, as the package
+/// does), libvirt refuses the start and says which operation runs; the restore completes, and
+/// the VM starts afterwards on the restored disk.
+#[test]
+fn the_libvirt_hook_refuses_to_start_a_vm_during_its_restore() {
+    assert!(
+        std::path::Path::new("/etc/libvirt/hooks/qemu.d/vmsnap").exists(),
+        "the lab's libvirt hook is missing: run lab/up.sh"
+    );
+    let vm = ScratchVm::define(
+        "vmsnap-t12-hook",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let (daemon, uuid, start) = start_during_a_restore(&vm, &config_for(LAB_URI));
+    let refusal = String::from_utf8_lossy(&start.stderr).into_owned();
+    assert!(!start.status.success(), "the start was not refused");
+    assert!(
+        refusal.contains("vmsnap: it is being restored to snapshot 's'"),
+        "{refusal}"
+    );
+    assert!(refusal.contains(&vm.name), "{refusal}");
+    let done = restore_end(&daemon, &uuid);
+    assert_eq!(done["phase"], "Succeeded", "{done}");
+    let restored: Vec<&str> = done["restores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["toImage"].as_str().unwrap())
+        .collect();
+    assert_eq!(restored, [vm.disk_source().as_str()]);
+    virsh(&["start", &vm.name]);
+    assert!(virsh(&["domstate", &vm.name]).contains("running"));
     virsh(&["destroy", &vm.name]);
 }

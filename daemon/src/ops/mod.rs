@@ -11,8 +11,9 @@ mod error;
 pub mod restore;
 #[cfg(test)]
 pub(crate) mod sim_tests;
+pub mod vm_lock;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -23,6 +24,7 @@ use crate::backends::Backends;
 use crate::config::{LvmConfig, Quiesce};
 use crate::hypervisor::Hypervisor;
 use crate::store::{RestoreRecord, SnapshotRecord, Store};
+use vm_lock::{VmLock, VmLocks};
 
 /// What an operation tells the engine.
 #[derive(Debug)]
@@ -76,6 +78,9 @@ pub struct OpContext {
     pub lvm: LvmConfig,
     pub events: UnboundedSender<OpEvent>,
     pub faults: Faults,
+    pub vm_locks: VmLocks,
+    /// The lock on this operation's VM, while it holds one (set by `spawn`).
+    held_lock: Arc<Mutex<Option<VmLock>>>,
 }
 
 impl OpContext {
@@ -176,19 +181,68 @@ impl OpContext {
         });
     }
 
-    /// Starts `work` on a new operation thread; the VM is released when it ends.
-    pub fn spawn(self, vm_uuid: String, work: impl FnOnce(&OpContext) + Send + 'static) {
-        let ctx = self.clone();
+    /// Gives up the VM's lock before vmsnapd starts the VM itself: the libvirt hook would
+    /// refuse the start otherwise. Nothing of the VM changes after that but its run state.
+    pub(crate) fn release_vm_lock(&self) {
+        let lock = self
+            .held_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(lock);
+    }
+
+    /// Starts `work` on a new operation thread, holding `lock` (the VM's, if taken) until it
+    /// ends; the VM is released when it ends.
+    pub fn spawn(
+        self,
+        vm_uuid: String,
+        lock: Option<VmLock>,
+        work: impl FnOnce(&OpContext) + Send + 'static,
+    ) {
+        let mut ctx = self.clone();
+        ctx.held_lock = Arc::new(Mutex::new(lock));
         let released = vm_uuid.clone();
         let spawned = std::thread::Builder::new()
             .name("libvirt-op".to_string())
             .spawn(move || {
                 work(&ctx);
+                ctx.release_vm_lock();
                 ctx.finished(&released);
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start an operation thread");
             self.finished(&vm_uuid);
+        }
+    }
+}
+
+impl OpContext {
+    /// The settings and channels every operation shares; no VM lock held.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        hypervisor: Arc<dyn Hypervisor>,
+        backends: Arc<Backends>,
+        store: Store,
+        vm_locks: VmLocks,
+        config: &crate::config::Config,
+        events: UnboundedSender<OpEvent>,
+        faults: Faults,
+    ) -> OpContext {
+        OpContext {
+            hypervisor,
+            backends,
+            store,
+            freeze_timeout: config.freeze_timeout,
+            require_quiesce: config.require_quiesce,
+            failure_deadline: config.failure_deadline,
+            restore_grace_period: config.restore_grace_period,
+            quiesce: config.quiesce,
+            lvm: config.lvm.clone(),
+            events,
+            faults,
+            vm_locks,
+            held_lock: Arc::new(Mutex::new(None)),
         }
     }
 }

@@ -91,6 +91,7 @@ pub fn restore(
         );
         if stopped && !forward_pending {
             // Nothing changed: the VM this restore shut down runs again.
+            ctx.release_vm_lock();
             let started = ctx.hypervisor.session().and_then(|host| {
                 // Someone may have started it meanwhile.
                 if host.is_active(&record.vm_uuid)? {
@@ -454,6 +455,7 @@ fn finish(
     info!(vm = %record.vm_name, snapshot = %record.snapshot_name, target = %record.target_name, "restored");
     if record.start {
         ctx.restore_progress(record, "starting the VM");
+        ctx.release_vm_lock();
         if let Err(e) = env.host.start(&record.target_uuid) {
             // The restore itself is done and stays so; the start is reported beside it.
             record.error = format!("restored, but the VM did not start: {e}");

@@ -14,7 +14,6 @@ use vmsnap_api::{RestorePhase, SnapshotPhase};
 use super::{create, delete, restore, Faults, OpContext};
 use crate::backends::sim::{lock, SharedWorld, SimBackend, SimVm, World};
 use crate::backends::Backends;
-use crate::config::{LvmConfig, Quiesce};
 use crate::hypervisor::sim::SimHypervisor;
 use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, Store, RECORD_VERSION};
 
@@ -107,11 +106,16 @@ impl Lab {
 
     fn ctx(&self, journal: Option<Arc<JournalFaults>>) -> OpContext {
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        OpContext {
-            hypervisor: Arc::new(SimHypervisor {
+        let config = crate::config::Config {
+            failure_deadline: Duration::from_secs(60),
+            restore_grace_period: Duration::from_secs(1),
+            ..crate::config::Config::default()
+        };
+        OpContext::new(
+            Arc::new(SimHypervisor {
                 world: self.world.clone(),
             }),
-            backends: Arc::new(Backends::new(vec![
+            Arc::new(Backends::new(vec![
                 Arc::new(SimBackend {
                     world: self.world.clone(),
                     kind: "sim-a",
@@ -123,19 +127,17 @@ impl Lab {
                     targets: &["vdb"],
                 }),
             ])),
-            store: self.store(),
-            freeze_timeout: Duration::from_secs(10),
-            require_quiesce: false,
-            failure_deadline: Duration::from_secs(60),
-            restore_grace_period: Duration::from_secs(1),
-            quiesce: Quiesce::Auto,
-            lvm: LvmConfig::default(),
+            self.store(),
+            super::vm_lock::VmLocks {
+                dir: self.dir.path().join("locks"),
+            },
+            &config,
             events,
-            faults: Faults {
+            Faults {
                 journal,
                 ..Faults::default()
             },
-        }
+        )
     }
 
     /// The guest writes: each disk's data changes.
