@@ -44,6 +44,9 @@ pub struct Config {
     pub polkit: bool,
     /// When to try freezing the guest's filesystems.
     pub quiesce: Quiesce,
+    /// How often ready snapshots' images are checked to be there (ReadyToUse follows).
+    #[serde(with = "duration_text")]
+    pub verify_interval: Duration,
     /// LVM logical volumes.
     pub lvm: LvmConfig,
 }
@@ -198,6 +201,7 @@ impl Default for Config {
             restore_grace_period: Duration::from_secs(300),
             polkit: true,
             quiesce: Quiesce::Auto,
+            verify_interval: Duration::from_secs(30),
             lvm: LvmConfig::default(),
         }
     }
@@ -293,6 +297,7 @@ impl Config {
         };
         let ms = Duration::from_millis;
         let secs = Duration::from_secs;
+        between("verify_interval", self.verify_interval, secs(1), secs(3600))?;
         between(
             "refresh_interval",
             self.refresh_interval,

@@ -247,6 +247,8 @@ pub struct Engine {
     /// Callers waiting for a record write an operation thread does (the engine task writes
     /// none: a slow state folder must not stall every request), by record UUID.
     awaiting_write: HashMap<String, AwaitingWrite>,
+    /// A check of ready snapshots' images is running.
+    verify_running: bool,
     /// A check of thick LVM snapshots' copy-on-write space is running.
     fill_check_running: bool,
     /// Snapshots whose copy-on-write fill was last seen past the warning threshold (warned
@@ -346,6 +348,7 @@ impl Engine {
                 deleted_while_waiting: std::collections::BTreeSet::new(),
                 settle_pending: false,
                 fill_check_running: false,
+                verify_running: false,
                 fill_warned: Default::default(),
                 awaiting_write: HashMap::new(),
             },
@@ -396,8 +399,16 @@ impl Engine {
     ) {
         let fill_timer = tokio::time::sleep(self.fill_check_interval());
         tokio::pin!(fill_timer);
+        let verify_timer = tokio::time::sleep(self.verify_interval());
+        tokio::pin!(verify_timer);
         loop {
             tokio::select! {
+                () = &mut verify_timer => {
+                    self.start_verification();
+                    verify_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.verify_interval());
+                }
                 () = &mut fill_timer => {
                     self.start_fill_check();
                     fill_timer
@@ -511,6 +522,10 @@ impl Engine {
                     self.emit(change);
                 }
             }
+            OpEvent::Verified(found) => {
+                self.verify_running = false;
+                self.apply_verification(found);
+            }
             OpEvent::CowFill(result) => {
                 self.fill_check_running = false;
                 match result {
@@ -580,6 +595,83 @@ impl Engine {
                 .push(change);
         } else {
             self.emit(change);
+        }
+    }
+
+    fn verify_interval(&self) -> std::time::Duration {
+        self.ops
+            .as_ref()
+            .map(|o| o.verify_interval)
+            .unwrap_or(std::time::Duration::from_secs(30))
+    }
+
+    /// Checks, on a blocking thread, that every succeeded snapshot's images are there (a
+    /// look at each file, no tool run), so that ReadyToUse follows what someone did to them.
+    fn start_verification(&mut self) {
+        if self.ops.is_none() || self.verify_running || self.shutting_down {
+            return;
+        }
+        let checked: Vec<(String, Vec<crate::store::VolumeRecord>)> = self
+            .snapshots
+            .values()
+            .filter(|s| s.phase == SnapshotPhase::Succeeded)
+            .map(|s| (s.uuid.clone(), s.volumes.clone()))
+            .collect();
+        if checked.is_empty() {
+            return;
+        }
+        let Some(events) = self.ops.as_ref().map(|o| o.events.clone()) else {
+            return;
+        };
+        self.verify_running = true;
+        tokio::task::spawn_blocking(move || {
+            let found = checked
+                .into_iter()
+                .map(|(uuid, volumes)| {
+                    let missing = volumes.iter().find_map(crate::backends::missing_artifact);
+                    ops::Verification {
+                        uuid,
+                        volumes,
+                        missing,
+                    }
+                })
+                .collect();
+            let _ = events.send(OpEvent::Verified(found));
+        });
+    }
+
+    /// A succeeded snapshot is ready to use exactly while its images are there; one of a VM with
+    /// an operation running is left to that operation. In memory only, as at start.
+    fn apply_verification(&mut self, found: Vec<ops::Verification>) {
+        for checked in found {
+            let Some(record) = self.snapshots.get_mut(&checked.uuid) else {
+                continue;
+            };
+            if record.phase != SnapshotPhase::Succeeded
+                || self.busy.contains_key(&record.vm_uuid)
+                || record.volumes != checked.volumes
+            {
+                continue;
+            }
+            let missing = checked.missing;
+            let before = (record.ready_to_use, record.error.clone());
+            match missing {
+                Some(missing) => {
+                    record.ready_to_use = false;
+                    record.error = format!("{missing}: this snapshot cannot be restored");
+                    record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+                }
+                None => {
+                    record.ready_to_use = true;
+                    record.error = String::new();
+                    record.error_name = String::new();
+                }
+            }
+            if (record.ready_to_use, record.error.clone()) != before {
+                info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { record.error.as_str() });
+                let change = Change::SnapshotUpdated(Box::new(record.clone()));
+                self.emit(change);
+            }
         }
     }
 
@@ -738,6 +830,7 @@ impl Engine {
                     ops.failure_deadline = config.failure_deadline;
                     ops.restore_grace_period = config.restore_grace_period;
                     ops.quiesce = config.quiesce;
+                    ops.verify_interval = config.verify_interval;
                     ops.lvm = config.lvm.clone();
                 }
             }

@@ -97,7 +97,8 @@ fn a_shut_off_vm_whose_image_another_process_writes_or_that_is_gone_is_not_snaps
 fn a_snapshot_whose_image_or_backing_file_is_gone_is_not_offered_and_nothing_changes() {
     let vm = ScratchVm::define("vmsnap-t12-gone", ScratchOptions::default(), &[]);
     let bus = PrivateBus::start();
-    let mut daemon = Daemon::start(&bus, &config_for(LAB_URI));
+    let config = format!("verify_interval = \"1s\"\n{}", config_for(LAB_URI));
+    let mut daemon = Daemon::start(&bus, &config);
     wait_for(Duration::from_secs(30), "the VM in the inventory", || {
         (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
     });
@@ -131,7 +132,16 @@ fn a_snapshot_whose_image_or_backing_file_is_gone_is_not_offered_and_nothing_cha
     assert_eq!(virsh(&["dumpxml", "--inactive", &vm.name]), definition);
     assert_eq!(vm.images(), images);
 
-    // After a restart, g1 is not offered for restore, and says why.
+    // Without a restart: within verify_interval, g1 is not offered for restore, and says why.
+    let g1 = wait_for(Duration::from_secs(30), "g1 to be not ready", || {
+        let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
+        (g1["readyToUse"] == false).then_some(g1)
+    });
+    assert!(g1["error"].as_str().unwrap().contains("is missing"), "{g1}");
+    let g2 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g2");
+    assert_eq!(g2["readyToUse"], true, "g2's own image is there: {g2}");
+
+    // After a restart, too.
     daemon.restart_with_env(&[]);
     let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
     assert_eq!(g1["readyToUse"], false, "{g1}");
@@ -142,11 +152,13 @@ fn a_snapshot_whose_image_or_backing_file_is_gone_is_not_offered_and_nothing_cha
         "{refused:?}"
     );
 
-    // With the image back, it is ready again after the next start.
+    // With the image back, it is ready again, without a restart.
     std::fs::rename(&kept, &g1_image).unwrap();
-    daemon.restart_with_env(&[]);
-    let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
-    assert_eq!(g1["readyToUse"], true, "{g1}");
+    let g1 = wait_for(Duration::from_secs(30), "g1 to be ready again", || {
+        let g1 = vmsnap_tests::show_snapshot(&daemon, &vm.name, "g1");
+        (g1["readyToUse"] == true).then_some(g1)
+    });
+    assert_eq!(g1["error"], "", "{g1}");
 }
 
 /// The disk's content as a guest would read it, whole: SHA-256 of the flattened image.

@@ -59,8 +59,21 @@ pub enum OpEvent {
         uuid: String,
         result: Result<(), String>,
     },
+    /// A check of succeeded snapshots' images ended: per snapshot, what is missing (None: all
+    /// there).
+    Verified(Vec<Verification>),
     /// A check of the thick LVM snapshots' copy-on-write space ended.
     CowFill(Result<Vec<crate::backends::lvm::CowFill>, String>),
+}
+
+/// What a check of one snapshot's images found.
+#[derive(Debug)]
+pub struct Verification {
+    pub uuid: String,
+    /// The volumes as they were checked (a result about volumes an operation has changed
+    /// since is stale).
+    pub volumes: Vec<crate::store::VolumeRecord>,
+    pub missing: Option<String>,
 }
 
 /// Everything an operation needs, owned, so it can move to its thread.
@@ -75,6 +88,7 @@ pub struct OpContext {
     /// How long a WaitGracePeriod restore waits for its VM to be shut off.
     pub restore_grace_period: Duration,
     pub quiesce: Quiesce,
+    pub verify_interval: Duration,
     pub lvm: LvmConfig,
     pub events: UnboundedSender<OpEvent>,
     pub faults: Faults,
@@ -238,6 +252,7 @@ impl OpContext {
             failure_deadline: config.failure_deadline,
             restore_grace_period: config.restore_grace_period,
             quiesce: config.quiesce,
+            verify_interval: config.verify_interval,
             lvm: config.lvm.clone(),
             events,
             faults,
