@@ -61,8 +61,9 @@ impl SystemDaemon {
         std::fs::write(
             &config_path,
             format!(
-                "state_dir = \"{}\"\n{config}",
-                dir.path().join("state").display()
+                "state_dir = \"{}\"\nvm_lock_dir = \"{}\"\n{config}",
+                dir.path().join("state").display(),
+                dir.path().join("locks").display()
             ),
         )
         .unwrap();

@@ -163,6 +163,14 @@ impl Daemon {
                 &format!("state_dir = \"{}\"\n", dir.path().join("state").display()),
             );
         }
+        if !config.contains("vm_lock_dir") {
+            // Its own: daemons of tests running at once may see the same VM UUIDs (test:///'s
+            // domains); a test of the libvirt hook names the lab's (the hook's) on purpose.
+            config.insert_str(
+                0,
+                &format!("vm_lock_dir = \"{}\"\n", dir.path().join("locks").display()),
+            );
+        }
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("vmsnapd.log");
         let mut daemon = Daemon {

@@ -374,7 +374,8 @@ fn restore_end(daemon: &Daemon, uuid: &str) -> Value {
     })
 }
 
-/// Without the libvirt hook (here: vmsnapd's VM locks where the hook does not look), libvirt
+/// Without the libvirt hook (here: vmsnapd's VM locks where the hook does not look, as every
+/// test daemon has them unless it asks for the hook's), libvirt
 /// cannot refuse the start; vmsnapd sees the VM running before it changes anything.
 #[test]
 fn a_vm_started_by_someone_else_during_a_restore_is_not_restored_under_it() {
@@ -429,7 +430,9 @@ fn the_libvirt_hook_refuses_to_start_a_vm_during_its_restore() {
         },
         &[],
     );
-    let (daemon, uuid, start) = start_during_a_restore(&vm, &config_for(LAB_URI));
+    // The lock folder the hook looks in (vmsnapd's default).
+    let config = format!("vm_lock_dir = \"/run/vmsnap/vms\"\n{}", config_for(LAB_URI));
+    let (daemon, uuid, start) = start_during_a_restore(&vm, &config);
     let refusal = String::from_utf8_lossy(&start.stderr).into_owned();
     assert!(!start.status.success(), "the start was not refused");
     assert!(

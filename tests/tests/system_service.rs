@@ -576,9 +576,10 @@ impl RootDaemon {
         std::fs::write(
             &config,
             format!(
-                "{}state_dir = \"{}\"\n",
+                "{}state_dir = \"{}\"\nvm_lock_dir = \"{}\"\n",
                 config_for("test:///default"),
-                dir.path().join("state").display()
+                dir.path().join("state").display(),
+                dir.path().join("locks").display()
             ),
         )
         .unwrap();
