@@ -247,6 +247,11 @@ pub struct Engine {
     /// Callers waiting for a record write an operation thread does (the engine task writes
     /// none: a slow state folder must not stall every request), by record UUID.
     awaiting_write: HashMap<String, AwaitingWrite>,
+    /// Operations watched for their deadline, by VM UUID.
+    watched: HashMap<String, Watched>,
+    /// Snapshot records whose operation was given up at its deadline while blocked: shown
+    /// Failed until the operation's thread settles them.
+    abandoned: std::collections::HashSet<String>,
     /// A check of ready snapshots' images is running.
     verify_running: bool,
     /// A check of thick LVM snapshots' copy-on-write space is running.
@@ -265,6 +270,21 @@ fn off_task(name: &str, work: impl FnOnce() + Send + 'static) {
         warn!(error = %e, "cannot start a thread for {name}");
     }
 }
+
+/// An operation watched for its deadline.
+#[derive(Debug)]
+struct Watched {
+    deadline: std::time::Instant,
+    gate: ops::OpGate,
+    /// The snapshot record it works on.
+    record: String,
+    /// `snapshot` or `delete`.
+    what: &'static str,
+}
+
+/// How long past its deadline an operation may take to fail by itself before the engine gives
+/// it up (its own checks come first; only a blocked call keeps it from them).
+const ABANDON_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A caller waiting for a record to be written or removed.
 #[derive(Debug)]
@@ -349,6 +369,8 @@ impl Engine {
                 settle_pending: false,
                 fill_check_running: false,
                 verify_running: false,
+                watched: HashMap::new(),
+                abandoned: Default::default(),
                 fill_warned: Default::default(),
                 awaiting_write: HashMap::new(),
             },
@@ -401,8 +423,10 @@ impl Engine {
         tokio::pin!(fill_timer);
         let verify_timer = tokio::time::sleep(self.verify_interval());
         tokio::pin!(verify_timer);
+        let mut deadline_watch = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = deadline_watch.tick() => self.watch_deadlines(),
                 () = &mut verify_timer => {
                     self.start_verification();
                     verify_timer
@@ -449,6 +473,17 @@ impl Engine {
                 }
             }
             OpEvent::Saved(record) => {
+                let settled_now = matches!(
+                    record.phase,
+                    SnapshotPhase::Succeeded | SnapshotPhase::Failed
+                ) && record.step == Step::Done;
+                if self.abandoned.contains(&record.uuid) {
+                    // Shown Failed since it was given up; only its settled record replaces that.
+                    if !settled_now {
+                        return;
+                    }
+                    self.abandoned.remove(&record.uuid);
+                }
                 let known = self
                     .snapshots
                     .insert(record.uuid.clone(), (*record).clone())
@@ -517,6 +552,7 @@ impl Engine {
                 self.restore_record_removed(uuid, result)
             }
             OpEvent::Finished { vm_uuid } => {
+                self.watched.remove(&vm_uuid);
                 self.busy.remove(&vm_uuid);
                 for change in self.held.remove(&vm_uuid).unwrap_or_default() {
                     self.emit(change);
@@ -594,6 +630,73 @@ impl Engine {
                 .or_default()
                 .push(change);
         } else {
+            self.emit(change);
+        }
+    }
+
+    /// Watches the operation about to start on `vm_uuid` for its deadline; returns the gate
+    /// shared with its thread.
+    fn watch(
+        &mut self,
+        vm_uuid: &str,
+        deadline: std::time::Duration,
+        record: &str,
+        what: &'static str,
+    ) -> ops::OpGate {
+        let gate = ops::OpGate::default();
+        self.watched.insert(
+            vm_uuid.to_string(),
+            Watched {
+                deadline: std::time::Instant::now() + deadline,
+                gate: gate.clone(),
+                record: record.to_string(),
+                what,
+            },
+        );
+        gate
+    }
+
+    /// Gives up every watched operation past its deadline (and `ABANDON_AFTER`): blocked in a
+    /// call, it cannot fail by itself. Its snapshot is shown Failed at once (in memory: the
+    /// journal stays its thread's, which undoes what it did when the call returns); the VM
+    /// stays busy until then, saying why.
+    fn watch_deadlines(&mut self) {
+        let now = std::time::Instant::now();
+        let late: Vec<String> = self
+            .watched
+            .iter()
+            .filter(|(_, w)| now > w.deadline + ABANDON_AFTER)
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        for vm_uuid in late {
+            let Some(watched) = self.watched.remove(&vm_uuid) else {
+                continue;
+            };
+            if !watched.gate.abandon() {
+                continue;
+            }
+            let Some(record) = self.snapshots.get_mut(&watched.record) else {
+                continue;
+            };
+            let message = format!("the {} {}", watched.what, ops::ABANDONED);
+            warn!(vm = %record.vm_name, snapshot = %record.name, "{message}");
+            record.phase = SnapshotPhase::Failed;
+            record.ready_to_use = false;
+            record.error = if watched.what == "delete" {
+                format!("delete failed: {message}")
+            } else {
+                message
+            };
+            record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX);
+            let change = Change::SnapshotUpdated(Box::new(record.clone()));
+            self.busy.insert(
+                vm_uuid,
+                format!(
+                    "a call of the {} of snapshot '{}', given up at its deadline, is still blocked in libvirt or QEMU",
+                    watched.what, record.name
+                ),
+            );
+            self.abandoned.insert(watched.record.clone());
             self.emit(change);
         }
     }
@@ -1053,7 +1156,7 @@ impl Engine {
         let uuid = record.uuid.clone();
         let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
         // As for a create, the operation's thread writes the first record.
-        ops.spawn(vm.uuid, lock, move |ctx| {
+        ops.spawn(vm.uuid, lock, ops::OpGate::default(), move |ctx| {
             if let Err(e) = ctx.save_restore(&record) {
                 let _ = ctx.events.send(OpEvent::NotStarted {
                     uuid: record.uuid.clone(),
@@ -1232,9 +1335,10 @@ impl Engine {
             format!("snapshot '{}' is being created", record.name),
         )?;
         let allow = options.allow_excluded;
+        let gate = self.watch(&vm.uuid, ops.failure_deadline, &uuid, "snapshot");
         // The first record is written by the operation's thread; the object appears, and the
         // caller is answered, once it is on disk.
-        ops.spawn(vm.uuid, lock, move |ctx| {
+        ops.spawn(vm.uuid, lock, gate, move |ctx| {
             if let Err(e) = ctx.save(&record) {
                 let _ = ctx.events.send(OpEvent::NotStarted {
                     uuid: record.uuid.clone(),
@@ -1281,9 +1385,10 @@ impl Engine {
         )?;
         info!(vm = %record.vm_name, snapshot = %record.name, "deleting snapshot");
         let vm_uuid = record.vm_uuid.clone();
+        let gate = self.watch(&vm_uuid, ops.failure_deadline, &record.uuid, "delete");
         // A Failed snapshot is deleted the same way: its merge steps find nothing left to do
         // or resume an interrupted merge, and leftover overlays are removed.
-        ops.spawn(vm_uuid, lock, move |ctx| {
+        ops.spawn(vm_uuid, lock, gate, move |ctx| {
             ops::delete::delete(ctx, record, others)
         });
         Ok(())
@@ -1355,9 +1460,10 @@ impl Engine {
                 continue;
             };
             let vm_uuid = record.vm_uuid.clone();
-            ops.clone().spawn(vm_uuid, lock, move |ctx| {
-                ops::restore::recover(ctx, record, records)
-            });
+            ops.clone()
+                .spawn(vm_uuid, lock, ops::OpGate::default(), move |ctx| {
+                    ops::restore::recover(ctx, record, records)
+                });
         }
         for record in unfinished {
             if self.busy.contains_key(&record.vm_uuid) {
@@ -1377,9 +1483,10 @@ impl Engine {
                 continue;
             };
             let vm_uuid = record.vm_uuid.clone();
-            ops.clone().spawn(vm_uuid, lock, move |ctx| {
-                ops::delete::recover(ctx, record, others)
-            });
+            ops.clone()
+                .spawn(vm_uuid, lock, ops::OpGate::default(), move |ctx| {
+                    ops::delete::recover(ctx, record, others)
+                });
         }
     }
 

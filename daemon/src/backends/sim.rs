@@ -33,6 +33,9 @@ pub struct World {
     pub calls: usize,
     pub fail_at: Option<usize>,
     pub crash_at: Option<usize>,
+    /// At this call, the engine gives the operation up (as if the call were blocked past the
+    /// deadline); the call itself then completes, late.
+    pub abandon_at: Option<(usize, crate::ops::OpGate)>,
 }
 
 /// A simulated VM.
@@ -49,6 +52,11 @@ impl World {
         self.calls += 1;
         if self.crash_at == Some(self.calls) {
             std::panic::panic_any(crate::ops::sim_tests::SimulatedCrash);
+        }
+        if let Some((at, gate)) = &self.abandon_at {
+            if *at == self.calls {
+                gate.abandon();
+            }
         }
         if self.fail_at == Some(self.calls) {
             Err(OpError::Storage(format!(

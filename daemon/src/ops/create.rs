@@ -56,6 +56,7 @@ fn create_steps(
 ) -> OpResult<()> {
     let env = Env { ctx, host };
     let planned = plan_snapshot(&env, record, allow_excluded)?;
+    ctx.check_abandoned("snapshot")?;
     // Why each indication was given, for sourceIndications.
     let mut notes: Vec<(Indication, String)> = Vec::new();
     let try_freeze = choose_quiesce(ctx, &planned, record, &mut notes);
@@ -76,7 +77,17 @@ fn create_steps(
     if let Some(frozen) = freeze {
         thaw_guest(ctx, host, record, frozen, &mut notes);
     }
-    let result = result.and_then(|()| quiesced_as_required(ctx, record));
+    let result = result
+        .and_then(|()| quiesced_as_required(ctx, record))
+        .and_then(|()| {
+            // The engine may have given the snapshot up while a call was blocked: what the
+            // late call did is undone, as for any failure.
+            if ctx.gate.succeed() {
+                Ok(())
+            } else {
+                ctx.check_abandoned("snapshot")
+            }
+        });
     if let Err(error) = result {
         undo_all(&env, record);
         return Err(error);

@@ -53,8 +53,12 @@ fn delete_steps(
         }
         for (backend, volumes) in ctx.backends.batches(&record.volumes.clone())? {
             for volume in &volumes {
+                ctx.check_abandoned("delete")?;
                 backend.release(&env, record, others, volume, deadline)?;
             }
+        }
+        if !ctx.gate.succeed() {
+            ctx.check_abandoned("delete")?;
         }
     }
     ctx.progress(record, "");

@@ -95,6 +95,57 @@ pub struct OpContext {
     pub vm_locks: VmLocks,
     /// The lock on this operation's VM, while it holds one (set by `spawn`).
     held_lock: Arc<Mutex<Option<VmLock>>>,
+    /// Shared with the engine's deadline watch (set by `spawn`).
+    pub gate: OpGate,
+}
+
+/// Where an operation stands for the engine's deadline watch: an operation blocked in a call
+/// past its deadline is given up (Abandoned) by the engine, which reports it failed at once;
+/// the operation's thread, when the call returns, sees that and undoes what it did. Finishing
+/// with success and giving up exclude each other.
+#[derive(Debug, Clone, Default)]
+pub struct OpGate(Arc<Mutex<GateState>>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum GateState {
+    #[default]
+    Running,
+    /// The operation is saving its success; it can no longer be given up.
+    Succeeding,
+    Abandoned,
+}
+
+impl OpGate {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The engine gives the operation up, unless it is already saving its success.
+    pub fn abandon(&self) -> bool {
+        let mut state = self.state();
+        if *state == GateState::Running {
+            *state = GateState::Abandoned;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        *self.state() == GateState::Abandoned
+    }
+
+    /// The operation is about to save its success: from now on it is not given up. False
+    /// when it already was.
+    pub fn succeed(&self) -> bool {
+        let mut state = self.state();
+        if *state == GateState::Running {
+            *state = GateState::Succeeding;
+        }
+        *state == GateState::Succeeding
+    }
 }
 
 impl OpContext {
@@ -212,10 +263,12 @@ impl OpContext {
         self,
         vm_uuid: String,
         lock: Option<VmLock>,
+        gate: OpGate,
         work: impl FnOnce(&OpContext) + Send + 'static,
     ) {
         let mut ctx = self.clone();
         ctx.held_lock = Arc::new(Mutex::new(lock));
+        ctx.gate = gate;
         let released = vm_uuid.clone();
         let spawned = std::thread::Builder::new()
             .name("libvirt-op".to_string())
@@ -258,6 +311,7 @@ impl OpContext {
             faults,
             vm_locks,
             held_lock: Arc::new(Mutex::new(None)),
+            gate: OpGate::default(),
         }
     }
 }
@@ -315,6 +369,21 @@ impl Faults {
 /// RFC 3339 UTC time, to the second.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The message of an operation given up at its deadline while blocked in a call.
+pub const ABANDONED: &str = "did not finish within failure_deadline: a call to libvirt or QEMU \
+     was blocked (a stopped or hung QEMU?); what it did is undone when that call returns";
+
+impl OpContext {
+    /// Fails when the engine gave this operation up while it was blocked.
+    pub(crate) fn check_abandoned(&self, what: &str) -> OpResult<()> {
+        if self.gate.is_abandoned() {
+            Err(OpError::DeadlineExceeded(format!("the {what} {ABANDONED}")))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 pub(crate) fn check_deadline(deadline: Instant, what: &str) -> OpResult<()> {

@@ -403,6 +403,25 @@ fn crash_at_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usiz
     }
 }
 
+/// For each call that changes something: a fresh lab, the engine gives the operation up
+/// while that call is "blocked" (the call then completes), and `check` judges the result after
+/// the operation ended by itself (no restart).
+fn abandon_at_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
+    let (lab, op) = lab_for();
+    let before = lock(&lab.world).calls;
+    op(&lab, &lab.ctx(None));
+    let calls = lock(&lab.world).calls - before;
+    for nth in 1..=calls {
+        let (lab, op) = lab_for();
+        let ctx = lab.ctx(None);
+        let at = lock(&lab.world).calls + nth;
+        lock(&lab.world).abandon_at = Some((at, ctx.gate.clone()));
+        op(&lab, &ctx);
+        lock(&lab.world).abandon_at = None;
+        check(&lab, nth);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Create
 
@@ -454,6 +473,33 @@ fn create_crash_before_and_after_every_journal_step_settles_on_recover() {
 #[test]
 fn create_crash_at_every_storage_and_hypervisor_call_settles_on_recover() {
     crash_at_every_call(create_lab, check_create);
+}
+
+#[test]
+fn create_given_up_while_blocked_in_any_call_is_undone_when_the_call_returns() {
+    abandon_at_every_call(create_lab, |lab, at| {
+        check_create(lab, at);
+        let s1 = lab
+            .snapshots()
+            .into_iter()
+            .find(|s| s.name == "s1")
+            .expect("s1");
+        assert_eq!(
+            s1.phase,
+            SnapshotPhase::Failed,
+            "at {at}: a given-up snapshot succeeded"
+        );
+        assert!(
+            s1.error_name.ends_with(".DeadlineExceeded"),
+            "at {at}: {}",
+            s1.error_name
+        );
+    });
+}
+
+#[test]
+fn delete_given_up_while_blocked_keeps_others_and_can_be_retried() {
+    abandon_at_every_call(delete_lab, check_delete);
 }
 
 #[test]
