@@ -324,7 +324,10 @@ fn hostile_lock_content_and_names_are_sanitized() {
         "vmsnap: snapshot [31m'r\u{e9}d']0;title 2Jevil is being created; \
          start VM 'vm[2Jtab' when it has finished\n"
     );
-    assert!(!line.contains('\x1b') && !line.contains('\u{9b}'), "{line:?}");
+    assert!(
+        !line.contains('\x1b') && !line.contains('\u{9b}'),
+        "{line:?}"
+    );
 
     // Very long, without a newline: at most 200 characters, multi-byte ones kept whole.
     let long = "é".repeat(100_000);
@@ -340,7 +343,10 @@ fn hostile_lock_content_and_names_are_sanitized() {
     let name = "n".repeat(5000);
     let line = refused(&name);
     assert!(
-        line.ends_with(&format!("start VM '{}' when it has finished\n", "n".repeat(200))),
+        line.ends_with(&format!(
+            "start VM '{}' when it has finished\n",
+            "n".repeat(200)
+        )),
         "{line}"
     );
 
@@ -384,15 +390,14 @@ fn the_lock_folder_comes_from_vmsnapds_config_when_not_in_the_environment() {
         assert_allowed(&with_config(text.clone()), &text);
     }
     // The environment wins over the config.
-    std::fs::write(
-        &config,
-        format!("vm_lock_dir = \"{}\"\n", locks.display()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("vm_lock_dir = \"{}\"\n", locks.display())).unwrap();
     let run = run_hook(
         ["web-1", "prepare", "begin", "-"],
         &domain_xml("web-1", UUID),
-        &[("VMSNAP_CONFIG", config.as_path()), ("VMSNAP_VM_LOCK_DIR", dir.path())],
+        &[
+            ("VMSNAP_CONFIG", config.as_path()),
+            ("VMSNAP_VM_LOCK_DIR", dir.path()),
+        ],
     );
     assert_allowed(&run, "environment over config");
 }
