@@ -9,7 +9,7 @@
 #
 # Environment: PREFIX (default /usr) and DESTDIR (default empty), as packagers expect: every file
 # goes to $DESTDIR$PREFIX/..., except the config, which vmsnapd reads from /etc/vmsnap whatever
-# PREFIX is. dbus-daemon and polkitd only read /usr/share (and /etc): with another PREFIX, the
+# PREFIX is, and the libvirt hook, which libvirtd looks for only in /etc/libvirt/hooks. dbus-daemon and polkitd only read /usr/share (and /etc): with another PREFIX, the
 # D-Bus policy and the polkit actions must be linked there by hand.
 #
 # Installed:
@@ -24,10 +24,13 @@
 #   $PREFIX/share/zsh/vendor-completions/_vmsnapctl                                0644
 #   $PREFIX/share/fish/vendor_completions.d/vmsnapctl.fish                         0644
 #   /etc/vmsnap/vmsnapd.toml (the documented defaults; an existing one is kept)    0644
+#   /etc/libvirt/hooks/qemu.d/vmsnap (refuses to start a VM vmsnapd works on)      0755
 #   $PREFIX/share/cockpit/vmsnap/ (the Cockpit page, cockpit/dist/)                0644
 #
 # The Cockpit page is built with npm and esbuild (lab/build-cockpit.sh): a build (the default)
 # builds it; with --no-build or --from, cockpit/dist/ must have been built before.
+# libvirtd looks for hooks only when it starts: after the hook's first install, restart libvirtd
+# (or virtqemud) once, which install prints when it installs into this system (no DESTDIR).
 # Man pages and completions are generated from vmsnapctl's command line by vmsnapctl-gen, built
 # with the binaries. Running it again installs the same files again (idempotent).
 set -euo pipefail
@@ -98,6 +101,7 @@ zsh_dir=$PREFIX/share/zsh/vendor-completions
 fish_dir=$PREFIX/share/fish/vendor_completions.d
 cockpit_dir=$PREFIX/share/cockpit/vmsnap
 confdir=/etc/vmsnap
+hookdir=/etc/libvirt/hooks/qemu.d
 
 # Every file install puts, but the man pages (their names come from vmsnapctl's commands).
 files=(
@@ -112,6 +116,7 @@ files=(
   "$bash_dir/vmsnapctl"
   "$zsh_dir/_vmsnapctl"
   "$fish_dir/vmsnapctl.fish"
+  "$hookdir/vmsnap"
 )
 
 if [ $uninstall = 1 ]; then
@@ -182,6 +187,13 @@ put 0644 "$root/man/vmsnapd.8" "$man8dir"
 put 0644 "$work/completions/vmsnapctl.bash" "$bash_dir" vmsnapctl
 put 0644 "$work/completions/_vmsnapctl" "$zsh_dir"
 put 0644 "$work/completions/vmsnapctl.fish" "$fish_dir"
+# libvirtd must be told (restarted) when the hook is new or changed on this system.
+hook=$root/config/libvirt/hooks/qemu.d/vmsnap
+hook_note=""
+if [ -z "$DESTDIR" ] && ! cmp -s -- "$hook" "$hookdir/vmsnap"; then
+  hook_note="$me: restart libvirtd (or virtqemud) once so that it runs the new hook $hookdir/vmsnap"
+fi
+put 0755 "$hook" "$hookdir"
 if [ $cockpit = 1 ]; then
   # A fresh copy: no asset of an older build stays behind.
   rm -rf -- "$DESTDIR$cockpit_dir"
@@ -198,6 +210,7 @@ fi
 
 if [ -z "$DESTDIR" ]; then
   echo "$me: vmsnap installed under $PREFIX$kept; start it with: systemctl daemon-reload && systemctl enable --now vmsnapd"
+  if [ -n "$hook_note" ]; then echo "$hook_note"; fi
 else
   echo "$me: vmsnap installed into $DESTDIR$kept"
 fi

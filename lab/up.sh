@@ -3,8 +3,10 @@
 # checks that everything is still there. Quiet unless something fails; ends with a short summary.
 #
 #  - installs packages (lab/install-packages.sh);
-#  - libvirt: user/group libvirt-qemu, qemu.conf user/group root, virtlogd -d and libvirtd -d
-#    (only if not running; the ones it starts are listed in $LAB_DIR/started-daemons for down.sh);
+#  - libvirt: user/group libvirt-qemu, qemu.conf user/group root, vmsnap's libvirt hook in
+#    /etc/libvirt/hooks/qemu.d/vmsnap (a running libvirtd is restarted once when the hook is new or
+#    changed: libvirtd looks for hooks only when it starts), virtlogd -d and libvirtd -d (only if
+#    not running; the ones it starts are listed in $LAB_DIR/started-daemons for down.sh);
 #  - a private system-type dbus-daemon on unix:path=$LAB_DIR/bus.sock with a permissive policy
 #    (address in $LAB_DIR/bus-address, pid in $LAB_DIR/dbus.pid; extra policy files may be dropped
 #    in $LAB_DIR/dbus.d/, then send the daemon SIGHUP);
@@ -79,13 +81,39 @@ grep -qE '^[[:space:]]*group[[:space:]]*=' "$qemu_conf" || echo 'group = "root"'
 record_started() {
   grep -qx "$1" "$LAB_DIR/started-daemons" 2>/dev/null || echo "$1" >>"$LAB_DIR/started-daemons"
 }
+
+# vmsnap's libvirt hook refuses to start a VM while vmsnapd holds that VM's lock. libvirtd looks
+# for hooks only when it starts, so the hook goes in first; a libvirtd already running while the
+# hook is missing or differs is stopped, then started again below with the hook in place. Stopped
+# before the copy: a run interrupted in between finds the hook still different and libvirtd
+# stopped, and finishes the job. Running guests keep running (QEMU does not depend on libvirtd,
+# which reconnects to them and their agents when it starts: tests/tests/lab_libvirtd_restart.rs);
+# open libvirt connections (a vmsnapd, virsh) drop and reconnect.
+hook_src=$LAB_SRC/../config/libvirt/hooks/qemu.d/vmsnap
+hook=/etc/libvirt/hooks/qemu.d/vmsnap
+libvirtd_restarted=0
+if ! cmp -s "$hook_src" "$hook"; then
+  if pid_alive /run/libvirtd.pid libvirtd; then
+    kill -TERM "$(head -n1 /run/libvirtd.pid)" 2>/dev/null || true
+    deadline=$((SECONDS + 30))
+    # libvirtd removes its pid file when it exits (PID 1 may not reap it: pid_alive, not kill -0).
+    while pid_alive /run/libvirtd.pid libvirtd; do
+      [ $SECONDS -lt $deadline ] || die "libvirtd did not stop within 30 s (to pick up the hook $hook)"
+      sleep 0.2
+    done
+    libvirtd_restarted=1
+  fi
+  install -D -m 0755 "$hook_src" "$hook" || die "cannot install $hook"
+fi
+
 if ! pid_alive /run/virtlogd.pid virtlogd; then
   quiet virtlogd -d
   record_started virtlogd
 fi
 if ! pid_alive /run/libvirtd.pid libvirtd; then
   quiet libvirtd -d
-  record_started libvirtd
+  # A restart for the hook leaves who owns libvirtd as it was (down.sh stops only the lab's).
+  [ $libvirtd_restarted = 1 ] || record_started libvirtd
 fi
 deadline=$((SECONDS + 60))
 until timeout 10 virsh -c "$URI" version >/dev/null 2>&1; do

@@ -111,6 +111,9 @@ install -d -m 0755 "$stage/DEBIAN"
 installed_size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SHLIBS@/$shlibs/" \
   -e "s/@SIZE@/$installed_size/" "$root/packaging/debian/control" >"$stage/DEBIAN/control"
+# Every file under /etc is a conffile: the config and the libvirt hook (an administrator's edit
+# survives upgrades; purge removes them). The hook's flock comes from util-linux, which is
+# Essential (so not in Depends: lintian flags Depends on an essential package).
 (cd "$stage" && find etc -type f -printf '/%p\n' | sort) >"$stage/DEBIAN/conffiles"
 for script in postinst prerm postrm; do
   install -m 0755 "$root/packaging/debian/$script" "$stage/DEBIAN/$script"

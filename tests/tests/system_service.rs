@@ -134,6 +134,8 @@ fn expected_files(prefix: &str) -> BTreeSet<(String, u32)> {
         files.insert((format!("{prefix}/share/man/man1/{page}"), 0o644));
     }
     files.insert(("/etc/vmsnap/vmsnapd.toml".to_string(), 0o644));
+    // libvirtd looks for its hooks in /etc only, whatever the prefix.
+    files.insert(("/etc/libvirt/hooks/qemu.d/vmsnap".to_string(), 0o755));
     // The Cockpit page, as built into cockpit/dist (lab/build-cockpit.sh).
     let dist = workspace_root().join("cockpit/dist");
     assert!(
@@ -169,6 +171,10 @@ fn install_puts_every_file_where_distributions_expect_it_and_uninstall_removes_t
             "systemd/vmsnapd.service",
         ),
         ("etc/vmsnap/vmsnapd.toml", "config/vmsnapd.toml"),
+        (
+            "etc/libvirt/hooks/qemu.d/vmsnap",
+            "config/libvirt/hooks/qemu.d/vmsnap",
+        ),
     ] {
         assert_eq!(
             std::fs::read_to_string(d.join(installed)).unwrap(),
