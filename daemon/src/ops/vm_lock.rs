@@ -11,6 +11,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
+/// How many times a conflicting lock is tried (2 ms apart) before it counts as held: the
+/// hook's glance lasts well under a millisecond.
+const HOOK_GLANCES: u32 = 10;
+
 /// Where the VM locks live.
 #[derive(Debug, Clone)]
 pub struct VmLocks {
@@ -63,12 +67,23 @@ impl VmLocks {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(unusable)?;
-        // SAFETY: flock on a descriptor this function owns; no memory is shared.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if locked != 0 {
+        // The libvirt hook takes a shared lock for a moment to test the file: a conflict is
+        // only a holder when it lasts.
+        let mut attempts = 0;
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is shared.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if locked == 0 {
+                break;
+            }
             let error = std::io::Error::last_os_error();
             if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(unusable(error));
+            }
+            attempts += 1;
+            if attempts < HOOK_GLANCES {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                continue;
             }
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
