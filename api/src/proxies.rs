@@ -140,6 +140,9 @@ pub trait Snapshot {
     /// Why the snapshot failed; empty otherwise.
     #[zbus(property)]
     fn error(&self) -> zbus::Result<String>;
+    /// The D-Bus error name of Error; empty without an error.
+    #[zbus(property)]
+    fn error_name(&self) -> zbus::Result<String>;
     /// What the operation is doing right now; empty when idle.
     #[zbus(property)]
     fn progress(&self) -> zbus::Result<String>;
@@ -211,6 +214,9 @@ pub trait Restore {
     fn safety_snapshot(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn error(&self) -> zbus::Result<String>;
+    /// The D-Bus error name of Error; empty without an error.
+    #[zbus(property)]
+    fn error_name(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn progress(&self) -> zbus::Result<String>;
 }

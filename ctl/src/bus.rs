@@ -138,6 +138,8 @@ impl Bus {
                 included_volumes: proxy.included_volumes().await?,
                 excluded_volumes: proxy.excluded_volumes().await?,
                 error: proxy.error().await?,
+                // Absent from a vmsnapd older than ErrorName.
+                error_name: proxy.error_name().await.unwrap_or_default(),
                 progress: proxy.progress().await?,
                 freeze_duration_ms: proxy.freeze_duration_ms().await?,
                 frozen_filesystems: proxy.frozen_filesystems().await?,
@@ -171,6 +173,8 @@ impl Bus {
                 not_restored: proxy.not_restored().await?,
                 safety_snapshot: proxy.safety_snapshot().await?,
                 error: proxy.error().await?,
+                // Absent from a vmsnapd older than ErrorName.
+                error_name: proxy.error_name().await.unwrap_or_default(),
                 progress: proxy.progress().await?,
             })
         };

@@ -581,6 +581,7 @@ mod tests {
             not_restored: vec![],
             safety_snapshot: String::new(),
             error: "qemu-img failed".into(),
+            error_name: String::new(),
             progress: String::new(),
         }
     }

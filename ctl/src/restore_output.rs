@@ -30,6 +30,8 @@ pub struct Restore {
     pub not_restored: Vec<ExcludedVolume>,
     pub safety_snapshot: String,
     pub error: String,
+    /// The D-Bus error name of `error` (empty from a vmsnapd that does not report it).
+    pub error_name: String,
     pub progress: String,
 }
 
@@ -68,6 +70,10 @@ pub struct RestoreJson<'a> {
     /// Why the restore failed; null when it did not.
     #[serde(rename = "error")]
     error: Option<&'a str>,
+    /// The D-Bus error name of `error` (org.vmsnap.VmSnap1.Error.StorageFailed, ...); null
+    /// without one.
+    #[serde(rename = "errorName")]
+    error_name: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,6 +141,7 @@ impl Restore {
                 .collect(),
             safety_snapshot: none_if_empty(&self.safety_snapshot),
             error: none_if_empty(&self.error),
+            error_name: none_if_empty(&self.error_name),
         }
     }
 
@@ -261,6 +268,7 @@ mod tests {
             }],
             safety_snapshot: "pre-restore-20261126T150000Z".into(),
             error: String::new(),
+            error_name: String::new(),
             progress: String::new(),
         }
     }
@@ -291,7 +299,8 @@ mod tests {
                 }],
                 "notRestored": [{"target": "sda", "reason": "cdrom"}],
                 "safetySnapshot": "pre-restore-20261126T150000Z",
-                "error": null
+                "error": null,
+                "errorName": null
             })
         );
     }

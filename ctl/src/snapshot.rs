@@ -456,6 +456,7 @@ mod tests {
             included_volumes: vec![],
             excluded_volumes: vec![],
             error: "the guest agent did not answer".into(),
+            error_name: String::new(),
             progress: String::new(),
             freeze_duration_ms: 0,
             frozen_filesystems: 0,

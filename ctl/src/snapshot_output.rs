@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub included_volumes: Vec<IncludedVolume>,
     pub excluded_volumes: Vec<ExcludedVolume>,
     pub error: String,
+    /// The D-Bus error name of `error` (empty from a vmsnapd that does not report it).
+    pub error_name: String,
     pub progress: String,
     pub freeze_duration_ms: u64,
     pub frozen_filesystems: u32,
@@ -60,6 +62,10 @@ pub struct SnapshotJson<'a> {
     /// Why the snapshot failed; null when it did not.
     #[serde(rename = "error")]
     error: Option<&'a str>,
+    /// The D-Bus error name of `error` (org.vmsnap.VmSnap1.Error.StorageFailed, ...); null
+    /// without one.
+    #[serde(rename = "errorName")]
+    error_name: Option<&'a str>,
     #[serde(rename = "freezeDurationMs")]
     freeze_duration_ms: u64,
     #[serde(rename = "frozenFilesystems")]
@@ -131,6 +137,7 @@ impl Snapshot {
                     .collect(),
             },
             error: none_if_empty(&self.error),
+            error_name: none_if_empty(&self.error_name),
             freeze_duration_ms: self.freeze_duration_ms,
             frozen_filesystems: self.frozen_filesystems,
             cow_fill_percent: self.cow_fill_percent,
@@ -303,6 +310,7 @@ mod tests {
                 reason: "cdrom".into(),
             }],
             error: String::new(),
+            error_name: String::new(),
             progress: String::new(),
             freeze_duration_ms: 57,
             frozen_filesystems: 2,
@@ -335,6 +343,7 @@ mod tests {
                     "excludedVolumes": [{"target": "sda", "reason": "cdrom"}]
                 },
                 "error": null,
+                "errorName": null,
                 "freezeDurationMs": 57,
                 "frozenFilesystems": 2,
                 "cowFillPercent": 0.0

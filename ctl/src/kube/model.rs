@@ -469,6 +469,7 @@ pub mod tests {
                 reason: "cdrom".into(),
             }],
             error: String::new(),
+            error_name: String::new(),
             progress: String::new(),
             freeze_duration_ms: 57,
             frozen_filesystems: 1,
@@ -496,6 +497,7 @@ pub mod tests {
             not_restored: vec![],
             safety_snapshot: "pre-restore-20261126T150000Z".into(),
             error: String::new(),
+            error_name: String::new(),
             progress: String::new(),
         }
     }
