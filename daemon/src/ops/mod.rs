@@ -325,6 +325,10 @@ impl OpContext {
 pub struct Faults {
     crash_at: Option<String>,
     pause_at: Option<String>,
+    /// VMSNAP_TEST_CRASH_AT_JOURNAL: the daemon dies at this journal step (each write of a
+    /// record is two steps, before and after it; counted from the daemon's start).
+    journal_crash_at: Option<usize>,
+    journal_steps: Arc<std::sync::atomic::AtomicUsize>,
     #[cfg(test)]
     pub journal: Option<Arc<sim_tests::JournalFaults>>,
 }
@@ -336,6 +340,9 @@ impl Faults {
         Faults {
             crash_at: std::env::var("VMSNAP_TEST_CRASH_AT").ok(),
             pause_at: std::env::var("VMSNAP_TEST_PAUSE_AT").ok(),
+            journal_crash_at: std::env::var("VMSNAP_TEST_CRASH_AT_JOURNAL")
+                .ok()
+                .and_then(|n| n.parse().ok()),
             ..Faults::default()
         }
     }
@@ -359,6 +366,15 @@ impl Faults {
 
     /// Before and after every journal write.
     fn journal_step(&self) {
+        let step = self
+            .journal_steps
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        tracing::debug!(step, "journal step");
+        if self.journal_crash_at == Some(step) {
+            warn!(step, "VMSNAP_TEST_CRASH_AT_JOURNAL: aborting");
+            std::process::abort();
+        }
         #[cfg(test)]
         if let Some(journal) = &self.journal {
             journal.step();
