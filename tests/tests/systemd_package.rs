@@ -12,11 +12,14 @@
 //!      action to a group; root may;
 //!   f. watchdog: vmsnapd stopped with SIGSTOP while a snapshot waits for LVM is killed and
 //!      restarted by systemd within WatchdogSec, and the restarted daemon settles that snapshot;
-//!   g. `apt remove`, reinstall and upgrade to a newer build keep every snapshot usable; `apt
-//!      purge` removes the config but keeps the records and snapshot LVs;
+//!   g. `apt remove` and reinstall keep every snapshot usable; `apt purge` removes the config but
+//!      keeps the records and snapshot LVs;
 //!   h. `systemd-analyze security` rates the unit (the score is in README).
-//! The two package versions are two builds of this tree (an older version number, then the
-//! current one), from the binaries the test suite runs, so that an upgrade is really an upgrade.
+//! The package is first installed as the previous release built it (the commit named in
+//! packaging/previous-release, built from its own tree by lab/build-previous-release.sh, cached
+//! in the lab folder): a snapshot taken by that release (its records in format 1) restores after
+//! the upgrade to this tree's package, built from the binaries the test suite runs. Every other
+//! scenario runs on this tree's package.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
@@ -35,7 +38,7 @@ const VG: &str = "vmsnaplab";
 const VM: &str = "lvm-vm";
 const NODE_XML: &str = "/var/lib/vmsnap-lab/node.xml";
 const CONFIG: &str = "/etc/vmsnap/vmsnapd.toml";
-/// Versions of the two package builds.
+/// The version the previous release's package is built with (older than this tree's).
 const OLD_VERSION: &str = "0.0.9-1";
 /// The unit's WatchdogSec.
 const WATCHDOG: Duration = Duration::from_secs(30);
@@ -327,24 +330,40 @@ fn quote_all(args: &[&str]) -> String {
         .join(" ")
 }
 
-/// Builds the package twice from the binaries under test: version OLD_VERSION and the current one.
+/// Puts two packages in `out`: the previous release's, as version OLD_VERSION (built once and
+/// cached), and this tree's, from the binaries under test.
 fn build_debs(out: &Path) {
-    let script = workspace_root().join("packaging/build-deb.sh");
+    std::fs::create_dir_all(out).unwrap();
+    let previous = run(
+        "bash",
+        &[
+            workspace_root()
+                .join("lab/build-previous-release.sh")
+                .to_str()
+                .unwrap(),
+            lab_dir().join("previous-release").to_str().unwrap(),
+            OLD_VERSION,
+        ],
+    );
+    let previous = previous.lines().last().unwrap().trim().to_string();
+    std::fs::copy(
+        &previous,
+        out.join(format!("vmsnap_{OLD_VERSION}_amd64.deb")),
+    )
+    .unwrap();
     let binaries = bin("vmsnapd").parent().unwrap().to_path_buf();
-    for version in [Some(OLD_VERSION), None] {
-        let mut command = Command::new("bash");
-        command.arg(&script).arg("--from").arg(&binaries);
-        if let Some(version) = version {
-            command.args(["--version", version]);
-        }
-        command.arg(out);
-        let output = command.output().unwrap();
-        assert!(
-            output.status.success(),
-            "build-deb.sh failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let output = Command::new("bash")
+        .arg(workspace_root().join("packaging/build-deb.sh"))
+        .arg("--from")
+        .arg(&binaries)
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "build-deb.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The .deb of the current build (the one that is not OLD_VERSION), as a path in the guest.
@@ -387,9 +406,11 @@ fn the_debian_package_under_systemd() {
         );
         step = Instant::now();
     };
-    lap("boot (image check, two .deb builds, virsh start to systemd up)");
+    lap("boot (image check, the two .debs, virsh start to systemd up)");
     scenario_install(&guest);
-    lap("install");
+    lap("install of the previous release");
+    scenario_upgrade(&guest);
+    lap("upgrade to this tree's package");
     scenario_reload(&guest);
     lap("reload");
     scenario_lvm_and_journal(&guest);
@@ -459,6 +480,47 @@ fn scenario_install(guest: &SystemdGuest) {
     guest.exec("systemctl restart vmsnapd");
     let vms = guest.ctl_json(&["vm", "list"]);
     assert_eq!(vms[0]["name"], VM, "{vms:#}");
+}
+
+/// The upgrade from the previous release: a snapshot that release took (thin and thick LVs, its
+/// record in format 1) is there after `dpkg -i` of this tree's package, which restarts vmsnapd,
+/// and restores. The administrator's edited config is kept (--force-confold, as answering the
+/// conffile question "keep" does).
+fn scenario_upgrade(guest: &SystemdGuest) {
+    guest.scribble();
+    let then = guest.vm_sums();
+    let taken = guest.snapshot("from-previous");
+    let uuid = taken["uuid"].as_str().unwrap().to_string();
+    let record = guest.exec(&format!("cat /var/lib/vmsnap/snapshots/*/{uuid}.json"));
+    let record: Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["version"], 1, "the previous release writes format 1");
+    guest.scribble();
+    assert_ne!(guest.vm_sums(), then);
+
+    let pid = guest.main_pid();
+    let deb = current_deb(guest);
+    let out = guest.try_exec(&format!("dpkg -i --force-confold {deb}"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let version = guest.exec("dpkg-query -W -f='${Version}' vmsnap");
+    assert!(
+        deb.contains(&format!("_{}_", version.trim())) && version.trim() != OLD_VERSION,
+        "{version} from {deb}"
+    );
+    assert_eq!(guest.active_state(), "active");
+    assert_ne!(guest.main_pid(), pid, "the upgrade did not restart vmsnapd");
+    guest.exec("test -x /etc/libvirt/hooks/qemu.d/vmsnap");
+    let shown = guest.ctl_json(&["snapshot", "show", VM, "from-previous"]);
+    assert_eq!(shown["phase"], "Succeeded", "{shown:#}");
+    assert_eq!(shown["readyToUse"], true, "{shown:#}");
+    guest.restore("from-previous");
+    assert_eq!(
+        guest.vm_sums(),
+        then,
+        "the previous release's snapshot did not restore"
+    );
+    guest.delete_safety_snapshots();
+    let out = guest.ctl(&["snapshot", "delete", VM, "from-previous"]);
+    assert_eq!(out.code, 0, "{out:?}");
 }
 
 /// b. systemctl reload applies a changed config in the running daemon; a broken one is refused,
@@ -703,9 +765,8 @@ fn scenario_watchdog(guest: &SystemdGuest) {
     assert_eq!(out.code, 0, "{out:?}");
 }
 
-/// g. apt remove stops the service and keeps records, config and snapshot LVs; reinstalling the
-/// same version and upgrading to the current build bring the snapshot back, and it restores;
-/// purge keeps the records and LVs too.
+/// g. apt remove stops the service and keeps records, config and snapshot LVs; reinstalling
+/// brings the snapshot back, and it restores; purge keeps the records and LVs too.
 fn scenario_package_lifecycle(guest: &SystemdGuest) {
     guest.scribble();
     let kept = guest.vm_sums();
@@ -733,24 +794,13 @@ fn scenario_package_lifecycle(guest: &SystemdGuest) {
         2
     );
 
-    let out = guest.try_exec(&format!("dpkg -i {}", old_deb()));
+    let deb = current_deb(guest);
+    let out = guest.try_exec(&format!("dpkg -i --force-confold {deb}"));
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(guest.active_state(), "active");
     let listed = guest.ctl_json(&["snapshot", "show", VM, "kept"]);
     assert_eq!(listed["phase"], "Succeeded", "{listed:#}");
     assert_eq!(listed["uuid"], uuid.as_str());
-
-    let pid = guest.main_pid();
-    let deb = current_deb(guest);
-    let out = guest.try_exec(&format!("dpkg -i {deb}"));
-    assert_eq!(out.code, 0, "{out:?}");
-    let version = guest.exec("dpkg-query -W -f='${Version}' vmsnap");
-    assert!(
-        deb.contains(&format!("_{}_", version.trim())) && version.trim() != OLD_VERSION,
-        "{version} from {deb}"
-    );
-    assert_eq!(guest.active_state(), "active");
-    assert_ne!(guest.main_pid(), pid, "the upgrade did not restart vmsnapd");
     guest.restore("kept");
     assert_eq!(guest.vm_sums(), kept, "the kept snapshot did not restore");
     guest.delete_safety_snapshots();
