@@ -1350,3 +1350,34 @@ impl LvmGuest {
 /// not reap orphans).
 const ALIVE: &str =
     "alive() { [ -e /proc/$1/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$1/status; }";
+
+/// A disk's content as a guest would read it, whole: SHA-256 of the flattened image (read with
+/// -U: no lock taken).
+pub fn flat_sum(image: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("flat.raw");
+    run(
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
+    );
+    run("sha256sum", &[raw.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes 64 KiB of `byte` at `offset_kib` into a shut-off VM's qcow2 top image, as the guest
+/// would.
+pub fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {byte} {offset_kib}k 64k"),
+            image,
+        ],
+    );
+}

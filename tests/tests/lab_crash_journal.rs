@@ -12,36 +12,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmsnap_tests::{
-    config_for, image_of, virsh, wait_for, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    config_for, flat_sum, image_of, virsh, wait_for, write_pattern, Daemon, PrivateBus,
+    ScratchOptions, ScratchVm, LAB_URI,
 };
-
-fn flat_sum(image: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("flat.raw");
-    vmsnap_tests::run(
-        "qemu-img",
-        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
-    );
-    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn write_pattern(image: &str, byte: u8) {
-    let offset = u64::from(byte) * 64;
-    vmsnap_tests::run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {byte} {offset}k 64k"),
-            image,
-        ],
-    );
-}
 
 fn snapshots(daemon: &Daemon, vm: &str) -> Vec<Value> {
     daemon
@@ -64,13 +37,13 @@ struct Start {
 
 /// s0 (data 0x11), then data 0x22 on the disk.
 fn setup(daemon: &Daemon, vm: &ScratchVm) -> Start {
-    write_pattern(&vm.disk_source(), 0x11);
+    write_pattern(&vm.disk_source(), 0x11, 1088);
     let taken = daemon
         .ctl(&["snapshot", "create", &vm.name, "s0", "--output", "json"])
         .json();
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
     let s0 = flat_sum(&image_of(&taken));
-    write_pattern(&vm.disk_source(), 0x22);
+    write_pattern(&vm.disk_source(), 0x22, 2176);
     Start {
         contents: vec![("s0".to_string(), s0)],
         disk: flat_sum(&vm.disk_source()),

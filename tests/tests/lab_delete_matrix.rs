@@ -9,39 +9,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use vmsnap_tests::{
-    config_for, image_of, show_snapshot, virsh, wait_for, Daemon, PrivateBus, ScratchOptions,
-    ScratchVm, LAB_URI,
+    config_for, flat_sum, image_of, show_snapshot, virsh, wait_for, write_pattern, Daemon,
+    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
-
-/// The disk's content as a guest would read it, whole: SHA-256 of the flattened image.
-fn flat_sum(image: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("flat.raw");
-    vmsnap_tests::run(
-        "qemu-img",
-        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
-    );
-    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Writes a 64 KiB pattern into a shut-off VM's top image, as the guest would.
-fn write_pattern(image: &str, byte: u8) {
-    let offset = u64::from(byte) * 64;
-    vmsnap_tests::run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {byte} {offset}k 64k"),
-            image,
-        ],
-    );
-}
 
 fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
     if items.len() <= 1 {
@@ -87,13 +57,13 @@ fn branched_history(daemon: &Daemon, slot: usize) -> History {
     wait_for(Duration::from_secs(30), "the VM in the inventory", || {
         (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
     });
-    write_pattern(&vm.disk_source(), 0x11);
+    write_pattern(&vm.disk_source(), 0x11, 1088);
     snapshot(daemon, &vm.name, "s1");
-    write_pattern(&vm.disk_source(), 0x22);
+    write_pattern(&vm.disk_source(), 0x22, 2176);
     snapshot(daemon, &vm.name, "s2");
     let back = daemon.ctl(&["restore", &vm.name, "s1", "--no-safety-snapshot"]);
     assert_eq!(back.code, Some(0), "{back:?}");
-    write_pattern(&vm.disk_source(), 0x33);
+    write_pattern(&vm.disk_source(), 0x33, 3264);
     snapshot(daemon, &vm.name, "s3");
     let cloned = daemon
         .ctl(&[
@@ -105,11 +75,11 @@ fn branched_history(daemon: &Daemon, slot: usize) -> History {
         .as_str()
         .unwrap()
         .to_string();
-    write_pattern(&vm.disk_source(), 0x44);
+    write_pattern(&vm.disk_source(), 0x44, 4352);
     snapshot(daemon, &vm.name, "s4");
-    write_pattern(&vm.disk_source(), 0x55);
+    write_pattern(&vm.disk_source(), 0x55, 5440);
     virsh(&["undefine", &copy]);
-    write_pattern(&copy_disk, 0x66);
+    write_pattern(&copy_disk, 0x66, 6528);
     let contents = ["s1", "s2", "s3", "s4"]
         .iter()
         .map(|s| {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmsnap_tests::{
-    config_for, image_checksums, virsh, wait_for, Daemon, PrivateBus, ScratchOptions, ScratchVm,
-    LAB_URI,
+    config_for, flat_sum, image_checksums, virsh, wait_for, write_pattern, Daemon, PrivateBus,
+    ScratchOptions, ScratchVm, LAB_URI,
 };
 
 /// Whether another process holds QEMU's image locks on `image` (its "not shared: write" lock,
@@ -159,35 +159,6 @@ fn a_snapshot_whose_image_or_backing_file_is_gone_is_not_offered_and_nothing_cha
         (g1["readyToUse"] == true).then_some(g1)
     });
     assert_eq!(g1["error"], "", "{g1}");
-}
-
-/// The disk's content as a guest would read it, whole: SHA-256 of the flattened image.
-fn flat_sum(image: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("flat.raw");
-    vmsnap_tests::run(
-        "qemu-img",
-        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
-    );
-    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Writes a 64 KiB pattern into a shut-off VM's top image, as the guest would.
-fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
-    vmsnap_tests::run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {byte} {}k 64k", offset_kib),
-            image,
-        ],
-    );
 }
 
 #[test]

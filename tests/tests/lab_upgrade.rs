@@ -8,36 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use vmsnap_tests::{config_for, wait_for, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI};
-
-/// The disk's content as a guest would read it, whole: SHA-256 of the flattened image.
-fn flat_sum(image: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("flat.raw");
-    vmsnap_tests::run(
-        "qemu-img",
-        &["convert", "-U", "-O", "raw", image, raw.to_str().unwrap()],
-    );
-    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Writes a 64 KiB pattern into a shut-off VM's top image, as the guest would.
-fn write_pattern(image: &str, byte: u8) {
-    vmsnap_tests::run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {byte} 1m 64k"),
-            image,
-        ],
-    );
-}
+use vmsnap_tests::{
+    config_for, flat_sum, wait_for, write_pattern, Daemon, PrivateBus, ScratchOptions, ScratchVm,
+    LAB_URI,
+};
 
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,13 +47,13 @@ fn snapshots_recorded_in_format_1_restore_and_delete_after_an_upgrade() {
     wait_for(Duration::from_secs(30), "the VM in the inventory", || {
         (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
     });
-    write_pattern(&vm.disk_source(), 0xaa);
+    write_pattern(&vm.disk_source(), 0xaa, 1024);
     let then = flat_sum(&vm.disk_source());
     let taken = daemon
         .ctl(&["snapshot", "create", &vm.name, "before", "--output", "json"])
         .json();
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
-    write_pattern(&vm.disk_source(), 0xbb);
+    write_pattern(&vm.disk_source(), 0xbb, 1024);
     let now = flat_sum(&vm.disk_source());
     assert_ne!(then, now);
 
