@@ -365,9 +365,21 @@ fn crash_at_every_step(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usiz
     }
 }
 
-/// For each call that changes something: a fresh lab, that call fails, the operation ends,
-/// a restart settles anything left, and `check` judges the result.
-fn fail_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
+/// What happens at the chosen call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AtCall {
+    /// The call fails; the operation ends by itself, then a restart settles anything left.
+    Fails,
+    /// The daemon dies just before it; a restart settles.
+    Crash,
+    /// The engine gives the operation up while the call is "blocked" (the call then
+    /// completes); the operation ends by itself, no restart.
+    GivenUp,
+}
+
+/// For each call that changes something: a fresh lab, `what` happens at that call, and
+/// `check` judges the result.
+fn at_every_call(what: AtCall, lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
     let (lab, op) = lab_for();
     let before = lock(&lab.world).calls;
     op(&lab, &lab.ctx(None));
@@ -375,49 +387,29 @@ fn fail_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) 
     assert!(calls >= 2, "only {calls} calls");
     for nth in 1..=calls {
         let (lab, op) = lab_for();
-        let first = lock(&lab.world).calls + nth;
-        lock(&lab.world).fail_at = Some(first);
-        op(&lab, &lab.ctx(None));
-        lock(&lab.world).fail_at = None;
-        lab.restart();
-        check(&lab, nth);
-    }
-}
-
-/// For each call that changes something: a fresh lab, the daemon dies just before that call,
-/// a restart settles it, and `check` judges the result.
-fn crash_at_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
-    let (lab, op) = lab_for();
-    let before = lock(&lab.world).calls;
-    op(&lab, &lab.ctx(None));
-    let calls = lock(&lab.world).calls - before;
-    for nth in 1..=calls {
-        let (lab, op) = lab_for();
-        let first = lock(&lab.world).calls + nth;
-        lock(&lab.world).crash_at = Some(first);
-        let crashed = catch_unwind(AssertUnwindSafe(|| op(&lab, &lab.ctx(None))));
-        lock(&lab.world).crash_at = None;
-        assert!(crashed.is_err(), "no crash at call {nth} of {calls}");
-        lab.restart();
-        check(&lab, nth);
-    }
-}
-
-/// For each call that changes something: a fresh lab, the engine gives the operation up
-/// while that call is "blocked" (the call then completes), and `check` judges the result after
-/// the operation ended by itself (no restart).
-fn abandon_at_every_call(lab_for: impl Fn() -> Scenario, check: impl Fn(&Lab, usize)) {
-    let (lab, op) = lab_for();
-    let before = lock(&lab.world).calls;
-    op(&lab, &lab.ctx(None));
-    let calls = lock(&lab.world).calls - before;
-    for nth in 1..=calls {
-        let (lab, op) = lab_for();
         let ctx = lab.ctx(None);
         let at = lock(&lab.world).calls + nth;
-        lock(&lab.world).abandon_at = Some((at, ctx.gate.clone()));
-        op(&lab, &ctx);
-        lock(&lab.world).abandon_at = None;
+        {
+            let mut world = lock(&lab.world);
+            match what {
+                AtCall::Fails => world.fail_at = Some(at),
+                AtCall::Crash => world.crash_at = Some(at),
+                AtCall::GivenUp => world.abandon_at = Some((at, ctx.gate.clone())),
+            }
+        }
+        let ended = catch_unwind(AssertUnwindSafe(|| op(&lab, &ctx)));
+        {
+            let mut world = lock(&lab.world);
+            (world.fail_at, world.crash_at, world.abandon_at) = (None, None, None);
+        }
+        assert_eq!(
+            ended.is_err(),
+            what == AtCall::Crash,
+            "{what:?} at call {nth} of {calls}"
+        );
+        if what != AtCall::GivenUp {
+            lab.restart();
+        }
         check(&lab, nth);
     }
 }
@@ -472,12 +464,12 @@ fn create_crash_before_and_after_every_journal_step_settles_on_recover() {
 
 #[test]
 fn create_crash_at_every_storage_and_hypervisor_call_settles_on_recover() {
-    crash_at_every_call(create_lab, check_create);
+    at_every_call(AtCall::Crash, create_lab, check_create);
 }
 
 #[test]
 fn create_given_up_while_blocked_in_any_call_is_undone_when_the_call_returns() {
-    abandon_at_every_call(create_lab, |lab, at| {
+    at_every_call(AtCall::GivenUp, create_lab, |lab, at| {
         check_create(lab, at);
         let s1 = lab
             .snapshots()
@@ -499,12 +491,12 @@ fn create_given_up_while_blocked_in_any_call_is_undone_when_the_call_returns() {
 
 #[test]
 fn delete_given_up_while_blocked_keeps_others_and_can_be_retried() {
-    abandon_at_every_call(delete_lab, check_delete);
+    at_every_call(AtCall::GivenUp, delete_lab, check_delete);
 }
 
 #[test]
 fn create_failure_of_every_call_leaves_nothing_half_done_or_recovers() {
-    fail_every_call(create_lab, check_create);
+    at_every_call(AtCall::Fails, create_lab, check_create);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -562,12 +554,12 @@ fn delete_crash_before_and_after_every_journal_step_settles_on_recover() {
 
 #[test]
 fn delete_crash_at_every_storage_call_settles_on_recover() {
-    crash_at_every_call(delete_lab, check_delete);
+    at_every_call(AtCall::Crash, delete_lab, check_delete);
 }
 
 #[test]
 fn delete_failure_of_every_call_keeps_others_and_can_be_retried() {
-    fail_every_call(delete_lab, check_delete);
+    at_every_call(AtCall::Fails, delete_lab, check_delete);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,12 +674,28 @@ fn restore_as_new_vm_crash_before_and_after_every_journal_step_settles_on_recove
 
 #[test]
 fn restore_crash_at_every_storage_and_hypervisor_call_settles_on_recover() {
-    crash_at_every_call(|| restore_lab(None, true), check_restore_in_place);
-    crash_at_every_call(|| restore_lab(Some("clone"), false), check_restore_as_new);
+    at_every_call(
+        AtCall::Crash,
+        || restore_lab(None, true),
+        check_restore_in_place,
+    );
+    at_every_call(
+        AtCall::Crash,
+        || restore_lab(Some("clone"), false),
+        check_restore_as_new,
+    );
 }
 
 #[test]
 fn restore_failure_of_every_call_changes_nothing_or_completes_on_recover() {
-    fail_every_call(|| restore_lab(None, true), check_restore_in_place);
-    fail_every_call(|| restore_lab(Some("clone"), false), check_restore_as_new);
+    at_every_call(
+        AtCall::Fails,
+        || restore_lab(None, true),
+        check_restore_in_place,
+    );
+    at_every_call(
+        AtCall::Fails,
+        || restore_lab(Some("clone"), false),
+        check_restore_as_new,
+    );
 }
