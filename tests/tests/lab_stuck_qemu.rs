@@ -51,7 +51,7 @@ fn a_snapshot_of_a_stopped_qemu_fails_at_its_deadline_and_is_undone_when_qemu_an
     // The snapshot ends while QEMU is still stopped: the deadline held.
     let out = daemon.ctl(&["snapshot", "create", &vm.name, "stuck", "--output", "json"]);
     assert_eq!(out.code, Some(1), "{out:?}");
-    let failed = out.json();
+    let failed: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(failed["phase"], "Failed", "{failed}");
     assert_eq!(
         failed["errorName"], "org.vmsnap.VmSnap1.Error.DeadlineExceeded",
