@@ -7,6 +7,7 @@
 //! written between S and the next snapshot (or now), and every other snapshot keeps its content.
 //! A restore never writes a snapshot's image: the restored disk is a new overlay on it.
 
+pub mod chain;
 pub mod forest;
 pub mod header;
 mod merge;
