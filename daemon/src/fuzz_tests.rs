@@ -1,11 +1,12 @@
 //! Bounded fuzzing of every parser of input vmsnapd does not control: records read from the
-//! state folder, libvirt's domain XML, qemu-img's JSON (and, in `bus::manager`, D-Bus option
-//! dicts). Each run mutates realistic seeds a few thousand times; the parsers must answer `Ok` or
+//! state folder, libvirt's domain XML, qemu-img's JSON, qcow2 headers (and, in `bus::manager`,
+//! D-Bus option dicts). Each run mutates realistic seeds a few thousand times; the parsers must answer `Ok` or
 //! `Err`, never panic, and what they accept must keep the invariants callers rely on.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, RngSeed};
 
+use crate::backends::qcow2::chain::{self, FileBytes};
 use crate::backends::qcow2::qemu_img;
 use crate::domain;
 use crate::store;
@@ -88,6 +89,63 @@ pub(crate) fn mutated(seeds: Vec<String>) -> impl Strategy<Value = String> {
         })
 }
 
+/// One of `seeds`, its bytes edited up to 8 times (set, insert, delete, truncate, or a field
+/// made extreme): binary input, which [`mutated`]'s text round trip would mangle.
+fn mutated_bytes(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    let count = seeds.len();
+    (
+        0..count,
+        prop::collection::vec((any::<u16>(), 0u8..5, any::<u8>()), 0..8),
+    )
+        .prop_map(move |(seed, edits)| {
+            let mut bytes = seeds[seed].clone();
+            for (position, op, value) in edits {
+                // Most fields that matter are in the first few hundred bytes.
+                let at = usize::from(position) % (bytes.len().min(512) + 1);
+                match op {
+                    0 if at < bytes.len() => bytes[at] = value,
+                    1 => bytes.insert(at, value),
+                    2 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    3 if at + 4 <= bytes.len() => {
+                        let extreme = [0u32, 1, 0x7fff_ffff, u32::MAX][usize::from(value % 4)];
+                        bytes[at..at + 4].copy_from_slice(&extreme.to_be_bytes());
+                    }
+                    _ => bytes.truncate(at),
+                }
+            }
+            bytes
+        })
+}
+
+/// A qcow2 header as qemu-img writes one (version 3, or 2): a backing format extension, the
+/// end extension, then the backing file name.
+fn qcow2_seed(version: u32) -> Vec<u8> {
+    let header_len: u32 = if version == 2 { 72 } else { 112 };
+    let name = b"../images/base.qcow2";
+    let name_offset = u64::from(header_len) + 16 + 8;
+    let mut b = Vec::new();
+    b.extend_from_slice(b"QFI\xfb");
+    b.extend_from_slice(&version.to_be_bytes());
+    b.extend_from_slice(&name_offset.to_be_bytes());
+    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    b.extend_from_slice(&16u32.to_be_bytes()); // cluster bits
+    b.resize(72, 0);
+    if version == 3 {
+        b.resize(100, 0); // no incompatible features; refcount order 0 (not read)
+        b.extend_from_slice(&header_len.to_be_bytes());
+        b.resize(header_len as usize, 0);
+    }
+    b.extend_from_slice(&0xe279_2acau32.to_be_bytes());
+    b.extend_from_slice(&5u32.to_be_bytes());
+    b.extend_from_slice(b"qcow2\0\0\0");
+    b.extend_from_slice(&[0; 8]); // the end extension
+    b.extend_from_slice(name);
+    b.resize(4096, 0);
+    b
+}
+
 struct NoLvm;
 impl crate::disks::LvmProbe for NoLvm {
     fn is_logical_volume(&self, _dev: &std::path::Path) -> bool {
@@ -152,6 +210,22 @@ proptest! {
     }
 
     #[test]
+    fn fuzz_qcow2_headers(bytes in mutated_bytes(vec![qcow2_seed(3), qcow2_seed(2)])) {
+        for format in [None, Some("qcow2")] {
+            if let Ok(image) = chain::read_image(&FileBytes::of(&bytes), format) {
+                prop_assert!(image.format == "qcow2" || image.format == "raw");
+                if let Some((name, backing_format)) = &image.backing {
+                    prop_assert!(!name.is_empty() && name.len() <= 1023 && !name.contains(&0));
+                    prop_assert!(backing_format.as_ref().is_none_or(|f| f.len() <= 15));
+                    if let Ok(path) = chain::resolve("/i/top.qcow2", name) {
+                        prop_assert!(path.starts_with('/'), "{}", path);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn fuzz_qemu_img_chain(text in mutated(vec![CHAIN_JSON.to_string()])) {
         let _ = qemu_img::parse_chain(&text);
     }
@@ -192,4 +266,9 @@ fn seeds_are_accepted_as_they_are() {
     let parsed = store::parse_restore_record(restore.as_bytes());
     assert!(parsed.is_ok(), "{parsed:?}");
     assert!(qemu_img::parse_chain(CHAIN_JSON).is_ok());
+    for version in [2, 3] {
+        let image = chain::read_image(&FileBytes::of(&qcow2_seed(version)), None);
+        let backing = Some((b"../images/base.qcow2".to_vec(), Some("qcow2".to_string())));
+        assert_eq!(image.map(|i| i.backing), Ok(backing), "version {version}");
+    }
 }

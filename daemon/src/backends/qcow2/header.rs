@@ -8,7 +8,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 4] = b"QFI\xfb";
+pub(super) const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// The qcow2 specification's limit on the backing file name.
 const MAX_BACKING_NAME: u32 = 1023;
 
@@ -38,7 +38,7 @@ pub fn backing_file(path: &Path) -> io::Result<Option<PathBuf>> {
 }
 
 /// The backing file name from a header's first 20 bytes (`read` fetches the name's bytes).
-fn parse_backing(
+pub(super) fn parse_backing(
     header: &[u8; 20],
     read: impl FnOnce(u64, usize) -> io::Result<Vec<u8>>,
 ) -> io::Result<Option<Vec<u8>>> {

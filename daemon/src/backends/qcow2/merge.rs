@@ -8,6 +8,7 @@ use tracing::warn;
 use virt::connect::Connect;
 use virt::domain::Domain;
 
+use super::chain;
 use super::forest::{is_owned, prune_unclaimed, Forest};
 use super::qemu_img;
 use crate::domain;
@@ -265,7 +266,7 @@ pub(super) fn merge(
 ) -> OpResult<()> {
     let xml = current_xml(dom)?;
     let (current_top, _) = domain::disk_source(&xml, &volume.target)?;
-    let chain = qemu_img::backing_chain(&current_top)?;
+    let chain = chain::backing_chain_or_qemu_img(&current_top)?;
     let Some(top_index) = chain.iter().position(|i| i.path == top) else {
         return Ok(());
     };

@@ -7,6 +7,7 @@
 //! written between S and the next snapshot (or now), and every other snapshot keeps its content.
 //! A restore never writes a snapshot's image: the restored disk is a new overlay on it.
 
+pub mod chain;
 pub mod forest;
 pub mod header;
 mod merge;
@@ -161,7 +162,7 @@ impl VolumeBackend for Qcow2Backend {
     ) -> OpResult<bool> {
         let xml = env.host.current_definition(&snapshot.vm_uuid)?;
         let (top, _) = domain::disk_source(&xml, &volume.target)?;
-        let chain = qemu_img::backing_chain(&top)?;
+        let chain = chain::backing_chain_or_qemu_img(&top)?;
         Ok(chain.iter().any(|i| i.path == overlay(volume)))
     }
 
@@ -215,8 +216,10 @@ impl VolumeBackend for Qcow2Backend {
                 snapshot.name, volume.image, volume.target
             )));
         }
-        // The image needs its own backing files too.
-        qemu_img::backing_chain(&volume.image).map_err(|_| {
+        // The image needs its own backing files too: each one there, none a loop. Read from the
+        // headers; staging the restore opens the whole chain with qemu-img anyway, which finds
+        // any damage past the headers before anything changes.
+        chain::backing_chain_or_qemu_img(&volume.image).map_err(|_| {
             OpError::Refused(format!(
                 "snapshot '{}' cannot be restored: the backing chain of its image {} of disk {} \
                  cannot be read (a backing file is missing or damaged; see vmsnapd's journal)",
