@@ -1381,3 +1381,13 @@ pub fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
         ],
     );
 }
+
+/// Waits until vmsnapd's inventory shows `vm` as libvirt has it now (its UUID: a VM defined
+/// again under the same name is a new VM, which an inventory a moment old does not know yet).
+pub fn wait_in_inventory(daemon: &Daemon, vm: &ScratchVm) {
+    let uuid = vm.uuid();
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        let shown = daemon.ctl(&["vm", "show", &vm.name, "--output", "json"]);
+        (shown.code == Some(0) && shown.json()["uuid"] == uuid.as_str()).then_some(())
+    });
+}

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmsnap_tests::{
-    config_for, flat_sum, image_of, virsh, wait_for, write_pattern, Daemon, PrivateBus,
-    ScratchOptions, ScratchVm, LAB_URI,
+    config_for, flat_sum, image_of, virsh, wait_for, wait_in_inventory, write_pattern, Daemon,
+    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 fn snapshots(daemon: &Daemon, vm: &str) -> Vec<Value> {
@@ -113,9 +113,7 @@ fn at_every_journal_step(
     let mut daemon = Daemon::start(&bus, &config_for(LAB_URI));
     let count = {
         let vm = ScratchVm::define(name, ScratchOptions::default(), &[]);
-        wait_for(Duration::from_secs(30), "the VM in the inventory", || {
-            (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
-        });
+        wait_in_inventory(&daemon, &vm);
         setup(&daemon, &vm);
         let before = journal_steps(&daemon);
         op(&daemon, &vm);
@@ -125,15 +123,11 @@ fn at_every_journal_step(
     for crash_at in 1..=count {
         let vm = ScratchVm::define(name, ScratchOptions::default(), &[]);
         daemon.restart_with_env(&[]);
-        wait_for(Duration::from_secs(30), "the VM in the inventory", || {
-            (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
-        });
+        wait_in_inventory(&daemon, &vm);
         let start = setup(&daemon, &vm);
         // The count starts with the daemon: from this start on, only the op's steps count.
         daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT_JOURNAL", &crash_at.to_string())]);
-        wait_for(Duration::from_secs(30), "the VM in the inventory", || {
-            (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
-        });
+        wait_in_inventory(&daemon, &vm);
         op(&daemon, &vm);
         let status = daemon.wait_exit(Duration::from_secs(60));
         assert!(

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use vmsnap_tests::{
-    config_for, flat_sum, image_of, show_snapshot, virsh, wait_for, write_pattern, Daemon,
-    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    config_for, flat_sum, image_of, show_snapshot, virsh, wait_for, wait_in_inventory,
+    write_pattern, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
@@ -54,9 +54,7 @@ fn branched_history(daemon: &Daemon, slot: usize) -> History {
         .args(["-c", LAB_URI, "undefine", &copy])
         .output();
     let vm = ScratchVm::define(&name, ScratchOptions::default(), &[]);
-    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
-        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
-    });
+    wait_in_inventory(&daemon, &vm);
     write_pattern(&vm.disk_source(), 0x11, 1088);
     snapshot(daemon, &vm.name, "s1");
     write_pattern(&vm.disk_source(), 0x22, 2176);
@@ -97,6 +95,11 @@ fn branched_history(daemon: &Daemon, slot: usize) -> History {
 }
 
 fn check(daemon: &Daemon, history: &History, deleted: &[&str], step: &str) {
+    assert!(
+        std::path::Path::new(&history.copy_disk).exists(),
+        "{step}: the undefined VM's disk {} is gone",
+        history.copy_disk
+    );
     for (name, content) in &history.contents {
         if deleted.contains(&name.as_str()) {
             continue;

@@ -87,6 +87,10 @@ pub(super) fn release_image(
         }
         let children = forest.children(&current);
         match children.as_slice() {
+            // The one image on top is a file vmsnapd does not know (an undefined VM's disk, a
+            // copy made by hand): it is not vmsnapd's to merge away, and it needs this image.
+            // The image stays; its space is the price of that file.
+            [child] if forest.is_unknown(child) => return Ok(()),
             [] => {
                 // Gone, with any backing image that only it kept; the first one that stays may
                 // now have a single image on top, to merge on the next round.
