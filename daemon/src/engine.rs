@@ -247,6 +247,8 @@ pub struct Engine {
     /// Callers waiting for a record write an operation thread does (the engine task writes
     /// none: a slow state folder must not stall every request), by record UUID.
     awaiting_write: HashMap<String, AwaitingWrite>,
+    /// Unfinished records found while their VM was busy, by VM UUID: settled when it is free.
+    deferred_settling: HashMap<String, std::collections::HashSet<String>>,
     /// Operations watched for their deadline, by VM UUID.
     watched: HashMap<String, Watched>,
     /// Snapshot records whose operation was given up at its deadline while blocked: shown
@@ -370,6 +372,7 @@ impl Engine {
                 fill_check_running: false,
                 verify_running: false,
                 watched: HashMap::new(),
+                deferred_settling: HashMap::new(),
                 abandoned: Default::default(),
                 fill_warned: Default::default(),
                 awaiting_write: HashMap::new(),
@@ -554,6 +557,9 @@ impl Engine {
             OpEvent::Finished { vm_uuid } => {
                 self.watched.remove(&vm_uuid);
                 self.busy.remove(&vm_uuid);
+                if let Some(records) = self.deferred_settling.remove(&vm_uuid) {
+                    self.settle_records(Some(&records));
+                }
                 for change in self.held.remove(&vm_uuid).unwrap_or_default() {
                     self.emit(change);
                 }
@@ -1424,16 +1430,25 @@ impl Engine {
 
     /// Starts settling every record left unfinished by an earlier vmsnapd, one VM at a time.
     fn settle_unfinished(&mut self) {
+        self.settle_records(None);
+    }
+
+    /// Settles unfinished records (only those in `only`, when given). One whose VM is busy
+    /// (an interrupted restore of that VM is settled first, say) waits for that VM to be free:
+    /// it is settled then, once.
+    fn settle_records(&mut self, only: Option<&std::collections::HashSet<String>>) {
         let Some(ops) = self.ops.clone() else {
             return;
         };
         if self.shutting_down {
             return;
         }
+        let wanted = |uuid: &String| only.is_none_or(|o| o.contains(uuid));
         let unfinished: Vec<SnapshotRecord> = self
             .snapshots
             .values()
             .filter(|s| matches!(s.phase, SnapshotPhase::InProgress | SnapshotPhase::Deleting))
+            .filter(|s| wanted(&s.uuid))
             .cloned()
             .collect();
         let unfinished_restores: Vec<RestoreRecord> = self
@@ -1443,10 +1458,12 @@ impl Engine {
                 r.phase == vmsnap_api::RestorePhase::InProgress
                     || matches!(r.step, RestoreStep::Committed { .. })
             })
+            .filter(|r| wanted(&r.uuid))
             .cloned()
             .collect();
         for record in unfinished_restores {
             if self.busy.contains_key(&record.vm_uuid) {
+                self.defer_settling(&record.vm_uuid, &record.uuid);
                 continue;
             }
             let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
@@ -1467,6 +1484,7 @@ impl Engine {
         }
         for record in unfinished {
             if self.busy.contains_key(&record.vm_uuid) {
+                self.defer_settling(&record.vm_uuid, &record.uuid);
                 continue;
             }
             let others = self.others_of(&record);
@@ -1488,6 +1506,13 @@ impl Engine {
                     ops::delete::recover(ctx, record, others)
                 });
         }
+    }
+
+    fn defer_settling(&mut self, vm_uuid: &str, record: &str) {
+        self.deferred_settling
+            .entry(vm_uuid.to_string())
+            .or_default()
+            .insert(record.to_string());
     }
 
     /// The VM whose snapshots `key` (a name or UUID) asks for: a defined one, or one that is

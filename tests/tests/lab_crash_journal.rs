@@ -33,6 +33,19 @@ fn journal_steps(daemon: &Daemon) -> usize {
 struct Start {
     contents: Vec<(String, String)>,
     disk: String,
+    /// Restores made before (earlier rounds share the state folder).
+    restores: BTreeSet<String>,
+}
+
+fn restore_uuids(daemon: &Daemon) -> BTreeSet<String> {
+    daemon
+        .ctl(&["restore", "list", "--output", "json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uuid"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// s0 (data 0x11), then data 0x22 on the disk.
@@ -47,6 +60,7 @@ fn setup(daemon: &Daemon, vm: &ScratchVm) -> Start {
     Start {
         contents: vec![("s0".to_string(), s0)],
         disk: flat_sum(&vm.disk_source()),
+        restores: restore_uuids(daemon),
     }
 }
 
@@ -202,7 +216,12 @@ fn a_restore_interrupted_at_every_journal_step_settles() {
         |daemon, vm, start, step| {
             check_settled(daemon, vm, start, step);
             let restores = daemon.ctl(&["restore", "list", "--output", "json"]).json();
-            let last = restores.as_array().unwrap().last().cloned();
+            let last = restores
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| !start.restores.contains(r["uuid"].as_str().unwrap()))
+                .cloned();
             let now = flat_sum(&vm.disk_source());
             let s0 = &start.contents[0].1;
             match last {

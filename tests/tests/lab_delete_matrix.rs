@@ -6,11 +6,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use vmsnap_tests::{
-    config_for, flat_sum, image_of, show_snapshot, virsh, wait_for, wait_in_inventory,
-    write_pattern, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    config_for, flat_sum, image_of, show_snapshot, virsh, wait_in_inventory, write_pattern, Daemon,
+    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
@@ -54,7 +53,7 @@ fn branched_history(daemon: &Daemon, slot: usize) -> History {
         .args(["-c", LAB_URI, "undefine", &copy])
         .output();
     let vm = ScratchVm::define(&name, ScratchOptions::default(), &[]);
-    wait_in_inventory(&daemon, &vm);
+    wait_in_inventory(daemon, &vm);
     write_pattern(&vm.disk_source(), 0x11, 1088);
     snapshot(daemon, &vm.name, "s1");
     write_pattern(&vm.disk_source(), 0x22, 2176);
