@@ -203,8 +203,15 @@ pub fn commit_and_wait(
                     match block_job_abort(dom, disk, true) {
                         Ok(()) => return check_pivoted(dom, disk, base, &what),
                         // Readiness seen through cur == end can precede libvirt's own ready
-                        // state by a moment; keep polling then.
-                        Err(e) if e.message().contains("not ready") => {}
+                        // state by a moment ("block copy still active: ... not ready for
+                        // pivot yet"); keep polling then.
+                        Err(e)
+                            if matches!(
+                                e.code(),
+                                virt::enumutil::Enum::Known(
+                                    virt::error::ErrorNumber::BlockCopyActive
+                                )
+                            ) => {}
                         Err(e) => {
                             return Err(one_line(&format!("{what}: pivot failed: {}", e.message())))
                         }
