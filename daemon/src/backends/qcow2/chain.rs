@@ -116,7 +116,7 @@ pub fn backing_chain_or_qemu_img(top: &str) -> Result<Vec<ChainImage>, String> {
         Ok(chain) => Ok(chain),
         Err(ChainError::Unsupported(why)) => {
             debug!(%top, %why, "asking qemu-img for a backing chain");
-            qemu_img::backing_chain(top)
+            qemu_img::backing_chain(top).map_err(|e| e.to_string())
         }
         Err(ChainError::Invalid(why)) => {
             warn!(%top, error = %why, "cannot read a backing chain");
@@ -631,7 +631,7 @@ mod tests {
         ));
         assert_eq!(
             backing_chain_or_qemu_img(&p("top.qcow2")),
-            qemu_img::backing_chain(&p("top.qcow2"))
+            qemu_img::backing_chain(&p("top.qcow2")).map_err(|e| e.to_string())
         );
     }
 

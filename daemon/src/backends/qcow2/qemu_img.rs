@@ -8,6 +8,57 @@ use serde::Deserialize;
 use tracing::warn;
 use vmsnap_exec::RunError;
 
+/// Why a qemu-img operation failed. What qemu-img printed goes to the journal only: it can
+/// name other files of the host, and these messages end up in properties every user can read.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuImgError {
+    #[error("cannot run qemu-img: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("qemu-img {command} of {image} did not finish within {seconds}s and was stopped")]
+    TimedOut {
+        command: String,
+        image: String,
+        seconds: u64,
+    },
+    #[error(
+        "qemu-img {command} of {image} failed ({status}; its messages are in vmsnapd's journal)"
+    )]
+    Failed {
+        command: String,
+        image: String,
+        status: String,
+    },
+    #[error("unreadable qemu-img output: {0}")]
+    Output(#[source] serde_json::Error),
+    #[error("{image} is missing")]
+    Missing { image: String },
+    #[error("{image} is in use by another process (it holds the image's write lock)")]
+    InUse { image: String },
+    #[error("{image} cannot be opened (qemu-img's messages are in vmsnapd's journal)")]
+    Unreadable { image: String },
+    #[error("{path} already exists")]
+    Exists { path: String },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An image that is missing or held by another process refuses the operation; anything else is
+/// a storage failure.
+impl From<QemuImgError> for crate::ops::OpError {
+    fn from(e: QemuImgError) -> Self {
+        match e {
+            QemuImgError::Missing { .. }
+            | QemuImgError::InUse { .. }
+            | QemuImgError::Exists { .. } => crate::ops::OpError::Refused(e.to_string()),
+            _ => crate::ops::OpError::Storage(e.to_string()),
+        }
+    }
+}
+
 /// One image of a backing chain, top first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainImage {
@@ -30,18 +81,19 @@ const QUICK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Runs qemu-img on `image` (one of `args`), killing it at `timeout`. A failure names the command
 /// and the image; what qemu-img printed goes to the journal only, since it can name other files
 /// of the host and the error ends up in properties every user can read.
-fn run(image: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+fn run(image: &str, args: &[&str], timeout: Duration) -> Result<String, QemuImgError> {
     let command = args.first().copied().unwrap_or_default();
     let mut qemu_img = Command::new("qemu-img");
     qemu_img.args(args);
     let output = match vmsnap_exec::run_bounded(&mut qemu_img, timeout) {
         Ok(output) => output,
-        Err(RunError::Spawn(e)) => return Err(format!("cannot run qemu-img: {e}")),
+        Err(RunError::Spawn(e)) => return Err(QemuImgError::Spawn(e)),
         Err(RunError::TimedOut) => {
-            return Err(format!(
-                "qemu-img {command} of {image} did not finish within {}s and was stopped",
-                timeout.as_secs()
-            ))
+            return Err(QemuImgError::TimedOut {
+                command: command.to_string(),
+                image: image.to_string(),
+                seconds: timeout.as_secs(),
+            })
         }
     };
     if output.status.success() {
@@ -53,14 +105,16 @@ fn run(image: &str, args: &[&str], timeout: Duration) -> Result<String, String> 
         Some(code) => format!("exit status {code}"),
         None => "killed by a signal".to_string(),
     };
-    Err(format!(
-        "qemu-img {command} of {image} failed ({status}; its messages are in vmsnapd's journal)"
-    ))
+    Err(QemuImgError::Failed {
+        command: command.to_string(),
+        image: image.to_string(),
+        status,
+    })
 }
 
 /// The backing chain of `top`, top first. `-U` so that it also works on images a running QEMU
 /// holds open; the chain metadata does not change under it while vmsnap holds the VM's lock.
-pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
+pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, QemuImgError> {
     let text = run(
         top,
         &["info", "-U", "--backing-chain", "--output", "json", top],
@@ -70,9 +124,8 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, String> {
 }
 
 /// `qemu-img info --backing-chain --output json`'s answer, top first.
-pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, String> {
-    let infos: Vec<ImageInfo> =
-        serde_json::from_str(text).map_err(|e| format!("unreadable qemu-img output: {e}"))?;
+pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, QemuImgError> {
+    let infos: Vec<ImageInfo> = serde_json::from_str(text).map_err(QemuImgError::Output)?;
     Ok(infos
         .into_iter()
         .map(|i| ChainImage {
@@ -86,16 +139,24 @@ pub(crate) fn parse_chain(text: &str) -> Result<Vec<ChainImage>, String> {
 /// process may hold it open for writing (QEMU's image locks, which `qemu-img info` without `-U`
 /// respects): a snapshot of an image something else still writes would not stay what it
 /// captured. Not for a running VM's images, which its own QEMU holds.
-pub fn check_not_in_use(image: &str) -> Result<(), String> {
+pub fn check_not_in_use(image: &str) -> Result<(), QemuImgError> {
     if std::fs::metadata(image).is_err() {
-        return Err(format!("{image} is missing"));
+        return Err(QemuImgError::Missing {
+            image: image.to_string(),
+        });
     }
     let mut qemu_img = Command::new("qemu-img");
     qemu_img.args(["info", "--output", "json", image]);
     let output = match vmsnap_exec::run_bounded(&mut qemu_img, QUICK_TIMEOUT) {
         Ok(output) => output,
-        Err(RunError::Spawn(e)) => return Err(format!("cannot run qemu-img: {e}")),
-        Err(RunError::TimedOut) => return Err(format!("{image} could not be read in time")),
+        Err(RunError::Spawn(e)) => return Err(QemuImgError::Spawn(e)),
+        Err(RunError::TimedOut) => {
+            return Err(QemuImgError::TimedOut {
+                command: "info".to_string(),
+                image: image.to_string(),
+                seconds: QUICK_TIMEOUT.as_secs(),
+            })
+        }
     };
     if output.status.success() {
         return Ok(());
@@ -103,27 +164,24 @@ pub fn check_not_in_use(image: &str) -> Result<(), String> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     warn!(image, stderr = %stderr.trim(), "qemu-img info failed");
     // qemu-img says so only in words: "Failed to get shared "write" lock".
+    let image = image.to_string();
     if stderr.contains("lock") {
-        Err(format!(
-            "{image} is in use by another process (it holds the image's write lock)"
-        ))
+        Err(QemuImgError::InUse { image })
     } else {
-        Err(format!(
-            "{image} cannot be opened (qemu-img's messages are in vmsnapd's journal)"
-        ))
+        Err(QemuImgError::Unreadable { image })
     }
 }
 
 /// Commits `top` into its backing file, stopping at `deadline`. A stopped commit leaves the
 /// backing file partly merged, which a merge resumed from the journal completes.
-pub fn commit(top: &str, deadline: Instant) -> Result<(), String> {
+pub fn commit(top: &str, deadline: Instant) -> Result<(), QemuImgError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     run(top, &["commit", "-q", "-d", top], timeout).map(|_| ())
 }
 
 /// Points `image` at a new backing file without copying data: only valid when the new backing
 /// file has the same content as the old one (it does after a commit of the old one into it).
-pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result<(), String> {
+pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result<(), QemuImgError> {
     let args = ["rebase", "-u", "-b", backing, "-F", backing_format, image];
     run(image, &args, QUICK_TIMEOUT).map(|_| ())
 }
@@ -131,17 +189,24 @@ pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result
 /// Makes the empty file qemu-img then formats: new (nothing at `overlay`, not even a symlink)
 /// and with the permissions of the image it extends. qemu-img itself would follow a symlink and
 /// create the file with the umask's mode.
-fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), String> {
+fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), QemuImgError> {
     crate::files::create_new_like(Path::new(overlay), Path::new(backing))
         .map(drop)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => format!("{overlay} already exists"),
-            _ => format!("cannot create {overlay}: {e}"),
+        .map_err(|source| {
+            let path = overlay.to_string();
+            match source.kind() {
+                std::io::ErrorKind::AlreadyExists => QemuImgError::Exists { path },
+                _ => QemuImgError::Create { path, source },
+            }
         })
 }
 
 /// Creates a qcow2 overlay of `backing`.
-pub fn create_overlay(overlay: &str, backing: &str, backing_format: &str) -> Result<(), String> {
+pub fn create_overlay(
+    overlay: &str,
+    backing: &str,
+    backing_format: &str,
+) -> Result<(), QemuImgError> {
     create_qcow2(
         overlay,
         backing,
@@ -156,7 +221,7 @@ pub fn create_overlay_unopened(
     backing: &str,
     backing_format: &str,
     size: u64,
-) -> Result<(), String> {
+) -> Result<(), QemuImgError> {
     let size = size.to_string();
     let args = ["-u", "-b", backing, "-F", backing_format, overlay, &size];
     create_qcow2(overlay, backing, &args)
@@ -164,7 +229,7 @@ pub fn create_overlay_unopened(
 
 /// `qemu-img create -f qcow2 ARGS` into a file made by [`create_overlay_file`], which is removed
 /// again (it is vmsnapd's own) when qemu-img fails.
-fn create_qcow2(overlay: &str, backing: &str, args: &[&str]) -> Result<(), String> {
+fn create_qcow2(overlay: &str, backing: &str, args: &[&str]) -> Result<(), QemuImgError> {
     create_overlay_file(overlay, backing)?;
     let mut all = vec!["create", "-q", "-f", "qcow2"];
     all.extend_from_slice(args);
@@ -254,14 +319,18 @@ mod tests {
         // qcow2 format", the path of the backing file) stay out of the error, and the empty file
         // vmsnapd made for it is gone again.
         let failed = p("failed.qcow2");
-        let error = create_overlay(&failed, &base, "raw-but-wrong-\u{1b}").expect_err("refused");
+        let error = create_overlay(&failed, &base, "raw-but-wrong-\u{1b}")
+            .expect_err("refused")
+            .to_string();
         assert!(error.starts_with(&format!("qemu-img create of {failed} failed (exit status ")));
         assert!(
             error.ends_with("its messages are in vmsnapd's journal)"),
             "{error}"
         );
         assert!(!crate::files::path_taken(std::path::Path::new(&failed)));
-        let error = backing_chain(&p("missing.qcow2")).expect_err("no such image");
+        let error = backing_chain(&p("missing.qcow2"))
+            .expect_err("no such image")
+            .to_string();
         assert!(!error.contains("Could not open"), "{error}");
     }
 
@@ -275,7 +344,7 @@ mod tests {
             QUICK_TIMEOUT,
         )
         .expect("create");
-        assert_eq!(check_not_in_use(&image), Ok(()));
+        assert!(check_not_in_use(&image).is_ok());
         // qemu-io holds it open read-write for as long as it sleeps.
         let mut writer = Command::new("qemu-io")
             .args(["-f", "qcow2", "-c", "sleep 20000", &image])
@@ -290,12 +359,12 @@ mod tests {
             refused.contains("is in use by another process"),
             "{refused}"
         );
-        assert_eq!(check_not_in_use(&image), Ok(()), "free again");
+        assert!(check_not_in_use(&image).is_ok(), "free again");
         let missing = dir.path().join("gone.qcow2").to_string_lossy().into_owned();
-        assert_eq!(
+        assert!(matches!(
             check_not_in_use(&missing),
-            Err(format!("{missing} is missing"))
-        );
+            Err(QemuImgError::Missing { image }) if image == missing
+        ));
     }
 
     /// The refusal once the writer holds its image locks. Waiting is read from /proc/locks, which
@@ -317,6 +386,9 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        check_not_in_use(image).err().unwrap_or_default()
+        check_not_in_use(image)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     }
 }
