@@ -408,6 +408,9 @@ fn thaw(uri: &str, domain_uuid: &str, conn: Connect, dom: Domain) -> bool {
                     );
                     return true;
                 }
+                // An agent that refuses a thaw because nothing is frozen says so only in
+                // words (qemu-ga on Linux answers 0 filesystems instead); libvirt passes its
+                // text on with a generic error code.
                 Err(e) if e.message().contains("not frozen") => {
                     log(domain_uuid, &format!("not frozen: {}", e.message()));
                     return true;
