@@ -184,7 +184,7 @@ async fn run(
     service::notify_ready();
     let watchdog = service::spawn_watchdog(requests.clone());
 
-    wait_for_stop(&mut signals, &mut reload, &requests).await;
+    let stop = wait_for_stop(&mut signals, &mut reload, &requests, &connection).await;
     service::notify_stopping();
     trigger.trigger();
     if let Some(watchdog) = watchdog {
@@ -200,7 +200,22 @@ async fn run(
     )
     .await;
     info!("stopped");
-    Ok(())
+    match stop {
+        Stop::Asked => Ok(()),
+        // A failure exit: the service manager restarts vmsnapd (Restart=on-failure), and the
+        // restarted daemon takes the name again.
+        Stop::BusLost => Err("the connection to the D-Bus bus closed".to_string()),
+    }
+}
+
+/// Why vmsnapd stops.
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Asked,
+    /// The bus connection closed under it: dbus-daemon stopped, or it dropped vmsnapd (a
+    /// reply over its message size limit does that). Serving on without a bus would leave every
+    /// client without an answer.
+    BusLost,
 }
 
 /// Starts the libvirt thread; returns its client, the thread, and the events it sends.
@@ -335,13 +350,20 @@ async fn wait_for_stop(
     signals: &mut SignalRequests,
     reload: &mut service::Reloader,
     requests: &mpsc::Sender<Request>,
-) {
+    connection: &zbus::Connection,
+) -> Stop {
     loop {
-        match signals.next().await {
-            SignalRequest::Reload => reload.reload(requests).await,
-            SignalRequest::Stop(signal) => {
-                info!(signal, "stopping");
-                break;
+        tokio::select! {
+            signal = signals.next() => match signal {
+                SignalRequest::Reload => reload.reload(requests).await,
+                SignalRequest::Stop(signal) => {
+                    info!(signal, "stopping");
+                    return Stop::Asked;
+                }
+            },
+            () = connection.closed() => {
+                error!("the connection to the D-Bus bus closed (dbus-daemon stopped, or dropped vmsnapd); stopping so that vmsnapd is started again");
+                return Stop::BusLost;
             }
         }
     }

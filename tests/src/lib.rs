@@ -74,6 +74,12 @@ impl PrivateBus {
             _dir: dir,
         }
     }
+
+    /// Stops the dbus-daemon now (as a crash or a stop of the bus would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A system-like bus configuration listening on `listen` (a D-Bus address) where everyone may

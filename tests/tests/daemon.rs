@@ -360,3 +360,22 @@ fn every_record_is_exported_before_the_name_is_owned() {
     assert_eq!(exported, RECORDS, "exported when the name was owned");
     drop(daemon);
 }
+
+/// A bus that goes away (dbus-daemon stopped, or dropping vmsnapd for a reply over its size
+/// limit) ends vmsnapd with a failure, so that the service manager starts it again; it does not
+/// serve on without a bus.
+#[test]
+fn losing_the_bus_ends_the_daemon_with_a_failure() {
+    let mut bus = PrivateBus::start();
+    let mut daemon = Daemon::start(&bus, &config_for("test:///default"));
+    bus.kill();
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{status}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("the connection to the D-Bus bus closed"),
+        "{}",
+        daemon.log_text()
+    );
+}
