@@ -8,6 +8,7 @@ mod bus;
 mod complete;
 mod emit;
 mod kube;
+mod objects;
 mod output;
 mod remote;
 mod restore;

@@ -345,19 +345,19 @@ async fn read(
     })
 }
 
-/// Every restore, oldest first; those removed between the listing and the read are left out.
+/// Every restore, oldest first, read in one call; those removed between the listing and the
+/// read are left out.
 async fn read_all(bus: &Bus) -> Result<Vec<Restore>, String> {
     let manager = bus.manager().await?;
     let paths = manager
         .list_restores()
         .await
         .map_err(|e| bus.describe_api(e))?;
+    let mut objects = bus.managed_objects(&paths).await?;
     let mut restores = Vec::with_capacity(paths.len());
-    for path in paths {
-        match bus.read_restore(&path).await {
-            Ok(restore) => restores.push(restore),
-            Err(ReadError::Vanished) => {}
-            Err(ReadError::Other(message)) => return Err(message),
+    for path in &paths {
+        if let Some(mut properties) = objects.take_restore(path) {
+            restores.push(properties.restore()?);
         }
     }
     Ok(restores)

@@ -275,13 +275,14 @@ async fn list(bus: &Bus, vm: Option<&str>, format: OutputFormat) -> Result<(), S
         .list_snapshots(vm.unwrap_or(""))
         .await
         .map_err(|e| bus.describe_api(e))?;
+    // ListSnapshots says which snapshots, in which order (it resolves the VM as every command
+    // does); their properties come in one call.
+    let mut objects = bus.managed_objects(&paths).await?;
     let mut snapshots = Vec::with_capacity(paths.len());
-    for path in paths {
-        match bus.read_snapshot(&path).await {
-            Ok(snapshot) => snapshots.push(snapshot),
-            // Deleted between the listing and the read: it is simply gone.
-            Err(ReadError::Vanished) => {}
-            Err(ReadError::Other(message)) => return Err(message),
+    for path in &paths {
+        // Deleted between the listing and the read: it is simply gone.
+        if let Some(mut properties) = objects.take_snapshot(path) {
+            snapshots.push(properties.snapshot()?);
         }
     }
     print_snapshot_list(&snapshots, format)

@@ -216,8 +216,7 @@ async fn vm_exists(bus: &Bus, name: &str) -> Result<bool, String> {
 /// Plans every manifest against vmsnapd's objects, in order; a manifest planned earlier in
 /// the same file counts as existing for the later ones.
 pub async fn plan_all(bus: &Bus, manifests: &[Manifest]) -> Result<Vec<Plan>, String> {
-    let snapshots = read::snapshots(bus).await?;
-    let restores = read::restores(bus).await?;
+    let (snapshots, restores) = read::snapshots_and_restores(bus).await?;
     let mut existing_vms = HashMap::new();
     for m in manifests {
         if let Manifest::Restore(r) = m {
@@ -357,6 +356,7 @@ mod tests {
             path: zbus::OwnedObjectPath::try_from("/x").expect("path"),
             snapshot: s,
             messages: Vec::new(),
+            domain_xml: None,
         }
     }
 

@@ -2,11 +2,10 @@
 
 use clap::Args;
 use serde_json::Value;
-use vmsnap_api::SNAPSHOT_INTERFACE;
 
 use super::cell;
 use super::model::{self, Kind};
-use super::read::{self, optional_string_property, RestoreItem, SnapshotItem};
+use super::read::{self, RestoreItem, SnapshotItem};
 use super::time::{age, now};
 use crate::bus::Bus;
 use crate::emit;
@@ -73,7 +72,7 @@ pub fn snapshot_listed(item: &SnapshotItem, now: i64) -> Listed {
     }
 }
 
-pub fn content_listed(item: &SnapshotItem, domain_xml: Option<&str>, now: i64) -> Listed {
+pub fn content_listed(item: &SnapshotItem, now: i64) -> Listed {
     let s = &item.snapshot;
     let name = model::content_name(&s.uuid);
     Listed {
@@ -89,7 +88,7 @@ pub fn content_listed(item: &SnapshotItem, domain_xml: Option<&str>, now: i64) -
             s.included_volumes.len().to_string(),
         ],
         name,
-        object: model::content_object(s, domain_xml),
+        object: model::content_object(s, item.domain_xml.as_deref()),
     }
 }
 
@@ -230,9 +229,8 @@ pub async fn collect(bus: &Bus, kind: Kind, name: Option<&str>) -> Result<Vec<Li
     let mut listed = Vec::new();
     match kind {
         Kind::Snapshot => {
-            for mut item in read::snapshots(bus).await? {
+            for item in read::snapshots(bus).await? {
                 if name.is_none_or(|n| n == item.snapshot.name) {
-                    read::read_messages(bus, &mut item).await;
                     listed.push(snapshot_listed(&item, now));
                 }
             }
@@ -240,11 +238,7 @@ pub async fn collect(bus: &Bus, kind: Kind, name: Option<&str>) -> Result<Vec<Li
         Kind::Content => {
             for item in read::snapshots(bus).await? {
                 if name.is_none_or(|n| n == model::content_name(&item.snapshot.uuid)) {
-                    let xml =
-                        optional_string_property(bus, &item.path, SNAPSHOT_INTERFACE, "DomainXml")
-                            .await;
-                    let xml = (!xml.is_empty()).then_some(xml);
-                    listed.push(content_listed(&item, xml.as_deref(), now));
+                    listed.push(content_listed(&item, now));
                 }
             }
         }
@@ -295,6 +289,7 @@ mod tests {
             path: zbus::OwnedObjectPath::try_from("/x").expect("path"),
             snapshot: snapshot(),
             messages: Vec::new(),
+            domain_xml: None,
         }
     }
 

@@ -1,19 +1,20 @@
 //! Reading every snapshot and restore from vmsnapd, with their object paths.
 
-use vmsnap_api::{SourceIndication, RESTORE_INTERFACE};
-use zbus::names::InterfaceName;
+use vmsnap_api::SourceIndication;
 use zbus::OwnedObjectPath;
 
-use crate::bus::{Bus, ReadError};
+use crate::bus::Bus;
+use crate::objects::Objects;
 use crate::restore_output::Restore;
 use crate::snapshot_output::Snapshot;
 
 pub struct SnapshotItem {
     pub path: OwnedObjectPath,
     pub snapshot: Snapshot,
-    /// vmsnapd's message for each indication (read by [`read_messages`] where needed); empty
-    /// from a vmsnapd that has none.
+    /// vmsnapd's message for each indication; empty from a vmsnapd that has none.
     pub messages: Vec<SourceIndication>,
+    /// The recorded definition; `None` when empty or from a vmsnapd that has none.
+    pub domain_xml: Option<String>,
 }
 
 pub struct RestoreItem {
@@ -29,82 +30,95 @@ impl RestoreItem {
     }
 }
 
-/// Every snapshot, oldest first; objects that vanish while being read are left out.
+/// Every snapshot, oldest first, with its SourceIndications (messages) and DomainXml, read in one
+/// call; objects removed between the listing and the read are left out.
 pub async fn snapshots(bus: &Bus) -> Result<Vec<SnapshotItem>, String> {
     let manager = bus.manager().await?;
     let paths = manager
         .list_snapshots("")
         .await
         .map_err(|e| bus.describe_api(e))?;
+    let mut objects = bus.managed_objects(&paths).await?;
+    snapshots_from(paths, &mut objects)
+}
+
+/// The snapshots at `paths`, in that order, from `objects`.
+pub fn snapshots_from(
+    paths: Vec<OwnedObjectPath>,
+    objects: &mut Objects,
+) -> Result<Vec<SnapshotItem>, String> {
     let mut items = Vec::with_capacity(paths.len());
     for path in paths {
-        match bus.read_snapshot(&path).await {
-            Ok(snapshot) => items.push(SnapshotItem {
-                path,
-                snapshot,
-                messages: Vec::new(),
-            }),
-            Err(ReadError::Vanished) => {}
-            Err(ReadError::Other(message)) => return Err(message),
-        }
+        let Some(mut properties) = objects.take_snapshot(&path) else {
+            continue;
+        };
+        let snapshot = properties.snapshot()?;
+        let messages = properties.source_indications()?;
+        let domain_xml = properties.domain_xml()?;
+        items.push(SnapshotItem {
+            path,
+            snapshot,
+            messages,
+            domain_xml,
+        });
     }
     Ok(items)
 }
 
-/// Every restore, oldest first.
+/// Every restore, oldest first, read in one call.
 pub async fn restores(bus: &Bus) -> Result<Vec<RestoreItem>, String> {
     let manager = bus.manager().await?;
     let paths = manager
         .list_restores()
         .await
         .map_err(|e| bus.describe_api(e))?;
+    let mut objects = bus.managed_objects(&paths).await?;
+    restores_from(paths, &mut objects)
+}
+
+/// The restores at `paths`, in that order, from `objects`.
+pub fn restores_from(
+    paths: Vec<OwnedObjectPath>,
+    objects: &mut Objects,
+) -> Result<Vec<RestoreItem>, String> {
     let mut items = Vec::with_capacity(paths.len());
     for path in paths {
-        match bus.read_restore(&path).await {
-            Ok(restore) => {
-                let name = optional_string_property(bus, &path, RESTORE_INTERFACE, "Name").await;
-                items.push(RestoreItem {
-                    path,
-                    restore,
-                    name,
-                })
-            }
-            Err(ReadError::Vanished) => {}
-            Err(ReadError::Other(message)) => return Err(message),
-        }
+        let Some(mut properties) = objects.take_restore(&path) else {
+            continue;
+        };
+        let restore = properties.restore()?;
+        let name = properties.restore_name()?;
+        items.push(RestoreItem {
+            path,
+            restore,
+            name,
+        });
     }
     Ok(items)
 }
 
-/// Reads the SourceIndications of a snapshot into `item`; none when vmsnapd does not have the
-/// property.
-pub async fn read_messages(bus: &Bus, item: &mut SnapshotItem) {
-    let Ok(proxy) = bus.snapshot_proxy(&item.path).await else {
-        return;
-    };
-    item.messages = proxy.source_indications().await.unwrap_or_default();
-}
-
-/// A string property that an older vmsnapd may not have: empty when it is missing.
-pub async fn optional_string_property(
+/// Every snapshot and every restore, as [`snapshots`] and [`restores`] give them, read in one
+/// call.
+pub async fn snapshots_and_restores(
     bus: &Bus,
-    path: &OwnedObjectPath,
-    interface: &'static str,
-    property: &str,
-) -> String {
-    let Ok(properties) = zbus::fdo::PropertiesProxy::builder(bus.connection())
-        .destination(vmsnap_api::BUS_NAME)
-        .path(path.clone())
-        .build()
+) -> Result<(Vec<SnapshotItem>, Vec<RestoreItem>), String> {
+    let manager = bus.manager().await?;
+    let snapshot_paths = manager
+        .list_snapshots("")
         .await
-    else {
-        return String::new();
-    };
-    let Ok(interface) = InterfaceName::try_from(interface) else {
-        return String::new();
-    };
-    match properties.get(interface, property).await {
-        Ok(value) => String::try_from(value).unwrap_or_default(),
-        Err(_) => String::new(),
-    }
+        .map_err(|e| bus.describe_api(e))?;
+    let restore_paths = manager
+        .list_restores()
+        .await
+        .map_err(|e| bus.describe_api(e))?;
+    let all: Vec<OwnedObjectPath> = snapshot_paths
+        .iter()
+        .chain(&restore_paths)
+        .cloned()
+        .collect();
+    let mut objects = bus.managed_objects(&all).await?;
+    Ok((
+        snapshots_from(snapshot_paths, &mut objects)?,
+        restores_from(restore_paths, &mut objects)?,
+    ))
 }
