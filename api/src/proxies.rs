@@ -53,6 +53,13 @@ pub trait Manager {
     /// All restore objects, oldest first.
     fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError>;
 
+    /// The snapshot objects of one VM (or all when `vm` is empty) with their properties, as
+    /// GetManagedObjects gives them, without DomainXml.
+    fn get_snapshot_objects(&self, vm: &str) -> Result<zbus::fdo::ManagedObjects, VmSnapError>;
+
+    /// Every restore object with its properties, as GetManagedObjects gives them.
+    fn get_restore_objects(&self) -> Result<zbus::fdo::ManagedObjects, VmSnapError>;
+
     /// vmsnapd's version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

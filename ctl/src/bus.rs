@@ -2,7 +2,7 @@
 
 use vmsnap_api::{
     ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy, VmSnapError, BUS_NAME,
-    MANAGER_PATH, ROOT_PATH,
+    MANAGER_PATH,
 };
 use zbus::{Connection, DBusError, OwnedObjectPath};
 
@@ -91,30 +91,26 @@ impl Bus {
             .map_err(|e| self.describe(&e))
     }
 
-    /// Every object vmsnapd serves, with all its properties, in one call (ObjectManager's
-    /// GetManagedObjects): what lists of snapshots and restores read instead of one GetAll
-    /// per object. (The VM list reads each VM: VMs are few, and this reply holds every
-    /// snapshot.)
-    /// Nothing is asked when `paths` is empty: an empty list costs no call.
-    pub async fn managed_objects(&self, paths: &[OwnedObjectPath]) -> Result<Objects, String> {
-        if paths.is_empty() {
-            return Ok(Objects::new(Default::default()));
-        }
-        let reply = self
-            .connection
-            .call_method(
-                Some(BUS_NAME),
-                ROOT_PATH,
-                Some("org.freedesktop.DBus.ObjectManager"),
-                "GetManagedObjects",
-                &(),
-            )
+    /// The snapshot objects of one VM (or of all when `vm` is empty) with their properties
+    /// but DomainXml, in one call (GetSnapshotObjects): what lists read instead of one GetAll
+    /// per object. Its size grows with what is listed only, unlike GetManagedObjects, whose
+    /// reply holds every object and can pass the bus's message size limit.
+    pub async fn snapshot_objects(&self, vm: &str) -> Result<Objects, String> {
+        let manager = self.manager().await?;
+        let objects = manager
+            .get_snapshot_objects(vm)
             .await
-            .map_err(|e| self.describe(&e))?;
-        let objects = reply
-            .body()
-            .deserialize()
-            .map_err(|e| format!("cannot read vmsnapd's objects (GetManagedObjects): {e}"))?;
+            .map_err(|e| self.describe_api(e))?;
+        Ok(Objects::new(objects))
+    }
+
+    /// Every restore object with its properties, in one call (GetRestoreObjects).
+    pub async fn restore_objects(&self) -> Result<Objects, String> {
+        let manager = self.manager().await?;
+        let objects = manager
+            .get_restore_objects()
+            .await
+            .map_err(|e| self.describe_api(e))?;
         Ok(Objects::new(objects))
     }
 

@@ -1,6 +1,7 @@
-//! Every vmsnapd object in one call: `org.freedesktop.DBus.ObjectManager.GetManagedObjects` at
-//! the root path, and the [`Snapshot`] and [`Restore`] values built from the property maps
-//! (`a{oa{sa{sv}}}`) it returns. Lists read this instead of one GetAll per object.
+//! The objects of a listing in one call: the manager's GetSnapshotObjects and
+//! GetRestoreObjects (shaped as GetManagedObjects' reply, `a{oa{sa{sv}}}`, for just those
+//! objects, without the snapshots' DomainXml), and the [`Snapshot`] and [`Restore`] values built
+//! from the property maps. Lists read this instead of one GetAll per object.
 //!
 //! A property that a vmsnapd older than it lacks reads as its empty value; any other property
 //! that is missing, or one of the wrong type, is an error naming the object and the property.
@@ -18,7 +19,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Type};
 use crate::restore_output::Restore;
 use crate::snapshot_output::Snapshot;
 
-/// The objects of one GetManagedObjects reply.
+/// The objects of one GetSnapshotObjects or GetRestoreObjects reply.
 pub struct Objects(ManagedObjects);
 
 impl Objects {

@@ -353,7 +353,7 @@ async fn read_all(bus: &Bus) -> Result<Vec<Restore>, String> {
         .list_restores()
         .await
         .map_err(|e| bus.describe_api(e))?;
-    let mut objects = bus.managed_objects(&paths).await?;
+    let mut objects = bus.restore_objects().await?;
     let mut restores = Vec::with_capacity(paths.len());
     for path in &paths {
         if let Some(mut properties) = objects.take_restore(path) {

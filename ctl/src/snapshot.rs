@@ -277,7 +277,7 @@ async fn list(bus: &Bus, vm: Option<&str>, format: OutputFormat) -> Result<(), S
         .map_err(|e| bus.describe_api(e))?;
     // ListSnapshots says which snapshots, in which order (it resolves the VM as every command
     // does); their properties come in one call.
-    let mut objects = bus.managed_objects(&paths).await?;
+    let mut objects = bus.snapshot_objects(vm.unwrap_or("")).await?;
     let mut snapshots = Vec::with_capacity(paths.len());
     for path in &paths {
         // Deleted between the listing and the read: it is simply gone.

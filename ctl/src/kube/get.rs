@@ -236,8 +236,9 @@ pub async fn collect(bus: &Bus, kind: Kind, name: Option<&str>) -> Result<Vec<Li
             }
         }
         Kind::Content => {
-            for item in read::snapshots(bus).await? {
+            for mut item in read::snapshots(bus).await? {
                 if name.is_none_or(|n| n == model::content_name(&item.snapshot.uuid)) {
+                    item.domain_xml = read::domain_xml(bus, &item.path).await;
                     listed.push(content_listed(&item, now));
                 }
             }

@@ -30,16 +30,24 @@ impl RestoreItem {
     }
 }
 
-/// Every snapshot, oldest first, with its SourceIndications (messages) and DomainXml, read in one
-/// call; objects removed between the listing and the read are left out.
+/// Every snapshot, oldest first, with its SourceIndications (messages), read in one call (the
+/// definitions are read by [`domain_xml`] where needed); objects removed between the listing
+/// and the read are left out.
 pub async fn snapshots(bus: &Bus) -> Result<Vec<SnapshotItem>, String> {
     let manager = bus.manager().await?;
     let paths = manager
         .list_snapshots("")
         .await
         .map_err(|e| bus.describe_api(e))?;
-    let mut objects = bus.managed_objects(&paths).await?;
+    let mut objects = bus.snapshot_objects("").await?;
     snapshots_from(paths, &mut objects)
+}
+
+/// A snapshot's recorded definition (its DomainXml, which the listings leave out); `None`
+/// when empty, or the snapshot is gone.
+pub async fn domain_xml(bus: &Bus, path: &OwnedObjectPath) -> Option<String> {
+    let proxy = bus.snapshot_proxy(path).await.ok()?;
+    proxy.domain_xml().await.ok().filter(|x| !x.is_empty())
 }
 
 /// The snapshots at `paths`, in that order, from `objects`.
@@ -72,7 +80,7 @@ pub async fn restores(bus: &Bus) -> Result<Vec<RestoreItem>, String> {
         .list_restores()
         .await
         .map_err(|e| bus.describe_api(e))?;
-    let mut objects = bus.managed_objects(&paths).await?;
+    let mut objects = bus.restore_objects().await?;
     restores_from(paths, &mut objects)
 }
 
@@ -97,8 +105,7 @@ pub fn restores_from(
     Ok(items)
 }
 
-/// Every snapshot and every restore, as [`snapshots`] and [`restores`] give them, read in one
-/// call.
+/// Every snapshot and every restore, as [`snapshots`] and [`restores`] give them.
 pub async fn snapshots_and_restores(
     bus: &Bus,
 ) -> Result<(Vec<SnapshotItem>, Vec<RestoreItem>), String> {
@@ -111,14 +118,10 @@ pub async fn snapshots_and_restores(
         .list_restores()
         .await
         .map_err(|e| bus.describe_api(e))?;
-    let all: Vec<OwnedObjectPath> = snapshot_paths
-        .iter()
-        .chain(&restore_paths)
-        .cloned()
-        .collect();
-    let mut objects = bus.managed_objects(&all).await?;
+    let mut snapshot_objects = bus.snapshot_objects("").await?;
+    let mut restore_objects = bus.restore_objects().await?;
     Ok((
-        snapshots_from(snapshot_paths, &mut objects)?,
-        restores_from(restore_paths, &mut objects)?,
+        snapshots_from(snapshot_paths, &mut snapshot_objects)?,
+        restores_from(restore_paths, &mut restore_objects)?,
     ))
 }

@@ -2,6 +2,7 @@ use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 use vmsnap_api::{excerpt, restore_path, snapshot_path, vm_path, VmSnapError};
+use zbus::fdo::ManagedObjects;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
@@ -253,6 +254,39 @@ impl ManagerObject {
     async fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError> {
         let uuids = ask(&self.engine, |reply| Request::ListRestores { reply }).await?;
         uuids.iter().map(|u| restore_object_path(u)).collect()
+    }
+
+    /// The snapshot objects of one VM (name or UUID), or of every VM when vm is empty, with
+    /// their properties, as GetManagedObjects gives them but without DomainXml (read it with
+    /// Get): one call for a listing, whose size grows with what is listed only. (Every
+    /// snapshot's definition in one reply could pass the bus's message size limit.)
+    async fn get_snapshot_objects(
+        &self,
+        vm: String,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+        #[zbus(connection)] connection: &zbus::Connection,
+    ) -> Result<ManagedObjects, VmSnapError> {
+        let uuids = ask(&self.engine, |reply| Request::ListSnapshots { vm, reply }).await??;
+        let mut paths = Vec::with_capacity(uuids.len());
+        for uuid in &uuids {
+            paths.push(snapshot_object_path(uuid)?);
+        }
+        super::objects_of::<super::SnapshotObject>(server, connection, paths, &["DomainXml"]).await
+    }
+
+    /// Every restore object with its properties, as GetManagedObjects gives them: one call for
+    /// a listing.
+    async fn get_restore_objects(
+        &self,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+        #[zbus(connection)] connection: &zbus::Connection,
+    ) -> Result<ManagedObjects, VmSnapError> {
+        let uuids = ask(&self.engine, |reply| Request::ListRestores { reply }).await?;
+        let mut paths = Vec::with_capacity(uuids.len());
+        for uuid in &uuids {
+            paths.push(restore_object_path(uuid)?);
+        }
+        super::objects_of::<super::RestoreObject>(server, connection, paths, &[]).await
     }
 
     /// vmsnapd's version.

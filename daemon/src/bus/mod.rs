@@ -47,6 +47,39 @@ pub async fn connect(
         .await
 }
 
+/// The objects at `paths` that serve interface `I`, with its properties (those in `leave_out`
+/// left out), as GetManagedObjects gives them. An object removed since it was listed is
+/// skipped.
+async fn objects_of<I: zbus::object_server::Interface>(
+    server: &zbus::ObjectServer,
+    connection: &Connection,
+    paths: Vec<zbus::OwnedObjectPath>,
+    leave_out: &[&str],
+) -> Result<zbus::fdo::ManagedObjects, VmSnapError> {
+    use zbus::object_server::SignalEmitter;
+    let mut objects = zbus::fdo::ManagedObjects::new();
+    for path in paths {
+        let Ok(object) = server.interface::<_, I>(path.as_ref()).await else {
+            continue;
+        };
+        let emitter = SignalEmitter::new(connection, path.clone())
+            .map_err(|e| VmSnapError::Failed(e.to_string()))?;
+        let mut properties = object
+            .get()
+            .await
+            .get_all(server, connection, None, &emitter)
+            .await
+            .map_err(|e| VmSnapError::Failed(e.to_string()))?;
+        for name in leave_out {
+            properties.remove(*name);
+        }
+        let mut interfaces = std::collections::HashMap::new();
+        interfaces.insert(I::name().into(), properties);
+        objects.insert(path, interfaces);
+    }
+    Ok(objects)
+}
+
 /// Applies the engine's changes to the exported objects, in order, until the engine stops.
 pub async fn publish(
     connection: Connection,
