@@ -1397,3 +1397,48 @@ pub fn wait_in_inventory(daemon: &Daemon, vm: &ScratchVm) {
         (shown.code == Some(0) && shown.json()["uuid"] == uuid.as_str()).then_some(())
     });
 }
+
+/// A VM's snapshots as `vmsnapctl snapshot list --output json` gives them.
+pub fn snapshot_list(daemon: &Daemon, vm: &str) -> Vec<serde_json::Value> {
+    daemon
+        .ctl(&["snapshot", "list", vm, "--output", "json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// How many journal steps vmsnapd has logged (debug log: "journal step").
+pub fn journal_steps(daemon: &Daemon) -> usize {
+    daemon.log_text().matches("journal step").count()
+}
+
+/// Every image in the VM's folder is used: in the chain of its disk, or named by one of
+/// `snapshots` (as `snapshot list --output json` gives them). `step` names the moment.
+pub fn assert_every_image_used(vm: &ScratchVm, snapshots: &[serde_json::Value], step: &str) {
+    let mut named = std::collections::BTreeSet::new();
+    for s in snapshots {
+        for v in s["snapshotVolumes"]["includedVolumes"].as_array().unwrap() {
+            named.insert(v["image"].as_str().unwrap().to_string());
+        }
+    }
+    let chain = run(
+        "qemu-img",
+        &[
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output",
+            "json",
+            &vm.disk_source(),
+        ],
+    );
+    let chain: serde_json::Value = serde_json::from_str(&chain).unwrap();
+    for image in chain.as_array().unwrap() {
+        named.insert(image["filename"].as_str().unwrap().to_string());
+    }
+    for file in vm.images() {
+        let path = vm.dir.path().join(&file).to_string_lossy().into_owned();
+        assert!(named.contains(&path), "{step}: {file} is used by nothing");
+    }
+}

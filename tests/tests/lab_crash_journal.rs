@@ -10,24 +10,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::Value;
 use vmsnap_tests::{
-    config_for, flat_sum, image_of, virsh, wait_for, wait_in_inventory, write_pattern, Daemon,
-    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    assert_every_image_used, config_for, flat_sum, image_of, journal_steps, snapshot_list, virsh,
+    wait_for, wait_in_inventory, write_pattern, Daemon, PrivateBus, ScratchOptions, ScratchVm,
+    LAB_URI,
 };
-
-fn snapshots(daemon: &Daemon, vm: &str) -> Vec<Value> {
-    daemon
-        .ctl(&["snapshot", "list", vm, "--output", "json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn journal_steps(daemon: &Daemon) -> usize {
-    daemon.log_text().matches("journal step").count()
-}
 
 /// What a scenario starts from: the content each snapshot holds and the VM's disk's.
 struct Start {
@@ -77,41 +64,17 @@ fn check_settled(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str) {
             .then_some(())
     });
     let all = wait_for(Duration::from_secs(60), "every snapshot settled", || {
-        let all = snapshots(daemon, &vm.name);
+        let all = snapshot_list(daemon, &vm.name);
         all.iter()
             .all(|s| s["phase"] == "Succeeded" || s["phase"] == "Failed")
             .then_some(all)
     });
-    let mut named: BTreeSet<String> = BTreeSet::new();
-    for s in &all {
-        for v in s["snapshotVolumes"]["includedVolumes"].as_array().unwrap() {
-            named.insert(v["image"].as_str().unwrap().to_string());
-        }
-    }
     for (name, content) in &start.contents {
         if let Some(s) = all.iter().find(|s| s["name"] == name.as_str()) {
             assert_eq!(&flat_sum(&image_of(s)), content, "{step}: {name} changed");
         }
     }
-    let chain = vmsnap_tests::run(
-        "qemu-img",
-        &[
-            "info",
-            "-U",
-            "--backing-chain",
-            "--output",
-            "json",
-            &vm.disk_source(),
-        ],
-    );
-    let chain: Value = serde_json::from_str(&chain).unwrap();
-    for image in chain.as_array().unwrap() {
-        named.insert(image["filename"].as_str().unwrap().to_string());
-    }
-    for file in vm.images() {
-        let path = vm.dir.path().join(&file).to_string_lossy().into_owned();
-        assert!(named.contains(&path), "{step}: {file} is used by nothing");
-    }
+    assert_every_image_used(vm, &all, step);
     virsh(&["start", &vm.name]);
     virsh(&["destroy", &vm.name]);
 }
@@ -168,7 +131,7 @@ fn a_create_interrupted_at_every_journal_step_settles() {
                 start.disk,
                 "{step}: the disk changed"
             );
-            if let Some(s1) = snapshots(daemon, &vm.name)
+            if let Some(s1) = snapshot_list(daemon, &vm.name)
                 .into_iter()
                 .find(|s| s["name"] == "s1" && s["phase"] == "Succeeded")
             {
@@ -193,7 +156,7 @@ fn a_delete_interrupted_at_every_journal_step_settles() {
                 "{step}: the disk changed"
             );
             // Settled either way; deleting it (again) finishes the job.
-            if snapshots(daemon, &vm.name)
+            if snapshot_list(daemon, &vm.name)
                 .iter()
                 .any(|s| s["name"] == "s0")
             {

@@ -5,27 +5,12 @@
 //! the VM's folder is used by the VM's chain or named by a snapshot.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::Value;
 use vmsnap_tests::{
-    config_for, flat_sum, image_of, wait_for, wait_in_inventory, Daemon, PrivateBus,
-    ScratchOptions, ScratchVm, LAB_URI,
+    assert_every_image_used, config_for, flat_sum, image_of, journal_steps, snapshot_list,
+    wait_for, wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
-
-fn snapshots(daemon: &Daemon, vm: &str) -> Vec<Value> {
-    daemon
-        .ctl(&["snapshot", "list", vm, "--output", "json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn journal_steps(daemon: &Daemon) -> usize {
-    daemon.log_text().matches("journal step").count()
-}
 
 /// Where a round starts: snapshot s0 holds `s0` (its image's flat content), the guest has
 /// written files since, which it sees as `files`.
@@ -36,7 +21,7 @@ struct Start {
 
 /// One round's starting point: no snapshot, then s0, then a file written after it.
 fn setup(daemon: &Daemon, vm: &ScratchVm, round: usize) -> Start {
-    for s in snapshots(daemon, &vm.name) {
+    for s in snapshot_list(daemon, &vm.name) {
         let out = daemon.ctl(&["snapshot", "delete", &vm.name, s["name"].as_str().unwrap()]);
         assert_eq!(out.code, Some(0), "{out:?}");
     }
@@ -54,7 +39,7 @@ fn setup(daemon: &Daemon, vm: &ScratchVm, round: usize) -> Start {
 
 fn check(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str, s0_deleted: bool) {
     let all = wait_for(Duration::from_secs(120), "every snapshot settled", || {
-        let all = snapshots(daemon, &vm.name);
+        let all = snapshot_list(daemon, &vm.name);
         all.iter()
             .all(|s| s["phase"] == "Succeeded" || s["phase"] == "Failed")
             .then_some(all)
@@ -67,12 +52,6 @@ fn check(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str, s0_deleted:
         start.files,
         "{step}: the guest's files changed"
     );
-    let mut named: BTreeSet<String> = BTreeSet::new();
-    for s in &all {
-        for v in s["snapshotVolumes"]["includedVolumes"].as_array().unwrap() {
-            named.insert(v["image"].as_str().unwrap().to_string());
-        }
-    }
     match all.iter().find(|s| s["name"] == "s0") {
         Some(s0) if s0["phase"] == "Succeeded" => {
             assert_eq!(flat_sum(&image_of(s0)), start.s0, "{step}: s0 changed")
@@ -80,25 +59,7 @@ fn check(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str, s0_deleted:
         Some(_) => {}
         None => assert!(s0_deleted, "{step}: s0 is gone"),
     }
-    let chain = vmsnap_tests::run(
-        "qemu-img",
-        &[
-            "info",
-            "-U",
-            "--backing-chain",
-            "--output",
-            "json",
-            &vm.disk_source(),
-        ],
-    );
-    let chain: Value = serde_json::from_str(&chain).unwrap();
-    for image in chain.as_array().unwrap() {
-        named.insert(image["filename"].as_str().unwrap().to_string());
-    }
-    for file in vm.images() {
-        let path = vm.dir.path().join(&file).to_string_lossy().into_owned();
-        assert!(named.contains(&path), "{step}: {file} is used by nothing");
-    }
+    assert_every_image_used(vm, &all, step);
 }
 
 fn at_every_journal_step(name: &str, op: &str) {
@@ -140,7 +101,7 @@ fn at_every_journal_step(name: &str, op: &str) {
         let step = format!("online {op}, died at journal step {crash_at} of {count}");
         check(&daemon, &vm, &start, &step, op == "delete");
         if op == "delete"
-            && snapshots(&daemon, &vm.name)
+            && snapshot_list(&daemon, &vm.name)
                 .iter()
                 .any(|s| s["name"] == "s0")
         {
