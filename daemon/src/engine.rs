@@ -667,7 +667,11 @@ impl Engine {
     /// journal stays its thread's, which undoes what it did when the call returns); the VM
     /// stays busy until then, saying why.
     fn watch_deadlines(&mut self) {
-        let now = std::time::Instant::now();
+        self.give_up_late(std::time::Instant::now());
+    }
+
+    /// [`Engine::watch_deadlines`] as of `now`.
+    fn give_up_late(&mut self, now: std::time::Instant) {
         let late: Vec<String> = self
             .watched
             .iter()
@@ -1857,6 +1861,61 @@ mod tests {
             vec![Change::RestoreRemoved {
                 uuid: "restore-done".into()
             }]
+        );
+    }
+
+    /// A snapshot blocked in a call past its deadline shows Failed (DeadlineExceeded) at once;
+    /// its VM stays busy, saying why; what its thread saves while it finishes does not show it
+    /// running again; its settled record does, and the VM is free once the thread ends.
+    #[test]
+    fn an_operation_blocked_past_its_deadline_is_shown_failed_and_its_vm_stays_busy() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
+        engine
+            .busy
+            .insert(A.into(), "snapshot 's' is being created".into());
+        let gate = engine.watch(A, std::time::Duration::from_secs(8), "uuid-s", "snapshot");
+        let running = snapshot_record("s", SnapshotPhase::InProgress);
+        engine.handle_op_event(OpEvent::Saved(Box::new(running.clone())));
+        drain(&mut rx);
+
+        // Within the deadline (and its 5 s of grace) nothing happens.
+        engine.give_up_late(std::time::Instant::now() + std::time::Duration::from_secs(12));
+        assert!(drain(&mut rx).is_empty());
+        assert!(!gate.is_abandoned());
+
+        engine.give_up_late(std::time::Instant::now() + std::time::Duration::from_secs(14));
+        assert!(gate.is_abandoned());
+        let shown = engine.snapshots.get("uuid-s").expect("known").clone();
+        assert_eq!(shown.phase, SnapshotPhase::Failed);
+        assert!(shown.error_name.ends_with(".DeadlineExceeded"), "{shown:?}");
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotUpdated(Box::new(shown.clone()))],
+            "shown at once, though the VM is busy"
+        );
+        let busy = engine.busy.get(A).expect("still busy").clone();
+        assert!(busy.contains("still blocked"), "{busy}");
+        assert!(matches!(
+            engine.check_idle(&engine.vms[A].clone()),
+            Err(EngineError::Busy { .. })
+        ));
+
+        // The call returns: the thread's saves on its way do not show it running again...
+        engine.handle_op_event(OpEvent::Saved(Box::new(running)));
+        assert_eq!(engine.snapshots["uuid-s"].phase, SnapshotPhase::Failed);
+        assert!(drain(&mut rx).is_empty());
+        // ...its settled record does, once the VM is free.
+        let mut undone = snapshot_record("s", SnapshotPhase::Failed);
+        undone.error = "the snapshot did not finish within failure_deadline".into();
+        engine.handle_op_event(OpEvent::Saved(Box::new(undone.clone())));
+        assert_eq!(engine.snapshots["uuid-s"], undone);
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert!(engine.busy.is_empty());
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::SnapshotUpdated(Box::new(undone))]
         );
     }
 
