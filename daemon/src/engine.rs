@@ -1314,29 +1314,8 @@ impl Engine {
             }
             ops.failure_deadline = deadline;
         }
-        let record = SnapshotRecord {
-            version: RECORD_VERSION,
-            uuid: uuid::Uuid::new_v4().to_string(),
-            name,
-            description: options.description,
-            vm_name: vm.name.clone(),
-            vm_uuid: vm.uuid.clone(),
-            phase: SnapshotPhase::InProgress,
-            ready_to_use: false,
-            creation_time: ops::now_rfc3339(),
-            indications: Vec::new(),
-            error: String::new(),
-            freeze_duration_ms: 0,
-            frozen_filesystems: 0,
-            step: Step::Planned,
-            domain_xml: String::new(),
-            volumes: Vec::new(),
-            excluded,
-            extra_state: Vec::new(),
-            cow_fill_percent: 0.0,
-            source_indications: Vec::new(),
-            error_name: String::new(),
-        };
+        let record =
+            SnapshotRecord::request(name, options.description, &vm.name, &vm.uuid, excluded);
         info!(vm = %vm.name, snapshot = %record.name, "creating snapshot");
         let uuid = record.uuid.clone();
         let lock = self.claim_vm(

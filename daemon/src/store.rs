@@ -165,6 +165,40 @@ pub enum Step {
 }
 
 impl SnapshotRecord {
+    /// A new snapshot as it is asked for: InProgress, journal step Planned, nothing captured
+    /// yet; the operation fills in the rest.
+    pub fn request(
+        name: String,
+        description: String,
+        vm_name: &str,
+        vm_uuid: &str,
+        excluded: Vec<ExcludedVolume>,
+    ) -> SnapshotRecord {
+        SnapshotRecord {
+            version: RECORD_VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            name,
+            description,
+            vm_name: vm_name.to_string(),
+            vm_uuid: vm_uuid.to_string(),
+            phase: SnapshotPhase::InProgress,
+            ready_to_use: false,
+            creation_time: crate::ops::now_rfc3339(),
+            indications: Vec::new(),
+            error: String::new(),
+            freeze_duration_ms: 0,
+            frozen_filesystems: 0,
+            step: Step::Planned,
+            domain_xml: String::new(),
+            volumes: Vec::new(),
+            excluded,
+            extra_state: Vec::new(),
+            cow_fill_percent: 0.0,
+            source_indications: Vec::new(),
+            error_name: String::new(),
+        }
+    }
+
     pub fn included_volumes(&self) -> Vec<IncludedVolume> {
         self.volumes
             .iter()

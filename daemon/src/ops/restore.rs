@@ -24,7 +24,7 @@ use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
 use crate::files;
 use crate::hypervisor::Host;
-use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
+use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord};
 
 /// The journal's mark for a volume whose in-place restore finished.
 pub const STEP_DONE: &str = "done";
@@ -672,32 +672,16 @@ fn take_safety_snapshot(
         n += 1;
     }
     ctx.restore_progress(record, format!("taking the safety snapshot {name}"));
-    let safety = SnapshotRecord {
-        version: RECORD_VERSION,
-        uuid: uuid::Uuid::new_v4().to_string(),
-        name: name.clone(),
-        description: format!(
+    let safety = SnapshotRecord::request(
+        name.clone(),
+        format!(
             "state before restoring snapshot '{}' (restore {})",
             record.snapshot_name, record.uuid
         ),
-        vm_name: record.vm_name.clone(),
-        vm_uuid: record.vm_uuid.clone(),
-        phase: SnapshotPhase::InProgress,
-        ready_to_use: false,
-        creation_time: now_rfc3339(),
-        indications: Vec::new(),
-        error: String::new(),
-        freeze_duration_ms: 0,
-        frozen_filesystems: 0,
-        step: Step::Planned,
-        domain_xml: String::new(),
-        volumes: Vec::new(),
-        excluded: Vec::new(),
-        extra_state: Vec::new(),
-        cow_fill_percent: 0.0,
-        source_indications: Vec::new(),
-        error_name: String::new(),
-    };
+        &record.vm_name,
+        &record.vm_uuid,
+        Vec::new(),
+    );
     let done = create::create(ctx, safety, true);
     if done.phase != SnapshotPhase::Succeeded {
         return Err(OpError::Refused(format!(

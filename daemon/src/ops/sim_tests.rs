@@ -155,29 +155,8 @@ impl Lab {
 
     /// A snapshot request as the engine saves it before the operation starts.
     fn request(&self, name: &str) -> SnapshotRecord {
-        let record = SnapshotRecord {
-            version: RECORD_VERSION,
-            uuid: uuid::Uuid::new_v4().to_string(),
-            name: name.to_string(),
-            description: String::new(),
-            vm_name: "web".into(),
-            vm_uuid: VM.into(),
-            phase: SnapshotPhase::InProgress,
-            ready_to_use: false,
-            creation_time: super::now_rfc3339(),
-            indications: Vec::new(),
-            error: String::new(),
-            freeze_duration_ms: 0,
-            frozen_filesystems: 0,
-            step: Step::Planned,
-            domain_xml: String::new(),
-            volumes: Vec::new(),
-            excluded: Vec::new(),
-            extra_state: Vec::new(),
-            cow_fill_percent: 0.0,
-            source_indications: Vec::new(),
-            error_name: String::new(),
-        };
+        let record =
+            SnapshotRecord::request(name.to_string(), String::new(), "web", VM, Vec::new());
         self.store().save(&record).expect("save");
         record
     }
