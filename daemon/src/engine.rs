@@ -254,6 +254,8 @@ pub struct Engine {
     /// Snapshot records whose operation was given up at its deadline while blocked: shown
     /// Failed until the operation's thread settles them.
     abandoned: std::collections::HashSet<String>,
+    /// Per VM, operations given up at their deadline waiting to take it back (OpEvent::Reclaim).
+    reclaims: HashMap<String, std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>,
     /// A check of ready snapshots' images is running.
     verify_running: bool,
     /// A check of thick LVM snapshots' copy-on-write space is running.
@@ -374,6 +376,7 @@ impl Engine {
                 watched: HashMap::new(),
                 deferred_settling: HashMap::new(),
                 abandoned: Default::default(),
+                reclaims: Default::default(),
                 fill_warned: Default::default(),
                 awaiting_write: HashMap::new(),
             },
@@ -554,16 +557,8 @@ impl Engine {
             OpEvent::RestoreRecordRemoved { uuid, result } => {
                 self.restore_record_removed(uuid, result)
             }
-            OpEvent::Finished { vm_uuid } => {
-                self.watched.remove(&vm_uuid);
-                self.busy.remove(&vm_uuid);
-                if let Some(records) = self.deferred_settling.remove(&vm_uuid) {
-                    self.settle_records(Some(&records));
-                }
-                for change in self.held.remove(&vm_uuid).unwrap_or_default() {
-                    self.emit(change);
-                }
-            }
+            OpEvent::Finished { vm_uuid } => self.vm_free(&vm_uuid),
+            OpEvent::Reclaim { vm_uuid, reply } => self.reclaim(vm_uuid, reply),
             OpEvent::Verified(found) => {
                 self.verify_running = false;
                 self.apply_verification(found);
@@ -682,7 +677,8 @@ impl Engine {
             let Some(watched) = self.watched.remove(&vm_uuid) else {
                 continue;
             };
-            if !watched.gate.abandon() {
+            let given_up = watched.gate.abandon();
+            if given_up == ops::GiveUp::NotGivenUp {
                 continue;
             }
             let Some(record) = self.snapshots.get_mut(&watched.record) else {
@@ -699,15 +695,65 @@ impl Engine {
             };
             record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX);
             let change = Change::SnapshotUpdated(Box::new(record.clone()));
-            self.busy.insert(
-                vm_uuid,
-                format!(
-                    "a call of the {} of snapshot '{}', given up at its deadline, is still blocked in libvirt or QEMU",
-                    watched.what, record.name
-                ),
-            );
+            let name = record.name.clone();
             self.abandoned.insert(watched.record.clone());
             self.emit(change);
+            if given_up == ops::GiveUp::Released {
+                // The operation's thread takes the VM back (OpEvent::Reclaim) before it acts.
+                self.vm_free(&vm_uuid);
+            } else {
+                self.busy.insert(
+                    vm_uuid,
+                    format!(
+                        "the undo of the {} of snapshot '{name}', given up at its deadline, is \
+                         still blocked in libvirt or QEMU",
+                        watched.what
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The VM takes new work: what waited for it (an operation given up at its deadline that
+    /// wants it back, settling, held changes) goes on.
+    fn vm_free(&mut self, vm_uuid: &str) {
+        self.watched.remove(vm_uuid);
+        self.busy.remove(vm_uuid);
+        if let Some(reply) = self
+            .reclaims
+            .get_mut(vm_uuid)
+            .and_then(|queue| queue.pop_front())
+        {
+            self.grant_reclaim(vm_uuid, reply);
+        } else if let Some(records) = self.deferred_settling.remove(vm_uuid) {
+            self.settle_records(Some(&records));
+        }
+        for change in self.held.remove(vm_uuid).unwrap_or_default() {
+            self.emit(change);
+        }
+    }
+
+    /// An operation given up at its deadline wants its VM back: at once if it is free, else
+    /// when what runs on it now ends.
+    fn reclaim(&mut self, vm_uuid: String, reply: tokio::sync::oneshot::Sender<()>) {
+        if self.busy.contains_key(&vm_uuid) {
+            self.reclaims.entry(vm_uuid).or_default().push_back(reply);
+        } else {
+            self.grant_reclaim(&vm_uuid, reply);
+        }
+    }
+
+    fn grant_reclaim(&mut self, vm_uuid: &str, reply: tokio::sync::oneshot::Sender<()>) {
+        if self.reclaims.get(vm_uuid).is_some_and(|q| q.is_empty()) {
+            self.reclaims.remove(vm_uuid);
+        }
+        self.busy.insert(
+            vm_uuid.to_string(),
+            "an operation given up at its deadline is undoing what its late call did".to_string(),
+        );
+        // Its thread may be gone (vmsnapd stopping): then nothing holds the VM.
+        if reply.send(()).is_err() {
+            self.busy.remove(vm_uuid);
         }
     }
 
@@ -1359,6 +1405,13 @@ impl Engine {
                 record.phase.as_str()
             )));
         }
+        if self.abandoned.contains(uuid) {
+            return Err(EngineError::InvalidState(format!(
+                "snapshot '{}' was given up at its deadline while a call to libvirt or QEMU was \
+                 blocked; it can be deleted once that call has returned and what it did is undone",
+                record.name
+            )));
+        }
         if let Some(what) = self.busy.get(&record.vm_uuid) {
             return Err(EngineError::Busy {
                 vm: record.vm_name.clone(),
@@ -1843,11 +1896,13 @@ mod tests {
         );
     }
 
-    /// A snapshot blocked in a call past its deadline shows Failed (DeadlineExceeded) at once;
-    /// its VM stays busy, saying why; what its thread saves while it finishes does not show it
-    /// running again; its settled record does, and the VM is free once the thread ends.
+    /// A snapshot blocked in a call past its deadline shows Failed (DeadlineExceeded) at once
+    /// and its VM is released: another operation may start on it; the snapshot itself cannot be
+    /// deleted yet. When the call returns, the thread gets the VM back only once that other
+    /// operation ended; what it saves on its way does not show it running again; its settled
+    /// record does, and the VM is free once the thread ends.
     #[test]
-    fn an_operation_blocked_past_its_deadline_is_shown_failed_and_its_vm_stays_busy() {
+    fn an_operation_blocked_past_its_deadline_is_shown_failed_and_its_vm_released() {
         let (mut engine, mut rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
         engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
@@ -1872,16 +1927,33 @@ mod tests {
         assert_eq!(
             drain(&mut rx),
             vec![Change::SnapshotUpdated(Box::new(shown.clone()))],
-            "shown at once, though the VM is busy"
+            "shown at once"
         );
-        let busy = engine.busy.get(A).expect("still busy").clone();
-        assert!(busy.contains("still blocked"), "{busy}");
+        assert!(
+            engine.check_idle(&engine.vms[A].clone()).is_ok(),
+            "VM released"
+        );
         assert!(matches!(
-            engine.check_idle(&engine.vms[A].clone()),
-            Err(EngineError::Busy { .. })
+            engine.delete_snapshot("uuid-s"),
+            Err(EngineError::InvalidState(m)) if m.contains("given up")
         ));
 
-        // The call returns: the thread's saves on its way do not show it running again...
+        // Another operation starts on the VM; then the blocked call returns.
+        engine
+            .busy
+            .insert(A.into(), "snapshot 't' is being created".into());
+        let (reply, mut granted) = oneshot::channel();
+        engine.handle_op_event(OpEvent::Reclaim {
+            vm_uuid: A.into(),
+            reply,
+        });
+        assert!(granted.try_recv().is_err(), "not while the other one runs");
+        engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
+        assert_eq!(granted.try_recv(), Ok(()), "once it ended");
+        let busy = engine.busy.get(A).expect("busy with the undo").clone();
+        assert!(busy.contains("undoing"), "{busy}");
+
+        // The thread's saves on its way do not show it running again...
         engine.handle_op_event(OpEvent::Saved(Box::new(running)));
         assert_eq!(engine.snapshots["uuid-s"].phase, SnapshotPhase::Failed);
         assert!(drain(&mut rx).is_empty());

@@ -1,7 +1,9 @@
 //! A VM whose QEMU stops answering (SIGSTOP, as a hung QEMU would) during a snapshot. At
-//! failure_deadline the snapshot is Failed (DeadlineExceeded), whatever call is blocked; the VM
-//! is busy meanwhile and says why; when QEMU answers again, what the snapshot did is undone and
-//! the VM takes new work.
+//! failure_deadline the snapshot is Failed (DeadlineExceeded), whatever call is blocked, and the
+//! VM is released: its lock (the one the libvirt hook reads) is free and it takes new work (which
+//! blocks as well here, and is given up the same way); the given-up snapshot cannot be deleted
+//! while its call is pending. When QEMU answers again, each late thread takes the VM back in turn
+//! and undoes what its call did: nothing of either snapshot is left, and the VM takes new work.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -33,7 +35,12 @@ impl Drop for Stopped {
 fn a_snapshot_of_a_stopped_qemu_fails_at_its_deadline_and_is_undone_when_qemu_answers() {
     let vm = ScratchVm::define("vmsnap-t12-stuck", ScratchOptions::default(), &[]);
     let bus = PrivateBus::start();
-    let config = format!("failure_deadline = \"12s\"\n{}", config_for(LAB_URI));
+    let locks = tempfile::tempdir().unwrap();
+    let config = format!(
+        "failure_deadline = \"12s\"\nvm_lock_dir = \"{}\"\n{}",
+        locks.path().display(),
+        config_for(LAB_URI)
+    );
     let daemon = Daemon::start(&bus, &config);
     vm.start(false);
     wait_for(
@@ -64,15 +71,37 @@ fn a_snapshot_of_a_stopped_qemu_fails_at_its_deadline_and_is_undone_when_qemu_an
     );
     let short = failed["uuid"].as_str().unwrap()[..8].to_string();
 
-    // Meanwhile the VM takes no new work, and says why.
-    let refused = daemon.ctl(&["snapshot", "create", &vm.name, "meanwhile"]);
-    let message = refused.failure();
-    assert!(
-        message.contains("still blocked in libvirt or QEMU"),
-        "{message}"
+    // The VM is released: nothing holds its lock (the libvirt hook would let it start)...
+    let lock_file = locks.path().join(format!("{}.lock", vm.uuid()));
+    let free = Command::new("flock")
+        .args(["--nonblock", "--exclusive"])
+        .arg(&lock_file)
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(free.success(), "the VM's lock is still held");
+    // ...the given-up snapshot waits for its call before it can be deleted...
+    let pending = daemon.ctl(&["snapshot", "delete", &vm.name, "stuck"]);
+    let message = pending.failure();
+    assert!(message.contains("given up at its deadline"), "{message}");
+    // ...and the VM takes new work, which QEMU's silence blocks and the deadline gives up too.
+    let meanwhile = daemon.ctl(&[
+        "snapshot",
+        "create",
+        &vm.name,
+        "meanwhile",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(meanwhile.code, Some(1), "{meanwhile:?}");
+    let meanwhile: serde_json::Value = serde_json::from_str(&meanwhile.stdout).unwrap();
+    assert_eq!(
+        meanwhile["errorName"], "org.vmsnap.VmSnap1.Error.DeadlineExceeded",
+        "{meanwhile}"
     );
+    let meanwhile_short = meanwhile["uuid"].as_str().unwrap()[..8].to_string();
 
-    // QEMU answers again: the blocked call returns, what the snapshot did is undone, and the
+    // QEMU answers again: the blocked calls return, what each snapshot did is undone, and the
     // VM takes new work.
     drop(stopped);
     let after = wait_for(Duration::from_secs(180), "the VM to take new work", || {
@@ -80,19 +109,19 @@ fn a_snapshot_of_a_stopped_qemu_fails_at_its_deadline_and_is_undone_when_qemu_an
         (out.code == Some(0)).then(|| out.json())
     });
     assert_eq!(after["phase"], "Succeeded", "{after}");
-    let stuck = vmsnap_tests::show_snapshot(&daemon, &vm.name, "stuck");
-    assert_eq!(stuck["phase"], "Failed", "{stuck}");
-    assert!(stuck["snapshotVolumes"]["includedVolumes"]
-        .as_array()
-        .is_none_or(|v| v.is_empty() || stuck["readyToUse"] == false));
+    for name in ["stuck", "meanwhile"] {
+        let given_up = vmsnap_tests::show_snapshot(&daemon, &vm.name, name);
+        assert_eq!(given_up["phase"], "Failed", "{given_up}");
+        assert_eq!(given_up["readyToUse"], false, "{given_up}");
+    }
     let leftovers: Vec<String> = vm
         .images()
         .into_iter()
-        .filter(|f| f.contains(&short))
+        .filter(|f| f.contains(&short) || f.contains(&meanwhile_short))
         .collect();
     assert!(
         leftovers.is_empty(),
-        "the given-up snapshot left {leftovers:?}"
+        "the given-up snapshots left {leftovers:?}"
     );
     let after_short = &after["uuid"].as_str().unwrap()[..8];
     let mut expected = images_before.clone();
@@ -103,5 +132,10 @@ fn a_snapshot_of_a_stopped_qemu_fails_at_its_deadline_and_is_undone_when_qemu_an
         expected,
         "only the new snapshot's overlay was added"
     );
+    // Both given-up snapshots are settled: deleting them removes their records.
+    for name in ["stuck", "meanwhile"] {
+        let deleted = daemon.ctl(&["snapshot", "delete", &vm.name, name]);
+        assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    }
     virsh(&["destroy", &vm.name]);
 }

@@ -28,6 +28,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         .and_then(|host| create_steps(ctx, host.as_ref(), &mut record, allow_excluded, deadline));
     if let Err(error) = result {
         warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
+        ctx.hold_vm();
         if let Ok(host) = &host {
             discard_all(
                 &Env {
@@ -89,6 +90,7 @@ fn create_steps(
             }
         });
     if let Err(error) = result {
+        ctx.hold_vm();
         undo_all(&env, record);
         return Err(error);
     }

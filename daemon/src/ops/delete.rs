@@ -17,6 +17,7 @@ use crate::store::{SnapshotRecord, Step};
 pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<SnapshotRecord>) {
     if let Err(error) = delete_steps(ctx, &mut record, &mut others) {
         warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete failed");
+        ctx.hold_vm();
         // The snapshot's own image may already hold merged data from later writes: its content
         // is no longer the snapshot's, so it is not offered for restore again.
         record.phase = SnapshotPhase::Failed;

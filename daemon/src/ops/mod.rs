@@ -49,6 +49,12 @@ pub enum OpEvent {
     Finished {
         vm_uuid: String,
     },
+    /// An operation given up at its deadline (its VM released) wants its VM back to undo
+    /// what a late call did: granted (the VM marked busy) once nothing else runs on it.
+    Reclaim {
+        vm_uuid: String,
+        reply: tokio::sync::oneshot::Sender<()>,
+    },
     /// The first record of an operation could not be written: nothing was started.
     NotStarted {
         uuid: String,
@@ -93,18 +99,28 @@ pub struct OpContext {
     pub events: UnboundedSender<OpEvent>,
     pub faults: Faults,
     pub vm_locks: VmLocks,
-    /// The lock on this operation's VM, while it holds one (set by `spawn`).
-    held_lock: Arc<Mutex<Option<VmLock>>>,
-    /// Shared with the engine's deadline watch (set by `spawn`).
+    /// The VM this operation works on (set by `spawn`).
+    vm_uuid: String,
+    /// Shared with the engine's deadline watch; holds the VM's lock (set by `spawn`).
     pub gate: OpGate,
 }
 
-/// Where an operation stands for the engine's deadline watch: an operation blocked in a call
-/// past its deadline is given up (Abandoned) by the engine, which reports it failed at once;
-/// the operation's thread, when the call returns, sees that and undoes what it did. Finishing
-/// with success and giving up exclude each other.
+/// Where an operation stands for the engine's deadline watch. An operation blocked in a call
+/// past its deadline is given up (Abandoned) by the engine: shown Failed at once, and its VM
+/// released (vmsnapd's own busy mark and the VM lock the libvirt hook reads), so that the VM
+/// takes new work and can be started. The operation's thread, when the call returns, takes the
+/// VM back (waiting for whatever runs on it then) before it undoes what the late call did.
+/// Finishing with success and giving up exclude each other; so do undoing a failure and
+/// releasing the VM: a rollback blocked in a call keeps its VM (shown Failed all the same).
 #[derive(Debug, Clone, Default)]
-pub struct OpGate(Arc<Mutex<GateState>>);
+pub struct OpGate(Arc<Mutex<Gate>>);
+
+#[derive(Debug, Default)]
+struct Gate {
+    state: GateState,
+    /// The VM's lock while this operation holds it (the libvirt hook refuses a start then).
+    lock: Option<VmLock>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum GateState {
@@ -112,39 +128,79 @@ enum GateState {
     Running,
     /// The operation is saving its success; it can no longer be given up.
     Succeeding,
+    /// The operation failed and is undoing what it did, holding its VM.
+    Undoing,
+    /// Given up; the VM was released and the operation's thread must not act on it.
     Abandoned,
+    /// Given up, and its thread has taken the VM back to undo what the late call did.
+    Reclaimed,
+}
+
+/// What giving an operation up did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Already saving its success, or already given up: nothing.
+    NotGivenUp,
+    /// Given up, and its VM released.
+    Released,
+    /// Given up while undoing a failure: shown failed, its VM kept until the undo ends.
+    VmKept,
 }
 
 impl OpGate {
-    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn state(&self) -> GateState {
+        self.gate().state
+    }
+
     /// The engine gives the operation up, unless it is already saving its success.
-    pub fn abandon(&self) -> bool {
-        let mut state = self.state();
-        if *state == GateState::Running {
-            *state = GateState::Abandoned;
-            true
-        } else {
-            false
+    pub fn abandon(&self) -> GiveUp {
+        let mut gate = self.gate();
+        match gate.state {
+            GateState::Running => {
+                gate.state = GateState::Abandoned;
+                // Dropping the lock lets the libvirt hook allow a start again.
+                gate.lock = None;
+                GiveUp::Released
+            }
+            GateState::Undoing => GiveUp::VmKept,
+            GateState::Succeeding | GateState::Abandoned | GateState::Reclaimed => {
+                GiveUp::NotGivenUp
+            }
         }
     }
 
     pub fn is_abandoned(&self) -> bool {
-        *self.state() == GateState::Abandoned
+        matches!(self.state(), GateState::Abandoned | GateState::Reclaimed)
+    }
+
+    /// Whether the operation was given up and its VM released, and its thread has not taken
+    /// it back: the engine no longer counts the VM as this operation's.
+    fn vm_released(&self) -> bool {
+        self.state() == GateState::Abandoned
     }
 
     /// The operation is about to save its success: from now on it is not given up. False
     /// when it already was.
     pub fn succeed(&self) -> bool {
-        let mut state = self.state();
-        if *state == GateState::Running {
-            *state = GateState::Succeeding;
+        let mut gate = self.gate();
+        if gate.state == GateState::Running {
+            gate.state = GateState::Succeeding;
         }
-        *state == GateState::Succeeding
+        gate.state == GateState::Succeeding
+    }
+
+    fn hold_lock(&self, lock: Option<VmLock>) {
+        self.gate().lock = lock;
+    }
+
+    fn take_lock(&self) -> Option<VmLock> {
+        self.gate().lock.take()
     }
 }
 
@@ -249,12 +305,56 @@ impl OpContext {
     /// Gives up the VM's lock before vmsnapd starts the VM itself: the libvirt hook would
     /// refuse the start otherwise. Nothing of the VM changes after that but its run state.
     pub(crate) fn release_vm_lock(&self) {
-        let lock = self
-            .held_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        drop(lock);
+        drop(self.gate.take_lock());
+    }
+
+    /// Called before an operation acts on its VM after a failure (to undo what it did): marks
+    /// it undoing, so that a deadline no longer releases the VM under the undo; or, when the
+    /// engine already gave it up and released the VM, takes the VM back first, waiting until
+    /// whatever runs on it now has finished.
+    pub(crate) fn hold_vm(&self) {
+        {
+            let mut gate = self.gate.gate();
+            match gate.state {
+                GateState::Running => {
+                    gate.state = GateState::Undoing;
+                    return;
+                }
+                GateState::Abandoned => {}
+                GateState::Succeeding | GateState::Undoing | GateState::Reclaimed => return,
+            }
+        }
+        let (reply, granted) = tokio::sync::oneshot::channel();
+        let asked = self.events.send(OpEvent::Reclaim {
+            vm_uuid: self.vm_uuid.clone(),
+            reply,
+        });
+        // Without an engine (vmsnapd is shutting down) nothing else runs on the VM either.
+        if asked.is_ok() {
+            let _ = granted.blocking_recv();
+        }
+        let lock = self.take_vm_lock_again();
+        let mut gate = self.gate.gate();
+        gate.state = GateState::Reclaimed;
+        gate.lock = lock;
+    }
+
+    /// The VM's lock again, for an undo after a give-up: waits while another vmsnapd holds it.
+    fn take_vm_lock_again(&self) -> Option<VmLock> {
+        let what = "undoing what a call given up at its deadline did";
+        loop {
+            match self.vm_locks.take(&self.vm_uuid, what) {
+                Ok(lock) => return Some(lock),
+                Err(vm_lock::VmLockRefused::Held(by)) => {
+                    info!(vm_uuid = %self.vm_uuid, held_by = %by, "waiting for the VM's lock to undo a late call");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(vm_lock::VmLockRefused::Unusable(e)) => {
+                    warn!(error = %e, "no VM lock for the undo: the libvirt hook cannot refuse a start meanwhile");
+                    return None;
+                }
+            }
+        }
     }
 
     /// Starts `work` on a new operation thread, holding `lock` (the VM's, if taken) until it
@@ -267,15 +367,19 @@ impl OpContext {
         work: impl FnOnce(&OpContext) + Send + 'static,
     ) {
         let mut ctx = self.clone();
-        ctx.held_lock = Arc::new(Mutex::new(lock));
+        gate.hold_lock(lock);
         ctx.gate = gate;
-        let released = vm_uuid.clone();
+        ctx.vm_uuid = vm_uuid.clone();
         let spawned = std::thread::Builder::new()
             .name("libvirt-op".to_string())
             .spawn(move || {
                 work(&ctx);
                 ctx.release_vm_lock();
-                ctx.finished(&released);
+                // A VM released at a give-up and never taken back is no longer this
+                // operation's: whatever runs on it now ends by itself.
+                if !ctx.gate.vm_released() {
+                    ctx.finished(&ctx.vm_uuid);
+                }
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start an operation thread");
@@ -310,7 +414,7 @@ impl OpContext {
             events,
             faults,
             vm_locks,
-            held_lock: Arc::new(Mutex::new(None)),
+            vm_uuid: String::new(),
             gate: OpGate::default(),
         }
     }
@@ -393,8 +497,10 @@ pub const ABANDONED: &str = "did not finish within failure_deadline: a call to l
 
 impl OpContext {
     /// Fails when the engine gave this operation up while it was blocked.
+    /// Takes the VM back first (see [`OpContext::hold_vm`]): the caller undoes next.
     pub(crate) fn check_abandoned(&self, what: &str) -> OpResult<()> {
         if self.gate.is_abandoned() {
+            self.hold_vm();
             Err(OpError::DeadlineExceeded(format!("the {what} {ABANDONED}")))
         } else {
             Ok(())
@@ -409,5 +515,28 @@ pub(crate) fn check_deadline(deadline: Instant, what: &str) -> OpResult<()> {
         )))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    #[test]
+    fn a_give_up_releases_the_vm_unless_the_operation_succeeds_or_undoes() {
+        let gate = OpGate::default();
+        assert_eq!(gate.abandon(), GiveUp::Released);
+        assert!(gate.vm_released());
+        assert!(!gate.succeed(), "a given-up operation does not succeed");
+        assert_eq!(gate.abandon(), GiveUp::NotGivenUp, "once");
+
+        let succeeding = OpGate::default();
+        assert!(succeeding.succeed());
+        assert_eq!(succeeding.abandon(), GiveUp::NotGivenUp);
+
+        let undoing = OpGate::default();
+        undoing.gate().state = GateState::Undoing;
+        assert_eq!(undoing.abandon(), GiveUp::VmKept);
+        assert!(!undoing.vm_released());
     }
 }
