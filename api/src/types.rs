@@ -14,7 +14,7 @@ pub struct DiskInfo {
     pub source: String,
     /// Image format from the driver element (`qcow2`, `raw`, ...), empty when unknown.
     pub format: String,
-    /// `qcow2`, `lvm` or `excluded`; see [`DiskBackend`].
+    /// `qcow2`, `lvm`, `rbd` or `excluded`; see [`DiskBackend`].
     pub backend: String,
     /// Why the disk is excluded; empty when it is not.
     pub reason: String,
@@ -27,6 +27,8 @@ pub enum DiskBackend {
     Qcow2,
     /// Block disk on an LVM logical volume: LVM snapshots.
     Lvm,
+    /// Network disk on a Ceph RBD image: RBD snapshots.
+    Rbd,
     /// Not snapshotted; the disk's `reason` says why.
     Excluded,
 }
@@ -36,6 +38,7 @@ impl DiskBackend {
         match self {
             DiskBackend::Qcow2 => "qcow2",
             DiskBackend::Lvm => "lvm",
+            DiskBackend::Rbd => "rbd",
             DiskBackend::Excluded => "excluded",
         }
     }

@@ -49,6 +49,28 @@ pub struct Config {
     pub verify_interval: Duration,
     /// LVM logical volumes.
     pub lvm: LvmConfig,
+    /// Ceph RBD images.
+    pub rbd: RbdConfig,
+}
+
+/// The `[rbd]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RbdConfig {
+    /// The Ceph configuration the `rbd` command reads (monitors, keyrings), as users have it.
+    pub ceph_conf: PathBuf,
+    /// The longest one `rbd` command may run before it is stopped.
+    #[serde(with = "duration_text")]
+    pub command_timeout: Duration,
+}
+
+impl Default for RbdConfig {
+    fn default() -> Self {
+        RbdConfig {
+            ceph_conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            command_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// When a snapshot of a running VM tries to freeze its filesystems through the guest agent.
@@ -203,6 +225,7 @@ impl Default for Config {
             quiesce: Quiesce::Auto,
             verify_interval: Duration::from_secs(30),
             lvm: LvmConfig::default(),
+            rbd: RbdConfig::default(),
         }
     }
 }
@@ -340,6 +363,15 @@ impl Config {
         )?;
         if !(self.lvm.fill_warning_percent > 0.0 && self.lvm.fill_warning_percent <= 100.0) {
             return Err("lvm.fill_warning_percent must be above 0 and at most 100".to_string());
+        }
+        between(
+            "rbd.command_timeout",
+            self.rbd.command_timeout,
+            secs(1),
+            secs(24 * 3600),
+        )?;
+        if !self.rbd.ceph_conf.is_absolute() {
+            return Err("rbd.ceph_conf must be an absolute path".to_string());
         }
         Ok(())
     }

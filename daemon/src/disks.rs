@@ -102,9 +102,11 @@ fn decide<'a>(
             let protocol = child("source")
                 .and_then(|s| s.attribute("protocol"))
                 .unwrap_or("unknown");
-            return Err(format!(
-                "network disk ({protocol}): its storage is managed outside this host"
-            ));
+            if protocol != "rbd" {
+                return Err(format!(
+                    "network disk ({protocol}): vmsnap snapshots only Ceph RBD network disks"
+                ));
+            }
         }
         "vhostuser" => {
             return Err("vhost-user disk: served by an external process".to_string());
@@ -128,6 +130,11 @@ fn decide<'a>(
     if child("transient").is_some() {
         return Err("transient disk: its changes are discarded when the VM stops".to_string());
     }
+    if disk_type == "network" {
+        return rbd_image(source)
+            .map(|_| DiskBackend::Rbd)
+            .ok_or_else(|| format!("RBD disk {source} does not name POOL/IMAGE"));
+    }
     if disk_type == "file" {
         return match format {
             "qcow2" | "raw" | "" => Ok(DiskBackend::Qcow2),
@@ -144,6 +151,31 @@ fn decide<'a>(
             "block device {source} is not an LVM logical volume on this host"
         ))
     }
+}
+
+/// The pool, namespace and image an RBD disk's source (`rbd:POOL[/NAMESPACE]/IMAGE`) names;
+/// None for anything else, a snapshot (`@SNAP`, read-only) among them.
+pub fn rbd_image(source: &str) -> Option<(&str, Option<&str>, &str)> {
+    let name = source.strip_prefix("rbd:")?;
+    if name.contains('@') {
+        return None;
+    }
+    let parts: Vec<&str> = name.split('/').collect();
+    let (pool, namespace, image) = match parts.as_slice() {
+        [pool, image] => (*pool, None, *image),
+        [pool, namespace, image] => (*pool, Some(*namespace), *image),
+        _ => return None,
+    };
+    let fine = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 128
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !part.starts_with('-')
+            && !part.starts_with('.')
+    };
+    (fine(pool) && namespace.is_none_or(fine) && fine(image)).then_some((pool, namespace, image))
 }
 
 fn source_text(disk_type: &str, source: Option<Node<'_, '_>>) -> String {
@@ -311,8 +343,8 @@ mod tests {
     }
 
     #[test]
-    fn network_disks_are_excluded_with_their_protocol() {
-        for protocol in ["rbd", "iscsi", "nbd", "gluster", "http"] {
+    fn network_disks_other_than_rbd_are_excluded_with_their_protocol() {
+        for protocol in ["iscsi", "nbd", "gluster", "http"] {
             let d = classify(&format!(
                 "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
                  <source protocol='{protocol}' name='pool/image'><host name='10.0.0.1'/></source>\
@@ -322,6 +354,28 @@ mod tests {
             assert!(d.reason.contains(protocol), "{d:?}");
             assert_eq!(d.source, format!("{protocol}:pool/image"));
         }
+    }
+
+    #[test]
+    fn rbd_disks_are_taken_unless_shared_read_only_or_not_an_image() {
+        let disk = |source: &str, extra: &str| {
+            classify(&format!(
+                "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+                 <source protocol='rbd' name='{source}'><host name='10.0.0.1' port='6789'/></source>\
+                 {extra}<target dev='vdb'/></disk>"
+            ))
+        };
+        let d = disk("rbd/vm-1", "");
+        assert_eq!(
+            (d.backend.as_str(), d.source.as_str()),
+            ("rbd", "rbd:rbd/vm-1")
+        );
+        assert_eq!(disk("pool/ns/img", "").backend, "rbd");
+        for bad in ["pool/img@snap", "pool", "pool/../img", "a/b/c/d", "pool/-x"] {
+            assert_eq!(disk(bad, "").backend, "excluded", "{bad}");
+        }
+        assert_eq!(disk("rbd/vm-1", "<shareable/>").backend, "excluded");
+        assert_eq!(disk("rbd/vm-1", "<readonly/>").backend, "excluded");
     }
 
     #[test]

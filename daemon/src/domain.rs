@@ -188,7 +188,7 @@ pub fn extra_state(xml: &str, uuid: &str) -> Result<Vec<ExtraState>, String> {
     Ok(out)
 }
 
-/// Returns `xml` with disk `target`'s file source set to `path` and its driver format to
+/// Returns `xml` with disk `target`'s source (file, device or RBD image name) set to `path` and its driver format to
 /// `format`, and any recorded backing chain of that disk dropped (libvirt re-reads it).
 pub fn set_disk_source(
     xml: &str,
@@ -204,10 +204,11 @@ pub fn set_disk_source(
         .children()
         .find(|c| c.has_tag_name("source"))
         .ok_or_else(|| format!("disk {target} has no source"))?;
+    // A file's path, a block device's, or a network disk's image name (RBD: POOL/IMAGE).
     let file = source
         .attributes()
-        .find(|a| a.name() == "file" || a.name() == "dev")
-        .ok_or_else(|| format!("disk {target} is neither a file nor a block device disk"))?;
+        .find(|a| a.name() == "file" || a.name() == "dev" || a.name() == "name")
+        .ok_or_else(|| format!("disk {target} has no file, device or image name"))?;
     edits.push((file.range_value(), escape_attr(path)));
     if let Some(kind) = disk
         .children()
@@ -418,6 +419,21 @@ mod xml_edit_tests {
         );
         assert!(!out.contains("backingStore"));
         assert!(set_disk_source(XML, "vdz", "/x", "raw").is_err());
+    }
+
+    #[test]
+    fn set_disk_source_renames_an_rbd_image_and_keeps_its_hosts_and_auth() {
+        let xml = XML.replace(
+            "</devices>",
+            "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+             <auth username='libvirt'><secret type='ceph' uuid='u-1'/></auth>\
+             <source protocol='rbd' name='rbd/vm1'><host name='127.0.0.1' port='6789'/></source>\
+             <target dev='vdb' bus='virtio'/></disk></devices>",
+        );
+        let out = set_disk_source(&xml, "vdb", "rbd/vm1-vmsnap-r01234567", "raw").expect("edits");
+        assert!(out.contains("name='rbd/vm1-vmsnap-r01234567'"), "{out}");
+        assert!(out.contains("<host name='127.0.0.1' port='6789'/>"));
+        assert!(out.contains("uuid='u-1'"));
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub enum Artifact {
     },
     /// A disk on an LVM logical volume, captured by a snapshot LV.
     Lvm(LvmVolume),
+    /// A disk on a Ceph RBD image, captured by an RBD snapshot.
+    Rbd(RbdVolume),
     /// The simulated backend of the unit tests.
     #[cfg(test)]
     Sim(crate::backends::sim::SimVolume),
@@ -101,6 +103,7 @@ impl VolumeRecord {
         match self.artifact {
             Artifact::Qcow2 { .. } => vmsnap_api::DiskBackend::Qcow2.as_str(),
             Artifact::Lvm(_) => vmsnap_api::DiskBackend::Lvm.as_str(),
+            Artifact::Rbd(_) => vmsnap_api::DiskBackend::Rbd.as_str(),
             #[cfg(test)]
             Artifact::Sim(_) => "sim",
         }
@@ -112,6 +115,56 @@ impl VolumeRecord {
             Artifact::Lvm(l) => Some(l),
             _ => None,
         }
+    }
+
+    /// The RBD part of a volume on RBD.
+    pub fn rbd(&self) -> Option<&RbdVolume> {
+        match &self.artifact {
+            Artifact::Rbd(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// An RBD volume of a snapshot: the snapshot `snap` of image `pool/[namespace/]image`, and how
+/// the disk reached its cluster (the monitors, the Ceph user and the libvirt secret holding the
+/// user's key, as the VM definition named them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RbdVolume {
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub image: String,
+    pub snap: String,
+    /// `host:port` of each monitor the disk names; empty: the Ceph configuration's.
+    #[serde(default)]
+    pub monitors: Vec<String>,
+    /// The Ceph user (without `client.`); empty: the Ceph configuration's default.
+    #[serde(default)]
+    pub user: String,
+    /// The UUID of the libvirt secret with the user's key; empty: the keyrings.
+    #[serde(default)]
+    pub secret: String,
+}
+
+impl RbdVolume {
+    /// `pool/[namespace/]image`.
+    pub fn image_spec(&self) -> String {
+        self.spec_of(&self.image)
+    }
+
+    /// `pool/[namespace/]name`: another image in the same pool and namespace.
+    pub fn spec_of(&self, name: &str) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}/{name}", self.pool),
+            None => format!("{}/{name}", self.pool),
+        }
+    }
+
+    /// `pool/[namespace/]image@snap`.
+    pub fn snap_spec(&self) -> String {
+        format!("{}@{}", self.image_spec(), self.snap)
     }
 }
 

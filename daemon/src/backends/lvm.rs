@@ -522,7 +522,13 @@ impl VolumeBackend for LvmBackend {
     }
 
     /// Only a new VM's clones, which carry this restore's tag; an origin LV never.
-    fn discard_restored(&self, env: &Env, restore: &RestoreRecord, planned: &VolumeRestore) {
+    fn discard_restored(
+        &self,
+        env: &Env,
+        restore: &RestoreRecord,
+        _volume: &VolumeRecord,
+        planned: &VolumeRestore,
+    ) {
         if !restore.new_vm {
             return;
         }

@@ -13,6 +13,7 @@
 
 pub mod lvm;
 pub mod qcow2;
+pub mod rbd;
 #[cfg(test)]
 pub mod sim;
 
@@ -166,7 +167,13 @@ pub trait VolumeBackend: Send + Sync {
         Ok(())
     }
     /// The restore is undone: what it made goes (only that).
-    fn discard_restored(&self, env: &Env, restore: &RestoreRecord, planned: &VolumeRestore);
+    fn discard_restored(
+        &self,
+        env: &Env,
+        restore: &RestoreRecord,
+        _volume: &VolumeRecord,
+        planned: &VolumeRestore,
+    );
     /// After an in-place restore: the disk's previous top `source` is no longer the VM's;
     /// reclaim what no snapshot or VM needs.
     fn release_replaced(
@@ -180,7 +187,7 @@ pub trait VolumeBackend: Send + Sync {
 }
 
 /// The backends in use, in capture order: those whose capture is cheap to undo first (LVM
-/// snapshot LVs go before qcow2 overlays, whose undo is a merge).
+/// snapshot LVs and RBD snapshots go before qcow2 overlays, whose undo is a merge).
 pub struct Backends {
     list: Vec<Arc<dyn VolumeBackend>>,
 }
@@ -194,6 +201,7 @@ impl Backends {
     pub fn standard() -> Backends {
         Backends::new(vec![
             Arc::new(lvm::LvmBackend),
+            Arc::new(rbd::RbdBackend),
             Arc::new(qcow2::Qcow2Backend),
         ])
     }

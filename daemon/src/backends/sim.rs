@@ -314,7 +314,13 @@ impl VolumeBackend for SimBackend {
         new_vm.then(|| (planned.to_image.clone(), "qcow2"))
     }
 
-    fn discard_restored(&self, _env: &Env, restore: &RestoreRecord, planned: &VolumeRestore) {
+    fn discard_restored(
+        &self,
+        _env: &Env,
+        restore: &RestoreRecord,
+        _volume: &VolumeRecord,
+        planned: &VolumeRestore,
+    ) {
         if restore.new_vm {
             lock(&self.world).images.remove(&planned.to_image);
         }

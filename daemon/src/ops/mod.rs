@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 pub use self::error::{OpError, OpResult, StorageContext};
 use crate::backends::Backends;
-use crate::config::{LvmConfig, Quiesce};
+use crate::config::{LvmConfig, Quiesce, RbdConfig};
 use crate::hypervisor::Hypervisor;
 use crate::store::{RestoreRecord, SnapshotRecord, Store};
 use vm_lock::{VmLock, VmLocks};
@@ -96,6 +96,7 @@ pub struct OpContext {
     pub quiesce: Quiesce,
     pub verify_interval: Duration,
     pub lvm: LvmConfig,
+    pub rbd: RbdConfig,
     pub events: UnboundedSender<OpEvent>,
     pub faults: Faults,
     pub vm_locks: VmLocks,
@@ -411,6 +412,7 @@ impl OpContext {
             quiesce: config.quiesce,
             verify_interval: config.verify_interval,
             lvm: config.lvm.clone(),
+            rbd: config.rbd.clone(),
             events,
             faults,
             vm_locks,

@@ -544,7 +544,7 @@ fn roll_back(env: &Env, record: &RestoreRecord, snapshot: &SnapshotRecord, previ
     }
     for (restore, volume) in planned(record, snapshot) {
         if let Ok(backend) = env.ctx.backends.for_volume(volume) {
-            backend.discard_restored(env, record, restore);
+            backend.discard_restored(env, record, volume, restore);
         }
     }
     for pending in staged_nvram(record, snapshot) {

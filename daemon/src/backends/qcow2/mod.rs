@@ -305,7 +305,13 @@ impl VolumeBackend for Qcow2Backend {
         Some((planned.to_image.clone(), "qcow2"))
     }
 
-    fn discard_restored(&self, _env: &Env, _restore: &RestoreRecord, planned: &VolumeRestore) {
+    fn discard_restored(
+        &self,
+        _env: &Env,
+        _restore: &RestoreRecord,
+        _volume: &VolumeRecord,
+        planned: &VolumeRestore,
+    ) {
         let _ = std::fs::remove_file(&planned.to_image);
     }
 
