@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Takes the vmsnap lab down: lab/down.sh [--purge]
 #  - destroys and undefines every vmsnap-lab-* domain (with its snapshot/checkpoint metadata);
+#  - stops the lab's Ceph cluster and removes its data (lab/ceph-down.sh);
 #  - stops the lab's private dbus-daemon;
 #  - stops libvirtd and virtlogd only if lab/up.sh started them ($LAB_DIR/started-daemons);
 #  - removes the data disks, console logs and domain XML, keeping the cached guest kernel and
@@ -76,6 +77,9 @@ stop_daemon "$LAB_DIR/ssh/sshd.pid" sshd
 # --- private D-Bus --------------------------------------------------------------------------
 stop_daemon "$LAB_DIR/dbus.pid" dbus-daemon
 rm -f "$LAB_DIR/dbus.pid" "$LAB_DIR/bus-address" "$LAB_DIR/bus.sock"
+
+# --- Ceph: before libvirtd stops (ceph-down.sh undefines the lab's libvirt secret) ---------
+bash "$(dirname "${BASH_SOURCE[0]}")/ceph-down.sh" >/dev/null || warn "lab/ceph-down.sh failed"
 
 # --- libvirt daemons we started -------------------------------------------------------------
 started=$LAB_DIR/started-daemons

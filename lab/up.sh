@@ -2,7 +2,8 @@
 # Brings the vmsnap lab up on Debian 12 as root (no systemd needed). Idempotent: a second run only
 # checks that everything is still there. Quiet unless something fails; ends with a short summary.
 #
-#  - installs packages (lab/install-packages.sh);
+#  - installs packages (lab/install-packages.sh --ceph);
+#  - a single-node Ceph cluster for RBD disks (lab/ceph-up.sh, once libvirtd answers);
 #  - libvirt: user/group libvirt-qemu, qemu.conf user/group root, vmsnap's libvirt hook in
 #    /etc/libvirt/hooks/qemu.d/vmsnap (a running libvirtd is restarted once when the hook is new or
 #    changed: libvirtd looks for hooks only when it starts), virtlogd -d and libvirtd -d (only if
@@ -59,7 +60,7 @@ pid_alive() {
 mkdir -p "$LAB_DIR" "$DISKS"
 
 # --- packages -------------------------------------------------------------------------------
-quiet "$LAB_SRC/install-packages.sh"
+quiet "$LAB_SRC/install-packages.sh" --ceph
 
 # The guest build (a no-op when cached) overlaps libvirtd's first start, which probes QEMU.
 "$LAB_SRC/build-guest.sh" "$GUEST" >"$LAB_DIR/build-guest.log" 2>&1 &
@@ -121,6 +122,15 @@ until timeout 10 virsh -c "$URI" version >/dev/null 2>&1; do
   pid_alive /run/libvirtd.pid libvirtd || die "libvirtd exited; see /var/log/libvirt or run 'libvirtd -v'"
   sleep 0.2
 done
+
+# --- Ceph (RBD disks) -----------------------------------------------------------------------
+# After libvirtd answers: ceph-up.sh defines the libvirt secret with the Ceph user's key. Its
+# daemons must not inherit a caller's lock descriptors (9>&-: see lab/ceph-up.sh).
+if ! "$LAB_SRC/ceph-up.sh" >"$LAB_DIR/ceph-up.log" 2>&1 9>&-; then
+  echo "lab up: the Ceph cluster did not come up:" >&2
+  cat "$LAB_DIR/ceph-up.log" >&2
+  exit 1
+fi
 
 # --- private D-Bus --------------------------------------------------------------------------
 bus_alive() {

@@ -779,15 +779,18 @@ impl Engine {
         if checked.is_empty() {
             return;
         }
-        let Some(events) = self.ops.as_ref().map(|o| o.events.clone()) else {
+        let Some(ctx) = self.ops.clone() else {
             return;
         };
         self.verify_running = true;
-        tokio::task::spawn_blocking(move || {
+        // A thread of its own: RBD snapshots are listed from their cluster (and the Ceph key
+        // read from libvirt), which no tokio thread may wait for.
+        off_task("verify-artifacts", move || {
+            let mut check = crate::backends::ArtifactCheck::new(&ctx);
             let found = checked
                 .into_iter()
                 .map(|(uuid, volumes)| {
-                    let missing = volumes.iter().find_map(crate::backends::missing_artifact);
+                    let missing = volumes.iter().find_map(|v| check.missing(v));
                     ops::Verification {
                         uuid,
                         volumes,
@@ -795,7 +798,7 @@ impl Engine {
                     }
                 })
                 .collect();
-            let _ = events.send(OpEvent::Verified(found));
+            let _ = ctx.events.send(OpEvent::Verified(found));
         });
     }
 

@@ -577,7 +577,7 @@ pub struct ScratchVm {
 }
 
 /// How a scratch VM is made.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ScratchOptions {
     /// Give it a guest agent channel (and run qemu-ga).
     pub agent: bool,
@@ -588,6 +588,20 @@ pub struct ScratchOptions {
     pub nvram: bool,
     /// Memory in MiB; 0 means the lab's usual 192.
     pub memory_mib: u32,
+    /// The data disk (vda) is this RBD image of the lab's Ceph pool (lab/ceph-up.sh), reached
+    /// with the lab's Ceph user and libvirt secret, instead of a qcow2 file; the caller made
+    /// the image (lab/ceph-image.sh).
+    pub rbd_image: Option<String>,
+}
+
+/// A key of the lab's Ceph cluster (lab/ceph-up.sh's ceph.env, VMSNAP_CEPH_*), e.g. `CONF`.
+pub fn ceph_env(key: &str) -> String {
+    let env = std::fs::read_to_string(lab_dir().join("ceph/ceph.env"))
+        .expect("the lab's Ceph cluster (lab/ceph-up.sh)");
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("VMSNAP_CEPH_{key}=")))
+        .unwrap_or_else(|| panic!("VMSNAP_CEPH_{key} missing from ceph.env"))
+        .to_string()
 }
 
 pub fn lab_dir() -> PathBuf {
@@ -624,24 +638,39 @@ impl ScratchVm {
             std::fs::write(seed_dir.join(file), content).unwrap();
         }
         let disk = dir.path().join(format!("{name}-vda.qcow2"));
-        run(
-            "bash",
-            &[
-                workspace_root()
-                    .join("lab/make-data-disk.sh")
-                    .to_str()
-                    .unwrap(),
-                disk.to_str().unwrap(),
-                "64M",
-                seed_dir.to_str().unwrap(),
-            ],
-        );
         let guest = lab_dir().join("guest");
-        let mut devices = format!(
-            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
-            disk.display()
-        );
+        let mut devices = match &options.rbd_image {
+            Some(image) => format!(
+                "<disk type='network' device='disk'><driver name='qemu' type='raw' cache='writeback'/>\
+                 <auth username='{user}'><secret type='ceph' uuid='{secret}'/></auth>\
+                 <source protocol='rbd' name='{pool}/{image}'><host name='{host}' port='{port}'/></source>\
+                 <target dev='vda' bus='virtio'/></disk>",
+                user = ceph_env("USER"),
+                secret = ceph_env("SECRET_UUID"),
+                pool = ceph_env("POOL"),
+                host = ceph_env("MON_HOST"),
+                port = ceph_env("MON_PORT"),
+            ),
+            None => {
+                run(
+                    "bash",
+                    &[
+                        workspace_root()
+                            .join("lab/make-data-disk.sh")
+                            .to_str()
+                            .unwrap(),
+                        disk.to_str().unwrap(),
+                        "64M",
+                        seed_dir.to_str().unwrap(),
+                    ],
+                );
+                format!(
+                    "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                     <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+                    disk.display()
+                )
+            }
+        };
         if options.cdrom {
             let iso = dir.path().join("cidata.img");
             std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();

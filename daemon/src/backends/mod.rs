@@ -249,7 +249,8 @@ impl Backends {
 }
 
 /// Why a ready snapshot's volume is not usable, from a quick look that calls no tool (at
-/// start, for every record): a qcow2 image file that is gone.
+/// start, for every record): a qcow2 image file that is gone. (RBD snapshots need the cluster:
+/// [`ArtifactCheck`].)
 pub fn missing_artifact(volume: &VolumeRecord) -> Option<String> {
     match &volume.artifact {
         Artifact::Qcow2 { .. } if std::fs::metadata(&volume.image).is_err() => Some(format!(
@@ -257,5 +258,67 @@ pub fn missing_artifact(volume: &VolumeRecord) -> Option<String> {
             volume.image, volume.target
         )),
         _ => None,
+    }
+}
+
+/// The readiness watch's check of every ready snapshot's artifacts, on a thread of its own:
+/// qcow2 files looked at, RBD snapshots listed from their cluster (one `rbd snap ls` per image,
+/// whatever the number of snapshots).
+pub struct ArtifactCheck<'a> {
+    ctx: &'a OpContext,
+    host: Option<OpResult<Box<dyn Host>>>,
+    rbd_snaps: std::collections::HashMap<String, Result<Vec<String>, String>>,
+}
+
+impl<'a> ArtifactCheck<'a> {
+    pub fn new(ctx: &'a OpContext) -> ArtifactCheck<'a> {
+        ArtifactCheck {
+            ctx,
+            host: None,
+            rbd_snaps: Default::default(),
+        }
+    }
+
+    /// What is missing of `volume`, if anything.
+    pub fn missing(&mut self, volume: &VolumeRecord) -> Option<String> {
+        let Some(v) = volume.rbd() else {
+            return missing_artifact(volume);
+        };
+        let key = format!(
+            "{}|{}|{}|{}",
+            v.image_spec(),
+            v.monitors.join(","),
+            v.user,
+            v.secret
+        );
+        if !self.rbd_snaps.contains_key(&key) {
+            let ctx = self.ctx;
+            let host = self.host.get_or_insert_with(|| ctx.hypervisor.session());
+            let listed = match host {
+                Ok(host) => rbd::snaps_of(
+                    &Env {
+                        ctx,
+                        host: host.as_ref(),
+                    },
+                    v,
+                ),
+                Err(e) => Err(format!("cannot reach libvirt for the Ceph key: {e}")),
+            };
+            self.rbd_snaps.insert(key.clone(), listed);
+        }
+        match self.rbd_snaps.get(&key) {
+            Some(Ok(snaps)) if snaps.contains(&v.snap) => None,
+            Some(Ok(_)) => Some(format!(
+                "the RBD snapshot {} of disk {} is missing",
+                v.snap_spec(),
+                volume.target
+            )),
+            Some(Err(e)) => Some(format!(
+                "the RBD snapshot {} of disk {} cannot be checked: {e}",
+                v.snap_spec(),
+                volume.target
+            )),
+            None => None,
+        }
     }
 }

@@ -340,6 +340,13 @@ fn is_taken(rbd: &Rbd, v: &RbdVolume) -> Result<bool, String> {
     }
 }
 
+/// The snapshots of `v`'s image, reached as `v` reaches its cluster.
+pub fn snaps_of(env: &Env, v: &RbdVolume) -> Result<Vec<String>, String> {
+    Rbd::for_volume(env, v)
+        .map_err(|e| e.to_string())?
+        .snaps(&v.image_spec())
+}
+
 /// Removes `volume`'s RBD snapshot if it is one vmsnap made.
 fn remove_snap(rbd: &Rbd, v: &RbdVolume) -> Result<(), String> {
     if !v.snap.starts_with(SNAP_PREFIX) {

@@ -1,0 +1,428 @@
+//! VMs whose disks live in Ceph RBD (the lab's single-node cluster, lab/ceph-up.sh), through
+//! vmsnapctl: a snapshot is an RBD snapshot taken in the guest's freeze and holds what the guest
+//! wrote before it (read back from the cluster with `rbd export`, not through vmsnap); a restore
+//! in place and one as a new VM each boot with exactly that data; deletes in any order leave
+//! every VM's data as it was; a VM with a qcow2 and an RBD disk is snapshotted in one freeze; a
+//! cluster that stops answering fails the snapshot cleanly, thaws the guest and leaves nothing.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use vmsnap_tests::{
+    ceph_env, config_for, guest_exec, virsh, wait_for, Daemon, GuestSlot, PrivateBus,
+    ScratchOptions, ScratchVm, LAB_URI,
+};
+
+/// `rbd` as the lab's admin; its standard output, panicking on failure.
+fn rbd(args: &[&str]) -> String {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(ceph_env("CONF"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rbd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pool() -> String {
+    ceph_env("POOL")
+}
+
+/// Removes every image of the lab pool whose name starts with `prefix`, with its snapshots:
+/// restores' clones (`-vmsnap-r`) before the images they were cloned from.
+fn purge_images(prefix: &str) {
+    for _pass in 0..3 {
+        let listed: Vec<String> =
+            serde_json::from_str(&rbd(&["ls", &pool(), "--format", "json"])).unwrap_or_default();
+        let mut mine: Vec<String> = listed
+            .into_iter()
+            .filter(|i| i.starts_with(prefix))
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        mine.sort_by_key(|i| !i.contains("-vmsnap-r"));
+        for image in mine {
+            let spec = format!("{}/{image}", pool());
+            let _ = Command::new("rbd")
+                .arg("-c")
+                .arg(ceph_env("CONF"))
+                .args(["snap", "purge", "--no-progress", &spec])
+                .output();
+            let _ = Command::new("rbd")
+                .arg("-c")
+                .arg(ceph_env("CONF"))
+                .args(["rm", "--no-progress", &spec])
+                .output();
+        }
+    }
+}
+
+/// A 64 MiB RBD image holding an empty ext4 filesystem.
+fn make_image(name: &str) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/ceph-image.sh");
+    vmsnap_tests::run("bash", &[script.to_str().unwrap(), name, "64M"]);
+}
+
+/// The snapshots of image `name` (user namespace).
+fn snaps_of(name: &str) -> Vec<String> {
+    let listed: Vec<Value> = serde_json::from_str(&rbd(&[
+        "snap",
+        "ls",
+        &format!("{}/{name}", pool()),
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    listed
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// SHA-256 of file `name` in the ext4 filesystem of RBD snapshot `spec` (`pool/image@snap`),
+/// read from the cluster with `rbd export` and `debugfs`, as the guest's `sha256sum` prints it.
+fn file_sum_in(spec: &str, name: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("export.raw");
+    rbd(&["export", "--no-progress", spec, raw.to_str().unwrap()]);
+    let file = dir.path().join("file");
+    vmsnap_tests::run(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /{name} {}", file.display()),
+            raw.to_str().unwrap(),
+        ],
+    );
+    vmsnap_tests::run("sha256sum", &[file.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The guest's checksum of its file `name`, from `guest_checksums` output.
+fn sum_in(checksums: &str, name: &str) -> String {
+    checksums
+        .lines()
+        .find(|l| l.ends_with(&format!("./{name}")))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{name} not in {checksums}"))
+        .to_string()
+}
+
+/// What the guest's files are, read from the disk, not the page cache.
+fn fresh_checksums(vm: &str) -> String {
+    let (code, out) = guest_exec(
+        vm,
+        "sync && echo 3 > /proc/sys/vm/drop_caches && cd /mnt/data && \
+         find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, 0, "{out}");
+    out
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        "{extra}{}[rbd]\nceph_conf = \"{}\"\ncommand_timeout = \"20s\"\n",
+        config_for(LAB_URI),
+        ceph_env("CONF")
+    )
+}
+
+fn rbd_vm(name: &str) -> ScratchVm {
+    purge_images(name);
+    make_image(name);
+    let vm = ScratchVm::define(
+        name,
+        ScratchOptions {
+            agent: true,
+            rbd_image: Some(name.to_string()),
+            ..Default::default()
+        },
+        &[],
+    );
+    vm.start(true);
+    vm
+}
+
+fn created(daemon: &Daemon, vm: &str, name: &str) -> Value {
+    let out = daemon.ctl(&["snapshot", "create", vm, name, "--output", "json"]);
+    let taken = out.json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    taken
+}
+
+/// The RBD snapshot spec of a snapshot's volume on disk `target`.
+fn rbd_spec(snapshot: &Value, target: &str) -> String {
+    let volume = snapshot["snapshotVolumes"]["includedVolumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["target"] == target)
+        .unwrap()
+        .clone();
+    assert_eq!(volume["backend"], "rbd", "{volume}");
+    volume["image"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("rbd:")
+        .unwrap()
+        .to_string()
+}
+
+/// Undefines a VM made by a restore when dropped.
+struct Undefine(&'static str);
+
+impl Drop for Undefine {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-c", LAB_URI, "destroy", self.0])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-c", LAB_URI, "undefine", self.0])
+            .output();
+    }
+}
+
+#[test]
+fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm() {
+    let _slot = GuestSlot::take();
+    let name = "vmsnap-t17-rbd";
+    let clone = "vmsnap-t17-rbd-clone";
+    let _undefine = Undefine(clone);
+    let vm = rbd_vm(name);
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config(""));
+    vmsnap_tests::wait_agent_connected(&daemon, name);
+    let shown = daemon.ctl(&["vm", "show", name, "--output", "json"]).json();
+    assert_eq!(shown["disks"][0]["backend"], "rbd", "{shown}");
+
+    vm.write_file("f1", 300 << 10);
+    let at_s1 = vm.guest_checksums();
+    let s1 = created(&daemon, name, "s1");
+    let indications: Vec<&str> = s1["indications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap())
+        .collect();
+    assert!(indications.contains(&"GuestAgent"), "{s1}");
+    let spec = rbd_spec(&s1, "vda");
+    let uuid = s1["uuid"].as_str().unwrap();
+    assert_eq!(spec, format!("{}/{name}@vmsnap-{uuid}", pool()));
+    // The cluster itself shows it, named after the vmsnap snapshot...
+    assert!(snaps_of(name).contains(&format!("vmsnap-{uuid}")));
+    // ...and holds what the guest wrote before it.
+    assert_eq!(file_sum_in(&spec, "f1"), sum_in(&at_s1, "f1"));
+
+    // The data changes; a restore in place brings s1's back.
+    vm.write_file("f2", 100 << 10);
+    vm.exec("rm /mnt/data/f1 && sync");
+    assert_ne!(vm.guest_checksums(), at_s1);
+    let restored = daemon
+        .ctl(&["restore", name, "s1", "--stop", "--output", "json"])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    let source = vm.disk_source();
+    assert!(
+        source.starts_with(&format!("{}/{name}-vmsnap-r", pool())),
+        "the disk is the restore's clone: {source}"
+    );
+    vm.start(true);
+    assert_eq!(fresh_checksums(name), at_s1, "restored in place");
+
+    // As a new VM: a clone of its own, booting with s1's data; the source VM keeps its own.
+    vm.write_file("f3", 50 << 10);
+    let source_now = vm.guest_checksums();
+    let new_vm = daemon
+        .ctl(&[
+            "restore", name, "s1", "--target", clone, "--start", "--output", "json",
+        ])
+        .json();
+    assert_eq!(new_vm["phase"], "Succeeded", "{new_vm}");
+    vmsnap_tests::wait_guest_ready(clone);
+    assert_eq!(fresh_checksums(clone), at_s1, "the new VM sees s1's data");
+    assert_eq!(fresh_checksums(name), source_now);
+
+    // A snapshot of the restored VM, then every snapshot deleted, the one the clones depend
+    // on first: nobody's data changes, and no vmsnap snapshot stays in the cluster.
+    let s2 = created(&daemon, name, "s2");
+    let s2_spec = rbd_spec(&s2, "vda");
+    for (vm_name, snapshot) in [(name, "s1"), (name, "s2")] {
+        let deleted = daemon.ctl(&["snapshot", "delete", vm_name, snapshot]);
+        assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    }
+    assert!(
+        !snaps_of(name).iter().any(|s| s.starts_with("vmsnap-")),
+        "{:?}",
+        snaps_of(name)
+    );
+    let restored_image = s2_spec
+        .split('@')
+        .next()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap();
+    assert!(!snaps_of(restored_image)
+        .iter()
+        .any(|s| s.starts_with("vmsnap-")));
+    assert_eq!(fresh_checksums(name), source_now);
+    assert_eq!(fresh_checksums(clone), at_s1);
+    // The clones boot again from the cluster (s1's data now lives only in Ceph's trash).
+    virsh(&["destroy", clone]);
+    virsh(&["start", clone]);
+    vmsnap_tests::wait_guest_ready(clone);
+    assert_eq!(fresh_checksums(clone), at_s1);
+    drop(vm);
+    drop(_undefine);
+    purge_images(name);
+}
+
+#[test]
+fn a_vm_with_a_qcow2_and_an_rbd_disk_is_snapshotted_in_one_freeze_and_restored() {
+    let _slot = GuestSlot::take();
+    let name = "vmsnap-t17-mixed";
+    purge_images(name);
+    make_image(name);
+    let vm = ScratchVm::define(
+        name,
+        ScratchOptions {
+            agent: true,
+            rbd_image: Some(name.to_string()),
+            ..Default::default()
+        },
+        &[],
+    );
+    vm.attach_raw_disk("vdb", 8 << 20);
+    vm.start(true);
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config(""));
+    vmsnap_tests::wait_agent_connected(&daemon, name);
+    let vdb_sum = "dd if=/dev/vdb bs=64k count=128 2>/dev/null | sha256sum";
+
+    vm.write_file("f1", 200 << 10);
+    vm.exec("head -c 1048576 /dev/urandom | dd of=/dev/vdb bs=64k conv=fsync 2>/dev/null");
+    let files = vm.guest_checksums();
+    let vdb = vm.exec(vdb_sum);
+    let s1 = created(&daemon, name, "s1");
+    assert!(s1["indications"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("GuestAgent")));
+    let backends: Vec<&str> = s1["snapshotVolumes"]["includedVolumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(backends.len(), 2, "{s1}");
+    assert!(
+        backends.contains(&"rbd") && backends.contains(&"qcow2"),
+        "{s1}"
+    );
+
+    vm.write_file("f2", 100 << 10);
+    vm.exec("head -c 1048576 /dev/urandom | dd of=/dev/vdb bs=64k conv=fsync 2>/dev/null");
+    let restored = daemon
+        .ctl(&[
+            "restore", name, "s1", "--stop", "--start", "--output", "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    vmsnap_tests::wait_guest_ready(name);
+    assert_eq!(fresh_checksums(name), files);
+    assert_eq!(vm.exec(vdb_sum), vdb);
+    let deleted = daemon.ctl(&["snapshot", "delete", name, "s1"]);
+    assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    assert_eq!(fresh_checksums(name), files);
+    drop(vm);
+    purge_images(name);
+}
+
+/// Stops a process (SIGSTOP); continues it when dropped.
+struct Stopped(String);
+
+impl Stopped {
+    fn new(pid: &str) -> Stopped {
+        assert!(Command::new("kill")
+            .args(["-STOP", pid])
+            .status()
+            .unwrap()
+            .success());
+        Stopped(pid.to_string())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leaves_nothing() {
+    let _slot = GuestSlot::take();
+    let name = "vmsnap-t17-unreachable";
+    let vm = rbd_vm(name);
+    let bus = PrivateBus::start();
+    let config = config("freeze_timeout = \"40s\"\nfailure_deadline = \"2m\"\n")
+        .replace("command_timeout = \"20s\"", "command_timeout = \"4s\"");
+    let mut daemon = Daemon::start(&bus, &config);
+    daemon.restart_with_env(&[("VMSNAP_TEST_PAUSE_AT", "create-before-snapshot")]);
+    vmsnap_tests::wait_agent_connected(&daemon, name);
+    vm.write_file("f1", 100 << 10);
+    let files = vm.guest_checksums();
+    let mon_pid = std::fs::read_to_string(
+        std::path::Path::new(&ceph_env("CONF"))
+            .parent()
+            .unwrap()
+            .join("run/mon.a.pid"),
+    )
+    .unwrap();
+
+    let (out, stopped) = std::thread::scope(|scope| {
+        let ctl =
+            scope.spawn(|| daemon.ctl(&["snapshot", "create", name, "s1", "--output", "json"]));
+        // Frozen, at the pause before the captures: the cluster stops answering there.
+        wait_for(Duration::from_secs(60), "the pause in the freeze", || {
+            daemon
+                .log_text()
+                .contains("VMSNAP_TEST_PAUSE_AT")
+                .then_some(())
+        });
+        let stopped = Stopped::new(mon_pid.trim());
+        (ctl.join().unwrap(), stopped)
+    });
+    let failed: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(failed["phase"], "Failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("did not finish within"), "{error}");
+    assert!(!error.contains('\n'), "one line: {error}");
+    // Thawed: a write goes through while the monitor is still stopped.
+    vm.exec("timeout 20 sh -c 'echo thawed > /mnt/data/thaw-check && sync'");
+    vm.exec("rm -f /mnt/data/thaw-check && sync");
+    drop(stopped);
+    // Nothing of the snapshot stays in the cluster, and the guest's data is its own.
+    let uuid = failed["uuid"].as_str().unwrap();
+    wait_for(Duration::from_secs(30), "no RBD snapshot left", || {
+        (!snaps_of(name).contains(&format!("vmsnap-{uuid}"))).then_some(())
+    });
+    assert_eq!(fresh_checksums(name), files);
+    // The next snapshot works.
+    daemon.restart_with_env(&[]);
+    vmsnap_tests::wait_agent_connected(&daemon, name);
+    created(&daemon, name, "s2");
+    drop(vm);
+    purge_images(name);
+}
