@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -69,6 +70,22 @@ pub fn copy_dir_new(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes still free for an unprivileged writer in the filesystem holding `path` (statvfs
+/// `f_bavail`).
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a pointer to memory of statvfs's own type.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +138,13 @@ mod tests {
         );
         // Reading through a symlink is refused too: a copy's source must be the file itself.
         assert!(copy_file_new(&dir.path().join("to-victim"), &dir.path().join("c")).is_err());
+    }
+
+    #[test]
+    fn available_bytes_reads_the_filesystem_and_fails_on_a_missing_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(available_bytes(dir.path()).is_ok());
+        assert!(available_bytes(&dir.path().join("not-there")).is_err());
     }
 
     #[test]

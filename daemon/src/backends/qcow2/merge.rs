@@ -2,6 +2,7 @@
 //! capture does. Each merge is journaled in the deleting record (step Merging) before it
 //! starts, and recognised as done after a crash when QEMU finished it alone.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -13,7 +14,7 @@ use super::forest::{is_owned, prune_unclaimed, Forest};
 use super::qemu_img;
 use crate::domain;
 use crate::hypervisor::libvirt::{VIR_DOMAIN_XML_INACTIVE, VIR_DOMAIN_XML_SECURE};
-use crate::ops::{OpContext, OpResult};
+use crate::ops::{OpContext, OpError, OpResult};
 use crate::store::{Artifact, SnapshotRecord, Step, VolumeRecord};
 use crate::virt_ext;
 
@@ -167,7 +168,8 @@ fn merge_down(
                 user.path == top,
                 deadline,
                 &mut report,
-            )?;
+            )
+            .map_err(|e| commit_failure(e, base))?;
             refresh_definitions(conn, forest, base, top)?;
             Ok(true)
         }
@@ -212,6 +214,25 @@ fn refresh_definitions(conn: &Connect, forest: &Forest, base: &str, top: &str) -
             .map_err(|e| format!("cannot update a VM definition: {}", e.message()))?;
     }
     Ok(())
+}
+
+/// Below this much free space, a failed block commit is taken to have run out of it: a job that
+/// failed for lack of space leaves next to nothing free (none at all on the lab's tmpfs).
+const NEARLY_FULL: u64 = 16 << 20;
+
+/// A failed block commit's error, saying so when the filesystem of `base` (where the merge
+/// writes) is full: libvirt does not pass on QEMU's reason for a failed job, and this is the
+/// one the user can act on.
+fn commit_failure(error: String, base: &str) -> OpError {
+    match crate::files::available_bytes(Path::new(base)) {
+        Ok(free) if free < NEARLY_FULL => format!(
+            "{error}; no space left on device where {base} is ({} KiB free): free some space \
+             there, then try again",
+            free / 1024
+        )
+        .into(),
+        _ => error.into(),
+    }
 }
 
 fn abort_leftover_job(dom: &Domain, disk: &str) -> OpResult<()> {
@@ -299,7 +320,7 @@ pub(super) fn merge(
                 );
             }
         };
-        Ok(virt_ext::commit_and_wait(
+        virt_ext::commit_and_wait(
             dom,
             &volume.target,
             base,
@@ -307,7 +328,8 @@ pub(super) fn merge(
             active,
             deadline,
             &mut report,
-        )?)
+        )
+        .map_err(|e| commit_failure(e, base))
     } else {
         qemu_img::commit(top, deadline)?;
         if active {

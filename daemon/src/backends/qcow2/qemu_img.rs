@@ -28,6 +28,13 @@ pub enum QemuImgError {
         image: String,
         status: String,
     },
+    /// The one cause of a failure worth naming: the user can act on it (free space, then try
+    /// again), and the words name no file.
+    #[error(
+        "qemu-img {command} of {image} failed: no space left on device (free some space where \
+         the VM's images are, then try again)"
+    )]
+    NoSpace { command: String, image: String },
     #[error("unreadable qemu-img output: {0}")]
     Output(#[source] serde_json::Error),
     #[error("{image} is missing")]
@@ -101,6 +108,13 @@ fn run(image: &str, args: &[&str], timeout: Duration) -> Result<String, QemuImgE
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     warn!(image, command, stderr = %stderr.trim(), "qemu-img failed");
+    // qemu-img says so only in words ("Block job failed: No space left on device").
+    if stderr.contains("No space left on device") {
+        return Err(QemuImgError::NoSpace {
+            command: command.to_string(),
+            image: image.to_string(),
+        });
+    }
     let status = match output.status.code() {
         Some(code) => format!("exit status {code}"),
         None => "killed by a signal".to_string(),
