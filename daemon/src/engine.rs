@@ -1112,14 +1112,16 @@ impl Engine {
                 snapshot.name, snapshot.error
             )));
         }
+        // A quick look at files only: the operation checks every artifact (RBD snapshots in
+        // their cluster) before it changes anything.
         if let Some(missing) = snapshot
             .volumes
             .iter()
-            .find(|v| !std::path::Path::new(&v.image).exists())
+            .find_map(crate::backends::missing_artifact)
         {
             return Err(EngineError::InvalidState(format!(
-                "snapshot '{}' cannot be restored: its image {} of disk {} is missing",
-                snapshot.name, missing.image, missing.target
+                "snapshot '{}' cannot be restored: {missing}",
+                snapshot.name
             )));
         }
         if !options.name.is_empty() && self.restores.values().any(|r| r.name == options.name) {

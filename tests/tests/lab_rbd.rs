@@ -258,8 +258,23 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
     // on first: nobody's data changes, and no vmsnap snapshot stays in the cluster.
     let s2 = created(&daemon, name, "s2");
     let s2_spec = rbd_spec(&s2, "vda");
-    for (vm_name, snapshot) in [(name, "s1"), (name, "s2")] {
-        let deleted = daemon.ctl(&["snapshot", "delete", vm_name, snapshot]);
+    // s1 first (both clones depend on it), then s2, then the in-place restore's safety
+    // snapshot of the original image.
+    let mut order = vec!["s1".to_string(), "s2".to_string()];
+    for s in vmsnap_tests::snapshot_list(&daemon, name) {
+        let other = s["name"].as_str().unwrap().to_string();
+        if !order.contains(&other) {
+            assert_eq!(
+                rbd_spec(&s, "vda").split('@').next(),
+                Some(format!("{}/{name}", pool()).as_str()),
+                "{s}"
+            );
+            order.push(other);
+        }
+    }
+    assert_eq!(order.len(), 3, "{order:?}: s1, s2 and the safety snapshot");
+    for snapshot in &order {
+        let deleted = daemon.ctl(&["snapshot", "delete", name, snapshot]);
         assert_eq!(deleted.code, Some(0), "{deleted:?}");
     }
     assert!(
