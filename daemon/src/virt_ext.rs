@@ -25,6 +25,70 @@ pub fn fs_freeze(dom: &Domain) -> Result<u32, Error> {
     count(n)
 }
 
+/// Freezes the guest's filesystems mounted at `mountpoints` only (virDomainFSFreeze with a
+/// list; the agent's guest-fsfreeze-freeze-list). Returns how many were frozen.
+pub fn fs_freeze_mountpoints(dom: &Domain, mountpoints: &[String]) -> Result<u32, Error> {
+    let owned: Vec<CString> = mountpoints
+        .iter()
+        .map(|m| CString::new(m.as_str()))
+        .collect::<Result<_, _>>()?;
+    let mut pointers: Vec<*const std::os::raw::c_char> = owned.iter().map(|m| m.as_ptr()).collect();
+    let n = u32::try_from(pointers.len()).map_err(|_| Error::last_error())?;
+    // SAFETY: the domain pointer is valid while `dom` lives; `pointers` holds `n` pointers to
+    // NUL-terminated strings owned by `owned`, which outlives the call; libvirt only reads them.
+    let frozen = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), pointers.as_mut_ptr(), n, 0) };
+    count(frozen)
+}
+
+/// One mounted filesystem of the guest, as its agent reports it (virDomainGetFSInfo): where it
+/// is mounted and the disk targets (`vda`, ...) it lives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFs {
+    pub mountpoint: String,
+    pub disks: Vec<String>,
+}
+
+/// The guest's mounted filesystems and their disks (needs the guest agent).
+pub fn fs_info(dom: &Domain) -> Result<Vec<GuestFs>, Error> {
+    let mut list: *mut sys::virDomainFSInfoPtr = std::ptr::null_mut();
+    // SAFETY: the domain pointer is valid while `dom` lives; libvirt allocates `list`.
+    let n = unsafe { sys::virDomainGetFSInfo(dom.as_ptr(), &mut list, 0) };
+    let n = usize::try_from(n).map_err(|_| Error::last_error())?;
+    let text = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a non-null string libvirt returned, NUL-terminated, alive until freed.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    let mut found = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: `list` holds `n` valid info pointers; each is read, then freed once.
+        unsafe {
+            let info = *list.add(i);
+            if info.is_null() {
+                continue;
+            }
+            let aliases = (0..(*info).ndevAlias)
+                .map(|d| text(*(*info).devAlias.add(d)))
+                .collect();
+            found.push(GuestFs {
+                mountpoint: text((*info).mountpoint),
+                disks: aliases,
+            });
+            sys::virDomainFSInfoFree(info);
+        }
+    }
+    if !list.is_null() {
+        // SAFETY: the array libvirt allocated, its elements freed above.
+        unsafe { libc::free(list.cast()) };
+    }
+    Ok(found)
+}
+
 /// Thaws every frozen filesystem of the guest (virDomainFSThaw). Returns how many were thawed;
 /// thawing a guest that is not frozen succeeds with 0. libvirt 9.0 refuses a mountpoint list for
 /// thaw, so there is no variant with one.

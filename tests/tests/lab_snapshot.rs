@@ -569,3 +569,70 @@ fn sigterm_during_a_snapshot_lets_it_finish() {
     assert_eq!(image_checksums(&image_of(&snap)), sums);
     assert!(daemon.log_text().contains("waiting for running operations"));
 }
+
+/// A disk left out of the snapshot (here a shareable one, which others may write) is not
+/// frozen either: only the filesystems on the captured disks stop (the agent's
+/// guest-fsfreeze-freeze-list), so the excluded disk's users are not held up.
+#[test]
+fn with_a_disk_left_out_only_the_captured_disks_filesystems_freeze() {
+    let _slot = vmsnap_tests::GuestSlot::take();
+    let vm = ScratchVm::define(
+        "vmsnap-t-freeze-list",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let shared = vm.disk.with_file_name("shared.raw");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/make-data-disk.sh");
+    vmsnap_tests::run(
+        "bash",
+        &[script.to_str().unwrap(), shared.to_str().unwrap(), "16M"],
+    );
+    virsh(&[
+        "attach-disk",
+        &vm.name,
+        shared.to_str().unwrap(),
+        "vdb",
+        "--config",
+        "--targetbus",
+        "virtio",
+        "--subdriver",
+        "raw",
+        "--cache",
+        "none",
+        "--mode",
+        "shareable",
+    ]);
+    vm.start(true);
+    vm.exec("mkdir -p /mnt/other && mount /dev/vdb /mnt/other");
+    let (_bus, daemon) = daemon();
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
+
+    let snap = daemon
+        .ctl(&[
+            "snapshot",
+            "create",
+            &vm.name,
+            "one-disk",
+            "--allow-excluded",
+            "--output",
+            "json",
+        ])
+        .json();
+    assert_eq!(snap["phase"], "Succeeded", "{snap}");
+    assert_eq!(indications(&snap), ["Online", "GuestAgent"]);
+    assert_eq!(
+        snap["snapshotVolumes"]["excludedVolumes"][0]["target"], "vdb",
+        "{snap}"
+    );
+    // /mnt/data (vda) only; freezing everything would have counted /mnt/other too.
+    assert_eq!(snap["frozenFilesystems"], 1, "{snap}");
+    let (code, out) = guest_exec(
+        &vm.name,
+        "touch /mnt/data/thawed /mnt/other/thawed && echo ok",
+        Duration::from_secs(20),
+    );
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+}

@@ -122,7 +122,12 @@ impl Host for LibvirtHost {
             .map_err(|e| OpError::Refused(format!("cannot start the thaw guard: {e}")))
     }
 
-    fn freeze(&self, vm: &str, answer_within: Duration) -> Result<u32, FreezeFailure> {
+    fn freeze(
+        &self,
+        vm: &str,
+        answer_within: Duration,
+        only_disks: Option<&[String]>,
+    ) -> Result<u32, FreezeFailure> {
         let dom = self.domain(vm).map_err(|e| FreezeFailure {
             timed_out: false,
             message: e.to_string(),
@@ -136,7 +141,11 @@ impl Host for LibvirtHost {
                 warn!(error = %e.message(), "cannot bound the agent's response time");
             }
         }
-        let frozen = virt_ext::fs_freeze(&dom);
+        let mountpoints = only_disks.and_then(|disks| mountpoints_on(&dom, disks));
+        let frozen = match &mountpoints {
+            Some(list) => virt_ext::fs_freeze_mountpoints(&dom, list),
+            None => virt_ext::fs_freeze(&dom),
+        };
         // Back to libvirt's default for everyone else who uses this agent.
         let _ = virt_ext::agent_set_response_timeout(
             &dom,
@@ -193,5 +202,51 @@ impl Host for LibvirtHost {
 
     fn libvirt(&self) -> Option<&Connect> {
         Some(&self.conn)
+    }
+}
+
+/// The mountpoints of the guest's filesystems that live on `disks` alone, so that a snapshot
+/// of those disks freezes only what it captures; None (freeze everything) when the agent cannot
+/// tell (no guest-get-fsinfo) or no filesystem qualifies.
+fn mountpoints_on(dom: &virt::domain::Domain, disks: &[String]) -> Option<Vec<String>> {
+    let filesystems = match virt_ext::fs_info(dom) {
+        Ok(found) => found,
+        Err(e) => {
+            debug!(error = %e.message(), "the agent cannot list filesystems; freezing all");
+            return None;
+        }
+    };
+    let chosen = chosen_mountpoints(&filesystems, disks);
+    (!chosen.is_empty()).then_some(chosen)
+}
+
+/// Of `filesystems`, those on `disks` alone.
+fn chosen_mountpoints(filesystems: &[virt_ext::GuestFs], disks: &[String]) -> Vec<String> {
+    filesystems
+        .iter()
+        .filter(|fs| !fs.disks.is_empty() && fs.disks.iter().all(|d| disks.contains(d)))
+        .map(|fs| fs.mountpoint.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod freeze_tests {
+    use super::*;
+
+    #[test]
+    fn only_filesystems_wholly_on_the_captured_disks_are_chosen() {
+        let fs = |m: &str, d: &[&str]| virt_ext::GuestFs {
+            mountpoint: m.into(),
+            disks: d.iter().map(|s| s.to_string()).collect(),
+        };
+        let found = [
+            fs("/", &["vda"]),
+            fs("/mnt/data", &["vdb"]),
+            fs("/spanning", &["vda", "vdc"]),
+            fs("/proc-like", &[]),
+        ];
+        let captured = ["vda".to_string(), "vdb".to_string()];
+        assert_eq!(chosen_mountpoints(&found, &captured), ["/", "/mnt/data"]);
+        assert!(chosen_mountpoints(&found, &["vdz".to_string()]).is_empty());
     }
 }

@@ -58,8 +58,15 @@ pub trait Host {
     /// Starts a guard that thaws the guest `deadline` from now at the latest, or as soon as
     /// the guard is dropped armed.
     fn arm_thaw_guard(&self, vm: &str, deadline: Duration) -> OpResult<Box<dyn ThawGuardHandle>>;
-    /// Freezes the guest's filesystems; the agent must answer within `answer_within`.
-    fn freeze(&self, vm: &str, answer_within: Duration) -> Result<u32, FreezeFailure>;
+    /// Freezes the guest's filesystems; the agent must answer within `answer_within`. With
+    /// `only_disks`, only the filesystems that live on those disks alone (where the agent can
+    /// tell; all of them otherwise).
+    fn freeze(
+        &self,
+        vm: &str,
+        answer_within: Duration,
+        only_disks: Option<&[String]>,
+    ) -> Result<u32, FreezeFailure>;
     /// Thaws the guest's filesystems (harmless when not frozen).
     fn thaw(&self, vm: &str) -> Result<u32, String>;
     /// Defines (or redefines) a VM; returns its UUID.

@@ -115,7 +115,12 @@ impl Host for SimHost {
         }))
     }
 
-    fn freeze(&self, vm: &str, _answer_within: Duration) -> Result<u32, FreezeFailure> {
+    fn freeze(
+        &self,
+        vm: &str,
+        _answer_within: Duration,
+        _only_disks: Option<&[String]>,
+    ) -> Result<u32, FreezeFailure> {
         let failure = |message: String| FreezeFailure {
             timed_out: false,
             message,

@@ -236,7 +236,10 @@ fn freeze_guest(
     // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
     let answer_within = Duration::from_secs((ctx.freeze_timeout.as_secs() / 2).clamp(1, 60));
     let started = Instant::now();
-    let failure = match host.freeze(&record.vm_uuid, answer_within) {
+    // With disks left out, only the filesystems on the captured disks need to stop.
+    let captured: Vec<String> = record.volumes.iter().map(|v| v.target.clone()).collect();
+    let only_disks = (!record.excluded.is_empty()).then_some(captured.as_slice());
+    let failure = match host.freeze(&record.vm_uuid, answer_within, only_disks) {
         Ok(count) => {
             record.frozen_filesystems = count;
             record.indications.push(Indication::GuestAgent);
