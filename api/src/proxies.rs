@@ -50,6 +50,12 @@ pub trait Manager {
         options: HashMap<&str, OwnedVariant>,
     ) -> Result<OwnedObjectPath, VmSnapError>;
 
+    /// A snapshot's content record (JSON) for another host sharing its storage (RBD only).
+    fn export_snapshot(&self, vm: &str, name: &str) -> Result<String, VmSnapError>;
+
+    /// Takes in a snapshot another host exported; returns its object.
+    fn import_snapshot(&self, record: &str) -> Result<OwnedObjectPath, VmSnapError>;
+
     /// All restore objects, oldest first.
     fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError>;
 

@@ -16,6 +16,7 @@ mod restore_output;
 mod show;
 mod snapshot;
 mod snapshot_output;
+mod transfer;
 mod vm;
 mod watch;
 

@@ -107,6 +107,47 @@ pub enum SnapshotCommand {
         no_wait: bool,
     },
 
+    /// Export a snapshot for another host that shares its storage.
+    ///
+    /// Prints the snapshot's content record (JSON: the VM's definition without its secrets,
+    /// and each volume's RBD snapshot) for `snapshot import` on another vmsnapd host that
+    /// reaches the same Ceph cluster. Only a succeeded snapshot whose every disk is on Ceph RBD
+    /// can move: a snapshot of file or LVM disks has its data on this host.
+    ///
+    /// Exit status: 0 on success; 1 on error, for instance when the snapshot has a disk on this
+    /// host.
+    Export {
+        /// The VM's name or UUID.
+        #[arg(value_name = "VM", add = ArgValueCandidates::new(crate::complete::vm_names))]
+        vm: String,
+        /// The snapshot's name.
+        #[arg(
+            value_name = "NAME",
+            add = ArgValueCandidates::new(crate::complete::snapshot_names)
+        )]
+        name: String,
+        /// Write the record to this new file instead of standard output (an existing file is
+        /// not replaced).
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: Option<std::path::PathBuf>,
+    },
+
+    /// Import a snapshot another host exported (`snapshot export`).
+    ///
+    /// vmsnapd checks the record, then that its cluster has every RBD snapshot it names, and
+    /// only then records it: it is listed under its VM (defined on this host or not) and can be
+    /// restored, as a new VM or, once a VM of that name and UUID is defined here, in place.
+    /// Prints the snapshot as `snapshot show` does.
+    ///
+    /// Exit status: 0 when the snapshot was imported; 1 when vmsnapd refused it (not a record,
+    /// a disk not on RBD, an RBD snapshot missing in the cluster, a snapshot of that name or
+    /// UUID already here), with the reason on standard error.
+    Import {
+        /// The exported record; `-` reads standard input.
+        #[arg(value_name = "FILE")]
+        file: String,
+    },
+
     /// Restore a VM to one of its snapshots: the same as `vmsnapctl restore VM NAME`.
     ///
     /// Takes the same arguments and flags as `vmsnapctl restore` (see its help), for users
@@ -151,6 +192,10 @@ pub async fn run(bus: &Bus, command: SnapshotCommand, format: OutputFormat) -> R
             delete(bus, &vm, &name, no_wait, format).await
         }
         SnapshotCommand::Restore(args) => crate::restore::run_create(bus, &args, format).await,
+        SnapshotCommand::Export { vm, name, file } => {
+            Ok(crate::transfer::export(bus, &vm, &name, file.as_deref()).await?)
+        }
+        SnapshotCommand::Import { file } => Ok(import(bus, &file, format).await?),
     }
 }
 
@@ -286,6 +331,20 @@ async fn list(bus: &Bus, vm: Option<&str>, format: OutputFormat) -> Result<(), S
         }
     }
     print_snapshot_list(&snapshots, format)
+}
+
+async fn import(bus: &Bus, file: &str, format: OutputFormat) -> Result<(), String> {
+    let record = crate::transfer::read_record(file)?;
+    let manager = bus.manager().await?;
+    let path = manager
+        .import_snapshot(&record)
+        .await
+        .map_err(|e| bus.describe_api(e))?;
+    let snapshot = read(bus, &path, || {
+        "the imported snapshot was removed at once".to_string()
+    })
+    .await?;
+    print_snapshot(&snapshot, format)
 }
 
 async fn show(bus: &Bus, vm: &str, name: &str, format: OutputFormat) -> Result<(), String> {

@@ -170,6 +170,18 @@ pub enum Request {
         uuid: String,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// A snapshot's content record for another host sharing its storage (JSON).
+    ExportSnapshot {
+        vm: String,
+        name: String,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    /// Takes in a snapshot another host exported; answers with its UUID once the cluster showed
+    /// its volumes and the record is written.
+    ImportSnapshot {
+        record: String,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
 }
 
 /// What the bus layer must reflect.
@@ -254,6 +266,8 @@ pub struct Engine {
     /// Snapshot records whose operation was given up at its deadline while blocked: shown
     /// Failed until the operation's thread settles them.
     abandoned: std::collections::HashSet<String>,
+    /// Snapshots being imported (their cluster checked), by UUID: a second import waits.
+    importing: std::collections::HashSet<String>,
     /// Per VM, operations given up at their deadline waiting to take it back (OpEvent::Reclaim).
     reclaims: HashMap<String, std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>,
     /// A check of ready snapshots' images is running.
@@ -377,6 +391,7 @@ impl Engine {
                 deferred_settling: HashMap::new(),
                 abandoned: Default::default(),
                 reclaims: Default::default(),
+                importing: Default::default(),
                 fill_warned: Default::default(),
                 awaiting_write: HashMap::new(),
             },
@@ -479,6 +494,7 @@ impl Engine {
                 }
             }
             OpEvent::Saved(record) => {
+                self.importing.remove(&record.uuid);
                 let settled_now = matches!(
                     record.phase,
                     SnapshotPhase::Succeeded | SnapshotPhase::Failed
@@ -501,12 +517,13 @@ impl Engine {
                 let vm_uuid = record.vm_uuid.clone();
                 // Operations may create snapshots of their own (a restore's safety snapshot).
                 let uuid = record.uuid.clone();
-                let change = if known {
-                    Change::SnapshotUpdated(record)
+                // A new object appears at once (an imported snapshot is settled from its first
+                // save, and its caller gets its path next).
+                if known {
+                    self.emit_when_free(&vm_uuid, settled, Change::SnapshotUpdated(record));
                 } else {
-                    Change::SnapshotAdded(record)
-                };
-                self.emit_when_free(&vm_uuid, settled, change);
+                    self.emit(Change::SnapshotAdded(record));
+                }
                 self.answer_started(&uuid);
             }
             OpEvent::Removed { uuid } => {
@@ -548,10 +565,19 @@ impl Engine {
                 }
                 self.answer_started(&uuid);
             }
-            OpEvent::NotStarted { uuid, error } => {
+            OpEvent::NotStarted {
+                uuid,
+                error,
+                refused,
+            } => {
                 warn!(record = %uuid, %error, "operation not started");
+                self.importing.remove(&uuid);
                 if let Some(AwaitingWrite::Start(reply)) = self.awaiting_write.remove(&uuid) {
-                    let _ = reply.send(Err(EngineError::RecordWrite(error)));
+                    let _ = reply.send(Err(if refused {
+                        EngineError::InvalidState(error)
+                    } else {
+                        EngineError::RecordWrite(error)
+                    }));
                 }
             }
             OpEvent::RestoreRecordRemoved { uuid, result } => {
@@ -950,20 +976,7 @@ impl Engine {
                 let _ = reply.send(self.list_snapshots(&vm));
             }
             Request::FindSnapshot { vm, name, reply } => {
-                let found = self
-                    .snapshots_vm(&vm)
-                    .map(|vm| vm.uuid.clone())
-                    .and_then(|vm_uuid| {
-                        self.snapshots
-                            .values()
-                            .find(|s| s.vm_uuid == vm_uuid && s.name == name)
-                            .map(|s| s.uuid.clone())
-                            .ok_or(EngineError::SnapshotNotFound {
-                                vm: vm.clone(),
-                                name: name.clone(),
-                            })
-                    });
-                let _ = reply.send(found);
+                let _ = reply.send(self.find_snapshot(&vm, &name));
             }
             Request::Restore {
                 vm,
@@ -1004,6 +1017,16 @@ impl Engine {
                 list.sort_by(|a, b| a.creation_time.cmp(&b.creation_time));
                 let _ = reply.send(list.into_iter().map(|r| r.uuid.clone()).collect());
             }
+            Request::ExportSnapshot { vm, name, reply } => self.export_snapshot(&vm, &name, reply),
+            Request::ImportSnapshot { record, reply } => match self.import_snapshot(&record) {
+                Ok(uuid) => {
+                    self.awaiting_write
+                        .insert(uuid, AwaitingWrite::Start(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Request::DeleteRestore { uuid, reply } => match self.delete_restore(&uuid) {
                 Ok(true) => {
                     self.awaiting_write
@@ -1222,6 +1245,7 @@ impl Engine {
                 let _ = ctx.events.send(OpEvent::NotStarted {
                     uuid: record.uuid.clone(),
                     error: e.to_string(),
+                    refused: false,
                 });
                 return;
             }
@@ -1383,6 +1407,7 @@ impl Engine {
                 let _ = ctx.events.send(OpEvent::NotStarted {
                     uuid: record.uuid.clone(),
                     error: e.to_string(),
+                    refused: false,
                 });
                 return;
             }
@@ -1439,6 +1464,84 @@ impl Engine {
             ops::delete::delete(ctx, record, others)
         });
         Ok(())
+    }
+
+    /// The UUID of VM `vm`'s (name or UUID) snapshot `name`.
+    fn find_snapshot(&self, vm: &str, name: &str) -> Result<String, EngineError> {
+        let vm_uuid = self.snapshots_vm(vm)?.uuid;
+        self.snapshots
+            .values()
+            .find(|s| s.vm_uuid == vm_uuid && s.name == name)
+            .map(|s| s.uuid.clone())
+            .ok_or_else(|| EngineError::SnapshotNotFound {
+                vm: vm.to_string(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Exports a snapshot for another host: read from its record on disk, off the engine task.
+    fn export_snapshot(
+        &mut self,
+        vm: &str,
+        name: &str,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    ) {
+        let found = self.find_snapshot(vm, name).and_then(|uuid| {
+            let record =
+                self.snapshots
+                    .get(&uuid)
+                    .ok_or_else(|| EngineError::SnapshotNotFound {
+                        vm: vm.to_string(),
+                        name: name.to_string(),
+                    })?;
+            ops::transfer::check_exportable(record).map_err(EngineError::InvalidState)?;
+            let store = self.ops()?.store.clone();
+            Ok((store, record.vm_uuid.clone(), uuid))
+        });
+        let (store, vm_uuid, uuid) = match found {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        off_task("export-snapshot", move || {
+            let exported = store
+                .read(&vm_uuid, &uuid)
+                .and_then(ops::transfer::export_json)
+                .map_err(EngineError::InvalidState);
+            let _ = reply.send(exported);
+        });
+    }
+
+    /// Checks a record another host exported and starts its import (the cluster's check and
+    /// the record's write run on a thread of their own); returns its UUID.
+    fn import_snapshot(&mut self, json: &str) -> Result<String, EngineError> {
+        let record = ops::transfer::parse_import(json).map_err(EngineError::InvalidArgument)?;
+        if self.snapshots.contains_key(&record.uuid) || self.importing.contains(&record.uuid) {
+            return Err(EngineError::AlreadyExists {
+                vm: record.vm_name.clone(),
+                name: record.name.clone(),
+            });
+        }
+        if self
+            .snapshots
+            .values()
+            .any(|s| s.vm_uuid == record.vm_uuid && s.name == record.name)
+        {
+            return Err(EngineError::AlreadyExists {
+                vm: record.vm_name.clone(),
+                name: record.name.clone(),
+            });
+        }
+        let ops = self.ops()?.clone();
+        info!(vm = %record.vm_name, snapshot = %record.name, "importing a snapshot exported by another host");
+        let uuid = record.uuid.clone();
+        self.importing.insert(uuid.clone());
+        off_task("import-snapshot", move || {
+            ops::transfer::import(&ops, record)
+        });
+        Ok(uuid)
     }
 
     /// Every other snapshot record, of every VM: after restores, images are shared across

@@ -342,6 +342,13 @@ impl Store {
             .join(format!("{snapshot_uuid}.json"))
     }
 
+    /// Reads one snapshot record from disk (in any format this vmsnapd reads).
+    pub fn read(&self, vm_uuid: &str, snapshot_uuid: &str) -> Result<SnapshotRecord, String> {
+        let path = self.path(vm_uuid, snapshot_uuid);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        parse_snapshot_record(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// Writes a record atomically.
     pub fn save(&self, record: &SnapshotRecord) -> std::io::Result<()> {
         let path = self.path(&record.vm_uuid, &record.uuid);

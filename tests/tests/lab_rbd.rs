@@ -441,3 +441,93 @@ fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leav
     drop(vm);
     purge_images(name);
 }
+
+/// Host B shares host A's Ceph cluster (here: a second vmsnapd with its own records and bus).
+/// A snapshot of an RBD-only VM exported on A is imported on B once the cluster shows its RBD
+/// snapshot, and restored there as a new VM that boots with the snapshot's data; the cluster
+/// stays the truth (its RBD snapshot removed through A, B shows it not ready). A record that was
+/// tampered with, a second import and a snapshot of a file disk are refused.
+#[test]
+fn a_snapshot_exported_on_one_host_is_restored_on_another_sharing_the_cluster() {
+    let _slot = GuestSlot::take();
+    let name = "vmsnap-t17-move";
+    let clone = "vmsnap-t17-move-b";
+    let _undefine = Undefine(clone);
+    let vm = rbd_vm(name);
+    let bus_a = PrivateBus::start();
+    let host_a = Daemon::start(&bus_a, &config(""));
+    vmsnap_tests::wait_agent_connected(&host_a, name);
+    vm.write_file("f1", 200 << 10);
+    let at_s1 = vm.guest_checksums();
+    created(&host_a, name, "s1");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s1.json");
+    let file_arg = file.to_str().unwrap();
+    let exported = host_a.ctl(&["snapshot", "export", name, "s1", "--file", file_arg]);
+    assert_eq!(exported.code, Some(0), "{exported:?}");
+    let again = host_a.ctl(&["snapshot", "export", name, "s1", "--file", file_arg]);
+    assert!(again.failure().contains("already exists"));
+
+    let bus_b = PrivateBus::start();
+    let host_b = Daemon::start(&bus_b, &config("verify_interval = \"1s\"\n"));
+    // Tampered with: refused in one line, nothing recorded.
+    let record = std::fs::read_to_string(&file).unwrap();
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(
+        &tampered,
+        record.replace("\"pool\": \"vmsnap\"", "\"pool\": \"../etc\""),
+    )
+    .unwrap();
+    let refused = host_b.ctl(&["snapshot", "import", tampered.to_str().unwrap()]);
+    assert!(refused.failure().contains("POOL"), "{refused:?}");
+    assert!(vmsnap_tests::snapshot_list(&host_b, name).is_empty());
+
+    let imported = host_b
+        .ctl(&["snapshot", "import", file_arg, "--output", "json"])
+        .json();
+    assert_eq!(imported["name"], "s1", "{imported}");
+    assert_eq!(imported["phase"], "Succeeded", "{imported}");
+    assert_eq!(imported["readyToUse"], true, "{imported}");
+    let twice = host_b.ctl(&["snapshot", "import", file_arg]);
+    assert!(
+        twice.failure().contains("already has a snapshot named"),
+        "{twice:?}"
+    );
+
+    let restored = host_b
+        .ctl(&[
+            "restore", name, "s1", "--target", clone, "--start", "--output", "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    vmsnap_tests::wait_guest_ready(clone);
+    assert_eq!(
+        fresh_checksums(clone),
+        at_s1,
+        "host B's new VM sees s1's data"
+    );
+
+    // Deleted through host A: host B's copy is no longer ready (the cluster is the truth).
+    let deleted = host_a.ctl(&["snapshot", "delete", name, "s1"]);
+    assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    let stale = wait_for(Duration::from_secs(30), "host B to see it gone", || {
+        let shown = vmsnap_tests::show_snapshot(&host_b, name, "s1");
+        (shown["readyToUse"] == false).then_some(shown)
+    });
+    assert!(
+        stale["error"].as_str().unwrap().contains("is missing"),
+        "{stale}"
+    );
+    assert_eq!(fresh_checksums(clone), at_s1, "the clone keeps its data");
+
+    // A snapshot of a file disk stays on its host.
+    let local = ScratchVm::define("vmsnap-t17-local", ScratchOptions::default(), &[]);
+    vmsnap_tests::wait_in_inventory(&host_a, &local);
+    created(&host_a, &local.name, "l1");
+    let stays = host_a.ctl(&["snapshot", "export", &local.name, "l1"]);
+    assert!(stays.failure().contains("on this host"), "{stays:?}");
+    drop(vm);
+    drop(_undefine);
+    purge_images(name);
+}

@@ -321,6 +321,49 @@ fn disk_access(live_xml: &str, target: &str) -> Result<(Vec<String>, String, Str
     Ok((monitors, user.to_string(), secret.to_string()))
 }
 
+/// Checks an RBD volume of a record from another host, field by field, as `plan` would have
+/// made it: pool, namespace, image and snapshot names, monitors, user and secret.
+pub fn check_portable(target: &str, image: &str, v: &RbdVolume) -> Result<(), String> {
+    let fail = |what: &str| Err(format!("disk {}: {what}", vmsnap_api::excerpt(target)));
+    let spec = format!("rbd:{}", v.image_spec());
+    match rbd_image(&spec) {
+        Some((pool, ns, name))
+            if pool == v.pool && ns == v.namespace.as_deref() && name == v.image => {}
+        _ => return fail("the RBD image is not POOL/[NAMESPACE/]IMAGE"),
+    }
+    let uuid = v.snap.strip_prefix(SNAP_PREFIX).unwrap_or("");
+    if uuid::Uuid::parse_str(uuid).is_err() {
+        return fail("the RBD snapshot is not one vmsnap names");
+    }
+    if image != format!("rbd:{}", v.snap_spec()) {
+        return fail("the image does not name the RBD snapshot");
+    }
+    let host_ok = |m: &str| {
+        let (host, port) = m.rsplit_once(':').unwrap_or((m, ""));
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+            && port.parse::<u16>().is_ok()
+    };
+    if !v.monitors.iter().all(|m| host_ok(m)) || v.monitors.len() > 16 {
+        return fail("a monitor is not HOST:PORT");
+    }
+    let name_ok = |s: &str, extra: &[char]| {
+        s.len() <= 128
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+    };
+    if !name_ok(&v.user, &['-', '.']) {
+        return fail("the Ceph user name is not one");
+    }
+    if !name_ok(&v.secret, &['-']) {
+        return fail("the secret is not a UUID");
+    }
+    Ok(())
+}
+
 /// The RBD snapshot name of vmsnap snapshot `uuid`.
 fn snap_name(snapshot_uuid: &str) -> String {
     format!("{SNAP_PREFIX}{snapshot_uuid}")
@@ -640,6 +683,32 @@ mod tests {
         assert!(disk_access(&hostile, "vdb").is_err());
         let hostile = XML.replace("username='libvirt'", "username='--conf=/x'");
         assert!(disk_access(&hostile, "vdb").is_err());
+    }
+
+    #[test]
+    fn a_volume_from_another_host_is_checked_field_by_field() {
+        let mut v = match volume().artifact {
+            Artifact::Rbd(v) => v,
+            _ => unreachable!(),
+        };
+        v.snap = "vmsnap-0a5f9e61-4c8f-4a7e-9d0e-3c2b1a000001".into();
+        v.monitors = vec!["127.0.0.1:6789".into(), "[::1]:3300".into()];
+        v.user = "libvirt".into();
+        let image = format!("rbd:{}", v.snap_spec());
+        assert_eq!(check_portable("vda", &image, &v), Ok(()));
+        let bad = |change: &dyn Fn(&mut RbdVolume)| {
+            let mut w = v.clone();
+            change(&mut w);
+            let image = format!("rbd:{}", w.snap_spec());
+            check_portable("vda", &image, &w).is_err()
+        };
+        assert!(bad(&|w| w.pool = "../etc".into()));
+        assert!(bad(&|w| w.image = "a b".into()));
+        assert!(bad(&|w| w.snap = "mine".into()));
+        assert!(bad(&|w| w.monitors = vec!["1.2.3.4 --keyring=/x:1".into()]));
+        assert!(bad(&|w| w.user = "--id".into()));
+        assert!(bad(&|w| w.namespace = Some(String::new())));
+        assert!(check_portable("vda", "rbd:other/x@y", &v).is_err());
     }
 
     #[test]

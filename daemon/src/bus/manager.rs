@@ -250,6 +250,35 @@ impl ManagerObject {
         restore_object_path(&uuid)
     }
 
+    /// A snapshot's content record (JSON) for another host that shares its storage, to give to
+    /// ImportSnapshot there: only a succeeded snapshot whose every disk is on Ceph RBD. The
+    /// definition's secrets (graphics passwords) are left out, as in DomainXml.
+    async fn export_snapshot(&self, vm: String, name: String) -> Result<String, VmSnapError> {
+        Ok(ask(&self.engine, |reply| Request::ExportSnapshot {
+            vm,
+            name,
+            reply,
+        })
+        .await??)
+    }
+
+    /// Takes in a snapshot another host exported (ExportSnapshot), once its cluster shows
+    /// every RBD snapshot it names; returns the new snapshot object. Authorized as a create.
+    async fn import_snapshot(
+        &self,
+        record: String,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &zbus::Connection,
+    ) -> Result<OwnedObjectPath, VmSnapError> {
+        self.auth.check(connection, &header, ACTION_CREATE).await?;
+        let uuid = ask(&self.engine, |reply| Request::ImportSnapshot {
+            record,
+            reply,
+        })
+        .await??;
+        snapshot_object_path(&uuid)
+    }
+
     /// All restore objects, oldest first.
     async fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError> {
         let uuids = ask(&self.engine, |reply| Request::ListRestores { reply }).await?;

@@ -11,6 +11,7 @@ mod error;
 pub mod restore;
 #[cfg(test)]
 pub(crate) mod sim_tests;
+pub mod transfer;
 pub mod vm_lock;
 
 use std::sync::{Arc, Mutex};
@@ -55,10 +56,12 @@ pub enum OpEvent {
         vm_uuid: String,
         reply: tokio::sync::oneshot::Sender<()>,
     },
-    /// The first record of an operation could not be written: nothing was started.
+    /// The first record of an operation could not be written, or (`refused`) what it was to
+    /// record did not pass its checks: nothing was started.
     NotStarted {
         uuid: String,
         error: String,
+        refused: bool,
     },
     /// A finished restore's record file was removed (or could not be).
     RestoreRecordRemoved {
