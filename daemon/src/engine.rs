@@ -1007,6 +1007,7 @@ impl Engine {
                     ops.quiesce = config.quiesce;
                     ops.verify_interval = config.verify_interval;
                     ops.lvm = config.lvm.clone();
+                    ops.rbd = config.rbd.clone();
                 }
             }
             Request::Ping { reply } => {
