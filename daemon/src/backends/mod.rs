@@ -108,6 +108,18 @@ pub trait VolumeBackend: Send + Sync {
         deadline: Instant,
     ) -> OpResult<()>;
 
+    /// Before a delete changes anything: whether releasing `volume` can be done now (a merge
+    /// needs room where it writes). Changes nothing.
+    fn check_release(
+        &self,
+        _env: &Env,
+        _deleting: &SnapshotRecord,
+        _others: &[SnapshotRecord],
+        _volume: &VolumeRecord,
+    ) -> OpResult<()> {
+        Ok(())
+    }
+
     // Restore
 
     /// Names the image a restore of `volume` gives the target VM's disk. Changes nothing.

@@ -15,6 +15,18 @@ use crate::store::{SnapshotRecord, Step};
 /// Deletes snapshot `record`; `others` are the VM's other snapshots (their records change where
 /// they referred to an image this delete merges away).
 pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<SnapshotRecord>) {
+    if record.phase == SnapshotPhase::Succeeded {
+        if let Err(error) = check_release(ctx, &mut record, &others) {
+            // Nothing changed: the snapshot stays as it was, with why it was not deleted.
+            warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete refused");
+            record.phase = SnapshotPhase::Succeeded;
+            record.ready_to_use = true;
+            record.error_name = error.error_name();
+            record.error = vmsnap_api::record_error(&format!("delete failed: {error}"));
+            ctx.save_failed(&mut record);
+            return;
+        }
+    }
     if let Err(error) = delete_steps(ctx, &mut record, &mut others) {
         warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete failed");
         ctx.hold_vm();
@@ -65,6 +77,29 @@ fn delete_steps(
     ctx.progress(record, "");
     ctx.remove_record(record)?;
     info!(vm = %record.vm_name, snapshot = %record.name, "snapshot deleted");
+    Ok(())
+}
+
+/// Marks the snapshot Deleting (so that a watcher sees the delete begin and end), then asks
+/// every backend whether it can release its volumes now, before anything changes.
+fn check_release(
+    ctx: &OpContext,
+    record: &mut SnapshotRecord,
+    others: &[SnapshotRecord],
+) -> OpResult<()> {
+    let host = ctx.hypervisor.session()?;
+    let env = Env {
+        ctx,
+        host: host.as_ref(),
+    };
+    record.phase = SnapshotPhase::Deleting;
+    record.ready_to_use = false;
+    ctx.save(record)?;
+    for (backend, volumes) in ctx.backends.batches(&record.volumes.clone())? {
+        for volume in &volumes {
+            backend.check_release(&env, record, others, volume)?;
+        }
+    }
     Ok(())
 }
 

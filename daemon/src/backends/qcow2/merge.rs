@@ -104,6 +104,7 @@ pub(super) fn release_image(
             }
             [child] => {
                 let child = child.clone();
+                ctx.faults.point("delete-before-merge");
                 deleting.step = Step::Merging {
                     target: target.to_string(),
                     base: current.clone(),
@@ -126,6 +127,49 @@ pub(super) fn release_image(
             _ => return Ok(()),
         }
     }
+}
+
+/// Room a merge needs beyond the data it copies: qcow2 metadata (L2 and refcount tables).
+const MERGE_MARGIN: u64 = 4 << 20;
+
+/// Before a delete changes anything: when releasing `image` merges the one image on top of it
+/// into it (as [`release_image`] would), the filesystem holding `image` must have room for
+/// what that image holds (its allocated size: at most what the merge adds). A merge that runs
+/// out of space leaves the folder full, and a running guest then stops at its next write.
+pub(super) fn check_room(
+    conn: &Connect,
+    deleting: &SnapshotRecord,
+    others: &[SnapshotRecord],
+    image: &str,
+) -> OpResult<()> {
+    let forest = Forest::scan_with(conn, others, &[image])?;
+    if !forest.contains(image) || is_owned(image, &forest, others) {
+        return Ok(());
+    }
+    let children = forest.children(image);
+    let [top] = children.as_slice() else {
+        return Ok(());
+    };
+    if forest.is_unknown(top) {
+        return Ok(());
+    }
+    use std::os::unix::fs::MetadataExt;
+    let needed = std::fs::metadata(top).map_or(0, |m| m.blocks().saturating_mul(512));
+    let folder = Path::new(image).parent().unwrap_or(Path::new("/"));
+    let Ok(free) = crate::files::available_bytes(folder) else {
+        return Ok(());
+    };
+    if free < needed.saturating_add(MERGE_MARGIN) {
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        return Err(OpError::Refused(format!(
+            "no space left on device for deleting snapshot '{}': it merges up to {} MiB into {image}, \
+             and {} MiB are free there; free some space there, then try again (nothing was changed)",
+            deleting.name,
+            mib(needed.saturating_add(MERGE_MARGIN)),
+            mib(free)
+        )));
+    }
+    Ok(())
 }
 
 /// Commits `top` into `base`, its backing image, wherever `top` is used: by block commit in a

@@ -250,6 +250,16 @@ impl VolumeBackend for Qcow2Backend {
         )
     }
 
+    fn check_release(
+        &self,
+        env: &Env,
+        deleting: &SnapshotRecord,
+        others: &[SnapshotRecord],
+        volume: &VolumeRecord,
+    ) -> OpResult<()> {
+        merge::check_room(connection(env)?, deleting, others, &volume.image)
+    }
+
     fn plan_restore(
         &self,
         restore: &RestoreRecord,
