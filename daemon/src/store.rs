@@ -135,7 +135,8 @@ pub struct RbdVolume {
     pub pool: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    pub image: String,
+    /// The image's name in its pool (`imageName`: the volume's own `image` is the snapshot).
+    pub image_name: String,
     pub snap: String,
     /// `host:port` of each monitor the disk names; empty: the Ceph configuration's.
     #[serde(default)]
@@ -151,7 +152,7 @@ pub struct RbdVolume {
 impl RbdVolume {
     /// `pool/[namespace/]image`.
     pub fn image_spec(&self) -> String {
-        self.spec_of(&self.image)
+        self.spec_of(&self.image_name)
     }
 
     /// `pool/[namespace/]name`: another image in the same pool and namespace.
@@ -470,6 +471,21 @@ pub(crate) mod tests {
                 thin: false,
                 cow_size: 256 << 20,
                 tags: vec!["vmsnap".into()],
+            }),
+        });
+        // Every backend's fields come back, none shadowed by the volume's own (`image`).
+        bb.volumes.push(VolumeRecord {
+            target: "vdc".into(),
+            image: "rbd:pool/ns/disk@vmsnap-uuid-bb".into(),
+            virtual_size: 1 << 34,
+            artifact: Artifact::Rbd(RbdVolume {
+                pool: "pool".into(),
+                namespace: Some("ns".into()),
+                image_name: "disk".into(),
+                snap: "vmsnap-uuid-bb".into(),
+                monitors: vec!["10.0.0.1:6789".into()],
+                user: "libvirt".into(),
+                secret: "0a5f9e61-4c8f-4a7e-9d0e-3c2b1a000001".into(),
             }),
         });
         bb.cow_fill_percent = 12.5;

@@ -328,7 +328,7 @@ pub fn check_portable(target: &str, image: &str, v: &RbdVolume) -> Result<(), St
     let spec = format!("rbd:{}", v.image_spec());
     match rbd_image(&spec) {
         Some((pool, ns, name))
-            if pool == v.pool && ns == v.namespace.as_deref() && name == v.image => {}
+            if pool == v.pool && ns == v.namespace.as_deref() && name == v.image_name => {}
         _ => return fail("the RBD image is not POOL/[NAMESPACE/]IMAGE"),
     }
     let uuid = v.snap.strip_prefix(SNAP_PREFIX).unwrap_or("");
@@ -432,7 +432,7 @@ impl VolumeBackend for RbdBackend {
         let volume = RbdVolume {
             pool: pool.to_string(),
             namespace: namespace.map(str::to_string),
-            image: image.to_string(),
+            image_name: image.to_string(),
             snap: snap_name(&snapshot.uuid),
             monitors,
             user,
@@ -644,9 +644,9 @@ fn clone_name(v: &RbdVolume, restore: &RestoreRecord, target: &str) -> String {
     if restore.new_vm {
         format!("{}-{target}{RESTORE_SUFFIX}{short}", restore.target_name)
     } else {
-        let base = match v.image.rfind(RESTORE_SUFFIX) {
-            Some(at) if v.image.len() - at == RESTORE_SUFFIX.len() + 8 => &v.image[..at],
-            _ => v.image.as_str(),
+        let base = match v.image_name.rfind(RESTORE_SUFFIX) {
+            Some(at) if v.image_name.len() - at == RESTORE_SUFFIX.len() + 8 => &v.image_name[..at],
+            _ => v.image_name.as_str(),
         };
         format!("{base}{RESTORE_SUFFIX}{short}")
     }
@@ -657,7 +657,7 @@ fn is_clone_of(info: &ImageInfo, v: &RbdVolume) -> bool {
     info.parent.as_ref().is_some_and(|p| {
         p.pool == v.pool
             && p.pool_namespace == v.namespace.clone().unwrap_or_default()
-            && p.image == v.image
+            && p.image == v.image_name
             && p.snapshot == v.snap
     })
 }
@@ -703,7 +703,7 @@ mod tests {
             check_portable("vda", &image, &w).is_err()
         };
         assert!(bad(&|w| w.pool = "../etc".into()));
-        assert!(bad(&|w| w.image = "a b".into()));
+        assert!(bad(&|w| w.image_name = "a b".into()));
         assert!(bad(&|w| w.snap = "mine".into()));
         assert!(bad(&|w| w.monitors = vec!["1.2.3.4 --keyring=/x:1".into()]));
         assert!(bad(&|w| w.user = "--id".into()));
@@ -728,7 +728,7 @@ mod tests {
             artifact: Artifact::Rbd(RbdVolume {
                 pool: "rbd".into(),
                 namespace: None,
-                image: "vm1-vmsnap-r0123abcd".into(),
+                image_name: "vm1-vmsnap-r0123abcd".into(),
                 snap: "vmsnap-x".into(),
                 monitors: vec![],
                 user: String::new(),
