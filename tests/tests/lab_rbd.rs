@@ -531,3 +531,113 @@ fn a_snapshot_exported_on_one_host_is_restored_on_another_sharing_the_cluster() 
     drop(_undefine);
     purge_images(name);
 }
+
+/// SHA-256 of an RBD image or snapshot's whole content (`pool/image[@snap]`).
+fn content(spec: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("export.raw");
+    rbd(&["export", "--no-progress", spec, raw.to_str().unwrap()]);
+    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes 64 KiB of `byte` at `offset_kib` into an RBD image, through QEMU's rbd driver.
+fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
+    let target = format!("rbd:{}/{image}:conf={}", pool(), ceph_env("CONF"));
+    vmsnap_tests::run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {byte} {offset_kib}k 64k"),
+            &target,
+        ],
+    );
+}
+
+/// Three snapshots of a shut-off RBD VM, one of them restored as a new VM (whose disk is a
+/// clone of it), deleted in every order: after each delete the other snapshots, the VM's disk
+/// and the clone hold what they held, and no vmsnap RBD snapshot is left without its record.
+#[test]
+fn rbd_snapshots_deleted_in_every_order_change_nothing_else() {
+    let name = "vmsnap-t17-order";
+    let clone = "vmsnap-t17-order-clone";
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config(""));
+    let orders = [
+        ["s1", "s2", "s3"],
+        ["s1", "s3", "s2"],
+        ["s2", "s1", "s3"],
+        ["s2", "s3", "s1"],
+        ["s3", "s1", "s2"],
+        ["s3", "s2", "s1"],
+    ];
+    for order in orders {
+        let _undefine = Undefine(clone);
+        purge_images(name);
+        make_image(name);
+        let vm = ScratchVm::define(
+            name,
+            ScratchOptions {
+                rbd_image: Some(name.to_string()),
+                ..Default::default()
+            },
+            &[],
+        );
+        vmsnap_tests::wait_in_inventory(&daemon, &vm);
+        let mut held = std::collections::BTreeMap::new();
+        for (i, s) in ["s1", "s2", "s3"].into_iter().enumerate() {
+            write_pattern(name, 0x11 * (i as u8 + 1), 1024 + 128 * i as u64);
+            let taken = created(&daemon, name, s);
+            held.insert(s, (rbd_spec(&taken, "vda"), String::new()));
+        }
+        for (spec, sum) in held.values_mut() {
+            *sum = content(spec);
+        }
+        write_pattern(name, 0x44, 2048);
+        let disk = content(&vm.disk_source());
+        let restored = daemon
+            .ctl(&["restore", name, "s2", "--target", clone, "--output", "json"])
+            .json();
+        assert_eq!(restored["phase"], "Succeeded", "{restored}");
+        let clone_disk = virsh(&["domblklist", clone])
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
+            .unwrap();
+        let clone_sum = content(&clone_disk);
+        assert_eq!(clone_sum, held["s2"].1, "the clone holds s2");
+        for (i, s) in order.iter().enumerate() {
+            let deleted = daemon.ctl(&["snapshot", "delete", name, s]);
+            assert_eq!(deleted.code, Some(0), "{order:?}: {deleted:?}");
+            for kept in &order[i + 1..] {
+                assert_eq!(
+                    content(&held[kept].0),
+                    held[kept].1,
+                    "{order:?}: {kept} changed"
+                );
+            }
+            assert_eq!(
+                content(&vm.disk_source()),
+                disk,
+                "{order:?}: the disk changed"
+            );
+            assert_eq!(
+                content(&clone_disk),
+                clone_sum,
+                "{order:?}: the clone changed"
+            );
+        }
+        assert!(
+            !snaps_of(name).iter().any(|s| s.starts_with("vmsnap-")),
+            "{order:?}: {:?}",
+            snaps_of(name)
+        );
+        drop(vm);
+    }
+    purge_images(name);
+    purge_images(clone);
+}
