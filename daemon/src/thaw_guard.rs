@@ -415,9 +415,14 @@ fn thaw(uri: &str, domain_uuid: &str, conn: Connect, dom: Domain) -> bool {
                     log(domain_uuid, &format!("not frozen: {}", e.message()));
                     return true;
                 }
-                // A guest that is not running has no frozen filesystems.
+                // A guest that is not running has no frozen filesystems; nor has one whose
+                // domain is gone (destroyed and undefined: its QEMU went with it).
                 Err(_) if !dom.is_active().unwrap_or(true) => {
                     log(domain_uuid, "the domain is not running: nothing to thaw");
+                    return true;
+                }
+                Err(e) if is_no_domain(&e) => {
+                    log(domain_uuid, "the domain is gone: nothing to thaw");
                     return true;
                 }
                 Err(e) => e.message().to_string(),
@@ -454,6 +459,13 @@ fn thaw(uri: &str, domain_uuid: &str, conn: Connect, dom: Domain) -> bool {
             current = reconnect(uri, domain_uuid);
         }
     }
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    matches!(
+        e.code(),
+        virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+    )
 }
 
 fn reconnect(uri: &str, domain_uuid: &str) -> Option<(Connect, Domain)> {

@@ -407,3 +407,30 @@ fn thaw_reconnects_after_a_libvirtd_restart() {
     assert!(log.contains("thaw attempt 1 failed: "), "{log}");
     assert!(!log.contains("(attempt 1)"), "{log}");
 }
+
+/// The VM is destroyed and undefined while a guard watches it (an admin's `virsh undefine` of a
+/// VM in trouble, mid-snapshot): at its deadline the guard finds no domain, so nothing frozen,
+/// and exits at once instead of retrying for half an hour.
+#[test]
+fn a_guard_whose_domain_is_gone_exits() {
+    let _slot = vmsnap_tests::GuestSlot::take();
+    let vm = vmsnap_tests::ScratchVm::define(
+        "vmsnap-t12-guard-gone",
+        vmsnap_tests::ScratchOptions::default(),
+        &[],
+    );
+    vm.start(false);
+    let (mut guard, _) = Guard::start(&vm.uuid(), 3_000);
+    drop(vm);
+    assert_eq!(
+        guard.exit_code(Duration::from_secs(20)),
+        EXIT_THAWED,
+        "{}",
+        guard.log_text()
+    );
+    assert!(
+        guard.log_text().contains("the domain is gone"),
+        "{}",
+        guard.log_text()
+    );
+}
