@@ -5,7 +5,8 @@
 # each timing, the median is shown (default 5), BENCH_BASELINE_CTL another vmsnapctl to time
 # beside this tree's (for instance main's build, for a before/after), BENCH_KEEP=DIR keeps
 # vmsnapd's log, BENCH_BIN_DIR=DIR takes vmsnapd and vmsnapctl from DIR instead of building this
-# tree (CARGO_TARGET_DIR is honoured).
+# tree (CARGO_TARGET_DIR is honoured), BENCH_XML_BYTES=N pads each record's definition to about
+# N bytes (a <description>; default: test:///default's own, about 1 KiB).
 #
 # What it does (BENCHMARKS.md, "Listing", shows a run):
 #  - builds the workspace (cargo build --release --workspace --locked), unless BENCH_BIN_DIR;
@@ -14,11 +15,14 @@
 #    and 10 of an undefined VM `gone`,
 #    starts its own dbus-daemon (private, permissive, system type) and its own vmsnapd on it
 #    (libvirt_uri = "test:///default", state dir in a temporary directory), and waits until
-#    vmsnapd lists all N;
+#    vmsnapd lists all N; notes how long vmsnapd took from its start to owning its bus name (it
+#    takes the name once every object is exported) and its RSS then;
 #  - times, BENCH_RUNS times each: ObjectManager.GetManagedObjects alone with busctl (--quiet:
 #    the reply is read, not printed), then `vmsnapctl snapshot list test`, `snapshot list gone`
 #    (10 of the N + 10), `restore list` (no restores) and `vm list` (one VM), tables to
 #    /dev/null, of BENCH_BASELINE_CTL and of this tree;
+#  - measures the size of GetManagedObjects' reply as it crosses the bus (dbus-monitor --pcap),
+#    and vmsnapd's RSS after all of the above;
 #  - prints a markdown table (milliseconds, median of the runs) on stdout, progress on stderr;
 #  - on exit, whatever happened, stops vmsnapd and the bus and removes the temporary directory.
 set -euo pipefail
@@ -105,7 +109,15 @@ VMSNAPD=$BIN/vmsnapd
 if [ ! -x "$CTL" ] || [ ! -x "$VMSNAPD" ]; then die "no vmsnapctl and vmsnapd in $BIN"; fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmsnap-bench-list.XXXXXX")
-DOMAIN_XML=$(python3 -c 'import json, sys; print(json.dumps(sys.stdin.read()))' <<'EOF'
+XML_BYTES=${BENCH_XML_BYTES:-0}
+[[ $XML_BYTES =~ ^[0-9]+$ ]] || die "BENCH_XML_BYTES must be a number"
+DOMAIN_XML=$(python3 -c '
+import json, sys
+xml, want = sys.stdin.read(), int(sys.argv[1])
+pad = want - len(xml) - len("  <description></description>\n")
+if pad > 0:  # a realistic definition is several KiB (devices, CPU model, metadata)
+    xml = xml.replace("</name>\n", "</name>\n  <description>" + "x" * pad + "</description>\n", 1)
+print(json.dumps(xml))' "$XML_BYTES" <<'EOF'
 <domain type='test'>
   <name>test</name>
   <uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>
@@ -172,6 +184,8 @@ for i, (vm_name, vm) in enumerate(vms):
 PY
 }
 
+rss_mib() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$vmsnapd_pid/status"; }
+
 # start_daemons N: a private bus and vmsnapd on a state folder of N records.
 start_daemons() {
   local n=$1 dir=$work/n$1
@@ -199,10 +213,20 @@ EOF
   dbus_pid=$(sed -n 2p <<<"$out")
   printf 'libvirt_uri = "test:///default"\nstate_dir = "%s"\nvm_lock_dir = "%s"\n' \
     "$dir/state" "$dir/locks" >"$dir/vmsnapd.toml"
+  now_us; local t0=$REPLY
   VMSNAP_LOG=info "$VMSNAPD" --config "$dir/vmsnapd.toml" --bus-address "$ADDR" \
     </dev/null >/dev/null 2>"$work/vmsnapd-$n.log" &
   vmsnapd_pid=$!
   local deadline=$((SECONDS + 120)) listed=0
+  # vmsnapd asks for its name only once every object is exported.
+  until busctl --address="$ADDR" call org.freedesktop.DBus /org/freedesktop/DBus \
+    org.freedesktop.DBus NameHasOwner s org.vmsnap.VmSnap1 2>/dev/null | grep -q true; do
+    kill -0 "$vmsnapd_pid" 2>/dev/null || { cat "$work/vmsnapd-$n.log" >&2; die "vmsnapd exited"; }
+    [ $SECONDS -lt $deadline ] || die "vmsnapd does not take its name"
+    sleep 0.02
+  done
+  now_us; START_MS=$(((REPLY - t0) / 1000))
+  RSS_READY=$(rss_mib)
   until [ "$listed" = "$n" ]; do
     kill -0 "$vmsnapd_pid" 2>/dev/null || { cat "$work/vmsnapd-$n.log" >&2; die "vmsnapd exited"; }
     [ $SECONDS -lt $deadline ] || die "vmsnapd does not list $n snapshots (only $listed)"
@@ -218,8 +242,35 @@ get_managed_objects() {
     org.freedesktop.DBus.ObjectManager GetManagedObjects
 }
 
+
+# gmo_bytes: the size of GetManagedObjects' reply on the wire (header and body), from a capture
+# of the bus during one call: the largest method return in it.
+gmo_bytes() {
+  local pcap=$work/gmo.pcap mon
+  dbus-monitor --address "$ADDR" --pcap >"$pcap" 2>/dev/null &
+  mon=$!
+  sleep 0.5
+  get_managed_objects || die "GetManagedObjects failed"
+  sleep 0.5
+  kill -TERM "$mon" 2>/dev/null || true
+  wait "$mon" 2>/dev/null || true
+  python3 - "$pcap" <<'PY'
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+offset, largest = 24, 0  # after the global header; each record is one message
+while offset + 16 <= len(data):
+    _, _, included, original = struct.unpack_from("<IIII", data, offset)
+    message = data[offset + 16 : offset + 16 + included]
+    if len(message) > 1 and message[1] == 2:  # METHOD_RETURN
+        largest = max(largest, original)
+    offset += 16 + included
+print(largest)
+PY
+}
+
 # --- the runs --------------------------------------------------------------------------------
 rows=()
+sizes=()
 for n in $SIZES; do
   say "N=$n: writing the records and starting vmsnapd"
   start_daemons "$n"
@@ -230,6 +281,8 @@ for n in $SIZES; do
       <("$BASELINE" --bus-address "$ADDR" --output json snapshot list "$VM") ||
       die "the two vmsnapctl print different JSON"
   fi
+  rss_ready=$RSS_READY
+  say "N=$n: name owned (everything exported) ${START_MS} ms after start, RSS then ${rss_ready} MiB"
   say "N=$n: timing ($RUNS runs each)"
   gmo=$(time_ms get_managed_objects)
   row="| $n | $gmo |"
@@ -242,9 +295,11 @@ for n in $SIZES; do
     row+=" $before | $after |"
     say "N=$n: $what: $after ms (baseline: $before ms)"
   done
-  rss=$(awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$vmsnapd_pid/status")
+  size=$(gmo_bytes)
+  rss=$(rss_mib)
   rows+=("$row $rss |")
-  say "N=$n: GetManagedObjects $gmo ms"
+  sizes+=("| $n | $START_MS | $rss_ready | $rss | $size |")
+  say "N=$n: GetManagedObjects $gmo ms, $size bytes"
   stop_daemons
 done
 
@@ -254,3 +309,9 @@ echo
 echo "| snapshots of \`test\` | GetManagedObjects (busctl) | snapshot list test, baseline | snapshot list test | snapshot list $SMALL_VM ($SMALL), baseline | snapshot list $SMALL_VM | restore list (none), baseline | restore list | vm list (1), baseline | vm list | vmsnapd RSS (MiB) |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${rows[@]}"
+echo
+echo "Definitions of about $(python3 -c 'import json, sys; print(len(json.loads(sys.argv[1])))' "$DOMAIN_XML") bytes."
+echo
+echo "| snapshots of \`test\` | start to everything exported (ms) | vmsnapd RSS then (MiB) | vmsnapd RSS after the listings (MiB) | GetManagedObjects reply (bytes) |"
+echo "|---:|---:|---:|---:|---:|"
+printf '%s\n' "${sizes[@]}"

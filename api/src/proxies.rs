@@ -60,7 +60,7 @@ pub trait Manager {
     fn list_restores(&self) -> Result<Vec<OwnedObjectPath>, VmSnapError>;
 
     /// The snapshot objects of one VM (or all when `vm` is empty) with their properties, as
-    /// GetManagedObjects gives them, without DomainXml.
+    /// GetManagedObjects gives them.
     fn get_snapshot_objects(&self, vm: &str) -> Result<zbus::fdo::ManagedObjects, VmSnapError>;
 
     /// Every restore object with its properties, as GetManagedObjects gives them.
@@ -118,11 +118,13 @@ pub trait Snapshot {
     /// once; the object goes to phase Deleting and disappears when done.
     fn delete(&self) -> Result<(), VmSnapError>;
 
+    /// The VM's inactive domain XML recorded with the snapshot (the content record), read
+    /// from the record on disk; empty until recorded. It replaced the `DomainXml` property of
+    /// earlier vmsnapd (README, "D-Bus API", "Changes").
+    fn get_domain_xml(&self) -> Result<String, VmSnapError>;
+
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
-    /// The VM's inactive domain XML recorded with the snapshot (the content record).
-    #[zbus(property)]
-    fn domain_xml(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn description(&self) -> zbus::Result<String>;
     #[zbus(property)]

@@ -91,8 +91,8 @@ impl Bus {
             .map_err(|e| self.describe(&e))
     }
 
-    /// The snapshot objects of one VM (or of all when `vm` is empty) with their properties
-    /// but DomainXml, in one call (GetSnapshotObjects): what lists read instead of one GetAll
+    /// The snapshot objects of one VM (or of all when `vm` is empty) with their properties,
+    /// in one call (GetSnapshotObjects): what lists read instead of one GetAll
     /// per object. Its size grows with what is listed only, unlike GetManagedObjects, whose
     /// reply holds every object and can pass the bus's message size limit.
     pub async fn snapshot_objects(&self, vm: &str) -> Result<Objects, String> {
@@ -143,6 +143,40 @@ impl Bus {
             .build()
             .await
             .map_err(|e| self.describe(&e))
+    }
+
+    /// The definition recorded with the snapshot at `path` (GetDomainXml, read from its record
+    /// by vmsnapd; from a vmsnapd older than that method, its DomainXml property); `None` when
+    /// empty or when the snapshot is gone meanwhile.
+    pub async fn domain_xml(&self, path: &OwnedObjectPath) -> Result<Option<String>, String> {
+        let proxy = self.snapshot_proxy(path).await?;
+        let xml = match proxy.get_domain_xml().await {
+            Ok(xml) => xml,
+            Err(VmSnapError::NotFound(_)) => return Ok(None),
+            Err(VmSnapError::ZBus(e)) => match error_name(&e).as_deref() {
+                Some("org.freedesktop.DBus.Error.UnknownObject") => return Ok(None),
+                Some("org.freedesktop.DBus.Error.UnknownMethod") => {
+                    let properties = zbus::fdo::PropertiesProxy::builder(&self.connection)
+                        .destination(BUS_NAME)
+                        .path(path.clone())
+                        .build()
+                        .await
+                        .map_err(|e| self.describe(&e))?;
+                    let interface = zbus::names::InterfaceName::from_static_str_unchecked(
+                        vmsnap_api::SNAPSHOT_INTERFACE,
+                    );
+                    let value = properties
+                        .get(interface, "DomainXml")
+                        .await
+                        .map_err(|e| self.describe(&e.into()))?;
+                    String::try_from(value)
+                        .map_err(|e| format!("snapshot {path}: DomainXml is not a string: {e}"))?
+                }
+                _ => return Err(self.describe(&e)),
+            },
+            Err(e) => return Err(self.describe_api(e)),
+        };
+        Ok(Some(xml).filter(|x| !x.is_empty()))
     }
 
     /// Reads every property of the snapshot at `path`, fresh from vmsnapd.

@@ -1,6 +1,6 @@
 //! The objects of a listing in one call: the manager's GetSnapshotObjects and
 //! GetRestoreObjects (shaped as GetManagedObjects' reply, `a{oa{sa{sv}}}`, for just those
-//! objects, without the snapshots' DomainXml), and the [`Snapshot`] and [`Restore`] values built
+//! objects), and the [`Snapshot`] and [`Restore`] values built
 //! from the property maps. Lists read this instead of one GetAll per object.
 //!
 //! A property that a vmsnapd older than it lacks reads as its empty value; any other property
@@ -127,13 +127,6 @@ impl Properties {
                 message,
             })
             .collect())
-    }
-
-    /// DomainXml (absent from an older vmsnapd: none); empty reads as none too.
-    pub fn domain_xml(&mut self) -> Result<Option<String>, String> {
-        Ok(self
-            .optional::<String>("DomainXml")?
-            .filter(|xml| !xml.is_empty()))
     }
 
     /// A restore's Name (absent from an older vmsnapd: empty).
@@ -272,7 +265,6 @@ mod tests {
                 "the VM was running".to_string(),
             )]),
         );
-        map.insert("DomainXml".to_string(), value("<domain/>".to_string()));
         map
     }
 
@@ -292,14 +284,13 @@ mod tests {
                 message: "the VM was running".into(),
             }]
         );
-        assert_eq!(p.domain_xml().expect("reads").as_deref(), Some("<domain/>"));
     }
 
     #[test]
-    fn older_vmsnapd_lacks_error_name_source_indications_and_domain_xml() {
+    fn older_vmsnapd_lacks_error_name_and_source_indications() {
         let mut map = snapshot_properties();
         map.insert("Error".to_string(), value("no agent".to_string()));
-        for name in ["ErrorName", "SourceIndications", "DomainXml"] {
+        for name in ["ErrorName", "SourceIndications"] {
             map.remove(name);
         }
         let mut p = properties(map);
@@ -307,14 +298,6 @@ mod tests {
         assert_eq!(snapshot.error, "no agent");
         assert_eq!(snapshot.error_name, "");
         assert!(p.source_indications().expect("reads").is_empty());
-        assert_eq!(p.domain_xml().expect("reads"), None);
-    }
-
-    #[test]
-    fn empty_domain_xml_is_none() {
-        let mut map = snapshot_properties();
-        map.insert("DomainXml".to_string(), value(String::new()));
-        assert_eq!(properties(map).domain_xml().expect("reads"), None);
     }
 
     #[test]

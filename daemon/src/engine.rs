@@ -50,6 +50,9 @@ pub enum EngineError {
     /// The record (the journal) could not be written: nothing was started.
     #[error("{0}")]
     RecordWrite(String),
+    /// A record file could not be read (its definition, which is not kept in memory).
+    #[error("{0}")]
+    RecordRead(String),
     #[error("vmsnapd is shutting down")]
     ShuttingDown,
     #[error("VM '{}' is running; stop it first, or ask the restore to stop it", excerpt(.0))]
@@ -132,6 +135,12 @@ pub enum Request {
     DeleteSnapshot {
         uuid: String,
         reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// A snapshot's recorded definition (graphics passwords left out), read from its record
+    /// file off the engine task.
+    GetDomainXml {
+        uuid: String,
+        reply: oneshot::Sender<Result<String, EngineError>>,
     },
     /// Snapshot UUIDs of one VM (or all when `vm` is empty), oldest first.
     ListSnapshots {
@@ -493,8 +502,10 @@ impl Engine {
                     self.emit(Change::SnapshotProgress { uuid, text })
                 }
             }
-            OpEvent::Saved(record) => {
+            OpEvent::Saved(mut record) => {
                 self.importing.remove(&record.uuid);
+                // Kept without its definition, which is in the file just written (issue 13).
+                record.leave_xml_on_disk();
                 let settled_now = matches!(
                     record.phase,
                     SnapshotPhase::Succeeded | SnapshotPhase::Failed
@@ -972,6 +983,7 @@ impl Engine {
             Request::DeleteSnapshot { uuid, reply } => {
                 let _ = reply.send(self.delete_snapshot(&uuid));
             }
+            Request::GetDomainXml { uuid, reply } => self.read_domain_xml(&uuid, reply),
             Request::ListSnapshots { vm, reply } => {
                 let _ = reply.send(self.list_snapshots(&vm));
             }
@@ -1545,6 +1557,37 @@ impl Engine {
         Ok(uuid)
     }
 
+    /// Reads a snapshot's definition from its record file, on a blocking thread: the engine
+    /// keeps records without it (issue 13) and never waits on the state folder.
+    fn read_domain_xml(&self, uuid: &str, reply: oneshot::Sender<Result<String, EngineError>>) {
+        let not_found = |uuid: &str| EngineError::SnapshotNotFound {
+            vm: String::new(),
+            name: uuid.to_string(),
+        };
+        let (Some(record), Some(ops)) = (self.snapshots.get(uuid), self.ops.as_ref()) else {
+            let _ = reply.send(Err(not_found(uuid)));
+            return;
+        };
+        let (store, record) = (ops.store.clone(), record.clone());
+        let read = move || {
+            let answer = match store.domain_xml(&record) {
+                Ok(xml) => Ok(crate::domain::without_secrets(&xml)),
+                // Deleted since it was looked up.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found(&record.uuid)),
+                Err(e) => Err(EngineError::RecordRead(format!(
+                    "cannot read the record of snapshot '{}': {e}",
+                    excerpt(&record.name)
+                ))),
+            };
+            let _ = reply.send(answer);
+        };
+        // Tokio's blocking pool reuses its threads; the unit tests have no runtime.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(read)),
+            Err(_) => off_task("domain-xml", read),
+        }
+    }
+
     /// Every other snapshot record, of every VM: after restores, images are shared across
     /// chains and VMs, and a delete must see every claim on them.
     fn others_of(&self, record: &SnapshotRecord) -> Vec<SnapshotRecord> {
@@ -1885,7 +1928,7 @@ mod tests {
             freeze_duration_ms: 0,
             frozen_filesystems: 0,
             step: Step::Done,
-            domain_xml: String::new(),
+            domain_xml: crate::store::DomainXml::OnDisk,
             volumes: vec![],
             excluded: vec![],
             extra_state: vec![],
@@ -2296,6 +2339,89 @@ mod tests {
         assert!(matches!(
             answer.try_recv(),
             Ok(Err(EngineError::InvalidArgument(_)))
+        ));
+    }
+
+    /// Records are kept without their definition: loaded and saved ones alike leave it in the
+    /// file, and GetDomainXml reads it from there (secrets left out), off the engine task.
+    #[test]
+    fn definitions_stay_on_disk_until_asked() {
+        let (mut engine, _rx, _settled) = engine();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::new(dir.path());
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let xml = "<domain><name>a</name><devices>\
+            <graphics type='vnc' passwd='secret'/></devices></domain>";
+        let mut loaded = snapshot_record("loaded", SnapshotPhase::Succeeded);
+        loaded.domain_xml = crate::store::DomainXml::Held(xml.into());
+        store.save(&loaded).expect("saved");
+        let ops = OpContext::new(
+            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+                uri: "test:///default".into(),
+            }),
+            std::sync::Arc::new(crate::backends::Backends::standard()),
+            store.clone(),
+            crate::ops::vm_lock::VmLocks {
+                dir: lock_dir.path().to_path_buf(),
+            },
+            &crate::config::Config::default(),
+            events,
+            crate::ops::Faults::default(),
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine.changes = tx;
+        engine.ops = Some(ops);
+        // As with_operations loads them.
+        for record in store.load_all().0 {
+            engine.snapshots.insert(record.uuid.clone(), record);
+        }
+        let on_disk = crate::store::DomainXml::OnDisk;
+        assert_eq!(engine.snapshots["uuid-loaded"].domain_xml, on_disk);
+        // An operation's saved record (its thread holds the definition) is kept without it,
+        // and shown without it.
+        let mut saved = snapshot_record("saved", SnapshotPhase::Succeeded);
+        saved.domain_xml = crate::store::DomainXml::Held("<domain><name>b</name></domain>".into());
+        store.save(&saved).expect("saved");
+        engine.handle_op_event(OpEvent::Saved(Box::new(saved)));
+        assert_eq!(engine.snapshots["uuid-saved"].domain_xml, on_disk);
+        for change in drain(&mut rx) {
+            if let Change::SnapshotAdded(r) | Change::SnapshotUpdated(r) = change {
+                assert_eq!(r.domain_xml, on_disk, "{}", r.name);
+            }
+        }
+
+        let ask = |engine: &mut Engine, uuid: &str| {
+            let (reply, answer) = oneshot::channel();
+            engine.handle_request(Request::GetDomainXml {
+                uuid: uuid.into(),
+                reply,
+            });
+            answer.blocking_recv().expect("answered")
+        };
+        assert_eq!(
+            ask(&mut engine, "uuid-loaded"),
+            Ok("<domain><name>a</name><devices><graphics type='vnc' /></devices></domain>".into())
+        );
+        assert_eq!(
+            ask(&mut engine, "uuid-saved"),
+            Ok("<domain><name>b</name></domain>".into())
+        );
+        assert!(matches!(
+            ask(&mut engine, "uuid-nope"),
+            Err(EngineError::SnapshotNotFound { .. })
+        ));
+        // A damaged file is a storage failure; a file gone since, a snapshot not found.
+        let file = dir.path().join(format!("snapshots/{A}/uuid-loaded.json"));
+        std::fs::write(&file, b"{not json").expect("write");
+        assert!(matches!(
+            ask(&mut engine, "uuid-loaded"),
+            Err(EngineError::RecordRead(ref m)) if m.contains("loaded")
+        ));
+        std::fs::remove_file(&file).expect("removed");
+        assert!(matches!(
+            ask(&mut engine, "uuid-loaded"),
+            Err(EngineError::SnapshotNotFound { .. })
         ));
     }
 }

@@ -236,7 +236,7 @@ fn record_seeds() -> Vec<String> {
     record.uuid = "5c1d7a9e-0000-4000-8000-000000000001".into();
     record.vm_uuid = "0f6b3a52-4a8e-4a4b-9a3c-2f0d7c5a9e11".into();
     let plain = serde_json::to_string(&record).unwrap_or_default();
-    record.domain_xml = DOMAIN_XML.to_string();
+    record.domain_xml = crate::store::DomainXml::Held(DOMAIN_XML.to_string());
     let with_xml = serde_json::to_string_pretty(&record).unwrap_or_default();
     vec![plain, with_xml]
 }

@@ -41,8 +41,9 @@ pub struct SnapshotRecord {
     pub frozen_filesystems: u32,
     /// Where an unfinished operation stands; `Done` once settled.
     pub step: Step,
-    /// The VM's inactive domain XML as it was when the snapshot was taken.
-    pub domain_xml: String,
+    /// The VM's inactive domain XML as it was when the snapshot was taken; in memory only
+    /// while an operation works with it (see [`DomainXml`]).
+    pub domain_xml: DomainXml,
     pub volumes: Vec<VolumeRecord>,
     pub excluded: Vec<ExcludedVolume>,
     /// Copies of the UEFI variables file and the emulated TPM's state.
@@ -58,6 +59,35 @@ pub struct SnapshotRecord {
     /// clients tell failures apart without reading the message; empty without an error.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error_name: String,
+}
+
+/// A record's definition, some KiB per snapshot: held by the operation that records or uses
+/// it, and otherwise left in the record file, so that the engine's and the bus's copies of
+/// thousands of records stay small (issue 13). The file always has it: a record is first
+/// written with it held, and a record saved without it keeps the file's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainXml {
+    Held(String),
+    /// In the record file only: [`Store::domain_xml`] reads it.
+    OnDisk,
+}
+
+impl Serialize for DomainXml {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DomainXml::Held(xml) => serializer.serialize_str(xml),
+            // Store::save fills it in first; writing a record without it would lose it.
+            DomainXml::OnDisk => Err(serde::ser::Error::custom(
+                "the domain XML was left in the record file",
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DomainXml {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(DomainXml::Held)
+    }
 }
 
 /// One included disk: where the snapshot's data is, and what its backend made to hold it.
@@ -243,7 +273,8 @@ impl SnapshotRecord {
             freeze_duration_ms: 0,
             frozen_filesystems: 0,
             step: Step::Planned,
-            domain_xml: String::new(),
+            // Held (empty): the first write has no file to take it from.
+            domain_xml: DomainXml::Held(String::new()),
             volumes: Vec::new(),
             excluded,
             extra_state: Vec::new(),
@@ -251,6 +282,11 @@ impl SnapshotRecord {
             source_indications: Vec::new(),
             error_name: String::new(),
         }
+    }
+
+    /// The record as the engine keeps it: without its definition, which stays in the file.
+    pub fn leave_xml_on_disk(&mut self) {
+        self.domain_xml = DomainXml::OnDisk;
     }
 
     pub fn included_volumes(&self) -> Vec<IncludedVolume> {
@@ -343,21 +379,58 @@ impl Store {
             .join(format!("{snapshot_uuid}.json"))
     }
 
-    /// Reads one snapshot record from disk (in any format this vmsnapd reads).
+    /// Reads one snapshot record from disk (in any format this vmsnapd reads), with its
+    /// definition.
     pub fn read(&self, vm_uuid: &str, snapshot_uuid: &str) -> Result<SnapshotRecord, String> {
         let path = self.path(vm_uuid, snapshot_uuid);
         let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         parse_snapshot_record(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Writes a record atomically.
+    /// Writes a record atomically. A record without its definition keeps the one in its file
+    /// (read first; a record whose file is gone is not written again).
     pub fn save(&self, record: &SnapshotRecord) -> std::io::Result<()> {
         let path = self.path(&record.vm_uuid, &record.uuid);
         let dir = path
             .parent()
             .ok_or_else(|| std::io::Error::other("record path has no directory"))?;
-        let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+        let text = match &record.domain_xml {
+            DomainXml::Held(_) => serde_json::to_vec_pretty(record),
+            DomainXml::OnDisk => {
+                let mut full = record.clone();
+                full.domain_xml = DomainXml::Held(self.read_domain_xml(record)?);
+                serde_json::to_vec_pretty(&full)
+            }
+        }
+        .map_err(std::io::Error::other)?;
         write_atomically(dir, &format!("{}.json", record.uuid), &text)
+    }
+
+    /// A snapshot's definition: the one it holds, or else the one in its record file.
+    pub fn domain_xml(&self, record: &SnapshotRecord) -> std::io::Result<String> {
+        match &record.domain_xml {
+            DomainXml::Held(xml) => Ok(xml.clone()),
+            DomainXml::OnDisk => self.read_domain_xml(record),
+        }
+    }
+
+    /// The `domainXml` of a record's file, the rest skipped (every format has it, as it is).
+    fn read_domain_xml(&self, record: &SnapshotRecord) -> std::io::Result<String> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Definition {
+            domain_xml: String,
+        }
+        let path = self.path(&record.vm_uuid, &record.uuid);
+        let bytes = fs::read(&path)?;
+        serde_json::from_slice::<Definition>(&bytes)
+            .map(|d| d.domain_xml)
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })
     }
 
     /// Removes a record and its state copies.
@@ -378,7 +451,8 @@ impl Store {
         Ok(())
     }
 
-    /// Every record, oldest first. Unreadable files are reported, not fatal: one damaged record
+    /// Every record, oldest first, each without its definition (left in its file: thousands of
+    /// them are loaded at start). Unreadable files are reported, not fatal: one damaged record
     /// must not hide the others.
     pub fn load_all(&self) -> (Vec<SnapshotRecord>, Vec<String>) {
         let mut records = Vec::new();
@@ -401,7 +475,10 @@ impl Store {
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| parse_snapshot_record(&bytes))
                 {
-                    Ok(record) => records.push(record),
+                    Ok(mut record) => {
+                        record.leave_xml_on_disk();
+                        records.push(record)
+                    }
                     Err(e) => problems.push(format!("{}: {e}", path.display())),
                 }
             }
@@ -436,7 +513,7 @@ pub(crate) mod tests {
             freeze_duration_ms: 60,
             frozen_filesystems: 1,
             step: Step::Done,
-            domain_xml: "<domain/>".into(),
+            domain_xml: DomainXml::Held("<domain/>".into()),
             volumes: vec![VolumeRecord {
                 target: "vda".into(),
                 image: "/i/a.qcow2".into(),
@@ -498,14 +575,21 @@ pub(crate) mod tests {
         store.save(&a).expect("save");
         let (loaded, problems) = store.load_all();
         assert!(problems.is_empty(), "{problems:?}");
-        assert_eq!(loaded, vec![a.clone(), bb.clone()]);
+        // Loaded without the definition, which the file keeps.
+        let on_disk = |r: &SnapshotRecord| {
+            let mut r = r.clone();
+            r.leave_xml_on_disk();
+            r
+        };
+        assert_eq!(loaded, vec![on_disk(&a), on_disk(&bb)]);
+        assert_eq!(store.domain_xml(&loaded[0]).expect("reads"), "<domain/>");
 
         let file = dir.path().join("snapshots/vm-1/uuid-a.json");
         let mode = fs::metadata(&file).expect("exists").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
         store.remove(&a).expect("remove");
-        assert_eq!(store.load_all().0, vec![bb]);
+        assert_eq!(store.load_all().0, vec![on_disk(&bb)]);
         // No temporary files left behind.
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("snapshots/vm-1"))
             .expect("dir")
@@ -513,6 +597,43 @@ pub(crate) mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    /// A record saved without its definition keeps the file's; one whose file is gone, or
+    /// whose file has none, is an error, not a record written without it.
+    #[test]
+    fn a_record_saved_without_its_definition_keeps_the_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        let mut a = record("a");
+        a.domain_xml = DomainXml::Held("<domain><name>web</name></domain>".into());
+        store.save(&a).expect("save");
+        let mut changed = store.load_all().0.remove(0);
+        assert_eq!(changed.domain_xml, DomainXml::OnDisk);
+        changed.phase = SnapshotPhase::Deleting;
+        store.save(&changed).expect("save");
+        let file = dir.path().join("snapshots/vm-1/uuid-a.json");
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&file).expect("read")).expect("json");
+        assert_eq!(json["domainXml"], "<domain><name>web</name></domain>");
+        assert_eq!(json["phase"], "Deleting");
+        assert_eq!(json["version"], RECORD_VERSION);
+        assert!(
+            serde_json::to_vec(&changed).is_err(),
+            "never written without it"
+        );
+
+        fs::write(&file, br#"{"version": 2}"#).expect("write");
+        let broken = store.save(&changed).expect_err("no definition in the file");
+        assert!(broken.to_string().contains("domainXml"), "{broken}");
+        store.remove(&changed).expect("remove");
+        let gone = store.save(&changed).expect_err("no file");
+        assert_eq!(gone.kind(), std::io::ErrorKind::NotFound);
+        assert!(!file.exists(), "a removed record is not written again");
+        assert_eq!(
+            store.domain_xml(&changed).expect_err("gone").kind(),
+            std::io::ErrorKind::NotFound
+        );
     }
 
     #[test]

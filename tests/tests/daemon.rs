@@ -361,6 +361,79 @@ fn every_record_is_exported_before_the_name_is_owned() {
     drop(daemon);
 }
 
+/// A snapshot's definition is no property (GetManagedObjects would carry thousands of them):
+/// GetDomainXml reads it from the record on disk, graphics passwords left out.
+#[test]
+fn a_definition_is_read_from_the_record_with_get_domain_xml() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm_uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+    let records = dir.path().join("state/snapshots").join(vm_uuid);
+    std::fs::create_dir_all(&records).unwrap();
+    let uuid = "00000000-0000-4000-8000-000000000001";
+    let xml = "<domain type='test'><name>test</name><devices>\
+        <graphics type='vnc' passwd='secret'/></devices></domain>";
+    let record = serde_json::json!({
+        "version": 2, "uuid": uuid, "name": "s1", "description": "",
+        "vmName": "test", "vmUuid": vm_uuid, "phase": "Succeeded", "readyToUse": true,
+        "creationTime": "2026-11-01T00:00:00Z", "indications": [], "error": "",
+        "freezeDurationMs": 0, "frozenFilesystems": 0, "step": {"step": "done"},
+        "domainXml": xml, "volumes": [], "excluded": [], "extraState": []
+    });
+    let file = records.join(format!("{uuid}.json"));
+    std::fs::write(&file, record.to_string()).unwrap();
+    let bus = PrivateBus::start();
+    let config = format!(
+        "state_dir = \"{}\"\n{}",
+        dir.path().join("state").display(),
+        config_for("test:///default")
+    );
+    let daemon = Daemon::start(&bus, &config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let path = vmsnap_api::snapshot_path(uuid);
+        let snapshot = vmsnap_api::SnapshotProxy::builder(&conn)
+            .path(path.clone())
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(
+            snapshot.get_domain_xml().await.unwrap(),
+            "<domain type='test'><name>test</name><devices><graphics type='vnc' />\
+             </devices></domain>"
+        );
+        let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
+            .destination(vmsnap_api::BUS_NAME)
+            .path(vmsnap_api::ROOT_PATH)
+            .build()
+            .await
+            .unwrap()
+            .get_managed_objects()
+            .await
+            .unwrap();
+        let properties = objects
+            .iter()
+            .find(|(p, _)| p.as_str() == path)
+            .and_then(|(_, i)| i.get(vmsnap_api::SNAPSHOT_INTERFACE))
+            .expect("the snapshot is exported");
+        assert_eq!(
+            properties.get("Name").map(|v| v.to_string()),
+            Some("\"s1\"".into())
+        );
+        assert!(!properties.contains_key("DomainXml"), "{properties:?}");
+        // A record that can no longer be read is a storage failure, named as such.
+        std::fs::write(&file, b"{not json").unwrap();
+        match snapshot.get_domain_xml().await {
+            Err(vmsnap_api::VmSnapError::StorageFailed(m)) => assert!(m.contains("s1"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    });
+    drop(daemon);
+}
+
 /// A bus that goes away (dbus-daemon stopped, or dropping vmsnapd for a reply over its size
 /// limit) ends vmsnapd with a failure, so that the service manager starts it again; it does not
 /// serve on without a bus.

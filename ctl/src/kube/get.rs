@@ -238,7 +238,7 @@ pub async fn collect(bus: &Bus, kind: Kind, name: Option<&str>) -> Result<Vec<Li
         Kind::Content => {
             for mut item in read::snapshots(bus).await? {
                 if name.is_none_or(|n| n == model::content_name(&item.snapshot.uuid)) {
-                    item.domain_xml = read::domain_xml(bus, &item.path).await;
+                    item.domain_xml = read::domain_xml(bus, &item.path).await?;
                     listed.push(content_listed(&item, now));
                 }
             }

@@ -13,7 +13,8 @@ pub struct SnapshotItem {
     pub snapshot: Snapshot,
     /// vmsnapd's message for each indication; empty from a vmsnapd that has none.
     pub messages: Vec<SourceIndication>,
-    /// The recorded definition; `None` when empty or from a vmsnapd that has none.
+    /// The recorded definition, read separately ([`domain_xml`]) where needed; `None` when
+    /// not read, empty, or from a vmsnapd that has none.
     pub domain_xml: Option<String>,
 }
 
@@ -43,11 +44,10 @@ pub async fn snapshots(bus: &Bus) -> Result<Vec<SnapshotItem>, String> {
     snapshots_from(paths, &mut objects)
 }
 
-/// A snapshot's recorded definition (its DomainXml, which the listings leave out); `None`
-/// when empty, or the snapshot is gone.
-pub async fn domain_xml(bus: &Bus, path: &OwnedObjectPath) -> Option<String> {
-    let proxy = bus.snapshot_proxy(path).await.ok()?;
-    proxy.domain_xml().await.ok().filter(|x| !x.is_empty())
+/// A snapshot's recorded definition (GetDomainXml: vmsnapd reads it from the record on disk;
+/// it is in no listing); `None` when empty, or the snapshot is gone.
+pub async fn domain_xml(bus: &Bus, path: &OwnedObjectPath) -> Result<Option<String>, String> {
+    bus.domain_xml(path).await
 }
 
 /// The snapshots at `paths`, in that order, from `objects`.
@@ -62,12 +62,11 @@ pub fn snapshots_from(
         };
         let snapshot = properties.snapshot()?;
         let messages = properties.source_indications()?;
-        let domain_xml = properties.domain_xml()?;
         items.push(SnapshotItem {
             path,
             snapshot,
             messages,
-            domain_xml,
+            domain_xml: None,
         });
     }
     Ok(items)

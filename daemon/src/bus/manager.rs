@@ -286,9 +286,8 @@ impl ManagerObject {
     }
 
     /// The snapshot objects of one VM (name or UUID), or of every VM when vm is empty, with
-    /// their properties, as GetManagedObjects gives them but without DomainXml (read it with
-    /// Get): one call for a listing, whose size grows with what is listed only. (Every
-    /// snapshot's definition in one reply could pass the bus's message size limit.)
+    /// their properties, as GetManagedObjects gives them: one call for a listing, whose size
+    /// grows with what is listed only.
     async fn get_snapshot_objects(
         &self,
         vm: String,
@@ -300,7 +299,7 @@ impl ManagerObject {
         for uuid in &uuids {
             paths.push(snapshot_object_path(uuid)?);
         }
-        super::objects_of::<super::SnapshotObject>(server, connection, paths, &["DomainXml"]).await
+        super::objects_of::<super::SnapshotObject>(server, connection, paths).await
     }
 
     /// Every restore object with its properties, as GetManagedObjects gives them: one call for
@@ -315,7 +314,7 @@ impl ManagerObject {
         for uuid in &uuids {
             paths.push(restore_object_path(uuid)?);
         }
-        super::objects_of::<super::RestoreObject>(server, connection, paths, &[]).await
+        super::objects_of::<super::RestoreObject>(server, connection, paths).await
     }
 
     /// vmsnapd's version.

@@ -47,14 +47,12 @@ pub async fn connect(
         .await
 }
 
-/// The objects at `paths` that serve interface `I`, with its properties (those in `leave_out`
-/// left out), as GetManagedObjects gives them. An object removed since it was listed is
-/// skipped.
+/// The objects at `paths` that serve interface `I`, with its properties, as GetManagedObjects
+/// gives them. An object removed since it was listed is skipped.
 async fn objects_of<I: zbus::object_server::Interface>(
     server: &zbus::ObjectServer,
     connection: &Connection,
     paths: Vec<zbus::OwnedObjectPath>,
-    leave_out: &[&str],
 ) -> Result<zbus::fdo::ManagedObjects, VmSnapError> {
     use zbus::object_server::SignalEmitter;
     let mut objects = zbus::fdo::ManagedObjects::new();
@@ -64,15 +62,12 @@ async fn objects_of<I: zbus::object_server::Interface>(
         };
         let emitter = SignalEmitter::new(connection, path.clone())
             .map_err(|e| VmSnapError::Failed(e.to_string()))?;
-        let mut properties = object
+        let properties = object
             .get()
             .await
             .get_all(server, connection, None, &emitter)
             .await
             .map_err(|e| VmSnapError::Failed(e.to_string()))?;
-        for name in leave_out {
-            properties.remove(*name);
-        }
         let mut interfaces = std::collections::HashMap::new();
         interfaces.insert(I::name().into(), properties);
         objects.insert(path, interfaces);
@@ -218,6 +213,7 @@ impl From<EngineError> for VmSnapError {
             EngineError::LibvirtUnavailable => VmSnapError::LibvirtUnavailable(message),
             EngineError::Libvirt(_) => VmSnapError::LibvirtError(message),
             EngineError::RecordWrite(_) => VmSnapError::RecordWriteFailed(message),
+            EngineError::RecordRead(_) => VmSnapError::StorageFailed(message),
             EngineError::ShuttingDown => VmSnapError::ShuttingDown(message),
         }
     }

@@ -62,9 +62,6 @@ impl SnapshotObject {
         if old.ready_to_use != new.ready_to_use {
             self.ready_to_use_changed(emitter).await?;
         }
-        if old.domain_xml != new.domain_xml {
-            self.domain_xml_changed(emitter).await?;
-        }
         if old.cow_fill_percent != new.cow_fill_percent {
             self.cow_fill_percent_changed(emitter).await?;
         }
@@ -107,18 +104,21 @@ impl SnapshotObject {
         Ok(())
     }
 
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn name(&self) -> String {
-        self.record.name.clone()
-    }
-
     /// The content record's definition: the VM's inactive domain XML as recorded with the
     /// snapshot (what a restore brings back); empty until recorded. Together with
     /// IncludedVolumes (one image or logical volume per captured disk) it is KubeVirt's
     /// VirtualMachineSnapshotContent. Graphics passwords are left out: everyone may read it.
-    #[zbus(property)]
-    fn domain_xml(&self) -> String {
-        crate::domain::without_secrets(&self.record.domain_xml)
+    /// A method, read from the record on disk, rather than a property: every object's
+    /// definition in GetManagedObjects would pass the bus's message size limit on a host with
+    /// thousands of snapshots.
+    async fn get_domain_xml(&self) -> Result<String, VmSnapError> {
+        let uuid = self.record.uuid.clone();
+        Ok(ask(&self.engine, |reply| Request::GetDomainXml { uuid, reply }).await??)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.record.name.clone()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

@@ -170,7 +170,7 @@ fn plan_snapshot(
             copy: copy_dir.join(e.kind).to_string_lossy().into_owned(),
         })
         .collect();
-    record.domain_xml = inactive_xml;
+    record.domain_xml = crate::store::DomainXml::Held(inactive_xml);
     record.volumes = volumes;
     record.excluded = excluded;
     record.step = Step::Planned;

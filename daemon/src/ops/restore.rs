@@ -239,7 +239,7 @@ fn prepare_target(
     }
     // Named as the user knows them, before a safety snapshot puts overlays on top.
     let original = host.public_definition(&record.vm_uuid)?;
-    let detached = detached_disks(&original, &snapshot.domain_xml)?;
+    let detached = detached_disks(&original, &recorded_definition(ctx, snapshot)?)?;
     if record.take_safety_snapshot {
         take_safety_snapshot(ctx, record, records)?;
     }
@@ -385,7 +385,7 @@ fn define_restored(
     record: &mut RestoreRecord,
     snapshot: &SnapshotRecord,
 ) -> OpResult<()> {
-    let mut xml = snapshot.domain_xml.clone();
+    let mut xml = recorded_definition(env.ctx, snapshot)?;
     for (restore, volume) in planned(record, snapshot) {
         let backend = env.ctx.backends.for_volume(volume)?;
         if let Some((source, format)) = backend.restored_source(record.new_vm, volume, restore) {
@@ -695,6 +695,17 @@ fn take_safety_snapshot(
 }
 
 /// Disks in `current` whose target the snapshot's definition does not have.
+/// The snapshot's recorded definition, from its record file when the record does not hold it
+/// (the engine keeps records without it, issue 13).
+fn recorded_definition(ctx: &OpContext, snapshot: &SnapshotRecord) -> OpResult<String> {
+    ctx.store.domain_xml(snapshot).map_err(|e| {
+        OpError::Storage(format!(
+            "cannot read the definition recorded with snapshot '{}': {e}",
+            snapshot.name
+        ))
+    })
+}
+
 fn detached_disks(current: &str, snapshot_xml: &str) -> OpResult<Vec<DetachedDisk>> {
     let now = parse_domain(current, VmState::Unknown, &SysfsLvmProbe).map_err(OpError::Refused)?;
     let then =

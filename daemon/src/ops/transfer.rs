@@ -8,7 +8,7 @@ use vmsnap_api::{validate_description, validate_snapshot_name, validate_vm_name,
 
 use super::{OpContext, OpEvent};
 use crate::backends::Env;
-use crate::store::{SnapshotRecord, Step};
+use crate::store::{DomainXml, SnapshotRecord, Step};
 
 /// Why `record` cannot move to another host, if it cannot.
 pub fn check_exportable(record: &SnapshotRecord) -> Result<(), String> {
@@ -48,7 +48,10 @@ pub fn check_exportable(record: &SnapshotRecord) -> Result<(), String> {
 /// read it here), pretty JSON.
 pub fn export_json(mut record: SnapshotRecord) -> Result<String, String> {
     check_exportable(&record)?;
-    record.domain_xml = crate::domain::without_secrets(&record.domain_xml);
+    let DomainXml::Held(xml) = &record.domain_xml else {
+        return Err("the record was read without its definition".to_string());
+    };
+    record.domain_xml = DomainXml::Held(crate::domain::without_secrets(xml));
     serde_json::to_string_pretty(&record).map_err(|e| e.to_string())
 }
 
@@ -72,8 +75,11 @@ pub fn parse_import(json: &str) -> Result<SnapshotRecord, String> {
             crate::backends::rbd::check_portable(&volume.target, &volume.image, v)?;
         }
     }
+    let DomainXml::Held(xml) = &record.domain_xml else {
+        return Err("the record has no definition".to_string());
+    };
     let vm = crate::domain::parse_domain(
-        &record.domain_xml,
+        xml,
         vmsnap_api::VmState::Unknown,
         &crate::disks::SysfsLvmProbe,
     )
