@@ -653,8 +653,23 @@ impl Engine {
     /// Answers the caller who started the operation of record `uuid`, now that its first
     /// record is on disk and its object announced.
     fn answer_started(&mut self, uuid: &str) {
-        if let Some(AwaitingWrite::Start(reply)) = self.awaiting_write.remove(uuid) {
-            let _ = reply.send(Ok(uuid.to_string()));
+        let Some(AwaitingWrite::Start(reply)) = self.awaiting_write.remove(uuid) else {
+            return;
+        };
+        // The caller reads the new object next: answer once the bus layer has exported it
+        // (it applies changes in order), not merely once it was told to.
+        let flushed = Flushed::default();
+        self.emit(Change::Flush(flushed.clone()));
+        let answer = Ok(uuid.to_string());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move {
+                flushed.0.notified().await;
+                let _ = reply.send(answer);
+            })),
+            // The unit tests drive the engine without a runtime or a bus layer.
+            Err(_) => {
+                let _ = reply.send(answer);
+            }
         }
     }
 
@@ -2046,6 +2061,30 @@ mod tests {
                 uuid: "restore-done".into()
             }]
         );
+    }
+
+    /// A create is answered only once its new object is on the bus: after the bus layer has
+    /// applied every change before it (a flush), so that the caller's next read finds it.
+    #[tokio::test]
+    async fn a_create_is_answered_once_its_object_is_exported() {
+        let (mut engine, mut rx, _settled) = engine();
+        let (reply, mut answered) = oneshot::channel();
+        engine
+            .awaiting_write
+            .insert("uuid-s".into(), AwaitingWrite::Start(reply));
+        let first = snapshot_record("s", SnapshotPhase::InProgress);
+        engine.handle_op_event(OpEvent::Saved(Box::new(first)));
+        let changes = drain(&mut rx);
+        let [Change::SnapshotAdded(_), Change::Flush(flushed)] = changes.as_slice() else {
+            panic!("{changes:?}");
+        };
+        tokio::task::yield_now().await;
+        assert!(answered.try_recv().is_err(), "answered before the export");
+        flushed.0.notify_one();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), answered)
+            .await
+            .expect("answered after the flush");
+        assert_eq!(answer.ok().and_then(Result::ok), Some("uuid-s".to_string()));
     }
 
     /// A snapshot blocked in a call past its deadline shows Failed (DeadlineExceeded) at once
