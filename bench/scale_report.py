@@ -185,8 +185,11 @@ def report(path, m0, chain_vms, chain_depth):
             fmt(mib(med(d, "rss_end_kb")), 1)))
     p("")
     if chains:
-        p("Making the chains: %s ms per offline snapshot (%d VMs in parallel, wall time / snapshots)." % (
-            fmt(med(chains, "create_each_ms"), 1), chain_vms))
+        p("Making the chains: %s ms per offline snapshot (%d, one after the other, at %s domains on "
+          "the host); creates that vmsnapctl reported as removed although they succeeded: %s." % (
+            fmt(med(chains, "create_each_ms"), 1), chain_vms * chain_depth,
+            fmt(med(ns[0][1], "domains") + chain_vms) if ns and med(ns[0][1], "domains") is not None else "-",
+            fmt(med(chains, "unseen"))))
         p("")
 
     # Slopes: the chain VMs' effect (reference to the first row with them), then per domain.
