@@ -36,8 +36,9 @@
 #    above), vmsnapd's and libvirtd's CPU over BENCH_IDLE_S with vmsnapd idle, `vmsnapctl vm
 #    list` against `virsh list --all` (BENCH_RUNS each), BENCH_ROUNDS rounds of create, restore
 #    --no-safety-snapshot and delete of one snapshot of `t` (each timed on the host), and one
-#    more untimed round under `strace -f -e trace=execve` attached to vmsnapd, counting the
-#    processes it starts per operation;
+#    more untimed round under `strace -f -e trace=execve,openat` attached to vmsnapd, counting
+#    the processes it starts and the files it opens per operation;
+#  - splits the timed restores and deletes into steps from vmsnapd's log (its info lines);
 #  - prints markdown tables (bench/scale_report.py) on stdout, progress on stderr;
 #  - on exit, whatever happened, stops what it started (strace, listener, vmsnapd, bus),
 #    undefines every vmsnap-scale-<pid>-* domain and removes the scratch folder.
@@ -157,7 +158,9 @@ IMAGES=$work/images
 mkdir -p "$IMAGES" "$work/xml" "$work/state" "$work/locks"
 : >"$work/data.tsv"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+# The commit measured: the tree's HEAD, and the last commit that changed what is built.
 commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+code_commit=$(git -C "$ROOT" log -1 --format=%h -- daemon ctl api Cargo.toml Cargo.lock 2>/dev/null || echo unknown)
 [ -z "$(git -C "$ROOT" status --porcelain -- daemon ctl api 2>/dev/null)" ] || commit+="+changes"
 
 # --- domains ---------------------------------------------------------------------------------
@@ -407,7 +410,7 @@ op() {
     return
   fi
   local trace=$work/strace.$case.$what
-  strace -f -qq -e trace=execve -o "$trace" -p "$vmsnapd_pid" 2>>"$work/strace.log" &
+  strace -f -qq -e trace=execve,openat -o "$trace" -p "$vmsnapd_pid" 2>>"$work/strace.log" &
   strace_pid=$!
   # Attached once every thread of vmsnapd has a tracer.
   local deadline=$((SECONDS + 10))
@@ -419,9 +422,10 @@ op() {
   sleep 0.3 # the operation's last steps after vmsnapctl returns
   kill -INT "$strace_pid"; wait "$strace_pid" || true
   strace_pid=""
-  read -r count programs < <(python3 bench/scale_report.py execs "$trace")
+  read -r count programs opens < <(python3 bench/scale_report.py execs "$trace")
   put n "$case" "${what}_execs" "$count"
   put n "$case" "${what}_programs" "$programs"
+  put n "$case" "${what}_opens" "$opens"
 }
 
 # domain_case CASE N CHAINS: everything measured against the number of domains.
@@ -494,9 +498,9 @@ done
 
 # --- report ----------------------------------------------------------------------------------
 libvirt_version=$(virsh version | awk '/Using library:/ {print $4}')
-echo "Run of bench/scale.sh on $(date -u '+%Y-%m-%d %H:%M UTC'), vmsnapd of commit $commit:" \
+echo "Run of bench/scale.sh on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit (code as of $code_commit):" \
   "$(nproc) cores, libvirt $libvirt_version, load average $load_start at the start," \
   "$(cut -d' ' -f1-3 /proc/loadavg) at the end; chains: $CHAIN_VMS VMs x $CHAIN_DEPTH snapshots;" \
   "$ROUNDS rounds, $RUNS runs per list timing, idle windows of ${IDLE_S} s."
 echo
-python3 bench/scale_report.py report "$work/data.tsv" "${M_SIZES[0]}" "$CHAIN_VMS" "$CHAIN_DEPTH"
+python3 bench/scale_report.py report "$work" "${M_SIZES[0]}" "$CHAIN_VMS" "$CHAIN_DEPTH"

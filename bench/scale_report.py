@@ -3,11 +3,16 @@
 
   scale_report.py notify SOCKET OUT     waits for READY=1 on a systemd notify socket, writes the
                                         wall-clock time it came (microseconds) to OUT
-  scale_report.py execs STRACE_FILE     prints "COUNT PROGRAMS": the successful execve calls in
-                                        an `strace -f -e trace=execve` log, and which programs
-  scale_report.py report DATA M0 CHAIN_VMS CHAIN_DEPTH
-                                        markdown tables of the samples scale.sh wrote
+  scale_report.py execs STRACE_FILE     prints "COUNT PROGRAMS OPENS": the successful execve
+                                        calls in an `strace -f -e trace=execve,openat` log, which
+                                        programs, and the files vmsnapd itself (not the children)
+                                        opened
+  scale_report.py report DIR M0 CHAIN_VMS CHAIN_DEPTH
+                                        markdown tables of the samples scale.sh wrote in
+                                        DIR/data.tsv, with steps from DIR/vmsnapd-*-CASE.log
 """
+import datetime
+import glob
 import os
 import re
 import socket
@@ -38,6 +43,7 @@ def execs(path):
     # `PID <... execve resumed>) = 0`. The program is the path of the pid's last execve.
     last = {}
     programs = Counter()
+    opens = []  # (pid, succeeded)
     for line in open(path, errors="replace"):
         m = re.match(r"(\d+)\s+(.*)$", line.rstrip("\n"))
         if not m:
@@ -48,9 +54,40 @@ def execs(path):
             last[pid] = os.path.basename(start.group(1))
         if "execve" in rest and re.search(r"\) = 0$|resumed>.*= 0$", rest):
             programs[last.get(pid, "?")] += 1
+        if rest.startswith("openat(") and not re.search(r"<unfinished \.\.\.>$| = -1 ", rest):
+            opens.append(pid)
+        elif "openat resumed>" in rest and " = -1 " not in rest:
+            opens.append(pid)
     total = sum(programs.values())
     listed = ",".join("%s*%d" % (p, c) for p, c in sorted(programs.items())) or "-"
-    print(total, listed)
+    own = sum(1 for pid in opens if pid not in last)  # a child's opens come after its execve
+    print(total, listed, own)
+
+
+# The info lines vmsnapd logs during a restore and a delete, in order: each step is the time from
+# one to the next.
+STEPS = {
+    "restore": ["restoring", "creating the new disk overlays", "defining the VM", "restored"],
+    "delete": ["deleting snapshot", "releasing disk vda", "merging disk vda", "snapshot deleted"],
+}
+
+
+def steps(folder, case):
+    """Median ms of each step of the timed rounds (snapshots s-CASE-<n>) in vmsnapd's log."""
+    seen = {}  # (snapshot, message) -> seconds
+    pattern = re.compile(r"^(\S+)Z\s+INFO (.*?) vm=\S+ snapshot=(s-%s-\d+)\b" % re.escape(case))
+    for log in glob.glob(os.path.join(folder, "vmsnapd-*-%s.log" % case)):
+        for line in open(log, errors="replace"):
+            m = pattern.match(line)
+            if m:
+                stamp = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                seen.setdefault((m.group(3), m.group(2)), stamp)
+    out = {}
+    for op, messages in STEPS.items():
+        for a, b in zip(messages, messages[1:]):
+            spans = [(seen[(n, b)] - seen[(n, a)]) * 1000 for (n, msg) in list(seen) if msg == a and (n, b) in seen]
+            out[(op, a, b)] = statistics.median(spans) if spans else None
+    return out
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -58,7 +95,7 @@ def execs(path):
 
 def load(path):
     data = OrderedDict()  # (section, case) -> metric -> [values]
-    for line in open(path):
+    for line in open(os.path.join(path, "data.tsv")):
         section, case, metric, value = line.rstrip("\n").split("\t")
         data.setdefault((section, case), {}).setdefault(metric, []).append(value)
     return data
@@ -157,16 +194,30 @@ def report(path, m0, chain_vms, chain_depth):
           chain_vms, chain_depth, chain_vms * chain_depth, m0))
     p("")
     p("| domains | on host | create | restore --no-safety-snapshot | restore / ref | delete | delete / ref "
-      "| processes per create / restore / delete | target's chain after |")
-    p("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+      "| processes per create / restore / delete | files vmsnapd opens per create / restore / delete "
+      "| target's chain after |")
+    p("|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for c, d in ns:
         procs = " / ".join("%s (%s)" % (d.get(k + "_execs", ["-"])[0], d.get(k + "_programs", ["-"])[0])
                            for k in ("create", "restore", "delete"))
-        p("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        opens = " / ".join(d.get(k + "_opens", ["-"])[0] for k in ("create", "restore", "delete"))
+        p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             label(c, d), fmt(med(d, "domains")), spread(d, "create_ms"), spread(d, "restore_ms"),
             fmt(ratio(med(d, "restore_ms"), med(ref, "restore_ms")), 2), spread(d, "delete_ms"),
-            fmt(ratio(med(d, "delete_ms"), med(ref, "delete_ms")), 2), procs, fmt(med(d, "target_chain"))))
+            fmt(ratio(med(d, "delete_ms"), med(ref, "delete_ms")), 2), procs, opens,
+            fmt(med(d, "target_chain"))))
     p("")
+    split = [(c, d, steps(path, c)) for c, d in ns]
+    keys = [(op, a, b) for op, messages in STEPS.items() for a, b in zip(messages, messages[1:])]
+    if any(v is not None for _, _, st in split for v in st.values()):
+        p("Where the restore's and the delete's time goes, from vmsnapd's log lines (medians of the "
+          "rounds, ms; the step is named by the line it starts at):")
+        p("")
+        p("| step | %s |" % " | ".join(fmt(med(d, "domains")) + " on host" for c, d, _ in split))
+        p("|---|%s|" % "|".join("---:" for _ in split))
+        for key in keys:
+            p("| %s: %s -> %s | %s |" % (key[0], key[1], key[2], " | ".join(fmt(st.get(key)) for _, _, st in split)))
+        p("")
     p("### Domains (N): listing, idle CPU, start")
     p("")
     p("| domains | on host | `vmsnapctl vm list` | `virsh list --all` | ratio | vmsnapd idle CPU % "
