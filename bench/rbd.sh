@@ -2,7 +2,7 @@
 # RBD restore benchmark: vmsnapctl restore of a VM whose disk is a 1 GiB RBD image against one
 # whose disk is a 64 GiB (sparse) RBD image, in one run, next to the alternatives by hand on the
 # same images (rbd snap rollback; rbd clone + virsh define), and snapshot create/delete times.
-#   flock /tmp/vmsnap-lab.lock bash bench/rbd.sh 9>&-     (as root, on the lab; 2-4 min + build)
+#   flock /tmp/vmsnap-lab.lock bash bench/rbd.sh 9>&-     (as root, on the lab; 4-5 min + build)
 # Environment: BENCH_N rounds without the safety snapshot (default 10), BENCH_SAFETY_N with it
 # (default 5), BENCH_SNAP_N snapshot create/delete rounds (default 10), BENCH_TRACE_N traced
 # restores per size (default 3), BENCH_KEEP=DIR keeps the raw results and logs, BENCH_LOG
@@ -376,15 +376,15 @@ for s in "${SIZES[@]}"; do
   say "snapshot ${s^^}: $(cut -d' ' -f1 <<<"${SNAPSUM[$s]}") non-zero MiB blocks"
 done
 
-# drop_replaced SIZE IMAGE: vmsnapd keeps the image a restore replaced; nothing uses it any more,
-# so it goes (untimed) to keep the pool small. Only this run's clones: never the original image,
-# nor one holding the snapshot restores clone from (KEEP).
+# drop_replaced SIZE IMAGE [hand]: vmsnapd keeps the image a restore replaced; nothing uses it any
+# more, so it goes (untimed) to keep the pool small. Only this run's clones: never the original
+# image, nor one holding the snapshot restores clone from (KEEP). `kept` counts vmsnapd's.
 kept=0
 declare -A KEEP=()
 drop_replaced() {
   [ "$2" != "${VM[$1]}" ] && [ "$2" != "${KEEP[$1]:-}" ] || return 0
   exists "$2" || die "the image $2 that the restore replaced is gone"
-  kept=$((kept + 1))
+  [ -n "${3:-}" ] || kept=$((kept + 1))
   rbd_ rm --no-progress "$POOL/$2" >/dev/null
 }
 
@@ -425,7 +425,7 @@ by_hand() { # SIZE ITER
   [ "$(disk_of "$vm")" = "$new" ] || die "by-hand restore of $vm did not take"
   row hand "$s" "$i" "$t0" "$t1" "clone_ms=$(ms "$t0" "$tc")"
   say "$i hand ${s^^}: $(ms "$t0" "$t1") ms (rbd clone $(ms "$t0" "$tc") ms)"
-  drop_replaced "$s" "$old"
+  drop_replaced "$s" "$old" hand
 }
 
 # --- rbd snap rollback, by hand ----------------------------------------------------------------

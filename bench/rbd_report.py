@@ -301,7 +301,7 @@ def report(argv):
         blocks = c["got"].split()[0]
         print(f"- {c['size'].upper()}: {c['what']}: {'equal to' if c['ok'] == 'yes' else 'DIFFERENT from'} "
               f"the snapshot's export ({blocks} non-zero MiB blocks, sha256 {c['got'].split()[-1][:12]}...).")
-    print(f"- Images a restore replaced and vmsnapd kept in the pool (the script removed them): {kept}.")
+    print(f"- Images a vmsnapctl restore replaced and vmsnapd kept in the pool (the script removed them): {kept}.")
     print(f"- vmsnapctl commands run again (busy / libvirt unavailable): {retries}.")
     with open(notes_path, encoding="utf-8") as f:
         for line in f:
