@@ -254,26 +254,43 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
     assert_eq!(fresh_checksums(clone), at_s1, "the new VM sees s1's data");
     assert_eq!(fresh_checksums(name), source_now);
 
-    // A snapshot of the restored VM, then every snapshot deleted, the one the clones depend
-    // on first: nobody's data changes, and no vmsnap snapshot stays in the cluster.
+    // A snapshot of the restored VM, restored in place in turn: the VM moves to a second
+    // clone; the first one still holds s2 and that restore's safety snapshot.
     let s2 = created(&daemon, name, "s2");
-    let s2_spec = rbd_spec(&s2, "vda");
-    // s1 first (both clones depend on it), then s2, then the in-place restore's safety
-    // snapshot of the original image.
+    let first_clone = rbd_spec(&s2, "vda").split('@').next().unwrap().to_string();
+    assert_eq!(vm.disk_source(), first_clone);
+    vm.write_file("f4", 50 << 10);
+    let again = daemon
+        .ctl(&[
+            "restore", name, "s2", "--stop", "--start", "--output", "json",
+        ])
+        .json();
+    assert_eq!(again["phase"], "Succeeded", "{again}");
+    vmsnap_tests::wait_guest_ready(name);
+    assert_eq!(fresh_checksums(name), source_now, "restored to s2");
+    let second_clone = vm.disk_source();
+    assert_ne!(second_clone, first_clone);
+    let image_name = |spec: &str| spec.rsplit('/').next().unwrap().to_string();
+    let images = || -> Vec<String> {
+        serde_json::from_str(&rbd(&["ls", &pool(), "--format", "json"])).unwrap()
+    };
+
+    // Every snapshot deleted, the one the clones depend on first: nobody's data changes, no
+    // vmsnap snapshot stays in the cluster, and the first clone, which nothing needs any more,
+    // goes (the original image is the user's and stays; the second clone is the VM's disk).
     let mut order = vec!["s1".to_string(), "s2".to_string()];
     for s in vmsnap_tests::snapshot_list(&daemon, name) {
         let other = s["name"].as_str().unwrap().to_string();
         if !order.contains(&other) {
-            assert_eq!(
-                rbd_spec(&s, "vda").split('@').next(),
-                Some(format!("{}/{name}", pool()).as_str()),
-                "{s}"
-            );
             order.push(other);
         }
     }
-    assert_eq!(order.len(), 3, "{order:?}: s1, s2 and the safety snapshot");
+    assert_eq!(order.len(), 4, "{order:?}: s1, s2 and two safety snapshots");
     for snapshot in &order {
+        assert!(
+            images().contains(&image_name(&first_clone)),
+            "the first clone went while a snapshot lived in it"
+        );
         let deleted = daemon.ctl(&["snapshot", "delete", name, snapshot]);
         assert_eq!(deleted.code, Some(0), "{deleted:?}");
     }
@@ -282,14 +299,11 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
         "{:?}",
         snaps_of(name)
     );
-    let restored_image = s2_spec
-        .split('@')
-        .next()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap();
-    assert!(!snaps_of(restored_image)
+    let left = images();
+    assert!(!left.contains(&image_name(&first_clone)), "{left:?}");
+    assert!(left.contains(&name.to_string()), "{left:?}");
+    assert!(left.contains(&image_name(&second_clone)), "{left:?}");
+    assert!(!snaps_of(&image_name(&second_clone))
         .iter()
         .any(|s| s.starts_with("vmsnap-")));
     assert_eq!(fresh_checksums(name), source_now);

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use serde::Deserialize;
-use tracing::warn;
+use tracing::{info, warn};
 use vmsnap_api::{DiskBackend, DiskInfo, VolumeRestore};
 
 use super::{Env, VolumeBackend};
@@ -191,6 +191,21 @@ impl Rbd {
             Ok(_) | Err(RbdError::NotFound(_)) => Ok(()),
             Err(RbdError::Failed(e)) => Err(e),
         }
+    }
+
+    /// Whether image `spec` has any snapshot, in any namespace (Ceph's trash included: a
+    /// removed snapshot a clone still reads from).
+    pub fn has_any_snap(&self, spec: &str) -> Result<bool, String> {
+        let snaps: Vec<serde_json::Value> = self
+            .json(&["snap", "ls", "--all", spec])
+            .map_err(String::from)?;
+        Ok(!snaps.is_empty())
+    }
+
+    /// Whether a client has image `spec` open (a watcher: a running QEMU, a mapped device).
+    pub fn is_open(&self, spec: &str) -> Result<bool, String> {
+        let status: serde_json::Value = self.json(&["status", spec]).map_err(String::from)?;
+        Ok(status["watchers"].as_array().is_none_or(|w| !w.is_empty()))
     }
 
     pub fn clone_snap(&self, snap_spec: &str, to_spec: &str) -> Result<(), String> {
@@ -556,7 +571,7 @@ impl VolumeBackend for RbdBackend {
         &self,
         env: &Env,
         deleting: &mut SnapshotRecord,
-        _others: &mut [SnapshotRecord],
+        others: &mut [SnapshotRecord],
         volume: &VolumeRecord,
         _deadline: std::time::Instant,
     ) -> OpResult<()> {
@@ -566,7 +581,18 @@ impl VolumeBackend for RbdBackend {
             format!("removing the RBD snapshot of disk {}", volume.target),
         );
         remove_snap(&Rbd::for_volume(env, v)?, v)
-            .map_err(|e| OpError::Storage(format!("disk {}: {e}", volume.target)))
+            .map_err(|e| OpError::Storage(format!("disk {}: {e}", volume.target)))?;
+        // Its last snapshot gone, an image an earlier restore replaced is needed by nothing.
+        match remove_if_orphaned(env, v, &v.image_spec(), &deleting.vm_uuid, others) {
+            Ok(true) => {
+                info!(image = %v.image_spec(), "removed a replaced restore image nothing needs any more")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(image = %v.image_spec(), error = %e, "cannot tell whether a replaced image is still needed; it stays")
+            }
+        }
+        Ok(())
     }
 
     /// A clone of the snapshot, in the image's pool: named after the image in place (the
@@ -635,6 +661,38 @@ impl VolumeBackend for RbdBackend {
         ))
     }
 
+    /// The image the VM used before an in-place restore goes if nothing needs it (see
+    /// [`remove_if_orphaned`]); the cluster is reached as the records' volumes in its pool do.
+    fn release_replaced(
+        &self,
+        env: &Env,
+        source: &str,
+        records: &[SnapshotRecord],
+    ) -> OpResult<()> {
+        let Some(spec) = source.strip_prefix("rbd:") else {
+            return Ok(());
+        };
+        let Some((pool, _, _)) = rbd_image(source) else {
+            return Ok(());
+        };
+        let Some((vm_uuid, access)) = records.iter().find_map(|r| {
+            r.volumes
+                .iter()
+                .find_map(|v| v.rbd().filter(|rv| rv.pool == pool))
+                .map(|rv| (r.vm_uuid.clone(), rv.clone()))
+        }) else {
+            return Ok(());
+        };
+        match remove_if_orphaned(env, &access, spec, &vm_uuid, records) {
+            Ok(true) => info!(image = %spec, "removed the image an in-place restore replaced"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(image = %spec, error = %e, "cannot tell whether the replaced image is still needed; it stays")
+            }
+        }
+        Ok(())
+    }
+
     /// Only the restore's own clone: an image of that name whose parent is the snapshot.
     fn discard_restored(
         &self,
@@ -669,6 +727,68 @@ fn clone_name(v: &RbdVolume, restore: &RestoreRecord, target: &str) -> String {
         };
         format!("{base}{RESTORE_SUFFIX}{short}")
     }
+}
+
+/// Whether `name` is an image a restore of vmsnap made (`...-vmsnap-r<8 hex>`).
+fn is_restore_clone_name(name: &str) -> bool {
+    name.rsplit_once(RESTORE_SUFFIX)
+        .is_some_and(|(base, short)| {
+            !base.is_empty() && short.len() == 8 && short.chars().all(|c| c.is_ascii_hexdigit())
+        })
+}
+
+/// Removes image `spec` (reached as `access` reaches its cluster) if nothing needs it any
+/// more: a clone a vmsnap restore made (by its name, and its parent being a vmsnap snapshot)
+/// that no record names, with no snapshot left (Ceph's trash included), that no client has
+/// open and that is not a disk of VM `vm_uuid` now. Anything else stays: vmsnap never removes
+/// an image it did not make. Returns whether it was removed.
+fn remove_if_orphaned(
+    env: &Env,
+    access: &RbdVolume,
+    spec: &str,
+    vm_uuid: &str,
+    records: &[SnapshotRecord],
+) -> Result<bool, String> {
+    let source = format!("rbd:{spec}");
+    let Some((_, _, name)) = rbd_image(&source) else {
+        return Ok(false);
+    };
+    if !is_restore_clone_name(name) {
+        return Ok(false);
+    }
+    let named = records.iter().any(|r| {
+        r.volumes
+            .iter()
+            .any(|v| v.rbd().is_some_and(|rv| rv.image_spec() == spec))
+    });
+    if named {
+        return Ok(false);
+    }
+    // The VM's definitions now (a restore back onto this image, an admin's edit).
+    let in_use = |xml: Result<String, OpError>| {
+        xml.map(|x| {
+            x.contains(&format!("name='{spec}'")) || x.contains(&format!("name=\"{spec}\""))
+        })
+        .unwrap_or(true)
+    };
+    if env.host.exists(vm_uuid).unwrap_or(true)
+        && (in_use(env.host.definition(vm_uuid)) || in_use(env.host.current_definition(vm_uuid)))
+    {
+        return Ok(false);
+    }
+    let rbd = Rbd::for_volume(env, access).map_err(|e| e.to_string())?;
+    let Some(info) = rbd.info(spec)? else {
+        return Ok(false);
+    };
+    let made_by_vmsnap = info
+        .parent
+        .as_ref()
+        .is_some_and(|p| p.snapshot.starts_with(SNAP_PREFIX));
+    if !made_by_vmsnap || rbd.has_any_snap(spec)? || rbd.is_open(spec)? {
+        return Ok(false);
+    }
+    rbd.remove(spec)?;
+    Ok(true)
 }
 
 /// Whether image `info` is a clone of `v`'s snapshot.
@@ -728,6 +848,21 @@ mod tests {
         assert!(bad(&|w| w.user = "--id".into()));
         assert!(bad(&|w| w.namespace = Some(String::new())));
         assert!(check_portable("vda", "rbd:other/x@y", &v).is_err());
+    }
+
+    #[test]
+    fn only_images_a_restore_made_are_ever_removed() {
+        assert!(is_restore_clone_name("vm1-vmsnap-r0123abcd"));
+        assert!(is_restore_clone_name("clone-vda-vmsnap-rfedcba98"));
+        for user_image in [
+            "vm1",
+            "vm1-vmsnap-r",
+            "vm1-vmsnap-r0123",
+            "-vmsnap-r0123abcd",
+            "vm1-vmsnap-rxyzxyzxy",
+        ] {
+            assert!(!is_restore_clone_name(user_image), "{user_image}");
+        }
     }
 
     #[test]

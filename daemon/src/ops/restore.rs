@@ -447,8 +447,9 @@ fn finish(
             let Some(backend) = ctx.backends.for_disk(disk) else {
                 continue;
             };
-            if let Ok((top, _)) = domain::disk_source(previous_xml, &disk.target) {
-                backend.release_replaced(env, &top, records)?;
+            // The disk's source as its backend names it (a file's path, `rbd:POOL/IMAGE`).
+            if !disk.source.is_empty() {
+                backend.release_replaced(env, &disk.source, records)?;
             }
         }
     }
