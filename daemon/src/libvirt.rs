@@ -13,7 +13,7 @@
 //! and an LVM volume appearing changes a disk's classification. libvirt's close callback reports
 //! a lost connection at once, so there is nothing to poll.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -215,6 +215,9 @@ struct Worker {
     vms: BTreeMap<String, VmInfo>,
     /// `vms` changed since the engine was last sent it.
     changed: bool,
+    /// Domains (lower-case UUIDs) that events named, to re-read once the queue is empty: a
+    /// domain starting sends several events at once.
+    pending: BTreeSet<String>,
     /// When the next reconcile (connected) or connection attempt (not connected) is due.
     next_tick: Instant,
 }
@@ -236,6 +239,7 @@ impl Worker {
             lvm: SysfsLvmProbe,
             vms: BTreeMap::new(),
             changed: false,
+            pending: BTreeSet::new(),
             next_tick: Instant::now(),
         }
     }
@@ -253,11 +257,15 @@ impl Worker {
                         break;
                     }
                     // Whatever else is queued (a burst of events when many VMs start) is taken
-                    // in before the engine is sent one inventory for all of it.
+                    // in before the domains are read, each once, and the engine is sent one
+                    // inventory for all of it.
                     while let Ok(msg) = inbox.try_recv() {
                         if !self.handle(msg) {
                             break 'run;
                         }
+                    }
+                    for uuid in std::mem::take(&mut self.pending) {
+                        self.reread(&uuid);
                     }
                     self.publish_if_changed();
                 }
@@ -273,7 +281,9 @@ impl Worker {
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Job(job) => job(self.conn.as_ref()),
-            Msg::Domain(uuid) => self.reread(&uuid),
+            Msg::Domain(uuid) => {
+                self.pending.insert(uuid.to_ascii_lowercase());
+            }
             Msg::Closed { generation, reason } => {
                 if generation == self.generation && self.conn.is_some() {
                     self.lose(format!(
