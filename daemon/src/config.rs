@@ -20,7 +20,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where vmsnapd locks each VM it works on, for the libvirt hook to see.
     pub vm_lock_dir: PathBuf,
-    /// How often the VM inventory is re-read from libvirt.
+    /// How often the whole VM inventory is re-read from libvirt, as a safety net: libvirt's
+    /// domain events keep it current in between.
     #[serde(with = "duration_text")]
     pub refresh_interval: Duration,
     /// How long to wait between attempts to reach libvirt while it is unavailable.
@@ -214,7 +215,7 @@ impl Default for Config {
             libvirt_uri: "qemu:///system".to_string(),
             state_dir: PathBuf::from("/var/lib/vmsnap"),
             vm_lock_dir: PathBuf::from("/run/vmsnap/vms"),
-            refresh_interval: Duration::from_secs(1),
+            refresh_interval: Duration::from_secs(30),
             reconnect_interval: Duration::from_secs(2),
             log_level: "info".to_string(),
             freeze_timeout: Duration::from_secs(10),

@@ -2,10 +2,20 @@
 //!
 //! Every libvirt call blocks (a synchronous RPC to libvirtd; guest agent calls can take
 //! seconds), so none may run on a tokio worker. A dedicated thread owns the connection: it
-//! (re)connects, refreshes the VM inventory on a timer, and runs jobs that the async side sends
-//! it, answering through oneshot channels.
+//! (re)connects, keeps the VM inventory, and runs jobs that the async side sends it, answering
+//! through oneshot channels.
+//!
+//! The inventory follows libvirt's domain events. A second thread runs libvirt's default event
+//! loop; the callbacks registered on each new connection ([`events`]) only pass the UUID of the
+//! domain they name to the libvirt thread, which re-reads that one domain. A full re-read (the
+//! reconcile) runs after every (re)connect and then every `refresh_interval`, for what libvirt
+//! reports no event for: a disk-only snapshot changes a running domain's disk sources silently,
+//! and an LVM volume appearing changes a disk's classification. libvirt's close callback reports
+//! a lost connection at once, so there is nothing to poll.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,6 +23,7 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 use tracing::{debug, info, warn};
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
+use virt::error::ErrorNumber;
 use vmsnap_api::VmState;
 
 use crate::disks::{LvmProbe, SysfsLvmProbe};
@@ -46,18 +57,43 @@ impl From<virt::error::Error> for LibvirtFailure {
 
 type Job = Box<dyn FnOnce(Option<&Connect>) + Send>;
 
+/// What the libvirt thread is sent.
+enum Msg {
+    /// Work from the async side.
+    Job(Job),
+    /// Re-read the domain with this UUID: libvirt reported an event about it, or an operation
+    /// changed it.
+    Domain(String),
+    /// libvirt closed connection number `generation` (libvirtd stopped, keepalive timed out).
+    Closed { generation: u64, reason: i32 },
+    /// The last [`LibvirtClient`] is gone.
+    Stop,
+}
+
 /// Settings of the libvirt thread.
 #[derive(Debug, Clone)]
 pub struct LibvirtSettings {
     pub uri: String,
-    pub refresh_interval: Duration,
+    /// How often the whole inventory is re-read while connected (events carry the rest).
+    pub reconcile_interval: Duration,
     pub reconnect_interval: Duration,
+}
+
+/// The clients' end of the thread's queue. Dropped with the last client, it tells the thread to
+/// stop: the queue itself stays open, since libvirt's callbacks hold senders of it too.
+struct ClientQueue(mpsc::Sender<Msg>);
+
+impl Drop for ClientQueue {
+    fn drop(&mut self) {
+        // The thread may have stopped already; nothing to tell it then.
+        let _ = self.0.send(Msg::Stop);
+    }
 }
 
 /// Handle the async side uses to run work on the libvirt thread. Cheap to clone.
 #[derive(Clone)]
 pub struct LibvirtClient {
-    jobs: mpsc::Sender<Job>,
+    queue: Arc<ClientQueue>,
 }
 
 impl LibvirtClient {
@@ -78,100 +114,330 @@ impl LibvirtClient {
             // The caller may have gone away (its D-Bus call cancelled); nothing to do then.
             let _ = reply.send(result);
         });
-        self.jobs
-            .send(job)
+        self.queue
+            .0
+            .send(Msg::Job(job))
             .map_err(|_| LibvirtFailure::Unavailable("the libvirt thread has stopped".into()))?;
         answer
             .await
             .map_err(|_| LibvirtFailure::Unavailable("the libvirt thread has stopped".into()))?
     }
+
+    /// A handle that asks for one domain to be re-read; it does not keep the thread running.
+    pub fn refresher(&self) -> DomainRefresher {
+        DomainRefresher {
+            queue: self.queue.0.clone(),
+        }
+    }
 }
 
-/// Starts the libvirt thread. It stops once every [`LibvirtClient`] is dropped.
+/// Asks the libvirt thread to re-read one domain, for changes libvirt sends no event about.
+/// Never blocks, so it may be used on a tokio worker.
+#[derive(Clone)]
+pub struct DomainRefresher {
+    queue: mpsc::Sender<Msg>,
+}
+
+impl DomainRefresher {
+    pub fn refresh(&self, uuid: &str) {
+        // A stopped thread has no inventory left to refresh.
+        let _ = self.queue.send(Msg::Domain(uuid.to_string()));
+    }
+}
+
+/// Starts the libvirt thread (and, once per process, libvirt's event loop). The thread stops
+/// once every [`LibvirtClient`] is dropped.
 pub fn start(
     settings: LibvirtSettings,
     events: tokio_mpsc::UnboundedSender<LibvirtEvent>,
 ) -> std::io::Result<(LibvirtClient, JoinHandle<()>)> {
     // libvirt prints every error to stderr by default; we report them ourselves.
     virt::error::clear_error_callback();
-    let (jobs, queue) = mpsc::channel::<Job>();
+    // Before the thread connects: libvirt watches a connection's socket (events, keepalive)
+    // only if an event loop was registered when the connection was opened.
+    start_event_loop().map_err(std::io::Error::other)?;
+    let (queue, inbox) = mpsc::channel::<Msg>();
+    let notices = queue.clone();
     let thread = std::thread::Builder::new()
         .name("libvirt".to_string())
-        .spawn(move || Worker::new(settings, events).run(queue))?;
-    Ok((LibvirtClient { jobs }, thread))
+        .spawn(move || Worker::new(settings, events, notices).run(inbox))?;
+    Ok((
+        LibvirtClient {
+            queue: Arc::new(ClientQueue(queue)),
+        },
+        thread,
+    ))
+}
+
+/// Registers libvirt's default event loop implementation and starts the thread that runs it,
+/// once per process (libvirt allows one registration, and unit tests start many workers).
+fn start_event_loop() -> Result<(), String> {
+    static EVENT_LOOP: OnceLock<Result<(), String>> = OnceLock::new();
+    EVENT_LOOP
+        .get_or_init(|| {
+            virt::event::event_register_default_impl()
+                .map_err(|e| format!("cannot register libvirt's event loop: {}", e.message()))?;
+            std::thread::Builder::new()
+                .name("libvirt-events".to_string())
+                .spawn(run_event_loop)
+                .map(drop)
+                .map_err(|e| format!("cannot start libvirt's event thread: {e}"))
+        })
+        .clone()
+}
+
+/// Runs libvirt's event loop for the rest of the process. It dispatches the callbacks of
+/// [`events`] and answers libvirtd's keepalives on every connection this process opens, while
+/// the calls themselves stay on the threads that make them.
+fn run_event_loop() {
+    loop {
+        if let Err(e) = virt::event::event_run_default_impl() {
+            // Only a failing poll() gets here; the pause keeps a lasting failure from spinning.
+            warn!(error = %e.message(), "libvirt's event loop failed");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
 }
 
 struct Worker {
     settings: LibvirtSettings,
     events: tokio_mpsc::UnboundedSender<LibvirtEvent>,
+    /// Given to libvirt's callbacks, which pass what they learn back to this thread.
+    notices: mpsc::Sender<Msg>,
     conn: Option<Connect>,
+    /// The callbacks registered on `conn`; dropped (deregistered) before it.
+    callbacks: Option<events::Registration>,
+    /// Counts connections, so that a late close notice of an earlier one is ignored.
+    generation: u64,
     last_error: Option<String>,
     lvm: SysfsLvmProbe,
+    /// The inventory as last read, by lower-case UUID.
+    vms: BTreeMap<String, VmInfo>,
+    /// `vms` changed since the engine was last sent it.
+    changed: bool,
+    /// Domains (lower-case UUIDs) that events named, to re-read once the queue is empty: a
+    /// domain starting sends several events at once.
+    pending: BTreeSet<String>,
+    /// When the next reconcile (connected) or connection attempt (not connected) is due.
+    next_tick: Instant,
 }
 
 impl Worker {
-    fn new(settings: LibvirtSettings, events: tokio_mpsc::UnboundedSender<LibvirtEvent>) -> Self {
+    fn new(
+        settings: LibvirtSettings,
+        events: tokio_mpsc::UnboundedSender<LibvirtEvent>,
+        notices: mpsc::Sender<Msg>,
+    ) -> Self {
         Worker {
             settings,
             events,
+            notices,
             conn: None,
+            callbacks: None,
+            generation: 0,
             last_error: None,
             lvm: SysfsLvmProbe,
+            vms: BTreeMap::new(),
+            changed: false,
+            pending: BTreeSet::new(),
+            next_tick: Instant::now(),
         }
     }
 
-    fn run(mut self, queue: mpsc::Receiver<Job>) {
-        let mut next_tick = Instant::now();
-        loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            match queue.recv_timeout(timeout) {
-                Ok(job) => job(self.conn.as_ref()),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.tick();
-                    next_tick = Instant::now()
-                        + if self.conn.is_some() {
-                            self.settings.refresh_interval
-                        } else {
-                            self.settings.reconnect_interval
-                        };
+    fn run(mut self, inbox: mpsc::Receiver<Msg>) {
+        'run: loop {
+            // Checked first, so that a steady stream of messages cannot hold off the reconcile.
+            if Instant::now() >= self.next_tick {
+                self.tick();
+            }
+            let timeout = self.next_tick.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(timeout) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        break;
+                    }
+                    // Whatever else is queued (a burst of events when many VMs start) is taken
+                    // in before the domains are read, each once, and the engine is sent one
+                    // inventory for all of it.
+                    while let Ok(msg) = inbox.try_recv() {
+                        if !self.handle(msg) {
+                            break 'run;
+                        }
+                    }
+                    for uuid in std::mem::take(&mut self.pending) {
+                        self.reread(&uuid);
+                    }
+                    self.publish_if_changed();
                 }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        self.disconnect();
         debug!("libvirt thread stopping");
     }
 
-    /// Connects if needed, then publishes the inventory.
-    fn tick(&mut self) {
-        if self.conn.is_none() {
-            match open(&self.settings.uri) {
-                Ok(conn) => {
-                    info!(uri = %self.settings.uri, "connected to libvirt");
-                    self.conn = Some(conn);
-                    self.last_error = None;
-                    self.send(LibvirtEvent::Connected);
-                }
-                Err(e) => {
-                    self.mark_unavailable(e.message().to_string());
-                    return;
+    /// Handles one message; false means stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Job(job) => job(self.conn.as_ref()),
+            Msg::Domain(uuid) => {
+                self.pending.insert(uuid.to_ascii_lowercase());
+            }
+            Msg::Closed { generation, reason } => {
+                if generation == self.generation && self.conn.is_some() {
+                    self.lose(format!(
+                        "connection to libvirt lost: {}",
+                        events::close_reason(reason)
+                    ));
                 }
             }
+            Msg::Stop => return false,
         }
+        true
+    }
+
+    /// Connects if needed, then re-reads the whole inventory.
+    fn tick(&mut self) {
+        if self.conn.is_none() && !self.connect() {
+            self.next_tick = Instant::now() + self.settings.reconnect_interval;
+            return;
+        }
+        self.reconcile();
+        self.next_tick = Instant::now()
+            + if self.conn.is_some() {
+                self.settings.reconcile_interval
+            } else {
+                self.settings.reconnect_interval
+            };
+    }
+
+    fn connect(&mut self) -> bool {
+        let conn = match open(&self.settings.uri) {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.mark_unavailable(e.message().to_string());
+                return false;
+            }
+        };
+        self.generation += 1;
+        // Before the first full read, so that no change can fall between the two.
+        self.callbacks = Some(events::Registration::new(
+            &conn,
+            &self.notices,
+            self.generation,
+            &self.settings.uri,
+        ));
+        info!(uri = %self.settings.uri, "connected to libvirt");
+        self.conn = Some(conn);
+        self.last_error = None;
+        self.send(LibvirtEvent::Connected);
+        true
+    }
+
+    /// Drops the connection, its callbacks first.
+    fn disconnect(&mut self) {
+        self.callbacks = None;
+        self.conn = None;
+    }
+
+    /// The connection is gone: report it and try again after `reconnect_interval`.
+    fn lose(&mut self, message: String) {
+        self.disconnect();
+        self.mark_unavailable(message);
+        self.next_tick = Instant::now() + self.settings.reconnect_interval;
+    }
+
+    /// Re-reads every domain and sends the engine the whole list.
+    fn reconcile(&mut self) {
         let Some(conn) = self.conn.as_ref() else {
             return;
         };
-        match read_inventory(conn, &self.lvm) {
-            Ok(vms) => self.send(LibvirtEvent::Inventory(vms)),
-            Err(e) => {
-                let alive = conn.is_alive().unwrap_or(false);
-                if alive {
-                    warn!(error = %e, "could not list domains");
-                } else {
-                    self.conn = None;
-                    self.mark_unavailable(format!("connection to libvirt lost: {e}"));
+        let domains = match conn.list_all_domains(0) {
+            Ok(domains) => domains,
+            Err(e) => return self.call_failed(&e, "could not list domains"),
+        };
+        let mut vms = BTreeMap::new();
+        for domain in domains {
+            match read_domain(&domain, &self.lvm) {
+                Ok(vm) => {
+                    vms.insert(vm.uuid.to_ascii_lowercase(), vm);
+                }
+                // Vanished since the listing: it is not in the next one either.
+                Err(ReadError::Gone) => {}
+                Err(e) => {
+                    // Listed, so it exists: keep it as last read rather than have it drop off
+                    // the bus until the next reconcile.
+                    let last = domain
+                        .uuid_string()
+                        .ok()
+                        .and_then(|uuid| self.vms.get(&uuid.to_ascii_lowercase()));
+                    debug!(error = %e, kept = last.is_some(), "a domain could not be read");
+                    if let Some(last) = last {
+                        vms.insert(last.uuid.to_ascii_lowercase(), last.clone());
+                    }
                 }
             }
         }
+        self.vms = vms;
+        // Sent even when nothing changed: the engine settles on the first one after a
+        // (re)connect, and an unchanged list costs it one comparison per VM.
+        self.changed = true;
+        self.publish_if_changed();
+    }
+
+    /// Re-reads one domain, after an event about it.
+    fn reread(&mut self, uuid: &str) {
+        // Not connected: the reconcile that follows the next connection reads it.
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        let key = uuid.to_ascii_lowercase();
+        let read = conn
+            .lookup_domain_by_uuid_string(uuid)
+            .map_err(ReadError::from)
+            .and_then(|domain| read_domain(&domain, &self.lvm));
+        let now = match read {
+            Ok(vm) => Some(vm),
+            Err(ReadError::Gone) => None,
+            Err(ReadError::Call(e)) => {
+                return self.call_failed(&e, "could not re-read a domain; kept as last read")
+            }
+            Err(ReadError::Unreadable(e)) => {
+                debug!(uuid, error = %e, "a domain could not be read; kept as last read");
+                return;
+            }
+        };
+        if self.vms.get(&key) == now.as_ref() {
+            return;
+        }
+        match now {
+            Some(vm) => self.vms.insert(key, vm),
+            None => self.vms.remove(&key),
+        };
+        self.changed = true;
+    }
+
+    /// A call on the connection failed: the connection is lost, or only the call failed.
+    fn call_failed(&mut self, error: &virt::error::Error, what: &str) {
+        let alive = self
+            .conn
+            .as_ref()
+            .is_some_and(|conn| conn.is_alive().unwrap_or(false));
+        if alive {
+            warn!(error = %error, "{what}");
+        } else {
+            self.lose(format!("connection to libvirt lost: {error}"));
+        }
+    }
+
+    fn publish_if_changed(&mut self) {
+        if !std::mem::take(&mut self.changed) {
+            return;
+        }
+        let mut vms: Vec<VmInfo> = self.vms.values().cloned().collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        self.send(LibvirtEvent::Inventory(vms));
     }
 
     fn mark_unavailable(&mut self, message: String) {
@@ -188,8 +454,6 @@ impl Worker {
     }
 }
 
-/// Reads every domain. A domain that vanishes between listing and reading is skipped; it will be
-/// gone from the next listing too.
 /// Opens a connection to `uri`. libvirt's test driver keeps its state per connection (a
 /// `test:///file.xml` connection starts from the file), so for `test:` URIs every thread of this
 /// process shares one connection and sees the same domains, as with a real hypervisor.
@@ -211,27 +475,36 @@ pub fn open(uri: &str) -> Result<Connect, virt::error::Error> {
     Ok(conn)
 }
 
-fn read_inventory(conn: &Connect, lvm: &dyn LvmProbe) -> Result<Vec<VmInfo>, virt::error::Error> {
-    let domains = conn.list_all_domains(0)?;
-    let mut vms = Vec::with_capacity(domains.len());
-    for domain in domains {
-        match read_domain(&domain, lvm) {
-            Ok(vm) => vms.push(vm),
-            Err(e) => debug!(error = %e, "skipping a domain that could not be read"),
-        }
-    }
-    vms.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(vms)
+/// Why a domain could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// libvirt has no such domain (any more).
+    #[error("no such domain")]
+    Gone,
+    #[error("{0}")]
+    Call(virt::error::Error),
+    /// Its XML is not what vmsnapd can read.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
-fn read_domain(domain: &Domain, lvm: &dyn LvmProbe) -> Result<VmInfo, String> {
-    let info = domain.info().map_err(|e| e.message().to_string())?;
-    let xml = domain.xml_desc(0).map_err(|e| e.message().to_string())?;
+impl From<virt::error::Error> for ReadError {
+    fn from(e: virt::error::Error) -> Self {
+        match e.code() {
+            virt::enumutil::Enum::Known(ErrorNumber::NoDomain) => ReadError::Gone,
+            _ => ReadError::Call(e),
+        }
+    }
+}
+
+fn read_domain(domain: &Domain, lvm: &dyn LvmProbe) -> Result<VmInfo, ReadError> {
+    let info = domain.info()?;
+    let xml = domain.xml_desc(0)?;
     let state = match info.state {
         virt::enumutil::Enum::Known(s) => vm_state(s),
         virt::enumutil::Enum::Unknown(_) => VmState::Unknown,
     };
-    parse_domain(&xml, state, lvm)
+    parse_domain(&xml, state, lvm).map_err(ReadError::Unreadable)
 }
 
 fn vm_state(state: DomainState) -> VmState {
@@ -247,28 +520,392 @@ fn vm_state(state: DomainState) -> VmState {
     }
 }
 
+/// libvirt's domain event and close callbacks, through `virt::sys` (the `virt` crate has no safe
+/// API for them). Each callback only sends a [`Msg`] to the libvirt thread: it runs on the
+/// event loop's thread, which must not wait on libvirt calls of its own.
+mod events {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::sync::mpsc;
+
+    use tracing::{debug, warn};
+    use virt::connect::Connect;
+    use virt::error::Error;
+    use virt::sys;
+
+    use super::Msg;
+
+    /// libvirtd is pinged after this many seconds without traffic...
+    const KEEPALIVE_INTERVAL: i32 = 5;
+    /// ...and the connection closed after this many unanswered pings.
+    const KEEPALIVE_COUNT: u32 = 5;
+
+    /// What a callback needs: where to send, and which connection it belongs to. Owned by
+    /// libvirt from registration until it calls [`free_target`].
+    struct Target {
+        queue: mpsc::Sender<Msg>,
+        generation: u64,
+    }
+
+    type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
+    type StateFn =
+        unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void);
+    type LifecycleFn = unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        c_int,
+        c_int,
+        *mut c_void,
+    ) -> c_int;
+    type DeviceFn =
+        unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+    type BlockJobFn = unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        *const c_char,
+        c_int,
+        c_int,
+        *mut c_void,
+    );
+    type DiskChangeFn = unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *mut c_void,
+    );
+
+    /// The events that change what a `VmInfo` holds, with the callback for each. Lifecycle
+    /// covers defined, undefined (renamed too), started, stopped, paused and resumed; devices
+    /// and block jobs (a commit's pivot) change the disks; disk change is a removable medium's
+    /// new source. Metadata and tunable changes touch nothing vmsnapd shows, so they are not
+    /// followed.
+    fn domain_events() -> [(u32, &'static str, Generic); 6] {
+        // SAFETY (each transmute): libvirt calls the callback registered for an event ID with
+        // that event's own signature (this cast is C's VIR_DOMAIN_EVENT_CALLBACK), and each
+        // function here has the signature of the event it is listed with.
+        unsafe {
+            [
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    "lifecycle",
+                    std::mem::transmute::<LifecycleFn, Generic>(on_lifecycle),
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+                    "agent-lifecycle",
+                    std::mem::transmute::<StateFn, Generic>(on_agent),
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                    "device-added",
+                    std::mem::transmute::<DeviceFn, Generic>(on_device),
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                    "device-removed",
+                    std::mem::transmute::<DeviceFn, Generic>(on_device),
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+                    "block-job-2",
+                    std::mem::transmute::<BlockJobFn, Generic>(on_block_job),
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_DISK_CHANGE,
+                    "disk-change",
+                    std::mem::transmute::<DiskChangeFn, Generic>(on_disk_change),
+                ),
+            ]
+        }
+    }
+
+    /// The callbacks registered on one connection. Dropping it deregisters them, which frees
+    /// their targets.
+    pub(super) struct Registration {
+        conn: Connect,
+        ids: Vec<c_int>,
+        close: bool,
+    }
+
+    impl Registration {
+        /// Registers every callback on `conn`. One libvirt refuses is logged and left out: the
+        /// reconcile still catches what it would have reported. libvirt tracks a function once
+        /// per connection and event, so there is one Registration per connection at a time.
+        pub(super) fn new(
+            conn: &Connect,
+            queue: &mpsc::Sender<Msg>,
+            generation: u64,
+            uri: &str,
+        ) -> Registration {
+            let target = || Target {
+                queue: queue.clone(),
+                generation,
+            };
+            let mut ids = Vec::new();
+            for (id, name, callback) in domain_events() {
+                match register_domain_event(conn, id, callback, target()) {
+                    Ok(callback_id) => ids.push(callback_id),
+                    Err(e) => warn!(
+                        event = name,
+                        error = %e,
+                        "cannot follow this libvirt event; the inventory's periodic full read \
+                         catches up"
+                    ),
+                }
+            }
+            // The test driver keeps no close callback (it accepts one and never calls or frees
+            // it) and its connection never closes; nor does it do keepalive.
+            let mut close = false;
+            if !uri.starts_with("test:") {
+                match register_close(conn, target()) {
+                    Ok(()) => close = true,
+                    Err(e) => warn!(error = %e, "cannot watch the libvirt connection"),
+                }
+                // With no calls for minutes now, pings are how a dead libvirtd (or network) is
+                // noticed; a lost socket closes the connection at once anyway.
+                if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+                    debug!(error = %e, "libvirt keepalive not enabled");
+                }
+            }
+            Registration {
+                conn: conn.clone(),
+                ids,
+                close,
+            }
+        }
+    }
+
+    impl Drop for Registration {
+        fn drop(&mut self) {
+            for id in self.ids.drain(..) {
+                // SAFETY: `self.conn` holds a reference, so the pointer is valid; `id` was
+                // returned by RegisterAny on this connection and is deregistered once.
+                let rc = unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), id) };
+                if rc < 0 {
+                    // Expected on a closed connection: libvirt drops the callback (and frees its
+                    // target) locally before telling libvirtd, which is what failed.
+                    debug!(error = %Error::last_error(), "deregistering a libvirt event callback");
+                }
+            }
+            if self.close {
+                // SAFETY: valid connection pointer; `on_close` is the callback registered on it.
+                let rc = unsafe {
+                    sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(on_close))
+                };
+                if rc < 0 {
+                    debug!(error = %Error::last_error(), "deregistering the close callback");
+                }
+            }
+        }
+    }
+
+    fn register_domain_event(
+        conn: &Connect,
+        event_id: u32,
+        callback: Generic,
+        target: Target,
+    ) -> Result<c_int, Error> {
+        let opaque = Box::into_raw(Box::new(target));
+        // SAFETY: valid connection pointer; a null domain means every domain; `callback` has
+        // the signature of `event_id` (see domain_events); `opaque` is a live Target that
+        // libvirt hands back to the callback and frees through `free_target` when the callback
+        // is deregistered or the connection goes.
+        let id = unsafe {
+            sys::virConnectDomainEventRegisterAny(
+                conn.as_ptr(),
+                std::ptr::null_mut(),
+                // Event IDs are small numbers (below 64).
+                event_id as c_int,
+                Some(callback),
+                opaque.cast(),
+                Some(free_target),
+            )
+        };
+        if id < 0 {
+            // The target is left allocated (a few bytes, on a failure only): whether libvirt
+            // kept or freed it on the way out is not documented, and freeing it twice is worse.
+            return Err(Error::last_error());
+        }
+        Ok(id)
+    }
+
+    fn register_close(conn: &Connect, target: Target) -> Result<(), Error> {
+        let opaque = Box::into_raw(Box::new(target));
+        // SAFETY: as in register_domain_event; libvirt frees `opaque` through `free_target`
+        // when the callback is unregistered or the connection is freed.
+        let rc = unsafe {
+            sys::virConnectRegisterCloseCallback(
+                conn.as_ptr(),
+                Some(on_close),
+                opaque.cast(),
+                Some(free_target),
+            )
+        };
+        if rc < 0 {
+            // Left allocated, as in register_domain_event.
+            return Err(Error::last_error());
+        }
+        Ok(())
+    }
+
+    /// Words for a `virConnectCloseReason`.
+    pub(super) fn close_reason(reason: i32) -> &'static str {
+        match u32::try_from(reason) {
+            Ok(sys::VIR_CONNECT_CLOSE_REASON_EOF) => "libvirtd closed it",
+            Ok(sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE) => "libvirtd stopped answering keepalives",
+            Ok(sys::VIR_CONNECT_CLOSE_REASON_CLIENT) => "closed by vmsnapd",
+            _ => "an I/O error on it",
+        }
+    }
+
+    /// Sends the UUID of `dom` to the libvirt thread.
+    ///
+    /// # Safety
+    /// `dom` is the domain libvirt passed to an event callback (valid for the call's
+    /// duration); `opaque` is the `Target` registered with that callback.
+    unsafe fn notify(dom: sys::virDomainPtr, opaque: *mut c_void) {
+        if dom.is_null() || opaque.is_null() {
+            return;
+        }
+        // SAFETY: libvirt keeps the Target alive until it calls free_target, which it never
+        // does while the callback runs; it is only read (mpsc::Sender is Sync).
+        let target = unsafe { &*opaque.cast::<Target>() };
+        let mut buf = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
+        // SAFETY: `dom` is valid for this call; `buf` has the VIR_UUID_STRING_BUFLEN bytes the
+        // call writes (a local read of the domain object, no RPC).
+        if unsafe { sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } < 0 {
+            return;
+        }
+        // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
+        let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) };
+        // The thread is gone only at shutdown.
+        let _ = target
+            .queue
+            .send(Msg::Domain(uuid.to_string_lossy().into_owned()));
+    }
+
+    unsafe extern "C" fn on_lifecycle(
+        _conn: sys::virConnectPtr,
+        dom: sys::virDomainPtr,
+        _event: c_int,
+        _detail: c_int,
+        opaque: *mut c_void,
+    ) -> c_int {
+        // SAFETY: called by libvirt as a domain event callback with our Target.
+        unsafe { notify(dom, opaque) };
+        0
+    }
+
+    unsafe extern "C" fn on_agent(
+        _conn: sys::virConnectPtr,
+        dom: sys::virDomainPtr,
+        _state: c_int,
+        _reason: c_int,
+        opaque: *mut c_void,
+    ) {
+        // SAFETY: called by libvirt as a domain event callback with our Target.
+        unsafe { notify(dom, opaque) };
+    }
+
+    unsafe extern "C" fn on_device(
+        _conn: sys::virConnectPtr,
+        dom: sys::virDomainPtr,
+        _alias: *const c_char,
+        opaque: *mut c_void,
+    ) {
+        // SAFETY: called by libvirt as a domain event callback with our Target.
+        unsafe { notify(dom, opaque) };
+    }
+
+    unsafe extern "C" fn on_block_job(
+        _conn: sys::virConnectPtr,
+        dom: sys::virDomainPtr,
+        _disk: *const c_char,
+        _kind: c_int,
+        _status: c_int,
+        opaque: *mut c_void,
+    ) {
+        // SAFETY: called by libvirt as a domain event callback with our Target.
+        unsafe { notify(dom, opaque) };
+    }
+
+    unsafe extern "C" fn on_disk_change(
+        _conn: sys::virConnectPtr,
+        dom: sys::virDomainPtr,
+        _old_source: *const c_char,
+        _new_source: *const c_char,
+        _alias: *const c_char,
+        _reason: c_int,
+        opaque: *mut c_void,
+    ) {
+        // SAFETY: called by libvirt as a domain event callback with our Target.
+        unsafe { notify(dom, opaque) };
+    }
+
+    unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
+        if opaque.is_null() {
+            return;
+        }
+        // SAFETY: the Target registered with the close callback, alive until free_target.
+        let target = unsafe { &*opaque.cast::<Target>() };
+        let _ = target.queue.send(Msg::Closed {
+            generation: target.generation,
+            reason,
+        });
+    }
+
+    /// libvirt's free callback for every Target.
+    unsafe extern "C" fn free_target(opaque: *mut c_void) {
+        if !opaque.is_null() {
+            // SAFETY: `opaque` came from Box::into_raw of a Target, and libvirt calls this once
+            // per registration, after its callback's last call.
+            drop(unsafe { Box::from_raw(opaque.cast::<Target>()) });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Held by each test that runs a thread on the shared test connection, until the thread
+    /// has stopped: libvirt tracks a callback function once per connection and event, so a
+    /// second thread's registrations on the same connection are refused.
+    static TEST_CONNECTION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Drops the client and waits for the thread to end (its callbacks deregistered).
+    async fn stop(client: LibvirtClient, thread: JoinHandle<()>) {
+        drop(client);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join task")
+            .expect("thread ends cleanly");
+    }
+
     fn settings(uri: &str) -> LibvirtSettings {
         LibvirtSettings {
             uri: uri.to_string(),
-            refresh_interval: Duration::from_millis(200),
+            reconcile_interval: Duration::from_millis(200),
             reconnect_interval: Duration::from_millis(200),
         }
     }
 
     #[tokio::test]
     async fn thread_publishes_inventory_and_runs_jobs() {
+        let _connection = TEST_CONNECTION.lock().await;
         let (tx, mut rx) = tokio_mpsc::unbounded_channel();
         let (client, thread) = start(settings("test:///default"), tx).expect("thread starts");
         assert!(matches!(rx.recv().await, Some(LibvirtEvent::Connected)));
         match rx.recv().await {
             Some(LibvirtEvent::Inventory(vms)) => {
-                let names: Vec<_> = vms.iter().map(|vm| vm.name.as_str()).collect();
-                assert_eq!(names, ["test"]);
-                assert_eq!(vms[0].state, VmState::Running);
+                // Other tests of this process may define domains on the shared test connection.
+                let test = vms
+                    .iter()
+                    .find(|vm| vm.name == "test")
+                    .expect("the test domain");
+                assert_eq!(test.state, VmState::Running);
             }
             other => panic!("expected an inventory, got {other:?}"),
         }
@@ -284,11 +921,71 @@ mod tests {
             matches!(&missing, Err(LibvirtFailure::Call(m)) if m.contains("not found")),
             "{missing:?}"
         );
-        drop(client);
-        tokio::task::spawn_blocking(move || thread.join())
+        // A refresher (like libvirt's callbacks) does not keep the thread running.
+        let refresher = client.refresher();
+        stop(client, thread).await;
+        refresher.refresh("11111111-1111-1111-1111-111111111111");
+    }
+
+    /// Waits for an inventory in which `check` holds, skipping the others.
+    async fn inventory_where(
+        rx: &mut tokio_mpsc::UnboundedReceiver<LibvirtEvent>,
+        what: &str,
+        check: impl Fn(&[VmInfo]) -> bool,
+    ) {
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Some(LibvirtEvent::Inventory(vms)) if check(&vms) => return,
+                    Some(_) => continue,
+                    None => panic!("the libvirt thread stopped"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
             .await
-            .expect("join task")
-            .expect("thread ends cleanly");
+            .unwrap_or_else(|_| panic!("no inventory with {what} within 10 s"));
+    }
+
+    #[tokio::test]
+    async fn domain_events_update_the_inventory_between_full_reads() {
+        const NAME: &str = "vmsnap-events-test";
+        const UUID: &str = "5e5e5e5e-0000-4000-8000-000000000001";
+        let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+        let _connection = TEST_CONNECTION.lock().await;
+        let mut settings = settings("test:///default");
+        // No full read after the first: only events can show the changes below.
+        settings.reconcile_interval = Duration::from_secs(3600);
+        let (client, thread) = start(settings, tx).expect("thread starts");
+        assert!(matches!(rx.recv().await, Some(LibvirtEvent::Connected)));
+        inventory_where(&mut rx, "the first full read", |_| true).await;
+        let state_of = |vms: &[VmInfo]| vms.iter().find(|vm| vm.uuid == UUID).map(|vm| vm.state);
+
+        let xml = format!(
+            "<domain type='test'><name>{NAME}</name><uuid>{UUID}</uuid>\
+             <memory>1024</memory><os><type>hvm</type></os></domain>"
+        );
+        client
+            .call(move |conn| Ok(conn.define_domain_xml(&xml).map(drop)?))
+            .await
+            .expect("defined");
+        inventory_where(&mut rx, "the defined domain", |vms| {
+            state_of(vms) == Some(VmState::ShutOff)
+        })
+        .await;
+
+        let domain_job = |f: fn(&Domain) -> Result<(), virt::error::Error>| {
+            client.call(move |conn| Ok(f(&conn.lookup_domain_by_uuid_string(UUID)?)?))
+        };
+        domain_job(|d| d.create().map(drop)).await.expect("started");
+        inventory_where(&mut rx, "the domain running", |vms| {
+            state_of(vms) == Some(VmState::Running)
+        })
+        .await;
+        domain_job(|d| d.destroy()).await.expect("destroyed");
+        domain_job(|d| d.undefine()).await.expect("undefined");
+        inventory_where(&mut rx, "the domain gone", |vms| state_of(vms).is_none()).await;
+        stop(client, thread).await;
     }
 
     #[tokio::test]

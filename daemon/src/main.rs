@@ -36,7 +36,7 @@ use crate::bus::{Authorizer, BusTarget, ManagerObject};
 use crate::config::Config;
 use crate::engine::{Change, Engine, Flushed, Request, Settled};
 use crate::libvirt::{LibvirtClient, LibvirtEvent, LibvirtSettings};
-use crate::ops::OpContext;
+use crate::ops::{OpContext, OpEvent};
 use crate::shutdown::{Shutdown, SignalRequest, SignalRequests};
 use crate::store::{StateLock, Store};
 
@@ -233,7 +233,7 @@ fn start_libvirt(
     let (libvirt, libvirt_thread) = libvirt::start(
         LibvirtSettings {
             uri: config.libvirt_uri.clone(),
-            refresh_interval: config.refresh_interval,
+            reconcile_interval: config.refresh_interval,
             reconnect_interval: config.reconnect_interval,
         },
         libvirt_events,
@@ -264,7 +264,7 @@ fn start_engine(
     let (changes, changes_rx) = mpsc::unbounded_channel();
     let flush = changes.clone();
     let (requests, requests_rx) = mpsc::channel(64);
-    let (op_events, op_events_rx) = mpsc::unbounded_channel();
+    let (op_events, op_events_rx) = refresh_after_operations(libvirt.refresher());
     let ops = OpContext::new(
         std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
             uri: config.libvirt_uri.clone(),
@@ -288,6 +288,31 @@ fn start_engine(
         changes: changes_rx,
         flush,
     }
+}
+
+/// The channel of the operations' events to the engine, through a task that has the libvirt
+/// thread re-read each VM whose operation ended: libvirt sends no event for a disk-only
+/// snapshot, which changes a running VM's disk sources, and the inventory would show the old
+/// ones until its next full read.
+fn refresh_after_operations(
+    refresher: libvirt::DomainRefresher,
+) -> (
+    mpsc::UnboundedSender<OpEvent>,
+    mpsc::UnboundedReceiver<OpEvent>,
+) {
+    let (op_events, mut from_ops) = mpsc::unbounded_channel();
+    let (to_engine, op_events_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = from_ops.recv().await {
+            if let OpEvent::Finished { vm_uuid } = &event {
+                refresher.refresh(vm_uuid);
+            }
+            if to_engine.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    (op_events, op_events_rx)
 }
 
 /// Connects to the bus with the manager object registered, and starts publishing what the
