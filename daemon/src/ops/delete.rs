@@ -22,7 +22,7 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
             record.phase = SnapshotPhase::Succeeded;
             record.ready_to_use = true;
             record.error_name = error.error_name();
-            record.error = vmsnap_api::record_error(&format!("delete failed: {error}"));
+            record.error = vmsnap_api::record_error(&error.to_string());
             ctx.save_failed(&mut record);
             return;
         }
