@@ -100,6 +100,11 @@ impl SystemDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// vmsnapd's process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -655,12 +655,7 @@ fn a_vm_started_behind_the_pages_back_is_refused_in_words_then_restored_and_star
         &[("f-kept", b"as at the snapshot\n")],
     );
     let bus = SystemBus::start();
-    // vmsnapd reads the inventory once an hour: the page does not learn that the VM started, as
-    // when someone starts it between the popup and the click.
-    let daemon = SystemDaemon::start(
-        &bus,
-        &format!("libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\n"),
-    );
+    let daemon = SystemDaemon::start(&bus, &format!("libvirt_uri = \"{LAB_URI}\"\n"));
     wait_for(SHORT, "the VM in vmsnapd's inventory", || {
         (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
     });
@@ -671,18 +666,34 @@ fn a_vm_started_behind_the_pages_back_is_refused_in_words_then_restored_and_star
 
     row_action(&browser, "kept", "Restore");
     browser.wait_element("#restore-confirm", SHORT);
+    // vmsnapd follows libvirt's events, so the page would learn of a start within milliseconds:
+    // vmsnapd is held still (SIGSTOP) while the VM starts and the click goes out, as when
+    // someone starts the VM between the popup and the click.
+    let pid = daemon.pid().expect("vmsnapd runs").to_string();
+    let signal = |name: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
     virsh(&["start", &vm.name]);
     browser.click("#restore-confirm");
+    signal("-CONT");
     let error = browser.wait_text("#restore-error", "The VM is running", SHORT);
     assert!(error.contains(&vm.name), "{error}");
     browser.screenshot("restore-refused-vm-running");
-    // Nothing half-done: no restore was made, and the popup can be used again.
-    assert!(!browser.is_disabled("#restore-confirm"));
+    // Nothing half-done: no restore was made, and the popup, now knowing the VM runs, offers
+    // to stop it first.
+    browser.wait_element("#restore-stop-and-restore", SHORT);
+    assert!(!browser.is_disabled("#restore-stop-and-restore"));
     let restores = daemon.ctl(&["restore", "list", "--output", "json"]).json();
     assert_eq!(restores, json!([]), "no restore was recorded");
 
     // Stopped again (behind the page's back too), the same popup restores; Start in the result.
     virsh(&["destroy", &vm.name]);
+    browser.wait_element("#restore-confirm", SHORT);
     browser.click("#restore-confirm");
     browser.wait_text("#restore-result", "restored from kept", LONG);
     browser.click("#restore-start");
