@@ -254,20 +254,21 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
     assert_eq!(fresh_checksums(clone), at_s1, "the new VM sees s1's data");
     assert_eq!(fresh_checksums(name), source_now);
 
-    // A snapshot of the restored VM, restored in place in turn: the VM moves to a second
-    // clone; the first one still holds s2 and that restore's safety snapshot.
+    // A snapshot of the restored VM; then s1 restored in place again: the VM moves to a second
+    // clone (of s1); the first one still holds s2 and that restore's safety snapshot, and
+    // nothing is cloned from it.
     let s2 = created(&daemon, name, "s2");
     let first_clone = rbd_spec(&s2, "vda").split('@').next().unwrap().to_string();
     assert_eq!(vm.disk_source(), first_clone);
     vm.write_file("f4", 50 << 10);
     let again = daemon
         .ctl(&[
-            "restore", name, "s2", "--stop", "--start", "--output", "json",
+            "restore", name, "s1", "--stop", "--start", "--output", "json",
         ])
         .json();
     assert_eq!(again["phase"], "Succeeded", "{again}");
     vmsnap_tests::wait_guest_ready(name);
-    assert_eq!(fresh_checksums(name), source_now, "restored to s2");
+    assert_eq!(fresh_checksums(name), at_s1, "restored to s1 again");
     let second_clone = vm.disk_source();
     assert_ne!(second_clone, first_clone);
     let image_name = |spec: &str| spec.rsplit('/').next().unwrap().to_string();
@@ -276,8 +277,9 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
     };
 
     // Every snapshot deleted, the one the clones depend on first: nobody's data changes, no
-    // vmsnap snapshot stays in the cluster, and the first clone, which nothing needs any more,
-    // goes (the original image is the user's and stays; the second clone is the VM's disk).
+    // vmsnap snapshot stays in the cluster, and the first clone, which nothing needs any more
+    // once its last snapshot is gone, goes (the original image is the user's and stays; the
+    // second clone is the VM's disk).
     let mut order = vec!["s1".to_string(), "s2".to_string()];
     for s in vmsnap_tests::snapshot_list(&daemon, name) {
         let other = s["name"].as_str().unwrap().to_string();
@@ -306,7 +308,7 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
     assert!(!snaps_of(&image_name(&second_clone))
         .iter()
         .any(|s| s.starts_with("vmsnap-")));
-    assert_eq!(fresh_checksums(name), source_now);
+    assert_eq!(fresh_checksums(name), at_s1);
     assert_eq!(fresh_checksums(clone), at_s1);
     // The clones boot again from the cluster (s1's data now lives only in Ceph's trash).
     virsh(&["destroy", clone]);
