@@ -62,6 +62,10 @@ pub struct Parent {
     pub pool_namespace: String,
     pub image: String,
     pub snapshot: String,
+    /// The parent snapshot was removed while this clone read from it: Ceph keeps it in its
+    /// trash, under another name.
+    #[serde(default)]
+    pub trash: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -780,10 +784,11 @@ fn remove_if_orphaned(
     let Some(info) = rbd.info(spec)? else {
         return Ok(false);
     };
+    // A clone of a vmsnap snapshot; one deleted since is in Ceph's trash under another name.
     let made_by_vmsnap = info
         .parent
         .as_ref()
-        .is_some_and(|p| p.snapshot.starts_with(SNAP_PREFIX));
+        .is_some_and(|p| p.snapshot.starts_with(SNAP_PREFIX) || p.trash);
     if !made_by_vmsnap || rbd.has_any_snap(spec)? || rbd.is_open(spec)? {
         return Ok(false);
     }
