@@ -62,10 +62,6 @@ pub struct Parent {
     pub pool_namespace: String,
     pub image: String,
     pub snapshot: String,
-    /// The parent snapshot was removed while this clone read from it: Ceph keeps it in its
-    /// trash, under another name.
-    #[serde(default)]
-    pub trash: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -765,8 +761,12 @@ fn remove_if_orphaned(
             .iter()
             .any(|v| v.rbd().is_some_and(|rv| rv.image_spec() == spec))
     });
+    let stays = |why: &str| {
+        info!(image = %spec, "a replaced restore image stays: {why}");
+        Ok(false)
+    };
     if named {
-        return Ok(false);
+        return stays("a snapshot record names it");
     }
     // The VM's definitions now (a restore back onto this image, an admin's edit).
     let in_use = |xml: Result<String, OpError>| {
@@ -778,19 +778,25 @@ fn remove_if_orphaned(
     if env.host.exists(vm_uuid).unwrap_or(true)
         && (in_use(env.host.definition(vm_uuid)) || in_use(env.host.current_definition(vm_uuid)))
     {
-        return Ok(false);
+        return stays("the VM's definition names it");
     }
     let rbd = Rbd::for_volume(env, access).map_err(|e| e.to_string())?;
     let Some(info) = rbd.info(spec)? else {
-        return Ok(false);
+        return stays("it is not there");
     };
-    // A clone of a vmsnap snapshot; one deleted since is in Ceph's trash under another name.
-    let made_by_vmsnap = info
-        .parent
-        .as_ref()
-        .is_some_and(|p| p.snapshot.starts_with(SNAP_PREFIX) || p.trash);
-    if !made_by_vmsnap || rbd.has_any_snap(spec)? || rbd.is_open(spec)? {
-        return Ok(false);
+    // A clone of a vmsnap snapshot; one deleted since lives on in Ceph's trash, renamed to a
+    // UUID of Ceph's own.
+    let made_by_vmsnap = info.parent.as_ref().is_some_and(|p| {
+        p.snapshot.starts_with(SNAP_PREFIX) || uuid::Uuid::parse_str(&p.snapshot).is_ok()
+    });
+    if !made_by_vmsnap {
+        return stays("it is not a clone of a vmsnap snapshot");
+    }
+    if rbd.has_any_snap(spec)? {
+        return stays("snapshots live in it");
+    }
+    if rbd.is_open(spec)? {
+        return stays("a client has it open");
     }
     rbd.remove(spec)?;
     Ok(true)
