@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod ceph;
 
 use tempfile::TempDir;
 
@@ -608,7 +609,7 @@ pub fn lab_dir() -> PathBuf {
     PathBuf::from(std::env::var("VMSNAP_LAB_DIR").unwrap_or_else(|_| "/var/lib/vmsnap-lab".into()))
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -1425,6 +1426,30 @@ pub fn wait_in_inventory(daemon: &Daemon, vm: &ScratchVm) {
         let shown = daemon.ctl(&["vm", "show", &vm.name, "--output", "json"]);
         (shown.code == Some(0) && shown.json()["uuid"] == uuid.as_str()).then_some(())
     });
+}
+
+/// The UUIDs of the restores on record.
+pub fn restore_uuids(daemon: &Daemon) -> std::collections::BTreeSet<String> {
+    daemon
+        .ctl(&["restore", "list", "--output", "json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uuid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every restore, once each has settled (Succeeded or Failed): a restarted vmsnapd settles
+/// what it found in the background.
+pub fn settled_restores(daemon: &Daemon) -> Vec<serde_json::Value> {
+    wait_for(Duration::from_secs(120), "every restore settled", || {
+        let all = daemon.ctl(&["restore", "list", "--output", "json"]).json();
+        let all = all.as_array().unwrap().clone();
+        all.iter()
+            .all(|r| r["phase"] == "Succeeded" || r["phase"] == "Failed")
+            .then_some(all)
+    })
 }
 
 /// A VM's snapshots as `vmsnapctl snapshot list --output json` gives them.

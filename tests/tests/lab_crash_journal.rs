@@ -11,9 +11,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use vmsnap_tests::{
-    assert_every_image_used, config_for, flat_sum, image_of, journal_steps, snapshot_list, virsh,
-    wait_for, wait_in_inventory, write_pattern, Daemon, PrivateBus, ScratchOptions, ScratchVm,
-    LAB_URI,
+    assert_every_image_used, config_for, flat_sum, image_of, journal_steps, restore_uuids,
+    settled_restores, snapshot_list, virsh, wait_for, wait_in_inventory, write_pattern, Daemon,
+    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 /// What a scenario starts from: the content each snapshot holds and the VM's disk's.
@@ -22,17 +22,6 @@ struct Start {
     disk: String,
     /// Restores made before (earlier rounds share the state folder).
     restores: BTreeSet<String>,
-}
-
-fn restore_uuids(daemon: &Daemon) -> BTreeSet<String> {
-    daemon
-        .ctl(&["restore", "list", "--output", "json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["uuid"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// s0 (data 0x11), then data 0x22 on the disk.
@@ -54,15 +43,7 @@ fn setup(daemon: &Daemon, vm: &ScratchVm) -> Start {
 /// The checks after the restart settled everything.
 fn check_settled(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str) {
     // A restart settles in the background: wait until every restore and snapshot settled.
-    wait_for(Duration::from_secs(60), "every restore settled", || {
-        let restores = daemon.ctl(&["restore", "list", "--output", "json"]).json();
-        restores
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["phase"] == "Succeeded" || r["phase"] == "Failed")
-            .then_some(())
-    });
+    settled_restores(daemon);
     let all = wait_for(Duration::from_secs(60), "every snapshot settled", || {
         let all = snapshot_list(daemon, &vm.name);
         all.iter()

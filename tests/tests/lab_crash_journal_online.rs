@@ -11,8 +11,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use vmsnap_tests::{
-    assert_every_image_used, config_for, flat_sum, image_of, journal_steps, snapshot_list, virsh,
-    wait_for, wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    assert_every_image_used, config_for, flat_sum, image_of, journal_steps, restore_uuids,
+    settled_restores, snapshot_list, virsh, wait_for, wait_in_inventory, Daemon, PrivateBus,
+    ScratchOptions, ScratchVm, LAB_URI,
 };
 
 /// Where a round starts: snapshot s0 holds `s0` (its image's flat content) and the guest saw
@@ -43,18 +44,6 @@ fn setup(daemon: &Daemon, vm: &ScratchVm, round: usize) -> Start {
     }
 }
 
-/// The UUIDs of the restores on record.
-fn restore_uuids(daemon: &Daemon) -> BTreeSet<String> {
-    daemon
-        .ctl(&["restore", "list", "--output", "json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["uuid"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// After a restore's round: every restore settled; the guest (started again if the restore
 /// left it shut off) sees s0's files if the new restore succeeded, its own otherwise. Returns
 /// whether it succeeded.
@@ -65,13 +54,7 @@ fn check_restore(
     before: &BTreeSet<String>,
     step: &str,
 ) -> bool {
-    let restores = wait_for(Duration::from_secs(120), "every restore settled", || {
-        let all = daemon.ctl(&["restore", "list", "--output", "json"]).json();
-        let all = all.as_array().unwrap().clone();
-        all.iter()
-            .all(|r| r["phase"] == "Succeeded" || r["phase"] == "Failed")
-            .then_some(all)
-    });
+    let restores = settled_restores(daemon);
     let succeeded = restores
         .iter()
         .any(|r| !before.contains(r["uuid"].as_str().unwrap()) && r["phase"] == "Succeeded");

@@ -10,82 +10,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use vmsnap_tests::ceph::{
+    config_table, content, make_image, pool, purge_images, rbd, snaps_of, spec_of, write_pattern,
+};
 use vmsnap_tests::{
     ceph_env, config_for, guest_exec, virsh, wait_for, Daemon, GuestSlot, PrivateBus,
     ScratchOptions, ScratchVm, LAB_URI,
 };
-
-/// `rbd` as the lab's admin; its standard output, panicking on failure.
-fn rbd(args: &[&str]) -> String {
-    let out = Command::new("rbd")
-        .arg("-c")
-        .arg(ceph_env("CONF"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rbd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pool() -> String {
-    ceph_env("POOL")
-}
-
-/// Removes every image of the lab pool whose name starts with `prefix`, with its snapshots:
-/// restores' clones (`-vmsnap-r`) before the images they were cloned from.
-fn purge_images(prefix: &str) {
-    for _pass in 0..3 {
-        let listed: Vec<String> =
-            serde_json::from_str(&rbd(&["ls", &pool(), "--format", "json"])).unwrap_or_default();
-        let mut mine: Vec<String> = listed
-            .into_iter()
-            .filter(|i| i.starts_with(prefix))
-            .collect();
-        if mine.is_empty() {
-            return;
-        }
-        mine.sort_by_key(|i| !i.contains("-vmsnap-r"));
-        for image in mine {
-            let spec = format!("{}/{image}", pool());
-            let _ = Command::new("rbd")
-                .arg("-c")
-                .arg(ceph_env("CONF"))
-                .args(["snap", "purge", "--no-progress", &spec])
-                .output();
-            let _ = Command::new("rbd")
-                .arg("-c")
-                .arg(ceph_env("CONF"))
-                .args(["rm", "--no-progress", &spec])
-                .output();
-        }
-    }
-}
-
-/// A 64 MiB RBD image holding an empty ext4 filesystem.
-fn make_image(name: &str) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/ceph-image.sh");
-    vmsnap_tests::run("bash", &[script.to_str().unwrap(), name, "64M"]);
-}
-
-/// The snapshots of image `name` (user namespace).
-fn snaps_of(name: &str) -> Vec<String> {
-    let listed: Vec<Value> = serde_json::from_str(&rbd(&[
-        "snap",
-        "ls",
-        &format!("{}/{name}", pool()),
-        "--format",
-        "json",
-    ]))
-    .unwrap();
-    listed
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// SHA-256 of file `name` in the ext4 filesystem of RBD snapshot `spec` (`pool/image@snap`),
 /// read from the cluster with `rbd export` and `debugfs`, as the guest's `sha256sum` prints it.
@@ -133,16 +64,17 @@ fn fresh_checksums(vm: &str) -> String {
 
 fn config(extra: &str) -> String {
     format!(
-        "{extra}{}[rbd]\nceph_conf = \"{}\"\ncommand_timeout = \"20s\"\n",
+        "{extra}{}{}command_timeout = \"20s\"\n",
         config_for(LAB_URI),
-        ceph_env("CONF")
+        config_table()
     )
 }
 
-fn rbd_vm(name: &str) -> ScratchVm {
+/// A VM with a guest agent whose data disk (vda) is a new RBD image of that name; not started.
+fn define_rbd_vm(name: &str) -> ScratchVm {
     purge_images(name);
-    make_image(name);
-    let vm = ScratchVm::define(
+    make_image(name, "64M");
+    ScratchVm::define(
         name,
         ScratchOptions {
             agent: true,
@@ -150,7 +82,12 @@ fn rbd_vm(name: &str) -> ScratchVm {
             ..Default::default()
         },
         &[],
-    );
+    )
+}
+
+/// [`define_rbd_vm`], started and ready.
+fn rbd_vm(name: &str) -> ScratchVm {
+    let vm = define_rbd_vm(name);
     vm.start(true);
     vm
 }
@@ -160,24 +97,6 @@ fn created(daemon: &Daemon, vm: &str, name: &str) -> Value {
     let taken = out.json();
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
     taken
-}
-
-/// The RBD snapshot spec of a snapshot's volume on disk `target`.
-fn rbd_spec(snapshot: &Value, target: &str) -> String {
-    let volume = snapshot["snapshotVolumes"]["includedVolumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["target"] == target)
-        .unwrap()
-        .clone();
-    assert_eq!(volume["backend"], "rbd", "{volume}");
-    volume["image"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("rbd:")
-        .unwrap()
-        .to_string()
 }
 
 /// Undefines a VM made by a restore when dropped.
@@ -217,7 +136,7 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
         .map(|i| i.as_str().unwrap())
         .collect();
     assert!(indications.contains(&"GuestAgent"), "{s1}");
-    let spec = rbd_spec(&s1, "vda");
+    let spec = spec_of(&s1, "vda");
     let uuid = s1["uuid"].as_str().unwrap();
     assert_eq!(spec, format!("{}/{name}@vmsnap-{uuid}", pool()));
     // The cluster itself shows it, named after the vmsnap snapshot...
@@ -258,7 +177,7 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
     // clone (of s1); the first one still holds s2 and that restore's safety snapshot, and
     // nothing is cloned from it.
     let s2 = created(&daemon, name, "s2");
-    let first_clone = rbd_spec(&s2, "vda").split('@').next().unwrap().to_string();
+    let first_clone = spec_of(&s2, "vda").split('@').next().unwrap().to_string();
     assert_eq!(vm.disk_source(), first_clone);
     vm.write_file("f4", 50 << 10);
     let again = daemon
@@ -324,17 +243,7 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
 fn a_vm_with_a_qcow2_and_an_rbd_disk_is_snapshotted_in_one_freeze_and_restored() {
     let _slot = GuestSlot::take();
     let name = "vmsnap-t17-mixed";
-    purge_images(name);
-    make_image(name);
-    let vm = ScratchVm::define(
-        name,
-        ScratchOptions {
-            agent: true,
-            rbd_image: Some(name.to_string()),
-            ..Default::default()
-        },
-        &[],
-    );
+    let vm = define_rbd_vm(name);
     vm.attach_raw_disk("vdb", 8 << 20);
     vm.start(true);
     let bus = PrivateBus::start();
@@ -548,33 +457,6 @@ fn a_snapshot_exported_on_one_host_is_restored_on_another_sharing_the_cluster() 
     purge_images(name);
 }
 
-/// SHA-256 of an RBD image or snapshot's whole content (`pool/image[@snap]`).
-fn content(spec: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("export.raw");
-    rbd(&["export", "--no-progress", spec, raw.to_str().unwrap()]);
-    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Writes 64 KiB of `byte` at `offset_kib` into an RBD image, through QEMU's rbd driver.
-fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
-    let target = format!("rbd:{}/{image}:conf={}", pool(), ceph_env("CONF"));
-    vmsnap_tests::run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -P {byte} {offset_kib}k 64k"),
-            &target,
-        ],
-    );
-}
-
 /// Three snapshots of a shut-off RBD VM, one of them restored as a new VM (whose disk is a
 /// clone of it), deleted in every order: after each delete the other snapshots, the VM's disk
 /// and the clone hold what they held, and no vmsnap RBD snapshot is left without its record.
@@ -595,7 +477,7 @@ fn rbd_snapshots_deleted_in_every_order_change_nothing_else() {
     for order in orders {
         let _undefine = Undefine(clone);
         purge_images(name);
-        make_image(name);
+        make_image(name, "64M");
         let vm = ScratchVm::define(
             name,
             ScratchOptions {
@@ -609,7 +491,7 @@ fn rbd_snapshots_deleted_in_every_order_change_nothing_else() {
         for (i, s) in ["s1", "s2", "s3"].into_iter().enumerate() {
             write_pattern(name, 0x11 * (i as u8 + 1), 1024 + 128 * i as u64);
             let taken = created(&daemon, name, s);
-            held.insert(s, (rbd_spec(&taken, "vda"), String::new()));
+            held.insert(s, (spec_of(&taken, "vda"), String::new()));
         }
         for (spec, sum) in held.values_mut() {
             *sum = content(spec);

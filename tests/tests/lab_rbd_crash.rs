@@ -7,126 +7,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
+use vmsnap_tests::ceph::{
+    config_table, content, images, make_image, pool, purge_images, snaps_of, spec_of, write_pattern,
+};
 use vmsnap_tests::{
-    ceph_env, config_for, journal_steps, snapshot_list, virsh, wait_for, wait_in_inventory, Daemon,
-    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    config_for, journal_steps, restore_uuids, settled_restores, snapshot_list, virsh, wait_for,
+    wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
-fn rbd(args: &[&str]) -> String {
-    let out = Command::new("rbd")
-        .arg("-c")
-        .arg(ceph_env("CONF"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rbd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pool() -> String {
-    ceph_env("POOL")
-}
-
-/// The pool's images whose name starts with `prefix`.
-fn images(prefix: &str) -> Vec<String> {
-    let listed: Vec<String> =
-        serde_json::from_str(&rbd(&["ls", &pool(), "--format", "json"])).unwrap();
-    listed
-        .into_iter()
-        .filter(|i| i.starts_with(prefix))
-        .collect()
-}
-
-fn purge_images(prefix: &str) {
-    for _pass in 0..3 {
-        let mut mine = images(prefix);
-        if mine.is_empty() {
-            return;
-        }
-        mine.sort_by_key(|i| !i.contains("-vmsnap-r"));
-        for image in mine {
-            let spec = format!("{}/{image}", pool());
-            for args in [
-                ["snap", "purge", "--no-progress"],
-                ["rm", "--no-progress", ""],
-            ] {
-                let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
-                let _ = Command::new("rbd")
-                    .arg("-c")
-                    .arg(ceph_env("CONF"))
-                    .args(&args)
-                    .arg(&spec)
-                    .output();
-            }
-        }
-    }
-}
-
-fn snaps_of(image: &str) -> Vec<String> {
-    let listed: Vec<Value> = serde_json::from_str(&rbd(&[
-        "snap",
-        "ls",
-        &format!("{}/{image}", pool()),
-        "--format",
-        "json",
-    ]))
-    .unwrap();
-    listed
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// SHA-256 of an image or snapshot's whole content (`pool/image[@snap]`).
-fn content(spec: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("export.raw");
-    rbd(&["export", "--no-progress", spec, raw.to_str().unwrap()]);
-    vmsnap_tests::run("sha256sum", &[raw.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Writes 64 KiB of `byte` at `offset_kib` into an RBD image, through QEMU's rbd driver.
-fn write_pattern(image: &str, byte: u8, offset_kib: u64) {
-    let target = format!("rbd:{}/{image}:conf={}", pool(), ceph_env("CONF"));
-    vmsnap_tests::run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -P {byte} {offset_kib}k 64k"),
-            &target,
-        ],
-    );
-}
-
-fn spec_of(snapshot: &Value) -> String {
-    snapshot["snapshotVolumes"]["includedVolumes"][0]["image"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("rbd:")
-        .unwrap()
-        .to_string()
-}
-
 fn config() -> String {
-    format!(
-        "{}[rbd]\nceph_conf = \"{}\"\n",
-        config_for(LAB_URI),
-        ceph_env("CONF")
-    )
+    format!("{}{}", config_for(LAB_URI), config_table())
 }
 
 /// Where a round starts: s0's content and the disk's.
@@ -136,22 +28,10 @@ struct Start {
     restores: BTreeSet<String>,
 }
 
-fn restore_uuids(daemon: &Daemon) -> BTreeSet<String> {
-    daemon
-        .ctl(&["restore", "list", "--output", "json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["uuid"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A new VM on a new RBD image: data 0x11, s0, then data 0x22.
 fn setup(daemon: &Daemon, name: &str) -> (ScratchVm, Start) {
     purge_images(name);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/ceph-image.sh");
-    vmsnap_tests::run("bash", &[script.to_str().unwrap(), name, "16M"]);
+    make_image(name, "16M");
     let vm = ScratchVm::define(
         name,
         ScratchOptions {
@@ -168,7 +48,7 @@ fn setup(daemon: &Daemon, name: &str) -> (ScratchVm, Start) {
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
     write_pattern(name, 0x22, 2176);
     let start = Start {
-        s0: content(&spec_of(&taken)),
+        s0: content(&spec_of(&taken, "vda")),
         disk: content(&format!("{}/{name}", pool())),
         restores: restore_uuids(daemon),
     };
@@ -177,13 +57,7 @@ fn setup(daemon: &Daemon, name: &str) -> (ScratchVm, Start) {
 
 /// The checks after the restart settled everything; returns whether a new restore succeeded.
 fn check_settled(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str) -> bool {
-    let restores = wait_for(Duration::from_secs(60), "every restore settled", || {
-        let all = daemon.ctl(&["restore", "list", "--output", "json"]).json();
-        let all = all.as_array().unwrap().clone();
-        all.iter()
-            .all(|r| r["phase"] == "Succeeded" || r["phase"] == "Failed")
-            .then_some(all)
-    });
+    let restores = settled_restores(daemon);
     let restored = restores.iter().any(|r| {
         !start.restores.contains(r["uuid"].as_str().unwrap()) && r["phase"] == "Succeeded"
     });
@@ -196,7 +70,7 @@ fn check_settled(daemon: &Daemon, vm: &ScratchVm, start: &Start, step: &str) -> 
     let mut claimed: BTreeSet<String> = BTreeSet::new();
     for s in &all {
         if s["name"] == "s0" && s["phase"] == "Succeeded" {
-            assert_eq!(content(&spec_of(s)), start.s0, "{step}: s0 changed");
+            assert_eq!(content(&spec_of(s, "vda")), start.s0, "{step}: s0 changed");
         }
         for v in s["snapshotVolumes"]["includedVolumes"].as_array().unwrap() {
             claimed.insert(v["image"].as_str().unwrap().to_string());
@@ -284,7 +158,11 @@ fn an_rbd_create_interrupted_at_every_journal_step_settles() {
                 .into_iter()
                 .find(|s| s["name"] == "s1" && s["phase"] == "Succeeded")
             {
-                assert_eq!(content(&spec_of(&s1)), start.disk, "{step}: s1's content");
+                assert_eq!(
+                    content(&spec_of(&s1, "vda")),
+                    start.disk,
+                    "{step}: s1's content"
+                );
             }
         },
     );
