@@ -622,7 +622,10 @@ fn with_a_disk_left_out_only_the_captured_disks_filesystems_freeze() {
         ])
         .json();
     assert_eq!(snap["phase"], "Succeeded", "{snap}");
-    assert_eq!(indications(&snap), ["Online", "GuestAgent"]);
+    assert_eq!(
+        indications(&snap),
+        ["Online", "PartialSnapshot", "GuestAgent"]
+    );
     assert_eq!(
         snap["snapshotVolumes"]["excludedVolumes"][0]["target"], "vdb",
         "{snap}"
