@@ -34,6 +34,8 @@ const MAN_PAGES: &[&str] = &[
     "vmsnapctl-snapshot-show.1",
     "vmsnapctl-snapshot-delete.1",
     "vmsnapctl-snapshot-restore.1",
+    "vmsnapctl-snapshot-export.1",
+    "vmsnapctl-snapshot-import.1",
     "vmsnapctl-restore.1",
     "vmsnapctl-restore-list.1",
     "vmsnapctl-restore-show.1",
