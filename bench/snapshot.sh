@@ -2,7 +2,9 @@
 # Snapshot benchmark: vmsnapctl/vmsnapd against plain virsh, on one scratch VM, in one run.
 #   bash bench/snapshot.sh      (as root, on the lab; under a minute plus the build)
 # Environment: BENCH_N rounds (default 10), BENCH_AUX_N runs of each auxiliary timing (default 10),
-# BENCH_KEEP=DIR keeps the raw results and vmsnapd's log, BENCH_LOG vmsnapd's log filter (debug).
+# BENCH_KEEP=DIR keeps the raw results and vmsnapd's log, BENCH_LOG vmsnapd's log filter (debug),
+# BENCH_BIN_DIR=DIR uses the vmsnapctl and vmsnapd in DIR instead of building (CARGO_TARGET_DIR
+# is honoured when building).
 #
 # What it does (BENCHMARKS.md explains the method and shows a run):
 #  - builds the workspace (cargo build --release --workspace --locked) and makes sure the lab is
@@ -14,10 +16,14 @@
 #  - starts a writer loop in the guest (bench/guest-ticker.sh, detached with setsid) that appends
 #    a nanosecond timestamp to /mnt/data/ticks about every millisecond and logs every write that
 #    blocked for more than 2 ms to /run/stalls (on the initramfs, never frozen);
-#  - BENCH_N times, alternating: vmsnapctl snapshot create + snapshot delete, then virsh
+#  - BENCH_N times, one after the other: vmsnapctl snapshot create + snapshot delete; virsh
 #    snapshot-create-as --disk-only --atomic --quiesce --no-metadata + blockcommit --active
-#    --pivot --wait + removing the overlay; each timed on the host, with the freeze vmsnapd
-#    reports (freezeDurationMs) and the freeze the guest observed (its longest blocked write);
+#    --pivot --wait + removing the overlay ("virsh"); the same virsh create again, undone by one
+#    virsh shell process that starts the active commit and retries the pivot without pausing
+#    until libvirt accepts it, then removes the overlay ("virsh-shell", bench/virsh_undo.py:
+#    --wait sleeps 500 ms between its checks of the job, which would measure virsh's sleep);
+#    each timed on the host, with the freeze vmsnapd reports (freezeDurationMs) and the freeze
+#    the guest observed (its longest blocked write);
 #  - times the thaw guard alone (arm = spawn until "ready", disarm = "disarm" until exit), a
 #    no-op of each client (virsh domstate, vmsnapctl vm show) and a durable record write, and
 #    breaks vmsnapctl's create and delete times down from vmsnapd's log (bench/steps.py);
@@ -93,10 +99,17 @@ print("nan" if v is None else v)' "$1"
 }
 
 # --- build and lab ---------------------------------------------------------------------------
-say "building (cargo build --release --workspace --locked)"
-cargo build --release --workspace --locked --quiet
-CTL=$ROOT/target/release/vmsnapctl
-VMSNAPD=$ROOT/target/release/vmsnapd
+if [ -n "${BENCH_BIN_DIR:-}" ]; then
+  BIN=$BENCH_BIN_DIR
+  say "using the binaries in $BIN (BENCH_BIN_DIR; nothing built)"
+else
+  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+  say "building (cargo build --release --workspace --locked)"
+  cargo build --release --workspace --locked --quiet
+fi
+CTL=$BIN/vmsnapctl
+VMSNAPD=$BIN/vmsnapd
+[ -x "$CTL" ] && [ -x "$VMSNAPD" ] || die "no vmsnapctl/vmsnapd in $BIN"
 say "checking the lab (lab/up.sh)"
 bash lab/up.sh >/dev/null
 GUEST=$LAB_DIR/guest
@@ -250,6 +263,20 @@ for i in $(seq "$N"); do
   printf 'virsh\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$(ms "$t0" "$t1")" \
     "$(ms "$d0" "$d1")" "nan" "$blocked" "$gap" "$ticks" "$span" "$t0" "$t1" "$d0" "$d1" >>"$results"
   say "$i/$N virsh:     create $(ms "$t0" "$t1") ms (guest ${blocked} ms), undo $(ms "$d0" "$d1") ms"
+
+  # virsh again, undone without --wait's 500 ms poll (bench/virsh_undo.py)
+  overlay=$work/$VM-vda.virsh-shell-$i.qcow2
+  guest_reset
+  now_us; t0=$REPLY
+  virsh snapshot-create-as "$VM" "virsh-shell-$i" --disk-only --atomic --quiesce --no-metadata \
+    --diskspec "vda,file=$overlay" >/dev/null
+  now_us; t1=$REPLY
+  read -r blocked gap ticks span <<<"$(guest_observed)"
+  undo=$(python3 bench/virsh_undo.py "$URI" "$VM" vda "$overlay") || die "virsh_undo.py failed"
+  read -r d0 d1 attempts <<<"$undo"
+  printf 'virsh-shell\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$(ms "$t0" "$t1")" \
+    "$(ms "$d0" "$d1")" "nan" "$blocked" "$gap" "$ticks" "$span" "$t0" "$t1" "$d0" "$d1" >>"$results"
+  say "$i/$N virsh-shell: create $(ms "$t0" "$t1") ms (guest ${blocked} ms), undo $(ms "$d0" "$d1") ms ($attempts pivot attempts)"
 done
 
 # Both start from the same chain, so it must be back to the one image.
