@@ -4,20 +4,27 @@
 //!
 //! # Protocol
 //!
-//! The daemon arms a guard just *before* it freezes a guest ([`ThawGuard::arm`]). The guard is
-//! the daemon's own binary run as
-//! `vmsnapd --thaw-guard UUID --guard-uri URI --guard-deadline-ms MS`, with stdin and stdout
-//! piped to the daemon and stderr inherited:
+//! The daemon starts a guard early, while it still reads the VM and prepares the snapshot
+//! ([`ThawGuard::start`]: the guard's start, about 12 ms, costs the create nothing then), and
+//! arms it just *before* it freezes ([`PendingThawGuard::armed`]). The guard is the daemon's own
+//! binary run as `vmsnapd --thaw-guard UUID --guard-uri URI --guard-deadline-ms MS`, with stdin
+//! and stdout piped to the daemon and stderr inherited:
 //!
 //! 1. The guard opens its own libvirt connection to URI and looks the domain up by UUID. Then it
-//!    prints `ready` on stdout. If it cannot, it exits 1 without printing `ready`, and `arm`
+//!    prints `ready` on stdout. If it cannot, it exits 1 without printing `ready`, and arming
 //!    fails: the daemon must not freeze then.
-//! 2. The daemon freezes, snapshots, thaws, then writes `disarm` on the guard's stdin
-//!    ([`ThawGuard::disarm`]): the guard exits 0 and does nothing.
-//! 3. If instead the guard's stdin reaches end of file or fails (the daemon dropped the guard
+//! 2. The daemon writes `arm` just before it freezes; the guard counts its deadline (MS) from
+//!    then on and answers `armed`. Only then does the daemon freeze. (Until `arm`, the deadline
+//!    counts from the guard's start, so an unused guard does not live on.)
+//! 3. The daemon freezes, snapshots, thaws, then writes `disarm` on the guard's stdin
+//!    ([`ThawGuard::disarm`]): the guard answers `disarmed`, exits 0 and does nothing. The daemon
+//!    waits for that line, not for the exit (the guard closing its libvirt connection takes
+//!    another 1-2 ms); the guard is reaped in the background.
+//! 4. If instead the guard's stdin reaches end of file or fails (the daemon dropped the guard
 //!    without disarming, panicked, crashed or was killed: the kernel closes its end of the pipe),
-//!    or if MS milliseconds pass since the guard started, the guard thaws the guest at once
-//!    (virDomainFSThaw) and exits 10 if the thaw succeeded, 11 if it kept failing.
+//!    or if MS milliseconds pass since `arm` (or since the guard started, without `arm`), the
+//!    guard thaws the guest at once (virDomainFSThaw) and exits 10 if the thaw succeeded, 11 if
+//!    it kept failing; it prints no `disarmed` then.
 //!
 //! A thaw that fails is retried until the agent answers one (up to 30 minutes, then a loud log),
 //! reconnecting if the connection died (libvirtd restarted: seen to thaw about 1 s after libvirtd
@@ -31,8 +38,8 @@
 //! the unit is killed with SIGKILL.
 //!
 //! Exit statuses: 0 disarmed, nothing done; 1 could not start (no `ready`); 10 thawed (stdin
-//! closed or deadline passed); 11 thaw failed. Lines on stdin other than `disarm` are logged and
-//! ignored. Every step is logged to stderr on one line starting `vmsnapd thaw guard:`.
+//! closed or deadline passed); 11 thaw failed. Lines on stdin other than `arm` and `disarm` are
+//! logged and ignored; a failed write of an answer (the daemon no longer reads) is ignored. Every step is logged to stderr on one line starting `vmsnapd thaw guard:`.
 //!
 //! Thawing a guest that is not frozen is harmless (libvirt reports 0 filesystems thawed), so a
 //! guard that thaws after the daemon already did, or before it froze, does no damage.
@@ -51,13 +58,21 @@ use crate::virt_ext;
 
 /// What the guard prints once it can thaw.
 const READY: &str = "ready";
+/// What the daemon writes just before it freezes; the guard's deadline counts from then.
+const ARM: &str = "arm";
+/// The guard's answer to [`ARM`].
+const ARMED: &str = "armed";
 /// What the daemon writes when it has thawed by itself.
 const DISARM: &str = "disarm";
+/// The guard's answer to [`DISARM`], just before it exits 0.
+const DISARMED: &str = "disarmed";
 
 /// How long [`ThawGuard::arm`] waits for `ready` (a libvirt connect and a lookup: milliseconds
 /// normally, seconds with a slow libvirtd).
 const READY_WAIT: Duration = Duration::from_secs(10);
-/// How long [`ThawGuard::disarm`] waits for the guard to exit after `disarm`.
+/// How long [`PendingThawGuard::armed`] waits for `armed` after `arm`.
+const ARM_WAIT: Duration = Duration::from_secs(5);
+/// How long [`ThawGuard::disarm`] waits for `disarmed` (or the guard's exit) after `disarm`.
 const DISARM_WAIT: Duration = Duration::from_secs(5);
 /// How long the guard keeps retrying a failing thaw. A hung agent (stopped, or starved of CPU)
 /// may answer minutes later, and may then run a freeze it had queued before our thaws: the guard
@@ -78,19 +93,28 @@ const EXIT_THAW_FAILED: u8 = 11;
 ///
 /// `arm` and `disarm` block (up to [`READY_WAIT`] and [`DISARM_WAIT`]): call them from the
 /// libvirt thread or `spawn_blocking`, never on a tokio worker.
-#[allow(dead_code)] // used by the snapshot engine
 pub struct ThawGuard {
     child: Option<Child>,
     stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<io::Result<String>>,
     domain_uuid: String,
 }
 
-#[allow(dead_code)] // used by the snapshot engine
+/// A guard started ([`ThawGuard::start`]) but not armed yet: it may still be connecting.
+/// Arm it with [`armed`](PendingThawGuard::armed) right before the freeze; dropped, it is
+/// killed (nothing is frozen yet).
+pub struct PendingThawGuard {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<io::Result<String>>,
+    domain_uuid: String,
+    ready_by: Instant,
+}
+
 impl ThawGuard {
-    /// Starts a guard for the domain `domain_uuid` on `uri` that thaws it `deadline` after its
-    /// start at the latest, and returns once the guard is ready to thaw. Call it before freezing;
-    /// if it fails, do not freeze.
-    pub fn arm(uri: &str, domain_uuid: &str, deadline: Duration) -> io::Result<ThawGuard> {
+    /// Starts a guard for the domain `domain_uuid` on `uri` that thaws it `deadline` after
+    /// `arm` at the latest, and returns at once: the guard connects while the caller prepares.
+    pub fn start(uri: &str, domain_uuid: &str, deadline: Duration) -> io::Result<PendingThawGuard> {
         let mut command = Command::new(own_exe()?);
         command
             .arg("--thaw-guard")
@@ -102,8 +126,19 @@ impl ThawGuard {
         ThawGuard::spawn(command, domain_uuid, READY_WAIT)
     }
 
-    /// Starts `command` as a guard and waits up to `ready_wait` for its `ready` line.
-    fn spawn(mut command: Command, domain_uuid: &str, ready_wait: Duration) -> io::Result<Self> {
+    /// Starts a guard and arms it: returns once the guard is ready to thaw. Call it before
+    /// freezing; if it fails, do not freeze.
+    pub fn arm(uri: &str, domain_uuid: &str, deadline: Duration) -> io::Result<ThawGuard> {
+        ThawGuard::start(uri, domain_uuid, deadline)?.armed()
+    }
+
+    /// Starts `command` as a guard that must say `ready` within `ready_wait`.
+    fn spawn(
+        mut command: Command,
+        domain_uuid: &str,
+        ready_wait: Duration,
+    ) -> io::Result<PendingThawGuard> {
+        let ready_by = Instant::now() + ready_wait;
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -114,35 +149,89 @@ impl ThawGuard {
             kill_and_reap(&mut child);
             return Err(io::Error::other("the thaw guard has no stdout"));
         };
-        // A thread reads the first line so the wait can be bounded; it ends when the line comes
-        // or the child's stdout closes (the child exits or is killed below).
-        let (line_tx, line_rx) = mpsc::channel();
+        // A thread passes the guard's lines on, so that every wait for one is bounded and none
+        // polls; it ends at the guard's end of file (the guard exits or is killed) and sends ""
+        // then.
+        let (line_tx, lines) = mpsc::channel();
         std::thread::Builder::new()
-            .name("thaw-guard-ready".to_string())
+            .name("thaw-guard-out".to_string())
             .spawn(move || {
-                let mut line = String::new();
-                let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-                let _ = line_tx.send(read);
+                let mut out = BufReader::new(stdout);
+                loop {
+                    let mut line = String::new();
+                    let read = out.read_line(&mut line).map(|_| line);
+                    let last = !matches!(&read, Ok(l) if !l.is_empty());
+                    if line_tx.send(read).is_err() || last {
+                        return;
+                    }
+                }
             })
             .inspect_err(|_| kill_and_reap(&mut child))?;
-        let failure = match line_rx.recv_timeout(ready_wait) {
-            Ok(Ok(line)) if line.trim_end() == READY => {
-                return Ok(ThawGuard {
-                    child: Some(child),
-                    stdin,
-                    domain_uuid: domain_uuid.to_string(),
-                })
+        Ok(PendingThawGuard {
+            child: Some(child),
+            stdin,
+            lines,
+            domain_uuid: domain_uuid.to_string(),
+            ready_by,
+        })
+    }
+}
+
+/// Waits until `by` for the guard's next line ("" at its end of file).
+fn next_line(
+    lines: &mpsc::Receiver<io::Result<String>>,
+    by: Instant,
+) -> Result<io::Result<String>, RecvTimeoutError> {
+    lines.recv_timeout(by.saturating_duration_since(Instant::now()))
+}
+
+impl PendingThawGuard {
+    /// Waits for the guard's `ready`, then arms it (its deadline counts from now) and waits for
+    /// its `armed`. Call it right before freezing; if it fails, do not freeze.
+    pub fn armed(mut self) -> io::Result<ThawGuard> {
+        let (Some(mut child), Some(mut stdin)) = (self.child.take(), self.stdin.take()) else {
+            return Err(io::Error::other("the thaw guard is already gone"));
+        };
+        let failure = match self.expect(READY, self.ready_by, &mut child) {
+            Err(e) => e,
+            Ok(()) => {
+                // A write error means the guard has exited; the next line (end of file) says so.
+                let _ = stdin
+                    .write_all(format!("{ARM}\n").as_bytes())
+                    .and_then(|()| stdin.flush());
+                match self.expect(ARMED, Instant::now() + ARM_WAIT, &mut child) {
+                    Ok(()) => {
+                        return Ok(ThawGuard {
+                            child: Some(child),
+                            stdin: Some(stdin),
+                            lines: std::mem::replace(&mut self.lines, mpsc::channel().1),
+                            domain_uuid: std::mem::take(&mut self.domain_uuid),
+                        })
+                    }
+                    Err(e) => e,
+                }
             }
+        };
+        // Nothing is frozen yet: the guard is simply stopped.
+        drop(stdin);
+        kill_and_reap(&mut child);
+        Err(failure)
+    }
+
+    /// Waits until `by` for the line `word`.
+    fn expect(&self, word: &str, by: Instant, child: &mut Child) -> io::Result<()> {
+        Err(match next_line(&self.lines, by) {
+            Ok(Ok(line)) if line.trim_end() == word => return Ok(()),
             Ok(Ok(line)) if line.is_empty() => {
                 // End of file: the guard gave up; its reason is on the shared stderr.
-                let status = wait_bounded(&mut child, Duration::from_secs(1));
+                let status = wait_bounded(child, Duration::from_secs(1));
                 io::Error::other(format!(
-                    "the thaw guard exited before it was ready ({})",
+                    "the thaw guard exited before it said {word:?} ({})",
                     status.map_or_else(|| "still running".to_string(), |s| s.to_string())
                 ))
             }
             Ok(Ok(line)) => io::Error::other(format!(
-                "the thaw guard said {:?} instead of {READY:?}",
+                "the thaw guard said {:?} instead of {word:?}",
                 line.trim_end()
             )),
             Ok(Err(e)) => io::Error::new(e.kind(), format!("cannot read the thaw guard: {e}")),
@@ -151,18 +240,25 @@ impl ThawGuard {
             }
             Err(RecvTimeoutError::Timeout) => io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!(
-                    "the thaw guard was not ready within {} s",
-                    ready_wait.as_secs_f32()
-                ),
+                format!("the thaw guard did not say {word:?} in time"),
             ),
-        };
-        drop(stdin);
-        kill_and_reap(&mut child);
-        Err(failure)
+        })
     }
+}
 
-    /// Tells the guard the daemon has thawed the guest itself, and waits for it to exit.
+impl Drop for PendingThawGuard {
+    fn drop(&mut self) {
+        // Never armed, so nothing is frozen under it: stop it without waiting. (If it were to
+        // see its stdin close first, it would thaw an unfrozen guest: harmless.)
+        self.stdin.take();
+        if let Some(child) = self.child.take() {
+            reap_in_background(child, true);
+        }
+    }
+}
+
+impl ThawGuard {
+    /// Tells the guard the daemon has thawed the guest itself, and waits for its `disarmed`.
     ///
     /// Fails if the guard did not confirm in time (it is killed then), or if it had already
     /// thawed the guest on its own because its deadline passed: the freeze then did not last
@@ -176,7 +272,33 @@ impl ThawGuard {
             .write_all(format!("{DISARM}\n").as_bytes())
             .and_then(|()| stdin.flush());
         drop(stdin);
-        let Some(status) = wait_bounded(&mut child, DISARM_WAIT) else {
+        let by = Instant::now() + DISARM_WAIT;
+        loop {
+            match next_line(&self.lines, by) {
+                Ok(Ok(line)) if line.trim_end() == DISARMED => {
+                    // It exits 0 next; no need to wait for that.
+                    reap_in_background(child, false);
+                    return Ok(());
+                }
+                // Anything else before its end of file is not an answer to disarm.
+                Ok(Ok(line)) if !line.is_empty() => continue,
+                Ok(_) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    kill_and_reap(&mut child);
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the thaw guard of {} did not answer disarm within {} s; killed it",
+                            self.domain_uuid,
+                            DISARM_WAIT.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+        // End of file without `disarmed`: the guard ended on its own; its status says why.
+        let Some(status) = wait_bounded(&mut child, by.saturating_duration_since(Instant::now()))
+        else {
             kill_and_reap(&mut child);
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -205,29 +327,37 @@ impl ThawGuard {
     }
 }
 
+/// Waits for `child` on a thread of its own (killing it first with `kill`), so that nothing
+/// blocks here; if no thread can be started, it stays a zombie until vmsnapd exits, which harms
+/// nothing.
+fn reap_in_background(mut child: Child, kill: bool) {
+    if kill {
+        let _ = child.kill();
+    }
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("thaw-guard-reaper".to_string())
+        .spawn(move || {
+            let _ = child.wait();
+        });
+}
+
 impl Drop for ThawGuard {
     fn drop(&mut self) {
         // Closing stdin is the signal: the guard thaws on its own from here, whatever we do.
         if self.stdin.take().is_none() {
             return;
         }
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
         tracing::warn!(
             domain = %self.domain_uuid,
             "thaw guard dropped without disarm: it thaws the guest now"
         );
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        // Reap it later without blocking here; if no thread can be started, it stays a zombie
-        // until vmsnapd exits, which harms nothing.
-        let _ = std::thread::Builder::new()
-            .name("thaw-guard-reaper".to_string())
-            .spawn(move || {
-                let _ = child.wait();
-            });
+        reap_in_background(child, false);
     }
 }
 
@@ -277,7 +407,8 @@ enum Input {
 /// The guard process (`vmsnapd --thaw-guard`): see the module documentation for the protocol.
 pub fn run_guard(uri: &str, domain_uuid: &str, deadline: Duration) -> ExitCode {
     let started = Instant::now();
-    let deadline_at = started + deadline;
+    // Until `arm`, from the start; from `arm` on, from then.
+    let mut deadline_at = started + deadline;
     // libvirt would print its errors itself; we log them on one line.
     virt::error::clear_error_callback();
     let signals = ignore_stop_signals(domain_uuid);
@@ -349,7 +480,18 @@ pub fn run_guard(uri: &str, domain_uuid: &str, deadline: Duration) -> ExitCode {
         }
         // Wake now and then to log ignored signals.
         match input_rx.recv_timeout(left.min(Duration::from_millis(250))) {
+            Ok(Input::Line(line)) if line == ARM => {
+                deadline_at = Instant::now() + deadline;
+                // A failed answer leaves the daemon without `armed`: it does not freeze then.
+                let _ = writeln!(stdout, "{ARMED}").and_then(|()| stdout.flush());
+                log(
+                    domain_uuid,
+                    &format!("armed, deadline in {} ms", deadline.as_millis()),
+                );
+            }
             Ok(Input::Line(line)) if line == DISARM => {
+                // The answer goes first: the daemon waits for it, not for the exit.
+                let _ = writeln!(stdout, "{DISARMED}").and_then(|()| stdout.flush());
                 log(domain_uuid, "disarmed, not thawing");
                 return ExitCode::from(EXIT_DISARMED);
             }
@@ -501,7 +643,7 @@ mod tests {
         command
     }
 
-    const GUARD: &str = r#"echo ready; read cmd; if [ "$cmd" = disarm ]; then exit 0; fi; echo eof > "$1"; exit 10"#;
+    const GUARD: &str = r#"echo ready; read cmd; [ "$cmd" = arm ] && echo armed; read cmd; if [ "$cmd" = disarm ]; then echo disarmed; exit 0; fi; echo eof > "$1"; exit 10"#;
 
     fn fake_guard(marker: &std::path::Path) -> Command {
         let mut command = fake(GUARD);
@@ -509,14 +651,68 @@ mod tests {
         command
     }
 
+    fn armed(command: Command, uuid: &str, ready_wait: Duration) -> io::Result<ThawGuard> {
+        ThawGuard::spawn(command, uuid, ready_wait)?.armed()
+    }
+
     #[test]
-    fn thaw_guard_disarm_waits_for_a_clean_exit() {
+    fn thaw_guard_disarm_waits_for_its_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = dir.path().join("thawed");
-        let guard =
-            ThawGuard::spawn(fake_guard(&marker), "u", Duration::from_secs(5)).expect("ready");
+        let guard = armed(fake_guard(&marker), "u", Duration::from_secs(5)).expect("armed");
         guard.disarm().expect("disarmed");
         assert!(!marker.exists());
+    }
+
+    #[test]
+    fn thaw_guard_disarm_takes_a_clean_exit_without_answer() {
+        // A guard that exits 0 on disarm without saying so is disarmed too.
+        let guard = armed(
+            fake("echo ready; read a; echo armed; read b; exit 0"),
+            "u",
+            Duration::from_secs(5),
+        )
+        .expect("armed");
+        guard.disarm().expect("disarmed");
+    }
+
+    #[test]
+    fn thaw_guard_started_early_is_armed_later() {
+        // The guard connects while the caller works; arming waits for its ready, then arms.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("thawed");
+        let mut command = fake(&format!("sleep 0.2; {GUARD}"));
+        command.arg("guard").arg(&marker);
+        let start = Instant::now();
+        let pending = ThawGuard::spawn(command, "u", Duration::from_secs(5)).expect("started");
+        assert!(start.elapsed() < Duration::from_millis(150), "start waited");
+        let guard = pending.armed().expect("armed");
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        guard.disarm().expect("disarmed");
+        assert!(!marker.exists());
+    }
+
+    #[test]
+    fn thaw_guard_pending_drop_stops_it_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("thawed");
+        let mut command = fake("echo ready; exec sleep 30");
+        command.arg("guard").arg(&marker);
+        let pending = ThawGuard::spawn(command, "u", Duration::from_secs(5)).expect("started");
+        let pid = pending.child.as_ref().map(Child::id).expect("child");
+        let start = Instant::now();
+        drop(pending);
+        assert!(start.elapsed() < Duration::from_millis(500));
+        // Killed and reaped in the background: the process goes away.
+        let end = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+        {
+            assert!(Instant::now() < end, "the pending guard was not killed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]
@@ -524,12 +720,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let first_marker = dir.path().join("first");
         let second_marker = dir.path().join("second");
-        let first = ThawGuard::spawn(fake_guard(&first_marker), "a", Duration::from_secs(5))
-            .expect("first ready");
+        let first =
+            armed(fake_guard(&first_marker), "a", Duration::from_secs(5)).expect("first armed");
         // A second guard must not inherit the first one's stdin, or dropping the first would not
         // reach its guard.
-        let second = ThawGuard::spawn(fake_guard(&second_marker), "b", Duration::from_secs(5))
-            .expect("second ready");
+        let second =
+            armed(fake_guard(&second_marker), "b", Duration::from_secs(5)).expect("second armed");
         let start = Instant::now();
         drop(first);
         assert!(start.elapsed() < Duration::from_millis(500));
@@ -547,8 +743,12 @@ mod tests {
 
     #[test]
     fn thaw_guard_disarm_reports_a_guard_that_thawed_already() {
-        let guard = ThawGuard::spawn(fake("echo ready; exit 10"), "u", Duration::from_secs(5))
-            .expect("ready");
+        let guard = armed(
+            fake("echo ready; read a; echo armed; exit 10"),
+            "u",
+            Duration::from_secs(5),
+        )
+        .expect("armed");
         std::thread::sleep(Duration::from_millis(100));
         let err = guard.disarm().expect_err("already thawed");
         assert!(err.to_string().contains("already thawed"), "{err}");
@@ -556,22 +756,22 @@ mod tests {
 
     #[test]
     fn thaw_guard_disarm_is_bounded() {
-        let guard = ThawGuard::spawn(
-            fake("echo ready; exec sleep 30"),
+        let guard = armed(
+            fake("echo ready; read a; echo armed; exec sleep 30"),
             "u",
             Duration::from_secs(5),
         )
-        .expect("ready");
+        .expect("armed");
         let start = Instant::now();
-        let err = guard.disarm().expect_err("no exit");
+        let err = guard.disarm().expect_err("no answer");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         assert!(start.elapsed() < DISARM_WAIT + Duration::from_secs(2));
     }
 
     #[test]
-    fn thaw_guard_arm_fails_without_ready() {
+    fn thaw_guard_arm_fails_without_ready_or_armed() {
         let start = Instant::now();
-        let err = ThawGuard::spawn(fake("exec sleep 30"), "u", Duration::from_millis(300))
+        let err = armed(fake("exec sleep 30"), "u", Duration::from_millis(300))
             .err()
             .expect("times out");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
@@ -580,15 +780,15 @@ mod tests {
             "the child was killed"
         );
 
-        let err = ThawGuard::spawn(fake("exit 1"), "u", Duration::from_secs(5))
+        let err = armed(fake("exit 1"), "u", Duration::from_secs(5))
             .err()
             .expect("exits");
         assert!(
-            err.to_string().contains("exited before it was ready"),
+            err.to_string().contains("exited before it said \"ready\""),
             "{err}"
         );
 
-        let err = ThawGuard::spawn(
+        let err = armed(
             fake("echo hello; exec sleep 30"),
             "u",
             Duration::from_secs(5),
@@ -596,5 +796,18 @@ mod tests {
         .err()
         .expect("wrong word");
         assert!(err.to_string().contains("\"hello\""), "{err}");
+
+        // Ready, but the arm is never confirmed (an old guard, or one that died): no freeze.
+        let err = armed(
+            fake("echo ready; read a; exit 10"),
+            "u",
+            Duration::from_secs(5),
+        )
+        .err()
+        .expect("not armed");
+        assert!(
+            err.to_string().contains("exited before it said \"armed\""),
+            "{err}"
+        );
     }
 }

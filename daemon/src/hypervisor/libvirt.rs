@@ -1,7 +1,10 @@
-//! The hypervisor contract over libvirt: each session is a connection of its own, opened on the
-//! operation's thread.
+//! The hypervisor contract over libvirt: each session is a connection of its own, used on the
+//! operation's thread. Connections are kept for the next session when one ends (opening one
+//! costs 2-4 ms of each operation), a few at most and for a short while.
 
-use std::time::Duration;
+use std::cell::RefCell;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use virt::connect::Connect;
@@ -11,7 +14,7 @@ use virt::error::ErrorNumber;
 
 use super::{FreezeFailure, Host, Hypervisor, RunState, ThawGuardHandle};
 use crate::ops::{OpError, OpResult};
-use crate::thaw_guard::ThawGuard;
+use crate::thaw_guard::{PendingThawGuard, ThawGuard};
 use crate::virt_ext;
 
 pub const VIR_DOMAIN_XML_SECURE: u32 = 1;
@@ -24,19 +27,93 @@ pub struct Libvirt {
 
 impl Hypervisor for Libvirt {
     fn session(&self) -> OpResult<Box<dyn Host>> {
-        let conn = crate::libvirt::open(&self.uri)
-            .map_err(|e| OpError::LibvirtUnavailable(e.message().to_string()))?;
+        let conn = match idle_connections().take(&self.uri) {
+            Some(conn) => conn,
+            None => crate::libvirt::open(&self.uri)
+                .map_err(|e| OpError::LibvirtUnavailable(e.message().to_string()))?,
+        };
         Ok(Box::new(LibvirtHost {
             uri: self.uri.clone(),
-            conn,
+            conn: Some(conn),
+            pending_guard: RefCell::new(None),
+            frozen: RefCell::new(None),
         }))
     }
 }
 
-/// One connection.
+/// How many connections wait for the next session (operations on different VMs run at once,
+/// each with its own).
+const IDLE_MAX: usize = 4;
+/// How long a connection waits for the next session; past it, it is closed rather than
+/// trusted (a libvirtd restarted meanwhile is noticed by the check below, but a fresh
+/// connection after a quiet while costs little).
+const IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// Connections of ended sessions, newest last.
+#[derive(Default)]
+struct IdleConnections(Mutex<Vec<(String, Connect, Instant)>>);
+
+fn idle_connections() -> &'static IdleConnections {
+    static IDLE: OnceLock<IdleConnections> = OnceLock::new();
+    IDLE.get_or_init(IdleConnections::default)
+}
+
+impl IdleConnections {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<(String, Connect, Instant)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A kept connection to `uri` that is still alive, if any (the test driver's shared one is
+    /// never kept: `crate::libvirt::open` hands it out).
+    fn take(&self, uri: &str) -> Option<Connect> {
+        let mut list = self.list();
+        list.retain(|(_, _, since)| since.elapsed() < IDLE_FOR);
+        while let Some(at) = list.iter().rposition(|(u, _, _)| u == uri) {
+            let (_, conn, _) = list.remove(at);
+            // Local, no round trip: false once the socket closed (libvirtd gone or restarted;
+            // the event loop thread notices that at once).
+            if conn.is_alive().unwrap_or(false) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn keep(&self, uri: &str, conn: Connect) {
+        if uri.starts_with("test:") || !conn.is_alive().unwrap_or(false) {
+            return;
+        }
+        let mut list = self.list();
+        list.push((uri.to_string(), conn, Instant::now()));
+        if list.len() > IDLE_MAX {
+            list.remove(0);
+        }
+    }
+}
+
+/// One connection, and what one operation's freeze keeps between calls.
 pub struct LibvirtHost {
     uri: String,
-    conn: Connect,
+    /// Always Some until the session ends (then it goes back to the idle connections).
+    conn: Option<Connect>,
+    /// A guard started by `prepare_thaw_guard`, for `arm_thaw_guard` to arm.
+    pending_guard: RefCell<Option<(String, PendingThawGuard)>>,
+    /// The domain `freeze` froze, so that the thaw inside the frozen window needs no lookup
+    /// round trip first.
+    frozen: RefCell<Option<(String, Domain)>>,
+}
+
+impl Drop for LibvirtHost {
+    fn drop(&mut self) {
+        // A guard never armed is stopped (dropped) before its connection's session ends.
+        self.pending_guard.get_mut().take();
+        self.frozen.get_mut().take();
+        if let Some(conn) = self.conn.take() {
+            idle_connections().keep(&self.uri, conn);
+        }
+    }
 }
 
 fn libvirt_error(e: virt::error::Error) -> OpError {
@@ -44,8 +121,14 @@ fn libvirt_error(e: virt::error::Error) -> OpError {
 }
 
 impl LibvirtHost {
+    fn conn(&self) -> OpResult<&Connect> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| OpError::LibvirtUnavailable("the session has ended".to_string()))
+    }
+
     fn domain(&self, vm: &str) -> OpResult<Domain> {
-        self.conn.lookup_domain_by_uuid_string(vm).map_err(|e| {
+        self.conn()?.lookup_domain_by_uuid_string(vm).map_err(|e| {
             if matches!(e.code(), Enum::Known(ErrorNumber::NoDomain)) {
                 OpError::VmNotFound(vm.to_string())
             } else {
@@ -117,9 +200,41 @@ impl Host for LibvirtHost {
     }
 
     fn arm_thaw_guard(&self, vm: &str, deadline: Duration) -> OpResult<Box<dyn ThawGuardHandle>> {
-        ThawGuard::arm(&self.uri, vm, deadline)
+        let pending = self.pending_guard.borrow_mut().take();
+        let armed = match pending {
+            // Started with the same deadline: `prepare_thaw_guard` is called with it.
+            Some((for_vm, pending)) if for_vm == vm => {
+                let waited = Instant::now();
+                match pending.armed() {
+                    Ok(guard) => {
+                        debug!(
+                            vm,
+                            waited_us = waited.elapsed().as_micros() as u64,
+                            "thaw guard armed (started early)"
+                        );
+                        Ok(guard)
+                    }
+                    // A guard that passed its own deadline before the arm (the preparation
+                    // took longer than freeze_timeout), or died: a fresh one is started.
+                    Err(e) => {
+                        warn!(vm, error = %e, "the thaw guard started early could not be armed; starting another");
+                        ThawGuard::arm(&self.uri, vm, deadline)
+                    }
+                }
+            }
+            _ => ThawGuard::arm(&self.uri, vm, deadline),
+        };
+        armed
             .map(|g| Box::new(g) as Box<dyn ThawGuardHandle>)
             .map_err(|e| OpError::Refused(format!("cannot start the thaw guard: {e}")))
+    }
+
+    fn prepare_thaw_guard(&self, vm: &str, deadline: Duration) {
+        match ThawGuard::start(&self.uri, vm, deadline) {
+            Ok(pending) => *self.pending_guard.borrow_mut() = Some((vm.to_string(), pending)),
+            // arm_thaw_guard tries again and reports it.
+            Err(e) => debug!(vm, error = %e, "cannot start the thaw guard early"),
+        }
     }
 
     fn freeze(
@@ -146,11 +261,10 @@ impl Host for LibvirtHost {
             Some(list) => virt_ext::fs_freeze_mountpoints(&dom, list),
             None => virt_ext::fs_freeze(&dom),
         };
-        // Back to libvirt's default for everyone else who uses this agent.
-        let _ = virt_ext::agent_set_response_timeout(
-            &dom,
-            virt::sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT,
-        );
+        // The bounded response time stays for the thaw, which the flow always calls next and
+        // which puts libvirt's default back after it: resetting it here would be one more round
+        // trip while the guest is frozen.
+        *self.frozen.borrow_mut() = Some((vm.to_string(), dom));
         frozen.map_err(|e| FreezeFailure {
             timed_out: matches!(e.code(), Enum::Known(ErrorNumber::AgentUnresponsive)),
             message: e.message().to_string(),
@@ -158,17 +272,32 @@ impl Host for LibvirtHost {
     }
 
     fn thaw(&self, vm: &str) -> Result<u32, String> {
-        let dom = self.domain(vm).map_err(|e| e.to_string())?;
-        virt_ext::fs_thaw(&dom).map_err(|e| e.message().to_string())
+        let frozen = self
+            .frozen
+            .borrow_mut()
+            .take()
+            .filter(|(for_vm, _)| for_vm == vm);
+        let dom = match frozen {
+            Some((_, dom)) => dom,
+            None => self.domain(vm).map_err(|e| e.to_string())?,
+        };
+        let thawed = virt_ext::fs_thaw(&dom).map_err(|e| e.message().to_string());
+        // Back to libvirt's default for everyone else who uses this agent (`freeze` bounded
+        // it); harmless when it was not changed.
+        let _ = virt_ext::agent_set_response_timeout(
+            &dom,
+            virt::sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT,
+        );
+        thawed
     }
 
     fn define(&self, xml: &str) -> OpResult<String> {
-        let dom = self.conn.define_domain_xml(xml).map_err(libvirt_error)?;
+        let dom = self.conn()?.define_domain_xml(xml).map_err(libvirt_error)?;
         dom.uuid_string().map_err(libvirt_error)
     }
 
     fn lookup_name(&self, name: &str) -> OpResult<Option<String>> {
-        match self.conn.lookup_domain_by_name(name) {
+        match self.conn()?.lookup_domain_by_name(name) {
             Ok(dom) => dom.uuid_string().map(Some).map_err(libvirt_error),
             Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomain)) => Ok(None),
             Err(e) => Err(libvirt_error(e)),
@@ -201,7 +330,7 @@ impl Host for LibvirtHost {
     }
 
     fn libvirt(&self) -> Option<&Connect> {
-        Some(&self.conn)
+        self.conn.as_ref()
     }
 }
 

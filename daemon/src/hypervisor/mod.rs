@@ -58,6 +58,11 @@ pub trait Host {
     /// Starts a guard that thaws the guest `deadline` from now at the latest, or as soon as
     /// the guard is dropped armed.
     fn arm_thaw_guard(&self, vm: &str, deadline: Duration) -> OpResult<Box<dyn ThawGuardHandle>>;
+    /// A hint that `arm_thaw_guard(vm, deadline)` may follow: a host whose guard takes long to
+    /// start starts it now, so that it gets ready while the caller prepares. Nothing is armed
+    /// (no deadline runs against a freeze) until `arm_thaw_guard`; a guard never armed goes
+    /// with the session.
+    fn prepare_thaw_guard(&self, _vm: &str, _deadline: Duration) {}
     /// Freezes the guest's filesystems; the agent must answer within `answer_within`. With
     /// `only_disks`, only the filesystems that live on those disks alone (where the agent can
     /// tell; all of them otherwise).

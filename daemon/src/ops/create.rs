@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vmsnap_api::{ExcludedVolume, Indication, SnapshotPhase};
 
 use super::{check_deadline, OpContext, OpError, OpResult};
@@ -65,6 +65,8 @@ fn create_steps(
     for (backend, volumes) in ctx.backends.batches(&record.volumes)? {
         backend.prepare(&env, record, &volumes)?;
     }
+    // For bench/steps.py, as the lines below: where the time before the freeze goes.
+    debug!(vm = %record.vm_name, snapshot = %record.name, "prepared the disks");
     let freeze = if try_freeze {
         freeze_guest(ctx, host, record, &mut notes)?
     } else {
@@ -142,6 +144,11 @@ fn plan_snapshot(
     let live_xml = host.current_definition(&record.vm_uuid)?;
     let vm = parse_domain(&live_xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe)
         .map_err(OpError::Refused)?;
+    if agent_may_freeze(ctx, state, vm.agent) {
+        // The guard starts now and gets ready while the disks are planned and prepared; it is
+        // armed (its deadline running) only right before the freeze.
+        host.prepare_thaw_guard(&record.vm_uuid, ctx.freeze_timeout);
+    }
     let online = host.is_active(&record.vm_uuid)?;
 
     let mut volumes = Vec::new();
@@ -188,12 +195,8 @@ fn choose_quiesce(
 ) -> bool {
     let running = planned.state == RunState::Running;
     let paused = planned.state == RunState::Paused;
-    let try_freeze = running
-        && !record.volumes.is_empty()
-        && match ctx.quiesce {
-            Quiesce::Auto => planned.vm.agent == vmsnap_api::AgentState::Connected,
-            Quiesce::Always => planned.vm.agent != vmsnap_api::AgentState::NotConfigured,
-        };
+    let try_freeze =
+        !record.volumes.is_empty() && agent_may_freeze(ctx, planned.state, planned.vm.agent);
     record.indications = Vec::new();
     if planned.online {
         record.indications.push(Indication::Online);
@@ -216,6 +219,15 @@ fn choose_quiesce(
     try_freeze
 }
 
+/// Whether a VM in `state` with this agent is to be frozen (when it has volumes to capture).
+fn agent_may_freeze(ctx: &OpContext, state: RunState, agent: vmsnap_api::AgentState) -> bool {
+    state == RunState::Running
+        && match ctx.quiesce {
+            Quiesce::Auto => agent == vmsnap_api::AgentState::Connected,
+            Quiesce::Always => agent != vmsnap_api::AgentState::NotConfigured,
+        }
+}
+
 /// An armed thaw guard and when the freeze began.
 type Frozen = (Box<dyn ThawGuardHandle>, Instant);
 
@@ -229,6 +241,7 @@ fn freeze_guest(
     notes: &mut Vec<(Indication, String)>,
 ) -> OpResult<Option<Frozen>> {
     let guard = host.arm_thaw_guard(&record.vm_uuid, ctx.freeze_timeout)?;
+    debug!(vm = %record.vm_name, snapshot = %record.name, "armed the thaw guard");
     record.step = Step::Freezing;
     ctx.save(record)?;
     ctx.progress(record, "freezing the guest's filesystems");
