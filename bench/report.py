@@ -134,13 +134,20 @@ def main():
     step_labels = [
         ("client_to_engine", "create: vmsnapctl start, bus connect, CreateSnapshot call"),
         ("op_start", "create: operation thread start, its own libvirt connection"),
-        ("prepare", "create: domain info/XML, block info, 2 record writes, thaw guard arm"),
+        ("prepare", "create: domain info/XML, block info, 2 record writes, overlay, thaw guard arm"),
+        ("plan_prepare", "create: of which reading the VM, the plan and its record, the overlay"),
+        ("arm_wait", "create: of which then waiting for the thaw guard to be armed"),
+        ("journal_freezing", "create: of which then the Freezing record"),
         ("frozen_and_disarm", "create: freeze, snapshot, thaw, thaw guard disarm"),
         ("freeze_reported", "create: of which freeze to thaw (freezeDurationMs)"),
         ("disarm_etc", "create: of which after the thaw (guard disarm)"),
         ("finish_to_client", "create: final record write, signals, vmsnapctl prints and exits"),
         ("del_client_to_engine", "delete: vmsnapctl start to vmsnapd starting the delete"),
         ("del_merge", "delete: merge (block commit with pivot), record removal"),
+        ("del_check", "delete: of which its session, the check before it, the Deleting record"),
+        ("del_scan", "delete: of which the image forest scan before the merge"),
+        ("del_job", "delete: of which the block job, until seen ready"),
+        ("del_after", "delete: of which the pivot, definitions, rescan, claims, record removal"),
         ("del_finish_to_client", "delete: vmsnapctl notices and exits"),
     ]
     for column, label in step_labels:
@@ -156,6 +163,8 @@ def main():
     print(f"| arm: spawn vmsnapd --thaw-guard, libvirt connect, lookup, until `ready` | {med} | {lo} | {hi} |")
     med, lo, hi = stats(values(guard, "disarm_ms"))
     print(f"| disarm: write `disarm`, until the guard exited | {med} | {lo} | {hi} |")
+    med, lo, hi = stats(values(guard, "disarm_answer_ms"))
+    print(f"| disarm: write `disarm`, until its answer `disarmed` (end of file before issue 13) | {med} | {lo} | {hi} |")
     print()
 
     print(f"### Baselines (ms)")

@@ -168,7 +168,7 @@ until gexec "grep -q ' /mnt/data ' /proc/mounts" 2>/dev/null; do
   sleep 0.3
 done
 gexec "head -c $((16 << 20)) /dev/urandom >/mnt/data/written.bin && sync"
-uuid=$(virsh domuuid "$VM" | head -n1)
+uuid=$(virsh domuuid "$VM" | sed -n 1p) # sed reads it all: head could SIGPIPE virsh (pipefail)
 
 # --- private bus and vmsnapd -----------------------------------------------------------------
 say "starting a private dbus-daemon and vmsnapd"
@@ -288,7 +288,7 @@ chain=$(qemu-img info -U --backing-chain "$disk" | grep -c '^image:')
 # --- the thaw guard alone ------------------------------------------------------------------
 say "timing the thaw guard alone ($AUX_N times)"
 guard=$work/guard.tsv
-printf 'arm_ms\tdisarm_ms\n' >"$guard"
+printf 'arm_ms\tdisarm_ms\tdisarm_answer_ms\n' >"$guard"
 for _ in $(seq "$AUX_N"); do
   now_us; g0=$REPLY
   coproc GUARD { exec "$VMSNAPD" --thaw-guard "$uuid" --guard-uri "$URI" --guard-deadline-ms 10000 2>>"$work/guard.err"; }
@@ -296,9 +296,12 @@ for _ in $(seq "$AUX_N"); do
   now_us; g1=$REPLY
   [ "$line" = ready ] || die "the thaw guard said '$line'"
   echo disarm >&"${GUARD[1]}"
-  wait "$GUARD_PID" || die "the thaw guard did not exit 0 on disarm"
+  # Its answer, `disarmed` (what vmsnapd waits for since issue 13), or end of file (older ones).
+  read -r -t 5 line <&"${GUARD[0]}" || true
   now_us; g2=$REPLY
-  printf '%s\t%s\n' "$(ms "$g0" "$g1")" "$(ms "$g1" "$g2")" >>"$guard"
+  wait "$GUARD_PID" || die "the thaw guard did not exit 0 on disarm"
+  now_us; g3=$REPLY
+  printf '%s\t%s\t%s\n' "$(ms "$g0" "$g1")" "$(ms "$g1" "$g3")" "$(ms "$g1" "$g2")" >>"$guard"
 done
 
 # --- baselines: a no-op of each client, and a durable record write ---------------------------

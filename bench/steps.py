@@ -7,7 +7,9 @@ The log lines used (tracing's RFC 3339 timestamps, microseconds, same clock as t
 EPOCHREALTIME stamps in RESULTS_TSV; `snapshot=NAME` names the snapshot):
   creating snapshot                  the engine accepted CreateSnapshot
   reading the VM definition          the operation thread has its own libvirt connection
-  freezing the guest's filesystems   the thaw guard is armed; FSFreeze is next
+  prepared the disks (debug)         the plan is journaled and the overlays are made
+  armed the thaw guard (debug)       the guard (started while planning) answered `armed`
+  freezing the guest's filesystems   the Freezing record is written; FSFreeze is next
   thawed the guest's filesystems     FSThaw returned and the guard was disarmed
   deleting snapshot / merging disk / snapshot deleted
 Prints one row per snapshot: the step durations in ms (see COLUMNS).
@@ -23,6 +25,9 @@ COLUMNS = [
     "client_to_engine",  # vmsnapctl start + bus connect + CreateSnapshot -> "creating snapshot"
     "op_start",  # "creating snapshot" -> "reading the VM definition" (thread, libvirt connect)
     "prepare",  # -> "freezing": domain info/XML, block info, 2 record writes, thaw guard arm
+    "plan_prepare",  # "reading" -> "prepared the disks" (nan before these lines existed)
+    "arm_wait",  # "prepared the disks" -> "armed the thaw guard"
+    "journal_freezing",  # "armed the thaw guard" -> "freezing"
     "frozen_and_disarm",  # -> "thawed": freeze + snapshot + thaw + thaw guard disarm
     "freeze_reported",  # freezeDurationMs (freeze start -> thaw returned)
     "disarm_etc",  # frozen_and_disarm - freeze_reported: mostly the guard's disarm
@@ -30,6 +35,10 @@ COLUMNS = [
     # delete
     "del_client_to_engine",  # vmsnapctl start -> "deleting snapshot"
     "del_merge",  # "deleting snapshot" -> "snapshot deleted" (block commit with pivot)
+    "del_check",  # "deleting snapshot" -> "releasing disk": session, check_release, record
+    "del_scan",  # "releasing disk" -> "merging disk": the image forest scan
+    "del_job",  # "merging disk" -> its last progress line: the block job until seen ready
+    "del_after",  # -> "snapshot deleted": pivot, definitions, rescan, claims, record removal
     "del_finish_to_client",  # "snapshot deleted" -> vmsnapctl exited
 ]
 
@@ -55,7 +64,11 @@ def main():
                 continue
             message = m.group(3)
             if message.startswith("merging disk"):
+                # The last progress line of the merge: the job was seen ready (or done).
+                events.setdefault(m.group(4), {})["merging disk, last"] = t
                 message = "merging disk"
+            if message.startswith("releasing disk"):
+                message = "releasing disk"
             events.setdefault(m.group(4), {}).setdefault(message, t)
 
     print("\t".join(["iter"] + COLUMNS))
@@ -75,6 +88,8 @@ def main():
             creating = e.get("creating snapshot")
             reading = e.get("reading the VM definition")
             freezing = e.get("freezing the guest's filesystems")
+            prepared = e.get("prepared the disks")
+            armed = e.get("armed the thaw guard")
             thawed = e.get("thawed the guest's filesystems")
             deleting = e.get("deleting snapshot")
             deleted = e.get("snapshot deleted")
@@ -91,12 +106,19 @@ def main():
                         span(c0, creating),
                         span(creating, reading),
                         span(reading, freezing),
+                        span(reading, prepared),
+                        span(prepared, armed),
+                        span(armed, freezing),
                         frozen,
                         f"{reported:.1f}",
                         disarm,
                         span(thawed, c1),
                         span(d0, deleting),
                         span(deleting, deleted),
+                        span(deleting, e.get("releasing disk")),
+                        span(e.get("releasing disk"), e.get("merging disk")),
+                        span(e.get("merging disk"), e.get("merging disk, last")),
+                        span(e.get("merging disk, last"), deleted),
                         span(deleted, d1),
                     ]
                 )
