@@ -1,6 +1,8 @@
 //! Create: takes a snapshot of every volume in one freeze, backend by backend, with the record
-//! as its journal (Planned, Freezing or Snapshotting, Done). Recovery of an interrupted create
-//! keeps a snapshot whose volumes were all captured and undoes one whose were not.
+//! as its journal: the plan, written once before anything changes (step Freezing when the guest
+//! is to be frozen, else Planned), Snapshotting when it goes on unfrozen, Done. Recovery of an
+//! interrupted create keeps a snapshot whose volumes were all captured and undoes one whose were
+//! not.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,6 +64,16 @@ fn create_steps(
     let mut notes: Vec<(Indication, String)> = Vec::new();
     let try_freeze = choose_quiesce(ctx, &planned, record, &mut notes);
     check_deadline(deadline, "snapshot")?;
+    // One journal write before anything outside the record changes, for the preparation and,
+    // when the guest is to be frozen, the freeze too: a write fewer before the freeze. A
+    // restarted vmsnapd settles both alike (its thaw of a Freezing record is harmless when
+    // nothing was frozen yet; the volumes not captured are discarded).
+    record.step = if try_freeze {
+        Step::Freezing
+    } else {
+        Step::Planned
+    };
+    ctx.save(record)?;
     for (backend, volumes) in ctx.backends.batches(&record.volumes)? {
         backend.prepare(&env, record, &volumes)?;
     }
@@ -130,8 +142,9 @@ struct Planned {
     online: bool,
 }
 
-/// Reads the VM, plans one volume per disk with the backend that takes it (the others are
-/// excluded), and journals the plan (step Planned): nothing outside the record has changed yet.
+/// Reads the VM and plans one volume per disk with the backend that takes it (the others are
+/// excluded), in the record; the caller journals the plan before anything outside the record
+/// changes.
 fn plan_snapshot(
     env: &Env,
     record: &mut SnapshotRecord,
@@ -180,8 +193,6 @@ fn plan_snapshot(
     record.domain_xml = crate::store::DomainXml::Held(inactive_xml);
     record.volumes = volumes;
     record.excluded = excluded;
-    record.step = Step::Planned;
-    ctx.save(record)?;
     Ok(Planned { vm, state, online })
 }
 
@@ -240,10 +251,9 @@ fn freeze_guest(
     record: &mut SnapshotRecord,
     notes: &mut Vec<(Indication, String)>,
 ) -> OpResult<Option<Frozen>> {
+    // The record says Freezing already (written before the preparation).
     let guard = host.arm_thaw_guard(&record.vm_uuid, ctx.freeze_timeout)?;
     debug!(vm = %record.vm_name, snapshot = %record.name, "armed the thaw guard");
-    record.step = Step::Freezing;
-    ctx.save(record)?;
     ctx.progress(record, "freezing the guest's filesystems");
     // Bound the freeze call itself: half the freeze deadline, so a freeze that does not
     // answer in time fails (QuiesceFailed) with time left to snapshot and thaw.
