@@ -7,7 +7,10 @@ The log lines used (tracing's RFC 3339 timestamps, microseconds, same clock as t
 EPOCHREALTIME stamps in RESULTS_TSV; `snapshot=NAME` names the snapshot):
   creating snapshot                  the engine accepted CreateSnapshot
   reading the VM definition          the operation thread has its own libvirt connection
-  prepared the disks (debug)         the plan is journaled and the overlays are made
+  read the VM (debug)                its state, both definitions, parsed; the guard started
+  planned the volumes (debug)        each disk's volume planned (block info, path checks)
+  journaled the plan (debug)         the record with the plan is on disk
+  prepared the disks (debug)         the overlays are made
   armed the thaw guard (debug)       the guard (started while planning) answered `armed`
   freezing the guest's filesystems   the Freezing record is written; FSFreeze is next
   thawed the guest's filesystems     FSThaw returned and the guard was disarmed
@@ -26,6 +29,10 @@ COLUMNS = [
     "op_start",  # "creating snapshot" -> "reading the VM definition" (thread, libvirt connect)
     "prepare",  # -> "freezing": domain info/XML, block info, 2 record writes, thaw guard arm
     "plan_prepare",  # "reading" -> "prepared the disks" (nan before these lines existed)
+    "read_vm",  # "reading" -> "read the VM"
+    "plan_volumes",  # -> "planned the volumes"
+    "journal_plan",  # -> "journaled the plan"
+    "overlays",  # -> "prepared the disks"
     "arm_wait",  # "prepared the disks" -> "armed the thaw guard"
     "journal_freezing",  # "armed the thaw guard" -> "freezing"
     "frozen_and_disarm",  # -> "thawed": freeze + snapshot + thaw + thaw guard disarm
@@ -107,6 +114,10 @@ def main():
                         span(creating, reading),
                         span(reading, freezing),
                         span(reading, prepared),
+                        span(reading, e.get("read the VM")),
+                        span(e.get("read the VM"), e.get("planned the volumes")),
+                        span(e.get("planned the volumes"), e.get("journaled the plan")),
+                        span(e.get("journaled the plan"), prepared),
                         span(prepared, armed),
                         span(armed, freezing),
                         frozen,

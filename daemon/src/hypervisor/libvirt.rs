@@ -65,20 +65,26 @@ impl IdleConnections {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A kept connection to `uri` that is still alive, if any (the test driver's shared one is
+    /// A kept connection to `uri` that still answers, if any (the test driver's shared one is
     /// never kept: `crate::libvirt::open` hands it out).
     fn take(&self, uri: &str) -> Option<Connect> {
-        let mut list = self.list();
-        list.retain(|(_, _, since)| since.elapsed() < IDLE_FOR);
-        while let Some(at) = list.iter().rposition(|(u, _, _)| u == uri) {
-            let (_, conn, _) = list.remove(at);
-            // Local, no round trip: false once the socket closed (libvirtd gone or restarted;
-            // the event loop thread notices that at once).
-            if conn.is_alive().unwrap_or(false) {
-                return Some(conn);
+        let found = {
+            let mut list = self.list();
+            list.retain(|(_, _, since)| since.elapsed() < IDLE_FOR);
+            let mut alive = None;
+            while let Some(at) = list.iter().rposition(|(u, _, _)| u == uri) {
+                let (_, conn, _) = list.remove(at);
+                // Local, no round trip: false once the socket is known closed.
+                if conn.is_alive().unwrap_or(false) {
+                    alive = Some(conn);
+                    break;
+                }
             }
-        }
-        None
+            alive
+        };
+        // One round trip (a fraction of a millisecond, against 2-4 for a new connection)
+        // proves it: a libvirtd restarted since may not have been noticed yet.
+        found.filter(|conn| conn.lib_version().is_ok())
     }
 
     fn keep(&self, uri: &str, conn: Connect) {

@@ -73,7 +73,9 @@ fn create_steps(
     } else {
         Step::Planned
     };
+    debug!(vm = %record.vm_name, snapshot = %record.name, "planned the volumes");
     ctx.save(record)?;
+    debug!(vm = %record.vm_name, snapshot = %record.name, "journaled the plan");
     for (backend, volumes) in ctx.backends.batches(&record.volumes)? {
         backend.prepare(&env, record, &volumes)?;
     }
@@ -163,6 +165,7 @@ fn plan_snapshot(
         host.prepare_thaw_guard(&record.vm_uuid, ctx.freeze_timeout);
     }
     let online = host.is_active(&record.vm_uuid)?;
+    debug!(vm = %record.vm_name, snapshot = %record.name, "read the VM");
 
     let mut volumes = Vec::new();
     let mut excluded = Vec::new();
