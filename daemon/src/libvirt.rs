@@ -70,10 +70,28 @@ enum Msg {
     Stop,
 }
 
+/// The inventory as the libvirt thread last read it, for operations on their own threads (the
+/// image forest asks it which images every domain uses, instead of reading every domain).
+/// Empty while the thread has no current inventory (not connected yet, or disconnected).
+#[derive(Debug, Default)]
+pub struct KnownDomains(std::sync::RwLock<Option<Arc<Vec<VmInfo>>>>);
+
+impl KnownDomains {
+    pub fn get(&self) -> Option<Arc<Vec<VmInfo>>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, vms: Option<Arc<Vec<VmInfo>>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = vms;
+    }
+}
+
 /// Settings of the libvirt thread.
 #[derive(Debug, Clone)]
 pub struct LibvirtSettings {
     pub uri: String,
+    /// Where the thread publishes each inventory it reads.
+    pub known: Arc<KnownDomains>,
     /// How often the whole inventory is re-read while connected (events carry the rest).
     pub reconcile_interval: Duration,
     pub reconnect_interval: Duration,
@@ -94,6 +112,7 @@ impl Drop for ClientQueue {
 #[derive(Clone)]
 pub struct LibvirtClient {
     queue: Arc<ClientQueue>,
+    known: Arc<KnownDomains>,
 }
 
 impl LibvirtClient {
@@ -121,6 +140,11 @@ impl LibvirtClient {
         answer
             .await
             .map_err(|_| LibvirtFailure::Unavailable("the libvirt thread has stopped".into()))?
+    }
+
+    /// The inventory the thread publishes.
+    pub fn known(&self) -> Arc<KnownDomains> {
+        self.known.clone()
     }
 
     /// A handle that asks for one domain to be re-read; it does not keep the thread running.
@@ -158,12 +182,14 @@ pub fn start(
     start_event_loop().map_err(std::io::Error::other)?;
     let (queue, inbox) = mpsc::channel::<Msg>();
     let notices = queue.clone();
+    let known = settings.known.clone();
     let thread = std::thread::Builder::new()
         .name("libvirt".to_string())
         .spawn(move || Worker::new(settings, events, notices).run(inbox))?;
     Ok((
         LibvirtClient {
             queue: Arc::new(ClientQueue(queue)),
+            known,
         },
         thread,
     ))
@@ -339,6 +365,8 @@ impl Worker {
     fn disconnect(&mut self) {
         self.callbacks = None;
         self.conn = None;
+        // No events arrive any more: what was read cannot be kept current.
+        self.settings.known.set(None);
     }
 
     /// The connection is gone: report it and try again after `reconnect_interval`.
@@ -437,6 +465,7 @@ impl Worker {
         }
         let mut vms: Vec<VmInfo> = self.vms.values().cloned().collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
+        self.settings.known.set(Some(Arc::new(vms.clone())));
         self.send(LibvirtEvent::Inventory(vms));
     }
 
@@ -887,6 +916,7 @@ mod tests {
     fn settings(uri: &str) -> LibvirtSettings {
         LibvirtSettings {
             uri: uri.to_string(),
+            known: Arc::default(),
             reconcile_interval: Duration::from_millis(200),
             reconnect_interval: Duration::from_millis(200),
         }

@@ -9,7 +9,11 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
+use std::sync::Arc;
+
 use super::{FreezeFailure, Host, Hypervisor, RunState, ThawGuardHandle};
+use crate::domain::VmInfo;
+use crate::libvirt::KnownDomains;
 use crate::ops::{OpError, OpResult};
 use crate::thaw_guard::ThawGuard;
 use crate::virt_ext;
@@ -20,6 +24,8 @@ pub const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 /// libvirt at one URI.
 pub struct Libvirt {
     pub uri: String,
+    /// The daemon's inventory, when this process keeps one.
+    pub known: Option<Arc<KnownDomains>>,
 }
 
 impl Hypervisor for Libvirt {
@@ -29,6 +35,7 @@ impl Hypervisor for Libvirt {
         Ok(Box::new(LibvirtHost {
             uri: self.uri.clone(),
             conn,
+            known: self.known.clone(),
         }))
     }
 }
@@ -37,6 +44,7 @@ impl Hypervisor for Libvirt {
 pub struct LibvirtHost {
     uri: String,
     conn: Connect,
+    known: Option<Arc<KnownDomains>>,
 }
 
 fn libvirt_error(e: virt::error::Error) -> OpError {
@@ -202,6 +210,10 @@ impl Host for LibvirtHost {
 
     fn libvirt(&self) -> Option<&Connect> {
         Some(&self.conn)
+    }
+
+    fn known_domains(&self) -> Option<Arc<Vec<VmInfo>>> {
+        self.known.as_ref().and_then(|known| known.get())
     }
 }
 

@@ -7,15 +7,15 @@
 //! backing chains (read from the qcow2 headers) and the domain definitions (libvirt).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use tracing::{debug, info};
 use virt::connect::Connect;
 use vmsnap_api::SnapshotPhase;
 
 use super::chain;
-use super::header as qcow2;
 use crate::disks::SysfsLvmProbe;
-use crate::domain::{self, parse_domain};
+use crate::domain::{parse_domain, VmInfo};
 use crate::store::{Artifact, SnapshotRecord};
 
 /// A disk of a domain and its top image.
@@ -41,49 +41,100 @@ pub struct Forest {
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 
-impl Forest {
-    /// Reads every file disk of every domain, and the images the records name.
-    pub fn scan(conn: &Connect, records: &[SnapshotRecord]) -> Result<Forest, String> {
-        Forest::scan_with(conn, records, &[])
-    }
+/// Where a scan learns which images the domains use.
+pub struct HostView<'a> {
+    pub conn: &'a Connect,
+    /// Every domain as the libvirt thread last read it (it follows libvirt's events); `None`
+    /// when it has no current inventory, and then every domain is read over `conn`.
+    pub known: Option<Arc<Vec<VmInfo>>>,
+}
 
-    /// Like [`Forest::scan`], also reading the chains of `extra` images (one being released
-    /// is no longer named by any record).
-    pub fn scan_with(
-        conn: &Connect,
+impl<'a> HostView<'a> {
+    /// A view that reads every domain itself.
+    pub fn reading_all(conn: &'a Connect) -> HostView<'a> {
+        HostView { conn, known: None }
+    }
+}
+
+/// One domain's disks as a scan uses them.
+struct DomainTops {
+    uuid: String,
+    running: bool,
+    /// (target, path) of each disk on a file.
+    disks: Vec<(String, String)>,
+}
+
+/// The disks that count as using their images: every disk on a file, read-only and
+/// shareable ones included (a VM reading an image needs it as much as one writing it).
+fn file_disks(vm: &VmInfo) -> Vec<(String, String)> {
+    vm.disks
+        .iter()
+        .filter(|d| d.backend == "qcow2" || (d.source.starts_with('/') && is_file(&d.source)))
+        .map(|d| (d.target.clone(), d.source.clone()))
+        .collect()
+}
+
+fn is_file(path: &str) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Reads one domain over the connection: `None` when it is gone or unreadable.
+fn read_domain(dom: &virt::domain::Domain) -> Option<DomainTops> {
+    let running = dom.is_active().ok()?;
+    let flags = if running { 0 } else { VIR_DOMAIN_XML_INACTIVE };
+    let xml = dom.xml_desc(flags).ok()?;
+    let uuid = dom.uuid_string().ok()?;
+    let vm = parse_domain(&xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe).ok()?;
+    Some(DomainTops {
+        uuid,
+        running,
+        disks: file_disks(&vm),
+    })
+}
+
+impl Forest {
+    /// The forest around `focus`, the images an operation is about to release, merge or
+    /// remove: the chains of every domain's disks and of the images `records` name, the
+    /// `focus` images' own chains (one being released may no longer be named by anything),
+    /// and the files next to the images connected to `focus` that build on them.
+    ///
+    /// With an inventory (`view.known`), no domain is read per scan except those whose disks
+    /// are connected to `focus`, which are read again now: the inventory follows libvirt's
+    /// events, but a disk-only snapshot changes a running domain's disks without one. Every
+    /// header is read through the chain reader's cache: a `stat` per unchanged image.
+    pub fn scan(
+        view: &HostView,
         records: &[SnapshotRecord],
-        extra: &[&str],
+        focus: &[&str],
     ) -> Result<Forest, String> {
         let mut forest = Forest::default();
-        for image in extra {
+        for image in focus {
             if std::path::Path::new(image).exists() {
                 forest.add_chain(image);
             }
         }
-        let domains = conn
-            .list_all_domains(0)
-            .map_err(|e| format!("cannot list domains: {}", e.message()))?;
-        for dom in domains {
-            let running = dom.is_active().unwrap_or(false);
-            let flags = if running { 0 } else { VIR_DOMAIN_XML_INACTIVE };
-            let (Ok(xml), Ok(uuid)) = (dom.xml_desc(flags), dom.uuid_string()) else {
-                continue;
-            };
-            let Ok(vm) = parse_domain(&xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe) else {
-                continue;
-            };
-            for disk in vm.disks.iter().filter(|d| d.backend == "qcow2") {
-                let Ok((path, _)) = domain::disk_source(&xml, &disk.target) else {
-                    continue;
-                };
-                forest.add_chain(&path);
-                forest.tops.push(DiskTop {
-                    domain_uuid: uuid.clone(),
-                    target: disk.target.clone(),
-                    path,
-                    running,
-                });
-            }
+        let mut domains = match &view.known {
+            Some(known) => known
+                .iter()
+                .map(|vm| DomainTops {
+                    uuid: vm.uuid.clone(),
+                    running: !matches!(
+                        vm.state,
+                        vmsnap_api::VmState::ShutOff | vmsnap_api::VmState::NoState
+                    ),
+                    disks: file_disks(vm),
+                })
+                .collect(),
+            None => view
+                .conn
+                .list_all_domains(0)
+                .map_err(|e| format!("cannot list domains: {}", e.message()))?
+                .iter()
+                .filter_map(read_domain)
+                .collect::<Vec<_>>(),
+        };
+        for (_, path) in domains.iter().flat_map(|d| &d.disks) {
+            forest.add_chain(path);
         }
         for record in records {
             for volume in record
@@ -96,18 +147,78 @@ impl Forest {
                 }
             }
         }
-        forest.add_unknown_children();
+        let mut connected = forest.connected_to(focus);
+        if view.known.is_some() {
+            let mut reread = false;
+            domains.retain_mut(|d| {
+                if !d.disks.iter().any(|(_, path)| connected.contains(path)) {
+                    return true;
+                }
+                reread = true;
+                match view
+                    .conn
+                    .lookup_domain_by_uuid_string(&d.uuid)
+                    .ok()
+                    .as_ref()
+                    .and_then(read_domain)
+                {
+                    Some(now) => {
+                        *d = now;
+                        true
+                    }
+                    None => false,
+                }
+            });
+            if reread {
+                for (_, path) in domains.iter().flat_map(|d| &d.disks) {
+                    forest.add_chain(path);
+                }
+                connected = forest.connected_to(focus);
+            }
+        }
+        for d in domains {
+            for (target, path) in d.disks {
+                forest.tops.push(DiskTop {
+                    domain_uuid: d.uuid.clone(),
+                    target,
+                    path,
+                    running: d.running,
+                });
+            }
+        }
+        forest.add_unknown_children(&connected);
         Ok(forest)
     }
 
-    /// Adds the files in the folders of the images seen so far that build on one of them but
-    /// that no domain or record names: a disk of a VM undefined with `virsh undefine`, a copy made
-    /// by hand, another host's VM on a shared folder. Each counts as a child of its backing
-    /// image, so that image is neither merged into nor removed while the file exists. Files in
-    /// other folders that build on vmsnap's images are not seen.
-    fn add_unknown_children(&mut self) {
-        let folders: BTreeSet<std::path::PathBuf> = self
-            .images
+    /// The images connected to `focus` by backing links, either way.
+    fn connected_to(&self, focus: &[&str]) -> BTreeSet<String> {
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (child, parent) in &self.parent {
+            children.entry(parent).or_default().push(child);
+        }
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut queue: Vec<&str> = focus.to_vec();
+        while let Some(image) = queue.pop() {
+            if !seen.insert(image.to_string()) {
+                continue;
+            }
+            if let Some(parent) = self.parent.get(image) {
+                queue.push(parent);
+            }
+            if let Some(kids) = children.get(image) {
+                queue.extend(kids.iter().copied());
+            }
+        }
+        seen
+    }
+
+    /// Adds the files in the folders of the images connected to the focus that build on one of
+    /// them but that no domain or record names: a disk of a VM undefined with `virsh undefine`,
+    /// a copy made by hand, another host's VM on a shared folder. Each counts as a child of its
+    /// backing image, so that image is neither merged into nor removed while the file exists.
+    /// Files in other folders that build on vmsnap's images are not seen.
+    fn add_unknown_children(&mut self, connected: &BTreeSet<String>) {
+        let folders: BTreeSet<std::path::PathBuf> = connected
             .iter()
             .filter_map(|i| std::path::Path::new(i).parent().map(|p| p.to_path_buf()))
             .collect();
@@ -122,11 +233,10 @@ impl Forest {
                 if !is_file || self.images.contains(&name) {
                     continue;
                 }
-                let Ok(Some(backing)) = qcow2::backing_file(&path) else {
+                let Some(backing) = chain::backing_of(&name) else {
                     continue;
                 };
-                let backing = backing.to_string_lossy().into_owned();
-                if self.images.contains(&backing) {
+                if connected.contains(&backing) {
                     debug!(file = %name, %backing, "a file no domain or record names builds on an image");
                     self.parent.insert(name.clone(), backing);
                     self.unknown.insert(name);
@@ -231,13 +341,13 @@ pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> boo
 /// Removes `image` and then its backing images, as long as nothing claims them and nothing
 /// builds on them.
 pub fn prune_unclaimed(
-    conn: &Connect,
+    view: &HostView,
     records: &[SnapshotRecord],
     image: &str,
 ) -> Result<(), String> {
     let mut current = image.to_string();
     loop {
-        let forest = Forest::scan_with(conn, records, &[current.as_str()])?;
+        let forest = Forest::scan(view, records, &[current.as_str()])?;
         if !std::path::Path::new(&current).exists()
             || is_owned(&current, &forest, records)
             || forest.in_any_chain(&current)
