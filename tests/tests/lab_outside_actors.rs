@@ -430,3 +430,103 @@ fn the_libvirt_hook_refuses_to_start_a_vm_during_its_restore() {
     assert!(virsh(&["domstate", &vm.name]).contains("running"));
     virsh(&["destroy", &vm.name]);
 }
+
+/// An admin takes a disk-only snapshot of a running VM with virsh, into a folder vmsnapd knows
+/// nothing of. libvirt sends no event for that, so vmsnapd's inventory (here never read again
+/// in full) still shows the disk's old top. Deleting a vmsnap snapshot below it must act on
+/// the real chain: the domains using the images at stake are read again for the delete. The
+/// merge goes into the right layers, the admin's overlay keeps working, the guest's files stay.
+#[test]
+fn a_delete_after_a_disk_only_snapshot_taken_with_virsh_merges_the_real_chain() {
+    // Declared first, so dropped after the VM that uses it.
+    let admin_dir = tempfile::tempdir().unwrap();
+    let vm = ScratchVm::running_with_agent("vmsnap-t13-virsh-snap");
+    let bus = PrivateBus::start();
+    let config = format!(
+        "libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\nreconnect_interval = \"300ms\"\n"
+    );
+    let daemon = Daemon::start(&bus, &config);
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
+    let base = vm.disk_source();
+    vm.write_file("f1", 256 * 1024);
+    let taken = daemon
+        .ctl(&["snapshot", "create", &vm.name, "s1", "--output", "json"])
+        .json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    let vmsnap_top = vm.disk_source();
+    assert_ne!(vmsnap_top, base);
+    let shown_source = || {
+        daemon
+            .ctl(&["vm", "show", &vm.name, "--output", "json"])
+            .json()["disks"][0]["source"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "vmsnapd to show the snapshot's overlay",
+        || (shown_source() == vmsnap_top).then_some(()),
+    );
+    vm.write_file("f2", 256 * 1024);
+
+    let admin_top = admin_dir.path().join("admin-top.qcow2");
+    let admin_top = admin_top.to_str().unwrap().to_string();
+    virsh(&[
+        "snapshot-create-as",
+        &vm.name,
+        "--name",
+        "admin",
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={admin_top}"),
+    ]);
+    assert_eq!(vm.disk_source(), admin_top);
+    vm.write_file("f3", 256 * 1024);
+    // What makes this case: vmsnapd has not seen the admin's snapshot.
+    assert_eq!(
+        shown_source(),
+        vmsnap_top,
+        "libvirt reported the disk-only snapshot (this test needs the inventory not to know)"
+    );
+    let before = vm.guest_checksums();
+
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
+
+    // vmsnap's overlay was merged into the base beneath the admin's overlay, and removed.
+    assert_eq!(vm.disk_source(), admin_top);
+    let chain: Vec<String> = {
+        let out = vmsnap_tests::run(
+            "qemu-img",
+            &[
+                "info",
+                "-U",
+                "--backing-chain",
+                "--output",
+                "json",
+                &admin_top,
+            ],
+        );
+        let images: Value = serde_json::from_str(&out).unwrap();
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["filename"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(chain, vec![admin_top.clone(), base.clone()]);
+    assert!(
+        !std::path::Path::new(&vmsnap_top).exists(),
+        "vmsnap's merged overlay is left"
+    );
+    // The guest reads the same files, from the disk (caches dropped) and after a cold start.
+    vm.exec("sync && echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(vm.guest_checksums(), before);
+    virsh(&["destroy", &vm.name]);
+    vm.start(true);
+    assert_eq!(vm.guest_checksums(), before);
+    assert_eq!(vm.disk_source(), admin_top);
+}

@@ -12,8 +12,7 @@ use virt::error::ErrorNumber;
 use std::sync::Arc;
 
 use super::{FreezeFailure, Host, Hypervisor, RunState, ThawGuardHandle};
-use crate::domain::VmInfo;
-use crate::libvirt::KnownDomains;
+use crate::libvirt::{InventoryView, KnownDomains};
 use crate::ops::{OpError, OpResult};
 use crate::thaw_guard::ThawGuard;
 use crate::virt_ext;
@@ -212,7 +211,7 @@ impl Host for LibvirtHost {
         Some(&self.conn)
     }
 
-    fn known_domains(&self) -> Option<Arc<Vec<VmInfo>>> {
+    fn known_domains(&self) -> Option<InventoryView> {
         self.known.as_ref().and_then(|known| known.get())
     }
 }

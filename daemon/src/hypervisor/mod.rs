@@ -85,7 +85,7 @@ pub trait Host {
     fn libvirt(&self) -> Option<&virt::connect::Connect>;
     /// Every domain as the daemon's inventory last read it (libvirt's events keep it current);
     /// `None` when there is none to trust (not connected, or no inventory in this process).
-    fn known_domains(&self) -> Option<std::sync::Arc<Vec<crate::domain::VmInfo>>> {
+    fn known_domains(&self) -> Option<crate::libvirt::InventoryView> {
         None
     }
 }

@@ -886,7 +886,11 @@ mod tests {
         let before = read();
         cache.put(&top, &meta(), None, &before);
         assert_eq!(cache.get(&top, &meta(), None), Some(before.clone()));
-        assert_eq!(cache.get(&top, &meta(), Some("qcow2")), None, "another format asked");
+        assert_eq!(
+            cache.get(&top, &meta(), Some("qcow2")),
+            None,
+            "another format asked"
+        );
         // Rewritten (same size, same times but the change's): the stamp differs, so the header
         // is read again. This cache keeps files changed just now, so the rewrite must come in a
         // later tick of the file clock, which is what the settle time ensures in real use.

@@ -7,7 +7,6 @@
 //! backing chains (read from the qcow2 headers) and the domain definitions (libvirt).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use tracing::{debug, info};
 use virt::connect::Connect;
@@ -16,6 +15,7 @@ use vmsnap_api::SnapshotPhase;
 use super::chain;
 use crate::disks::SysfsLvmProbe;
 use crate::domain::{parse_domain, VmInfo};
+use crate::libvirt::InventoryView;
 use crate::store::{Artifact, SnapshotRecord};
 
 /// A disk of a domain and its top image.
@@ -46,13 +46,19 @@ pub struct HostView<'a> {
     pub conn: &'a Connect,
     /// Every domain as the libvirt thread last read it (it follows libvirt's events); `None`
     /// when it has no current inventory, and then every domain is read over `conn`.
-    pub known: Option<Arc<Vec<VmInfo>>>,
+    pub known: Option<InventoryView>,
+    /// The VM of the operation (lower-case UUID): always read again, it is the one changing.
+    pub own_vm: Option<String>,
 }
 
 impl<'a> HostView<'a> {
     /// A view that reads every domain itself.
     pub fn reading_all(conn: &'a Connect) -> HostView<'a> {
-        HostView { conn, known: None }
+        HostView {
+            conn,
+            known: None,
+            own_vm: None,
+        }
     }
 }
 
@@ -113,27 +119,49 @@ impl Forest {
                 forest.add_chain(image);
             }
         }
-        let mut domains = match &view.known {
-            Some(known) => known
-                .iter()
-                .map(|vm| DomainTops {
-                    uuid: vm.uuid.clone(),
-                    running: !matches!(
-                        vm.state,
-                        vmsnap_api::VmState::ShutOff | vmsnap_api::VmState::NoState
-                    ),
-                    disks: file_disks(vm),
-                })
-                .collect(),
-            None => view
-                .conn
-                .list_all_domains(0)
-                .map_err(|e| format!("cannot list domains: {}", e.message()))?
-                .iter()
-                .filter_map(read_domain)
-                .collect::<Vec<_>>(),
-        };
-        for (_, path) in domains.iter().flat_map(|d| &d.disks) {
+        let listed = view
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| format!("cannot list domains: {}", e.message()))?;
+        // Each listed domain from the inventory, or read now: one the inventory lacks (just
+        // defined), one vmsnapd changed since it was read, the operation's own.
+        let known: HashMap<String, &VmInfo> = view
+            .known
+            .iter()
+            .flat_map(|k| k.vms.iter())
+            .map(|vm| (vm.uuid.to_ascii_lowercase(), vm))
+            .collect();
+        let mut domains: Vec<(DomainTops, bool)> = Vec::with_capacity(listed.len());
+        for dom in &listed {
+            let Ok(uuid) = dom.uuid_string() else {
+                continue;
+            };
+            let key = uuid.to_ascii_lowercase();
+            let trusted = view
+                .known
+                .as_ref()
+                .is_some_and(|k| !k.changed.contains(&key))
+                && view.own_vm.as_deref() != Some(key.as_str());
+            match known.get(&key).filter(|_| trusted) {
+                Some(vm) => domains.push((
+                    DomainTops {
+                        uuid: vm.uuid.clone(),
+                        running: !matches!(
+                            vm.state,
+                            vmsnap_api::VmState::ShutOff | vmsnap_api::VmState::NoState
+                        ),
+                        disks: file_disks(vm),
+                    },
+                    false,
+                )),
+                None => {
+                    if let Some(now) = read_domain(dom) {
+                        domains.push((now, true));
+                    }
+                }
+            }
+        }
+        for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
             forest.add_chain(path);
         }
         for record in records {
@@ -148,35 +176,38 @@ impl Forest {
             }
         }
         let mut connected = forest.connected_to(focus);
-        if view.known.is_some() {
-            let mut reread = false;
-            domains.retain_mut(|d| {
-                if !d.disks.iter().any(|(_, path)| connected.contains(path)) {
-                    return true;
-                }
-                reread = true;
-                match view
-                    .conn
-                    .lookup_domain_by_uuid_string(&d.uuid)
-                    .ok()
-                    .as_ref()
-                    .and_then(read_domain)
-                {
-                    Some(now) => {
-                        *d = now;
-                        true
-                    }
-                    None => false,
-                }
-            });
-            if reread {
-                for (_, path) in domains.iter().flat_map(|d| &d.disks) {
-                    forest.add_chain(path);
-                }
-                connected = forest.connected_to(focus);
+        // A domain shown using the images at stake, or an image that is gone, is read again:
+        // the inventory follows libvirt's events, but a disk-only snapshot (`virsh
+        // snapshot-create-as --disk-only`) changes a running domain's disks without one.
+        let mut reread = false;
+        for (tops, fresh) in domains.iter_mut().filter(|(_, fresh)| !*fresh) {
+            let stale = tops
+                .disks
+                .iter()
+                .any(|(_, path)| connected.contains(path) || !forest.images.contains(path));
+            if !stale {
+                continue;
+            }
+            reread = true;
+            *fresh = true;
+            // Not readable now (gone since the listing): kept as the inventory shows it.
+            let now = view
+                .conn
+                .lookup_domain_by_uuid_string(&tops.uuid)
+                .ok()
+                .as_ref()
+                .and_then(read_domain);
+            if let Some(now) = now {
+                *tops = now;
             }
         }
-        for d in domains {
+        if reread {
+            for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
+                forest.add_chain(path);
+            }
+            connected = forest.connected_to(focus);
+        }
+        for (d, _) in domains {
             for (target, path) in d.disks {
                 forest.tops.push(DiskTop {
                     domain_uuid: d.uuid.clone(),
