@@ -530,3 +530,131 @@ fn a_delete_after_a_disk_only_snapshot_taken_with_virsh_merges_the_real_chain() 
     assert_eq!(vm.guest_checksums(), before);
     assert_eq!(vm.disk_source(), admin_top);
 }
+
+/// The same outside change on a VM other than the operation's: a snapshot's VM is gone, a new
+/// VM made from that snapshot runs, and an admin takes a disk-only snapshot of the new VM with
+/// virsh (no event). Deleting the snapshot merges the new VM's layer on it into the snapshot's
+/// image: that must be done on the new VM's real chain, which vmsnapd reads again because the
+/// VM uses the image at stake, not as its inventory last showed it.
+#[test]
+fn a_delete_merges_another_vms_real_chain_after_a_disk_only_snapshot_taken_with_virsh() {
+    let admin_dir = tempfile::tempdir().unwrap();
+    let copy = "vmsnap-t13-virsh-copy";
+    undefine_leftover(copy);
+    let vm = ScratchVm::define(
+        "vmsnap-t13-virsh-gone",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let bus = PrivateBus::start();
+    let config = format!(
+        "libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\nreconnect_interval = \"300ms\"\n"
+    );
+    let daemon = Daemon::start(&bus, &config);
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let base = vm.disk_source();
+    let taken = daemon
+        .ctl(&["snapshot", "create", &vm.name, "s1", "--output", "json"])
+        .json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    let restored = daemon
+        .ctl(&[
+            "restore", &vm.name, "s1", "--target", copy, "--output", "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    // The first VM goes, with its disk (as `virsh undefine --remove-all-storage` would).
+    let first_top = vm.disk_source();
+    virsh(&["undefine", &vm.name]);
+    std::fs::remove_file(&first_top).unwrap();
+
+    virsh(&["start", copy]);
+    vmsnap_tests::wait_guest_ready(copy);
+    let copy_layer = virsh(&["domblklist", copy])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
+        .unwrap();
+    let shown_source = || {
+        daemon.ctl(&["vm", "show", copy, "--output", "json"]).json()["disks"][0]["source"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "vmsnapd to show the new VM running",
+        || {
+            let shown = daemon.ctl(&["vm", "show", copy, "--output", "json"]);
+            (shown.code == Some(0) && shown.json()["state"] == "running").then_some(())
+        },
+    );
+    assert_eq!(shown_source(), copy_layer);
+    let admin_top = admin_dir.path().join("admin-top.qcow2");
+    let admin_top = admin_top.to_str().unwrap().to_string();
+    virsh(&[
+        "snapshot-create-as",
+        copy,
+        "--name",
+        "admin",
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={admin_top}"),
+    ]);
+    let exec = |script: &str| {
+        let (code, out) = vmsnap_tests::guest_exec(copy, script, Duration::from_secs(120));
+        assert_eq!(code, 0, "{script}: {out}");
+        out
+    };
+    let checksums = || {
+        exec("cd /mnt/data && find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum")
+    };
+    exec("head -c 262144 /dev/urandom > /mnt/data/f-after && sync");
+    assert_eq!(
+        shown_source(),
+        copy_layer,
+        "libvirt reported the disk-only snapshot (this test needs the inventory not to know)"
+    );
+    let before = checksums();
+
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
+
+    let chain: Vec<String> = {
+        let out = vmsnap_tests::run(
+            "qemu-img",
+            &[
+                "info",
+                "-U",
+                "--backing-chain",
+                "--output",
+                "json",
+                &admin_top,
+            ],
+        );
+        let images: Value = serde_json::from_str(&out).unwrap();
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["filename"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(chain, vec![admin_top.clone(), base.clone()]);
+    assert!(
+        !std::path::Path::new(&copy_layer).exists(),
+        "the merged layer is left"
+    );
+    exec("sync && echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(checksums(), before);
+    virsh(&["destroy", copy]);
+    virsh(&["start", copy]);
+    vmsnap_tests::wait_guest_ready(copy);
+    assert_eq!(checksums(), before);
+    undefine_leftover(copy);
+}
