@@ -192,10 +192,7 @@ fn an_undefined_vms_disk_keeps_its_content_when_the_snapshot_it_builds_on_is_del
         ])
         .json();
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
-    let clone_disk = virsh(&["domblklist", clone])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
-        .unwrap();
+    let clone_disk = vmsnap_tests::disk_of(clone, "vda");
     write_pattern(&clone_disk, 0xcc, 3072);
     let clone_sum = flat_sum(&clone_disk);
     virsh(&["undefine", clone]);
@@ -272,10 +269,7 @@ fn snapshots_outlive_their_vm_and_become_a_new_vm_without_touching_its_disk() {
         ])
         .json();
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
-    let copy_disk = virsh(&["domblklist", copy])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
-        .unwrap();
+    let copy_disk = vmsnap_tests::disk_of(copy, "vda");
     assert_eq!(flat_sum(&copy_disk), s2_sum, "the new VM holds s2's data");
 
     // Deleting s1 leaves the undefined VM's disk (and the new VM's) as they were.
@@ -431,6 +425,71 @@ fn the_libvirt_hook_refuses_to_start_a_vm_during_its_restore() {
     virsh(&["destroy", &vm.name]);
 }
 
+/// A configuration whose inventory is never read again in full during a test: what libvirt
+/// sends no event for stays unseen.
+fn config_without_reconcile() -> String {
+    format!(
+        "libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\nreconnect_interval = \"300ms\"\n"
+    )
+}
+
+/// An admin's `virsh snapshot-create-as --disk-only` of a running domain's vda into `file`.
+fn virsh_disk_only_snapshot(domain: &str, file: &str) {
+    virsh(&[
+        "snapshot-create-as",
+        domain,
+        "--name",
+        "admin",
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={file}"),
+    ]);
+}
+
+/// The source of a VM's first disk as vmsnapd shows it.
+fn shown_source(daemon: &Daemon, vm: &str) -> String {
+    daemon.ctl(&["vm", "show", vm, "--output", "json"]).json()["disks"][0]["source"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// After an admin's disk-only snapshot on top of the layer vmsnap merged away: the disk is the
+/// admin's overlay on `base`, the layer is gone, and the guest reads `before` from its disk
+/// (caches dropped) and after a cold start.
+fn assert_merged_under_admin_overlay(
+    domain: &str,
+    admin_top: &str,
+    base: &str,
+    merged: &str,
+    before: &str,
+) {
+    assert_eq!(vmsnap_tests::disk_of(domain, "vda"), admin_top);
+    assert_eq!(
+        vmsnap_tests::backing_chain(admin_top),
+        vec![admin_top.to_string(), base.to_string()]
+    );
+    assert!(
+        !std::path::Path::new(merged).exists(),
+        "the merged layer {merged} is left"
+    );
+    let checksums = || {
+        let script = "sync && echo 3 > /proc/sys/vm/drop_caches && cd /mnt/data && \
+             find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum";
+        let (code, out) = vmsnap_tests::guest_exec(domain, script, Duration::from_secs(120));
+        assert_eq!(code, 0, "{out}");
+        out
+    };
+    assert_eq!(checksums(), before);
+    virsh(&["destroy", domain]);
+    virsh(&["start", domain]);
+    vmsnap_tests::wait_guest_ready(domain);
+    assert_eq!(checksums(), before);
+    assert_eq!(vmsnap_tests::disk_of(domain, "vda"), admin_top);
+}
+
 /// An admin takes a disk-only snapshot of a running VM with virsh, into a folder vmsnapd knows
 /// nothing of. libvirt sends no event for that, so vmsnapd's inventory (here never read again
 /// in full) still shows the disk's old top. Deleting a vmsnap snapshot below it must act on
@@ -442,10 +501,7 @@ fn a_delete_after_a_disk_only_snapshot_taken_with_virsh_merges_the_real_chain() 
     let admin_dir = tempfile::tempdir().unwrap();
     let vm = ScratchVm::running_with_agent("vmsnap-t13-virsh-snap");
     let bus = PrivateBus::start();
-    let config = format!(
-        "libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\nreconnect_interval = \"300ms\"\n"
-    );
-    let daemon = Daemon::start(&bus, &config);
+    let daemon = Daemon::start(&bus, &config_without_reconcile());
     vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
     let base = vm.disk_source();
     vm.write_file("f1", 256 * 1024);
@@ -455,39 +511,21 @@ fn a_delete_after_a_disk_only_snapshot_taken_with_virsh_merges_the_real_chain() 
     assert_eq!(taken["phase"], "Succeeded", "{taken}");
     let vmsnap_top = vm.disk_source();
     assert_ne!(vmsnap_top, base);
-    let shown_source = || {
-        daemon
-            .ctl(&["vm", "show", &vm.name, "--output", "json"])
-            .json()["disks"][0]["source"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     wait_for(
         Duration::from_secs(30),
         "vmsnapd to show the snapshot's overlay",
-        || (shown_source() == vmsnap_top).then_some(()),
+        || (shown_source(&daemon, &vm.name) == vmsnap_top).then_some(()),
     );
     vm.write_file("f2", 256 * 1024);
 
     let admin_top = admin_dir.path().join("admin-top.qcow2");
     let admin_top = admin_top.to_str().unwrap().to_string();
-    virsh(&[
-        "snapshot-create-as",
-        &vm.name,
-        "--name",
-        "admin",
-        "--disk-only",
-        "--atomic",
-        "--no-metadata",
-        "--diskspec",
-        &format!("vda,snapshot=external,file={admin_top}"),
-    ]);
+    virsh_disk_only_snapshot(&vm.name, &admin_top);
     assert_eq!(vm.disk_source(), admin_top);
     vm.write_file("f3", 256 * 1024);
     // What makes this case: vmsnapd has not seen the admin's snapshot.
     assert_eq!(
-        shown_source(),
+        shown_source(&daemon, &vm.name),
         vmsnap_top,
         "libvirt reported the disk-only snapshot (this test needs the inventory not to know)"
     );
@@ -496,39 +534,7 @@ fn a_delete_after_a_disk_only_snapshot_taken_with_virsh_merges_the_real_chain() 
     daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
 
     // vmsnap's overlay was merged into the base beneath the admin's overlay, and removed.
-    assert_eq!(vm.disk_source(), admin_top);
-    let chain: Vec<String> = {
-        let out = vmsnap_tests::run(
-            "qemu-img",
-            &[
-                "info",
-                "-U",
-                "--backing-chain",
-                "--output",
-                "json",
-                &admin_top,
-            ],
-        );
-        let images: Value = serde_json::from_str(&out).unwrap();
-        images
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["filename"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(chain, vec![admin_top.clone(), base.clone()]);
-    assert!(
-        !std::path::Path::new(&vmsnap_top).exists(),
-        "vmsnap's merged overlay is left"
-    );
-    // The guest reads the same files, from the disk (caches dropped) and after a cold start.
-    vm.exec("sync && echo 3 > /proc/sys/vm/drop_caches");
-    assert_eq!(vm.guest_checksums(), before);
-    virsh(&["destroy", &vm.name]);
-    vm.start(true);
-    assert_eq!(vm.guest_checksums(), before);
-    assert_eq!(vm.disk_source(), admin_top);
+    assert_merged_under_admin_overlay(&vm.name, &admin_top, &base, &vmsnap_top, &before);
 }
 
 /// The same outside change on a VM other than the operation's: a snapshot's VM is gone, a new
@@ -550,10 +556,7 @@ fn a_delete_merges_another_vms_real_chain_after_a_disk_only_snapshot_taken_with_
         &[],
     );
     let bus = PrivateBus::start();
-    let config = format!(
-        "libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\nreconnect_interval = \"300ms\"\n"
-    );
-    let daemon = Daemon::start(&bus, &config);
+    let daemon = Daemon::start(&bus, &config_without_reconcile());
     wait_for(Duration::from_secs(30), "the VM in the inventory", || {
         (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
     });
@@ -575,16 +578,7 @@ fn a_delete_merges_another_vms_real_chain_after_a_disk_only_snapshot_taken_with_
 
     virsh(&["start", copy]);
     vmsnap_tests::wait_guest_ready(copy);
-    let copy_layer = virsh(&["domblklist", copy])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
-        .unwrap();
-    let shown_source = || {
-        daemon.ctl(&["vm", "show", copy, "--output", "json"]).json()["disks"][0]["source"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
+    let copy_layer = vmsnap_tests::disk_of(copy, "vda");
     wait_for(
         Duration::from_secs(30),
         "vmsnapd to show the new VM running",
@@ -593,68 +587,26 @@ fn a_delete_merges_another_vms_real_chain_after_a_disk_only_snapshot_taken_with_
             (shown.code == Some(0) && shown.json()["state"] == "running").then_some(())
         },
     );
-    assert_eq!(shown_source(), copy_layer);
+    assert_eq!(shown_source(&daemon, copy), copy_layer);
     let admin_top = admin_dir.path().join("admin-top.qcow2");
     let admin_top = admin_top.to_str().unwrap().to_string();
-    virsh(&[
-        "snapshot-create-as",
+    virsh_disk_only_snapshot(copy, &admin_top);
+    let (code, out) = vmsnap_tests::guest_exec(
         copy,
-        "--name",
-        "admin",
-        "--disk-only",
-        "--atomic",
-        "--no-metadata",
-        "--diskspec",
-        &format!("vda,snapshot=external,file={admin_top}"),
-    ]);
-    let exec = |script: &str| {
-        let (code, out) = vmsnap_tests::guest_exec(copy, script, Duration::from_secs(120));
-        assert_eq!(code, 0, "{script}: {out}");
-        out
-    };
-    let checksums = || {
-        exec("cd /mnt/data && find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum")
-    };
-    exec("head -c 262144 /dev/urandom > /mnt/data/f-after && sync");
+        "head -c 262144 /dev/urandom > /mnt/data/f-after && sync && cd /mnt/data && \
+         find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, 0, "{out}");
+    let before = out;
     assert_eq!(
-        shown_source(),
+        shown_source(&daemon, copy),
         copy_layer,
         "libvirt reported the disk-only snapshot (this test needs the inventory not to know)"
     );
-    let before = checksums();
 
     daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
 
-    let chain: Vec<String> = {
-        let out = vmsnap_tests::run(
-            "qemu-img",
-            &[
-                "info",
-                "-U",
-                "--backing-chain",
-                "--output",
-                "json",
-                &admin_top,
-            ],
-        );
-        let images: Value = serde_json::from_str(&out).unwrap();
-        images
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["filename"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(chain, vec![admin_top.clone(), base.clone()]);
-    assert!(
-        !std::path::Path::new(&copy_layer).exists(),
-        "the merged layer is left"
-    );
-    exec("sync && echo 3 > /proc/sys/vm/drop_caches");
-    assert_eq!(checksums(), before);
-    virsh(&["destroy", copy]);
-    virsh(&["start", copy]);
-    vmsnap_tests::wait_guest_ready(copy);
-    assert_eq!(checksums(), before);
+    assert_merged_under_admin_overlay(copy, &admin_top, &base, &copy_layer, &before);
     undefine_leftover(copy);
 }
