@@ -113,6 +113,7 @@ impl Forest {
         records: &[SnapshotRecord],
         focus: &[&str],
     ) -> Result<Forest, String> {
+        let started = std::time::Instant::now();
         let mut forest = Forest::default();
         for image in focus {
             if std::path::Path::new(image).exists() {
@@ -207,6 +208,7 @@ impl Forest {
             }
             connected = forest.connected_to(focus);
         }
+        let read_now = domains.iter().filter(|(_, fresh)| *fresh).count();
         for (d, _) in domains {
             for (target, path) in d.disks {
                 forest.tops.push(DiskTop {
@@ -218,6 +220,14 @@ impl Forest {
             }
         }
         forest.add_unknown_children(&connected);
+        debug!(
+            micros = started.elapsed().as_micros(),
+            domains = listed.len(),
+            images = forest.images.len(),
+            connected = connected.len(),
+            read_now,
+            "image forest scanned"
+        );
         Ok(forest)
     }
 
