@@ -214,12 +214,15 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bound on the cache: far beyond a host's images; past it, the cache starts over.
 const MAX_CACHED: usize = 100_000;
 
-type HeaderKey = (String, Option<String>);
+/// What was read from a file at one stamp, for each format it was opened as (probed for a
+/// chain's top, as its header says for a backing file: the same image is often both).
+type HeaderEntry = (Stamp, Vec<(Option<String>, Image)>);
 
 struct HeaderCache {
     /// Only files changed at least this long before they were read are kept.
     settle: std::time::Duration,
-    entries: std::sync::Mutex<Option<std::collections::HashMap<HeaderKey, (Stamp, Image)>>>,
+    /// By path: looked up without building a key, once per image of every chain per scan.
+    entries: std::sync::Mutex<Option<std::collections::HashMap<String, HeaderEntry>>>,
 }
 
 impl HeaderCache {
@@ -236,10 +239,14 @@ impl HeaderCache {
             return None;
         }
         let guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (stamp, image) = guard
-            .as_ref()?
-            .get(&(path.to_string(), format.map(str::to_string)))?;
-        (*stamp == Stamp::of(meta)).then(|| image.clone())
+        let (stamp, reads) = guard.as_ref()?.get(path)?;
+        if *stamp != Stamp::of(meta) {
+            return None;
+        }
+        reads
+            .iter()
+            .find(|(read_as, _)| read_as.as_deref() == format)
+            .map(|(_, image)| image.clone())
     }
 
     fn put(&self, path: &str, meta: &std::fs::Metadata, format: Option<&str>, image: &Image) {
@@ -258,10 +265,17 @@ impl HeaderCache {
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(
-            (path.to_string(), format.map(str::to_string)),
-            (Stamp::of(meta), image.clone()),
-        );
+        let stamp = Stamp::of(meta);
+        let read = (format.map(str::to_string), image.clone());
+        match cache.get_mut(path) {
+            Some((kept, reads)) if *kept == stamp => {
+                reads.retain(|(read_as, _)| read_as.as_deref() != format);
+                reads.push(read);
+            }
+            _ => {
+                cache.insert(path.to_string(), (stamp, vec![read]));
+            }
+        }
     }
 }
 

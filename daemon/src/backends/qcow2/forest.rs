@@ -124,6 +124,7 @@ impl Forest {
             .conn
             .list_all_domains(0)
             .map_err(|e| format!("cannot list domains: {}", e.message()))?;
+        let listed_at = started.elapsed();
         // Each listed domain from the inventory, or read now: one the inventory lacks (just
         // defined), one vmsnapd changed since it was read, the operation's own.
         let known: HashMap<String, &VmInfo> = view
@@ -171,11 +172,14 @@ impl Forest {
                 .iter()
                 .filter(|v| matches!(v.artifact, Artifact::Qcow2 { .. }))
             {
-                if std::path::Path::new(&volume.image).exists() {
+                if !forest.images.contains(&volume.image)
+                    && std::path::Path::new(&volume.image).exists()
+                {
                     forest.add_chain(&volume.image);
                 }
             }
         }
+        let chains_at = started.elapsed();
         let mut connected = forest.connected_to(focus);
         // A domain shown using the images at stake, or an image that is gone, is read again:
         // the inventory follows libvirt's events, but a disk-only snapshot (`virsh
@@ -219,8 +223,12 @@ impl Forest {
                 });
             }
         }
+        let unknown_from = started.elapsed();
         forest.add_unknown_children(&connected);
         debug!(
+            listed_micros = listed_at.as_micros(),
+            chains_micros = (chains_at - listed_at).as_micros(),
+            reread_micros = (unknown_from - chains_at).as_micros(),
             micros = started.elapsed().as_micros(),
             domains = listed.len(),
             images = forest.images.len(),
