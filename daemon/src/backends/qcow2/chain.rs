@@ -905,6 +905,13 @@ mod tests {
             None,
             "another format asked"
         );
+        // Read as a backing file too (its format given): both reads are kept.
+        cache.put(&top, &meta(), Some("qcow2"), &before);
+        assert_eq!(
+            cache.get(&top, &meta(), Some("qcow2")),
+            Some(before.clone())
+        );
+        assert_eq!(cache.get(&top, &meta(), None), Some(before.clone()));
         // Rewritten (same size, same times but the change's): the stamp differs, so the header
         // is read again. This cache keeps files changed just now, so the rewrite must come in a
         // later tick of the file clock, which is what the settle time ensures in real use.
