@@ -316,6 +316,14 @@ impl Forest {
         }
     }
 
+    /// Takes out an image that was removed.
+    fn forget(&mut self, image: &str) {
+        self.parent.remove(image);
+        self.format.remove(image);
+        self.images.remove(image);
+        self.unknown.remove(image);
+    }
+
     /// Whether `image` is a file no domain or record names (see `add_unknown_children`).
     pub fn is_unknown(&self, image: &str) -> bool {
         self.unknown.contains(image)
@@ -395,8 +403,10 @@ pub fn prune_unclaimed(
     image: &str,
 ) -> Result<(), String> {
     let mut current = image.to_string();
+    // One scan serves the whole walk: it covers everything connected to `image`, its backing
+    // images included, and the only change along the way is vmsnapd's own removals.
+    let mut forest = Forest::scan(view, records, &[current.as_str()])?;
     loop {
-        let forest = Forest::scan(view, records, &[current.as_str()])?;
         if !std::path::Path::new(&current).exists()
             || is_owned(&current, &forest, records)
             || forest.in_any_chain(&current)
@@ -411,6 +421,7 @@ pub fn prune_unclaimed(
             Err(e) => return Err(format!("cannot remove {current}: {e}")),
         }
         info!(image = %current, "removed an image nothing uses any more");
+        forest.forget(&current);
         match parent {
             Some(p) => current = p,
             None => return Ok(()),
