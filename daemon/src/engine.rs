@@ -2029,6 +2029,7 @@ mod tests {
         engine.ops = Some(OpContext::new(
             std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
                 uri: "test:///default".into(),
+                known: None,
             }),
             std::sync::Arc::new(crate::backends::Backends::standard()),
             store.clone(),
@@ -2315,6 +2316,7 @@ mod tests {
         engine.ops = Some(OpContext::new(
             std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
                 uri: "test:///default".into(),
+                known: None,
             }),
             std::sync::Arc::new(crate::backends::Backends::standard()),
             crate::store::Store::new(std::path::Path::new("/dev/null/state")),
@@ -2398,6 +2400,7 @@ mod tests {
         let ops = OpContext::new(
             std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
                 uri: "test:///default".into(),
+                known: None,
             }),
             std::sync::Arc::new(crate::backends::Backends::standard()),
             store.clone(),

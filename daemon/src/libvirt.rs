@@ -70,10 +70,75 @@ enum Msg {
     Stop,
 }
 
+/// The inventory as the libvirt thread last read it, for operations on their own threads (the
+/// image forest asks it which images every domain uses, instead of reading every domain).
+/// Empty while the thread has no current inventory (not connected yet, or disconnected).
+#[derive(Debug, Default)]
+pub struct KnownDomains {
+    inventory: std::sync::RwLock<Option<Arc<Vec<VmInfo>>>>,
+    /// Domains (lower-case UUIDs) that vmsnapd's own operations changed and that the published
+    /// inventory may not show as they are now, each with the number of its latest mark.
+    changed: std::sync::Mutex<(u64, BTreeMap<String, u64>)>,
+}
+
+/// What the inventory shows, and which domains in it may be behind.
+#[derive(Debug, Clone)]
+pub struct InventoryView {
+    pub vms: Arc<Vec<VmInfo>>,
+    /// Lower-case UUIDs of domains to read again rather than trust `vms` for.
+    pub changed: BTreeSet<String>,
+}
+
+impl KnownDomains {
+    pub fn get(&self) -> Option<InventoryView> {
+        let vms = self
+            .inventory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let changed = self.lock_changed().1.keys().cloned().collect();
+        Some(InventoryView { vms, changed })
+    }
+
+    fn lock_changed(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<String, u64>)> {
+        self.changed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a domain as changed by vmsnapd until the inventory has read it again.
+    fn mark_changed(&self, uuid: &str) {
+        let mut guard = self.lock_changed();
+        guard.0 += 1;
+        let mark = guard.0;
+        guard.1.insert(uuid.to_ascii_lowercase(), mark);
+    }
+
+    /// The marks as they are before a read: the ones a published read may clear.
+    fn marks(&self) -> BTreeMap<String, u64> {
+        self.lock_changed().1.clone()
+    }
+
+    fn set_inventory(&self, vms: Option<Arc<Vec<VmInfo>>>) {
+        *self.inventory.write().unwrap_or_else(|p| p.into_inner()) = vms;
+    }
+
+    /// After an inventory that read the domains `read` again has been published (`set_inventory`),
+    /// clears their marks taken before the read (`marks`), unless marked again since.
+    fn clear_marks(&self, marks: &BTreeMap<String, u64>, read: &BTreeSet<String>) {
+        let mut guard = self.lock_changed();
+        for (uuid, mark) in marks {
+            if read.contains(uuid) && guard.1.get(uuid) == Some(mark) {
+                guard.1.remove(uuid);
+            }
+        }
+    }
+}
+
 /// Settings of the libvirt thread.
 #[derive(Debug, Clone)]
 pub struct LibvirtSettings {
     pub uri: String,
+    /// Where the thread publishes each inventory it reads.
+    pub known: Arc<KnownDomains>,
     /// How often the whole inventory is re-read while connected (events carry the rest).
     pub reconcile_interval: Duration,
     pub reconnect_interval: Duration,
@@ -94,6 +159,7 @@ impl Drop for ClientQueue {
 #[derive(Clone)]
 pub struct LibvirtClient {
     queue: Arc<ClientQueue>,
+    known: Arc<KnownDomains>,
 }
 
 impl LibvirtClient {
@@ -123,10 +189,16 @@ impl LibvirtClient {
             .map_err(|_| LibvirtFailure::Unavailable("the libvirt thread has stopped".into()))?
     }
 
+    /// The inventory the thread publishes.
+    pub fn known(&self) -> Arc<KnownDomains> {
+        self.known.clone()
+    }
+
     /// A handle that asks for one domain to be re-read; it does not keep the thread running.
     pub fn refresher(&self) -> DomainRefresher {
         DomainRefresher {
             queue: self.queue.0.clone(),
+            known: self.known.clone(),
         }
     }
 }
@@ -136,10 +208,14 @@ impl LibvirtClient {
 #[derive(Clone)]
 pub struct DomainRefresher {
     queue: mpsc::Sender<Msg>,
+    known: Arc<KnownDomains>,
 }
 
 impl DomainRefresher {
+    /// Called before anything else can act on what vmsnapd changed: until the inventory has
+    /// read the domain again, the image forest reads it itself.
     pub fn refresh(&self, uuid: &str) {
+        self.known.mark_changed(uuid);
         // A stopped thread has no inventory left to refresh.
         let _ = self.queue.send(Msg::Domain(uuid.to_string()));
     }
@@ -158,12 +234,14 @@ pub fn start(
     start_event_loop().map_err(std::io::Error::other)?;
     let (queue, inbox) = mpsc::channel::<Msg>();
     let notices = queue.clone();
+    let known = settings.known.clone();
     let thread = std::thread::Builder::new()
         .name("libvirt".to_string())
         .spawn(move || Worker::new(settings, events, notices).run(inbox))?;
     Ok((
         LibvirtClient {
             queue: Arc::new(ClientQueue(queue)),
+            known,
         },
         thread,
     ))
@@ -264,10 +342,15 @@ impl Worker {
                             break 'run;
                         }
                     }
+                    let marks = self.settings.known.marks();
+                    let mut read = BTreeSet::new();
                     for uuid in std::mem::take(&mut self.pending) {
-                        self.reread(&uuid);
+                        if self.reread(&uuid) {
+                            read.insert(uuid);
+                        }
                     }
                     self.publish_if_changed();
+                    self.settings.known.clear_marks(&marks, &read);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -339,6 +422,8 @@ impl Worker {
     fn disconnect(&mut self) {
         self.callbacks = None;
         self.conn = None;
+        // No events arrive any more: what was read cannot be kept current.
+        self.settings.known.set_inventory(None);
     }
 
     /// The connection is gone: report it and try again after `reconnect_interval`.
@@ -353,11 +438,14 @@ impl Worker {
         let Some(conn) = self.conn.as_ref() else {
             return;
         };
+        let marks = self.settings.known.marks();
         let domains = match conn.list_all_domains(0) {
             Ok(domains) => domains,
             Err(e) => return self.call_failed(&e, "could not list domains"),
         };
         let mut vms = BTreeMap::new();
+        // Domains read now, or known gone: their marks can go once this is published.
+        let mut read: BTreeSet<String> = marks.keys().cloned().collect();
         for domain in domains {
             match read_domain(&domain, &self.lvm) {
                 Ok(vm) => {
@@ -373,6 +461,9 @@ impl Worker {
                         .ok()
                         .and_then(|uuid| self.vms.get(&uuid.to_ascii_lowercase()));
                     debug!(error = %e, kept = last.is_some(), "a domain could not be read");
+                    if let Ok(uuid) = domain.uuid_string() {
+                        read.remove(&uuid.to_ascii_lowercase());
+                    }
                     if let Some(last) = last {
                         vms.insert(last.uuid.to_ascii_lowercase(), last.clone());
                     }
@@ -384,13 +475,14 @@ impl Worker {
         // (re)connect, and an unchanged list costs it one comparison per VM.
         self.changed = true;
         self.publish_if_changed();
+        self.settings.known.clear_marks(&marks, &read);
     }
 
-    /// Re-reads one domain, after an event about it.
-    fn reread(&mut self, uuid: &str) {
+    /// Re-reads one domain, after an event about it; false when it could not be read.
+    fn reread(&mut self, uuid: &str) -> bool {
         // Not connected: the reconcile that follows the next connection reads it.
         let Some(conn) = self.conn.as_ref() else {
-            return;
+            return false;
         };
         let key = uuid.to_ascii_lowercase();
         let read = conn
@@ -401,21 +493,23 @@ impl Worker {
             Ok(vm) => Some(vm),
             Err(ReadError::Gone) => None,
             Err(ReadError::Call(e)) => {
-                return self.call_failed(&e, "could not re-read a domain; kept as last read")
+                self.call_failed(&e, "could not re-read a domain; kept as last read");
+                return false;
             }
             Err(ReadError::Unreadable(e)) => {
                 debug!(uuid, error = %e, "a domain could not be read; kept as last read");
-                return;
+                return false;
             }
         };
         if self.vms.get(&key) == now.as_ref() {
-            return;
+            return true;
         }
         match now {
             Some(vm) => self.vms.insert(key, vm),
             None => self.vms.remove(&key),
         };
         self.changed = true;
+        true
     }
 
     /// A call on the connection failed: the connection is lost, or only the call failed.
@@ -437,6 +531,9 @@ impl Worker {
         }
         let mut vms: Vec<VmInfo> = self.vms.values().cloned().collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
+        self.settings
+            .known
+            .set_inventory(Some(Arc::new(vms.clone())));
         self.send(LibvirtEvent::Inventory(vms));
     }
 
@@ -884,9 +981,33 @@ mod tests {
             .expect("thread ends cleanly");
     }
 
+    #[test]
+    fn a_domain_vmsnapd_changed_is_trusted_again_only_once_a_read_after_the_change_is_published() {
+        let known = KnownDomains::default();
+        assert!(known.get().is_none(), "no inventory yet");
+        known.set_inventory(Some(Arc::new(Vec::new())));
+        known.mark_changed("AB-CD");
+        let changed = |k: &KnownDomains| k.get().expect("inventory").changed;
+        assert!(changed(&known).contains("ab-cd"));
+        // A read that started before a second change does not clear it...
+        let marks = known.marks();
+        known.mark_changed("ab-cd");
+        known.clear_marks(&marks, &BTreeSet::from(["ab-cd".to_string()]));
+        assert!(changed(&known).contains("ab-cd"));
+        // ...nor does one that read other domains; one after it, of this domain, does.
+        let marks = known.marks();
+        known.clear_marks(&marks, &BTreeSet::from(["ef".to_string()]));
+        assert!(changed(&known).contains("ab-cd"));
+        known.clear_marks(&marks, &BTreeSet::from(["ab-cd".to_string()]));
+        assert!(changed(&known).is_empty());
+        known.set_inventory(None);
+        assert!(known.get().is_none(), "disconnected: nothing to trust");
+    }
+
     fn settings(uri: &str) -> LibvirtSettings {
         LibvirtSettings {
             uri: uri.to_string(),
+            known: Arc::default(),
             reconcile_interval: Duration::from_millis(200),
             reconnect_interval: Duration::from_millis(200),
         }

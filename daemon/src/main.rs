@@ -233,6 +233,7 @@ fn start_libvirt(
     let (libvirt, libvirt_thread) = libvirt::start(
         LibvirtSettings {
             uri: config.libvirt_uri.clone(),
+            known: std::sync::Arc::default(),
             reconcile_interval: config.refresh_interval,
             reconnect_interval: config.reconnect_interval,
         },
@@ -268,6 +269,7 @@ fn start_engine(
     let ops = OpContext::new(
         std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
             uri: config.libvirt_uri.clone(),
+            known: Some(libvirt.known()),
         }),
         std::sync::Arc::new(crate::backends::Backends::standard()),
         Store::new(&config.state_dir),

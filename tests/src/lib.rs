@@ -776,10 +776,7 @@ impl ScratchVm {
     }
 
     pub fn disk_source(&self) -> String {
-        let out = virsh(&["domblklist", &self.name]);
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
-            .unwrap()
+        disk_of(&self.name, "vda")
     }
 
     /// Image files in the VM's directory (data disk and overlays).
@@ -1467,6 +1464,32 @@ pub fn journal_steps(daemon: &Daemon) -> usize {
     daemon.log_text().matches("journal step").count()
 }
 
+/// The backing chain of `image`, top first, as `qemu-img info --backing-chain` names it.
+pub fn backing_chain(image: &str) -> Vec<String> {
+    let out = run(
+        "qemu-img",
+        &["info", "-U", "--backing-chain", "--output", "json", image],
+    );
+    let chain: serde_json::Value = serde_json::from_str(&out).unwrap();
+    chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The source of disk `target` of domain `name`, as `virsh domblklist` shows it.
+pub fn disk_of(name: &str, target: &str) -> String {
+    virsh(&["domblklist", name])
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(target)).then(|| words.next().unwrap_or("").to_string())
+        })
+        .unwrap_or_else(|| panic!("{name} has no disk {target}"))
+}
+
 /// Every image in the VM's folder is used: in the chain of its disk, or named by one of
 /// `snapshots` (as `snapshot list --output json` gives them). `step` names the moment.
 pub fn assert_every_image_used(vm: &ScratchVm, snapshots: &[serde_json::Value], step: &str) {
@@ -1476,21 +1499,7 @@ pub fn assert_every_image_used(vm: &ScratchVm, snapshots: &[serde_json::Value], 
             named.insert(v["image"].as_str().unwrap().to_string());
         }
     }
-    let chain = run(
-        "qemu-img",
-        &[
-            "info",
-            "-U",
-            "--backing-chain",
-            "--output",
-            "json",
-            &vm.disk_source(),
-        ],
-    );
-    let chain: serde_json::Value = serde_json::from_str(&chain).unwrap();
-    for image in chain.as_array().unwrap() {
-        named.insert(image["filename"].as_str().unwrap().to_string());
-    }
+    named.extend(backing_chain(&vm.disk_source()));
     for file in vm.images() {
         let path = vm.dir.path().join(&file).to_string_lossy().into_owned();
         assert!(named.contains(&path), "{step}: {file} is used by nothing");

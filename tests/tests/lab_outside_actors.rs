@@ -192,10 +192,7 @@ fn an_undefined_vms_disk_keeps_its_content_when_the_snapshot_it_builds_on_is_del
         ])
         .json();
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
-    let clone_disk = virsh(&["domblklist", clone])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
-        .unwrap();
+    let clone_disk = vmsnap_tests::disk_of(clone, "vda");
     write_pattern(&clone_disk, 0xcc, 3072);
     let clone_sum = flat_sum(&clone_disk);
     virsh(&["undefine", clone]);
@@ -272,10 +269,7 @@ fn snapshots_outlive_their_vm_and_become_a_new_vm_without_touching_its_disk() {
         ])
         .json();
     assert_eq!(restored["phase"], "Succeeded", "{restored}");
-    let copy_disk = virsh(&["domblklist", copy])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("vda").map(|s| s.trim().to_string()))
-        .unwrap();
+    let copy_disk = vmsnap_tests::disk_of(copy, "vda");
     assert_eq!(flat_sum(&copy_disk), s2_sum, "the new VM holds s2's data");
 
     // Deleting s1 leaves the undefined VM's disk (and the new VM's) as they were.
@@ -429,4 +423,190 @@ fn the_libvirt_hook_refuses_to_start_a_vm_during_its_restore() {
     virsh(&["start", &vm.name]);
     assert!(virsh(&["domstate", &vm.name]).contains("running"));
     virsh(&["destroy", &vm.name]);
+}
+
+/// A configuration whose inventory is never read again in full during a test: what libvirt
+/// sends no event for stays unseen.
+fn config_without_reconcile() -> String {
+    format!(
+        "libvirt_uri = \"{LAB_URI}\"\nrefresh_interval = \"1h\"\nreconnect_interval = \"300ms\"\n"
+    )
+}
+
+/// An admin's `virsh snapshot-create-as --disk-only` of a running domain's vda into `file`.
+fn virsh_disk_only_snapshot(domain: &str, file: &str) {
+    virsh(&[
+        "snapshot-create-as",
+        domain,
+        "--name",
+        "admin",
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={file}"),
+    ]);
+}
+
+/// The source of a VM's first disk as vmsnapd shows it.
+fn shown_source(daemon: &Daemon, vm: &str) -> String {
+    daemon.ctl(&["vm", "show", vm, "--output", "json"]).json()["disks"][0]["source"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// After an admin's disk-only snapshot on top of the layer vmsnap merged away: the disk is the
+/// admin's overlay on `base`, the layer is gone, and the guest reads `before` from its disk
+/// (caches dropped) and after a cold start.
+fn assert_merged_under_admin_overlay(
+    domain: &str,
+    admin_top: &str,
+    base: &str,
+    merged: &str,
+    before: &str,
+) {
+    assert_eq!(vmsnap_tests::disk_of(domain, "vda"), admin_top);
+    assert_eq!(
+        vmsnap_tests::backing_chain(admin_top),
+        vec![admin_top.to_string(), base.to_string()]
+    );
+    assert!(
+        !std::path::Path::new(merged).exists(),
+        "the merged layer {merged} is left"
+    );
+    let checksums = || {
+        let script = "sync && echo 3 > /proc/sys/vm/drop_caches && cd /mnt/data && \
+             find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum";
+        let (code, out) = vmsnap_tests::guest_exec(domain, script, Duration::from_secs(120));
+        assert_eq!(code, 0, "{out}");
+        out
+    };
+    assert_eq!(checksums(), before);
+    virsh(&["destroy", domain]);
+    virsh(&["start", domain]);
+    vmsnap_tests::wait_guest_ready(domain);
+    assert_eq!(checksums(), before);
+    assert_eq!(vmsnap_tests::disk_of(domain, "vda"), admin_top);
+}
+
+/// An admin takes a disk-only snapshot of a running VM with virsh, into a folder vmsnapd knows
+/// nothing of. libvirt sends no event for that, so vmsnapd's inventory (here never read again
+/// in full) still shows the disk's old top. Deleting a vmsnap snapshot below it must act on
+/// the real chain: the domains using the images at stake are read again for the delete. The
+/// merge goes into the right layers, the admin's overlay keeps working, the guest's files stay.
+#[test]
+fn a_delete_after_a_disk_only_snapshot_taken_with_virsh_merges_the_real_chain() {
+    // Declared first, so dropped after the VM that uses it.
+    let admin_dir = tempfile::tempdir().unwrap();
+    let vm = ScratchVm::running_with_agent("vmsnap-t13-virsh-snap");
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_without_reconcile());
+    vmsnap_tests::wait_agent_connected(&daemon, &vm.name);
+    let base = vm.disk_source();
+    vm.write_file("f1", 256 * 1024);
+    let taken = daemon
+        .ctl(&["snapshot", "create", &vm.name, "s1", "--output", "json"])
+        .json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    let vmsnap_top = vm.disk_source();
+    assert_ne!(vmsnap_top, base);
+    wait_for(
+        Duration::from_secs(30),
+        "vmsnapd to show the snapshot's overlay",
+        || (shown_source(&daemon, &vm.name) == vmsnap_top).then_some(()),
+    );
+    vm.write_file("f2", 256 * 1024);
+
+    let admin_top = admin_dir.path().join("admin-top.qcow2");
+    let admin_top = admin_top.to_str().unwrap().to_string();
+    virsh_disk_only_snapshot(&vm.name, &admin_top);
+    assert_eq!(vm.disk_source(), admin_top);
+    vm.write_file("f3", 256 * 1024);
+    // What makes this case: vmsnapd has not seen the admin's snapshot.
+    assert_eq!(
+        shown_source(&daemon, &vm.name),
+        vmsnap_top,
+        "libvirt reported the disk-only snapshot (this test needs the inventory not to know)"
+    );
+    let before = vm.guest_checksums();
+
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
+
+    // vmsnap's overlay was merged into the base beneath the admin's overlay, and removed.
+    assert_merged_under_admin_overlay(&vm.name, &admin_top, &base, &vmsnap_top, &before);
+}
+
+/// The same outside change on a VM other than the operation's: a snapshot's VM is gone, a new
+/// VM made from that snapshot runs, and an admin takes a disk-only snapshot of the new VM with
+/// virsh (no event). Deleting the snapshot merges the new VM's layer on it into the snapshot's
+/// image: that must be done on the new VM's real chain, which vmsnapd reads again because the
+/// VM uses the image at stake, not as its inventory last showed it.
+#[test]
+fn a_delete_merges_another_vms_real_chain_after_a_disk_only_snapshot_taken_with_virsh() {
+    let admin_dir = tempfile::tempdir().unwrap();
+    let copy = "vmsnap-t13-virsh-copy";
+    undefine_leftover(copy);
+    let vm = ScratchVm::define(
+        "vmsnap-t13-virsh-gone",
+        ScratchOptions {
+            agent: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_without_reconcile());
+    wait_for(Duration::from_secs(30), "the VM in the inventory", || {
+        (daemon.ctl(&["vm", "show", &vm.name]).code == Some(0)).then_some(())
+    });
+    let base = vm.disk_source();
+    let taken = daemon
+        .ctl(&["snapshot", "create", &vm.name, "s1", "--output", "json"])
+        .json();
+    assert_eq!(taken["phase"], "Succeeded", "{taken}");
+    let restored = daemon
+        .ctl(&[
+            "restore", &vm.name, "s1", "--target", copy, "--output", "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+    // The first VM goes, with its disk (as `virsh undefine --remove-all-storage` would).
+    let first_top = vm.disk_source();
+    virsh(&["undefine", &vm.name]);
+    std::fs::remove_file(&first_top).unwrap();
+
+    virsh(&["start", copy]);
+    vmsnap_tests::wait_guest_ready(copy);
+    let copy_layer = vmsnap_tests::disk_of(copy, "vda");
+    wait_for(
+        Duration::from_secs(30),
+        "vmsnapd to show the new VM running",
+        || {
+            let shown = daemon.ctl(&["vm", "show", copy, "--output", "json"]);
+            (shown.code == Some(0) && shown.json()["state"] == "running").then_some(())
+        },
+    );
+    assert_eq!(shown_source(&daemon, copy), copy_layer);
+    let admin_top = admin_dir.path().join("admin-top.qcow2");
+    let admin_top = admin_top.to_str().unwrap().to_string();
+    virsh_disk_only_snapshot(copy, &admin_top);
+    let (code, out) = vmsnap_tests::guest_exec(
+        copy,
+        "head -c 262144 /dev/urandom > /mnt/data/f-after && sync && cd /mnt/data && \
+         find . -maxdepth 1 -type f -name 'f*' | sort | xargs -r sha256sum",
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, 0, "{out}");
+    let before = out;
+    assert_eq!(
+        shown_source(&daemon, copy),
+        copy_layer,
+        "libvirt reported the disk-only snapshot (this test needs the inventory not to know)"
+    );
+
+    daemon.ctl(&["snapshot", "delete", &vm.name, "s1"]).ok();
+
+    assert_merged_under_admin_overlay(copy, &admin_top, &base, &copy_layer, &before);
+    undefine_leftover(copy);
 }

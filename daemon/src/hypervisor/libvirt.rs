@@ -3,7 +3,7 @@
 //! costs 2-4 ms of each operation), a few at most and for a short while.
 
 use std::cell::RefCell;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -13,6 +13,7 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
 use super::{FreezeFailure, Host, Hypervisor, RunState, ThawGuardHandle};
+use crate::libvirt::{InventoryView, KnownDomains};
 use crate::ops::{OpError, OpResult};
 use crate::thaw_guard::{PendingThawGuard, ThawGuard};
 use crate::virt_ext;
@@ -23,6 +24,8 @@ pub const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 /// libvirt at one URI.
 pub struct Libvirt {
     pub uri: String,
+    /// The daemon's inventory, when this process keeps one.
+    pub known: Option<Arc<KnownDomains>>,
 }
 
 impl Hypervisor for Libvirt {
@@ -35,6 +38,7 @@ impl Hypervisor for Libvirt {
         Ok(Box::new(LibvirtHost {
             uri: self.uri.clone(),
             conn: Some(conn),
+            known: self.known.clone(),
             pending_guard: RefCell::new(None),
             frozen: RefCell::new(None),
         }))
@@ -104,6 +108,7 @@ pub struct LibvirtHost {
     uri: String,
     /// Always Some until the session ends (then it goes back to the idle connections).
     conn: Option<Connect>,
+    known: Option<Arc<KnownDomains>>,
     /// A guard started by `prepare_thaw_guard`, for `arm_thaw_guard` to arm.
     pending_guard: RefCell<Option<(String, PendingThawGuard)>>,
     /// The domain `freeze` froze, so that the thaw inside the frozen window needs no lookup
@@ -337,6 +342,10 @@ impl Host for LibvirtHost {
 
     fn libvirt(&self) -> Option<&Connect> {
         self.conn.as_ref()
+    }
+
+    fn known_domains(&self) -> Option<InventoryView> {
+        self.known.as_ref().and_then(|known| known.get())
     }
 }
 

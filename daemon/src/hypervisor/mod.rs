@@ -88,4 +88,9 @@ pub trait Host {
     /// The libvirt connection, for backends that work through libvirt (qcow2's snapshots and
     /// block commits); `None` for a simulated host.
     fn libvirt(&self) -> Option<&virt::connect::Connect>;
+    /// Every domain as the daemon's inventory last read it (libvirt's events keep it current);
+    /// `None` when there is none to trust (not connected, or no inventory in this process).
+    fn known_domains(&self) -> Option<crate::libvirt::InventoryView> {
+        None
+    }
 }

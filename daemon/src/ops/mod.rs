@@ -209,6 +209,11 @@ impl OpGate {
 }
 
 impl OpContext {
+    /// The VM this operation works on.
+    pub fn vm_uuid(&self) -> &str {
+        &self.vm_uuid
+    }
+
     pub(crate) fn progress(&self, record: &SnapshotRecord, text: impl Into<String>) {
         let text = text.into();
         if !text.is_empty() {

@@ -75,15 +75,15 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, ChainError> {
     let mut path = top.to_string();
     let mut format: Option<String> = None;
     loop {
-        let file = open(&path, chain.last().map(|c| c.path.as_str()))?;
+        let backing_of = chain.last().map(|c| c.path.as_str());
         if chain.len() >= MAX_DEPTH {
+            // Checked only once the image is known to exist, as qemu-img does.
+            stat(&path, backing_of)?;
             return Err(invalid(format!(
                 "the backing chain of {top} is deeper than {MAX_DEPTH} images (at {path})"
             )));
         }
-        let meta = file
-            .metadata()
-            .map_err(|e| invalid(format!("cannot read {path}: {e}")))?;
+        let meta = stat(&path, backing_of)?;
         if !(meta.file_type().is_file() || meta.file_type().is_block_device()) {
             return Err(invalid(format!("{path} is not a file or block device")));
         }
@@ -92,8 +92,7 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, ChainError> {
                 "the backing chain of {top} loops back to {path}"
             )));
         }
-        let image = read_image(&FileBytes::new(&file), format.as_deref())
-            .map_err(|e| in_image(e, &path))?;
+        let image = read_cached(&path, &meta, format.as_deref(), backing_of)?;
         chain.push(ChainImage {
             path: path.clone(),
             format: image.format,
@@ -132,6 +131,151 @@ fn in_image(error: ChainError, path: &str) -> ChainError {
     match error {
         ChainError::Unsupported(m) => ChainError::Unsupported(format!("{path}: {m}")),
         ChainError::Invalid(m) => ChainError::Invalid(format!("{path}: {m}")),
+    }
+}
+
+/// Reads one image's header, or takes it from [`HEADERS`] when the file (as `meta`, a `stat`
+/// of `path`, shows it) has not changed since it was read.
+fn read_cached(
+    path: &str,
+    meta: &std::fs::Metadata,
+    format: Option<&str>,
+    backing_of: Option<&str>,
+) -> Result<Image, ChainError> {
+    if let Some(image) = HEADERS.get(path, meta, format) {
+        return Ok(image);
+    }
+    let file = open(path, backing_of)?;
+    // Cached under the identity of the file actually read: a path replaced since the `stat`
+    // is read again next time.
+    let opened = file
+        .metadata()
+        .map_err(|e| invalid(format!("cannot read {path}: {e}")))?;
+    let image = read_image(&FileBytes::new(&file), format).map_err(|e| in_image(e, path))?;
+    if (opened.dev(), opened.ino()) == (meta.dev(), meta.ino()) {
+        HEADERS.put(path, &opened, format, &image);
+    }
+    Ok(image)
+}
+
+/// The backing file named in the header of the file at `path`, resolved as QEMU opens it;
+/// `None` for a file without one, one that is not an image this reader follows, or not a
+/// regular file. Cached like the chains.
+pub fn backing_of(path: &str) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_file() {
+        return None;
+    }
+    let (name, _) = read_cached(path, &meta, None, None).ok()?.backing?;
+    resolve(path, &name).ok()
+}
+
+fn stat(path: &str, backing_of: Option<&str>) -> Result<std::fs::Metadata, ChainError> {
+    std::fs::metadata(path).map_err(|e| match (e.kind(), backing_of) {
+        (io::ErrorKind::NotFound, Some(parent)) => {
+            invalid(format!("the backing file {path} of {parent} is missing"))
+        }
+        (io::ErrorKind::NotFound, None) => invalid(format!("{path} is missing")),
+        _ => invalid(format!("cannot open {path}: {e}")),
+    })
+}
+
+/// What was read from each image's header, for as long as the file is provably unchanged.
+/// The forest reads every chain on the host for each delete and restore; most images never
+/// change (only a running VM's top is written), so a `stat` replaces the open and read.
+static HEADERS: HeaderCache = HeaderCache::new(SETTLE);
+
+/// A file's identity and its last change, as `stat` tells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// A file changed less than this long before it was read is not cached: file times come from
+/// a clock that ticks in milliseconds, so a second change within the same tick as the read
+/// would leave the same times (git's "racy clean" problem).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bound on the cache: far beyond a host's images; past it, the cache starts over.
+const MAX_CACHED: usize = 100_000;
+
+/// What was read from a file at one stamp, for each format it was opened as (probed for a
+/// chain's top, as its header says for a backing file: the same image is often both).
+type HeaderEntry = (Stamp, Vec<(Option<String>, Image)>);
+
+struct HeaderCache {
+    /// Only files changed at least this long before they were read are kept.
+    settle: std::time::Duration,
+    /// By path: looked up without building a key, once per image of every chain per scan.
+    entries: std::sync::Mutex<Option<std::collections::HashMap<String, HeaderEntry>>>,
+}
+
+impl HeaderCache {
+    const fn new(settle: std::time::Duration) -> HeaderCache {
+        HeaderCache {
+            settle,
+            entries: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn get(&self, path: &str, meta: &std::fs::Metadata, format: Option<&str>) -> Option<Image> {
+        // Block devices: their times do not change when their content does.
+        if !meta.file_type().is_file() {
+            return None;
+        }
+        let guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (stamp, reads) = guard.as_ref()?.get(path)?;
+        if *stamp != Stamp::of(meta) {
+            return None;
+        }
+        reads
+            .iter()
+            .find(|(read_as, _)| read_as.as_deref() == format)
+            .map(|(_, image)| image.clone())
+    }
+
+    fn put(&self, path: &str, meta: &std::fs::Metadata, format: Option<&str>, image: &Image) {
+        let changed = u64::try_from(meta.ctime()).ok().and_then(|secs| {
+            let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
+            std::time::SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+        });
+        let settled = changed
+            .and_then(|changed| std::time::SystemTime::now().duration_since(changed).ok())
+            .is_some_and(|age| age >= self.settle);
+        if !meta.file_type().is_file() || !settled {
+            return;
+        }
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = guard.get_or_insert_with(Default::default);
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        let stamp = Stamp::of(meta);
+        let read = (format.map(str::to_string), image.clone());
+        match cache.get_mut(path) {
+            Some((kept, reads)) if *kept == stamp => {
+                reads.retain(|(read_as, _)| read_as.as_deref() != format);
+                reads.push(read);
+            }
+            _ => {
+                cache.insert(path.to_string(), (stamp, vec![read]));
+            }
+        }
     }
 }
 
@@ -237,7 +381,7 @@ impl<'a> FileBytes<'a> {
 pub(crate) type Backing = (Vec<u8>, Option<String>);
 
 /// What one image says about itself.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Image {
     pub format: String,
     pub backing: Option<Backing>,
@@ -733,6 +877,58 @@ mod tests {
         let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
         assert!(made.success());
         assert!(backing_chain(&fifo).is_err());
+    }
+
+    #[test]
+    fn cached_headers_are_used_only_while_the_file_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b, top) = (
+            s(&dir.path().join("a.qcow2")),
+            s(&dir.path().join("b.qcow2")),
+            s(&dir.path().join("top.qcow2")),
+        );
+        qemu_img(&["create", "-q", "-f", "qcow2", &a, "1M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", &b, "1M"]);
+        overlay(&top, &a, "qcow2");
+        let meta = || std::fs::metadata(&top).expect("stat");
+        let read = || {
+            let file = File::open(&top).expect("open");
+            read_image(&FileBytes::new(&file), None).expect("reads")
+        };
+        // Settled files (no wait for the test): kept, and given back while unchanged.
+        let cache = HeaderCache::new(std::time::Duration::ZERO);
+        let before = read();
+        cache.put(&top, &meta(), None, &before);
+        assert_eq!(cache.get(&top, &meta(), None), Some(before.clone()));
+        assert_eq!(
+            cache.get(&top, &meta(), Some("qcow2")),
+            None,
+            "another format asked"
+        );
+        // Read as a backing file too (its format given): both reads are kept.
+        cache.put(&top, &meta(), Some("qcow2"), &before);
+        assert_eq!(
+            cache.get(&top, &meta(), Some("qcow2")),
+            Some(before.clone())
+        );
+        assert_eq!(cache.get(&top, &meta(), None), Some(before.clone()));
+        // Rewritten (same size, same times but the change's): the stamp differs, so the header
+        // is read again. This cache keeps files changed just now, so the rewrite must come in a
+        // later tick of the file clock, which is what the settle time ensures in real use.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &b, &top]);
+        assert_eq!(cache.get(&top, &meta(), None), None);
+        assert_ne!(read(), before);
+        // A file changed just now is not kept at all: a change within the same tick would
+        // not show in its times.
+        let careful = HeaderCache::new(SETTLE);
+        careful.put(&top, &meta(), None, &read());
+        assert_eq!(careful.get(&top, &meta(), None), None);
+        // Through the process-wide cache, the chain follows the rewrite.
+        assert_eq!(native(&top)[1].path, b);
+        qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &a, &top]);
+        assert_eq!(native(&top)[1].path, a);
+        assert_eq!(backing_of(&top), Some(a));
     }
 
     /// The reader against qemu-img on a 200-deep chain. Run with

@@ -13,9 +13,9 @@ use virt::connect::Connect;
 use vmsnap_api::SnapshotPhase;
 
 use super::chain;
-use super::header as qcow2;
 use crate::disks::SysfsLvmProbe;
-use crate::domain::{self, parse_domain};
+use crate::domain::{parse_domain, VmInfo};
+use crate::libvirt::InventoryView;
 use crate::store::{Artifact, SnapshotRecord};
 
 /// A disk of a domain and its top image.
@@ -41,49 +41,130 @@ pub struct Forest {
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 
-impl Forest {
-    /// Reads every file disk of every domain, and the images the records name.
-    pub fn scan(conn: &Connect, records: &[SnapshotRecord]) -> Result<Forest, String> {
-        Forest::scan_with(conn, records, &[])
-    }
+/// Where a scan learns which images the domains use.
+pub struct HostView<'a> {
+    pub conn: &'a Connect,
+    /// Every domain as the libvirt thread last read it (it follows libvirt's events); `None`
+    /// when it has no current inventory, and then every domain is read over `conn`.
+    pub known: Option<InventoryView>,
+    /// The VM of the operation (lower-case UUID): always read again, it is the one changing.
+    pub own_vm: Option<String>,
+}
 
-    /// Like [`Forest::scan`], also reading the chains of `extra` images (one being released
-    /// is no longer named by any record).
-    pub fn scan_with(
-        conn: &Connect,
+impl<'a> HostView<'a> {
+    /// A view that reads every domain itself.
+    pub fn reading_all(conn: &'a Connect) -> HostView<'a> {
+        HostView {
+            conn,
+            known: None,
+            own_vm: None,
+        }
+    }
+}
+
+/// One domain's disks as a scan uses them.
+struct DomainTops {
+    uuid: String,
+    running: bool,
+    /// (target, path) of each disk on a file.
+    disks: Vec<(String, String)>,
+}
+
+/// The disks that count as using their images: every disk on a file, read-only and
+/// shareable ones included (a VM reading an image needs it as much as one writing it).
+fn file_disks(vm: &VmInfo) -> Vec<(String, String)> {
+    vm.disks
+        .iter()
+        .filter(|d| d.backend == "qcow2" || (d.source.starts_with('/') && is_file(&d.source)))
+        .map(|d| (d.target.clone(), d.source.clone()))
+        .collect()
+}
+
+fn is_file(path: &str) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Reads one domain over the connection: `None` when it is gone or unreadable.
+fn read_domain(dom: &virt::domain::Domain) -> Option<DomainTops> {
+    let running = dom.is_active().ok()?;
+    let flags = if running { 0 } else { VIR_DOMAIN_XML_INACTIVE };
+    let xml = dom.xml_desc(flags).ok()?;
+    let uuid = dom.uuid_string().ok()?;
+    let vm = parse_domain(&xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe).ok()?;
+    Some(DomainTops {
+        uuid,
+        running,
+        disks: file_disks(&vm),
+    })
+}
+
+impl Forest {
+    /// The forest around `focus`, the images an operation is about to release, merge or
+    /// remove: the chains of every domain's disks and of the images `records` name, the
+    /// `focus` images' own chains (one being released may no longer be named by anything),
+    /// and the files next to the images connected to `focus` that build on them.
+    ///
+    /// With an inventory (`view.known`), no domain is read per scan except those whose disks
+    /// are connected to `focus`, which are read again now: the inventory follows libvirt's
+    /// events, but a disk-only snapshot changes a running domain's disks without one. Every
+    /// header is read through the chain reader's cache: a `stat` per unchanged image.
+    pub fn scan(
+        view: &HostView,
         records: &[SnapshotRecord],
-        extra: &[&str],
+        focus: &[&str],
     ) -> Result<Forest, String> {
+        let started = std::time::Instant::now();
         let mut forest = Forest::default();
-        for image in extra {
+        for image in focus {
             if std::path::Path::new(image).exists() {
                 forest.add_chain(image);
             }
         }
-        let domains = conn
+        let listed = view
+            .conn
             .list_all_domains(0)
             .map_err(|e| format!("cannot list domains: {}", e.message()))?;
-        for dom in domains {
-            let running = dom.is_active().unwrap_or(false);
-            let flags = if running { 0 } else { VIR_DOMAIN_XML_INACTIVE };
-            let (Ok(xml), Ok(uuid)) = (dom.xml_desc(flags), dom.uuid_string()) else {
+        let listed_at = started.elapsed();
+        // Each listed domain from the inventory, or read now: one the inventory lacks (just
+        // defined), one vmsnapd changed since it was read, the operation's own.
+        let known: HashMap<String, &VmInfo> = view
+            .known
+            .iter()
+            .flat_map(|k| k.vms.iter())
+            .map(|vm| (vm.uuid.to_ascii_lowercase(), vm))
+            .collect();
+        let mut domains: Vec<(DomainTops, bool)> = Vec::with_capacity(listed.len());
+        for dom in &listed {
+            let Ok(uuid) = dom.uuid_string() else {
                 continue;
             };
-            let Ok(vm) = parse_domain(&xml, vmsnap_api::VmState::Unknown, &SysfsLvmProbe) else {
-                continue;
-            };
-            for disk in vm.disks.iter().filter(|d| d.backend == "qcow2") {
-                let Ok((path, _)) = domain::disk_source(&xml, &disk.target) else {
-                    continue;
-                };
-                forest.add_chain(&path);
-                forest.tops.push(DiskTop {
-                    domain_uuid: uuid.clone(),
-                    target: disk.target.clone(),
-                    path,
-                    running,
-                });
+            let key = uuid.to_ascii_lowercase();
+            let trusted = view
+                .known
+                .as_ref()
+                .is_some_and(|k| !k.changed.contains(&key))
+                && view.own_vm.as_deref() != Some(key.as_str());
+            match known.get(&key).filter(|_| trusted) {
+                Some(vm) => domains.push((
+                    DomainTops {
+                        uuid: vm.uuid.clone(),
+                        running: !matches!(
+                            vm.state,
+                            vmsnap_api::VmState::ShutOff | vmsnap_api::VmState::NoState
+                        ),
+                        disks: file_disks(vm),
+                    },
+                    false,
+                )),
+                None => {
+                    if let Some(now) = read_domain(dom) {
+                        domains.push((now, true));
+                    }
+                }
             }
+        }
+        for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
+            forest.add_chain(path);
         }
         for record in records {
             for volume in record
@@ -91,23 +172,102 @@ impl Forest {
                 .iter()
                 .filter(|v| matches!(v.artifact, Artifact::Qcow2 { .. }))
             {
-                if std::path::Path::new(&volume.image).exists() {
+                if !forest.images.contains(&volume.image)
+                    && std::path::Path::new(&volume.image).exists()
+                {
                     forest.add_chain(&volume.image);
                 }
             }
         }
-        forest.add_unknown_children();
+        let chains_at = started.elapsed();
+        let mut connected = forest.connected_to(focus);
+        // A domain shown using the images at stake, or an image that is gone, is read again:
+        // the inventory follows libvirt's events, but a disk-only snapshot (`virsh
+        // snapshot-create-as --disk-only`) changes a running domain's disks without one.
+        let mut reread = false;
+        for (tops, fresh) in domains.iter_mut().filter(|(_, fresh)| !*fresh) {
+            let stale = tops
+                .disks
+                .iter()
+                .any(|(_, path)| connected.contains(path) || !forest.images.contains(path));
+            if !stale {
+                continue;
+            }
+            reread = true;
+            *fresh = true;
+            // Not readable now (gone since the listing): kept as the inventory shows it.
+            let now = view
+                .conn
+                .lookup_domain_by_uuid_string(&tops.uuid)
+                .ok()
+                .as_ref()
+                .and_then(read_domain);
+            if let Some(now) = now {
+                *tops = now;
+            }
+        }
+        if reread {
+            for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
+                forest.add_chain(path);
+            }
+            connected = forest.connected_to(focus);
+        }
+        let read_now = domains.iter().filter(|(_, fresh)| *fresh).count();
+        for (d, _) in domains {
+            for (target, path) in d.disks {
+                forest.tops.push(DiskTop {
+                    domain_uuid: d.uuid.clone(),
+                    target,
+                    path,
+                    running: d.running,
+                });
+            }
+        }
+        let unknown_from = started.elapsed();
+        forest.add_unknown_children(&connected);
+        debug!(
+            listed_micros = listed_at.as_micros(),
+            chains_micros = (chains_at - listed_at).as_micros(),
+            reread_micros = (unknown_from - chains_at).as_micros(),
+            micros = started.elapsed().as_micros(),
+            domains = listed.len(),
+            images = forest.images.len(),
+            connected = connected.len(),
+            read_now,
+            "image forest scanned"
+        );
         Ok(forest)
     }
 
-    /// Adds the files in the folders of the images seen so far that build on one of them but
-    /// that no domain or record names: a disk of a VM undefined with `virsh undefine`, a copy made
-    /// by hand, another host's VM on a shared folder. Each counts as a child of its backing
-    /// image, so that image is neither merged into nor removed while the file exists. Files in
-    /// other folders that build on vmsnap's images are not seen.
-    fn add_unknown_children(&mut self) {
-        let folders: BTreeSet<std::path::PathBuf> = self
-            .images
+    /// The images connected to `focus` by backing links, either way.
+    fn connected_to(&self, focus: &[&str]) -> BTreeSet<String> {
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (child, parent) in &self.parent {
+            children.entry(parent).or_default().push(child);
+        }
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut queue: Vec<&str> = focus.to_vec();
+        while let Some(image) = queue.pop() {
+            if !seen.insert(image.to_string()) {
+                continue;
+            }
+            if let Some(parent) = self.parent.get(image) {
+                queue.push(parent);
+            }
+            if let Some(kids) = children.get(image) {
+                queue.extend(kids.iter().copied());
+            }
+        }
+        seen
+    }
+
+    /// Adds the files in the folders of the images connected to the focus that build on one of
+    /// them but that no domain or record names: a disk of a VM undefined with `virsh undefine`,
+    /// a copy made by hand, another host's VM on a shared folder. Each counts as a child of its
+    /// backing image, so that image is neither merged into nor removed while the file exists.
+    /// Files in other folders that build on vmsnap's images are not seen.
+    fn add_unknown_children(&mut self, connected: &BTreeSet<String>) {
+        let folders: BTreeSet<std::path::PathBuf> = connected
             .iter()
             .filter_map(|i| std::path::Path::new(i).parent().map(|p| p.to_path_buf()))
             .collect();
@@ -122,11 +282,10 @@ impl Forest {
                 if !is_file || self.images.contains(&name) {
                     continue;
                 }
-                let Ok(Some(backing)) = qcow2::backing_file(&path) else {
+                let Some(backing) = chain::backing_of(&name) else {
                     continue;
                 };
-                let backing = backing.to_string_lossy().into_owned();
-                if self.images.contains(&backing) {
+                if connected.contains(&backing) {
                     debug!(file = %name, %backing, "a file no domain or record names builds on an image");
                     self.parent.insert(name.clone(), backing);
                     self.unknown.insert(name);
@@ -155,6 +314,14 @@ impl Forest {
             }
             Err(e) => debug!(%top, error = %e, "cannot read a backing chain"),
         }
+    }
+
+    /// Takes out an image that was removed.
+    fn forget(&mut self, image: &str) {
+        self.parent.remove(image);
+        self.format.remove(image);
+        self.images.remove(image);
+        self.unknown.remove(image);
     }
 
     /// Whether `image` is a file no domain or record names (see `add_unknown_children`).
@@ -231,13 +398,15 @@ pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> boo
 /// Removes `image` and then its backing images, as long as nothing claims them and nothing
 /// builds on them.
 pub fn prune_unclaimed(
-    conn: &Connect,
+    view: &HostView,
     records: &[SnapshotRecord],
     image: &str,
 ) -> Result<(), String> {
     let mut current = image.to_string();
+    // One scan serves the whole walk: it covers everything connected to `image`, its backing
+    // images included, and the only change along the way is vmsnapd's own removals.
+    let mut forest = Forest::scan(view, records, &[current.as_str()])?;
     loop {
-        let forest = Forest::scan_with(conn, records, &[current.as_str()])?;
         if !std::path::Path::new(&current).exists()
             || is_owned(&current, &forest, records)
             || forest.in_any_chain(&current)
@@ -252,6 +421,7 @@ pub fn prune_unclaimed(
             Err(e) => return Err(format!("cannot remove {current}: {e}")),
         }
         info!(image = %current, "removed an image nothing uses any more");
+        forest.forget(&current);
         match parent {
             Some(p) => current = p,
             None => return Ok(()),

@@ -1,41 +1,11 @@
-//! The one thing vmsnapd reads from a qcow2 header itself: which file an image is built on. Used
-//! to find files next to vmsnap's images that build on them without vmsnapd knowing them (a disk
-//! of a VM undefined with `virsh undefine`, a copy made by hand), with no process per file.
+//! The backing file name field of a qcow2 header, bounded and checked; the chain reader
+//! (`chain.rs`) reads the rest.
 
-use std::ffi::OsStr;
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::io;
 
 pub(super) const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// The qcow2 specification's limit on the backing file name.
 const MAX_BACKING_NAME: u32 = 1023;
-
-/// The backing file named in `path`'s qcow2 header, made absolute against `path`'s folder;
-/// `None` for an image without one, or a file that is not qcow2.
-pub fn backing_file(path: &Path) -> io::Result<Option<PathBuf>> {
-    let mut file = File::open(path)?;
-    let mut header = [0u8; 20];
-    if file.read_exact(&mut header).is_err() || &header[..4] != MAGIC {
-        return Ok(None);
-    }
-    parse_backing(&header, |offset, size| {
-        let mut name = vec![0u8; size];
-        file.seek(SeekFrom::Start(offset))?;
-        file.read_exact(&mut name)?;
-        Ok(name)
-    })
-    .map(|name| {
-        name.map(|name| {
-            let name = Path::new(OsStr::from_bytes(&name));
-            match path.parent() {
-                Some(dir) if name.is_relative() => dir.join(name),
-                _ => name.to_path_buf(),
-            }
-        })
-    })
-}
 
 /// The backing file name from a header's first 20 bytes (`read` fetches the name's bytes).
 pub(super) fn parse_backing(
@@ -64,6 +34,7 @@ pub(super) fn parse_backing(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use std::process::Command;
 
     fn qemu_img(args: &[&str]) {
@@ -114,16 +85,14 @@ mod tests {
             "1M",
         ]);
         std::fs::write(&raw, vec![0u8; 4096]).expect("write");
-        assert_eq!(backing_file(&base).expect("reads"), None);
-        assert_eq!(backing_file(&top).expect("reads"), Some(base.clone()));
-        assert_eq!(backing_file(&relative).expect("reads"), Some(base));
-        assert_eq!(backing_file(&raw).expect("reads"), None);
+        let backing_of = |p: &Path| super::super::chain::backing_of(p.to_str().expect("utf-8"));
+        let base = base.to_str().expect("utf-8").to_string();
+        assert_eq!(backing_of(Path::new(&base)), None);
+        assert_eq!(backing_of(&top), Some(base.clone()));
+        assert_eq!(backing_of(&relative), Some(base));
+        assert_eq!(backing_of(&raw), None);
         std::fs::write(&raw, b"QFI").expect("write");
-        assert_eq!(
-            backing_file(&raw).expect("reads"),
-            None,
-            "too short to be qcow2"
-        );
+        assert_eq!(backing_of(&raw), None, "too short to be qcow2");
     }
 
     #[test]

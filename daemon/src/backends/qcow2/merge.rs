@@ -10,7 +10,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 
 use super::chain;
-use super::forest::{is_owned, prune_unclaimed, Forest};
+use super::forest::{is_owned, prune_unclaimed, Forest, HostView};
 use super::qemu_img;
 use crate::domain;
 use crate::hypervisor::libvirt::{VIR_DOMAIN_XML_INACTIVE, VIR_DOMAIN_XML_SECURE};
@@ -45,7 +45,7 @@ fn current_xml(dom: &Domain) -> Result<String, String> {
 /// - an unclaimed image several chains build on stays: each still needs it.
 pub(super) fn release_image(
     ctx: &OpContext,
-    conn: &Connect,
+    view: &HostView,
     deleting: &mut SnapshotRecord,
     others: &mut [SnapshotRecord],
     target: &str,
@@ -60,7 +60,8 @@ pub(super) fn release_image(
     } = deleting.step.clone()
     {
         if t == target {
-            let forest = Forest::scan(conn, others)?;
+            let conn = view.conn;
+            let forest = Forest::scan(view, others, &[top.as_str(), base.as_str()])?;
             // QEMU finishes a block commit of a lower layer on its own, also with vmsnapd gone:
             // then no disk goes through `top` any more, one goes through `base`, and nothing
             // builds on `top`. Merging it again would write into an image a running VM holds.
@@ -73,16 +74,18 @@ pub(super) fn release_image(
             {
                 merge_down(ctx, conn, &forest, deleting, target, &base, &top, deadline)?;
             }
-            move_claims(ctx, others, &top, &base, &Forest::scan(conn, others)?)?;
-            prune_unclaimed(conn, others, &top)?;
+            // The format of `base` is as before the merge.
+            move_claims(ctx, others, &top, &base, &forest)?;
+            prune_unclaimed(view, others, &top)?;
             deleting.step = Step::Done;
             ctx.save(deleting)?;
             return Ok(());
         }
     }
+    let conn = view.conn;
     let mut current = image.to_string();
     loop {
-        let forest = Forest::scan_with(conn, others, &[current.as_str()])?;
+        let forest = Forest::scan(view, others, &[current.as_str()])?;
         if !forest.contains(&current) || is_owned(&current, &forest, others) {
             return Ok(());
         }
@@ -96,7 +99,7 @@ pub(super) fn release_image(
                 // Gone, with any backing image that only it kept; the first one that stays may
                 // now have a single image on top, to merge on the next round.
                 let parent = forest.parent(&current).map(str::to_string);
-                prune_unclaimed(conn, others, &current)?;
+                prune_unclaimed(view, others, &current)?;
                 match parent {
                     Some(p) => current = p,
                     None => return Ok(()),
@@ -118,8 +121,8 @@ pub(super) fn release_image(
                     ctx.save(deleting)?;
                     return Ok(());
                 }
-                move_claims(ctx, others, &child, &current, &Forest::scan(conn, others)?)?;
-                prune_unclaimed(conn, others, &child)?;
+                move_claims(ctx, others, &child, &current, &forest)?;
+                prune_unclaimed(view, others, &child)?;
                 deleting.step = Step::Done;
                 ctx.save(deleting)?;
                 return Ok(());
@@ -137,12 +140,12 @@ const MERGE_MARGIN: u64 = 4 << 20;
 /// what that image holds (its allocated size: at most what the merge adds). A merge that runs
 /// out of space leaves the folder full, and a running guest then stops at its next write.
 pub(super) fn check_room(
-    conn: &Connect,
+    view: &HostView,
     deleting: &SnapshotRecord,
     others: &[SnapshotRecord],
     image: &str,
 ) -> OpResult<()> {
-    let forest = Forest::scan_with(conn, others, &[image])?;
+    let forest = Forest::scan(view, others, &[image])?;
     if !forest.contains(image) || is_owned(image, &forest, others) {
         return Ok(());
     }
@@ -398,7 +401,7 @@ pub(super) fn discard_overlay(dom: &Domain, path: &str) {
     let pruned = dom
         .connect()
         .map_err(|e| e.message().to_string())
-        .and_then(|conn| prune_unclaimed(&conn, &[], path));
+        .and_then(|conn| prune_unclaimed(&HostView::reading_all(&conn), &[], path));
     if let Err(e) = pruned {
         warn!(%path, error = %e, "cannot remove an overlay");
     }

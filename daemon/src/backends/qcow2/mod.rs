@@ -41,6 +41,16 @@ fn connection<'a>(env: &'a Env) -> OpResult<&'a Connect> {
         .ok_or_else(|| OpError::Refused("qcow2 volumes need a libvirt host".to_string()))
 }
 
+/// What the forest reads the host's disks from: the inventory the libvirt thread keeps, when
+/// the host has one, and the operation's own connection.
+fn host_view<'a>(env: &'a Env) -> OpResult<forest::HostView<'a>> {
+    Ok(forest::HostView {
+        conn: connection(env)?,
+        known: env.host.known_domains(),
+        own_vm: Some(env.ctx.vm_uuid().to_ascii_lowercase()),
+    })
+}
+
 /// The overlay a volume's snapshot created.
 fn overlay(volume: &VolumeRecord) -> &str {
     match &volume.artifact {
@@ -241,7 +251,7 @@ impl VolumeBackend for Qcow2Backend {
             .progress(deleting, format!("releasing disk {}", volume.target));
         merge::release_image(
             env.ctx,
-            connection(env)?,
+            &host_view(env)?,
             deleting,
             others,
             &volume.target,
@@ -257,7 +267,7 @@ impl VolumeBackend for Qcow2Backend {
         others: &[SnapshotRecord],
         volume: &VolumeRecord,
     ) -> OpResult<()> {
-        merge::check_room(connection(env)?, deleting, others, &volume.image)
+        merge::check_room(&host_view(env)?, deleting, others, &volume.image)
     }
 
     fn plan_restore(
@@ -333,7 +343,7 @@ impl VolumeBackend for Qcow2Backend {
         source: &str,
         records: &[SnapshotRecord],
     ) -> OpResult<()> {
-        Ok(forest::prune_unclaimed(connection(env)?, records, source)?)
+        Ok(forest::prune_unclaimed(&host_view(env)?, records, source)?)
     }
 }
 
