@@ -322,7 +322,7 @@ pub(super) mod tests {
 
     /// The listing's serialization of `objects`, read back generically.
     pub(in crate::bus) fn decoded(objects: &Objects) -> zbus::fdo::ManagedObjects {
-        let data = to_bytes(Context::new_dbus(Endian::Little, 0), objects).expect("serializes");
+        let data = to_bytes(Context::new(Endian::Little, 0), objects).expect("serializes");
         let (decoded, _) = data
             .deserialize::<zbus::fdo::ManagedObjects>()
             .expect("reads back as a{oa{sa{sv}}}");
