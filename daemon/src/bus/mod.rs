@@ -19,7 +19,7 @@ use zbus::connection::Builder;
 use zbus::Connection;
 
 use crate::engine::{Change, EngineError, Request};
-use crate::store::{RestoreRecord, SnapshotRecord};
+use crate::store::RestoreRecord;
 pub use auth::Authorizer;
 pub use listing::SharedRegistry;
 use listing::{RestoreEntry, RootObjectManager, SnapshotEntry};
@@ -120,7 +120,6 @@ async fn apply(
         }
         Change::SnapshotAdded(record) => {
             let path = snapshot_path(&record.uuid);
-            let record: Arc<SnapshotRecord> = Arc::from(record);
             listing::write(registry).snapshots.insert(
                 record.uuid.clone(),
                 SnapshotEntry {
@@ -137,7 +136,6 @@ async fn apply(
         }
         Change::SnapshotUpdated(record) => {
             let path = snapshot_path(&record.uuid);
-            let record: Arc<SnapshotRecord> = Arc::from(record);
             if let Some(entry) = listing::write(registry).snapshots.get_mut(&record.uuid) {
                 entry.record = record.clone();
             }
