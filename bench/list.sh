@@ -16,13 +16,14 @@
 #    starts its own dbus-daemon (private, permissive, system type) and its own vmsnapd on it
 #    (libvirt_uri = "test:///default", state dir in a temporary directory), and waits until
 #    vmsnapd lists all N; notes how long vmsnapd took from its start to owning its bus name (it
-#    takes the name once every object is exported) and its RSS then;
+#    takes the name once every object is exported), then to a GetManagedObjects answered
+#    right after, and its RSS then;
 #  - times, BENCH_RUNS times each: ObjectManager.GetManagedObjects alone with busctl (--quiet:
 #    the reply is read, not printed), then `vmsnapctl snapshot list test`, `snapshot list gone`
 #    (10 of the N + 10), `restore list` (no restores) and `vm list` (one VM), tables to
 #    /dev/null, of BENCH_BASELINE_CTL and of this tree;
 #  - measures the size of GetManagedObjects' reply as it crosses the bus (dbus-monitor --pcap),
-#    and vmsnapd's RSS after all of the above;
+#    and vmsnapd's RSS after all of the above and its peak RSS (VmHWM);
 #  - prints a markdown table (milliseconds, median of the runs) on stdout, progress on stderr;
 #  - on exit, whatever happened, stops vmsnapd and the bus and removes the temporary directory.
 set -euo pipefail
@@ -185,6 +186,7 @@ PY
 }
 
 rss_mib() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$vmsnapd_pid/status"; }
+peak_mib() { awk '/^VmHWM:/ {print int($2 / 1024)}' "/proc/$vmsnapd_pid/status"; }
 
 # start_daemons N: a private bus and vmsnapd on a state folder of N records.
 start_daemons() {
@@ -226,6 +228,9 @@ EOF
     sleep 0.02
   done
   now_us; START_MS=$(((REPLY - t0) / 1000))
+  # Everything exported and read back once by a client (issue 13's start target).
+  get_managed_objects || die "GetManagedObjects failed"
+  now_us; START_GMO_MS=$(((REPLY - t0) / 1000))
   RSS_READY=$(rss_mib)
   until [ "$listed" = "$n" ]; do
     kill -0 "$vmsnapd_pid" 2>/dev/null || { cat "$work/vmsnapd-$n.log" >&2; die "vmsnapd exited"; }
@@ -297,8 +302,9 @@ for n in $SIZES; do
   done
   size=$(gmo_bytes)
   rss=$(rss_mib)
+  peak=$(peak_mib)
   rows+=("$row $rss |")
-  sizes+=("| $n | $START_MS | $rss_ready | $rss | $size |")
+  sizes+=("| $n | $START_MS | $START_GMO_MS | $rss_ready | $rss | $peak | $size |")
   say "N=$n: GetManagedObjects $gmo ms, $size bytes"
   stop_daemons
 done
@@ -312,6 +318,6 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "Definitions of about $(python3 -c 'import json, sys; print(len(json.loads(sys.argv[1])))' "$DOMAIN_XML") bytes."
 echo
-echo "| snapshots of \`test\` | start to everything exported (ms) | vmsnapd RSS then (MiB) | vmsnapd RSS after the listings (MiB) | GetManagedObjects reply (bytes) |"
-echo "|---:|---:|---:|---:|---:|"
+echo "| snapshots of \`test\` | start to everything exported (ms) | start to GetManagedObjects done (ms) | vmsnapd RSS then (MiB) | vmsnapd RSS after the listings (MiB) | vmsnapd peak RSS (MiB) | GetManagedObjects reply (bytes) |"
+echo "|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${sizes[@]}"

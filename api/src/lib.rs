@@ -11,7 +11,7 @@ mod text;
 mod types;
 
 pub use error::VmSnapError;
-pub use listing::{RestoreProperties, SnapshotProperties, TypedObjects, VmProperties};
+pub use listing::{RestoreProperties, SnapshotProperties, SnapshotRow, TypedObjects, VmProperties};
 pub use proxies::{ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy};
 pub use text::{
     clip, excerpt, is_unsafe_char, record_error, terminal_safe, terminal_safe_multiline,

@@ -71,3 +71,42 @@ pub struct RestoreProperties {
 /// A listing reply whose objects serve interface properties `P`: object path, then interface
 /// name, then the properties.
 pub type TypedObjects<P> = HashMap<OwnedObjectPath, HashMap<String, P>>;
+
+/// One snapshot as `Manager.GetSnapshotList` returns it: every property of the Snapshot
+/// interface in one structure, `(ssssssbsasa(ss)a(ssst)a(ss)ssstud)` in field order. A listing
+/// of 10,000 snapshots is about a third of GetSnapshotObjects' size and needs no variant per
+/// property. A property added to the interface later is not in it (a new method would be).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize, Type)]
+pub struct SnapshotRow {
+    pub name: String,
+    pub uuid: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    pub description: String,
+    pub phase: String,
+    pub ready_to_use: bool,
+    pub creation_time: String,
+    pub indications: Vec<String>,
+    pub source_indications: Vec<crate::SourceIndication>,
+    pub included_volumes: Vec<crate::IncludedVolume>,
+    pub excluded_volumes: Vec<crate::ExcludedVolume>,
+    pub error: String,
+    pub error_name: String,
+    pub progress: String,
+    pub freeze_duration_ms: u64,
+    pub frozen_filesystems: u32,
+    pub cow_fill_percent: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_row_is_the_documented_structure() {
+        assert_eq!(
+            SnapshotRow::SIGNATURE.to_string(),
+            "(ssssssbsasa(ss)a(ssst)a(ss)ssstud)"
+        );
+    }
+}

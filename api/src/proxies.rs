@@ -69,6 +69,10 @@ pub trait Manager {
     /// Every VM object with its properties, as GetManagedObjects gives them.
     fn get_vm_objects(&self) -> Result<zbus::fdo::ManagedObjects, VmSnapError>;
 
+    /// The snapshots of one VM (or all when `vm` is empty), oldest first, each as one
+    /// structure of all its properties.
+    fn get_snapshot_list(&self, vm: &str) -> Result<Vec<crate::SnapshotRow>, VmSnapError>;
+
     /// GetSnapshotObjects decoded into typed properties (a reply with a property of an
     /// unexpected type fails to decode: read it with `get_snapshot_objects` to name it).
     #[zbus(name = "GetSnapshotObjects")]

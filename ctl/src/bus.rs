@@ -36,6 +36,9 @@ fn vms_from(objects: vmsnap_api::TypedObjects<vmsnap_api::VmProperties>) -> Resu
     Ok(vms)
 }
 
+/// The error of a method call to a vmsnapd older than the method.
+const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
+
 /// Why an object could not be read.
 pub enum ReadError {
     /// The object is gone: it was removed between being listed (or found) and being read.
@@ -138,6 +141,19 @@ impl Bus {
         Ok(Objects::new(objects))
     }
 
+    /// The snapshots of one VM (or of all when `vm` is empty), oldest first, in one call:
+    /// GetSnapshotList (one structure per snapshot), or GetSnapshotObjects from a vmsnapd older
+    /// than it.
+    pub async fn snapshot_list(&self, vm: &str) -> Result<Vec<Snapshot>, String> {
+        let manager = self.manager().await?;
+        match manager.get_snapshot_list(vm).await {
+            Ok(rows) => return Ok(rows.into_iter().map(Snapshot::from).collect()),
+            Err(VmSnapError::ZBus(e)) if error_name(&e).as_deref() == Some(UNKNOWN_METHOD) => {}
+            Err(e) => return Err(self.describe_api(e)),
+        }
+        self.snapshot_objects(vm).await?.into_snapshots()
+    }
+
     /// Every restore object with its properties, in one call (GetRestoreObjects).
     pub async fn restore_objects(&self) -> Result<Objects, String> {
         let manager = self.manager().await?;
@@ -166,13 +182,11 @@ impl Bus {
                     return Ok(vms);
                 }
             }
-            Err(VmSnapError::ZBus(e)) => {
-                if let zbus::Error::MethodError(name, ..) = &e {
-                    if name.as_str() != "org.freedesktop.DBus.Error.UnknownMethod" {
-                        return Err(self.describe(&e));
-                    }
-                }
-            }
+            // An older vmsnapd, or a reply that does not decode: read VM by VM below.
+            Err(VmSnapError::ZBus(e)) => match error_name(&e).as_deref() {
+                None | Some(UNKNOWN_METHOD) => {}
+                Some(_) => return Err(self.describe(&e)),
+            },
             Err(e) => return Err(self.describe_api(e)),
         }
         let paths = manager.list_vms().await.map_err(|e| self.describe_api(e))?;

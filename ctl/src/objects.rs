@@ -58,6 +58,31 @@ impl Objects {
         Some(Properties { object, values })
     }
 
+    /// Every snapshot of the reply, oldest first as ListSnapshots orders them (creation time,
+    /// then name, then UUID), without asking ListSnapshots.
+    pub fn into_snapshots(mut self) -> Result<Vec<Snapshot>, String> {
+        let paths: Vec<OwnedObjectPath> = match &self {
+            Objects::Generic(objects) => objects.keys().cloned().collect(),
+            Objects::Snapshots(objects) => objects.keys().cloned().collect(),
+            Objects::Restores(_) => Vec::new(),
+        };
+        let mut snapshots = Vec::with_capacity(paths.len());
+        for path in &paths {
+            // A path without the Snapshot interface (none in vmsnapd's replies) is skipped.
+            if let Some(mut properties) = self.take_snapshot(path) {
+                snapshots.push(properties.snapshot()?);
+            }
+        }
+        snapshots.sort_by(|a, b| {
+            (a.creation_time.as_str(), a.name.as_str(), a.uuid.as_str()).cmp(&(
+                b.creation_time.as_str(),
+                b.name.as_str(),
+                b.uuid.as_str(),
+            ))
+        });
+        Ok(snapshots)
+    }
+
     /// The properties of the snapshot at `path`; `None` if it is gone.
     pub fn take_snapshot(&mut self, path: &OwnedObjectPath) -> Option<Properties> {
         self.take(path, SNAPSHOT_INTERFACE)

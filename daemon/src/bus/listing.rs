@@ -335,6 +335,74 @@ impl<'a> RestoreProps<'a> {
     }
 }
 
+/// GetSnapshotList's reply: `a(ssssssbsasa(ss)a(ssst)a(ss)ssstud)`, [`vmsnap_api::SnapshotRow`]
+/// serialized from the records.
+pub struct SnapshotRows(pub Vec<SnapshotEntry>);
+
+impl Type for SnapshotRows {
+    const SIGNATURE: &'static zbus::Signature = <Vec<vmsnap_api::SnapshotRow> as Type>::SIGNATURE;
+}
+
+impl Serialize for SnapshotRows {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for entry in &self.0 {
+            seq.serialize_element(&SnapshotRowRef::new(entry))?;
+        }
+        seq.end()
+    }
+}
+
+/// [`vmsnap_api::SnapshotRow`] borrowed from a record: the same fields in the same order (a
+/// test checks the signatures match).
+#[derive(Serialize, Type)]
+struct SnapshotRowRef<'a> {
+    name: &'a str,
+    uuid: &'a str,
+    vm_name: &'a str,
+    vm_uuid: &'a str,
+    description: &'a str,
+    phase: &'static str,
+    ready_to_use: bool,
+    creation_time: &'a str,
+    indications: IndicationNames<'a>,
+    source_indications: std::borrow::Cow<'a, [SourceIndication]>,
+    included_volumes: Vec<IncludedVolume>,
+    excluded_volumes: &'a Vec<ExcludedVolume>,
+    error: &'a str,
+    error_name: &'a str,
+    progress: &'a str,
+    freeze_duration_ms: u64,
+    frozen_filesystems: u32,
+    cow_fill_percent: f64,
+}
+
+impl<'a> SnapshotRowRef<'a> {
+    fn new(entry: &'a SnapshotEntry) -> Self {
+        let r = &*entry.record;
+        SnapshotRowRef {
+            name: &r.name,
+            uuid: &r.uuid,
+            vm_name: &r.vm_name,
+            vm_uuid: &r.vm_uuid,
+            description: &r.description,
+            phase: r.phase.as_str(),
+            ready_to_use: r.ready_to_use,
+            creation_time: &r.creation_time,
+            indications: IndicationNames(&r.indications),
+            source_indications: super::snapshot::source_indications(r),
+            included_volumes: r.included_volumes(),
+            excluded_volumes: &r.excluded,
+            error: &r.error,
+            error_name: &r.error_name,
+            progress: &entry.progress,
+            freeze_duration_ms: r.freeze_duration_ms,
+            frozen_filesystems: r.frozen_filesystems,
+            cow_fill_percent: r.cow_fill_percent,
+        }
+    }
+}
+
 const VM_FOLDER: &str = "/org/vmsnap/VmSnap1/vm";
 const SNAPSHOT_FOLDER: &str = "/org/vmsnap/VmSnap1/snapshot";
 const RESTORE_FOLDER: &str = "/org/vmsnap/VmSnap1/restore";

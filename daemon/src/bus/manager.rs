@@ -7,7 +7,7 @@ use zbus::{interface, OwnedObjectPath, OwnedVariant};
 
 use super::ask;
 use super::auth::{Authorizer, ACTION_CREATE, ACTION_RESTORE};
-use super::listing::{self, Listed, ManagerState, Objects, SharedRegistry};
+use super::listing::{self, Listed, ManagerState, Objects, SharedRegistry, SnapshotRows};
 use crate::engine::{CreateOptions, Request, RestoreOptions, READINESS_POLICIES};
 
 /// `org.vmsnap.VmSnap1.Manager`: entry point for requests that are not about one object.
@@ -311,6 +311,24 @@ impl ManagerObject {
                 .iter()
                 .filter_map(|uuid| registry.snapshots.get(uuid).cloned())
                 .map(Listed::Snapshot)
+                .collect(),
+        ))
+    }
+
+    /// The snapshots of one VM (name or UUID), or of every VM when vm is empty, oldest first,
+    /// each as one structure of all its Snapshot properties: (Name, Uuid, VmName, VmUuid,
+    /// Description, Phase, ReadyToUse, CreationTime, Indications, SourceIndications,
+    /// IncludedVolumes, ExcludedVolumes, Error, ErrorName, Progress, FreezeDurationMs,
+    /// FrozenFilesystems, CowFillPercent). A third of GetSnapshotObjects' size, without a
+    /// variant per property: what a listing of thousands reads.
+    async fn get_snapshot_list(&self, vm: String) -> Result<SnapshotRows, VmSnapError> {
+        let uuids = ask(&self.engine, |reply| Request::ListSnapshots { vm, reply }).await??;
+        let registry = listing::read(&self.registry);
+        // An object not exported yet, or removed since it was listed, is left out.
+        Ok(SnapshotRows(
+            uuids
+                .iter()
+                .filter_map(|uuid| registry.snapshots.get(uuid).cloned())
                 .collect(),
         ))
     }

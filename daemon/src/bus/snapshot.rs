@@ -330,6 +330,53 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_snapshot_list_row_holds_what_the_object_serves() {
+        use super::super::listing::SnapshotRows;
+        assert_eq!(
+            <SnapshotRows as zbus::Type>::SIGNATURE,
+            <Vec<vmsnap_api::SnapshotRow> as zbus::Type>::SIGNATURE
+        );
+        let (engine, _requests) = mpsc::channel(1);
+        let mut record = crate::store::tests::record("a");
+        record.excluded = vec![ExcludedVolume {
+            target: "sda".into(),
+            reason: "cdrom".into(),
+        }];
+        let record = Arc::new(record);
+        let mut object = SnapshotObject::new(record.clone(), engine, Authorizer::Disabled);
+        object.progress = "merging vda".into();
+        let rows = SnapshotRows(vec![SnapshotEntry {
+            record,
+            progress: Arc::from("merging vda"),
+        }]);
+        let data = to_bytes(Context::new(Endian::Little, 0), &rows).expect("serializes");
+        let (decoded, _) = data
+            .deserialize::<Vec<vmsnap_api::SnapshotRow>>()
+            .expect("reads back");
+        let expected = vmsnap_api::SnapshotRow {
+            name: object.name(),
+            uuid: object.uuid(),
+            vm_name: object.vm_name(),
+            vm_uuid: object.vm_uuid(),
+            description: object.description(),
+            phase: object.phase(),
+            ready_to_use: object.ready_to_use(),
+            creation_time: object.creation_time(),
+            indications: object.indications(),
+            source_indications: object.source_indications(),
+            included_volumes: object.included_volumes(),
+            excluded_volumes: object.excluded_volumes(),
+            error: object.error(),
+            error_name: object.error_name(),
+            progress: object.progress(),
+            freeze_duration_ms: object.freeze_duration_ms(),
+            frozen_filesystems: object.frozen_filesystems(),
+            cow_fill_percent: object.cow_fill_percent(),
+        };
+        assert_eq!(decoded, vec![expected]);
+    }
+
+    #[test]
     fn a_listing_serves_what_the_object_serves() {
         let (engine, _requests) = mpsc::channel(1);
         let mut failed = crate::store::tests::record("a");
