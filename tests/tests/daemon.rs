@@ -202,7 +202,8 @@ fn properties_read_through_the_api_proxies() {
 }
 
 /// GetVmObjects, GetSnapshotObjects and GetRestoreObjects answer what GetManagedObjects and
-/// each object's GetAll answer, for just those objects; GetVmObjects in ListVms' order.
+/// each object's GetAll answer, for just those objects; GetSnapshotList the same values as
+/// structures.
 #[test]
 fn listing_methods_answer_what_the_objects_serve() {
     let bus = PrivateBus::start();
@@ -273,6 +274,19 @@ fn listing_methods_answer_what_the_objects_serve() {
             assert_eq!(snapshots.keys().collect::<Vec<_>>(), vec![&snapshot_path]);
             assert_eq!(snapshots[&snapshot_path], all[&snapshot_path]);
         }
+        let rows = manager.get_snapshot_list("test").await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let snapshot_interface =
+            zbus::names::OwnedInterfaceName::try_from(vmsnap_api::SNAPSHOT_INTERFACE).unwrap();
+        let served = &all[&snapshot_path][&snapshot_interface];
+        let string = |name: &str| String::try_from(served[name].try_clone().unwrap()).unwrap();
+        assert_eq!(rows[0].name, string("Name"));
+        assert_eq!(rows[0].uuid, snapshot_uuid);
+        assert_eq!(rows[0].phase, string("Phase"));
+        assert_eq!(rows[0].error, string("Error"));
+        assert_eq!(rows[0].error_name, string("ErrorName"));
+        assert_eq!(rows[0].creation_time, string("CreationTime"));
+        assert_eq!(manager.get_snapshot_list("").await.unwrap(), rows);
         let typed = manager.get_snapshot_objects_typed("test").await.unwrap();
         let s = &typed[&snapshot_path][vmsnap_api::SNAPSHOT_INTERFACE];
         assert_eq!(s.name.as_deref(), Some("listed"));
