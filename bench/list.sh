@@ -2,7 +2,8 @@
 # Listing benchmark: `vmsnapctl snapshot list` against a real vmsnapd holding N snapshots.
 #   bash bench/list.sh      (any user; no lab, no libvirtd: libvirt's test:///default driver)
 # Environment: BENCH_SIZES the numbers of snapshots (default "1000 10000"), BENCH_RUNS runs of
-# each timing, the median is shown (default 5), BENCH_BASELINE_CTL another vmsnapctl to time
+# each timing, the median is shown (default 5), BENCH_STARTS starts of vmsnapd on the same
+# records, the first one included (default 1; median (min-max) shown), BENCH_BASELINE_CTL another vmsnapctl to time
 # beside this tree's (for instance main's build, for a before/after), BENCH_KEEP=DIR keeps
 # vmsnapd's log, BENCH_BIN_DIR=DIR takes vmsnapd and vmsnapctl from DIR instead of building this
 # tree (CARGO_TARGET_DIR is honoured), BENCH_XML_BYTES=N pads each record's definition to about
@@ -16,13 +17,14 @@
 #    starts its own dbus-daemon (private, permissive, system type) and its own vmsnapd on it
 #    (libvirt_uri = "test:///default", state dir in a temporary directory), and waits until
 #    vmsnapd lists all N; notes how long vmsnapd took from its start to owning its bus name (it
-#    takes the name once every object is exported) and its RSS then;
+#    takes the name once every object is exported), then to a GetManagedObjects answered
+#    right after, and its RSS then;
 #  - times, BENCH_RUNS times each: ObjectManager.GetManagedObjects alone with busctl (--quiet:
 #    the reply is read, not printed), then `vmsnapctl snapshot list test`, `snapshot list gone`
 #    (10 of the N + 10), `restore list` (no restores) and `vm list` (one VM), tables to
 #    /dev/null, of BENCH_BASELINE_CTL and of this tree;
 #  - measures the size of GetManagedObjects' reply as it crosses the bus (dbus-monitor --pcap),
-#    and vmsnapd's RSS after all of the above;
+#    and vmsnapd's RSS after all of the above and its peak RSS (VmHWM);
 #  - prints a markdown table (milliseconds, median of the runs) on stdout, progress on stderr;
 #  - on exit, whatever happened, stops vmsnapd and the bus and removes the temporary directory.
 set -euo pipefail
@@ -30,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SIZES=${BENCH_SIZES:-1000 10000}
 RUNS=${BENCH_RUNS:-5}
+STARTS=${BENCH_STARTS:-1}
 BASELINE=${BENCH_BASELINE_CTL:-}
 VM="test"
 VM_UUID=6695eb01-f6a4-8304-79aa-97f2502e193f
@@ -41,6 +44,7 @@ SMALL_UUID=5eed0000-0000-4000-8000-00000000aaaa
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: $*" >&2; exit 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
+[[ $STARTS =~ ^[1-9][0-9]*$ ]] || die "BENCH_STARTS must be a positive number"
 for n in $SIZES; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "BENCH_SIZES must be positive numbers"; done
 [ -z "$BASELINE" ] || [ -x "$BASELINE" ] || die "BENCH_BASELINE_CTL=$BASELINE is not executable"
 command -v busctl >/dev/null || die "busctl is needed (systemd)"
@@ -185,6 +189,7 @@ PY
 }
 
 rss_mib() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$vmsnapd_pid/status"; }
+peak_mib() { awk '/^VmHWM:/ {print int($2 / 1024)}' "/proc/$vmsnapd_pid/status"; }
 
 # start_daemons N: a private bus and vmsnapd on a state folder of N records.
 start_daemons() {
@@ -213,6 +218,37 @@ EOF
   dbus_pid=$(sed -n 2p <<<"$out")
   printf 'libvirt_uri = "test:///default"\nstate_dir = "%s"\nvm_lock_dir = "%s"\n' \
     "$dir/state" "$dir/locks" >"$dir/vmsnapd.toml"
+  local starts=() gmos=()
+  for _ in $(seq "$STARTS"); do
+    [ -z "$vmsnapd_pid" ] || stop_vmsnapd
+    start_vmsnapd "$n"
+    starts+=("$START_MS") gmos+=("$START_GMO_MS")
+  done
+  START_STATS=$(stats_ms "${starts[@]}")
+  START_GMO_STATS=$(stats_ms "${gmos[@]}")
+}
+
+# stop_vmsnapd: stops vmsnapd, leaving the bus.
+stop_vmsnapd() {
+  kill -TERM "$vmsnapd_pid"
+  for _ in $(seq 100); do kill -0 "$vmsnapd_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$vmsnapd_pid" 2>/dev/null || true
+  wait "$vmsnapd_pid" 2>/dev/null || true
+  vmsnapd_pid=""
+}
+
+# stats_ms MS...: "median (min-max)", or the one value.
+stats_ms() {
+  printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END {
+    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    if (NR == 1) printf "%d", m; else printf "%d (%d-%d)", m, v[1], v[NR] }'
+}
+
+# start_vmsnapd N: starts vmsnapd on the bus and state folder of N records; sets START_MS (to
+# its name owned), START_GMO_MS (to a GetManagedObjects answered after that) and RSS_READY, and
+# waits until it lists all N.
+start_vmsnapd() {
+  local n=$1 dir=$work/n$1
   now_us; local t0=$REPLY
   VMSNAP_LOG=info "$VMSNAPD" --config "$dir/vmsnapd.toml" --bus-address "$ADDR" \
     </dev/null >/dev/null 2>"$work/vmsnapd-$n.log" &
@@ -226,6 +262,9 @@ EOF
     sleep 0.02
   done
   now_us; START_MS=$(((REPLY - t0) / 1000))
+  # Everything exported and read back once by a client (issue 13's start target).
+  get_managed_objects || die "GetManagedObjects failed"
+  now_us; START_GMO_MS=$(((REPLY - t0) / 1000))
   RSS_READY=$(rss_mib)
   until [ "$listed" = "$n" ]; do
     kill -0 "$vmsnapd_pid" 2>/dev/null || { cat "$work/vmsnapd-$n.log" >&2; die "vmsnapd exited"; }
@@ -282,7 +321,7 @@ for n in $SIZES; do
       die "the two vmsnapctl print different JSON"
   fi
   rss_ready=$RSS_READY
-  say "N=$n: name owned (everything exported) ${START_MS} ms after start, RSS then ${rss_ready} MiB"
+  say "N=$n: name owned (everything exported) ${START_STATS} ms after start, RSS then ${rss_ready} MiB"
   say "N=$n: timing ($RUNS runs each)"
   gmo=$(time_ms get_managed_objects)
   row="| $n | $gmo |"
@@ -297,8 +336,9 @@ for n in $SIZES; do
   done
   size=$(gmo_bytes)
   rss=$(rss_mib)
+  peak=$(peak_mib)
   rows+=("$row $rss |")
-  sizes+=("| $n | $START_MS | $rss_ready | $rss | $size |")
+  sizes+=("| $n | $START_STATS | $START_GMO_STATS | $rss_ready | $rss | $peak | $size |")
   say "N=$n: GetManagedObjects $gmo ms, $size bytes"
   stop_daemons
 done
@@ -312,6 +352,6 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "Definitions of about $(python3 -c 'import json, sys; print(len(json.loads(sys.argv[1])))' "$DOMAIN_XML") bytes."
 echo
-echo "| snapshots of \`test\` | start to everything exported (ms) | vmsnapd RSS then (MiB) | vmsnapd RSS after the listings (MiB) | GetManagedObjects reply (bytes) |"
-echo "|---:|---:|---:|---:|---:|"
+echo "| snapshots of \`test\` | start to everything exported (ms) | start to GetManagedObjects done (ms) | vmsnapd RSS then (MiB) | vmsnapd RSS after the listings (MiB) | vmsnapd peak RSS (MiB) | GetManagedObjects reply (bytes) |"
+echo "|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${sizes[@]}"

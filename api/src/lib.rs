@@ -5,11 +5,13 @@
 //! zbus and serde only, never on the daemon.
 
 mod error;
+mod listing;
 mod proxies;
 mod text;
 mod types;
 
 pub use error::VmSnapError;
+pub use listing::{RestoreProperties, SnapshotProperties, SnapshotRow, TypedObjects, VmProperties};
 pub use proxies::{ManagerProxy, RestoreProxy, SnapshotProxy, VirtualMachineProxy};
 pub use text::{
     clip, excerpt, is_unsafe_char, record_error, terminal_safe, terminal_safe_multiline,

@@ -66,6 +66,32 @@ pub trait Manager {
     /// Every restore object with its properties, as GetManagedObjects gives them.
     fn get_restore_objects(&self) -> Result<zbus::fdo::ManagedObjects, VmSnapError>;
 
+    /// Every VM object with its properties, as GetManagedObjects gives them.
+    fn get_vm_objects(&self) -> Result<zbus::fdo::ManagedObjects, VmSnapError>;
+
+    /// The snapshots of one VM (or all when `vm` is empty), oldest first, each as one
+    /// structure of all its properties.
+    fn get_snapshot_list(&self, vm: &str) -> Result<Vec<crate::SnapshotRow>, VmSnapError>;
+
+    /// GetSnapshotObjects decoded into typed properties (a reply with a property of an
+    /// unexpected type fails to decode: read it with `get_snapshot_objects` to name it).
+    #[zbus(name = "GetSnapshotObjects")]
+    fn get_snapshot_objects_typed(
+        &self,
+        vm: &str,
+    ) -> Result<crate::TypedObjects<crate::SnapshotProperties>, VmSnapError>;
+
+    /// GetRestoreObjects decoded into typed properties.
+    #[zbus(name = "GetRestoreObjects")]
+    fn get_restore_objects_typed(
+        &self,
+    ) -> Result<crate::TypedObjects<crate::RestoreProperties>, VmSnapError>;
+
+    /// GetVmObjects decoded into typed properties.
+    #[zbus(name = "GetVmObjects")]
+    fn get_vm_objects_typed(&self)
+        -> Result<crate::TypedObjects<crate::VmProperties>, VmSnapError>;
+
     /// vmsnapd's version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

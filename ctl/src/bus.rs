@@ -11,6 +11,34 @@ use crate::output::Vm;
 use crate::restore_output::Restore;
 use crate::snapshot_output::Snapshot;
 
+/// The VMs of a GetVmObjects reply, sorted by name then UUID (ListVms' order); `Err` when
+/// an object lacks a property.
+fn vms_from(objects: vmsnap_api::TypedObjects<vmsnap_api::VmProperties>) -> Result<Vec<Vm>, ()> {
+    let mut vms = Vec::with_capacity(objects.len());
+    for (_, mut interfaces) in objects {
+        let Some(p) = interfaces.remove(vmsnap_api::VM_INTERFACE) else {
+            continue;
+        };
+        let (Some(name), Some(uuid), Some(state), Some(agent), Some(disks)) =
+            (p.name, p.uuid, p.state, p.agent, p.disks)
+        else {
+            return Err(());
+        };
+        vms.push(Vm {
+            name,
+            uuid,
+            state,
+            agent,
+            disks,
+        });
+    }
+    vms.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.uuid.cmp(&b.uuid)));
+    Ok(vms)
+}
+
+/// The error of a method call to a vmsnapd older than the method.
+const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
+
 /// Why an object could not be read.
 pub enum ReadError {
     /// The object is gone: it was removed between being listed (or found) and being read.
@@ -97,6 +125,15 @@ impl Bus {
     /// reply holds every object and can pass the bus's message size limit.
     pub async fn snapshot_objects(&self, vm: &str) -> Result<Objects, String> {
         let manager = self.manager().await?;
+        // Typed first (serde straight into structures); a reply it refuses is read again
+        // generically, which names the property of an unexpected type.
+        match manager.get_snapshot_objects_typed(vm).await {
+            Ok(objects) => return Ok(Objects::Snapshots(objects)),
+            // Not an error vmsnapd answered: the reply did not decode (or the transport
+            // failed, which the generic call reports as well).
+            Err(VmSnapError::ZBus(e)) if !matches!(e, zbus::Error::MethodError(..)) => {}
+            Err(e) => return Err(self.describe_api(e)),
+        }
         let objects = manager
             .get_snapshot_objects(vm)
             .await
@@ -104,14 +141,65 @@ impl Bus {
         Ok(Objects::new(objects))
     }
 
+    /// The snapshots of one VM (or of all when `vm` is empty), oldest first, in one call:
+    /// GetSnapshotList (one structure per snapshot), or GetSnapshotObjects from a vmsnapd older
+    /// than it.
+    pub async fn snapshot_list(&self, vm: &str) -> Result<Vec<Snapshot>, String> {
+        let manager = self.manager().await?;
+        match manager.get_snapshot_list(vm).await {
+            Ok(rows) => return Ok(rows.into_iter().map(Snapshot::from).collect()),
+            Err(VmSnapError::ZBus(e)) if error_name(&e).as_deref() == Some(UNKNOWN_METHOD) => {}
+            Err(e) => return Err(self.describe_api(e)),
+        }
+        self.snapshot_objects(vm).await?.into_snapshots()
+    }
+
     /// Every restore object with its properties, in one call (GetRestoreObjects).
     pub async fn restore_objects(&self) -> Result<Objects, String> {
         let manager = self.manager().await?;
+        match manager.get_restore_objects_typed().await {
+            Ok(objects) => return Ok(Objects::Restores(objects)),
+            // Not an error vmsnapd answered: the reply did not decode (or the transport
+            // failed, which the generic call reports as well).
+            Err(VmSnapError::ZBus(e)) if !matches!(e, zbus::Error::MethodError(..)) => {}
+            Err(e) => return Err(self.describe_api(e)),
+        }
         let objects = manager
             .get_restore_objects()
             .await
             .map_err(|e| self.describe_api(e))?;
         Ok(Objects::new(objects))
+    }
+
+    /// Every VM, sorted by name (then UUID), as ListVms orders them: in one call
+    /// (GetVmObjects), or from a vmsnapd older than it (or a reply that does not decode) with
+    /// ListVms and one read per VM.
+    pub async fn vms(&self, manager: &ManagerProxy<'static>) -> Result<Vec<Vm>, String> {
+        match manager.get_vm_objects_typed().await {
+            Ok(objects) => {
+                // With a property missing, the generic reads below name it.
+                if let Ok(vms) = vms_from(objects) {
+                    return Ok(vms);
+                }
+            }
+            // An older vmsnapd, or a reply that does not decode: read VM by VM below.
+            Err(VmSnapError::ZBus(e)) => match error_name(&e).as_deref() {
+                None | Some(UNKNOWN_METHOD) => {}
+                Some(_) => return Err(self.describe(&e)),
+            },
+            Err(e) => return Err(self.describe_api(e)),
+        }
+        let paths = manager.list_vms().await.map_err(|e| self.describe_api(e))?;
+        let mut vms = Vec::with_capacity(paths.len());
+        for path in paths {
+            match self.read_vm(path).await {
+                Ok(vm) => vms.push(vm),
+                // Undefined between the listing and the read: it is simply gone.
+                Err(ReadError::Vanished) => {}
+                Err(ReadError::Other(message)) => return Err(message),
+            }
+        }
+        Ok(vms)
     }
 
     pub async fn read_vm(&self, path: OwnedObjectPath) -> Result<Vm, ReadError> {

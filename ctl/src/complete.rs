@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap_complete::engine::CompletionCandidate;
 
-use crate::bus::{Bus, ReadError};
+use crate::bus::Bus;
 
 /// How long a completion may take to ask vmsnapd.
 const LIMIT: Duration = Duration::from_secs(3);
@@ -63,13 +63,8 @@ async fn fetch(names: Names) -> Result<Vec<CompletionCandidate>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
     match names {
         Names::Vms => {
-            let paths = manager.list_vms().await.map_err(|e| bus.describe_api(e))?;
-            for path in paths {
-                match bus.read_vm(path).await {
-                    Ok(vm) => out.push((vm.name, vm.state)),
-                    Err(ReadError::Vanished) => {}
-                    Err(ReadError::Other(message)) => return Err(message),
-                }
+            for vm in bus.vms(&manager).await? {
+                out.push((vm.name, vm.state));
             }
         }
         Names::Snapshots => {

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 
 use vmsnap_api::{
-    DetachedDisk, ExcludedVolume, IncludedVolume, SourceIndication, VolumeRestore,
-    RESTORE_INTERFACE, SNAPSHOT_INTERFACE,
+    DetachedDisk, ExcludedVolume, IncludedVolume, RestoreProperties, SnapshotProperties,
+    SourceIndication, TypedObjects, VolumeRestore, RESTORE_INTERFACE, SNAPSHOT_INTERFACE,
 };
 use zbus::fdo::ManagedObjects;
 use zbus::names::InterfaceName;
@@ -19,30 +19,68 @@ use zbus::{OwnedObjectPath, OwnedVariant, Type};
 use crate::restore_output::Restore;
 use crate::snapshot_output::Snapshot;
 
-/// The objects of one GetSnapshotObjects or GetRestoreObjects reply.
-pub struct Objects(ManagedObjects);
+/// The objects of one GetSnapshotObjects or GetRestoreObjects reply: decoded typed (serde,
+/// no variant per property), or generically when the typed decoding refused it, so that a
+/// property of the wrong type is named.
+pub enum Objects {
+    Generic(ManagedObjects),
+    Snapshots(TypedObjects<SnapshotProperties>),
+    Restores(TypedObjects<RestoreProperties>),
+}
 
 impl Objects {
     pub fn new(objects: ManagedObjects) -> Objects {
-        Objects(objects)
+        Objects::Generic(objects)
     }
 
     /// Takes the properties of `interface` on the object at `path` out of the reply; `None`
     /// when the object (or that interface of it) is not there: it was removed after it was
     /// listed.
     fn take(&mut self, path: &OwnedObjectPath, interface: &'static str) -> Option<Properties> {
-        let interfaces = self.0.get_mut(path)?;
-        let name = InterfaceName::from_static_str(interface).ok()?;
-        let map = interfaces.remove(&name)?;
         let kind = if interface == SNAPSHOT_INTERFACE {
             "snapshot"
         } else {
             "restore"
         };
-        Some(Properties {
-            object: format!("{kind} {}", path.as_str()),
-            map,
-        })
+        let object = format!("{kind} {}", path.as_str());
+        let values = match self {
+            Objects::Generic(objects) => {
+                let name = InterfaceName::from_static_str(interface).ok()?;
+                Values::Generic(objects.get_mut(path)?.remove(&name)?)
+            }
+            Objects::Snapshots(objects) => {
+                Values::Snapshot(Box::new(objects.get_mut(path)?.remove(interface)?))
+            }
+            Objects::Restores(objects) => {
+                Values::Restore(Box::new(objects.get_mut(path)?.remove(interface)?))
+            }
+        };
+        Some(Properties { object, values })
+    }
+
+    /// Every snapshot of the reply, oldest first as ListSnapshots orders them (creation time,
+    /// then name, then UUID), without asking ListSnapshots.
+    pub fn into_snapshots(mut self) -> Result<Vec<Snapshot>, String> {
+        let paths: Vec<OwnedObjectPath> = match &self {
+            Objects::Generic(objects) => objects.keys().cloned().collect(),
+            Objects::Snapshots(objects) => objects.keys().cloned().collect(),
+            Objects::Restores(_) => Vec::new(),
+        };
+        let mut snapshots = Vec::with_capacity(paths.len());
+        for path in &paths {
+            // A path without the Snapshot interface (none in vmsnapd's replies) is skipped.
+            if let Some(mut properties) = self.take_snapshot(path) {
+                snapshots.push(properties.snapshot()?);
+            }
+        }
+        snapshots.sort_by(|a, b| {
+            (a.creation_time.as_str(), a.name.as_str(), a.uuid.as_str()).cmp(&(
+                b.creation_time.as_str(),
+                b.name.as_str(),
+                b.uuid.as_str(),
+            ))
+        });
+        Ok(snapshots)
     }
 
     /// The properties of the snapshot at `path`; `None` if it is gone.
@@ -60,13 +98,37 @@ impl Objects {
 pub struct Properties {
     /// "snapshot /org/vmsnap/VmSnap1/snapshot/...", for messages.
     object: String,
-    map: HashMap<String, OwnedVariant>,
+    values: Values,
+}
+
+enum Values {
+    Generic(HashMap<String, OwnedVariant>),
+    Snapshot(Box<SnapshotProperties>),
+    Restore(Box<RestoreProperties>),
+}
+
+/// A typed property every vmsnapd that vmsnapctl talks to has.
+fn required<T>(object: &str, name: &str, value: Option<T>) -> Result<T, String> {
+    value.ok_or_else(|| {
+        format!("vmsnapd's {object} has no property {name} (is vmsnapd older than vmsnapctl?)")
+    })
 }
 
 impl Properties {
     #[cfg(test)]
     pub fn new(object: String, map: HashMap<String, OwnedVariant>) -> Properties {
-        Properties { object, map }
+        Properties {
+            object,
+            values: Values::Generic(map),
+        }
+    }
+
+    #[cfg(test)]
+    fn typed_snapshot(object: String, properties: SnapshotProperties) -> Properties {
+        Properties {
+            object,
+            values: Values::Snapshot(Box::new(properties)),
+        }
     }
 
     /// A property every vmsnapd that vmsnapctl talks to has.
@@ -91,7 +153,11 @@ impl Properties {
         T: Type + TryFrom<OwnedVariant>,
         T::Error: std::fmt::Display,
     {
-        let Some(value) = self.map.remove(name) else {
+        // Typed values are read by their own fields, never one by one.
+        let Values::Generic(map) = &mut self.values else {
+            return Ok(None);
+        };
+        let Some(value) = map.remove(name) else {
             return Ok(None);
         };
         // Checked first: the conversion of a structure of fewer fields than asked would panic.
@@ -118,6 +184,9 @@ impl Properties {
 
     /// SourceIndications (absent from an older vmsnapd: none).
     pub fn source_indications(&mut self) -> Result<Vec<SourceIndication>, String> {
+        if let Values::Snapshot(p) = &mut self.values {
+            return Ok(p.source_indications.take().unwrap_or_default());
+        }
         let list: Option<Vec<(String, String)>> = self.optional("SourceIndications")?;
         Ok(list
             .unwrap_or_default()
@@ -131,11 +200,37 @@ impl Properties {
 
     /// A restore's Name (absent from an older vmsnapd: empty).
     pub fn restore_name(&mut self) -> Result<String, String> {
+        if let Values::Restore(p) = &mut self.values {
+            return Ok(p.name.take().unwrap_or_default());
+        }
         self.optional_string("Name")
     }
 
     /// The snapshot these are the properties of, as `snapshot list` and `show` print it.
     pub fn snapshot(&mut self) -> Result<Snapshot, String> {
+        if let Values::Snapshot(p) = &mut self.values {
+            let o = self.object.as_str();
+            return Ok(Snapshot {
+                name: required(o, "Name", p.name.take())?,
+                uuid: required(o, "Uuid", p.uuid.take())?,
+                vm: required(o, "VmName", p.vm_name.take())?,
+                vm_uuid: required(o, "VmUuid", p.vm_uuid.take())?,
+                description: required(o, "Description", p.description.take())?,
+                phase: required(o, "Phase", p.phase.take())?,
+                ready_to_use: required(o, "ReadyToUse", p.ready_to_use.take())?,
+                creation_time: required(o, "CreationTime", p.creation_time.take())?,
+                indications: required(o, "Indications", p.indications.take())?,
+                included_volumes: required(o, "IncludedVolumes", p.included_volumes.take())?,
+                excluded_volumes: required(o, "ExcludedVolumes", p.excluded_volumes.take())?,
+                error: required(o, "Error", p.error.take())?,
+                // Absent from a vmsnapd older than ErrorName.
+                error_name: p.error_name.take().unwrap_or_default(),
+                progress: required(o, "Progress", p.progress.take())?,
+                freeze_duration_ms: required(o, "FreezeDurationMs", p.freeze_duration_ms.take())?,
+                frozen_filesystems: required(o, "FrozenFilesystems", p.frozen_filesystems.take())?,
+                cow_fill_percent: required(o, "CowFillPercent", p.cow_fill_percent.take())?,
+            });
+        }
         let included: Vec<(String, String, String, u64)> = self.required("IncludedVolumes")?;
         let excluded: Vec<(String, String)> = self.required("ExcludedVolumes")?;
         Ok(Snapshot {
@@ -170,6 +265,28 @@ impl Properties {
 
     /// The restore these are the properties of, as `restore list` prints it.
     pub fn restore(&mut self) -> Result<Restore, String> {
+        if let Values::Restore(p) = &mut self.values {
+            let o = self.object.as_str();
+            return Ok(Restore {
+                uuid: required(o, "Uuid", p.uuid.take())?,
+                vm: required(o, "VmName", p.vm_name.take())?,
+                snapshot: required(o, "Snapshot", p.snapshot.take())?,
+                target: required(o, "Target", p.target.take())?,
+                new_vm: required(o, "NewVm", p.new_vm.take())?,
+                phase: required(o, "Phase", p.phase.take())?,
+                complete: required(o, "Complete", p.complete.take())?,
+                creation_time: required(o, "CreationTime", p.creation_time.take())?,
+                restore_time: required(o, "RestoreTime", p.restore_time.take())?,
+                restores: required(o, "Restores", p.restores.take())?,
+                detached_disks: required(o, "DetachedDisks", p.detached_disks.take())?,
+                not_restored: required(o, "NotRestored", p.not_restored.take())?,
+                safety_snapshot: required(o, "SafetySnapshot", p.safety_snapshot.take())?,
+                error: required(o, "Error", p.error.take())?,
+                // Absent from a vmsnapd older than ErrorName.
+                error_name: p.error_name.take().unwrap_or_default(),
+                progress: required(o, "Progress", p.progress.take())?,
+            });
+        }
         let restores: Vec<(String, String, String)> = self.required("Restores")?;
         let detached: Vec<(String, String)> = self.required("DetachedDisks")?;
         let not_restored: Vec<(String, String)> = self.required("NotRestored")?;
@@ -396,6 +513,85 @@ mod tests {
             ..r
         };
         assert_eq!(restore, expected);
+    }
+
+    /// The typed properties vmsnapd serves for kube::model's test snapshot.
+    fn typed_snapshot_properties() -> SnapshotProperties {
+        let s = expected_snapshot();
+        SnapshotProperties {
+            name: Some(s.name),
+            description: Some(s.description),
+            vm_name: Some(s.vm),
+            vm_uuid: Some(s.vm_uuid),
+            uuid: Some(s.uuid),
+            phase: Some(s.phase),
+            ready_to_use: Some(s.ready_to_use),
+            creation_time: Some(s.creation_time),
+            source_indications: Some(vec![SourceIndication {
+                indication: "Online".into(),
+                message: "the VM was running".into(),
+            }]),
+            indications: Some(s.indications),
+            included_volumes: Some(s.included_volumes),
+            excluded_volumes: Some(s.excluded_volumes),
+            error: Some(s.error),
+            error_name: Some(s.error_name),
+            progress: Some(s.progress),
+            freeze_duration_ms: Some(s.freeze_duration_ms),
+            frozen_filesystems: Some(s.frozen_filesystems),
+            cow_fill_percent: Some(s.cow_fill_percent),
+        }
+    }
+
+    #[test]
+    fn typed_snapshot_reads_as_the_generic_one() {
+        let object = "snapshot /org/vmsnap/VmSnap1/snapshot/s1".to_string();
+        let mut typed = Properties::typed_snapshot(object, typed_snapshot_properties());
+        let mut generic = properties(snapshot_properties());
+        assert_eq!(
+            typed.snapshot().expect("reads"),
+            generic.snapshot().expect("reads")
+        );
+        assert_eq!(
+            typed.source_indications().expect("reads"),
+            generic.source_indications().expect("reads")
+        );
+    }
+
+    #[test]
+    fn typed_snapshot_missing_a_property_says_which() {
+        let object = "snapshot /org/vmsnap/VmSnap1/snapshot/s1".to_string();
+        let mut p = typed_snapshot_properties();
+        p.cow_fill_percent = None;
+        p.error_name = None;
+        let error = Properties::typed_snapshot(object.clone(), p)
+            .snapshot()
+            .expect_err("an error");
+        assert_eq!(
+            error,
+            "vmsnapd's snapshot /org/vmsnap/VmSnap1/snapshot/s1 has no property CowFillPercent \
+             (is vmsnapd older than vmsnapctl?)"
+        );
+        // ErrorName is optional (older vmsnapd): empty.
+        let mut p = typed_snapshot_properties();
+        p.error_name = None;
+        let snapshot = Properties::typed_snapshot(object, p)
+            .snapshot()
+            .expect("reads");
+        assert_eq!(snapshot.error_name, "");
+    }
+
+    #[test]
+    fn typed_objects_take_by_path() {
+        let path = OwnedObjectPath::try_from("/org/vmsnap/VmSnap1/snapshot/s1").expect("path");
+        let mut interfaces = HashMap::new();
+        interfaces.insert(SNAPSHOT_INTERFACE.to_string(), typed_snapshot_properties());
+        let mut map = HashMap::new();
+        map.insert(path.clone(), interfaces);
+        let mut objects = Objects::Snapshots(map);
+        let mut p = objects.take_snapshot(&path).expect("there");
+        assert_eq!(p.snapshot().expect("reads"), expected_snapshot());
+        assert!(objects.take_snapshot(&path).is_none(), "taken once");
     }
 
     #[test]

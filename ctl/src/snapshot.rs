@@ -315,21 +315,8 @@ fn not_found(vm: &str, name: &str) -> String {
 }
 
 async fn list(bus: &Bus, vm: Option<&str>, format: OutputFormat) -> Result<(), String> {
-    let manager = bus.manager().await?;
-    let paths = manager
-        .list_snapshots(vm.unwrap_or(""))
-        .await
-        .map_err(|e| bus.describe_api(e))?;
-    // ListSnapshots says which snapshots, in which order (it resolves the VM as every command
-    // does); their properties come in one call.
-    let mut objects = bus.snapshot_objects(vm.unwrap_or("")).await?;
-    let mut snapshots = Vec::with_capacity(paths.len());
-    for path in &paths {
-        // Deleted between the listing and the read: it is simply gone.
-        if let Some(mut properties) = objects.take_snapshot(path) {
-            snapshots.push(properties.snapshot()?);
-        }
-    }
+    // One call, which resolves the VM as ListSnapshots does (and fails the same way).
+    let snapshots = bus.snapshot_list(vm.unwrap_or("")).await?;
     print_snapshot_list(&snapshots, format)
 }
 

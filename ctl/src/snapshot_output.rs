@@ -35,6 +35,30 @@ pub struct Snapshot {
     pub cow_fill_percent: f64,
 }
 
+impl From<vmsnap_api::SnapshotRow> for Snapshot {
+    fn from(row: vmsnap_api::SnapshotRow) -> Snapshot {
+        Snapshot {
+            name: row.name,
+            uuid: row.uuid,
+            vm: row.vm_name,
+            vm_uuid: row.vm_uuid,
+            description: row.description,
+            phase: row.phase,
+            ready_to_use: row.ready_to_use,
+            creation_time: row.creation_time,
+            indications: row.indications,
+            included_volumes: row.included_volumes,
+            excluded_volumes: row.excluded_volumes,
+            error: row.error,
+            error_name: row.error_name,
+            progress: row.progress,
+            freeze_duration_ms: row.freeze_duration_ms,
+            frozen_filesystems: row.frozen_filesystems,
+            cow_fill_percent: row.cow_fill_percent,
+        }
+    }
+}
+
 /// The JSON form of a snapshot.
 #[derive(Debug, Serialize)]
 pub struct SnapshotJson<'a> {

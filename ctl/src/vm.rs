@@ -32,16 +32,7 @@ pub async fn run(bus: &Bus, command: VmCommand, format: OutputFormat) -> Result<
 
 async fn list(bus: &Bus, format: OutputFormat) -> Result<(), String> {
     let manager = bus.manager().await?;
-    let paths = manager.list_vms().await.map_err(|e| bus.describe_api(e))?;
-    let mut vms = Vec::with_capacity(paths.len());
-    for path in paths {
-        match bus.read_vm(path).await {
-            Ok(vm) => vms.push(vm),
-            // Undefined between the listing and the read: it is simply gone.
-            Err(ReadError::Vanished) => {}
-            Err(ReadError::Other(message)) => return Err(message),
-        }
-    }
+    let vms = bus.vms(&manager).await?;
     let status = bus.libvirt_status(&manager).await?;
     if let Some(warning) = status {
         eprintln!(

@@ -5,6 +5,7 @@
 //! in tests without a bus.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -205,8 +206,8 @@ pub enum Change {
         connected: bool,
         error: String,
     },
-    SnapshotAdded(Box<SnapshotRecord>),
-    SnapshotUpdated(Box<SnapshotRecord>),
+    SnapshotAdded(Arc<SnapshotRecord>),
+    SnapshotUpdated(Arc<SnapshotRecord>),
     SnapshotProgress {
         uuid: String,
         text: String,
@@ -246,8 +247,9 @@ pub struct Engine {
     connected: bool,
     changes: mpsc::UnboundedSender<Change>,
     settled: watch::Sender<bool>,
-    /// Snapshot records by snapshot UUID.
-    snapshots: BTreeMap<String, SnapshotRecord>,
+    /// Snapshot records by snapshot UUID, each shared with its bus object (changed copy on
+    /// write, `Arc::make_mut`).
+    snapshots: BTreeMap<String, Arc<SnapshotRecord>>,
     /// VMs with an operation running (by VM UUID), and what it is. One operation per VM at a
     /// time: a second request gets Busy rather than queueing behind a long merge.
     busy: HashMap<String, String>,
@@ -328,7 +330,7 @@ enum AwaitingWrite {
 /// Runs on a thread of its own; on a host without LVM it only finds that `lvm` is missing.
 fn report_orphan_lvs(
     ops: &OpContext,
-    snapshots: &BTreeMap<String, SnapshotRecord>,
+    snapshots: &BTreeMap<String, Arc<SnapshotRecord>>,
     restores: &BTreeMap<String, RestoreRecord>,
 ) {
     let lvm = ops.lvm_tool();
@@ -423,7 +425,8 @@ impl Engine {
         }
         for mut record in records {
             mark_missing_images(&mut record);
-            self.emit(Change::SnapshotAdded(Box::new(record.clone())));
+            let record = Arc::new(record);
+            self.emit(Change::SnapshotAdded(record.clone()));
             self.snapshots.insert(record.uuid.clone(), record);
         }
         let (restores, problems) = ops.store.load_restores();
@@ -517,9 +520,10 @@ impl Engine {
                     }
                     self.abandoned.remove(&record.uuid);
                 }
+                let record: Arc<SnapshotRecord> = Arc::from(record);
                 let known = self
                     .snapshots
-                    .insert(record.uuid.clone(), (*record).clone())
+                    .insert(record.uuid.clone(), record.clone())
                     .is_some();
                 let settled = matches!(
                     record.phase,
@@ -538,7 +542,7 @@ impl Engine {
                 self.answer_started(&uuid);
             }
             OpEvent::Removed { uuid } => {
-                let vm_uuid = self.snapshots.remove(&uuid).map(|r| r.vm_uuid);
+                let vm_uuid = self.snapshots.remove(&uuid).map(|r| r.vm_uuid.clone());
                 let change = Change::SnapshotRemoved { uuid };
                 match vm_uuid {
                     Some(vm_uuid) => self.emit_when_free(&vm_uuid, true, change),
@@ -733,7 +737,7 @@ impl Engine {
             if given_up == ops::GiveUp::NotGivenUp {
                 continue;
             }
-            let Some(record) = self.snapshots.get_mut(&watched.record) else {
+            let Some(record) = self.snapshots.get_mut(&watched.record).map(Arc::make_mut) else {
                 continue;
             };
             let message = format!("the {} {}", watched.what, ops::ABANDONED);
@@ -746,8 +750,11 @@ impl Engine {
                 message
             };
             record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX);
-            let change = Change::SnapshotUpdated(Box::new(record.clone()));
             let name = record.name.clone();
+            let Some(shared) = self.snapshots.get(&watched.record) else {
+                continue;
+            };
+            let change = Change::SnapshotUpdated(shared.clone());
             self.abandoned.insert(watched.record.clone());
             self.emit(change);
             if given_up == ops::GiveUp::Released {
@@ -858,15 +865,16 @@ impl Engine {
     /// an operation running is left to that operation. In memory only, as at start.
     fn apply_verification(&mut self, found: Vec<ops::Verification>) {
         for checked in found {
-            let Some(record) = self.snapshots.get_mut(&checked.uuid) else {
+            let Some(shared) = self.snapshots.get_mut(&checked.uuid) else {
                 continue;
             };
-            if record.phase != SnapshotPhase::Succeeded
-                || self.busy.contains_key(&record.vm_uuid)
-                || record.volumes != checked.volumes
+            if shared.phase != SnapshotPhase::Succeeded
+                || self.busy.contains_key(&shared.vm_uuid)
+                || shared.volumes != checked.volumes
             {
                 continue;
             }
+            let record = Arc::make_mut(shared);
             let missing = checked.missing;
             let before = (record.ready_to_use, record.error.clone());
             match missing {
@@ -883,7 +891,7 @@ impl Engine {
             }
             if (record.ready_to_use, record.error.clone()) != before {
                 info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { record.error.as_str() });
-                let change = Change::SnapshotUpdated(Box::new(record.clone()));
+                let change = Change::SnapshotUpdated(shared.clone());
                 self.emit(change);
             }
         }
@@ -930,12 +938,13 @@ impl Engine {
         for uuid in uuids {
             let mine: Vec<&crate::backends::lvm::CowFill> =
                 fills.iter().filter(|f| f.snapshot_uuid == uuid).collect();
-            let Some(record) = self.snapshots.get_mut(&uuid) else {
+            let Some(shared) = self.snapshots.get_mut(&uuid) else {
                 continue;
             };
             if mine.is_empty() {
                 continue;
             }
+            let record = Arc::make_mut(shared);
             let percent = mine.iter().map(|f| f.percent).fold(0.0, f64::max);
             if let Some(over) = mine.iter().find(|f| f.invalid) {
                 let target = record
@@ -956,7 +965,7 @@ impl Engine {
                         warn!(error = %e, "cannot write the snapshot record");
                     }
                 });
-                let record = Box::new(record.clone());
+                let record = shared.clone();
                 self.emit(Change::SnapshotUpdated(record));
                 continue;
             }
@@ -969,8 +978,8 @@ impl Engine {
             }
             if (record.cow_fill_percent - percent).abs() >= 0.01 {
                 record.cow_fill_percent = percent;
-                let record = Box::new(record.clone());
-                self.emit(Change::SnapshotUpdated(record));
+                let change = Change::SnapshotUpdated(shared.clone());
+                self.emit(change);
             }
         }
     }
@@ -1145,7 +1154,7 @@ impl Engine {
             .snapshots
             .values()
             .find(|s| s.vm_uuid == vm.uuid && s.name == snapshot_name)
-            .cloned()
+            .map(|s| SnapshotRecord::clone(s))
             .ok_or_else(|| EngineError::SnapshotNotFound {
                 vm: vm_key.to_string(),
                 name: snapshot_name.to_string(),
@@ -1202,12 +1211,14 @@ impl Engine {
         running: Result<bool, String>,
     ) -> Result<String, EngineError> {
         let vm = self.snapshots_vm(vm_uuid)?;
-        let snapshot = self.snapshots.get(snapshot_uuid).cloned().ok_or_else(|| {
-            EngineError::SnapshotNotFound {
+        let snapshot = self
+            .snapshots
+            .get(snapshot_uuid)
+            .map(|s| SnapshotRecord::clone(s))
+            .ok_or_else(|| EngineError::SnapshotNotFound {
                 vm: vm.name.clone(),
                 name: snapshot_uuid.to_string(),
-            }
-        })?;
+            })?;
         let running = running.map_err(EngineError::Libvirt)?;
         let new_vm = !options.target.is_empty();
         let policy = options.readiness_policy.as_str();
@@ -1266,7 +1277,11 @@ impl Engine {
             format!("it is being restored to snapshot '{}'", snapshot.name),
         )?;
         let uuid = record.uuid.clone();
-        let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
+        let records: Vec<SnapshotRecord> = self
+            .snapshots
+            .values()
+            .map(|s| SnapshotRecord::clone(s))
+            .collect();
         // As for a create, the operation's thread writes the first record.
         ops.spawn(vm.uuid, lock, ops::OpGate::default(), move |ctx| {
             if let Err(e) = ctx.save_restore(&record) {
@@ -1445,14 +1460,14 @@ impl Engine {
     }
 
     fn delete_snapshot(&mut self, uuid: &str) -> Result<(), EngineError> {
-        let record =
-            self.snapshots
-                .get(uuid)
-                .cloned()
-                .ok_or_else(|| EngineError::SnapshotNotFound {
-                    vm: String::new(),
-                    name: uuid.to_string(),
-                })?;
+        let record = self
+            .snapshots
+            .get(uuid)
+            .map(|s| SnapshotRecord::clone(s))
+            .ok_or_else(|| EngineError::SnapshotNotFound {
+                vm: String::new(),
+                name: uuid.to_string(),
+            })?;
         if matches!(
             record.phase,
             SnapshotPhase::InProgress | SnapshotPhase::Deleting
@@ -1609,7 +1624,7 @@ impl Engine {
         self.snapshots
             .values()
             .filter(|s| s.uuid != record.uuid)
-            .cloned()
+            .map(|s| SnapshotRecord::clone(s))
             .collect()
     }
 
@@ -1622,6 +1637,7 @@ impl Engine {
         let mut list: Vec<&SnapshotRecord> = self
             .snapshots
             .values()
+            .map(|s| &**s)
             .filter(|s| vm_uuid.as_ref().is_none_or(|u| *u == s.vm_uuid))
             .collect();
         list.sort_by(|a, b| {
@@ -1652,7 +1668,7 @@ impl Engine {
             .values()
             .filter(|s| matches!(s.phase, SnapshotPhase::InProgress | SnapshotPhase::Deleting))
             .filter(|s| wanted(&s.uuid))
-            .cloned()
+            .map(|s| SnapshotRecord::clone(s))
             .collect();
         let unfinished_restores: Vec<RestoreRecord> = self
             .restores
@@ -1669,7 +1685,11 @@ impl Engine {
                 self.defer_settling(&record.vm_uuid, &record.uuid);
                 continue;
             }
-            let records: Vec<SnapshotRecord> = self.snapshots.values().cloned().collect();
+            let records: Vec<SnapshotRecord> = self
+                .snapshots
+                .values()
+                .map(|s| SnapshotRecord::clone(s))
+                .collect();
             let claimed = self.claim_vm(
                 &record.vm_uuid,
                 &record.vm_name,
@@ -1730,6 +1750,7 @@ impl Engine {
         let mut owners: Vec<&SnapshotRecord> = self
             .snapshots
             .values()
+            .map(|s| &**s)
             .filter(|s| s.vm_uuid == lower || s.vm_name == key)
             .collect();
         owners.sort_by(|a, b| a.vm_uuid.cmp(&b.vm_uuid));
@@ -2118,7 +2139,7 @@ mod tests {
         assert!(shown.error_name.ends_with(".DeadlineExceeded"), "{shown:?}");
         assert_eq!(
             drain(&mut rx),
-            vec![Change::SnapshotUpdated(Box::new(shown.clone()))],
+            vec![Change::SnapshotUpdated(shown.clone())],
             "shown at once"
         );
         assert!(
@@ -2153,12 +2174,12 @@ mod tests {
         let mut undone = snapshot_record("s", SnapshotPhase::Failed);
         undone.error = "the snapshot did not finish within failure_deadline".into();
         engine.handle_op_event(OpEvent::Saved(Box::new(undone.clone())));
-        assert_eq!(engine.snapshots["uuid-s"], undone);
+        assert_eq!(*engine.snapshots["uuid-s"], undone);
         engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
         assert!(engine.busy.is_empty());
         assert_eq!(
             drain(&mut rx),
-            vec![Change::SnapshotUpdated(Box::new(undone))]
+            vec![Change::SnapshotUpdated(Arc::new(undone))]
         );
     }
 
@@ -2183,14 +2204,14 @@ mod tests {
         assert!(drain(&mut rx).is_empty(), "held while the VM is busy");
         assert_eq!(
             engine.snapshots.get("uuid-s"),
-            Some(&done),
+            Some(&Arc::new(done.clone())),
             "the engine knows at once"
         );
         engine.handle_op_event(OpEvent::Finished { vm_uuid: A.into() });
         assert!(engine.busy.is_empty());
         assert_eq!(
             drain(&mut rx),
-            vec![Change::SnapshotUpdated(Box::new(done))],
+            vec![Change::SnapshotUpdated(Arc::new(done))],
             "shown once the VM is free"
         );
         // A removal (a delete's end) waits the same way.
@@ -2215,14 +2236,16 @@ mod tests {
         engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
         for phase in [SnapshotPhase::InProgress, SnapshotPhase::Deleting] {
             let record = snapshot_record("s", phase);
-            engine.snapshots.insert(record.uuid.clone(), record);
+            engine
+                .snapshots
+                .insert(record.uuid.clone(), Arc::new(record));
             assert!(matches!(
                 engine.delete_snapshot("uuid-s"),
                 Err(EngineError::InvalidState(m)) if m.contains("once it has settled")
             ));
         }
         let done = snapshot_record("done", SnapshotPhase::Succeeded);
-        engine.snapshots.insert(done.uuid.clone(), done);
+        engine.snapshots.insert(done.uuid.clone(), Arc::new(done));
         engine
             .busy
             .insert(A.into(), "snapshot 's' is being created".into());
@@ -2251,7 +2274,7 @@ mod tests {
         engine.handle_libvirt(LibvirtEvent::Connected);
         engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
         let done = snapshot_record("done", SnapshotPhase::Succeeded);
-        engine.snapshots.insert(done.uuid.clone(), done);
+        engine.snapshots.insert(done.uuid.clone(), Arc::new(done));
         drain(&mut rx);
         let huge = "x".repeat(1 << 20);
         for target in [".", "..", "...", "a/b", "-rf", "a\n", &huge] {
@@ -2416,7 +2439,9 @@ mod tests {
         engine.ops = Some(ops);
         // As with_operations loads them.
         for record in store.load_all().0 {
-            engine.snapshots.insert(record.uuid.clone(), record);
+            engine
+                .snapshots
+                .insert(record.uuid.clone(), Arc::new(record));
         }
         let on_disk = crate::store::DomainXml::OnDisk;
         assert_eq!(engine.snapshots["uuid-loaded"].domain_xml, on_disk);

@@ -13,6 +13,7 @@ mod files;
 mod fuzz_tests;
 mod hypervisor;
 mod libvirt;
+mod memory;
 mod ops;
 mod service;
 mod shutdown;
@@ -97,6 +98,7 @@ fn main() -> ExitCode {
         Some(address) => BusTarget::Address(address),
         None => BusTarget::System,
     };
+    memory::tune_malloc();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vmsnapd-async")
@@ -180,6 +182,9 @@ async fn run(
     } = start_engine(&config, &libvirt, libvirt_events, shutdown.clone());
     let (connection, publisher) = connect_bus(&config, &target, &requests, changes).await?;
     take_bus_name(&connection, &mut settled, flush).await?;
+    // The start-up load (every record file read and parsed, every object announced) leaves
+    // freed memory behind: hand it back.
+    memory::trim();
     info!(name = BUS_NAME, "serving on D-Bus");
     service::notify_ready();
     let watchdog = service::spawn_watchdog(requests.clone());
@@ -326,14 +331,21 @@ async fn connect_bus(
     changes: mpsc::UnboundedReceiver<Change>,
 ) -> Result<(zbus::Connection, tokio::task::JoinHandle<()>), String> {
     let auth = Authorizer::new(config.polkit, matches!(target, BusTarget::System)).await;
-    let manager = ManagerObject::new(requests.clone(), auth.clone(), config.libvirt_uri.clone());
-    let connection = bus::connect(target, manager)
+    let registry = bus::SharedRegistry::default();
+    let manager = ManagerObject::new(
+        requests.clone(),
+        auth.clone(),
+        config.libvirt_uri.clone(),
+        registry.clone(),
+    );
+    let connection = bus::connect(target, manager, registry.clone())
         .await
         .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
     let publisher = tokio::spawn(bus::publish(
         connection.clone(),
         requests.clone(),
         auth,
+        registry,
         changes,
     ));
     Ok((connection, publisher))

@@ -460,6 +460,7 @@ impl Store {
         let Ok(vms) = fs::read_dir(&self.root) else {
             return (records, problems);
         };
+        let mut paths = Vec::new();
         for vm_dir in vms.flatten() {
             let Ok(files) = fs::read_dir(vm_dir.path()) else {
                 continue;
@@ -468,19 +469,33 @@ impl Store {
                 let path = file.path();
                 let is_record = path.extension().is_some_and(|e| e == "json")
                     && !file.file_name().to_string_lossy().starts_with('.');
-                if !is_record {
-                    continue;
+                if is_record {
+                    paths.push(path);
                 }
-                match fs::read(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| parse_snapshot_record(&bytes))
-                {
-                    Ok(mut record) => {
-                        record.leave_xml_on_disk();
-                        records.push(record)
-                    }
-                    Err(e) => problems.push(format!("{}: {e}", path.display())),
-                }
+            }
+        }
+        // Read and parsed on a few threads: thousands of records at start (issue 13).
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .clamp(1, LOAD_THREADS);
+        let chunk = paths.len().div_ceil(threads).max(1);
+        let loaded: Vec<Vec<Result<SnapshotRecord, String>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = paths
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(|p| load_one(p)).collect()))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| vec![Err("a record reader panicked".to_string())])
+                })
+                .collect()
+        });
+        for result in loaded.into_iter().flatten() {
+            match result {
+                Ok(record) => records.push(record),
+                Err(e) => problems.push(e),
             }
         }
         records.sort_by(|a, b| {
@@ -489,6 +504,21 @@ impl Store {
         });
         (records, problems)
     }
+}
+
+/// At most this many threads read the records at start.
+const LOAD_THREADS: usize = 4;
+
+/// One record file, read and parsed, its definition left on disk; an error names the file.
+fn load_one(path: &Path) -> Result<SnapshotRecord, String> {
+    fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| parse_snapshot_record(&bytes))
+        .map(|mut record| {
+            record.leave_xml_on_disk();
+            record
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -860,6 +890,15 @@ impl Store {
 /// folder) and D-Bus object paths, so a record whose UUIDs hold anything but letters, digits and
 /// `-` is refused, like one that is not JSON.
 pub fn parse_snapshot_record(bytes: &[u8]) -> Result<SnapshotRecord, String> {
+    // The current format straight into the record (no JSON tree: start-up reads thousands);
+    // anything else (format 1 to upgrade, a newer format, a broken file) through the tree below,
+    // which upgrades or names the problem.
+    if let Ok(record) = serde_json::from_slice::<SnapshotRecord>(bytes) {
+        if record.version == RECORD_VERSION {
+            check_uuids(&[&record.uuid, &record.vm_uuid])?;
+            return Ok(record);
+        }
+    }
     let mut json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     match json.get("version").and_then(serde_json::Value::as_u64) {
         Some(1) => upgrade_volumes_from_v1(&mut json)?,

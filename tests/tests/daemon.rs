@@ -201,6 +201,106 @@ fn properties_read_through_the_api_proxies() {
     });
 }
 
+/// GetVmObjects, GetSnapshotObjects and GetRestoreObjects answer what GetManagedObjects and
+/// each object's GetAll answer, for just those objects; GetSnapshotList the same values as
+/// structures.
+#[test]
+fn listing_methods_answer_what_the_objects_serve() {
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start(&bus, &config_for("test:///default"));
+    // The test driver refuses disk-only snapshots: this one ends Failed, an object all the same.
+    let snapshot = daemon
+        .ctl(&[
+            "snapshot",
+            "create",
+            "test",
+            "listed",
+            "--no-wait",
+            "--output",
+            "json",
+        ])
+        .json();
+    let snapshot_uuid = snapshot["uuid"].as_str().unwrap().to_string();
+    wait_for(Duration::from_secs(10), "the snapshot to fail", || {
+        daemon
+            .ctl(&["snapshot", "list", "test"])
+            .stdout
+            .contains("Failed")
+            .then_some(())
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(daemon.bus_address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let manager = ManagerProxy::new(&conn).await.unwrap();
+        let all = zbus::fdo::ObjectManagerProxy::builder(&conn)
+            .destination(vmsnap_api::BUS_NAME)
+            .path(vmsnap_api::ROOT_PATH)
+            .build()
+            .await
+            .unwrap()
+            .get_managed_objects()
+            .await
+            .unwrap();
+        let vm_path = manager.find_vm("test").await.unwrap();
+        let vms = manager.get_vm_objects().await.unwrap();
+        assert_eq!(vms.keys().collect::<Vec<_>>(), vec![&vm_path]);
+        assert_eq!(vms[&vm_path], all[&vm_path]);
+        let properties = zbus::fdo::PropertiesProxy::builder(&conn)
+            .destination(vmsnap_api::BUS_NAME)
+            .path(vm_path.clone())
+            .build()
+            .await
+            .unwrap()
+            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+                vmsnap_api::VM_INTERFACE,
+            ))
+            .await
+            .unwrap();
+        let interface =
+            zbus::names::OwnedInterfaceName::try_from(vmsnap_api::VM_INTERFACE).unwrap();
+        assert_eq!(vms[&vm_path][&interface], properties);
+        let typed = manager.get_vm_objects_typed().await.unwrap();
+        let vm = &typed[&vm_path][vmsnap_api::VM_INTERFACE];
+        assert_eq!(vm.name.as_deref(), Some("test"));
+        assert_eq!(vm.disks.as_ref().map(Vec::len), Some(1));
+
+        let snapshot_path =
+            zbus::OwnedObjectPath::try_from(vmsnap_api::snapshot_path(&snapshot_uuid)).unwrap();
+        for vm in ["test", ""] {
+            let snapshots = manager.get_snapshot_objects(vm).await.unwrap();
+            assert_eq!(snapshots.keys().collect::<Vec<_>>(), vec![&snapshot_path]);
+            assert_eq!(snapshots[&snapshot_path], all[&snapshot_path]);
+        }
+        let rows = manager.get_snapshot_list("test").await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let snapshot_interface =
+            zbus::names::OwnedInterfaceName::try_from(vmsnap_api::SNAPSHOT_INTERFACE).unwrap();
+        let served = &all[&snapshot_path][&snapshot_interface];
+        let string = |name: &str| String::try_from(served[name].try_clone().unwrap()).unwrap();
+        assert_eq!(rows[0].name, string("Name"));
+        assert_eq!(rows[0].uuid, snapshot_uuid);
+        assert_eq!(rows[0].phase, string("Phase"));
+        assert_eq!(rows[0].error, string("Error"));
+        assert_eq!(rows[0].error_name, string("ErrorName"));
+        assert_eq!(rows[0].creation_time, string("CreationTime"));
+        assert_eq!(manager.get_snapshot_list("").await.unwrap(), rows);
+        let typed = manager.get_snapshot_objects_typed("test").await.unwrap();
+        let s = &typed[&snapshot_path][vmsnap_api::SNAPSHOT_INTERFACE];
+        assert_eq!(s.name.as_deref(), Some("listed"));
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert!(manager.get_restore_objects().await.unwrap().is_empty());
+        // Every object GetManagedObjects lists is the manager, a VM, a snapshot, or a folder
+        // holding them (listed with no interface, as zbus does).
+        assert_eq!(all.len(), 5, "{:?}", all.keys().collect::<Vec<_>>());
+    });
+    // vmsnapctl lists VMs with GetVmObjects, as before with one read per VM.
+    let list = daemon.ctl(&["vm", "list", "--output", "json"]).json();
+    assert_eq!(find_vm(&list, "test").unwrap()["disks"][0]["target"], "vda");
+}
+
 /// The committed introspection XML (config/dbus/<interface>.xml) is what the daemon serves.
 /// Regenerate with VMSNAP_UPDATE_INTROSPECTION=1 after a deliberate API change. (The Restore
 /// interface needs a real restore: tests/tests/lab_restore.rs checks it.)

@@ -4,20 +4,25 @@
 //! property changes and ObjectManager signals. No decision is made here.
 
 mod auth;
+mod listing;
 mod manager;
 mod restore;
 mod snapshot;
 mod vm;
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
 use zbus::connection::Builder;
-use zbus::fdo::ObjectManager;
 use zbus::Connection;
 
 use crate::engine::{Change, EngineError, Request};
+use crate::store::RestoreRecord;
 pub use auth::Authorizer;
+pub use listing::SharedRegistry;
+use listing::{RestoreEntry, RootObjectManager, SnapshotEntry};
 pub use manager::ManagerObject;
 pub use restore::RestoreObject;
 pub use snapshot::SnapshotObject;
@@ -35,44 +40,17 @@ pub enum BusTarget {
 pub async fn connect(
     target: &BusTarget,
     manager: ManagerObject,
+    registry: SharedRegistry,
 ) -> Result<Connection, zbus::Error> {
     let builder = match target {
         BusTarget::System => Builder::system(),
         BusTarget::Address(address) => Builder::address(address.as_str()),
     };
     builder
-        .serve_at(ROOT_PATH, ObjectManager)
+        .serve_at(ROOT_PATH, RootObjectManager::new(registry))
         .serve_at(MANAGER_PATH, manager)
         .build()
         .await
-}
-
-/// The objects at `paths` that serve interface `I`, with its properties, as GetManagedObjects
-/// gives them. An object removed since it was listed is skipped.
-async fn objects_of<I: zbus::object_server::Interface>(
-    server: &zbus::ObjectServer,
-    connection: &Connection,
-    paths: Vec<zbus::OwnedObjectPath>,
-) -> Result<zbus::fdo::ManagedObjects, VmSnapError> {
-    use zbus::object_server::SignalEmitter;
-    let mut objects = zbus::fdo::ManagedObjects::new();
-    for path in paths {
-        let Ok(object) = server.interface::<_, I>(path.as_ref()).await else {
-            continue;
-        };
-        let emitter = SignalEmitter::new(connection, path.clone())
-            .map_err(|e| VmSnapError::Failed(e.to_string()))?;
-        let properties = object
-            .get()
-            .await
-            .get_all(server, connection, None, &emitter)
-            .await
-            .map_err(|e| VmSnapError::Failed(e.to_string()))?;
-        let mut interfaces = std::collections::HashMap::new();
-        interfaces.insert(I::name().into(), properties);
-        objects.insert(path, interfaces);
-    }
-    Ok(objects)
 }
 
 /// Applies the engine's changes to the exported objects, in order, until the engine stops.
@@ -80,10 +58,11 @@ pub async fn publish(
     connection: Connection,
     engine: mpsc::Sender<Request>,
     auth: Authorizer,
+    registry: SharedRegistry,
     mut changes: mpsc::UnboundedReceiver<Change>,
 ) {
     while let Some(change) = changes.recv().await {
-        if let Err(e) = apply(&connection, &engine, &auth, change).await {
+        if let Err(e) = apply(&connection, &engine, &auth, &registry, change).await {
             warn!(error = %e, "could not update a D-Bus object");
         }
     }
@@ -93,28 +72,45 @@ async fn apply(
     connection: &Connection,
     engine: &mpsc::Sender<Request>,
     auth: &Authorizer,
+    registry: &SharedRegistry,
     change: Change,
 ) -> zbus::Result<()> {
     let server = connection.object_server();
+    // The registry is updated before the object, so that a listing answered after a signal
+    // shows what the signal announced.
     match change {
         Change::VmAdded(info) => {
             let path = vm_path(&info.uuid);
             debug!(%path, "exporting VM");
+            let info = Arc::new(info);
+            listing::write(registry)
+                .vms
+                .insert(info.uuid.clone(), info.clone());
             server.at(path.as_str(), VmObject::new(info)).await?;
         }
         Change::VmUpdated(info) => {
             let path = vm_path(&info.uuid);
+            let info = Arc::new(info);
+            listing::write(registry)
+                .vms
+                .insert(info.uuid.clone(), info.clone());
             let iface = server.interface::<_, VmObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             let mut object = iface.get_mut().await;
             object.update(info, &emitter).await?;
         }
         Change::VmRemoved { uuid } => {
+            listing::write(registry).vms.remove(&uuid);
             server
                 .remove::<VmObject, _>(vm_path(&uuid).as_str())
                 .await?;
         }
         Change::Libvirt { connected, error } => {
+            {
+                let mut registry = listing::write(registry);
+                registry.manager.libvirt_connected = connected;
+                registry.manager.libvirt_error = error.clone();
+            }
             let iface = server.interface::<_, ManagerObject>(MANAGER_PATH).await?;
             let emitter = iface.signal_emitter().clone();
             let mut manager = iface.get_mut().await;
@@ -124,53 +120,83 @@ async fn apply(
         }
         Change::SnapshotAdded(record) => {
             let path = snapshot_path(&record.uuid);
+            listing::write(registry).snapshots.insert(
+                record.uuid.clone(),
+                SnapshotEntry {
+                    record: record.clone(),
+                    progress: Arc::from(""),
+                },
+            );
             server
                 .at(
                     path.as_str(),
-                    SnapshotObject::new(*record, engine.clone(), auth.clone()),
+                    SnapshotObject::new(record, engine.clone(), auth.clone()),
                 )
                 .await?;
         }
         Change::SnapshotUpdated(record) => {
             let path = snapshot_path(&record.uuid);
+            if let Some(entry) = listing::write(registry).snapshots.get_mut(&record.uuid) {
+                entry.record = record.clone();
+            }
             let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
-            iface.get_mut().await.update(*record, &emitter).await?;
+            iface.get_mut().await.update(record, &emitter).await?;
         }
         Change::SnapshotProgress { uuid, text } => {
             let path = snapshot_path(&uuid);
+            if let Some(entry) = listing::write(registry).snapshots.get_mut(&uuid) {
+                entry.progress = Arc::from(text.as_str());
+            }
             let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
         }
         Change::RestoreAdded(record) => {
             let path = restore_path(&record.uuid);
+            let record: Arc<RestoreRecord> = Arc::from(record);
+            listing::write(registry).restores.insert(
+                record.uuid.clone(),
+                RestoreEntry {
+                    record: record.clone(),
+                    progress: Arc::from(""),
+                },
+            );
             server
                 .at(
                     path.as_str(),
-                    RestoreObject::new(*record, engine.clone(), auth.clone()),
+                    RestoreObject::new(record, engine.clone(), auth.clone()),
                 )
                 .await?;
         }
         Change::RestoreUpdated(record) => {
             let path = restore_path(&record.uuid);
+            let record: Arc<RestoreRecord> = Arc::from(record);
+            if let Some(entry) = listing::write(registry).restores.get_mut(&record.uuid) {
+                entry.record = record.clone();
+            }
             let iface = server.interface::<_, RestoreObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
-            iface.get_mut().await.update(*record, &emitter).await?;
+            iface.get_mut().await.update(record, &emitter).await?;
         }
         Change::RestoreProgress { uuid, text } => {
             let path = restore_path(&uuid);
+            if let Some(entry) = listing::write(registry).restores.get_mut(&uuid) {
+                entry.progress = Arc::from(text.as_str());
+            }
             let iface = server.interface::<_, RestoreObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
         }
         Change::Flush(flushed) => flushed.0.notify_one(),
         Change::RestoreRemoved { uuid } => {
+            listing::write(registry).restores.remove(&uuid);
             server
                 .remove::<RestoreObject, _>(restore_path(&uuid).as_str())
                 .await?;
         }
         Change::SnapshotRemoved { uuid } => {
+            listing::write(registry).snapshots.remove(&uuid);
             server
                 .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
                 .await?;

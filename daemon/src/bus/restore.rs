@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 use vmsnap_api::{DetachedDisk, ExcludedVolume, VmSnapError, VolumeRestore};
 use zbus::interface;
@@ -11,14 +13,18 @@ use crate::store::RestoreRecord;
 /// `org.vmsnap.VmSnap1.Restore`: one per restore, mirroring KubeVirt's VirtualMachineRestore
 /// status.
 pub struct RestoreObject {
-    record: RestoreRecord,
+    record: Arc<RestoreRecord>,
     progress: String,
     engine: mpsc::Sender<Request>,
     auth: Authorizer,
 }
 
 impl RestoreObject {
-    pub fn new(record: RestoreRecord, engine: mpsc::Sender<Request>, auth: Authorizer) -> Self {
+    pub fn new(
+        record: Arc<RestoreRecord>,
+        engine: mpsc::Sender<Request>,
+        auth: Authorizer,
+    ) -> Self {
         RestoreObject {
             record,
             progress: String::new(),
@@ -29,7 +35,7 @@ impl RestoreObject {
 
     pub(super) async fn update(
         &mut self,
-        record: RestoreRecord,
+        record: Arc<RestoreRecord>,
         emitter: &SignalEmitter<'_>,
     ) -> zbus::Result<()> {
         let old = std::mem::replace(&mut self.record, record);
@@ -205,5 +211,119 @@ impl RestoreObject {
     #[zbus(property)]
     fn progress(&self) -> String {
         self.progress.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use vmsnap_api::RESTORE_INTERFACE;
+    use zbus::as_variant::to_owned_variant;
+    use zbus::OwnedVariant;
+
+    use super::super::listing::{Listed, Objects, RestoreEntry};
+    use super::super::snapshot::tests::decoded;
+    use super::*;
+    use crate::store::{RestoreStep, RECORD_VERSION};
+
+    #[test]
+    fn a_listing_serves_what_the_object_serves() {
+        let (engine, _requests) = mpsc::channel(1);
+        let record = Arc::new(RestoreRecord {
+            version: RECORD_VERSION,
+            uuid: "restore-r".into(),
+            vm_name: "a".into(),
+            vm_uuid: "vm-a".into(),
+            snapshot_name: "s".into(),
+            snapshot_uuid: "uuid-s".into(),
+            target_name: "b".into(),
+            target_uuid: "vm-b".into(),
+            new_vm: true,
+            stop_target: false,
+            start: false,
+            take_safety_snapshot: true,
+            phase: vmsnap_api::RestorePhase::Failed,
+            complete: false,
+            creation_time: "2026-11-26T15:00:00Z".into(),
+            restore_time: "2026-11-26T15:00:01Z".into(),
+            restores: vec![VolumeRestore {
+                target: "vda".into(),
+                from_image: "/i/a.qcow2".into(),
+                to_image: "/i/c.qcow2".into(),
+            }],
+            detached: vec![DetachedDisk {
+                target: "vdb".into(),
+                source: "/i/x.qcow2".into(),
+            }],
+            not_restored: vec![ExcludedVolume {
+                target: "sda".into(),
+                reason: "cdrom".into(),
+            }],
+            safety_snapshot: "pre-restore-1".into(),
+            error: "no".into(),
+            step: RestoreStep::Planned,
+            name: "my-restore".into(),
+            readiness_policy: "StopTarget".into(),
+            error_name: "org.vmsnap.VmSnap1.Error.Failed".into(),
+        });
+        let mut object = RestoreObject::new(record.clone(), engine, Authorizer::Disabled);
+        object.progress = "defining".into();
+        let v = |r: zbus::Result<OwnedVariant>| r.expect("a variant");
+        let served: HashMap<String, OwnedVariant> = HashMap::from([
+            ("Name".to_string(), v(to_owned_variant(&object.name()))),
+            (
+                "ReadinessPolicy".into(),
+                v(to_owned_variant(&object.readiness_policy())),
+            ),
+            ("Uuid".into(), v(to_owned_variant(&object.uuid()))),
+            ("VmName".into(), v(to_owned_variant(&object.vm_name()))),
+            ("Snapshot".into(), v(to_owned_variant(&object.snapshot()))),
+            ("Target".into(), v(to_owned_variant(&object.target()))),
+            ("NewVm".into(), v(to_owned_variant(&object.new_vm()))),
+            ("Phase".into(), v(to_owned_variant(&object.phase()))),
+            ("Complete".into(), v(to_owned_variant(&object.complete()))),
+            (
+                "CreationTime".into(),
+                v(to_owned_variant(&object.creation_time())),
+            ),
+            (
+                "RestoreTime".into(),
+                v(to_owned_variant(&object.restore_time())),
+            ),
+            ("Restores".into(), v(to_owned_variant(&object.restores()))),
+            (
+                "DetachedDisks".into(),
+                v(to_owned_variant(&object.detached_disks())),
+            ),
+            (
+                "NotRestored".into(),
+                v(to_owned_variant(&object.not_restored())),
+            ),
+            (
+                "SafetySnapshot".into(),
+                v(to_owned_variant(&object.safety_snapshot())),
+            ),
+            ("Error".into(), v(to_owned_variant(&object.error()))),
+            (
+                "ErrorName".into(),
+                v(to_owned_variant(&object.error_name())),
+            ),
+            ("Progress".into(), v(to_owned_variant(&object.progress()))),
+        ]);
+        let entry = RestoreEntry {
+            record: record.clone(),
+            progress: Arc::from("defining"),
+        };
+        let mut listing = decoded(&Objects(vec![Listed::Restore(entry)]));
+        let path =
+            zbus::OwnedObjectPath::try_from(vmsnap_api::restore_path(&record.uuid)).expect("path");
+        let mut interfaces = listing.remove(&path).expect("listed");
+        let interface =
+            zbus::names::InterfaceName::from_static_str(RESTORE_INTERFACE).expect("a name");
+        assert_eq!(
+            interfaces.remove(&interface).expect("its interface"),
+            served
+        );
     }
 }

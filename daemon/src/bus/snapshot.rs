@@ -1,5 +1,8 @@
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
-use vmsnap_api::{ExcludedVolume, IncludedVolume, VmSnapError};
+use vmsnap_api::{ExcludedVolume, IncludedVolume, SourceIndication, VmSnapError};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
@@ -11,14 +14,18 @@ use crate::store::SnapshotRecord;
 /// `org.vmsnap.VmSnap1.Snapshot`: one per snapshot, mirroring KubeVirt's
 /// VirtualMachineSnapshot status.
 pub struct SnapshotObject {
-    record: SnapshotRecord,
+    record: Arc<SnapshotRecord>,
     progress: String,
     engine: mpsc::Sender<Request>,
     auth: Authorizer,
 }
 
 impl SnapshotObject {
-    pub fn new(record: SnapshotRecord, engine: mpsc::Sender<Request>, auth: Authorizer) -> Self {
+    pub fn new(
+        record: Arc<SnapshotRecord>,
+        engine: mpsc::Sender<Request>,
+        auth: Authorizer,
+    ) -> Self {
         SnapshotObject {
             record,
             progress: String::new(),
@@ -30,7 +37,7 @@ impl SnapshotObject {
     /// Takes the new record and announces each property that changed.
     pub(super) async fn update(
         &mut self,
-        record: SnapshotRecord,
+        record: Arc<SnapshotRecord>,
         emitter: &SignalEmitter<'_>,
     ) -> zbus::Result<()> {
         let old = std::mem::replace(&mut self.record, record);
@@ -82,6 +89,16 @@ impl SnapshotObject {
             self.progress_changed(emitter).await?;
         }
         Ok(())
+    }
+}
+
+/// A snapshot's SourceIndications: the record's, or for a record from before messages were
+/// kept (or still in progress) made from its indications.
+pub(super) fn source_indications(record: &SnapshotRecord) -> Cow<'_, [SourceIndication]> {
+    if record.source_indications.is_empty() {
+        Cow::Owned(crate::ops::create::source_indications(record, &[]))
+    } else {
+        Cow::Borrowed(&record.source_indications)
     }
 }
 
@@ -165,12 +182,7 @@ impl SnapshotObject {
     /// excluded disks for PartialSnapshot).
     #[zbus(property)]
     fn source_indications(&self) -> Vec<vmsnap_api::SourceIndication> {
-        if self.record.source_indications.is_empty() {
-            // A record from before messages were kept, or still in progress.
-            crate::ops::create::source_indications(&self.record, &[])
-        } else {
-            self.record.source_indications.clone()
-        }
+        source_indications(&self.record).into_owned()
     }
 
     /// Online, GuestAgent, NoGuestAgent, QuiesceFailed, QuiesceTimeout, Paused,
@@ -234,5 +246,172 @@ impl SnapshotObject {
     #[zbus(property)]
     fn cow_fill_percent(&self) -> f64 {
         self.record.cow_fill_percent
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::collections::HashMap;
+
+    use vmsnap_api::{Indication, SNAPSHOT_INTERFACE};
+    use zbus::as_variant::to_owned_variant;
+    use zbus::wire::serialized::Context;
+    use zbus::wire::{to_bytes, Endian};
+    use zbus::OwnedVariant;
+
+    use super::super::listing::{Listed, Objects, SnapshotEntry};
+    use super::*;
+
+    /// What the object's own getters serve (zbus's GetAll), as a map.
+    fn served(object: &SnapshotObject) -> HashMap<String, OwnedVariant> {
+        let v = |r: zbus::Result<OwnedVariant>| r.expect("a variant");
+        HashMap::from([
+            ("Name".to_string(), v(to_owned_variant(&object.name()))),
+            (
+                "Description".into(),
+                v(to_owned_variant(&object.description())),
+            ),
+            ("VmName".into(), v(to_owned_variant(&object.vm_name()))),
+            ("VmUuid".into(), v(to_owned_variant(&object.vm_uuid()))),
+            ("Uuid".into(), v(to_owned_variant(&object.uuid()))),
+            ("Phase".into(), v(to_owned_variant(&object.phase()))),
+            (
+                "ReadyToUse".into(),
+                v(to_owned_variant(&object.ready_to_use())),
+            ),
+            (
+                "CreationTime".into(),
+                v(to_owned_variant(&object.creation_time())),
+            ),
+            (
+                "SourceIndications".into(),
+                v(to_owned_variant(&object.source_indications())),
+            ),
+            (
+                "Indications".into(),
+                v(to_owned_variant(&object.indications())),
+            ),
+            (
+                "IncludedVolumes".into(),
+                v(to_owned_variant(&object.included_volumes())),
+            ),
+            (
+                "ExcludedVolumes".into(),
+                v(to_owned_variant(&object.excluded_volumes())),
+            ),
+            ("Error".into(), v(to_owned_variant(&object.error()))),
+            (
+                "ErrorName".into(),
+                v(to_owned_variant(&object.error_name())),
+            ),
+            ("Progress".into(), v(to_owned_variant(&object.progress()))),
+            (
+                "FreezeDurationMs".into(),
+                v(to_owned_variant(&object.freeze_duration_ms())),
+            ),
+            (
+                "FrozenFilesystems".into(),
+                v(to_owned_variant(&object.frozen_filesystems())),
+            ),
+            (
+                "CowFillPercent".into(),
+                v(to_owned_variant(&object.cow_fill_percent())),
+            ),
+        ])
+    }
+
+    /// The listing's serialization of `objects`, read back generically.
+    pub(in crate::bus) fn decoded(objects: &Objects) -> zbus::fdo::ManagedObjects {
+        let data = to_bytes(Context::new(Endian::Little, 0), objects).expect("serializes");
+        let (decoded, _) = data
+            .deserialize::<zbus::fdo::ManagedObjects>()
+            .expect("reads back as a{oa{sa{sv}}}");
+        decoded
+    }
+
+    #[test]
+    fn a_snapshot_list_row_holds_what_the_object_serves() {
+        use super::super::listing::SnapshotRows;
+        assert_eq!(
+            <SnapshotRows as zbus::Type>::SIGNATURE,
+            <Vec<vmsnap_api::SnapshotRow> as zbus::Type>::SIGNATURE
+        );
+        let (engine, _requests) = mpsc::channel(1);
+        let mut record = crate::store::tests::record("a");
+        record.excluded = vec![ExcludedVolume {
+            target: "sda".into(),
+            reason: "cdrom".into(),
+        }];
+        let record = Arc::new(record);
+        let mut object = SnapshotObject::new(record.clone(), engine, Authorizer::Disabled);
+        object.progress = "merging vda".into();
+        let rows = SnapshotRows(vec![SnapshotEntry {
+            record,
+            progress: Arc::from("merging vda"),
+        }]);
+        let data = to_bytes(Context::new(Endian::Little, 0), &rows).expect("serializes");
+        let (decoded, _) = data
+            .deserialize::<Vec<vmsnap_api::SnapshotRow>>()
+            .expect("reads back");
+        let expected = vmsnap_api::SnapshotRow {
+            name: object.name(),
+            uuid: object.uuid(),
+            vm_name: object.vm_name(),
+            vm_uuid: object.vm_uuid(),
+            description: object.description(),
+            phase: object.phase(),
+            ready_to_use: object.ready_to_use(),
+            creation_time: object.creation_time(),
+            indications: object.indications(),
+            source_indications: object.source_indications(),
+            included_volumes: object.included_volumes(),
+            excluded_volumes: object.excluded_volumes(),
+            error: object.error(),
+            error_name: object.error_name(),
+            progress: object.progress(),
+            freeze_duration_ms: object.freeze_duration_ms(),
+            frozen_filesystems: object.frozen_filesystems(),
+            cow_fill_percent: object.cow_fill_percent(),
+        };
+        assert_eq!(decoded, vec![expected]);
+    }
+
+    #[test]
+    fn a_listing_serves_what_the_object_serves() {
+        let (engine, _requests) = mpsc::channel(1);
+        let mut failed = crate::store::tests::record("a");
+        failed.phase = vmsnap_api::SnapshotPhase::Failed;
+        failed.error = "it broke".into();
+        failed.error_name = "org.vmsnap.VmSnap1.Error.StorageFailed".into();
+        failed.excluded = vec![ExcludedVolume {
+            target: "sda".into(),
+            reason: "cdrom".into(),
+        }];
+        failed.indications.push(Indication::PartialSnapshot);
+        let mut with_messages = crate::store::tests::record("bb");
+        with_messages.source_indications = vec![SourceIndication {
+            indication: "Online".into(),
+            message: "the VM was running".into(),
+        }];
+        with_messages.cow_fill_percent = 12.5;
+        for record in [failed, with_messages] {
+            let record = Arc::new(record);
+            let path = zbus::OwnedObjectPath::try_from(vmsnap_api::snapshot_path(&record.uuid))
+                .expect("a path");
+            let mut object =
+                SnapshotObject::new(record.clone(), engine.clone(), Authorizer::Disabled);
+            object.progress = "merging vda".into();
+            let entry = SnapshotEntry {
+                record,
+                progress: Arc::from("merging vda"),
+            };
+            let mut listing = decoded(&Objects(vec![Listed::Snapshot(entry)]));
+            let mut interfaces = listing.remove(&path).expect("the object is listed");
+            let interface =
+                zbus::names::InterfaceName::from_static_str(SNAPSHOT_INTERFACE).expect("a name");
+            let properties = interfaces.remove(&interface).expect("its interface");
+            assert!(interfaces.is_empty() && listing.is_empty());
+            assert_eq!(properties, served(&object));
+        }
     }
 }
