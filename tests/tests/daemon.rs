@@ -183,15 +183,7 @@ fn properties_read_through_the_api_proxies() {
         assert_eq!(disks.len(), 1);
         assert_eq!(disks[0].target, "vda");
 
-        let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
-            .destination(vmsnap_api::BUS_NAME)
-            .path(vmsnap_api::ROOT_PATH)
-            .build()
-            .await
-            .unwrap()
-            .get_managed_objects()
-            .await
-            .unwrap();
+        let objects = managed_objects(&conn).await;
         let interfaces: Vec<String> = objects
             .values()
             .flat_map(|ifaces| ifaces.keys().map(|i| i.to_string()))
@@ -235,15 +227,7 @@ fn listing_methods_answer_what_the_objects_serve() {
             .await
             .unwrap();
         let manager = ManagerProxy::new(&conn).await.unwrap();
-        let all = zbus::fdo::ObjectManagerProxy::builder(&conn)
-            .destination(vmsnap_api::BUS_NAME)
-            .path(vmsnap_api::ROOT_PATH)
-            .build()
-            .await
-            .unwrap()
-            .get_managed_objects()
-            .await
-            .unwrap();
+        let all = managed_objects(&conn).await;
         let vm_path = manager.find_vm("test").await.unwrap();
         let vms = manager.get_vm_objects().await.unwrap();
         assert_eq!(vms.keys().collect::<Vec<_>>(), vec![&vm_path]);
@@ -443,15 +427,7 @@ fn every_record_is_exported_before_the_name_is_owned() {
             .build()
             .await
             .unwrap();
-        let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
-            .destination(vmsnap_api::BUS_NAME)
-            .path(vmsnap_api::ROOT_PATH)
-            .build()
-            .await
-            .unwrap()
-            .get_managed_objects()
-            .await
-            .unwrap();
+        let objects = managed_objects(&conn).await;
         objects
             .keys()
             .filter(|path| path.as_str().contains("/snapshot/"))
@@ -505,15 +481,7 @@ fn a_definition_is_read_from_the_record_with_get_domain_xml() {
             "<domain type='test'><name>test</name><devices><graphics type='vnc' />\
              </devices></domain>"
         );
-        let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
-            .destination(vmsnap_api::BUS_NAME)
-            .path(vmsnap_api::ROOT_PATH)
-            .build()
-            .await
-            .unwrap()
-            .get_managed_objects()
-            .await
-            .unwrap();
+        let objects = managed_objects(&conn).await;
         let properties = objects
             .iter()
             .find(|(p, _)| p.as_str() == path)
@@ -551,4 +519,17 @@ fn losing_the_bus_ends_the_daemon_with_a_failure() {
         "{}",
         daemon.log_text()
     );
+}
+
+/// vmsnapd's GetManagedObjects, as any ObjectManager client calls it.
+async fn managed_objects(conn: &zbus::Connection) -> zbus::fdo::ManagedObjects {
+    zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(vmsnap_api::BUS_NAME)
+        .path(vmsnap_api::ROOT_PATH)
+        .build()
+        .await
+        .unwrap()
+        .get_managed_objects()
+        .await
+        .unwrap()
 }
