@@ -1100,8 +1100,10 @@ impl Engine {
         // made from the content record alone), there is nothing to ask whether it runs.
         let libvirt = self.libvirt.clone().filter(|_| self.is_defined(&vm.uuid));
         let Some((libvirt, requests)) = libvirt else {
-            let answer = self.confirm_restore(&vm.uuid, &snapshot.uuid, options, Ok(false));
-            let _ = reply.send(answer);
+            // Answered, like every restore, once its first record is written and exported: the
+            // caller reads the object next.
+            let started = self.confirm_restore(&vm.uuid, &snapshot.uuid, options, Ok(false));
+            self.answer_once_written(started, reply);
             return Ok(());
         };
         let vm_uuid = vm.uuid.clone();
@@ -2322,6 +2324,57 @@ mod tests {
         );
         assert_eq!(engine.snapshots.len(), 1);
         assert!(engine.restores.is_empty() && engine.busy.is_empty());
+    }
+
+    /// A snapshot of a VM that is no longer defined, restored as a new VM: answered only once
+    /// the restore's first record is written (here it cannot be: the answer says so), not at
+    /// once, when the caller's first read would not find the restore yet.
+    #[test]
+    fn a_restore_of_an_undefined_vms_snapshot_is_answered_once_its_record_is_written() {
+        let (mut engine, mut rx, _settled) = engine();
+        engine.handle_libvirt(LibvirtEvent::Connected);
+        engine.handle_libvirt(LibvirtEvent::Inventory(vec![]));
+        let record = snapshot_record("s", SnapshotPhase::Succeeded);
+        engine
+            .snapshots
+            .insert(record.uuid.clone(), std::sync::Arc::new(record));
+        let (events, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        engine.ops = Some(OpContext::new(
+            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+                uri: "test:///default".into(),
+                known: None,
+            }),
+            std::sync::Arc::new(crate::backends::Backends::standard()),
+            crate::store::Store::new(std::path::Path::new("/dev/null/state")),
+            crate::ops::vm_lock::VmLocks {
+                dir: lock_dir.path().to_path_buf(),
+            },
+            &crate::config::Config::default(),
+            events,
+            crate::ops::Faults::default(),
+        ));
+        drain(&mut rx);
+        let (reply, mut answer) = oneshot::channel();
+        engine.handle_request(Request::Restore {
+            vm: "a".into(),
+            snapshot: "s".into(),
+            options: RestoreOptions {
+                target: "new".into(),
+                ..RestoreOptions::default()
+            },
+            reply,
+        });
+        assert!(answer.try_recv().is_err(), "answered before its record");
+        while engine.busy.contains_key(A) {
+            let event = events_rx.blocking_recv().expect("the operation's events");
+            engine.handle_op_event(event);
+        }
+        let answered = answer.try_recv().expect("answered");
+        assert!(
+            matches!(&answered, Err(EngineError::RecordWrite(_))),
+            "{answered:?}"
+        );
     }
 
     #[test]
