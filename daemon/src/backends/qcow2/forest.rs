@@ -104,10 +104,13 @@ impl Forest {
     /// `focus` images' own chains (one being released may no longer be named by anything),
     /// and the files next to the images connected to `focus` that build on them.
     ///
-    /// With an inventory (`view.known`), no domain is read per scan except those whose disks
-    /// are connected to `focus`, which are read again now: the inventory follows libvirt's
-    /// events, but a disk-only snapshot changes a running domain's disks without one. Every
-    /// header is read through the chain reader's cache: a `stat` per unchanged image.
+    /// With an inventory (`view.known`), one call lists the domains and each is taken from the
+    /// inventory, except those it may be behind for, which are read again now: the
+    /// operation's own VM, one vmsnapd changed since the inventory read it, one the inventory
+    /// lacks, one whose disks use an image connected to `focus` (a disk-only snapshot changes
+    /// a running domain's disks with no event) or an image that is gone. Without one, every
+    /// domain is read. Every header is read through the chain reader's cache: a `stat` per
+    /// unchanged image.
     pub fn scan(
         view: &HostView,
         records: &[SnapshotRecord],
