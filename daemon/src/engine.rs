@@ -1950,6 +1950,30 @@ mod tests {
         assert_eq!(answer.try_recv().ok(), Some(Ok(A.to_string())));
     }
 
+    /// Operations on libvirt's test driver whose state folder cannot hold a record (below a
+    /// regular file): every operation stops at its first record write. Keep the folder (the VM
+    /// locks') for as long as the operations run.
+    fn ops_that_cannot_write_records(
+        events: tokio::sync::mpsc::UnboundedSender<OpEvent>,
+    ) -> (OpContext, tempfile::TempDir) {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let ops = OpContext::new(
+            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
+                uri: "test:///default".into(),
+                known: None,
+            }),
+            std::sync::Arc::new(crate::backends::Backends::standard()),
+            crate::store::Store::new(std::path::Path::new("/dev/null/state")),
+            crate::ops::vm_lock::VmLocks {
+                dir: lock_dir.path().to_path_buf(),
+            },
+            &crate::config::Config::default(),
+            events,
+            crate::ops::Faults::default(),
+        );
+        (ops, lock_dir)
+    }
+
     fn snapshot_record(name: &str, phase: SnapshotPhase) -> SnapshotRecord {
         SnapshotRecord {
             version: RECORD_VERSION,
@@ -2339,21 +2363,8 @@ mod tests {
             .snapshots
             .insert(record.uuid.clone(), std::sync::Arc::new(record));
         let (events, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let lock_dir = tempfile::tempdir().expect("tempdir");
-        engine.ops = Some(OpContext::new(
-            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
-                uri: "test:///default".into(),
-                known: None,
-            }),
-            std::sync::Arc::new(crate::backends::Backends::standard()),
-            crate::store::Store::new(std::path::Path::new("/dev/null/state")),
-            crate::ops::vm_lock::VmLocks {
-                dir: lock_dir.path().to_path_buf(),
-            },
-            &crate::config::Config::default(),
-            events,
-            crate::ops::Faults::default(),
-        ));
+        let (ops, _lock_dir) = ops_that_cannot_write_records(events);
+        engine.ops = Some(ops);
         drain(&mut rx);
         let (reply, mut answer) = oneshot::channel();
         engine.handle_request(Request::Restore {
@@ -2388,21 +2399,8 @@ mod tests {
         engine.handle_libvirt(LibvirtEvent::Connected);
         // A state folder that cannot hold a record (below a regular file): nothing starts.
         let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let lock_dir = tempfile::tempdir().expect("tempdir");
-        engine.ops = Some(OpContext::new(
-            std::sync::Arc::new(crate::hypervisor::libvirt::Libvirt {
-                uri: "test:///default".into(),
-                known: None,
-            }),
-            std::sync::Arc::new(crate::backends::Backends::standard()),
-            crate::store::Store::new(std::path::Path::new("/dev/null/state")),
-            crate::ops::vm_lock::VmLocks {
-                dir: lock_dir.path().to_path_buf(),
-            },
-            &crate::config::Config::default(),
-            events,
-            crate::ops::Faults::default(),
-        ));
+        let (ops, _lock_dir) = ops_that_cannot_write_records(events);
+        engine.ops = Some(ops);
         drain(&mut rx);
         // The operation's thread writes the first record; the caller is answered from there.
         let (reply, mut answer) = oneshot::channel();
