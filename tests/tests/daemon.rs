@@ -114,10 +114,7 @@ fn libvirt_down_at_start_is_reported_and_the_daemon_keeps_serving() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(daemon.bus_address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = bus_connection(&daemon.bus_address).await;
         let manager = ManagerProxy::new(&conn).await.unwrap();
         assert!(!manager.libvirt_connected().await.unwrap());
         let error = manager.libvirt_error().await.unwrap();
@@ -163,10 +160,7 @@ fn properties_read_through_the_api_proxies() {
     let daemon = Daemon::start(&bus, &config_for("test:///default"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(daemon.bus_address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = bus_connection(&daemon.bus_address).await;
         let manager = ManagerProxy::new(&conn).await.unwrap();
         assert_eq!(manager.libvirt_uri().await.unwrap(), "test:///default");
         assert!(manager.libvirt_connected().await.unwrap());
@@ -222,10 +216,7 @@ fn listing_methods_answer_what_the_objects_serve() {
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(daemon.bus_address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = bus_connection(&daemon.bus_address).await;
         let manager = ManagerProxy::new(&conn).await.unwrap();
         let all = managed_objects(&conn).await;
         let vm_path = manager.find_vm("test").await.unwrap();
@@ -423,10 +414,7 @@ fn every_record_is_exported_before_the_name_is_owned() {
     let daemon = Daemon::start(&bus, &config);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let exported = rt.block_on(async {
-        let conn = zbus::connection::Builder::address(bus.address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = bus_connection(&bus.address).await;
         let objects = managed_objects(&conn).await;
         objects
             .keys()
@@ -466,10 +454,7 @@ fn a_definition_is_read_from_the_record_with_get_domain_xml() {
     let daemon = Daemon::start(&bus, &config);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(bus.address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = bus_connection(&bus.address).await;
         let path = vmsnap_api::snapshot_path(uuid);
         let snapshot = vmsnap_api::SnapshotProxy::builder(&conn)
             .path(path.clone())
@@ -530,6 +515,14 @@ async fn managed_objects(conn: &zbus::Connection) -> zbus::fdo::ManagedObjects {
         .await
         .unwrap()
         .get_managed_objects()
+        .await
+        .unwrap()
+}
+
+/// A connection to the bus at `address`.
+async fn bus_connection(address: &str) -> zbus::Connection {
+    zbus::connection::Builder::address(address)
+        .build()
         .await
         .unwrap()
 }
