@@ -31,6 +31,34 @@ use crate::store::{Artifact, RestoreRecord, SnapshotRecord, VolumeRecord};
 pub struct Env<'a> {
     pub ctx: &'a OpContext,
     pub host: &'a dyn Host,
+    /// What a backend's `check_release` found out, for its `release` of the same volume in the
+    /// same session (the qcow2 backend's image forest: one scan of the host serves both).
+    findings: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(ctx: &'a OpContext, host: &'a dyn Host) -> Env<'a> {
+        Env {
+            ctx,
+            host,
+            findings: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Keeps what a check found, replacing what an earlier one kept.
+    pub fn keep_finding<T: std::any::Any + Send>(&self, finding: T) {
+        *self.findings.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(finding));
+    }
+
+    /// Takes what a check kept, when it is a `T`; nothing is kept afterwards either way.
+    pub fn take_finding<T: std::any::Any>(&self) -> Option<T> {
+        let kept = self
+            .findings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        kept.downcast::<T>().ok().map(|b| *b)
+    }
 }
 
 /// Called before each step of an in-place restore with the step's name; an error stops the
@@ -307,13 +335,7 @@ impl<'a> ArtifactCheck<'a> {
             let ctx = self.ctx;
             let host = self.host.get_or_insert_with(|| ctx.hypervisor.session());
             let listed = match host {
-                Ok(host) => rbd::snaps_of(
-                    &Env {
-                        ctx,
-                        host: host.as_ref(),
-                    },
-                    v,
-                ),
+                Ok(host) => rbd::snaps_of(&Env::new(ctx, host.as_ref()), v),
                 Err(e) => Err(format!("cannot reach libvirt for the Ceph key: {e}")),
             };
             self.rbd_snaps.insert(key.clone(), listed);

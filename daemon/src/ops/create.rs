@@ -32,13 +32,7 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         warn!(vm = %record.vm_name, snapshot = %record.name, %error, "snapshot failed");
         ctx.hold_vm();
         if let Ok(host) = &host {
-            discard_all(
-                &Env {
-                    ctx,
-                    host: host.as_ref(),
-                },
-                &record,
-            );
+            discard_all(&Env::new(ctx, host.as_ref()), &record);
         }
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
@@ -57,7 +51,7 @@ fn create_steps(
     allow_excluded: bool,
     deadline: Instant,
 ) -> OpResult<()> {
-    let env = Env { ctx, host };
+    let env = Env::new(ctx, host);
     let planned = plan_snapshot(&env, record, allow_excluded)?;
     ctx.check_abandoned("snapshot")?;
     // Why each indication was given, for sourceIndications.
@@ -484,10 +478,7 @@ fn copy_extra_state(record: &SnapshotRecord) -> OpResult<()> {
 /// keeps the snapshot if every volume was captured, undoes it otherwise.
 pub(super) fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> OpResult<()> {
     let host = ctx.hypervisor.session()?;
-    let env = Env {
-        ctx,
-        host: host.as_ref(),
-    };
+    let env = Env::new(ctx, host.as_ref());
     if record.step == Step::Freezing {
         // Harmless when not frozen; a frozen guest must not wait for anything else.
         match host.thaw(&record.vm_uuid) {

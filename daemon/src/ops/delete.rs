@@ -8,15 +8,18 @@ use tracing::{info, warn};
 use vmsnap_api::SnapshotPhase;
 
 use super::create::{discard_all, recover_create};
-use super::{OpContext, OpResult};
+use super::{OpContext, OpError, OpResult};
 use crate::backends::Env;
 use crate::store::{SnapshotRecord, Step};
 
 /// Deletes snapshot `record`; `others` are the VM's other snapshots (their records change where
 /// they referred to an image this delete merges away).
 pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<SnapshotRecord>) {
-    if record.phase == SnapshotPhase::Succeeded {
-        if let Err(error) = check_release(ctx, &mut record, &others) {
+    let Err(error) = check_and_delete(ctx, &mut record, &mut others) else {
+        return;
+    };
+    match error {
+        NotDeleted::Refused(error) => {
             // Nothing changed: the snapshot stays as it was, with why it was not deleted.
             warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete refused");
             record.phase = SnapshotPhase::Succeeded;
@@ -24,40 +27,63 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Snaps
             record.error_name = error.error_name();
             record.error = vmsnap_api::record_error(&error.to_string());
             ctx.save_failed(&mut record);
-            return;
         }
-    }
-    if let Err(error) = delete_steps(ctx, &mut record, &mut others) {
-        warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete failed");
-        ctx.hold_vm();
-        // The snapshot's own image may already hold merged data from later writes: its content
-        // is no longer the snapshot's, so it is not offered for restore again.
-        record.phase = SnapshotPhase::Failed;
-        record.ready_to_use = false;
-        record.error_name = error.error_name();
-        record.error = vmsnap_api::record_error(&format!("delete failed: {error}"));
-        ctx.save_failed(&mut record);
+        NotDeleted::Failed(error) => {
+            warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete failed");
+            ctx.hold_vm();
+            // The snapshot's own image may already hold merged data from later writes: its
+            // content is no longer the snapshot's, so it is not offered for restore again.
+            record.phase = SnapshotPhase::Failed;
+            record.ready_to_use = false;
+            record.error_name = error.error_name();
+            record.error = vmsnap_api::record_error(&format!("delete failed: {error}"));
+            ctx.save_failed(&mut record);
+        }
     }
 }
 
-fn delete_steps(
+/// How a delete ended when it did not: refused before anything changed, or failed on the way.
+enum NotDeleted {
+    Refused(OpError),
+    Failed(OpError),
+}
+
+/// One session for the check and the delete: what the check learns (the qcow2 backend's scan
+/// of the host) serves the delete right after it.
+fn check_and_delete(
     ctx: &OpContext,
     record: &mut SnapshotRecord,
     others: &mut [SnapshotRecord],
+) -> Result<(), NotDeleted> {
+    let ready = record.phase == SnapshotPhase::Succeeded;
+    let host = ctx.hypervisor.session().map_err(|error| {
+        if ready {
+            NotDeleted::Refused(error)
+        } else {
+            NotDeleted::Failed(error)
+        }
+    })?;
+    let env = Env::new(ctx, host.as_ref());
+    if ready {
+        check_release(&env, record, others).map_err(NotDeleted::Refused)?;
+    }
+    delete_steps(&env, record, others).map_err(NotDeleted::Failed)
+}
+
+fn delete_steps(
+    env: &Env,
+    record: &mut SnapshotRecord,
+    others: &mut [SnapshotRecord],
 ) -> OpResult<()> {
+    let ctx = env.ctx;
     let deadline = Instant::now() + ctx.failure_deadline;
-    let host = ctx.hypervisor.session()?;
-    let env = Env {
-        ctx,
-        host: host.as_ref(),
-    };
     // A snapshot that failed while being created holds no data anything depends on: its
     // captures were undone. Only leftovers are removed. (One that failed mid-delete is still
     // Merging and resumes below.)
     let never_taken =
         record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
     if never_taken {
-        discard_all(&env, record);
+        discard_all(env, record);
     } else {
         if record.phase != SnapshotPhase::Deleting {
             record.phase = SnapshotPhase::Deleting;
@@ -67,7 +93,7 @@ fn delete_steps(
         for (backend, volumes) in ctx.backends.batches(&record.volumes.clone())? {
             for volume in &volumes {
                 ctx.check_abandoned("delete")?;
-                backend.release(&env, record, others, volume, deadline)?;
+                backend.release(env, record, others, volume, deadline)?;
             }
         }
         if !ctx.gate.succeed() {
@@ -83,21 +109,17 @@ fn delete_steps(
 /// Marks the snapshot Deleting (so that a watcher sees the delete begin and end), then asks
 /// every backend whether it can release its volumes now, before anything changes.
 fn check_release(
-    ctx: &OpContext,
+    env: &Env,
     record: &mut SnapshotRecord,
     others: &[SnapshotRecord],
 ) -> OpResult<()> {
-    let host = ctx.hypervisor.session()?;
-    let env = Env {
-        ctx,
-        host: host.as_ref(),
-    };
+    let ctx = env.ctx;
     record.phase = SnapshotPhase::Deleting;
     record.ready_to_use = false;
     ctx.save(record)?;
     for (backend, volumes) in ctx.backends.batches(&record.volumes.clone())? {
         for volume in &volumes {
-            backend.check_release(&env, record, others, volume)?;
+            backend.check_release(env, record, others, volume)?;
         }
     }
     Ok(())

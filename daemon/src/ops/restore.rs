@@ -138,10 +138,7 @@ fn restore_steps(
         }
     }
     let host = ctx.hypervisor.session()?;
-    let env = Env {
-        ctx,
-        host: host.as_ref(),
-    };
+    let env = Env::new(ctx, host.as_ref());
     check_restorable(&env, record, snapshot)?;
     let (previous_xml, detached) = prepare_target(&env, record, snapshot, records, stopped)?;
     plan_restores(ctx, record, snapshot)?;
@@ -784,10 +781,7 @@ fn recover_steps(
     records: &[SnapshotRecord],
 ) -> OpResult<&'static str> {
     let host = ctx.hypervisor.session()?;
-    let env = Env {
-        ctx,
-        host: host.as_ref(),
-    };
+    let env = Env::new(ctx, host.as_ref());
     let snapshot = records
         .iter()
         .find(|s| s.uuid == record.snapshot_uuid)

@@ -98,10 +98,7 @@ pub fn parse_import(json: &str) -> Result<SnapshotRecord, String> {
 /// the record (the engine announces it). Refused without a trace otherwise.
 pub fn import(ctx: &OpContext, record: SnapshotRecord) {
     let checked = ctx.hypervisor.session().and_then(|host| {
-        let env = Env {
-            ctx,
-            host: host.as_ref(),
-        };
+        let env = Env::new(ctx, host.as_ref());
         for volume in &record.volumes {
             ctx.backends
                 .for_volume(volume)?

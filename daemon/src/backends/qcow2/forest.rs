@@ -116,8 +116,34 @@ impl Forest {
         records: &[SnapshotRecord],
         focus: &[&str],
     ) -> Result<Forest, String> {
+        Forest::scan_with(view, records, focus, None)
+    }
+
+    /// [`Forest::scan`] again, moments after `self` was scanned in the same operation (after a
+    /// merge): domains and records are as a scan finds them, and every chain connected to
+    /// `focus` in `self` or now is read again, but the chains of the images `self` shows
+    /// unconnected to `focus` are taken from `self` without a `stat` each. They matter to
+    /// this operation only if something made them build on an image at stake since `self`
+    /// was read, the same race as between any scan and the change that follows it.
+    pub fn scan_again(
+        &self,
+        view: &HostView,
+        records: &[SnapshotRecord],
+        focus: &[&str],
+    ) -> Result<Forest, String> {
+        Forest::scan_with(view, records, focus, Some(self))
+    }
+
+    fn scan_with(
+        view: &HostView,
+        records: &[SnapshotRecord],
+        focus: &[&str],
+        previous: Option<&Forest>,
+    ) -> Result<Forest, String> {
         let started = std::time::Instant::now();
         let mut forest = Forest::default();
+        let lender = previous.map(|p| Lender::new(p, focus));
+        let lender = lender.as_ref();
         for image in focus {
             if std::path::Path::new(image).exists() {
                 forest.add_chain(image);
@@ -167,7 +193,7 @@ impl Forest {
             }
         }
         for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
-            forest.add_chain(path);
+            forest.add_chain_lent(lender, path);
         }
         for record in records {
             for volume in record
@@ -178,7 +204,7 @@ impl Forest {
                 if !forest.images.contains(&volume.image)
                     && std::path::Path::new(&volume.image).exists()
                 {
-                    forest.add_chain(&volume.image);
+                    forest.add_chain_lent(lender, &volume.image);
                 }
             }
         }
@@ -298,6 +324,29 @@ impl Forest {
         self.images.extend(self.unknown.iter().cloned());
     }
 
+    /// Adds `top`'s chain as `lender` has it when it shows `top` apart from the images at
+    /// stake, else as read from the headers now.
+    fn add_chain_lent(&mut self, lender: Option<&Lender>, top: &str) {
+        match lender {
+            Some(lender) if lender.forest.contains(top) && !lender.at_stake.contains(top) => {
+                let mut image = Some(top);
+                while let Some(path) = image {
+                    if !self.images.insert(path.to_string()) {
+                        return;
+                    }
+                    if let Some(format) = lender.forest.format.get(path) {
+                        self.format.insert(path.to_string(), format.clone());
+                    }
+                    image = lender.forest.parent(path);
+                    if let Some(parent) = image {
+                        self.parent.insert(path.to_string(), parent.to_string());
+                    }
+                }
+            }
+            _ => self.add_chain(top),
+        }
+    }
+
     fn add_chain(&mut self, top: &str) {
         if self.images.contains(top) {
             return;
@@ -383,6 +432,22 @@ impl Forest {
     }
 }
 
+/// A forest scanned moments before in the same operation, lending the chains of the images it
+/// shows apart from the ones at stake (see [`Forest::scan_again`]).
+struct Lender<'a> {
+    forest: &'a Forest,
+    at_stake: BTreeSet<String>,
+}
+
+impl<'a> Lender<'a> {
+    fn new(forest: &'a Forest, focus: &[&str]) -> Lender<'a> {
+        Lender {
+            forest,
+            at_stake: forest.connected_to(focus),
+        }
+    }
+}
+
 /// Whether a snapshot or a domain's top claims `image`. Only snapshots that hold data claim
 /// their images: a Failed one (never taken, or already partly merged away) does not.
 pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> bool {
@@ -405,13 +470,19 @@ pub fn prune_unclaimed(
     records: &[SnapshotRecord],
     image: &str,
 ) -> Result<(), String> {
+    let mut forest = Forest::scan(view, records, &[image])?;
+    prune(&mut forest, records, image)
+}
+
+/// [`prune_unclaimed`] on a forest scanned around `image` (or an image it builds on): one scan
+/// serves the whole walk, as it covers everything connected to `image`, its backing images
+/// included, and the only change along the way is vmsnapd's own removals, which `forest`
+/// forgets as they happen.
+pub fn prune(forest: &mut Forest, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
     let mut current = image.to_string();
-    // One scan serves the whole walk: it covers everything connected to `image`, its backing
-    // images included, and the only change along the way is vmsnapd's own removals.
-    let mut forest = Forest::scan(view, records, &[current.as_str()])?;
     loop {
         if !std::path::Path::new(&current).exists()
-            || is_owned(&current, &forest, records)
+            || is_owned(&current, forest, records)
             || forest.in_any_chain(&current)
             || !forest.children(&current).is_empty()
         {
@@ -429,5 +500,74 @@ pub fn prune_unclaimed(
             Some(p) => current = p,
             None => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img runs");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    fn image(dir: &std::path::Path, name: &str, backing: Option<&str>) -> String {
+        let path = dir.join(name).to_string_lossy().into_owned();
+        match backing {
+            Some(b) => qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-u", "-b", b, "-F", "qcow2", &path, "1M",
+            ]),
+            None => qemu_img(&["create", "-q", "-f", "qcow2", &path, "1M"]),
+        }
+        path
+    }
+
+    #[test]
+    fn a_second_scan_reads_again_what_is_at_stake_and_borrows_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = image(dir.path(), "base.qcow2", None);
+        let top = image(dir.path(), "top.qcow2", Some(&base));
+        let other_base = image(dir.path(), "other-base.qcow2", None);
+        let other_top = image(dir.path(), "other-top.qcow2", Some(&other_base));
+        let mut first = Forest::default();
+        first.add_chain(&top);
+        first.add_chain(&other_top);
+        assert_eq!(first.parent(&other_top), Some(other_base.as_str()));
+
+        // Both tops move onto new backing files after the first scan.
+        let moved = image(dir.path(), "moved.qcow2", None);
+        let other_moved = image(dir.path(), "other-moved.qcow2", None);
+        qemu_img(&["rebase", "-q", "-u", "-b", &moved, "-F", "qcow2", &top]);
+        qemu_img(&[
+            "rebase",
+            "-q",
+            "-u",
+            "-b",
+            &other_moved,
+            "-F",
+            "qcow2",
+            &other_top,
+        ]);
+
+        let lender = Lender::new(&first, &[base.as_str()]);
+        let mut again = Forest::default();
+        again.add_chain_lent(Some(&lender), &top);
+        again.add_chain_lent(Some(&lender), &other_top);
+        // At stake (connected to the focus): read from the header again.
+        assert_eq!(again.parent(&top), Some(moved.as_str()));
+        // Apart from it: as the first scan read it, whole, without reading the header.
+        assert_eq!(again.parent(&other_top), Some(other_base.as_str()));
+        assert!(again.contains(&other_base));
+        assert_eq!(again.format(&other_top), "qcow2");
+
+        // Without a lender every chain is read.
+        let mut fresh = Forest::default();
+        fresh.add_chain(&other_top);
+        assert_eq!(fresh.parent(&other_top), Some(other_moved.as_str()));
     }
 }

@@ -10,7 +10,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 
 use super::chain;
-use super::forest::{is_owned, prune_unclaimed, Forest, HostView};
+use super::forest::{is_owned, prune, prune_unclaimed, Forest, HostView};
 use super::qemu_img;
 use crate::domain;
 use crate::hypervisor::libvirt::{VIR_DOMAIN_XML_INACTIVE, VIR_DOMAIN_XML_SECURE};
@@ -43,6 +43,9 @@ fn current_xml(dom: &Domain) -> Result<String, String> {
 /// - an unclaimed image with exactly one image on top is merged with it (the one on top is
 ///   committed down, costing the data written since), and the claims on that image move down;
 /// - an unclaimed image several chains build on stays: each still needs it.
+///
+/// `checked` is the forest [`check_room`] scanned around `image` moments before, if any.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn release_image(
     ctx: &OpContext,
     view: &HostView,
@@ -50,6 +53,7 @@ pub(super) fn release_image(
     others: &mut [SnapshotRecord],
     target: &str,
     image: &str,
+    checked: Option<Forest>,
     deadline: Instant,
 ) -> OpResult<()> {
     // A merge that was under way when vmsnapd stopped is finished first.
@@ -76,7 +80,8 @@ pub(super) fn release_image(
             }
             // The format of `base` is as before the merge.
             move_claims(ctx, others, &top, &base, &forest)?;
-            prune_unclaimed(view, others, &top)?;
+            let mut merged = forest.scan_again(view, others, &[top.as_str()])?;
+            prune(&mut merged, others, &top)?;
             deleting.step = Step::Done;
             ctx.save(deleting)?;
             return Ok(());
@@ -84,8 +89,14 @@ pub(super) fn release_image(
     }
     let conn = view.conn;
     let mut current = image.to_string();
+    // A forest scanned around an image serves its backing images too (see `prune`), until a
+    // merge changes the chains.
+    let mut scanned = checked;
     loop {
-        let forest = Forest::scan(view, others, &[current.as_str()])?;
+        let mut forest = match scanned.take() {
+            Some(forest) => forest,
+            None => Forest::scan(view, others, &[current.as_str()])?,
+        };
         if !forest.contains(&current) || is_owned(&current, &forest, others) {
             return Ok(());
         }
@@ -99,9 +110,12 @@ pub(super) fn release_image(
                 // Gone, with any backing image that only it kept; the first one that stays may
                 // now have a single image on top, to merge on the next round.
                 let parent = forest.parent(&current).map(str::to_string);
-                prune_unclaimed(view, others, &current)?;
+                prune(&mut forest, others, &current)?;
                 match parent {
-                    Some(p) => current = p,
+                    Some(p) => {
+                        current = p;
+                        scanned = Some(forest);
+                    }
                     None => return Ok(()),
                 }
             }
@@ -122,7 +136,10 @@ pub(super) fn release_image(
                     return Ok(());
                 }
                 move_claims(ctx, others, &child, &current, &forest)?;
-                prune_unclaimed(view, others, &child)?;
+                // Read again after the merge, but only where the merge could have changed
+                // anything: the chains connected to the merged image.
+                let mut merged = forest.scan_again(view, others, &[child.as_str()])?;
+                prune(&mut merged, others, &child)?;
                 deleting.step = Step::Done;
                 ctx.save(deleting)?;
                 return Ok(());
@@ -139,28 +156,29 @@ const MERGE_MARGIN: u64 = 4 << 20;
 /// into it (as [`release_image`] would), the filesystem holding `image` must have room for
 /// what that image holds (its allocated size: at most what the merge adds). A merge that runs
 /// out of space leaves the folder full, and a running guest then stops at its next write.
+/// Returns the forest it scanned around `image`, for the release that follows.
 pub(super) fn check_room(
     view: &HostView,
     deleting: &SnapshotRecord,
     others: &[SnapshotRecord],
     image: &str,
-) -> OpResult<()> {
+) -> OpResult<Forest> {
     let forest = Forest::scan(view, others, &[image])?;
     if !forest.contains(image) || is_owned(image, &forest, others) {
-        return Ok(());
+        return Ok(forest);
     }
     let children = forest.children(image);
     let [top] = children.as_slice() else {
-        return Ok(());
+        return Ok(forest);
     };
     if forest.is_unknown(top) {
-        return Ok(());
+        return Ok(forest);
     }
     use std::os::unix::fs::MetadataExt;
     let needed = std::fs::metadata(top).map_or(0, |m| m.blocks().saturating_mul(512));
     let folder = Path::new(image).parent().unwrap_or(Path::new("/"));
     let Ok(free) = crate::files::available_bytes(folder) else {
-        return Ok(());
+        return Ok(forest);
     };
     if free < needed.saturating_add(MERGE_MARGIN) {
         let mib = |b: u64| b.div_ceil(1 << 20);
@@ -172,7 +190,7 @@ pub(super) fn check_room(
             mib(free)
         )));
     }
-    Ok(())
+    Ok(forest)
 }
 
 /// Commits `top` into `base`, its backing image, wherever `top` is used: by block commit in a

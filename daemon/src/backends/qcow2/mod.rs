@@ -51,6 +51,13 @@ fn host_view<'a>(env: &'a Env) -> OpResult<forest::HostView<'a>> {
     })
 }
 
+/// The forest `check_release` scanned around a volume's image, for its `release` right after
+/// (nothing changes in between: the delete's check and its steps share one session).
+struct CheckedForest {
+    image: String,
+    forest: forest::Forest,
+}
+
 /// The overlay a volume's snapshot created.
 fn overlay(volume: &VolumeRecord) -> &str {
     match &volume.artifact {
@@ -249,6 +256,10 @@ impl VolumeBackend for Qcow2Backend {
     ) -> OpResult<()> {
         env.ctx
             .progress(deleting, format!("releasing disk {}", volume.target));
+        let checked = env
+            .take_finding::<CheckedForest>()
+            .filter(|checked| checked.image == volume.image)
+            .map(|checked| checked.forest);
         merge::release_image(
             env.ctx,
             &host_view(env)?,
@@ -256,6 +267,7 @@ impl VolumeBackend for Qcow2Backend {
             others,
             &volume.target,
             &volume.image,
+            checked,
             deadline,
         )
     }
@@ -267,7 +279,12 @@ impl VolumeBackend for Qcow2Backend {
         others: &[SnapshotRecord],
         volume: &VolumeRecord,
     ) -> OpResult<()> {
-        merge::check_room(&host_view(env)?, deleting, others, &volume.image)
+        let forest = merge::check_room(&host_view(env)?, deleting, others, &volume.image)?;
+        env.keep_finding(CheckedForest {
+            image: volume.image.clone(),
+            forest,
+        });
+        Ok(())
     }
 
     fn plan_restore(
