@@ -6,7 +6,6 @@
 //! Only the header, its extensions and the backing file name are read, each bounded: the files
 //! can be written by anyone with access to a VM's folder, or be a guest's raw disk.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -71,7 +70,7 @@ pub fn backing_chain(top: &str) -> Result<Vec<ChainImage>, ChainError> {
     }
     let mut chain: Vec<ChainImage> = Vec::new();
     // (device, inode): a loop through another spelling of a path is still a loop.
-    let mut seen = HashSet::new();
+    let mut seen = rustc_hash::FxHashSet::default();
     let mut path = top.to_string();
     let mut format: Option<String> = None;
     loop {
@@ -222,7 +221,7 @@ struct HeaderCache {
     /// Only files changed at least this long before they were read are kept.
     settle: std::time::Duration,
     /// By path: looked up without building a key, once per image of every chain per scan.
-    entries: std::sync::Mutex<Option<std::collections::HashMap<String, HeaderEntry>>>,
+    entries: std::sync::Mutex<Option<rustc_hash::FxHashMap<String, HeaderEntry>>>,
 }
 
 impl HeaderCache {

@@ -6,7 +6,11 @@
 //! and how, depends on what else still uses it, which this module works out from the real
 //! backing chains (read from the qcow2 headers) and the domain definitions (libvirt).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// Fx: the forest hashes every image path several times per scan; the paths come from this
+// host's definitions and headers, not from a network peer.
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use tracing::{debug, info};
 use virt::connect::Connect;
@@ -30,13 +34,13 @@ pub struct DiskTop {
 #[derive(Debug, Default)]
 pub struct Forest {
     /// image -> its backing image
-    parent: HashMap<String, String>,
-    format: HashMap<String, String>,
+    parent: FxHashMap<String, String>,
+    format: FxHashMap<String, String>,
     pub tops: Vec<DiskTop>,
     /// Every image seen.
-    images: BTreeSet<String>,
+    images: FxHashSet<String>,
     /// Files found next to the images that build on one of them, named by no domain or record.
-    unknown: BTreeSet<String>,
+    unknown: FxHashSet<String>,
 }
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
@@ -116,34 +120,46 @@ impl Forest {
         records: &[SnapshotRecord],
         focus: &[&str],
     ) -> Result<Forest, String> {
-        Forest::scan_with(view, records, focus, None)
+        Forest::scan_with(view, records, focus, Forest::default())
     }
 
     /// [`Forest::scan`] again, moments after `self` was scanned in the same operation (after a
     /// merge): domains and records are as a scan finds them, and every chain connected to
-    /// `focus` in `self` or now is read again, but the chains of the images `self` shows
-    /// unconnected to `focus` are taken from `self` without a `stat` each. They matter to
-    /// this operation only if something made them build on an image at stake since `self`
-    /// was read, the same race as between any scan and the change that follows it.
+    /// `focus` in `self` or now is read again, but the chains `self` shows apart from `focus`
+    /// are kept as they are, without a `stat` per image. They matter to this operation only
+    /// if something made them build on an image at stake since `self` was read: the same race
+    /// as between any scan and the change that follows it.
     pub fn scan_again(
-        &self,
+        mut self,
         view: &HostView,
         records: &[SnapshotRecord],
         focus: &[&str],
     ) -> Result<Forest, String> {
-        Forest::scan_with(view, records, focus, Some(self))
+        let at_stake = self.connected_to(focus);
+        self.keep_apart_from(&at_stake);
+        Forest::scan_with(view, records, focus, self)
     }
 
+    /// Keeps only the chains of the images not in `at_stake` (which holds whole connected
+    /// parts, so each kept chain is whole); who uses them is to be read again.
+    fn keep_apart_from(&mut self, at_stake: &BTreeSet<String>) {
+        self.parent.retain(|image, _| !at_stake.contains(image));
+        self.format.retain(|image, _| !at_stake.contains(image));
+        self.images.retain(|image| !at_stake.contains(image));
+        self.unknown.clear();
+        self.tops.clear();
+    }
+
+    /// A scan that adds to `forest`: its chains are taken as they are (`add_chain` reads
+    /// only chains whose top it does not hold yet).
     fn scan_with(
         view: &HostView,
         records: &[SnapshotRecord],
         focus: &[&str],
-        previous: Option<&Forest>,
+        mut forest: Forest,
     ) -> Result<Forest, String> {
         let started = std::time::Instant::now();
-        let mut forest = Forest::default();
-        let lender = previous.map(|p| Lender::new(p, focus));
-        let lender = lender.as_ref();
+        let kept = forest.images.len();
         for image in focus {
             if std::path::Path::new(image).exists() {
                 forest.add_chain(image);
@@ -156,7 +172,7 @@ impl Forest {
         let listed_at = started.elapsed();
         // Each listed domain from the inventory, or read now: one the inventory lacks (just
         // defined), one vmsnapd changed since it was read, the operation's own.
-        let known: HashMap<String, &VmInfo> = view
+        let known: FxHashMap<String, &VmInfo> = view
             .known
             .iter()
             .flat_map(|k| k.vms.iter())
@@ -193,7 +209,7 @@ impl Forest {
             }
         }
         for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
-            forest.add_chain_lent(lender, path);
+            forest.add_chain(path);
         }
         for record in records {
             for volume in record
@@ -204,7 +220,7 @@ impl Forest {
                 if !forest.images.contains(&volume.image)
                     && std::path::Path::new(&volume.image).exists()
                 {
-                    forest.add_chain_lent(lender, &volume.image);
+                    forest.add_chain(&volume.image);
                 }
             }
         }
@@ -261,6 +277,7 @@ impl Forest {
             micros = started.elapsed().as_micros(),
             domains = listed.len(),
             images = forest.images.len(),
+            kept,
             connected = connected.len(),
             read_now,
             "image forest scanned"
@@ -270,7 +287,7 @@ impl Forest {
 
     /// The images connected to `focus` by backing links, either way.
     fn connected_to(&self, focus: &[&str]) -> BTreeSet<String> {
-        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut children: FxHashMap<&str, Vec<&str>> = FxHashMap::default();
         for (child, parent) in &self.parent {
             children.entry(parent).or_default().push(child);
         }
@@ -322,29 +339,6 @@ impl Forest {
             }
         }
         self.images.extend(self.unknown.iter().cloned());
-    }
-
-    /// Adds `top`'s chain as `lender` has it when it shows `top` apart from the images at
-    /// stake, else as read from the headers now.
-    fn add_chain_lent(&mut self, lender: Option<&Lender>, top: &str) {
-        match lender {
-            Some(lender) if lender.forest.contains(top) && !lender.at_stake.contains(top) => {
-                let mut image = Some(top);
-                while let Some(path) = image {
-                    if !self.images.insert(path.to_string()) {
-                        return;
-                    }
-                    if let Some(format) = lender.forest.format.get(path) {
-                        self.format.insert(path.to_string(), format.clone());
-                    }
-                    image = lender.forest.parent(path);
-                    if let Some(parent) = image {
-                        self.parent.insert(path.to_string(), parent.to_string());
-                    }
-                }
-            }
-            _ => self.add_chain(top),
-        }
     }
 
     fn add_chain(&mut self, top: &str) {
@@ -429,22 +423,6 @@ impl Forest {
             .into_iter()
             .filter(|t| t.running)
             .collect()
-    }
-}
-
-/// A forest scanned moments before in the same operation, lending the chains of the images it
-/// shows apart from the ones at stake (see [`Forest::scan_again`]).
-struct Lender<'a> {
-    forest: &'a Forest,
-    at_stake: BTreeSet<String>,
-}
-
-impl<'a> Lender<'a> {
-    fn new(forest: &'a Forest, focus: &[&str]) -> Lender<'a> {
-        Lender {
-            forest,
-            at_stake: forest.connected_to(focus),
-        }
     }
 }
 
@@ -554,13 +532,14 @@ mod tests {
             &other_top,
         ]);
 
-        let lender = Lender::new(&first, &[base.as_str()]);
-        let mut again = Forest::default();
-        again.add_chain_lent(Some(&lender), &top);
-        again.add_chain_lent(Some(&lender), &other_top);
+        let mut again = first;
+        let at_stake = again.connected_to(&[base.as_str()]);
+        again.keep_apart_from(&at_stake);
+        again.add_chain(&top);
+        again.add_chain(&other_top);
         // At stake (connected to the focus): read from the header again.
         assert_eq!(again.parent(&top), Some(moved.as_str()));
-        // Apart from it: as the first scan read it, whole, without reading the header.
+        // Apart from it: as the first scan read it, whole, without reading the header again.
         assert_eq!(again.parent(&other_top), Some(other_base.as_str()));
         assert!(again.contains(&other_base));
         assert_eq!(again.format(&other_top), "qcow2");
