@@ -289,11 +289,11 @@ impl SnapshotRecord {
     /// 1 or 2: about 100 bytes a record, 1 MB of 10,000 records held for the daemon's life).
     pub fn leave_xml_on_disk(&mut self) {
         self.domain_xml = DomainXml::OnDisk;
-        self.indications.shrink_to_fit();
-        self.source_indications.shrink_to_fit();
-        self.volumes.shrink_to_fit();
-        self.excluded.shrink_to_fit();
-        self.extra_state.shrink_to_fit();
+        exact_size(&mut self.indications);
+        exact_size(&mut self.source_indications);
+        exact_size(&mut self.volumes);
+        exact_size(&mut self.excluded);
+        exact_size(&mut self.extra_state);
     }
 
     pub fn included_volumes(&self) -> Vec<IncludedVolume> {
@@ -510,6 +510,18 @@ impl Store {
                 .cmp(&(b.creation_time.as_str(), b.name.as_str()))
         });
         (records, problems)
+    }
+}
+
+/// Moves a list with spare room into one of its exact size. A copy rather than
+/// `shrink_to_fit`: shrinking in place leaves the spare part as a small hole between records
+/// that nothing later fills, while the whole old block, freed, is taken again by the next
+/// record's list as it is read.
+fn exact_size<T>(list: &mut Vec<T>) {
+    if list.capacity() > list.len() {
+        let mut exact = Vec::with_capacity(list.len());
+        exact.append(list);
+        *list = exact;
     }
 }
 
