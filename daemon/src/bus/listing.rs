@@ -7,7 +7,7 @@
 //! The registry holds the same `Arc` of each record as its object: a record is held once by
 //! the bus layer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use serde::ser::{SerializeMap, SerializeSeq};
@@ -27,6 +27,102 @@ use crate::store::{RestoreRecord, SnapshotRecord};
 pub struct SnapshotEntry {
     pub record: Arc<SnapshotRecord>,
     pub progress: Arc<str>,
+}
+
+impl SnapshotEntry {
+    /// A snapshot with no operation running: its progress is one empty string shared by all
+    /// (thousands of idle snapshots, no allocation each).
+    pub fn idle(record: Arc<SnapshotRecord>) -> Self {
+        static NO_PROGRESS: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| Arc::from(""));
+        SnapshotEntry {
+            record,
+            progress: NO_PROGRESS.clone(),
+        }
+    }
+}
+
+/// The snapshots the bus layer holds, found by UUID. A set ordered by the record's own UUID
+/// rather than a map keyed by a copy of it: with thousands of records (issue 13) the copies
+/// and a hash table's spare buckets were about 100 bytes a snapshot.
+#[derive(Default)]
+pub struct Snapshots(BTreeSet<ByUuid>);
+
+/// A [`SnapshotEntry`] ordered, compared and looked up by its record's UUID only.
+struct ByUuid(SnapshotEntry);
+
+impl PartialEq for ByUuid {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.record.uuid == other.0.record.uuid
+    }
+}
+
+impl Eq for ByUuid {}
+
+impl PartialOrd for ByUuid {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByUuid {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.record.uuid.cmp(&other.0.record.uuid)
+    }
+}
+
+// `str`'s order is `String`'s, so a lookup by `&str` finds what `Ord` placed.
+impl std::borrow::Borrow<str> for ByUuid {
+    fn borrow(&self) -> &str {
+        &self.0.record.uuid
+    }
+}
+
+impl Snapshots {
+    /// Adds a snapshot, or replaces the one with its UUID.
+    pub fn insert(&mut self, entry: SnapshotEntry) {
+        self.0.replace(ByUuid(entry));
+    }
+
+    pub fn get(&self, uuid: &str) -> Option<&SnapshotEntry> {
+        self.0.get(uuid).map(|e| &e.0)
+    }
+
+    /// Replaces a known snapshot's record, keeping its progress; an unknown one is ignored.
+    pub fn update_record(&mut self, record: Arc<SnapshotRecord>) {
+        if let Some(ByUuid(old)) = self.0.take(record.uuid.as_str()) {
+            self.0.replace(ByUuid(SnapshotEntry {
+                record,
+                progress: old.progress,
+            }));
+        }
+    }
+
+    /// Sets a known snapshot's progress; an unknown one is ignored.
+    pub fn set_progress(&mut self, uuid: &str, progress: Arc<str>) {
+        if let Some(ByUuid(old)) = self.0.take(uuid) {
+            self.0.replace(ByUuid(SnapshotEntry {
+                record: old.record,
+                progress,
+            }));
+        }
+    }
+
+    pub fn remove(&mut self, uuid: &str) {
+        self.0.remove(uuid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SnapshotEntry> {
+        self.0.iter().map(|e| &e.0)
+    }
 }
 
 /// A restore as the bus layer holds it.
@@ -50,7 +146,7 @@ pub struct ManagerState {
 pub struct Registry {
     pub manager: ManagerState,
     pub vms: HashMap<String, Arc<VmInfo>>,
-    pub snapshots: HashMap<String, SnapshotEntry>,
+    pub snapshots: Snapshots,
     pub restores: HashMap<String, RestoreEntry>,
 }
 
@@ -437,7 +533,7 @@ pub fn all_objects(registry: &Registry) -> Objects {
         }
     }
     listed.extend(registry.vms.values().cloned().map(Listed::Vm));
-    listed.extend(registry.snapshots.values().cloned().map(Listed::Snapshot));
+    listed.extend(registry.snapshots.iter().cloned().map(Listed::Snapshot));
     listed.extend(registry.restores.values().cloned().map(Listed::Restore));
     Objects(listed)
 }
@@ -470,4 +566,58 @@ impl RootObjectManager {
         object_path: zbus::ObjectPath<'_>,
         interfaces: Vec<zbus::names::InterfaceName<'_>>,
     ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> SnapshotEntry {
+        SnapshotEntry::idle(Arc::new(crate::store::tests::record(name)))
+    }
+
+    #[test]
+    fn snapshots_are_found_updated_and_removed_by_uuid() {
+        let mut snapshots = Snapshots::default();
+        for name in ["c", "a", "b"] {
+            snapshots.insert(entry(name));
+        }
+        assert_eq!(snapshots.len(), 3);
+        let uuids: Vec<&str> = snapshots.iter().map(|e| e.record.uuid.as_str()).collect();
+        assert_eq!(uuids, ["uuid-a", "uuid-b", "uuid-c"]);
+
+        snapshots.set_progress("uuid-b", Arc::from("merging vda"));
+        let mut changed = crate::store::tests::record("b");
+        changed.error = "it broke".into();
+        snapshots.update_record(Arc::new(changed));
+        let b = snapshots.get("uuid-b").expect("b is there");
+        assert_eq!(b.record.error, "it broke");
+        assert_eq!(
+            &*b.progress, "merging vda",
+            "a new record keeps the progress"
+        );
+        assert_eq!(&*snapshots.get("uuid-a").expect("a").progress, "");
+
+        // A second insert of the same UUID replaces the first, as a map's would.
+        snapshots.insert(entry("b"));
+        assert_eq!(snapshots.len(), 3);
+        assert_eq!(snapshots.get("uuid-b").expect("b").record.error, "");
+
+        // Unknown UUIDs change nothing.
+        snapshots.update_record(Arc::new(crate::store::tests::record("zz")));
+        snapshots.set_progress("uuid-zz", Arc::from("x"));
+        assert!(snapshots.get("uuid-zz").is_none());
+        assert_eq!(snapshots.len(), 3);
+
+        snapshots.remove("uuid-a");
+        assert!(snapshots.get("uuid-a").is_none());
+        assert_eq!(snapshots.len(), 2);
+    }
+
+    #[test]
+    fn idle_snapshots_share_one_empty_progress() {
+        let (a, b) = (entry("a"), entry("b"));
+        assert_eq!(&*a.progress, "");
+        assert!(Arc::ptr_eq(&a.progress, &b.progress));
+    }
 }

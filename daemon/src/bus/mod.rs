@@ -120,13 +120,9 @@ async fn apply(
         }
         Change::SnapshotAdded(record) => {
             let path = snapshot_path(&record.uuid);
-            listing::write(registry).snapshots.insert(
-                record.uuid.clone(),
-                SnapshotEntry {
-                    record: record.clone(),
-                    progress: Arc::from(""),
-                },
-            );
+            listing::write(registry)
+                .snapshots
+                .insert(SnapshotEntry::idle(record.clone()));
             server
                 .at(
                     path.as_str(),
@@ -136,18 +132,18 @@ async fn apply(
         }
         Change::SnapshotUpdated(record) => {
             let path = snapshot_path(&record.uuid);
-            if let Some(entry) = listing::write(registry).snapshots.get_mut(&record.uuid) {
-                entry.record = record.clone();
-            }
+            listing::write(registry)
+                .snapshots
+                .update_record(record.clone());
             let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.update(record, &emitter).await?;
         }
         Change::SnapshotProgress { uuid, text } => {
             let path = snapshot_path(&uuid);
-            if let Some(entry) = listing::write(registry).snapshots.get_mut(&uuid) {
-                entry.progress = Arc::from(text.as_str());
-            }
+            listing::write(registry)
+                .snapshots
+                .set_progress(&uuid, Arc::from(text.as_str()));
             let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
             let emitter = iface.signal_emitter().clone();
             iface.get_mut().await.set_progress(text, &emitter).await?;
