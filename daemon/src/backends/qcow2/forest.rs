@@ -41,6 +41,8 @@ pub struct Forest {
     images: FxHashSet<String>,
     /// Files found next to the images that build on one of them, named by no domain or record.
     unknown: FxHashSet<String>,
+    /// The inventory the scan took the domains from.
+    inventory: Option<std::sync::Arc<Vec<VmInfo>>>,
 }
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
@@ -48,9 +50,10 @@ const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 /// Where a scan learns which images the domains use.
 pub struct HostView<'a> {
     pub conn: &'a Connect,
-    /// Every domain as the libvirt thread last read it (it follows libvirt's events); `None`
-    /// when it has no current inventory, and then every domain is read over `conn`.
-    pub known: Option<InventoryView>,
+    /// Every domain as the libvirt thread last read it (it follows libvirt's events), asked
+    /// at each scan; `None` when it has no current inventory, and then every domain is read
+    /// over `conn`.
+    pub inventory: Box<dyn Fn() -> Option<InventoryView> + 'a>,
     /// The VM of the operation (lower-case UUID): always read again, it is the one changing.
     pub own_vm: Option<String>,
 }
@@ -60,7 +63,7 @@ impl<'a> HostView<'a> {
     pub fn reading_all(conn: &'a Connect) -> HostView<'a> {
         HostView {
             conn,
-            known: None,
+            inventory: Box::new(|| None),
             own_vm: None,
         }
     }
@@ -88,6 +91,20 @@ fn is_file(path: &str) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
 
+impl DomainTops {
+    /// A domain as the inventory last read it.
+    fn from_inventory(vm: &VmInfo) -> DomainTops {
+        DomainTops {
+            uuid: vm.uuid.clone(),
+            running: !matches!(
+                vm.state,
+                vmsnap_api::VmState::ShutOff | vmsnap_api::VmState::NoState
+            ),
+            disks: file_disks(vm),
+        }
+    }
+}
+
 /// Reads one domain over the connection: `None` when it is gone or unreadable.
 fn read_domain(dom: &virt::domain::Domain) -> Option<DomainTops> {
     let running = dom.is_active().ok()?;
@@ -108,8 +125,8 @@ impl Forest {
     /// `focus` images' own chains (one being released may no longer be named by anything),
     /// and the files next to the images connected to `focus` that build on them.
     ///
-    /// With an inventory (`view.known`), one call lists the domains and each is taken from the
-    /// inventory, except those it may be behind for, which are read again now: the
+    /// With an inventory (`view.inventory`), one call lists the domains and each is taken from
+    /// the inventory, except those it may be behind for, which are read again now: the
     /// operation's own VM, one vmsnapd changed since the inventory read it, one the inventory
     /// lacks, one whose disks use an image connected to `focus` (a disk-only snapshot changes
     /// a running domain's disks with no event) or an image that is gone. Without one, every
@@ -120,51 +137,10 @@ impl Forest {
         records: &[SnapshotRecord],
         focus: &[&str],
     ) -> Result<Forest, String> {
-        Forest::scan_with(view, records, focus, Forest::default())
-    }
-
-    /// [`Forest::scan`] again, moments after `self` was scanned in the same operation (after a
-    /// merge): domains and records are as a scan finds them, and every chain connected to
-    /// `focus` in `self` or now is read again, but the chains `self` shows apart from `focus`
-    /// are kept as they are, without a `stat` per image. They matter to this operation only
-    /// if something made them build on an image at stake since `self` was read: the same race
-    /// as between any scan and the change that follows it.
-    pub fn scan_again(
-        mut self,
-        view: &HostView,
-        records: &[SnapshotRecord],
-        focus: &[&str],
-    ) -> Result<Forest, String> {
-        let at_stake = self.connected_to(focus);
-        self.keep_apart_from(&at_stake);
-        Forest::scan_with(view, records, focus, self)
-    }
-
-    /// Keeps only the chains of the images not in `at_stake` (which holds whole connected
-    /// parts, so each kept chain is whole); who uses them is to be read again.
-    fn keep_apart_from(&mut self, at_stake: &BTreeSet<String>) {
-        self.parent.retain(|image, _| !at_stake.contains(image));
-        self.format.retain(|image, _| !at_stake.contains(image));
-        self.images.retain(|image| !at_stake.contains(image));
-        self.unknown.clear();
-        self.tops.clear();
-    }
-
-    /// A scan that adds to `forest`: its chains are taken as they are (`add_chain` reads
-    /// only chains whose top it does not hold yet).
-    fn scan_with(
-        view: &HostView,
-        records: &[SnapshotRecord],
-        focus: &[&str],
-        mut forest: Forest,
-    ) -> Result<Forest, String> {
         let started = std::time::Instant::now();
-        let kept = forest.images.len();
-        for image in focus {
-            if std::path::Path::new(image).exists() {
-                forest.add_chain(image);
-            }
-        }
+        let mut forest = Forest::default();
+        forest.add_focus(focus);
+        let inventory = (view.inventory)();
         let listed = view
             .conn
             .list_all_domains(0)
@@ -172,8 +148,7 @@ impl Forest {
         let listed_at = started.elapsed();
         // Each listed domain from the inventory, or read now: one the inventory lacks (just
         // defined), one vmsnapd changed since it was read, the operation's own.
-        let known: FxHashMap<String, &VmInfo> = view
-            .known
+        let known: FxHashMap<String, &VmInfo> = inventory
             .iter()
             .flat_map(|k| k.vms.iter())
             .map(|vm| (vm.uuid.to_ascii_lowercase(), vm))
@@ -184,23 +159,12 @@ impl Forest {
                 continue;
             };
             let key = uuid.to_ascii_lowercase();
-            let trusted = view
-                .known
+            let trusted = inventory
                 .as_ref()
                 .is_some_and(|k| !k.changed.contains(&key))
                 && view.own_vm.as_deref() != Some(key.as_str());
             match known.get(&key).filter(|_| trusted) {
-                Some(vm) => domains.push((
-                    DomainTops {
-                        uuid: vm.uuid.clone(),
-                        running: !matches!(
-                            vm.state,
-                            vmsnap_api::VmState::ShutOff | vmsnap_api::VmState::NoState
-                        ),
-                        disks: file_disks(vm),
-                    },
-                    false,
-                )),
+                Some(vm) => domains.push((DomainTops::from_inventory(vm), false)),
                 None => {
                     if let Some(now) = read_domain(dom) {
                         domains.push((now, true));
@@ -208,6 +172,123 @@ impl Forest {
                 }
             }
         }
+        forest.inventory = inventory.map(|k| k.vms);
+        forest.complete(view, records, focus, domains, started, listed_at, 0)
+    }
+
+    /// [`Forest::scan`] again, moments after `self` was scanned in the same operation (after a
+    /// merge), without a libvirt call or a `stat` per domain or image: every chain connected to
+    /// `focus` in `self` or now is read again, and so is every domain that may have changed
+    /// (the operation's own VM, one vmsnapd changed, one using an image at stake or that is
+    /// gone); the rest is kept as `self` found it or, when the inventory published a newer
+    /// read since (a domain defined, changed or undefined), taken from the inventory. What this
+    /// can miss beyond what [`Forest::scan`] can: a domain defined since `self` and not yet in
+    /// the inventory, and an image rebased by hand onto an image at stake since `self` (the
+    /// same races as just after any scan). Without an inventory it is a [`Forest::scan`].
+    pub fn scan_again(
+        mut self,
+        view: &HostView,
+        records: &[SnapshotRecord],
+        focus: &[&str],
+    ) -> Result<Forest, String> {
+        let Some(inventory) = (view.inventory)() else {
+            return Forest::scan(view, records, focus);
+        };
+        let started = std::time::Instant::now();
+        let at_stake = self.connected_to(focus);
+        // The domains to read again, by lower-case UUID.
+        let mut reread: BTreeSet<String> = inventory.changed.clone();
+        reread.extend(view.own_vm.iter().cloned());
+        reread.extend(
+            self.tops
+                .iter()
+                .filter(|t| at_stake.contains(&t.path))
+                .map(|t| t.domain_uuid.to_ascii_lowercase()),
+        );
+        let unchanged = self
+            .inventory
+            .as_ref()
+            .is_some_and(|seen| std::sync::Arc::ptr_eq(seen, &inventory.vms));
+        // Each domain as `self` found it, or as the inventory shows it when it published a
+        // newer read since (a domain defined or changed since is taken from there; one it no
+        // longer shows is kept: counting an image as used is the safe mistake).
+        let mut kept: FxHashMap<String, DomainTops> = FxHashMap::default();
+        for top in self.tops.drain(..) {
+            let key = top.domain_uuid.to_ascii_lowercase();
+            if reread.contains(&key) {
+                continue;
+            }
+            let tops = kept.entry(key).or_insert_with(|| DomainTops {
+                uuid: top.domain_uuid.clone(),
+                running: top.running,
+                disks: Vec::new(),
+            });
+            tops.disks.push((top.target, top.path));
+        }
+        if !unchanged {
+            for vm in inventory.vms.iter() {
+                let key = vm.uuid.to_ascii_lowercase();
+                if !reread.contains(&key) {
+                    kept.insert(key, DomainTops::from_inventory(vm));
+                }
+            }
+        }
+        let mut domains: Vec<(DomainTops, bool)> =
+            kept.into_values().map(|tops| (tops, false)).collect();
+        for uuid in &reread {
+            // Gone since: nothing of it to count.
+            let now = view
+                .conn
+                .lookup_domain_by_uuid_string(uuid)
+                .ok()
+                .as_ref()
+                .and_then(read_domain);
+            if let Some(now) = now {
+                domains.push((now, true));
+            }
+        }
+        self.keep_apart_from(&at_stake);
+        let kept = self.images.len();
+        self.inventory = Some(inventory.vms);
+        self.add_focus(focus);
+        let listed_at = started.elapsed();
+        self.complete(view, records, focus, domains, started, listed_at, kept)
+    }
+
+    /// Keeps only the chains of the images not in `at_stake` (which holds whole connected
+    /// parts, so each kept chain is whole); who uses them is to be found again.
+    fn keep_apart_from(&mut self, at_stake: &BTreeSet<String>) {
+        self.parent.retain(|image, _| !at_stake.contains(image));
+        self.format.retain(|image, _| !at_stake.contains(image));
+        self.images.retain(|image| !at_stake.contains(image));
+        self.unknown.clear();
+        self.tops.clear();
+    }
+
+    fn add_focus(&mut self, focus: &[&str]) {
+        for image in focus {
+            if std::path::Path::new(image).exists() {
+                self.add_chain(image);
+            }
+        }
+    }
+
+    /// The rest of a scan once the domains are known: their chains and the records' (a chain
+    /// whose top the forest holds is taken as it is), the domains using what is at stake read
+    /// again, the unknown files next to it.
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        self,
+        view: &HostView,
+        records: &[SnapshotRecord],
+        focus: &[&str],
+        mut domains: Vec<(DomainTops, bool)>,
+        started: std::time::Instant,
+        listed_at: std::time::Duration,
+        kept: usize,
+    ) -> Result<Forest, String> {
+        let mut forest = self;
+        let domains_found = domains.len();
         for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
             forest.add_chain(path);
         }
@@ -275,7 +356,7 @@ impl Forest {
             chains_micros = (chains_at - listed_at).as_micros(),
             reread_micros = (unknown_from - chains_at).as_micros(),
             micros = started.elapsed().as_micros(),
-            domains = listed.len(),
+            domains = domains_found,
             images = forest.images.len(),
             kept,
             connected = connected.len(),
@@ -485,6 +566,7 @@ pub fn prune(forest: &mut Forest, records: &[SnapshotRecord], image: &str) -> Re
 mod tests {
     use super::*;
     use std::process::Command;
+    use virt::connect::Connect;
 
     fn qemu_img(args: &[&str]) {
         let out = Command::new("qemu-img")
@@ -548,5 +630,88 @@ mod tests {
         let mut fresh = Forest::default();
         fresh.add_chain(&other_top);
         assert_eq!(fresh.parent(&other_top), Some(other_moved.as_str()));
+    }
+
+    fn define(conn: &Connect, name: &str, uuid: &str, disk: &str) -> String {
+        let xml = format!(
+            "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory>1024</memory>\
+             <os><type>hvm</type></os><devices><disk type='file' device='disk'>\
+             <driver name='qemu' type='qcow2'/><source file='{disk}'/>\
+             <target dev='vda' bus='virtio'/></disk></devices></domain>"
+        );
+        conn.define_domain_xml(&xml).expect("defines");
+        xml
+    }
+
+    fn inventory_of(xmls: &[&str]) -> std::sync::Arc<Vec<VmInfo>> {
+        std::sync::Arc::new(
+            xmls.iter()
+                .map(|xml| {
+                    parse_domain(xml, vmsnap_api::VmState::ShutOff, &SysfsLvmProbe).expect("parses")
+                })
+                .collect(),
+        )
+    }
+
+    const OWN: &str = "11111111-1111-4111-8111-111111111111";
+    const OTHER: &str = "22222222-2222-4222-8222-222222222222";
+    const NEWCOMER: &str = "33333333-3333-4333-8333-333333333333";
+
+    /// After a merge: the operation's own VM and a domain the inventory shows that the scan
+    /// before did not list are read again; a domain apart from the images at stake is kept as
+    /// the scan before found it.
+    #[test]
+    fn a_scan_after_a_merge_reads_the_own_vm_and_new_domains_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = image(dir.path(), "base.qcow2", None);
+        let top = image(dir.path(), "top.qcow2", Some(&base));
+        let other_base = image(dir.path(), "other-base.qcow2", None);
+        let other_top = image(dir.path(), "other-top.qcow2", Some(&other_base));
+        let conn = Connect::open(Some("test:///default")).expect("test driver opens");
+        let own_xml = define(&conn, "own", OWN, &top);
+        let other_xml = define(&conn, "other", OTHER, &other_top);
+        let seen = inventory_of(&[&own_xml, &other_xml]);
+        let current = std::sync::Mutex::new(seen.clone());
+        let view = HostView {
+            conn: &conn,
+            inventory: Box::new(|| {
+                Some(InventoryView {
+                    vms: current.lock().expect("lock").clone(),
+                    changed: BTreeSet::new(),
+                })
+            }),
+            own_vm: Some(OWN.to_string()),
+        };
+        let first = Forest::scan(&view, &[], &[top.as_str()]).expect("scans");
+        assert_eq!(first.users(&top).len(), 1);
+        assert_eq!(first.parent(&other_top), Some(other_base.as_str()));
+
+        // The merge: the own VM's disk is `base` now. Someone rebases the other VM's image by
+        // hand meanwhile (apart from the images at stake: not read again).
+        define(&conn, "own", OWN, &base);
+        let moved = image(dir.path(), "moved.qcow2", None);
+        qemu_img(&[
+            "rebase", "-q", "-u", "-b", &moved, "-F", "qcow2", &other_top,
+        ]);
+        let again = first
+            .scan_again(&view, &[], &[top.as_str()])
+            .expect("scans");
+        assert!(again.users(&top).is_empty(), "own VM read again");
+        assert_eq!(again.users(&base).len(), 1);
+        assert_eq!(again.parent(&other_top), Some(other_base.as_str()));
+        assert_eq!(again.users(&other_top).len(), 1);
+
+        // A domain defined since, which the inventory has read: read, and `top` is in use.
+        let newcomer_xml = define(&conn, "newcomer", NEWCOMER, &top);
+        *current.lock().expect("lock") = inventory_of(&[&own_xml, &other_xml, &newcomer_xml]);
+        let third = again
+            .scan_again(&view, &[], &[top.as_str()])
+            .expect("scans");
+        assert_eq!(third.users(&top).len(), 1, "the new domain uses top");
+        assert_eq!(third.users(&top)[0].domain_uuid, NEWCOMER);
+        // The inventory published a newer read: the other VM is taken from it, its chain
+        // (apart from the images at stake) still as first read.
+        assert_eq!(third.users(&other_top).len(), 1);
+        assert_eq!(third.parent(&other_top), Some(other_base.as_str()));
     }
 }

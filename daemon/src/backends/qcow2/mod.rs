@@ -46,7 +46,7 @@ fn connection<'a>(env: &'a Env) -> OpResult<&'a Connect> {
 fn host_view<'a>(env: &'a Env) -> OpResult<forest::HostView<'a>> {
     Ok(forest::HostView {
         conn: connection(env)?,
-        known: env.host.known_domains(),
+        inventory: Box::new(|| env.host.known_domains()),
         own_vm: Some(env.ctx.vm_uuid().to_ascii_lowercase()),
     })
 }
