@@ -139,7 +139,7 @@ def main():
         ("read_vm", "create: of which reading the VM (state, 2 definitions, parse; guard started)"),
         ("plan_volumes", "create: of which planning each disk's volume (block info, checks)"),
         ("journal_plan", "create: of which the plan's record write (Freezing)"),
-        ("overlays", "create: of which the overlays (qemu-img create)"),
+        ("overlays", "create: of which the overlays (qemu-img, or written by vmsnapd)"),
         ("arm_wait", "create: of which then waiting for the thaw guard to be armed"),
         ("journal_freezing", "create: of which then the Freezing record (before: a write of its own)"),
         ("frozen_and_disarm", "create: freeze, snapshot, thaw, thaw guard disarm"),

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use tracing::{debug, warn};
 
-use super::header::{self, MAGIC};
+use super::header::{self, EXT_BACKING_FORMAT, MAGIC};
 use super::qemu_img::{self, ChainImage};
 
 /// The deepest chain read: far beyond any chain vmsnap makes, low enough to bound the work.
@@ -26,7 +26,6 @@ const V3_MIN_HEADER_LEN: u64 = 104;
 /// QEMU's limits on the cluster size (2^9 to 2^21 bytes).
 const CLUSTER_BITS: std::ops::RangeInclusive<u32> = 9..=21;
 const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// QEMU keeps the backing format in 16 bytes with its NUL.
 const MAX_FORMAT_LEN: u32 = 15;
 /// Real images have a handful of extensions; a file with more is not one QEMU wrote.

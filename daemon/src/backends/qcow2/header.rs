@@ -1,11 +1,13 @@
 //! The backing file name field of a qcow2 header, bounded and checked; the chain reader
-//! (`chain.rs`) reads the rest.
+//! (`chain.rs`) reads the rest, `overlay.rs` writes new headers.
 
 use std::io;
 
 pub(super) const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// The qcow2 specification's limit on the backing file name.
-const MAX_BACKING_NAME: u32 = 1023;
+pub(super) const MAX_BACKING_NAME: u32 = 1023;
+/// The header extension that holds the backing file's format.
+pub(super) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// The backing file name from a header's first 20 bytes (`read` fetches the name's bytes).
 pub(super) fn parse_backing(

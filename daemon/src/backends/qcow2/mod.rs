@@ -11,6 +11,7 @@ pub mod chain;
 pub mod forest;
 pub mod header;
 mod merge;
+pub mod overlay;
 pub mod qemu_img;
 
 use std::path::Path;
@@ -136,7 +137,7 @@ impl VolumeBackend for Qcow2Backend {
         volumes: &[VolumeRecord],
     ) -> OpResult<()> {
         for volume in volumes {
-            qemu_img::create_overlay_unopened(
+            overlay::create(
                 overlay(volume),
                 &volume.image,
                 image_format(volume),

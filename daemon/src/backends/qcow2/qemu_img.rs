@@ -215,39 +215,29 @@ fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), QemuImgError>
         })
 }
 
-/// Creates a qcow2 overlay of `backing`.
+/// Creates a qcow2 overlay of `backing`, opening it (a restore's new disk on a snapshot's
+/// image): qemu-img reads the whole chain below, so damage past the headers refuses the restore
+/// before it changes anything. A snapshot's overlay of a running disk is `overlay::create`'s.
+/// The file is made by [`create_overlay_file`] and removed again (it is vmsnapd's own) when
+/// qemu-img fails.
 pub fn create_overlay(
     overlay: &str,
     backing: &str,
     backing_format: &str,
 ) -> Result<(), QemuImgError> {
-    create_qcow2(
-        overlay,
-        backing,
-        &["-b", backing, "-F", backing_format, overlay],
-    )
-}
-
-/// Creates a qcow2 overlay of `backing` without opening it (`-u`): `backing` may be the image a
-/// running QEMU writes to, which qemu-img could not open. The size must then be given.
-pub fn create_overlay_unopened(
-    overlay: &str,
-    backing: &str,
-    backing_format: &str,
-    size: u64,
-) -> Result<(), QemuImgError> {
-    let size = size.to_string();
-    let args = ["-u", "-b", backing, "-F", backing_format, overlay, &size];
-    create_qcow2(overlay, backing, &args)
-}
-
-/// `qemu-img create -f qcow2 ARGS` into a file made by [`create_overlay_file`], which is removed
-/// again (it is vmsnapd's own) when qemu-img fails.
-fn create_qcow2(overlay: &str, backing: &str, args: &[&str]) -> Result<(), QemuImgError> {
     create_overlay_file(overlay, backing)?;
-    let mut all = vec!["create", "-q", "-f", "qcow2"];
-    all.extend_from_slice(args);
-    run(overlay, &all, QUICK_TIMEOUT)
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_format,
+        overlay,
+    ];
+    run(overlay, &args, QUICK_TIMEOUT)
         .map(drop)
         .inspect_err(|_| {
             let _ = std::fs::remove_file(overlay);
