@@ -578,17 +578,9 @@ fn read_backing_format(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::qcow2::testing::qemu_img;
     use std::path::Path;
-    use std::process::Command;
     use std::time::Instant;
-
-    fn qemu_img(args: &[&str]) {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img runs");
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    }
 
     /// A qcow2 overlay naming `backing` (as written, relative or not), without opening it.
     fn overlay(image: &str, backing: &str, format: &str) {
@@ -872,7 +864,10 @@ mod tests {
         ));
         // A FIFO named as a file: refused, never waited on.
         let fifo = p("fifo");
-        let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
         assert!(made.success());
         assert!(backing_chain(&fifo).is_err());
     }

@@ -565,16 +565,8 @@ pub fn prune(forest: &mut Forest, records: &[SnapshotRecord], image: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use crate::backends::qcow2::testing::qemu_img;
     use virt::connect::Connect;
-
-    fn qemu_img(args: &[&str]) {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img runs");
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    }
 
     fn image(dir: &std::path::Path, name: &str, backing: Option<&str>) -> String {
         let path = dir.join(name).to_string_lossy().into_owned();
@@ -587,13 +579,19 @@ mod tests {
         path
     }
 
+    /// Two chains of two images: `top` on `base` and `other-top` on `other-base`.
+    fn two_chains(dir: &std::path::Path) -> [String; 4] {
+        let base = image(dir, "base.qcow2", None);
+        let top = image(dir, "top.qcow2", Some(&base));
+        let other_base = image(dir, "other-base.qcow2", None);
+        let other_top = image(dir, "other-top.qcow2", Some(&other_base));
+        [base, top, other_base, other_top]
+    }
+
     #[test]
     fn a_second_scan_reads_again_what_is_at_stake_and_borrows_the_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let base = image(dir.path(), "base.qcow2", None);
-        let top = image(dir.path(), "top.qcow2", Some(&base));
-        let other_base = image(dir.path(), "other-base.qcow2", None);
-        let other_top = image(dir.path(), "other-top.qcow2", Some(&other_base));
+        let [base, top, other_base, other_top] = two_chains(dir.path());
         let mut first = Forest::default();
         first.add_chain(&top);
         first.add_chain(&other_top);
@@ -663,10 +661,7 @@ mod tests {
     #[test]
     fn a_scan_after_a_merge_reads_the_own_vm_and_new_domains_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let base = image(dir.path(), "base.qcow2", None);
-        let top = image(dir.path(), "top.qcow2", Some(&base));
-        let other_base = image(dir.path(), "other-base.qcow2", None);
-        let other_top = image(dir.path(), "other-top.qcow2", Some(&other_base));
+        let [base, top, other_base, other_top] = two_chains(dir.path());
         let conn = Connect::open(Some("test:///default")).expect("test driver opens");
         let own_xml = define(&conn, "own", OWN, &top);
         let other_xml = define(&conn, "other", OTHER, &other_top);

@@ -36,16 +36,8 @@ pub(super) fn parse_backing(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::qcow2::testing::qemu_img;
     use std::path::Path;
-    use std::process::Command;
-
-    fn qemu_img(args: &[&str]) {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img runs");
-        assert!(out.status.success(), "{out:?}");
-    }
 
     #[test]
     fn reads_the_backing_file_as_qemu_img_wrote_it() {

@@ -391,3 +391,16 @@ fn xml_escape(s: &str) -> String {
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
 }
+
+/// Test helpers the backend's modules share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Runs qemu-img; the test fails when it does.
+    pub fn qemu_img(args: &[&str]) {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img runs");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+}
