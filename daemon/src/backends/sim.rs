@@ -36,6 +36,10 @@ pub struct World {
     /// At this call, the engine gives the operation up (as if the call were blocked past the
     /// deadline); the call itself then completes, late.
     pub abandon_at: Option<(usize, crate::ops::OpGate)>,
+    /// Whether the host shows an inventory (`Host::known_domains`) of these VMs.
+    pub inventory: bool,
+    /// What the host was asked, in order (reads and hints that no fault plan counts).
+    pub asked: Vec<String>,
 }
 
 /// A simulated VM.

@@ -241,6 +241,9 @@ impl Host for LibvirtHost {
     }
 
     fn prepare_thaw_guard(&self, vm: &str, deadline: Duration) {
+        if matches!(&*self.pending_guard.borrow(), Some((for_vm, _)) if for_vm == vm) {
+            return;
+        }
         match ThawGuard::start(&self.uri, vm, deadline) {
             Ok(pending) => *self.pending_guard.borrow_mut() = Some((vm.to_string(), pending)),
             // arm_thaw_guard tries again and reports it.

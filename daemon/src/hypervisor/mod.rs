@@ -61,7 +61,7 @@ pub trait Host {
     /// A hint that `arm_thaw_guard(vm, deadline)` may follow: a host whose guard takes long to
     /// start starts it now, so that it gets ready while the caller prepares. Nothing is armed
     /// (no deadline runs against a freeze) until `arm_thaw_guard`; a guard never armed goes
-    /// with the session.
+    /// with the session. A second hint for the same VM keeps the guard the first one started.
     fn prepare_thaw_guard(&self, _vm: &str, _deadline: Duration) {}
     /// Freezes the guest's filesystems; the agent must answer within `answer_within`. With
     /// `only_disks`, only the filesystems that live on those disks alone (where the agent can

@@ -74,6 +74,7 @@ impl SimHost {
 
 impl Host for SimHost {
     fn run_state(&self, vm: &str) -> OpResult<RunState> {
+        lock(&self.world).asked.push(format!("run_state {vm}"));
         self.with_vm(vm, |v| {
             if v.active {
                 RunState::Running
@@ -105,6 +106,35 @@ impl Host for SimHost {
 
     fn disk_capacity(&self, _vm: &str, _target: &str) -> OpResult<u64> {
         Ok(1 << 30)
+    }
+
+    fn prepare_thaw_guard(&self, vm: &str, _deadline: Duration) {
+        lock(&self.world)
+            .asked
+            .push(format!("prepare_thaw_guard {vm}"));
+    }
+
+    fn known_domains(&self) -> Option<crate::libvirt::InventoryView> {
+        let world = lock(&self.world);
+        if !world.inventory {
+            return None;
+        }
+        let vms = world
+            .vms
+            .values()
+            .filter_map(|v| {
+                let state = if v.active {
+                    vmsnap_api::VmState::Running
+                } else {
+                    vmsnap_api::VmState::ShutOff
+                };
+                crate::domain::parse_domain(&v.xml, state, &crate::disks::SysfsLvmProbe).ok()
+            })
+            .collect();
+        Some(crate::libvirt::InventoryView {
+            vms: std::sync::Arc::new(vms),
+            changed: Default::default(),
+        })
     }
 
     fn arm_thaw_guard(&self, vm: &str, _deadline: Duration) -> OpResult<Box<dyn ThawGuardHandle>> {

@@ -148,6 +148,11 @@ fn plan_snapshot(
 ) -> OpResult<Planned> {
     let (ctx, host) = (env.ctx, env.host);
     ctx.progress(record, "reading the VM definition");
+    if inventory_shows_freezable(ctx, host, &record.vm_uuid) {
+        // The guard's start (about 12 ms) then overlaps reading the VM too; if the VM turns
+        // out not to be frozen, the guard goes unarmed with the session.
+        host.prepare_thaw_guard(&record.vm_uuid, ctx.freeze_timeout);
+    }
     let state = host.run_state(&record.vm_uuid)?;
     let inactive_xml = host.definition(&record.vm_uuid)?;
     let live_xml = host.current_definition(&record.vm_uuid)?;
@@ -229,11 +234,26 @@ fn choose_quiesce(
 
 /// Whether a VM in `state` with this agent is to be frozen (when it has volumes to capture).
 fn agent_may_freeze(ctx: &OpContext, state: RunState, agent: vmsnap_api::AgentState) -> bool {
-    state == RunState::Running
-        && match ctx.quiesce {
-            Quiesce::Auto => agent == vmsnap_api::AgentState::Connected,
-            Quiesce::Always => agent != vmsnap_api::AgentState::NotConfigured,
-        }
+    state == RunState::Running && agent_wanted(ctx, agent)
+}
+
+fn agent_wanted(ctx: &OpContext, agent: vmsnap_api::AgentState) -> bool {
+    match ctx.quiesce {
+        Quiesce::Auto => agent == vmsnap_api::AgentState::Connected,
+        Quiesce::Always => agent != vmsnap_api::AgentState::NotConfigured,
+    }
+}
+
+/// Whether the inventory (libvirt's events keep it current) shows `vm` as one whose guest
+/// this snapshot will freeze: a hint only, read before the VM itself is.
+fn inventory_shows_freezable(ctx: &OpContext, host: &dyn Host, vm: &str) -> bool {
+    host.known_domains().is_some_and(|known| {
+        known.vms.iter().any(|v| {
+            v.uuid.eq_ignore_ascii_case(vm)
+                && v.state == vmsnap_api::VmState::Running
+                && agent_wanted(ctx, v.agent)
+        })
+    })
 }
 
 /// An armed thaw guard and when the freeze began.

@@ -678,3 +678,31 @@ fn restore_failure_of_every_call_changes_nothing_or_completes_on_recover() {
         check_restore_as_new,
     );
 }
+
+#[test]
+fn the_thaw_guard_starts_before_the_vm_is_read_when_the_inventory_shows_a_guest_to_freeze() {
+    let lab = Lab::new();
+    lab.snapshot("without-inventory");
+    let asked_without = std::mem::take(&mut lock(&lab.world).asked);
+    let first = |asked: &[String]| asked.first().cloned().unwrap_or_default();
+    assert_eq!(first(&asked_without), format!("run_state {VM}"));
+    assert!(asked_without.contains(&format!("prepare_thaw_guard {VM}")));
+
+    lock(&lab.world).inventory = true;
+    lab.snapshot("with-inventory");
+    let asked = std::mem::take(&mut lock(&lab.world).asked);
+    assert_eq!(
+        first(&asked),
+        format!("prepare_thaw_guard {VM}"),
+        "{asked:?}"
+    );
+
+    // Shut off: no guard at all.
+    lock(&lab.world).vms.get_mut(VM).expect("vm").active = false;
+    lab.snapshot("shut-off");
+    let asked = std::mem::take(&mut lock(&lab.world).asked);
+    assert!(
+        !asked.iter().any(|a| a.starts_with("prepare_thaw_guard")),
+        "{asked:?}"
+    );
+}
