@@ -91,6 +91,14 @@ fn is_file(path: &str) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
 
+fn lower_case(uuid: &str) -> std::borrow::Cow<'_, str> {
+    if uuid.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(uuid.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(uuid)
+    }
+}
+
 impl DomainTops {
     /// A domain as the inventory last read it.
     fn from_inventory(vm: &VmInfo) -> DomainTops {
@@ -148,22 +156,23 @@ impl Forest {
         let listed_at = started.elapsed();
         // Each listed domain from the inventory, or read now: one the inventory lacks (just
         // defined), one vmsnapd changed since it was read, the operation's own.
-        let known: FxHashMap<String, &VmInfo> = inventory
+        // By lower-case UUID, as libvirt spells them (copied only if not): one lookup per
+        // listed domain, with no string made for it.
+        let known: FxHashMap<std::borrow::Cow<str>, &VmInfo> = inventory
             .iter()
             .flat_map(|k| k.vms.iter())
-            .map(|vm| (vm.uuid.to_ascii_lowercase(), vm))
+            .map(|vm| (lower_case(&vm.uuid), vm))
             .collect();
         let mut domains: Vec<(DomainTops, bool)> = Vec::with_capacity(listed.len());
+        let mut spelled = uuid::Uuid::encode_buffer();
         for dom in &listed {
-            let Ok(uuid) = dom.uuid_string() else {
+            let Ok(uuid) = dom.uuid() else {
                 continue;
             };
-            let key = uuid.to_ascii_lowercase();
-            let trusted = inventory
-                .as_ref()
-                .is_some_and(|k| !k.changed.contains(&key))
-                && view.own_vm.as_deref() != Some(key.as_str());
-            match known.get(&key).filter(|_| trusted) {
+            let key: &str = uuid.hyphenated().encode_lower(&mut spelled);
+            let trusted = inventory.as_ref().is_some_and(|k| !k.changed.contains(key))
+                && view.own_vm.as_deref() != Some(key);
+            match known.get(key).filter(|_| trusted) {
                 Some(vm) => domains.push((DomainTops::from_inventory(vm), false)),
                 None => {
                     if let Some(now) = read_domain(dom) {
