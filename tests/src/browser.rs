@@ -495,16 +495,20 @@ impl Browser {
         .to_string()
     }
 
-    /// A real click (WebDriver element click: scrolled into view, refused if covered).
+    /// A real click (WebDriver element click: scrolled into view, refused if covered or not yet
+    /// interactable; waited for, within 10 s).
     pub fn click_element(&self, element: &Value) {
         let id = element[ELEMENT_KEY].as_str().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.try_command("POST", &format!("/element/{id}/click"), Some(json!({}))) {
                 Ok(_) => return,
-                // A modal fading in can cover it for a moment.
+                // A modal fading in can cover it for a moment, and a menu that has just opened
+                // is not interactable until it has been positioned next to its toggle.
                 Err(e)
-                    if Instant::now() < deadline && e["error"] == "element click intercepted" =>
+                    if Instant::now() < deadline
+                        && (e["error"] == "element click intercepted"
+                            || e["error"] == "element not interactable") =>
                 {
                     std::thread::sleep(Duration::from_millis(100));
                 }
