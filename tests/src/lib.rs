@@ -463,17 +463,39 @@ impl Drop for SystemBus {
 
 /// Runs virsh against the lab's libvirt; returns stdout, panics on failure.
 pub fn virsh(args: &[&str]) -> String {
-    let output = Command::new("virsh")
-        .args(["-c", LAB_URI])
-        .args(args)
-        .output()
-        .unwrap();
+    let output = virsh_output(args);
     assert!(
         output.status.success(),
         "virsh {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs virsh against the lab's libvirt and returns what it did, failed or not.
+///
+/// A VM start that libvirt 9.0 refuses with "failed to load cgroup BPF prog: Resource temporarily
+/// unavailable" is run again, up to 5 times in all. On this host libvirt guards each VM's devices
+/// with a cgroup BPF program, the kernel's verifier gives up with EAGAIN when a signal (another
+/// libvirtd child exiting, as happens when VMs start at once) is pending for the loading thread,
+/// and libvirt, unlike libbpf (`PROG_LOAD_ATTEMPTS`), does not retry. The failed start changed
+/// nothing (seen once in CI: two lab VMs started 18 ms apart). vmsnapd retries the same way.
+pub fn virsh_output(args: &[&str]) -> std::process::Output {
+    let starts = matches!(args.first(), Some(&"start") | Some(&"create"));
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let output = Command::new("virsh")
+            .args(["-c", LAB_URI])
+            .args(args)
+            .output()
+            .unwrap();
+        let interrupted = String::from_utf8_lossy(&output.stderr)
+            .contains("failed to load cgroup BPF prog: Resource temporarily unavailable");
+        if !(starts && interrupted && attempts < 5) {
+            return output;
+        }
+    }
 }
 
 /// Shuts a lab VM down through its guest agent and waits until it is shut off. libvirt 9.0 may

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use vmsnap_tests::{
     assert_every_image_used, config_for, flat_sum, guest_exec, image_of, lab_dir, run,
-    show_snapshot, snapshot_list, virsh, wait_agent_connected, wait_for, wait_in_inventory, Daemon,
-    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    show_snapshot, snapshot_list, virsh, virsh_output, wait_agent_connected, wait_for,
+    wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 const MIB: u64 = 1 << 20;
@@ -379,10 +379,7 @@ fn offline_a_delete_short_of_room_is_refused_or_fails_clearly_and_loses_nothing(
 
     let disk = |_: &Daemon| flat_sum(&vm.vm.disk_source());
     let starts = |_: &Daemon, step: &str| {
-        let out = Command::new("virsh")
-            .args(["-c", LAB_URI, "start", &name])
-            .output()
-            .unwrap();
+        let out = virsh_output(&["start", &name]);
         assert!(
             out.status.success(),
             "{step}: the VM does not start: {out:?}"

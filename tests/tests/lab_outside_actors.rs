@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmsnap_tests::{
-    config_for, flat_sum, image_checksums, virsh, wait_for, write_pattern, Daemon, PrivateBus,
-    ScratchOptions, ScratchVm, LAB_URI,
+    config_for, flat_sum, image_checksums, virsh, virsh_output, wait_for, write_pattern, Daemon,
+    PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 /// Whether another process holds QEMU's image locks on `image` (its "not shared: write" lock,
@@ -326,10 +326,7 @@ fn start_during_a_restore(
                 .then_some(())
         },
     );
-    let start = Command::new("virsh")
-        .args(["-c", LAB_URI, "start", &vm.name])
-        .output()
-        .unwrap();
+    let start = virsh_output(&["start", &vm.name]);
     (daemon, uuid, start)
 }
 

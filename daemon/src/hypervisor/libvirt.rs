@@ -131,6 +131,36 @@ fn libvirt_error(e: virt::error::Error) -> OpError {
     OpError::Libvirt(e.message().to_string())
 }
 
+/// How many times a VM start is tried when libvirt's device cgroup program was interrupted, as
+/// libbpf tries a program load (`PROG_LOAD_ATTEMPTS`).
+const START_ATTEMPTS: u32 = 5;
+
+/// Runs `start` again while it fails because the kernel's BPF verifier was interrupted. libvirt 9
+/// loads a BPF program to guard each VM's devices where cgroup v2 device control is available;
+/// the verifier gives up with EAGAIN when a signal is pending for the loading thread (another
+/// libvirtd child exiting, as when VMs start at once), and libvirt does not retry. That start
+/// failed before the VM ran, so trying again is what libvirt would have done.
+fn start_retrying_interrupted(mut start: impl FnMut() -> Result<(), String>) -> Result<(), String> {
+    let mut attempts = 1;
+    loop {
+        match start() {
+            Err(message)
+                if attempts < START_ATTEMPTS
+                    && message.contains(
+                        "failed to load cgroup BPF prog: Resource temporarily unavailable",
+                    ) =>
+            {
+                debug!(
+                    attempts,
+                    "libvirt's device cgroup program was interrupted; starting again"
+                );
+                attempts += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
 impl LibvirtHost {
     fn conn(&self) -> OpResult<&Connect> {
         self.conn
@@ -319,7 +349,9 @@ impl Host for LibvirtHost {
     }
 
     fn start(&self, vm: &str) -> OpResult<()> {
-        self.domain(vm)?.create().map(|_| ()).map_err(libvirt_error)
+        let dom = self.domain(vm)?;
+        start_retrying_interrupted(|| dom.create().map(drop).map_err(|e| e.message().to_string()))
+            .map_err(OpError::Libvirt)
     }
 
     fn shutdown(&self, vm: &str) -> OpResult<()> {
@@ -395,5 +427,43 @@ mod freeze_tests {
         let captured = ["vda".to_string(), "vdb".to_string()];
         assert_eq!(chosen_mountpoints(&found, &captured), ["/", "/mnt/data"]);
         assert!(chosen_mountpoints(&found, &["vdz".to_string()]).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod start_tests {
+    use super::*;
+
+    const INTERRUPTED: &str = "failed to load cgroup BPF prog: Resource temporarily unavailable";
+
+    fn run(failures: &[&str]) -> (Result<(), String>, usize) {
+        let mut calls = 0;
+        let result = start_retrying_interrupted(|| {
+            calls += 1;
+            match failures.get(calls - 1) {
+                Some(message) => Err(message.to_string()),
+                None => Ok(()),
+            }
+        });
+        (result, calls)
+    }
+
+    #[test]
+    fn a_start_interrupted_in_the_bpf_verifier_is_tried_again() {
+        assert_eq!(run(&[INTERRUPTED, INTERRUPTED]), (Ok(()), 3));
+    }
+
+    #[test]
+    fn any_other_start_failure_is_reported_at_once() {
+        let refused = "Hook script execution failed: vmsnapd holds this VM";
+        assert_eq!(run(&[refused]), (Err(refused.to_string()), 1));
+        // The cause of the second failure is the one reported.
+        assert_eq!(run(&[INTERRUPTED, refused]), (Err(refused.to_string()), 2));
+    }
+
+    #[test]
+    fn an_interrupted_start_is_tried_five_times_at_most() {
+        let always = [INTERRUPTED; 8];
+        assert_eq!(run(&always), (Err(INTERRUPTED.to_string()), 5));
     }
 }
