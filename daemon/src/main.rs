@@ -66,6 +66,15 @@ struct Args {
     #[arg(long, hide = true, value_name = "UUID", requires_all = ["guard_uri", "guard_deadline_ms"])]
     thaw_guard: Option<String>,
 
+    /// Internal: run as a standby thaw guard, told its domain later (see thaw_guard.rs).
+    #[arg(
+        long,
+        hide = true,
+        requires = "guard_uri",
+        conflicts_with = "thaw_guard"
+    )]
+    thaw_guard_standby: bool,
+
     /// Internal: the thaw guard's libvirt URI.
     #[arg(long, hide = true, value_name = "URI")]
     guard_uri: Option<String>,
@@ -81,6 +90,9 @@ fn main() -> ExitCode {
         (&args.thaw_guard, &args.guard_uri, args.guard_deadline_ms)
     {
         return thaw_guard::run_guard(uri, uuid, Duration::from_millis(deadline_ms));
+    }
+    if let (true, Some(uri)) = (args.thaw_guard_standby, &args.guard_uri) {
+        return thaw_guard::run_standby(uri);
     }
     let (config, config_path) = match Config::load(args.config.as_deref()) {
         Ok(loaded) => loaded,
@@ -285,6 +297,8 @@ fn start_engine(
         op_events,
         crate::ops::Faults::from_env(),
     );
+    // The first create's guard is ready before the create is asked for.
+    crate::thaw_guard::keep_standby(&config.libvirt_uri);
     let (engine, settled) = Engine::new(changes);
     let engine = engine.with_operations(ops, libvirt.clone(), requests.clone());
     let task = tokio::spawn(engine.run(requests_rx, libvirt_events, op_events_rx, shutdown));

@@ -13,6 +13,14 @@
 //! 1. The guard opens its own libvirt connection to URI and looks the domain up by UUID. Then it
 //!    prints `ready` on stdout. If it cannot, it exits 1 without printing `ready`, and arming
 //!    fails: the daemon must not freeze then.
+//!
+//!    A *standby* guard (`vmsnapd --thaw-guard-standby --guard-uri URI`, see [`keep_standby`])
+//!    is started ahead of need: it opens its libvirt connection, then waits for the line
+//!    `guard UUID MS` on stdin and, from that line on, is the guard of that domain with that
+//!    deadline exactly as above (it looks the domain up, connecting again once if the
+//!    connection died while it stood by, and prints `ready`). Its stdin closing before that
+//!    line ends it with exit 0 and nothing done; a line that is not `guard UUID MS` ends it
+//!    with exit 1.
 //! 2. The daemon writes `arm` just before it freezes; the guard counts its deadline (MS) from
 //!    then on and answers `armed`. Only then does the daemon freeze. (Until `arm`, the deadline
 //!    counts from the guard's start, so an unused guard does not live on.)
@@ -66,6 +74,8 @@ const ARMED: &str = "armed";
 const DISARM: &str = "disarm";
 /// The guard's answer to [`DISARM`], just before it exits 0.
 const DISARMED: &str = "disarmed";
+/// What the daemon writes to a standby guard to give it its domain: `guard UUID MS`.
+const GUARD: &str = "guard";
 
 /// How long [`ThawGuard::arm`] waits for `ready` (a libvirt connect and a lookup: milliseconds
 /// normally, seconds with a slow libvirtd).
@@ -115,6 +125,9 @@ impl ThawGuard {
     /// Starts a guard for the domain `domain_uuid` on `uri` that thaws it `deadline` after
     /// `arm` at the latest, and returns at once: the guard connects while the caller prepares.
     pub fn start(uri: &str, domain_uuid: &str, deadline: Duration) -> io::Result<PendingThawGuard> {
+        if let Some(pending) = STANDBY.take(uri, domain_uuid, deadline) {
+            return Ok(pending);
+        }
         let mut command = Command::new(own_exe()?);
         command
             .arg("--thaw-guard")
@@ -134,45 +147,170 @@ impl ThawGuard {
 
     /// Starts `command` as a guard that must say `ready` within `ready_wait`.
     fn spawn(
-        mut command: Command,
+        command: Command,
         domain_uuid: &str,
         ready_wait: Duration,
     ) -> io::Result<PendingThawGuard> {
         let ready_by = Instant::now() + ready_wait;
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdin = child.stdin.take();
-        let Some(stdout) = child.stdout.take() else {
-            kill_and_reap(&mut child);
-            return Err(io::Error::other("the thaw guard has no stdout"));
-        };
-        // A thread passes the guard's lines on, so that every wait for one is bounded and none
-        // polls; it ends at the guard's end of file (the guard exits or is killed) and sends ""
-        // then.
-        let (line_tx, lines) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("thaw-guard-out".to_string())
-            .spawn(move || {
-                let mut out = BufReader::new(stdout);
-                loop {
-                    let mut line = String::new();
-                    let read = out.read_line(&mut line).map(|_| line);
-                    let last = !matches!(&read, Ok(l) if !l.is_empty());
-                    if line_tx.send(read).is_err() || last {
-                        return;
-                    }
-                }
-            })
-            .inspect_err(|_| kill_and_reap(&mut child))?;
+        let (child, stdin, lines) = spawn_piped(command)?;
         Ok(PendingThawGuard {
             child: Some(child),
-            stdin,
+            stdin: Some(stdin),
             lines,
             domain_uuid: domain_uuid.to_string(),
             ready_by,
+        })
+    }
+}
+
+/// Starts a guard process with its stdin and stdout piped to us and its stderr inherited.
+fn spawn_piped(
+    mut command: Command,
+) -> io::Result<(Child, ChildStdin, mpsc::Receiver<io::Result<String>>)> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        kill_and_reap(&mut child);
+        return Err(io::Error::other("the thaw guard has no stdin or stdout"));
+    };
+    // A thread passes the guard's lines on, so that every wait for one is bounded and none
+    // polls; it ends at the guard's end of file (the guard exits or is killed) and sends ""
+    // then.
+    let (line_tx, lines) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("thaw-guard-out".to_string())
+        .spawn(move || {
+            let mut out = BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                let read = out.read_line(&mut line).map(|_| line);
+                let last = !matches!(&read, Ok(l) if !l.is_empty());
+                if line_tx.send(read).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .inspect_err(|_| kill_and_reap(&mut child))?;
+    Ok((child, stdin, lines))
+}
+
+/// A guard started ahead of need (`vmsnapd --thaw-guard-standby`): connected to libvirt and
+/// waiting to be told its domain. Taking it costs a line and a domain lookup where a fresh guard
+/// costs a process start and a libvirt connection (about 12 ms, most of a create's wait for
+/// `armed`), and its start does not compete for the CPU with the create that needs it.
+struct Standby {
+    uri: String,
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<io::Result<String>>,
+}
+
+#[derive(Default)]
+struct Standbys {
+    /// The URI a standby is kept for ([`keep_standby`]); none is started without it.
+    wanted: Option<String>,
+    ready: Option<Standby>,
+}
+
+/// The daemon's standby guard: at most one, for its one libvirt URI.
+struct StandbySlot(std::sync::Mutex<Option<Standbys>>);
+
+static STANDBY: StandbySlot = StandbySlot(std::sync::Mutex::new(None));
+
+/// Keeps a standby guard for `uri` from now on: one is started now, and a new one each time a
+/// guard ends (see [`replenish_standby`]).
+pub fn keep_standby(uri: &str) {
+    STANDBY.with(|standbys| standbys.wanted = Some(uri.to_string()));
+    STANDBY.replenish(standby_command);
+}
+
+fn standby_command(uri: &str) -> io::Result<Command> {
+    let mut command = Command::new(own_exe()?);
+    command
+        .arg("--thaw-guard-standby")
+        .arg("--guard-uri")
+        .arg(uri);
+    Ok(command)
+}
+
+/// Starts the next standby guard, if one is wanted and none is waiting, on a thread of its own:
+/// called when a guard ends, after the thaw, so that the start (a process, a libvirt connection)
+/// is off the operation's path.
+fn replenish_standby() {
+    if STANDBY.with(|standbys| standbys.wanted.is_none()) {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("thaw-guard-standby".to_string())
+        .spawn(|| STANDBY.replenish(standby_command));
+}
+
+impl StandbySlot {
+    fn with<T>(&self, f: impl FnOnce(&mut Standbys) -> T) -> T {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(guard.get_or_insert_with(Standbys::default))
+    }
+
+    /// Starts a standby with `command` unless one for the wanted URI is alive.
+    fn replenish(&self, command: impl FnOnce(&str) -> io::Result<Command>) {
+        self.with(|standbys| {
+            let Some(uri) = standbys.wanted.clone() else {
+                return;
+            };
+            if let Some(standby) = standbys.ready.as_mut() {
+                if standby.uri == uri && matches!(standby.child.try_wait(), Ok(None)) {
+                    return;
+                }
+            }
+            if let Some(old) = standbys.ready.take() {
+                reap_in_background(old.child, true);
+            }
+            match command(&uri).and_then(spawn_piped) {
+                Ok((child, stdin, lines)) => {
+                    standbys.ready = Some(Standby {
+                        uri,
+                        child,
+                        stdin,
+                        lines,
+                    })
+                }
+                // A fresh guard is started for the next freeze instead.
+                Err(e) => tracing::debug!(error = %e, "cannot start a standby thaw guard"),
+            }
+        })
+    }
+
+    /// The standby for `uri`, made the guard of `domain_uuid` with `deadline` (see
+    /// [`ThawGuard::start`]); `None` if there is none, it is for another URI, or it has exited.
+    fn take(&self, uri: &str, domain_uuid: &str, deadline: Duration) -> Option<PendingThawGuard> {
+        let mut standby = self.with(|standbys| match &standbys.ready {
+            Some(standby) if standby.uri == uri => standbys.ready.take(),
+            _ => None,
+        })?;
+        if !matches!(standby.child.try_wait(), Ok(None)) {
+            // It could not connect, or was killed: a fresh guard instead.
+            reap_in_background(standby.child, true);
+            return None;
+        }
+        let told = standby
+            .stdin
+            .write_all(format!("{GUARD} {domain_uuid} {}\n", deadline.as_millis()).as_bytes())
+            .and_then(|()| standby.stdin.flush());
+        if let Err(e) = told {
+            tracing::debug!(error = %e, "the standby thaw guard is gone");
+            reap_in_background(standby.child, true);
+            return None;
+        }
+        tracing::debug!(domain = %domain_uuid, "thaw guard taken from standby");
+        Some(PendingThawGuard {
+            child: Some(standby.child),
+            stdin: Some(standby.stdin),
+            lines: standby.lines,
+            domain_uuid: domain_uuid.to_string(),
+            ready_by: Instant::now() + READY_WAIT,
         })
     }
 }
@@ -253,6 +391,7 @@ impl Drop for PendingThawGuard {
         self.stdin.take();
         if let Some(child) = self.child.take() {
             reap_in_background(child, true);
+            replenish_standby();
         }
     }
 }
@@ -346,6 +485,8 @@ fn reap_in_background(mut child: Child, kill: bool) {
 
 impl Drop for ThawGuard {
     fn drop(&mut self) {
+        // Disarmed or not, this guard's work with the daemon is over.
+        replenish_standby();
         // Closing stdin is the signal: the guard thaws on its own from here, whatever we do.
         if self.stdin.take().is_none() {
             return;
@@ -407,8 +548,6 @@ enum Input {
 /// The guard process (`vmsnapd --thaw-guard`): see the module documentation for the protocol.
 pub fn run_guard(uri: &str, domain_uuid: &str, deadline: Duration) -> ExitCode {
     let started = Instant::now();
-    // Until `arm`, from the start; from `arm` on, from then.
-    let mut deadline_at = started + deadline;
     // libvirt would print its errors itself; we log them on one line.
     virt::error::clear_error_callback();
     let signals = ignore_stop_signals(domain_uuid);
@@ -433,7 +572,85 @@ pub fn run_guard(uri: &str, domain_uuid: &str, deadline: Duration) -> ExitCode {
             return ExitCode::from(EXIT_NOT_STARTED);
         }
     };
+    guard_domain(uri, domain_uuid, deadline, started, signals, conn, dom)
+}
 
+/// The standby guard process (`vmsnapd --thaw-guard-standby`): connects to libvirt, then waits
+/// for `guard UUID MS` on stdin and from there is the guard of that domain with that deadline
+/// (counted from that line), exactly as `run_guard`. Its stdin closing before that line (the
+/// daemon exited) ends it with nothing done: it guards nothing yet.
+pub fn run_standby(uri: &str) -> ExitCode {
+    const WHO: &str = "standby";
+    virt::error::clear_error_callback();
+    // From the start: once it has a domain, a stop signal must not end it either.
+    let signals = ignore_stop_signals(WHO);
+    let conn = match Connect::open(Some(uri)) {
+        Ok(conn) => conn,
+        Err(e) => {
+            log(WHO, &format!("cannot connect to {uri}: {}", e.message()));
+            return ExitCode::from(EXIT_NOT_STARTED);
+        }
+    };
+    let mut line = String::new();
+    match io::stdin().lock().read_line(&mut line) {
+        Ok(0) => return ExitCode::from(EXIT_DISARMED),
+        Ok(_) => {}
+        Err(e) => {
+            log(WHO, &format!("cannot read stdin: {e}"));
+            return ExitCode::from(EXIT_DISARMED);
+        }
+    }
+    let started = Instant::now();
+    let Some((domain_uuid, deadline)) = parse_guard_line(&line) else {
+        log(
+            WHO,
+            &format!("expected \"{GUARD} UUID MS\", got {:?}", line.trim_end()),
+        );
+        return ExitCode::from(EXIT_NOT_STARTED);
+    };
+    // The connection may have died while standing by (libvirtd restarted): one more try.
+    let found = conn
+        .lookup_domain_by_uuid_string(&domain_uuid)
+        .map(|dom| (conn, dom))
+        .or_else(|e| {
+            log(
+                &domain_uuid,
+                &format!("cannot find the domain ({}); connecting again", e.message()),
+            );
+            reconnect(uri, &domain_uuid).ok_or(())
+        });
+    let Ok((conn, dom)) = found else {
+        return ExitCode::from(EXIT_NOT_STARTED);
+    };
+    guard_domain(uri, &domain_uuid, deadline, started, signals, conn, dom)
+}
+
+/// `guard UUID MS` (a UUID, then a deadline in milliseconds), as the daemon writes it.
+fn parse_guard_line(line: &str) -> Option<(String, Duration)> {
+    let mut words = line.split_ascii_whitespace();
+    let (Some(GUARD), Some(uuid), Some(ms), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return None;
+    };
+    let uuid = uuid::Uuid::try_parse(uuid).ok()?;
+    let ms = ms.parse::<u64>().ok().filter(|ms| *ms > 0)?;
+    Some((uuid.hyphenated().to_string(), Duration::from_millis(ms)))
+}
+
+/// Guards `dom` from `started` on (see the module documentation): says `ready`, follows `arm`
+/// and `disarm`, and thaws at its deadline or when its stdin closes.
+fn guard_domain(
+    uri: &str,
+    domain_uuid: &str,
+    deadline: Duration,
+    started: Instant,
+    signals: Vec<(&'static str, Arc<AtomicBool>)>,
+    conn: Connect,
+    dom: Domain,
+) -> ExitCode {
+    // Until `arm`, from the start; from `arm` on, from then.
+    let mut deadline_at = started + deadline;
     let (input_tx, input_rx) = mpsc::channel();
     let reader = std::thread::Builder::new()
         .name("stdin".to_string())
@@ -809,5 +1026,111 @@ mod tests {
             err.to_string().contains("exited before it said \"armed\""),
             "{err}"
         );
+    }
+
+    /// A slot of its own (not the daemon's `STANDBY`: tests run at once) wanting `uri`, filled
+    /// with `script` run under sh as its standby.
+    fn slot_with(uri: &str, script: &str, args: &[&std::path::Path]) -> StandbySlot {
+        let slot = StandbySlot(std::sync::Mutex::new(None));
+        slot.with(|standbys| standbys.wanted = Some(uri.to_string()));
+        let mut command = fake(script);
+        command.arg("standby").args(args);
+        let mut command = Some(command);
+        slot.replenish(|_| command.take().ok_or_else(|| io::Error::other("used")));
+        slot
+    }
+
+    /// Speaks the standby protocol: notes the line it was given, then is a guard.
+    const STANDBY_GUARD: &str = r#"read given; echo "$given" > "$1"; echo ready; read cmd; [ "$cmd" = arm ] && echo armed; read cmd; if [ "$cmd" = disarm ]; then echo disarmed; exit 0; fi; exit 10"#;
+
+    #[test]
+    fn a_standby_guard_is_told_its_domain_and_deadline_and_then_guards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let given = dir.path().join("given");
+        let slot = slot_with("qemu:///x", STANDBY_GUARD, &[&given]);
+        let uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+        let pending = slot
+            .take("qemu:///x", uuid, Duration::from_millis(1500))
+            .expect("taken");
+        let guard = pending.armed().expect("armed");
+        guard.disarm().expect("disarmed");
+        assert_eq!(
+            std::fs::read_to_string(&given).expect("given"),
+            format!("guard {uuid} 1500\n")
+        );
+        // Taken: the next freeze starts a fresh guard (or the next standby).
+        assert!(slot
+            .take("qemu:///x", uuid, Duration::from_secs(1))
+            .is_none());
+    }
+
+    #[test]
+    fn a_standby_for_another_uri_or_one_that_exited_is_not_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let given = dir.path().join("given");
+        let slot = slot_with("qemu:///x", STANDBY_GUARD, &[&given]);
+        assert!(slot
+            .take("qemu:///y", "u", Duration::from_secs(1))
+            .is_none());
+        // Still there for its own URI.
+        assert!(slot
+            .take("qemu:///x", "u", Duration::from_secs(1))
+            .is_some());
+
+        // One that could not connect (exits 1 at once) is not handed a domain.
+        let slot = slot_with("qemu:///x", "exit 1", &[]);
+        let end = Instant::now() + Duration::from_secs(5);
+        while slot.with(|s| matches!(s.ready.as_mut().map(|r| r.child.try_wait()), Some(Ok(None))))
+        {
+            assert!(Instant::now() < end, "the standby did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(slot
+            .take("qemu:///x", "u", Duration::from_secs(1))
+            .is_none());
+    }
+
+    #[test]
+    fn replenishing_keeps_a_live_standby_and_replaces_a_dead_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let given = dir.path().join("given");
+        let slot = slot_with("qemu:///x", STANDBY_GUARD, &[&given]);
+        let first = slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
+        slot.replenish(|_| Err(io::Error::other("a live standby is kept")));
+        assert_eq!(slot.with(|s| s.ready.as_ref().map(|r| r.child.id())), first);
+
+        let slot = slot_with("qemu:///x", "exit 1", &[]);
+        let dead = slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
+        let end = Instant::now() + Duration::from_secs(5);
+        while slot.with(|s| matches!(s.ready.as_mut().map(|r| r.child.try_wait()), Some(Ok(None))))
+        {
+            assert!(Instant::now() < end, "the standby did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut next = Some(fake(STANDBY_GUARD));
+        slot.replenish(|_| next.take().ok_or_else(|| io::Error::other("used")));
+        let now = slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
+        assert!(now.is_some() && now != dead, "{dead:?} -> {now:?}");
+    }
+
+    #[test]
+    fn the_guard_line_is_a_uuid_and_a_positive_deadline() {
+        let uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+        assert_eq!(
+            parse_guard_line(&format!("guard {} 10000\n", uuid.to_uppercase())),
+            Some((uuid.to_string(), Duration::from_secs(10)))
+        );
+        for bad in [
+            "".to_string(),
+            format!("guard {uuid}"),
+            format!("guard {uuid} 0"),
+            format!("guard {uuid} -5"),
+            format!("guard {uuid} 10 more"),
+            format!("arm {uuid} 10"),
+            "guard ../../etc 10".to_string(),
+            "guard 6695eb01 10".to_string(),
+        ] {
+            assert_eq!(parse_guard_line(&bad), None, "{bad:?}");
+        }
     }
 }

@@ -57,6 +57,9 @@ fn online_snapshot_with_agent_holds_the_data_written_before_it() {
     assert!(snap["frozenFilesystems"].as_u64().unwrap() >= 1, "{snap}");
     assert!(snap["freezeDurationMs"].as_u64().unwrap() > 0, "{snap}");
     assert_eq!(snap["error"], Value::Null);
+    // Guarded by the guard vmsnapd keeps standing by, connected before the create was asked.
+    let log = daemon.log_text();
+    assert!(log.contains("thaw guard taken from standby"), "{log}");
 
     // Written after: in the live disk, not in the snapshot.
     vm.write_file("f2", 1 << 20);

@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,7 @@ impl Drop for Frozen {
 struct Guard {
     child: Child,
     stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
     log: PathBuf,
     _dir: TempDir,
 }
@@ -103,36 +104,57 @@ impl Guard {
 
     /// Starts a guard; returns it with the first line it printed ("" if none).
     fn spawn(uuid: &str, uri: &str, deadline_ms: u64) -> (Guard, String) {
+        let deadline_ms = deadline_ms.to_string();
+        let mut guard = Guard::launch(&[
+            "--thaw-guard",
+            uuid,
+            "--guard-uri",
+            uri,
+            "--guard-deadline-ms",
+            &deadline_ms,
+        ]);
+        let line = guard.next_line();
+        (guard, line)
+    }
+
+    /// Starts a standby guard, as vmsnapd keeps one (it says nothing until told its domain).
+    fn standby(uri: &str) -> Guard {
+        Guard::launch(&["--thaw-guard-standby", "--guard-uri", uri])
+    }
+
+    fn launch(args: &[&str]) -> Guard {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("guard.log");
         let mut child = Command::new(bin("vmsnapd"))
-            .args([
-                "--thaw-guard",
-                uuid,
-                "--guard-uri",
-                uri,
-                "--guard-deadline-ms",
-            ])
-            .arg(deadline_ms.to_string())
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
         let stdin = child.stdin.take();
-        (
-            Guard {
-                child,
-                stdin,
-                log,
-                _dir: dir,
-            },
-            line,
-        )
+        Guard {
+            child,
+            stdin,
+            stdout,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The guard's next line ("" at its end of file).
+    fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    /// Writes `line` on the guard's stdin.
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
     }
 
     fn log_text(&self) -> String {
@@ -430,6 +452,96 @@ fn a_guard_whose_domain_is_gone_exits() {
     );
     assert!(
         guard.log_text().contains("the domain is gone"),
+        "{}",
+        guard.log_text()
+    );
+}
+
+/// vmsnapd keeps a standby guard, connected, for its next freeze; told its domain, it is that
+/// domain's guard, with the deadline it was given.
+#[test]
+fn a_standby_guard_told_its_domain_guards_it() {
+    let _lab = lab_lock();
+    let mut guard = Guard::standby(LAB_URI);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        guard.child.try_wait().unwrap().is_none(),
+        "{}",
+        guard.log_text()
+    );
+    guard.say(&format!("guard {} 60000", agent_vm_uuid()));
+    assert_eq!(guard.next_line(), "ready\n", "{}", guard.log_text());
+    guard.say("arm");
+    assert_eq!(guard.next_line(), "armed\n", "{}", guard.log_text());
+    let _frozen = Frozen::freeze();
+    drop(guard.stdin.take());
+    wait_thawed(Duration::from_secs(2));
+    assert_eq!(guard.exit_code(Duration::from_secs(5)), EXIT_THAWED);
+    let log = guard.log_text();
+    assert!(log.contains("stdin closed: thawing"), "{log}");
+}
+
+/// A standby guards nothing until told: its daemon exiting first, or a line that is not
+/// `guard UUID MS`, ends it without a thaw (the guest here is frozen by someone else).
+#[test]
+fn a_standby_guard_not_told_its_domain_thaws_nothing() {
+    let _lab = lab_lock();
+    let frozen = Frozen::freeze();
+    let mut guard = Guard::standby(LAB_URI);
+    drop(guard.stdin.take());
+    assert_eq!(guard.exit_code(Duration::from_secs(10)), EXIT_DISARMED);
+
+    let mut guard = Guard::standby(LAB_URI);
+    guard.say("guard ../etc/passwd 60000");
+    assert_eq!(guard.next_line(), "", "{}", guard.log_text());
+    assert_eq!(guard.exit_code(Duration::from_secs(10)), EXIT_NOT_STARTED);
+    assert!(
+        guard.log_text().contains("expected"),
+        "{}",
+        guard.log_text()
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(freeze_status(), "frozen");
+    drop(frozen);
+}
+
+/// A standby waits for as long as vmsnapd has no freeze to do; libvirtd may restart meanwhile,
+/// and the standby's connection with it. Told its domain then, it connects again.
+#[test]
+fn a_standby_guard_connects_again_after_a_libvirtd_restart() {
+    let _lab = lab_lock();
+    let mut guard = Guard::standby(LAB_URI);
+    std::thread::sleep(Duration::from_millis(300));
+    let _restart = RestartLibvirtdOnDrop;
+    let pid = libvirtd_pid().expect("libvirtd runs (lab/up.sh)");
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_for(Duration::from_secs(30), "libvirtd to stop", || {
+        libvirtd_pid().is_none().then_some(())
+    });
+    assert!(Command::new("libvirtd")
+        .arg("-d")
+        .status()
+        .unwrap()
+        .success());
+    wait_for(Duration::from_secs(30), "libvirtd to answer", || {
+        Command::new("virsh")
+            .args(["-c", LAB_URI, "version"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    });
+    guard.say(&format!("guard {} 60000", agent_vm_uuid()));
+    assert_eq!(guard.next_line(), "ready\n", "{}", guard.log_text());
+    guard.say("disarm");
+    assert_eq!(guard.next_line(), "disarmed\n", "{}", guard.log_text());
+    assert_eq!(guard.exit_code(Duration::from_secs(5)), EXIT_DISARMED);
+    assert!(
+        guard.log_text().contains("connecting again"),
         "{}",
         guard.log_text()
     );
