@@ -52,6 +52,32 @@ fn create_new_like_with(
     }
 }
 
+/// Why [`create_new_image`] made no file, in words that name it: something is at its path
+/// already (callers refuse the operation), or the create failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NewFileError {
+    #[error("{path} already exists")]
+    Exists { path: String },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// [`create_new_like`] for a new disk image next to `like`, the image it extends (an overlay),
+/// with an error that names `path` as given.
+pub fn create_new_image(path: &str, like: &str) -> Result<File, NewFileError> {
+    create_new_like(Path::new(path), Path::new(like)).map_err(|source| {
+        let path = path.to_string();
+        match source.kind() {
+            io::ErrorKind::AlreadyExists => NewFileError::Exists { path },
+            _ => NewFileError::Create { path, source },
+        }
+    })
+}
+
 /// Copies the regular file `from` to a new file `to` (see [`create_new_like`]).
 pub fn copy_file_new(from: &Path, to: &Path) -> io::Result<()> {
     let mut source = OpenOptions::new()
