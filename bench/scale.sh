@@ -13,7 +13,8 @@
 #                   (default 10 and 50);
 #   BENCH_KEEP=DIR  keeps the raw samples, the strace files and vmsnapd's logs in DIR;
 #   BENCH_BIN_DIR=DIR takes vmsnapd and vmsnapctl from DIR instead of building this tree
-#                   (CARGO_TARGET_DIR is honoured); BENCH_LOG vmsnapd's log filter (info).
+#                   (CARGO_TARGET_DIR is honoured); the report then names DIR, not this tree's
+#                   commit; BENCH_LOG vmsnapd's log filter (info).
 #
 # What it does (BENCHMARKS.md, section "Scale", explains the method and shows a run):
 #  - builds the workspace and makes sure the lab is up (lab/up.sh, idempotent);
@@ -158,10 +159,17 @@ IMAGES=$work/images
 mkdir -p "$IMAGES" "$work/xml" "$work/state" "$work/locks"
 : >"$work/data.tsv"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-# The commit measured: the tree's HEAD, and the last commit that changed what is built.
-commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-code_commit=$(git -C "$ROOT" log -1 --format=%h -- daemon ctl api Cargo.toml Cargo.lock 2>/dev/null || echo unknown)
-[ -z "$(git -C "$ROOT" status --porcelain -- daemon ctl api 2>/dev/null)" ] || commit+="+changes"
+# What is measured, for the report. Binaries from BENCH_BIN_DIR may be built from any commit,
+# and `vmsnapd --version` names none (only the package version): the report names their folder.
+# Otherwise the tree's HEAD, and the last commit that changed what is built.
+if [ -n "${BENCH_BIN_DIR:-}" ]; then
+  measured="binaries from $(cd -- "$BIN" && pwd)"
+else
+  commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  code_commit=$(git -C "$ROOT" log -1 --format=%h -- daemon ctl api Cargo.toml Cargo.lock 2>/dev/null || echo unknown)
+  [ -z "$(git -C "$ROOT" status --porcelain -- daemon ctl api 2>/dev/null)" ] || commit+="+changes"
+  measured="commit $commit (code as of $code_commit)"
+fi
 
 # --- domains ---------------------------------------------------------------------------------
 # One 64 MiB qcow2 image, copied: a fork of cp is cheaper than one of qemu-img per domain.
@@ -498,7 +506,7 @@ done
 
 # --- report ----------------------------------------------------------------------------------
 libvirt_version=$(virsh version | awk '/Using library:/ {print $4}')
-echo "Run of bench/scale.sh on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit (code as of $code_commit):" \
+echo "Run of bench/scale.sh on $(date -u '+%Y-%m-%d %H:%M UTC'), $measured:" \
   "$(nproc) cores, libvirt $libvirt_version, load average $load_start at the start," \
   "$(cut -d' ' -f1-3 /proc/loadavg) at the end; chains: $CHAIN_VMS VMs x $CHAIN_DEPTH snapshots;" \
   "$ROUNDS rounds, $RUNS runs per list timing, idle windows of ${IDLE_S} s."

@@ -18,8 +18,21 @@ pub fn path_taken(path: &Path) -> bool {
 }
 
 /// Creates `path` as a new, empty regular file with the permission bits of `like`. Fails if
-/// anything is at `path` already (`O_EXCL`: a symlink planted there is not followed).
+/// anything is at `path` already (`O_EXCL`: a symlink planted there is not followed). On a
+/// failure after the file was made, the file is removed again.
 pub fn create_new_like(path: &Path, like: &Path) -> io::Result<File> {
+    create_new_like_with(path, like, |file, permissions| {
+        file.set_permissions(permissions)
+    })
+}
+
+/// [`create_new_like`], with the step that sets the new file's permissions given (tests make it
+/// fail).
+fn create_new_like_with(
+    path: &Path,
+    like: &Path,
+    set_permissions: impl FnOnce(&File, Permissions) -> io::Result<()>,
+) -> io::Result<File> {
     let mode = fs::metadata(like)?.permissions().mode() & COPIED_BITS;
     let file = OpenOptions::new()
         .write(true)
@@ -28,8 +41,41 @@ pub fn create_new_like(path: &Path, like: &Path) -> io::Result<File> {
         .mode(mode)
         .open(path)?;
     // The umask may have taken bits away; the file gets exactly those of `like`.
-    file.set_permissions(Permissions::from_mode(mode))?;
-    Ok(file)
+    match set_permissions(&file, Permissions::from_mode(mode)) {
+        Ok(()) => Ok(file),
+        Err(e) => {
+            // Ours (O_EXCL, not through a symlink), and not what the caller asked for.
+            drop(file);
+            let _ = fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// Why [`create_new_image`] made no file, in words that name it: something is at its path
+/// already (callers refuse the operation), or the create failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NewFileError {
+    #[error("{path} already exists")]
+    Exists { path: String },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// [`create_new_like`] for a new disk image next to `like`, the image it extends (an overlay),
+/// with an error that names `path` as given.
+pub fn create_new_image(path: &str, like: &str) -> Result<File, NewFileError> {
+    create_new_like(Path::new(path), Path::new(like)).map_err(|source| {
+        let path = path.to_string();
+        match source.kind() {
+            io::ErrorKind::AlreadyExists => NewFileError::Exists { path },
+            _ => NewFileError::Create { path, source },
+        }
+    })
 }
 
 /// Copies the regular file `from` to a new file `to` (see [`create_new_like`]).
@@ -114,6 +160,23 @@ mod tests {
             assert_eq!(mode(&copy), original_mode);
             assert_eq!(fs::read(&copy).expect("read"), b"data");
         }
+    }
+
+    #[test]
+    fn a_failure_after_the_create_removes_the_new_file_and_only_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk");
+        fs::write(&disk, b"data").expect("write");
+        let overlay = dir.path().join("overlay");
+        let refused = |_: &File, _: Permissions| Err(io::Error::from_raw_os_error(libc::EPERM));
+        let error = create_new_like_with(&overlay, &disk, refused).expect_err("refused");
+        assert_eq!(error.raw_os_error(), Some(libc::EPERM), "the cause is kept");
+        assert!(!path_taken(&overlay), "the file made for it is gone");
+        // A file that was there already is not ours: the create fails before any removal.
+        fs::write(&overlay, b"precious").expect("write");
+        let error = create_new_like_with(&overlay, &disk, refused).expect_err("exists");
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&overlay).expect("read"), b"precious");
     }
 
     #[test]

@@ -58,14 +58,9 @@ pub enum OverlayError {
     /// The backing name, format or size cannot go into a qcow2 header as qemu-img would write it.
     #[error("{0}")]
     Invalid(String),
-    #[error("{path} already exists")]
-    Exists { path: String },
-    #[error("cannot create {path}: {source}")]
-    Create {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
+    /// Something is at the overlay's path already, or the file could not be made.
+    #[error(transparent)]
+    NewFile(#[from] files::NewFileError),
     /// The one cause worth naming apart: the user can act on it.
     #[error(
         "cannot write {path}: no space left on device (free some space where the VM's images \
@@ -105,13 +100,7 @@ fn create_with(
 ) -> Result<(), OverlayError> {
     let image = Layout::new(backing, backing_format, size)?;
     let path = Path::new(overlay);
-    let file = files::create_new_like(path, Path::new(backing)).map_err(|source| {
-        let path = overlay.to_string();
-        match source.kind() {
-            io::ErrorKind::AlreadyExists => OverlayError::Exists { path },
-            _ => OverlayError::Create { path, source },
-        }
-    })?;
+    let file = files::create_new_image(overlay, backing)?;
     let written = write(&image, file)
         .and_then(|()| sync_parent(path))
         .map_err(|source| match source.raw_os_error() {
@@ -502,20 +491,39 @@ mod tests {
         let longest = format!("/{}", "b".repeat(MAX_BACKING_NAME as usize - 1));
         assert!(Layout::new(&longest, "raw", 1 << 51).is_ok());
 
-        // Never over an existing file or through a symlink; the file there is untouched.
+        // Never over an existing file or through a symlink; the file there is untouched. The
+        // messages name the overlay's path as given.
+        use files::NewFileError::{Create, Exists};
         std::fs::write(&top, b"precious").expect("write");
         let error = create(s(&top), base, "raw", 1 << 20).expect_err("exists");
-        assert!(matches!(error, OverlayError::Exists { .. }), "{error}");
+        assert!(
+            matches!(error, OverlayError::NewFile(Exists { .. })),
+            "{error}"
+        );
+        assert_eq!(error.to_string(), format!("{} already exists", s(&top)));
         assert_eq!(std::fs::read(&top).expect("read"), b"precious");
         let link = dir.path().join("link.qcow2");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).expect("symlink");
         let error = create(s(&link), base, "raw", 1 << 20).expect_err("a symlink");
-        assert!(matches!(error, OverlayError::Exists { .. }), "{error}");
+        assert!(
+            matches!(error, OverlayError::NewFile(Exists { .. })),
+            "{error}"
+        );
         assert!(!dir.path().join("nowhere").exists());
         // A folder that is not there: nothing is made.
-        let error = create(s(&dir.path().join("no/top.qcow2")), base, "raw", 1 << 20)
-            .expect_err("no folder");
-        assert!(matches!(error, OverlayError::Create { .. }), "{error}");
+        let nowhere = dir.path().join("no/top.qcow2");
+        let error = create(s(&nowhere), base, "raw", 1 << 20).expect_err("no folder");
+        assert!(
+            matches!(error, OverlayError::NewFile(Create { .. })),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot create {}: No such file or directory (os error 2)",
+                s(&nowhere)
+            )
+        );
     }
 
     #[test]

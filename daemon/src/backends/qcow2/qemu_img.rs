@@ -1,6 +1,5 @@
 //! The few qemu-img operations offline work needs, run without a shell.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -43,14 +42,9 @@ pub enum QemuImgError {
     InUse { image: String },
     #[error("{image} cannot be opened (qemu-img's messages are in vmsnapd's journal)")]
     Unreadable { image: String },
-    #[error("{path} already exists")]
-    Exists { path: String },
-    #[error("cannot create {path}: {source}")]
-    Create {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Something is at the overlay's path already, or the file could not be made.
+    #[error(transparent)]
+    NewFile(#[from] crate::files::NewFileError),
 }
 
 /// An image that is missing or held by another process refuses the operation; anything else is
@@ -60,7 +54,9 @@ impl From<QemuImgError> for crate::ops::OpError {
         match e {
             QemuImgError::Missing { .. }
             | QemuImgError::InUse { .. }
-            | QemuImgError::Exists { .. } => crate::ops::OpError::Refused(e.to_string()),
+            | QemuImgError::NewFile(crate::files::NewFileError::Exists { .. }) => {
+                crate::ops::OpError::Refused(e.to_string())
+            }
             _ => crate::ops::OpError::Storage(e.to_string()),
         }
     }
@@ -204,15 +200,8 @@ pub fn rebase_unsafe(image: &str, backing: &str, backing_format: &str) -> Result
 /// and with the permissions of the image it extends. qemu-img itself would follow a symlink and
 /// create the file with the umask's mode.
 fn create_overlay_file(overlay: &str, backing: &str) -> Result<(), QemuImgError> {
-    crate::files::create_new_like(Path::new(overlay), Path::new(backing))
-        .map(drop)
-        .map_err(|source| {
-            let path = overlay.to_string();
-            match source.kind() {
-                std::io::ErrorKind::AlreadyExists => QemuImgError::Exists { path },
-                _ => QemuImgError::Create { path, source },
-            }
-        })
+    crate::files::create_new_image(overlay, backing)?;
+    Ok(())
 }
 
 /// Creates a qcow2 overlay of `backing`, opening it (a restore's new disk on a snapshot's
@@ -336,6 +325,30 @@ mod tests {
             .expect_err("no such image")
             .to_string();
         assert!(!error.contains("Could not open"), "{error}");
+    }
+
+    #[test]
+    fn an_overlay_path_already_taken_refuses_the_restore_and_anything_else_fails_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let (base, top) = (p("base.qcow2"), p("top.qcow2"));
+        std::fs::write(&base, b"").expect("write");
+        std::fs::write(&top, b"precious").expect("write");
+        let error =
+            crate::ops::OpError::from(create_overlay(&top, &base, "qcow2").expect_err("taken"));
+        assert_eq!(
+            error,
+            crate::ops::OpError::Refused(format!("{top} already exists"))
+        );
+        assert_eq!(std::fs::read(&top).expect("read"), b"precious");
+        let nowhere = p("no/top.qcow2");
+        let error = crate::ops::OpError::from(
+            create_overlay(&nowhere, &base, "qcow2").expect_err("no folder"),
+        );
+        assert!(
+            matches!(&error, crate::ops::OpError::Storage(m) if m.starts_with(&format!("cannot create {nowhere}: "))),
+            "a storage failure, naming the path: {error:?}"
+        );
     }
 
     #[test]
