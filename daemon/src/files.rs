@@ -5,7 +5,7 @@
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Permission bits copied from a file: read, write and execute for owner, group and others;
@@ -44,9 +44,14 @@ fn create_new_like_with(
     match set_permissions(&file, Permissions::from_mode(mode)) {
         Ok(()) => Ok(file),
         Err(e) => {
-            // Ours (O_EXCL, not through a symlink), and not what the caller asked for.
+            // Ours (O_EXCL, not through a symlink), and not what the caller asked for; removed
+            // only while the path still names the very file made (dev, inode).
+            let made = file.metadata().map(|m| (m.dev(), m.ino()));
+            let there = fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()));
             drop(file);
-            let _ = fs::remove_file(path);
+            if matches!((made, there), (Ok(made), Ok(there)) if made == there) {
+                let _ = fs::remove_file(path);
+            }
             Err(e)
         }
     }
@@ -177,6 +182,16 @@ mod tests {
         let error = create_new_like_with(&overlay, &disk, refused).expect_err("exists");
         assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&overlay).expect("read"), b"precious");
+        // Someone else's file renamed over the new one before the failure is not removed.
+        let other = dir.path().join("other-overlay");
+        let theirs = dir.path().join("theirs");
+        fs::write(&theirs, b"someone else's").expect("write");
+        let replaced = |_: &File, _: Permissions| {
+            fs::rename(&theirs, &other)?;
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        };
+        create_new_like_with(&other, &disk, replaced).expect_err("refused");
+        assert_eq!(fs::read(&other).expect("read"), b"someone else's");
     }
 
     #[test]

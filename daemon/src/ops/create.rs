@@ -471,27 +471,53 @@ pub fn excluded_message(excluded: &[ExcludedVolume]) -> String {
     )
 }
 
+/// Copies the VM's NVRAM file and TPM state folder into the snapshot's folder. Each copy is
+/// made under a `.partial` name and renamed into place once complete, and the folder is synced:
+/// recovery takes a copy that exists as complete, so a vmsnapd stopped mid-copy leaves only a
+/// `.partial` (in the snapshot's own folder, removed with the record or by the next attempt).
 fn copy_extra_state(record: &SnapshotRecord) -> OpResult<()> {
+    let mut folders = std::collections::BTreeSet::new();
     for copy in &record.extra_state {
         let source = Path::new(&copy.source);
         let target = Path::new(&copy.copy);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        let copied = if source.is_dir() {
-            files::copy_dir_new(source, target)
-        } else {
-            files::copy_file_new(source, target)
-        };
-        copied.map_err(|e| {
+        let failed = |e: std::io::Error| {
             format!(
                 "cannot copy the VM's {} state {}: {e}",
                 copy.kind, copy.source
             )
-        })?;
+        };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            folders.insert(parent.to_path_buf());
+        }
+        let partial = std::path::PathBuf::from(format!("{}.partial", copy.copy));
+        remove_leftover(&partial).map_err(failed)?;
+        let copied = if source.is_dir() {
+            files::copy_dir_new(source, &partial)
+        } else {
+            files::copy_file_new(source, &partial)
+        };
+        copied
+            .and_then(|()| std::fs::rename(&partial, target))
+            .map_err(failed)?;
+    }
+    for folder in folders {
+        std::fs::File::open(&folder)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", folder.display()))?;
     }
     Ok(())
+}
+
+/// Removes what an interrupted copy left at `partial` (a file or a folder), if anything.
+fn remove_leftover(partial: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(partial) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(partial),
+        Ok(_) => std::fs::remove_file(partial),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Settles a create a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
@@ -535,4 +561,66 @@ pub(super) fn recover_create(ctx: &OpContext, record: &mut SnapshotRecord) -> Op
     Err(OpError::Refused(
         "vmsnapd stopped before the snapshot was complete; nothing was kept".to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record whose NVRAM file and TPM folder are `nvram` and `tpm` in `vm`, copied into
+    /// `snapshot`.
+    fn record_copying(vm: &Path, snapshot: &Path) -> SnapshotRecord {
+        let mut record = SnapshotRecord::request("s".into(), String::new(), "vm", "u", vec![]);
+        record.extra_state = ["nvram", "tpm"]
+            .iter()
+            .map(|kind| StateCopy {
+                kind: kind.to_string(),
+                source: vm.join(kind).to_string_lossy().into_owned(),
+                copy: snapshot.join(kind).to_string_lossy().into_owned(),
+            })
+            .collect();
+        record
+    }
+
+    #[test]
+    fn state_copies_appear_only_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vm, snapshot) = (dir.path().join("vm"), dir.path().join("snapshot"));
+        std::fs::create_dir_all(vm.join("tpm/sub")).expect("mkdir");
+        std::fs::write(vm.join("nvram"), b"variables").expect("write");
+        std::fs::write(vm.join("tpm/sub/state"), b"tpm state").expect("write");
+        // What a vmsnapd stopped mid-copy left: replaced, never taken for the copy.
+        std::fs::create_dir_all(snapshot.join("tpm.partial")).expect("mkdir");
+        std::fs::write(snapshot.join("nvram.partial"), b"varia").expect("write");
+        let record = record_copying(&vm, &snapshot);
+
+        copy_extra_state(&record).expect("copied");
+        assert_eq!(
+            std::fs::read(snapshot.join("nvram")).expect("nvram"),
+            b"variables"
+        );
+        assert_eq!(
+            std::fs::read(snapshot.join("tpm/sub/state")).expect("tpm"),
+            b"tpm state"
+        );
+        assert!(!files::path_taken(&snapshot.join("nvram.partial")));
+        assert!(!files::path_taken(&snapshot.join("tpm.partial")));
+    }
+
+    #[test]
+    fn a_copy_that_fails_half_way_leaves_no_copy_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vm, snapshot) = (dir.path().join("vm"), dir.path().join("snapshot"));
+        std::fs::create_dir_all(vm.join("tpm")).expect("mkdir");
+        std::fs::write(vm.join("nvram"), b"variables").expect("write");
+        std::fs::write(vm.join("tpm/a"), b"first").expect("write");
+        // The copy of the folder stops at this symlink, after some of it was copied.
+        std::os::unix::fs::symlink("/etc/passwd", vm.join("tpm/b")).expect("symlink");
+        let record = record_copying(&vm, &snapshot);
+
+        copy_extra_state(&record).expect_err("refused");
+        // The NVRAM copy is complete; the TPM folder is not where recovery would take it.
+        assert!(snapshot.join("nvram").is_file());
+        assert!(!files::path_taken(&snapshot.join("tpm")));
+    }
 }
