@@ -236,16 +236,24 @@ fn standby_command(uri: &str) -> io::Result<Command> {
     Ok(command)
 }
 
-/// Starts the next standby guard, if one is wanted and none is waiting, on a thread of its own:
-/// called when a guard ends, after the thaw, so that the start (a process, a libvirt connection)
-/// is off the operation's path.
+/// How long after a guard ends the next standby is started: its start (a process, dynamic
+/// linking, a libvirt connection: about 12 ms of CPU) would otherwise compete with the end of the
+/// create that just used a guard (its records, its answer). A create within this time starts a
+/// guard of its own, as without a standby.
+const STANDBY_AFTER: Duration = Duration::from_millis(100);
+
+/// Starts the next standby guard, if one is wanted and none is waiting, on a thread of its own
+/// and [`STANDBY_AFTER`] from now: called when a guard ends, after the thaw.
 fn replenish_standby() {
     if STANDBY.with(|standbys| standbys.wanted.is_none()) {
         return;
     }
     let _ = std::thread::Builder::new()
         .name("thaw-guard-standby".to_string())
-        .spawn(|| STANDBY.replenish(standby_command));
+        .spawn(|| {
+            std::thread::sleep(STANDBY_AFTER);
+            STANDBY.replenish(standby_command);
+        });
 }
 
 impl StandbySlot {
