@@ -1028,6 +1028,20 @@ impl Drop for RestartLibvirtdOnDrop {
     }
 }
 
+/// Stops the lab's libvirtd (SIGTERM) and waits until it is gone; pair it with
+/// [`RestartLibvirtdOnDrop`], declared first.
+pub fn stop_libvirtd() {
+    let pid = libvirtd_pid().expect("libvirtd runs (lab/up.sh)");
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_for(Duration::from_secs(30), "libvirtd to stop", || {
+        libvirtd_pid().is_none().then_some(())
+    });
+}
+
 /// `vmsnapctl snapshot show VM NAME --output json`.
 pub fn show_snapshot(daemon: &Daemon, vm: &str, name: &str) -> serde_json::Value {
     daemon

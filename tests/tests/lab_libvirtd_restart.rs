@@ -9,7 +9,7 @@ use vmsnap_api::ManagerProxy;
 use vmsnap_tests::{
     config_for, find_vm, require_lab, wait_for, Daemon, PrivateBus, LAB_AGENT_VM, LAB_URI,
 };
-use vmsnap_tests::{libvirtd_pid, RestartLibvirtdOnDrop};
+use vmsnap_tests::{stop_libvirtd, RestartLibvirtdOnDrop};
 
 #[test]
 fn libvirtd_restart_is_survived_and_reported() {
@@ -27,15 +27,7 @@ fn libvirtd_restart_is_survived_and_reported() {
     assert!(rt.block_on(manager.libvirt_connected()).unwrap());
 
     let _guard = RestartLibvirtdOnDrop;
-    let pid = libvirtd_pid().expect("libvirtd runs (lab/up.sh)");
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    wait_for(Duration::from_secs(30), "libvirtd to stop", || {
-        libvirtd_pid().is_none().then_some(())
-    });
+    stop_libvirtd();
     wait_for(Duration::from_secs(30), "LibvirtConnected=false", || {
         (!rt.block_on(manager.libvirt_connected()).unwrap()).then_some(())
     });

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use vmsnap_tests::{bin, guest_exec, require_lab, virsh, wait_for, LAB_AGENT_VM, LAB_URI};
-use vmsnap_tests::{libvirtd_pid, RestartLibvirtdOnDrop};
+use vmsnap_tests::{stop_libvirtd, RestartLibvirtdOnDrop};
 
 /// The guard's exit statuses (thaw_guard.rs).
 const EXIT_DISARMED: i32 = 0;
@@ -399,15 +399,7 @@ fn thaw_reconnects_after_a_libvirtd_restart() {
     let _frozen = Frozen::freeze();
     // Declared after Frozen so that it is dropped first: the thaw needs libvirtd.
     let _restart = RestartLibvirtdOnDrop;
-    let pid = libvirtd_pid().expect("libvirtd runs (lab/up.sh)");
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    wait_for(Duration::from_secs(30), "libvirtd to stop", || {
-        libvirtd_pid().is_none().then_some(())
-    });
+    stop_libvirtd();
     drop(guard.stdin.take());
     std::thread::sleep(Duration::from_millis(800));
     let restarted = Instant::now();
@@ -514,15 +506,7 @@ fn a_standby_guard_connects_again_after_a_libvirtd_restart() {
     let mut guard = Guard::standby(LAB_URI);
     std::thread::sleep(Duration::from_millis(300));
     let _restart = RestartLibvirtdOnDrop;
-    let pid = libvirtd_pid().expect("libvirtd runs (lab/up.sh)");
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    wait_for(Duration::from_secs(30), "libvirtd to stop", || {
-        libvirtd_pid().is_none().then_some(())
-    });
+    stop_libvirtd();
     assert!(Command::new("libvirtd")
         .arg("-d")
         .status()
