@@ -128,7 +128,7 @@ impl ThawGuard {
         if let Some(pending) = STANDBY.take(uri, domain_uuid, deadline) {
             return Ok(pending);
         }
-        let mut command = Command::new(own_exe()?);
+        let mut command = guard_command()?;
         command
             .arg("--thaw-guard")
             .arg(domain_uuid)
@@ -228,7 +228,7 @@ pub fn keep_standby(uri: &str) {
 }
 
 fn standby_command(uri: &str) -> io::Result<Command> {
-    let mut command = Command::new(own_exe()?);
+    let mut command = guard_command()?;
     command
         .arg("--thaw-guard-standby")
         .arg("--guard-uri")
@@ -508,6 +508,15 @@ impl Drop for ThawGuard {
         );
         reap_in_background(child, false);
     }
+}
+
+/// The daemon's own executable as a command named `vmsnapd` (argv[0]), so that `ps` shows the
+/// guards as vmsnapd's, not as `/proc/self/exe`.
+fn guard_command() -> io::Result<Command> {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(own_exe()?);
+    command.arg0("vmsnapd");
+    Ok(command)
 }
 
 /// The daemon's own executable. /proc/self/exe still works after a package upgrade replaced the
