@@ -1057,6 +1057,16 @@ mod tests {
         slot
     }
 
+    /// Waits (5 s at most) until the standby in `slot` has exited; it stays in the slot.
+    fn wait_standby_exited(slot: &StandbySlot) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while slot.with(|s| matches!(s.ready.as_mut().map(|r| r.child.try_wait()), Some(Ok(None))))
+        {
+            assert!(Instant::now() < end, "the standby did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Speaks the standby protocol: notes the line it was given, then is a guard.
     const STANDBY_GUARD: &str = r#"read given; echo "$given" > "$1"; echo ready; read cmd; [ "$cmd" = arm ] && echo armed; read cmd; if [ "$cmd" = disarm ]; then echo disarmed; exit 0; fi; exit 10"#;
 
@@ -1096,12 +1106,7 @@ mod tests {
 
         // One that could not connect (exits 1 at once) is not handed a domain.
         let slot = slot_with("qemu:///x", "exit 1", &[]);
-        let end = Instant::now() + Duration::from_secs(5);
-        while slot.with(|s| matches!(s.ready.as_mut().map(|r| r.child.try_wait()), Some(Ok(None))))
-        {
-            assert!(Instant::now() < end, "the standby did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_standby_exited(&slot);
         assert!(slot
             .take("qemu:///x", "u", Duration::from_secs(1))
             .is_none());
@@ -1118,12 +1123,7 @@ mod tests {
 
         let slot = slot_with("qemu:///x", "exit 1", &[]);
         let dead = slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
-        let end = Instant::now() + Duration::from_secs(5);
-        while slot.with(|s| matches!(s.ready.as_mut().map(|r| r.child.try_wait()), Some(Ok(None))))
-        {
-            assert!(Instant::now() < end, "the standby did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_standby_exited(&slot);
         let mut next = Some(fake(STANDBY_GUARD));
         slot.replenish(|_| next.take().ok_or_else(|| io::Error::other("used")));
         let now = slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
