@@ -275,9 +275,10 @@ impl Forest {
     }
 
     fn add_focus(&mut self, focus: &[&str]) {
+        let mut headers = chain::reader();
         for image in focus {
             if std::path::Path::new(image).exists() {
-                self.add_chain(image);
+                self.add_chain_with(&mut headers, image);
             }
         }
     }
@@ -298,8 +299,11 @@ impl Forest {
     ) -> Result<Forest, String> {
         let mut forest = self;
         let domains_found = domains.len();
+        // One hold of the header cache for every chain: one lock and one look at what changed,
+        // not one per image. Released before any libvirt call below.
+        let mut headers = chain::reader();
         for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
-            forest.add_chain(path);
+            forest.add_chain_with(&mut headers, path);
         }
         for record in records {
             for volume in record
@@ -310,10 +314,11 @@ impl Forest {
                 if !forest.images.contains(&volume.image)
                     && std::path::Path::new(&volume.image).exists()
                 {
-                    forest.add_chain(&volume.image);
+                    forest.add_chain_with(&mut headers, &volume.image);
                 }
             }
         }
+        drop(headers);
         let chains_at = started.elapsed();
         let mut connected = forest.connected_to(focus);
         // A domain shown using the images at stake, or an image that is gone, is read again:
@@ -342,9 +347,11 @@ impl Forest {
             }
         }
         if reread {
+            let mut headers = chain::reader();
             for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
-                forest.add_chain(path);
+                forest.add_chain_with(&mut headers, path);
             }
+            drop(headers);
             connected = forest.connected_to(focus);
         }
         let read_now = domains.iter().filter(|(_, fresh)| *fresh).count();
@@ -407,6 +414,7 @@ impl Forest {
             .iter()
             .filter_map(|i| std::path::Path::new(i).parent().map(|p| p.to_path_buf()))
             .collect();
+        let mut headers = chain::reader();
         for folder in folders {
             let Ok(entries) = std::fs::read_dir(&folder) else {
                 continue;
@@ -418,7 +426,7 @@ impl Forest {
                 if !is_file || self.images.contains(&name) {
                     continue;
                 }
-                let Some(backing) = chain::backing_of(&name) else {
+                let Some(backing) = headers.backing_of(&name) else {
                     continue;
                 };
                 if connected.contains(&backing) {
@@ -431,19 +439,24 @@ impl Forest {
         self.images.extend(self.unknown.iter().cloned());
     }
 
+    #[cfg(test)]
     fn add_chain(&mut self, top: &str) {
+        self.add_chain_with(&mut chain::reader(), top);
+    }
+
+    fn add_chain_with(&mut self, headers: &mut chain::Reader, top: &str) {
         if self.images.contains(top) {
             return;
         }
         // Read from the headers: this runs for every disk of every domain on each delete and
         // restore, where a qemu-img process per chain cost seconds on a busy host.
-        match chain::backing_chain_or_qemu_img(top) {
+        match headers.backing_chain_or_qemu_img(top) {
             Ok(chain) => {
-                for pair in chain.windows(2) {
-                    self.parent
-                        .insert(pair[0].path.clone(), pair[1].path.clone());
-                }
-                for image in chain {
+                let mut images = chain.into_iter().peekable();
+                while let Some(image) = images.next() {
+                    if let Some(below) = images.peek() {
+                        self.parent.insert(image.path.clone(), below.path.clone());
+                    }
                     self.format.insert(image.path.clone(), image.format);
                     self.images.insert(image.path);
                 }
