@@ -138,8 +138,8 @@ impl Forest {
     /// operation's own VM, one vmsnapd changed since the inventory read it, one the inventory
     /// lacks, one whose disks use an image connected to `focus` (a disk-only snapshot changes
     /// a running domain's disks with no event) or an image that is gone. Without one, every
-    /// domain is read. Every header is read through the chain reader's cache: a `stat` per
-    /// unchanged image.
+    /// domain is read. Every header is read through the chain reader's cache: nothing per
+    /// unchanged image the change feed watches, a `stat` per other one.
     pub fn scan(
         view: &HostView,
         records: &[SnapshotRecord],
