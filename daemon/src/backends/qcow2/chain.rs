@@ -1315,6 +1315,61 @@ mod tests {
         );
     }
 
+    /// The chains of a forest like the scale benchmark's (500 one-image disks, 10 chains of
+    /// 51 images) read through a cache checked by `stat` and through one the change feed
+    /// vouches for, in one hold each. Run with
+    /// `cargo test -p vmsnapd --release -- --ignored --nocapture measure_a_forest_of_chains`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_a_forest_of_chains() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tops = Vec::new();
+        for k in 0..10 {
+            let sub = dir.path().join(format!("c{k}"));
+            std::fs::create_dir(&sub).expect("mkdir");
+            let top = deep_chain(&sub, 50);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &s(&sub.join("i0050.qcow2")),
+                "1M",
+            ]);
+            tops.push(top);
+        }
+        let plain = dir.path().join("plain");
+        std::fs::create_dir(&plain).expect("mkdir");
+        let one = s(&plain.join("p000.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &one, "1M"]);
+        let bytes = std::fs::read(&one).expect("read");
+        for k in 0..500 {
+            let path = plain.join(format!("p{k:03}.qcow2"));
+            std::fs::write(&path, &bytes).expect("write");
+            tops.push(s(&path));
+        }
+        const RUNS: u32 = 50;
+        for (what, watching) in [("stat", false), ("index", true)] {
+            let cache = HeaderCache::new(std::time::Duration::ZERO, watching, index::is_local_fs);
+            let mut images = 0;
+            for top in &tops {
+                images += cache.reader().backing_chain(top).expect("reads").len();
+            }
+            let start = Instant::now();
+            for _ in 0..RUNS {
+                let mut reader = cache.reader();
+                for top in &tops {
+                    reader.backing_chain(top).expect("reads");
+                }
+            }
+            println!(
+                "{} chains, {images} images, cache checked by {what}: {:?} per pass (mean of {RUNS})",
+                tops.len(),
+                start.elapsed() / RUNS
+            );
+        }
+    }
+
     /// The reader against qemu-img on a 200-deep chain. Run with
     /// `cargo test -p vmsnapd -- --ignored --nocapture measure_a_deep_chain`.
     #[test]
