@@ -97,6 +97,17 @@ pub fn reader() -> Reader<'static> {
 pub struct Reader<'a> {
     settle: std::time::Duration,
     state: std::sync::MutexGuard<'a, Option<CacheState>>,
+    /// How the images were served in this hold (for the forest's debug line).
+    pub served: Served,
+}
+
+/// Images served from entries the change feed vouches for, from entries a `stat` checked,
+/// and read from their files.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Served {
+    pub trusted: u32,
+    pub checked: u32,
+    pub read: u32,
 }
 
 impl Reader<'_> {
@@ -201,7 +212,9 @@ impl Reader<'_> {
             .reads
             .iter()
             .find(|(read_as, _)| read_as.as_deref() == format)?;
-        Some(((entry.stamp.dev, entry.stamp.ino), image.clone()))
+        let found = ((entry.stamp.dev, entry.stamp.ino), image.clone());
+        self.served.trusted += 1;
+        Some(found)
     }
 
     /// Reads one image's header, or takes it from the cache when the file (as `meta`, a `stat`
@@ -218,15 +231,18 @@ impl Reader<'_> {
         let cacheable = meta.file_type().is_file() && settled(meta, self.settle);
         let state = self.state();
         if cacheable {
-            if let Some(image) = state.get(path, &stamp, format) {
-                return Ok(image.clone());
+            if let Some(image) = state.get(path, &stamp, format).cloned() {
+                self.served.checked += 1;
+                return Ok(image);
             }
             if state.entries.len() >= MAX_CACHED {
                 state.clear();
             }
         }
+        self.served.read += 1;
         // Watched before it is read: a change from here on is queued for the next hold. One
         // between the `stat` and the watch shows in the times (the file had settled).
+        let state = self.state();
         let watched = cacheable && state.index.as_mut().is_some_and(|i| i.watch(path));
         let read = open(path, backing_of).and_then(|file| {
             let opened = file
@@ -455,6 +471,7 @@ impl HeaderCache {
         Reader {
             settle: self.settle,
             state,
+            served: Served::default(),
         }
     }
 }
