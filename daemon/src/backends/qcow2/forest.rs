@@ -275,10 +275,11 @@ impl Forest {
     }
 
     fn add_focus(&mut self, focus: &[&str]) {
-        let mut headers = chain::reader();
+        // What the operation is about to release, merge or remove: checked, never trusted.
+        let mut headers = chain::checked_reader();
         for image in focus {
             if std::path::Path::new(image).exists() {
-                self.add_chain_with(&mut headers, image);
+                self.read_chain_again(&mut headers, image);
             }
         }
     }
@@ -302,7 +303,8 @@ impl Forest {
         // One hold of the header cache for every chain: one lock and one look at what changed,
         // not one per image. Released before any libvirt call below.
         let mut headers = chain::reader();
-        for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
+        let (fresh, kept_as_read): (Vec<_>, Vec<_>) = domains.iter().partition(|(_, f)| *f);
+        for (_, path) in kept_as_read.iter().flat_map(|(d, _)| &d.disks) {
             forest.add_chain_with(&mut headers, path);
         }
         for record in records {
@@ -318,7 +320,16 @@ impl Forest {
                 }
             }
         }
-        let served = headers.served;
+        let mut served = headers.served;
+        drop(headers);
+        // The domains read now (the operation's own VM, those vmsnapd changed, those using
+        // what is at stake) are the ones that may have changed: their chains are checked with a
+        // `stat`, never trusted to the change feed alone, and read last so that they win.
+        let mut headers = chain::checked_reader();
+        for (_, path) in fresh.iter().flat_map(|(d, _)| &d.disks) {
+            forest.read_chain_again(&mut headers, path);
+        }
+        served.add(headers.served);
         drop(headers);
         let chains_at = started.elapsed();
         let mut connected = forest.connected_to(focus);
@@ -348,9 +359,13 @@ impl Forest {
             }
         }
         if reread {
-            let mut headers = chain::reader();
-            for (_, path) in domains.iter().flat_map(|(d, _)| &d.disks) {
-                forest.add_chain_with(&mut headers, path);
+            let mut headers = chain::checked_reader();
+            for (_, path) in domains
+                .iter()
+                .filter(|(_, fresh)| *fresh)
+                .flat_map(|(d, _)| &d.disks)
+            {
+                forest.read_chain_again(&mut headers, path);
             }
             drop(headers);
             connected = forest.connected_to(focus);
@@ -418,7 +433,7 @@ impl Forest {
             .iter()
             .filter_map(|i| std::path::Path::new(i).parent().map(|p| p.to_path_buf()))
             .collect();
-        let mut headers = chain::reader();
+        let mut headers = chain::checked_reader();
         for folder in folders {
             let Ok(entries) = std::fs::read_dir(&folder) else {
                 continue;
@@ -452,6 +467,12 @@ impl Forest {
         if self.images.contains(top) {
             return;
         }
+        self.read_chain_again(headers, top);
+    }
+
+    /// Reads the chain of `top` even when the forest holds it already: its links replace
+    /// those read before.
+    fn read_chain_again(&mut self, headers: &mut chain::Reader, top: &str) {
         // Read from the headers: this runs for every disk of every domain on each delete and
         // restore, where a qemu-img process per chain cost seconds on a busy host.
         match headers.backing_chain_or_qemu_img(top) {
