@@ -15,10 +15,12 @@
 //! else is validated by `stat` as before. A lost event (queue overflow) or a failed read drops
 //! everything watched.
 //!
-//! Writes through Linux native AIO (`io_submit`, QEMU's `aio=native`) raise no inotify event
-//! (fs/aio.c does not notify). QEMU itself rewrites a header only to shorten a chain (a block
-//! commit or stream names a lower image); a stale entry then names images that are no longer in
-//! the chain, which only counts them as used. Every other writer (qemu-img, an editor, `cp`,
+//! Writes through Linux native AIO (`io_submit`, QEMU's `aio=native`) may raise no inotify
+//! event on some kernels (6.18 here does raise IN_MODIFY: `qemu-io -t none -i native`). QEMU
+//! itself rewrites a header only to shorten a chain (a block commit or stream names a lower
+//! image); a stale entry then names images that are no longer in the chain, which only counts
+//! them as used. The chains an operation decides on are read with `chain::checked_reader`,
+//! which trusts no entry to this feed alone. Every other writer (qemu-img, an editor, `cp`,
 //! `mv`, `truncate`) goes through a notifying syscall.
 
 use std::fs::File;
