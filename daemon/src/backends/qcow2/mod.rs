@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod forest;
 pub mod header;
+mod index;
 mod merge;
 pub mod overlay;
 pub mod qemu_img;
