@@ -1173,6 +1173,18 @@ mod tests {
         HeaderCache::new(std::time::Duration::ZERO, true, index::is_local_fs)
     }
 
+    /// A watching cache that has read `top` (on `below`) and trusts its entry: no `stat`
+    /// needed until the change feed reports a change.
+    fn cached_and_watched(top: &str, below: &str) -> HeaderCache {
+        let cache = watching_cache();
+        assert_eq!(
+            cache.reader().backing_chain(top).expect("reads")[1].path,
+            below
+        );
+        assert!(trusted(&cache, top), "watched: no stat needed");
+        cache
+    }
+
     /// Whether `cache` trusts its entry for `path` with no `stat`.
     fn trusted(cache: &HeaderCache, path: &str) -> bool {
         cache
@@ -1196,12 +1208,7 @@ mod tests {
     fn a_watched_header_rewritten_after_it_was_cached_is_read_again_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (a, b, top) = three(dir.path());
-        let cache = watching_cache();
-        assert_eq!(
-            cache.reader().backing_chain(&top).expect("reads")[1].path,
-            a
-        );
-        assert!(trusted(&cache, &top), "watched: no stat needed");
+        let cache = cached_and_watched(&top, &a);
         // At once, in the same tick of the file clock as the read: only the change feed can
         // tell (the entry is trusted with no `stat`).
         qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &b, &top]);
@@ -1219,12 +1226,7 @@ mod tests {
     fn a_change_the_feed_missed_is_seen_by_a_checked_reader() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (a, b, top) = three(dir.path());
-        let cache = watching_cache();
-        assert_eq!(
-            cache.reader().backing_chain(&top).expect("reads")[1].path,
-            a
-        );
-        assert!(trusted(&cache, &top));
+        let cache = cached_and_watched(&top, &a);
         // A tick of the file clock later, so that the `stat` can tell.
         std::thread::sleep(std::time::Duration::from_millis(20));
         qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &b, &top]);
@@ -1247,12 +1249,7 @@ mod tests {
         let (a, b, top) = three(dir.path());
         let other = s(&dir.path().join("other.qcow2"));
         overlay(&other, &b, "qcow2");
-        let cache = watching_cache();
-        assert_eq!(
-            cache.reader().backing_chain(&top).expect("reads")[1].path,
-            a
-        );
-        assert!(trusted(&cache, &top));
+        let cache = cached_and_watched(&top, &a);
         // Kept alive by another name: the file replaced sees only its link count change
         // (IN_ATTRIB), its folder the name replaced (IN_MOVED_TO); either one tells.
         std::fs::hard_link(&top, dir.path().join("kept.qcow2")).expect("link");
@@ -1274,12 +1271,7 @@ mod tests {
         // Named relative to its folder, which is `vm` once moved.
         let replacement = s(&new.join("top.qcow2"));
         qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", "b.qcow2", &replacement]);
-        let cache = watching_cache();
-        assert_eq!(
-            cache.reader().backing_chain(&top).expect("reads")[1].path,
-            a
-        );
-        assert!(trusted(&cache, &top));
+        let cache = cached_and_watched(&top, &a);
         // The same path, another file: no event on the file nor in its folder, only on the
         // folder moved away.
         std::fs::rename(&old, dir.path().join("vm.old")).expect("rename");
@@ -1340,12 +1332,7 @@ mod tests {
     fn a_lost_event_drops_every_cached_header() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (a, b, top) = three(dir.path());
-        let cache = watching_cache();
-        assert_eq!(
-            cache.reader().backing_chain(&top).expect("reads")[1].path,
-            a
-        );
-        assert!(trusted(&cache, &top));
+        let cache = cached_and_watched(&top, &a);
         // Fill the queue past its bound with names made in the image's folder, then change
         // the image: its event is lost, the overflow is what tells.
         let bound: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")

@@ -782,8 +782,6 @@ mod measure {
                 &below.to_string_lossy(),
                 "1M",
             ]);
-            let bytes = std::fs::read(&below).expect("read");
-            let _ = bytes;
             for d in (0..50).rev() {
                 let path = dir.path().join(format!("c{k}-{d:02}.qcow2"));
                 qemu_img(&[
