@@ -55,32 +55,28 @@ pub(crate) fn is_local_fs(f_type: u32) -> bool {
     matches!(f_type, EXT2_3_4 | XFS | BTRFS | TMPFS | F2FS)
 }
 
-/// The filesystem type of `path` (or of the open file `fd`), or `None` when it cannot be told.
+/// The filesystem type of `path`, or `None` when it cannot be told.
 fn fs_type(path: &str) -> Option<u32> {
     let c = std::ffi::CString::new(path).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `c` is a NUL-terminated path, `st` is written by the call before it is read.
-    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statfs succeeded, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    // c_long on 64-bit Linux, int on 32-bit: the magic numbers are 32-bit.
-    #[allow(clippy::unnecessary_cast)]
-    Some(st.f_type as u32)
+    // SAFETY: `c` is a NUL-terminated path; `st` points to a `statfs` the call fills.
+    statfs_type(|st| unsafe { libc::statfs(c.as_ptr(), st) })
 }
 
 /// The filesystem type of the open file `file`.
 fn file_fs_type(file: &File) -> Option<u32> {
+    // SAFETY: `file` is an open descriptor; `st` points to a `statfs` the call fills.
+    statfs_type(|st| unsafe { libc::fstatfs(file.as_raw_fd(), st) })
+}
+
+/// `f_type` from `call` (statfs or fstatfs into the pointer it is given), `None` if it failed.
+fn statfs_type(call: impl FnOnce(*mut libc::statfs) -> libc::c_int) -> Option<u32> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `file` is an open descriptor, `st` is written by the call before it is read.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
-    if rc != 0 {
+    if call(st.as_mut_ptr()) != 0 {
         return None;
     }
-    // SAFETY: fstatfs succeeded, so it filled `st`.
+    // SAFETY: the call succeeded, so it filled `st`.
     let st = unsafe { st.assume_init() };
+    // c_long on 64-bit Linux, int on 32-bit: the magic numbers are 32-bit.
     #[allow(clippy::unnecessary_cast)]
     Some(st.f_type as u32)
 }
