@@ -1279,11 +1279,7 @@ impl Engine {
             format!("it is being restored to snapshot '{}'", snapshot.name),
         )?;
         let uuid = record.uuid.clone();
-        let records: Vec<SnapshotRecord> = self
-            .snapshots
-            .values()
-            .map(|s| SnapshotRecord::clone(s))
-            .collect();
+        let records: Vec<Arc<SnapshotRecord>> = self.snapshots.values().cloned().collect();
         // As for a create, the operation's thread writes the first record.
         ops.spawn(vm.uuid, lock, ops::OpGate::default(), move |ctx| {
             if let Err(e) = ctx.save_restore(&record) {
@@ -1622,11 +1618,11 @@ impl Engine {
 
     /// Every other snapshot record, of every VM: after restores, images are shared across
     /// chains and VMs, and a delete must see every claim on them.
-    fn others_of(&self, record: &SnapshotRecord) -> Vec<SnapshotRecord> {
+    fn others_of(&self, record: &SnapshotRecord) -> Vec<Arc<SnapshotRecord>> {
         self.snapshots
             .values()
             .filter(|s| s.uuid != record.uuid)
-            .map(|s| SnapshotRecord::clone(s))
+            .cloned()
             .collect()
     }
 
@@ -1687,11 +1683,7 @@ impl Engine {
                 self.defer_settling(&record.vm_uuid, &record.uuid);
                 continue;
             }
-            let records: Vec<SnapshotRecord> = self
-                .snapshots
-                .values()
-                .map(|s| SnapshotRecord::clone(s))
-                .collect();
+            let records: Vec<Arc<SnapshotRecord>> = self.snapshots.values().cloned().collect();
             let claimed = self.claim_vm(
                 &record.vm_uuid,
                 &record.vm_name,

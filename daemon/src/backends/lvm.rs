@@ -9,6 +9,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 
 use vmsnap_lvm::{LvKind, Lvm, ThickRestoreStep, ThinRestoreStep};
 
@@ -405,7 +406,7 @@ impl VolumeBackend for LvmBackend {
         &self,
         env: &Env,
         deleting: &mut SnapshotRecord,
-        _others: &mut [SnapshotRecord],
+        _others: &mut [Arc<SnapshotRecord>],
         volume: &VolumeRecord,
         _deadline: std::time::Instant,
     ) -> OpResult<()> {

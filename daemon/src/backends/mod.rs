@@ -131,7 +131,7 @@ pub trait VolumeBackend: Send + Sync {
         &self,
         env: &Env,
         deleting: &mut SnapshotRecord,
-        others: &mut [SnapshotRecord],
+        others: &mut [Arc<SnapshotRecord>],
         volume: &VolumeRecord,
         deadline: Instant,
     ) -> OpResult<()>;
@@ -142,7 +142,7 @@ pub trait VolumeBackend: Send + Sync {
         &self,
         _env: &Env,
         _deleting: &SnapshotRecord,
-        _others: &[SnapshotRecord],
+        _others: &[Arc<SnapshotRecord>],
         _volume: &VolumeRecord,
     ) -> OpResult<()> {
         Ok(())
@@ -220,7 +220,7 @@ pub trait VolumeBackend: Send + Sync {
         &self,
         _env: &Env,
         _source: &str,
-        _records: &[SnapshotRecord],
+        _records: &[Arc<SnapshotRecord>],
     ) -> OpResult<()> {
         Ok(())
     }

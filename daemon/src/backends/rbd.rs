@@ -20,6 +20,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -571,7 +572,7 @@ impl VolumeBackend for RbdBackend {
         &self,
         env: &Env,
         deleting: &mut SnapshotRecord,
-        others: &mut [SnapshotRecord],
+        others: &mut [Arc<SnapshotRecord>],
         volume: &VolumeRecord,
         _deadline: std::time::Instant,
     ) -> OpResult<()> {
@@ -667,7 +668,7 @@ impl VolumeBackend for RbdBackend {
         &self,
         env: &Env,
         source: &str,
-        records: &[SnapshotRecord],
+        records: &[Arc<SnapshotRecord>],
     ) -> OpResult<()> {
         let Some(spec) = source.strip_prefix("rbd:") else {
             return Ok(());
@@ -747,7 +748,7 @@ fn remove_if_orphaned(
     access: &RbdVolume,
     spec: &str,
     vm_uuid: &str,
-    records: &[SnapshotRecord],
+    records: &[Arc<SnapshotRecord>],
 ) -> Result<bool, String> {
     let source = format!("rbd:{spec}");
     let Some((_, _, name)) = rbd_image(&source) else {

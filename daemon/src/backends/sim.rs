@@ -208,7 +208,7 @@ impl VolumeBackend for SimBackend {
         &self,
         _env: &Env,
         _deleting: &mut SnapshotRecord,
-        _others: &mut [SnapshotRecord],
+        _others: &mut [Arc<SnapshotRecord>],
         volume: &VolumeRecord,
         _deadline: Instant,
     ) -> OpResult<()> {

@@ -2,6 +2,7 @@
 //! Deleting), then the record goes. And the settling of a snapshot record a previous vmsnapd
 //! left unfinished.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{info, warn};
@@ -14,7 +15,7 @@ use crate::store::{SnapshotRecord, Step};
 
 /// Deletes snapshot `record`; `others` are the VM's other snapshots (their records change where
 /// they referred to an image this delete merges away).
-pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<SnapshotRecord>) {
+pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Arc<SnapshotRecord>>) {
     let Err(error) = check_and_delete(ctx, &mut record, &mut others) else {
         return;
     };
@@ -53,7 +54,7 @@ enum NotDeleted {
 fn check_and_delete(
     ctx: &OpContext,
     record: &mut SnapshotRecord,
-    others: &mut [SnapshotRecord],
+    others: &mut [Arc<SnapshotRecord>],
 ) -> Result<(), NotDeleted> {
     let ready = record.phase == SnapshotPhase::Succeeded;
     let host = ctx.hypervisor.session().map_err(|error| {
@@ -73,7 +74,7 @@ fn check_and_delete(
 fn delete_steps(
     env: &Env,
     record: &mut SnapshotRecord,
-    others: &mut [SnapshotRecord],
+    others: &mut [Arc<SnapshotRecord>],
 ) -> OpResult<()> {
     let ctx = env.ctx;
     let deadline = Instant::now() + ctx.failure_deadline;
@@ -111,7 +112,7 @@ fn delete_steps(
 fn check_release(
     env: &Env,
     record: &mut SnapshotRecord,
-    others: &[SnapshotRecord],
+    others: &[Arc<SnapshotRecord>],
 ) -> OpResult<()> {
     let ctx = env.ctx;
     record.phase = SnapshotPhase::Deleting;
@@ -128,7 +129,7 @@ fn check_release(
 /// Settles a record a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
 /// finishes a snapshot whose disks were taken, rolls back one whose were not, and resumes a
 /// delete.
-pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<SnapshotRecord>) {
+pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Arc<SnapshotRecord>>) {
     info!(vm = %record.vm_name, snapshot = %record.name, step = ?record.step, "settling an unfinished operation");
     match record.phase {
         SnapshotPhase::Deleting => delete(ctx, record, others),

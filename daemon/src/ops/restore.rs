@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -77,7 +78,7 @@ pub fn restore(
     ctx: &OpContext,
     mut record: RestoreRecord,
     snapshot: SnapshotRecord,
-    mut records: Vec<SnapshotRecord>,
+    mut records: Vec<Arc<SnapshotRecord>>,
 ) {
     let mut stopped = false;
     if let Err(error) = restore_steps(ctx, &mut record, &snapshot, &mut records, &mut stopped) {
@@ -119,7 +120,7 @@ fn restore_steps(
     ctx: &OpContext,
     record: &mut RestoreRecord,
     snapshot: &SnapshotRecord,
-    records: &mut Vec<SnapshotRecord>,
+    records: &mut Vec<Arc<SnapshotRecord>>,
     stopped: &mut bool,
 ) -> OpResult<()> {
     let policy_waits = matches!(
@@ -199,7 +200,7 @@ fn prepare_target(
     env: &Env,
     record: &mut RestoreRecord,
     snapshot: &SnapshotRecord,
-    records: &mut Vec<SnapshotRecord>,
+    records: &mut Vec<Arc<SnapshotRecord>>,
     stopped: &mut bool,
 ) -> OpResult<(String, Vec<DetachedDisk>)> {
     let (ctx, host) = (env.ctx, env.host);
@@ -420,7 +421,7 @@ fn define_restored(
 fn finish(
     env: &Env,
     record: &mut RestoreRecord,
-    records: &[SnapshotRecord],
+    records: &[Arc<SnapshotRecord>],
     previous_xml: &str,
 ) -> OpResult<()> {
     let ctx = env.ctx;
@@ -656,7 +657,7 @@ fn shut_down(ctx: &OpContext, host: &dyn Host, record: &RestoreRecord) -> OpResu
 fn take_safety_snapshot(
     ctx: &OpContext,
     record: &mut RestoreRecord,
-    records: &mut Vec<SnapshotRecord>,
+    records: &mut Vec<Arc<SnapshotRecord>>,
 ) -> OpResult<()> {
     let stamp = now_rfc3339().replace([':', '-'], "");
     let base = format!("pre-restore-{stamp}");
@@ -687,7 +688,7 @@ fn take_safety_snapshot(
             done.error
         )));
     }
-    records.push(done);
+    records.push(Arc::new(done));
     record.safety_snapshot = name;
     ctx.save_restore(record)
 }
@@ -724,8 +725,8 @@ fn detached_disks(current: &str, snapshot_xml: &str) -> OpResult<Vec<DetachedDis
 fn finish_committed(
     env: &Env,
     record: &mut RestoreRecord,
-    records: &[SnapshotRecord],
-    snapshot: Option<SnapshotRecord>,
+    records: &[Arc<SnapshotRecord>],
+    snapshot: Option<Arc<SnapshotRecord>>,
     previous_xml: &str,
     volume_steps: &BTreeMap<String, String>,
 ) -> OpResult<()> {
@@ -762,7 +763,7 @@ fn finish_committed(
 
 /// Settles a restore a previous vmsnapd left unfinished: finishes it if the new definition is
 /// in place (or it was past its point of no return), else puts the VM back as it was.
-pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<SnapshotRecord>) {
+pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Arc<SnapshotRecord>>) {
     match recover_steps(ctx, &mut record, &records) {
         Ok(how) => info!(vm = %record.vm_name, "interrupted restore {how}"),
         Err(error) => {
@@ -778,7 +779,7 @@ pub fn recover(ctx: &OpContext, mut record: RestoreRecord, records: Vec<Snapshot
 fn recover_steps(
     ctx: &OpContext,
     record: &mut RestoreRecord,
-    records: &[SnapshotRecord],
+    records: &[Arc<SnapshotRecord>],
 ) -> OpResult<&'static str> {
     let host = ctx.hypervisor.session()?;
     let env = Env::new(ctx, host.as_ref());

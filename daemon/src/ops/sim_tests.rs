@@ -202,10 +202,10 @@ impl Lab {
         record
     }
 
-    fn snapshots(&self) -> Vec<SnapshotRecord> {
+    fn snapshots(&self) -> Vec<Arc<SnapshotRecord>> {
         let (records, problems) = self.store().load_all();
         assert!(problems.is_empty(), "{problems:?}");
-        records
+        records.into_iter().map(Arc::new).collect()
     }
 
     fn restores(&self) -> Vec<RestoreRecord> {
@@ -235,7 +235,7 @@ impl Lab {
                     .into_iter()
                     .filter(|o| o.uuid != record.uuid)
                     .collect();
-                delete::recover(&ctx, record, others);
+                delete::recover(&ctx, SnapshotRecord::clone(&record), others);
             }
         }
     }
@@ -492,7 +492,11 @@ fn delete_lab() -> Scenario {
         lab,
         Box::new(|lab: &Lab, ctx: &OpContext| {
             let all = lab.snapshots();
-            let target = all.iter().find(|s| s.name == "s1").cloned().expect("s1");
+            let target = all
+                .iter()
+                .find(|s| s.name == "s1")
+                .map(|s| SnapshotRecord::clone(s))
+                .expect("s1");
             let others = all.into_iter().filter(|s| s.name != "s1").collect();
             delete::delete(ctx, target, others);
         }),
@@ -519,7 +523,7 @@ fn check_delete(lab: &Lab, at: usize) {
             }
         }
         let others = all.iter().filter(|s| s.name != "s1").cloned().collect();
-        delete::delete(&lab.ctx(None), s1.clone(), others);
+        delete::delete(&lab.ctx(None), SnapshotRecord::clone(s1), others);
         assert!(lab.snapshots().iter().all(|s| s.name != "s1"), "at {at}");
         lab.check_invariants(&[(s0, [1, 2]), (s2, [21, 22])]);
     }
@@ -554,7 +558,7 @@ fn restore_lab(new_vm: Option<&'static str>, safety: bool) -> Scenario {
             let all = lab.snapshots();
             let s0 = all.iter().find(|s| s.name == "s0").cloned().expect("s0");
             let request = lab.restore_request(&s0, new_vm, safety);
-            restore::restore(ctx, request, s0, all);
+            restore::restore(ctx, request, SnapshotRecord::clone(&s0), all);
         }),
     )
 }

@@ -7,6 +7,7 @@
 //! backing chains (read from the qcow2 headers) and the domain definitions (libvirt).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 // Fx: the forest hashes every image path several times per scan; the paths come from this
 // host's definitions and headers, not from a network peer.
@@ -142,7 +143,7 @@ impl Forest {
     /// unchanged image the change feed watches, a `stat` per other one.
     pub fn scan(
         view: &HostView,
-        records: &[SnapshotRecord],
+        records: &[Arc<SnapshotRecord>],
         focus: &[&str],
     ) -> Result<Forest, String> {
         let started = std::time::Instant::now();
@@ -197,7 +198,7 @@ impl Forest {
     pub fn scan_again(
         mut self,
         view: &HostView,
-        records: &[SnapshotRecord],
+        records: &[Arc<SnapshotRecord>],
         focus: &[&str],
     ) -> Result<Forest, String> {
         let Some(inventory) = (view.inventory)() else {
@@ -291,7 +292,7 @@ impl Forest {
     fn complete(
         self,
         view: &HostView,
-        records: &[SnapshotRecord],
+        records: &[Arc<SnapshotRecord>],
         focus: &[&str],
         mut domains: Vec<(DomainTops, bool)>,
         started: std::time::Instant,
@@ -556,7 +557,7 @@ impl Forest {
 
 /// Whether a snapshot or a domain's top claims `image`. Only snapshots that hold data claim
 /// their images: a Failed one (never taken, or already partly merged away) does not.
-pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> bool {
+pub fn is_owned(image: &str, forest: &Forest, records: &[Arc<SnapshotRecord>]) -> bool {
     records
         .iter()
         .filter(|r| {
@@ -573,7 +574,7 @@ pub fn is_owned(image: &str, forest: &Forest, records: &[SnapshotRecord]) -> boo
 /// builds on them.
 pub fn prune_unclaimed(
     view: &HostView,
-    records: &[SnapshotRecord],
+    records: &[Arc<SnapshotRecord>],
     image: &str,
 ) -> Result<(), String> {
     let mut forest = Forest::scan(view, records, &[image])?;
@@ -584,7 +585,11 @@ pub fn prune_unclaimed(
 /// serves the whole walk, as it covers everything connected to `image`, its backing images
 /// included, and the only change along the way is vmsnapd's own removals, which `forest`
 /// forgets as they happen.
-pub fn prune(forest: &mut Forest, records: &[SnapshotRecord], image: &str) -> Result<(), String> {
+pub fn prune(
+    forest: &mut Forest,
+    records: &[Arc<SnapshotRecord>],
+    image: &str,
+) -> Result<(), String> {
     let mut current = image.to_string();
     loop {
         if !std::path::Path::new(&current).exists()

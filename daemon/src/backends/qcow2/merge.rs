@@ -3,6 +3,7 @@
 //! starts, and recognised as done after a crash when QEMU finished it alone.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -50,7 +51,7 @@ pub(super) fn release_image(
     ctx: &OpContext,
     view: &HostView,
     deleting: &mut SnapshotRecord,
-    others: &mut [SnapshotRecord],
+    others: &mut [Arc<SnapshotRecord>],
     target: &str,
     image: &str,
     checked: Option<Forest>,
@@ -160,7 +161,7 @@ const MERGE_MARGIN: u64 = 4 << 20;
 pub(super) fn check_room(
     view: &HostView,
     deleting: &SnapshotRecord,
-    others: &[SnapshotRecord],
+    others: &[Arc<SnapshotRecord>],
     image: &str,
 ) -> OpResult<Forest> {
     let forest = Forest::scan(view, others, &[image])?;
@@ -321,24 +322,27 @@ fn abort_leftover_job(dom: &Domain, disk: &str) -> OpResult<()> {
 /// After `from` was merged into `to`: records that named `from` as their image now name `to`.
 fn move_claims(
     ctx: &OpContext,
-    records: &mut [SnapshotRecord],
+    records: &mut [Arc<SnapshotRecord>],
     from: &str,
     to: &str,
     forest: &Forest,
 ) -> OpResult<()> {
     let format = forest.format(to).to_string();
+    let names_from =
+        |v: &VolumeRecord| v.image == from && matches!(v.artifact, Artifact::Qcow2 { .. });
     for record in records.iter_mut() {
-        let mut changed = false;
-        for v in record.volumes.iter_mut().filter(|v| v.image == from) {
+        if !record.volumes.iter().any(names_from) {
+            continue;
+        }
+        // Copied only here: the records that do not change stay shared with the engine's.
+        let record = Arc::make_mut(record);
+        for v in record.volumes.iter_mut().filter(|v| names_from(v)) {
             if let Artifact::Qcow2 { image_format, .. } = &mut v.artifact {
                 v.image = to.to_string();
                 *image_format = format.clone();
-                changed = true;
             }
         }
-        if changed {
-            ctx.save(record)?;
-        }
+        ctx.save(record)?;
     }
     Ok(())
 }

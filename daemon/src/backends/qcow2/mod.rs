@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod qemu_img;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::warn;
@@ -252,7 +253,7 @@ impl VolumeBackend for Qcow2Backend {
         &self,
         env: &Env,
         deleting: &mut SnapshotRecord,
-        others: &mut [SnapshotRecord],
+        others: &mut [Arc<SnapshotRecord>],
         volume: &VolumeRecord,
         deadline: Instant,
     ) -> OpResult<()> {
@@ -278,7 +279,7 @@ impl VolumeBackend for Qcow2Backend {
         &self,
         env: &Env,
         deleting: &SnapshotRecord,
-        others: &[SnapshotRecord],
+        others: &[Arc<SnapshotRecord>],
         volume: &VolumeRecord,
     ) -> OpResult<()> {
         let forest = merge::check_room(&host_view(env)?, deleting, others, &volume.image)?;
@@ -360,7 +361,7 @@ impl VolumeBackend for Qcow2Backend {
         &self,
         env: &Env,
         source: &str,
-        records: &[SnapshotRecord],
+        records: &[Arc<SnapshotRecord>],
     ) -> OpResult<()> {
         Ok(forest::prune_unclaimed(&host_view(env)?, records, source)?)
     }
