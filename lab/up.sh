@@ -258,12 +258,27 @@ define_vm vmsnap-lab-agent "$(domain_xml vmsnap-lab-agent '' yes '')"
 define_vm vmsnap-lab-noagent "$(domain_xml vmsnap-lab-noagent '' no '')"
 define_vm vmsnap-lab-mixed "$(domain_xml vmsnap-lab-mixed ' vmsnap.agent=off' yes "$mixed_devices")"
 
+# start_vm NAME: virsh start, run again (5 attempts in all) only when libvirt 9.0 fails with
+# "failed to load cgroup BPF prog: Resource temporarily unavailable": the kernel's BPF verifier
+# gives up with EAGAIN when a signal is pending, libvirt does not retry, and the failed start
+# changed nothing. vmsnapd and the tests' virsh_output retry the same message the same way.
+start_vm() {
+  local out attempt
+  for attempt in 1 2 3 4 5; do
+    out=$(virsh -c "$URI" start "$1" 2>&1) && return 0
+    [[ $out == *"failed to load cgroup BPF prog: Resource temporarily unavailable"* ]] || break
+  done
+  echo "lab up: 'virsh -c $URI start $1' failed (attempt $attempt):" >&2
+  echo "$out" >&2
+  return 1
+}
+
 for vm in "${VMS[@]}"; do
   state=$(virsh -c "$URI" domstate "$vm" 2>/dev/null || true)
   case $state in
     running) ;;
     paused) quiet virsh -c "$URI" resume "$vm" ;;
-    *) quiet virsh -c "$URI" start "$vm" ;;
+    *) start_vm "$vm" ;;
   esac
 done
 

@@ -57,13 +57,14 @@ fn create_new_like_with(
     }
 }
 
-/// Why [`create_new_image`] made no file, in words that name it: something is at its path
-/// already (callers refuse the operation), or the create failed.
+/// Why [`create_new_image`] made no overlay, in words that name it: something is at its path
+/// already (callers refuse the operation), or the create failed. Each message is whole (says
+/// "overlay" and the path once): callers add only which disk.
 #[derive(Debug, thiserror::Error)]
 pub enum NewFileError {
-    #[error("{path} already exists")]
+    #[error("the overlay {path} already exists")]
     Exists { path: String },
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create the overlay {path}: {source}")]
     Create {
         path: String,
         #[source]

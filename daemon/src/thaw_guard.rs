@@ -125,18 +125,7 @@ impl ThawGuard {
     /// Starts a guard for the domain `domain_uuid` on `uri` that thaws it `deadline` after
     /// `arm` at the latest, and returns at once: the guard connects while the caller prepares.
     pub fn start(uri: &str, domain_uuid: &str, deadline: Duration) -> io::Result<PendingThawGuard> {
-        if let Some(pending) = STANDBY.take(uri, domain_uuid, deadline) {
-            return Ok(pending);
-        }
-        let mut command = guard_command()?;
-        command
-            .arg("--thaw-guard")
-            .arg(domain_uuid)
-            .arg("--guard-uri")
-            .arg(uri)
-            .arg("--guard-deadline-ms")
-            .arg(deadline.as_millis().to_string());
-        ThawGuard::spawn(command, domain_uuid, READY_WAIT)
+        STANDBY.start(uri, domain_uuid, deadline, guard_command)
     }
 
     /// Starts a guard and arms it: returns once the guard is ready to thaw. Call it before
@@ -291,6 +280,29 @@ impl StandbySlot {
         })
     }
 
+    /// [`ThawGuard::start`] with this slot's standby, or else a fresh guard run by `command`
+    /// (the daemon's own executable; tests give a fake).
+    fn start(
+        &self,
+        uri: &str,
+        domain_uuid: &str,
+        deadline: Duration,
+        command: impl FnOnce() -> io::Result<Command>,
+    ) -> io::Result<PendingThawGuard> {
+        if let Some(pending) = self.take(uri, domain_uuid, deadline) {
+            return Ok(pending);
+        }
+        let mut command = command()?;
+        command
+            .arg("--thaw-guard")
+            .arg(domain_uuid)
+            .arg("--guard-uri")
+            .arg(uri)
+            .arg("--guard-deadline-ms")
+            .arg(deadline.as_millis().to_string());
+        ThawGuard::spawn(command, domain_uuid, READY_WAIT)
+    }
+
     /// The standby for `uri`, made the guard of `domain_uuid` with `deadline` (see
     /// [`ThawGuard::start`]); `None` if there is none, it is for another URI, or it has exited.
     fn take(&self, uri: &str, domain_uuid: &str, deadline: Duration) -> Option<PendingThawGuard> {
@@ -320,6 +332,45 @@ impl StandbySlot {
             domain_uuid: domain_uuid.to_string(),
             ready_by: Instant::now() + READY_WAIT,
         })
+    }
+}
+
+/// The guard one hypervisor session started early (`Host::prepare_thaw_guard`) for one VM,
+/// until that session arms it or ends. At most one: a second hint for the same VM keeps the
+/// guard the first one started (it neither takes the next standby nor starts a process); a hint
+/// for another VM stops the first guard.
+#[derive(Default)]
+pub struct EarlyGuard(std::cell::RefCell<Option<(String, PendingThawGuard)>>);
+
+impl EarlyGuard {
+    /// Starts a guard for `vm` unless this session has one for it already. A failed start is
+    /// only logged: the arm tries again and reports it.
+    pub fn prepare(&self, uri: &str, vm: &str, deadline: Duration) {
+        self.prepare_with(vm, || ThawGuard::start(uri, vm, deadline));
+    }
+
+    /// [`EarlyGuard::prepare`] with the start given (tests start fakes).
+    fn prepare_with(&self, vm: &str, start: impl FnOnce() -> io::Result<PendingThawGuard>) {
+        if matches!(&*self.0.borrow(), Some((for_vm, _)) if for_vm == vm) {
+            return;
+        }
+        match start() {
+            Ok(pending) => *self.0.borrow_mut() = Some((vm.to_string(), pending)),
+            Err(e) => tracing::debug!(vm, error = %e, "cannot start the thaw guard early"),
+        }
+    }
+
+    /// The guard started for `vm`, if any; one started for another VM is stopped.
+    pub fn take(&self, vm: &str) -> Option<PendingThawGuard> {
+        match self.0.borrow_mut().take() {
+            Some((for_vm, pending)) if for_vm == vm => Some(pending),
+            _ => None,
+        }
+    }
+
+    /// Stops the guard, if any (nothing is frozen under a guard never armed).
+    pub fn stop(&self) {
+        self.0.borrow_mut().take();
     }
 }
 
@@ -1128,6 +1179,61 @@ mod tests {
         slot.replenish(|_| next.take().ok_or_else(|| io::Error::other("used")));
         let now = slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
         assert!(now.is_some() && now != dead, "{dead:?} -> {now:?}");
+    }
+
+    #[test]
+    fn a_second_early_start_for_the_same_vm_keeps_the_first_guard_and_the_next_standby() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (given, next_given, fresh) = (
+            dir.path().join("given"),
+            dir.path().join("next-given"),
+            dir.path().join("fresh"),
+        );
+        let (uri, uuid) = ("qemu:///x", "6695eb01-f6a4-8304-79aa-97f2502e193f");
+        let slot = slot_with(uri, STANDBY_GUARD, &[&given]);
+        let standby_pid = || slot.with(|s| s.ready.as_ref().map(|r| r.child.id()));
+        let first = standby_pid();
+        let early = EarlyGuard::default();
+        // As `Host::prepare_thaw_guard` does, over this slot; a fresh guard would leave a mark.
+        let prepare = || {
+            early.prepare_with(uuid, || {
+                slot.start(uri, uuid, Duration::from_secs(5), || {
+                    let mut command = fake(r#"touch "$1"; exec sleep 30"#);
+                    command.arg("fresh").arg(&fresh);
+                    Ok(command)
+                })
+            })
+        };
+        prepare();
+        assert!(slot.with(|s| s.ready.is_none()), "the standby was taken");
+        // Another operation's guard ended meanwhile: the next standby waits in the slot.
+        let mut next = Some(fake(STANDBY_GUARD));
+        if let Some(command) = next.as_mut() {
+            command.arg("standby").arg(&next_given);
+        }
+        slot.replenish(|_| next.take().ok_or_else(|| io::Error::other("used")));
+        let next_standby = standby_pid();
+        assert!(next_standby.is_some() && next_standby != first);
+
+        prepare();
+        assert_eq!(
+            standby_pid(),
+            next_standby,
+            "the next standby is left for the next create"
+        );
+        let pending = early.take(uuid).expect("the first guard is kept");
+        assert_eq!(pending.child.as_ref().map(Child::id), first);
+        pending.armed().expect("armed").disarm().expect("disarmed");
+        assert_eq!(
+            std::fs::read_to_string(&given).expect("given"),
+            format!("guard {uuid} 5000\n"),
+            "the first standby was told its domain once"
+        );
+        assert!(
+            !next_given.exists(),
+            "the next standby was never told a domain"
+        );
+        assert!(!fresh.exists(), "no fresh guard was started");
     }
 
     #[test]

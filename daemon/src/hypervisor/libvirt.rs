@@ -15,7 +15,7 @@ use virt::error::ErrorNumber;
 use super::{FreezeFailure, Host, Hypervisor, RunState, ThawGuardHandle};
 use crate::libvirt::{InventoryView, KnownDomains};
 use crate::ops::{OpError, OpResult};
-use crate::thaw_guard::{PendingThawGuard, ThawGuard};
+use crate::thaw_guard::{EarlyGuard, ThawGuard};
 use crate::virt_ext;
 
 pub const VIR_DOMAIN_XML_SECURE: u32 = 1;
@@ -39,7 +39,7 @@ impl Hypervisor for Libvirt {
             uri: self.uri.clone(),
             conn: Some(conn),
             known: self.known.clone(),
-            pending_guard: RefCell::new(None),
+            pending_guard: EarlyGuard::default(),
             frozen: RefCell::new(None),
         }))
     }
@@ -110,7 +110,7 @@ pub struct LibvirtHost {
     conn: Option<Connect>,
     known: Option<Arc<KnownDomains>>,
     /// A guard started by `prepare_thaw_guard`, for `arm_thaw_guard` to arm.
-    pending_guard: RefCell<Option<(String, PendingThawGuard)>>,
+    pending_guard: EarlyGuard,
     /// The domain `freeze` froze, so that the thaw inside the frozen window needs no lookup
     /// round trip first.
     frozen: RefCell<Option<(String, Domain)>>,
@@ -119,7 +119,7 @@ pub struct LibvirtHost {
 impl Drop for LibvirtHost {
     fn drop(&mut self) {
         // A guard never armed is stopped (dropped) before its connection's session ends.
-        self.pending_guard.get_mut().take();
+        self.pending_guard.stop();
         self.frozen.get_mut().take();
         if let Some(conn) = self.conn.take() {
             idle_connections().keep(&self.uri, conn);
@@ -241,10 +241,9 @@ impl Host for LibvirtHost {
     }
 
     fn arm_thaw_guard(&self, vm: &str, deadline: Duration) -> OpResult<Box<dyn ThawGuardHandle>> {
-        let pending = self.pending_guard.borrow_mut().take();
-        let armed = match pending {
+        let armed = match self.pending_guard.take(vm) {
             // Started with the same deadline: `prepare_thaw_guard` is called with it.
-            Some((for_vm, pending)) if for_vm == vm => {
+            Some(pending) => {
                 let waited = Instant::now();
                 match pending.armed() {
                     Ok(guard) => {
@@ -263,7 +262,7 @@ impl Host for LibvirtHost {
                     }
                 }
             }
-            _ => ThawGuard::arm(&self.uri, vm, deadline),
+            None => ThawGuard::arm(&self.uri, vm, deadline),
         };
         armed
             .map(|g| Box::new(g) as Box<dyn ThawGuardHandle>)
@@ -271,14 +270,7 @@ impl Host for LibvirtHost {
     }
 
     fn prepare_thaw_guard(&self, vm: &str, deadline: Duration) {
-        if matches!(&*self.pending_guard.borrow(), Some((for_vm, _)) if for_vm == vm) {
-            return;
-        }
-        match ThawGuard::start(&self.uri, vm, deadline) {
-            Ok(pending) => *self.pending_guard.borrow_mut() = Some((vm.to_string(), pending)),
-            // arm_thaw_guard tries again and reports it.
-            Err(e) => debug!(vm, error = %e, "cannot start the thaw guard early"),
-        }
+        self.pending_guard.prepare(&self.uri, vm, deadline);
     }
 
     fn freeze(

@@ -1355,6 +1355,36 @@ mod tests {
     }
 
     #[test]
+    fn a_mount_table_change_drops_every_cached_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, _, top) = three(dir.path());
+        let cache = cached_and_watched(&top, &a);
+        // A pipe's write end with no reader polls POLLERR, as /proc/self/mountinfo polls
+        // POLLERR | POLLPRI once the mount table changed: a mount over a watched folder changes
+        // what a path names with no inotify event.
+        let (reader, changed) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let changed = File::from(std::os::fd::OwnedFd::from(changed));
+        cache
+            .reader()
+            .state()
+            .index
+            .as_mut()
+            .expect("watching")
+            .poll_mounts_of(changed);
+        assert!(
+            cache.reader().state().entries.is_empty(),
+            "everything dropped"
+        );
+        // Read and watched again, with the real mount table polled from then on.
+        assert_eq!(
+            cache.reader().backing_chain(&top).expect("reads")[1].path,
+            a
+        );
+        assert!(trusted(&cache, &top));
+    }
+
+    #[test]
     fn a_queue_that_cannot_be_decoded_drops_everything() {
         let Some(mut index) = index::Index::new(index::is_local_fs) else {
             panic!("inotify");

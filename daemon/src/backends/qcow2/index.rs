@@ -409,6 +409,13 @@ impl Index {
         Some(wd)
     }
 
+    /// Tests: `file` stands in for /proc/self/mountinfo, whose poll a test cannot make signal
+    /// without mounting something (root, a mount namespace); the next drain polls it.
+    #[cfg(test)]
+    pub(crate) fn poll_mounts_of(&mut self, file: File) {
+        self.mounts = Some(file);
+    }
+
     /// Tests: decodes `bytes` as if read from the queue.
     #[cfg(test)]
     pub(crate) fn take(&mut self, bytes: &[u8]) -> Drained {

@@ -145,12 +145,8 @@ impl VolumeBackend for Qcow2Backend {
                 image_format(volume),
                 volume.virtual_size,
             )
-            .map_err(|e| {
-                OpError::Storage(format!(
-                    "disk {}: cannot create the overlay: {e}",
-                    volume.target
-                ))
-            })?;
+            // The error says what failed on which overlay; only the disk is added here.
+            .map_err(|e| OpError::Storage(format!("disk {}: {e}", volume.target)))?;
         }
         Ok(())
     }

@@ -53,21 +53,22 @@ const FEATURE_NAME_LEN: usize = 46;
 const BACKING_FORMATS: [&str; 2] = ["qcow2", "raw"];
 
 /// Why an overlay was not made. Nothing is left behind: a file vmsnapd created is removed again.
+/// Each message says what failed on the overlay once: callers add only which disk.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
     /// The backing name, format or size cannot go into a qcow2 header as qemu-img would write it.
-    #[error("{0}")]
+    #[error("cannot create the overlay: {0}")]
     Invalid(String),
     /// Something is at the overlay's path already, or the file could not be made.
     #[error(transparent)]
     NewFile(#[from] files::NewFileError),
     /// The one cause worth naming apart: the user can act on it.
     #[error(
-        "cannot write {path}: no space left on device (free some space where the VM's images \
-         are, then try again)"
+        "cannot write the overlay {path}: no space left on device (free some space where the \
+         VM's images are, then try again)"
     )]
     NoSpace { path: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write the overlay {path}: {source}")]
     Write {
         path: String,
         #[source]
@@ -500,7 +501,10 @@ mod tests {
             matches!(error, OverlayError::NewFile(Exists { .. })),
             "{error}"
         );
-        assert_eq!(error.to_string(), format!("{} already exists", s(&top)));
+        assert_eq!(
+            error.to_string(),
+            format!("the overlay {} already exists", s(&top))
+        );
         assert_eq!(std::fs::read(&top).expect("read"), b"precious");
         let link = dir.path().join("link.qcow2");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).expect("symlink");
@@ -520,7 +524,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             format!(
-                "cannot create {}: No such file or directory (os error 2)",
+                "cannot create the overlay {}: No such file or directory (os error 2)",
                 s(&nowhere)
             )
         );

@@ -338,7 +338,7 @@ mod tests {
             crate::ops::OpError::from(create_overlay(&top, &base, "qcow2").expect_err("taken"));
         assert_eq!(
             error,
-            crate::ops::OpError::Refused(format!("{top} already exists"))
+            crate::ops::OpError::Refused(format!("the overlay {top} already exists"))
         );
         assert_eq!(std::fs::read(&top).expect("read"), b"precious");
         let nowhere = p("no/top.qcow2");
@@ -346,7 +346,7 @@ mod tests {
             create_overlay(&nowhere, &base, "qcow2").expect_err("no folder"),
         );
         assert!(
-            matches!(&error, crate::ops::OpError::Storage(m) if m.starts_with(&format!("cannot create {nowhere}: "))),
+            matches!(&error, crate::ops::OpError::Storage(m) if m.starts_with(&format!("cannot create the overlay {nowhere}: "))),
             "a storage failure, naming the path: {error:?}"
         );
     }
