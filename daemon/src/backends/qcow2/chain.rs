@@ -10,6 +10,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::sync::Arc;
 
 use tracing::{debug, warn};
 
@@ -202,6 +203,38 @@ impl Reader<'_> {
         }
     }
 
+    /// The regular files in `folder` (whole paths; names that are not UTF-8 are left out), or
+    /// `None` when it cannot be listed. Kept from one hold to the next while the change feed
+    /// watches the folder's names: a name made, replaced or removed there, by any means,
+    /// goes through a syscall that queues its event (unlike a write through native AIO), so
+    /// a checked reader may take it too. A folder with 1,000 images costs a `getdents` of
+    /// about half a millisecond per look otherwise.
+    pub fn files_in(&mut self, folder: &str) -> Option<Arc<[String]>> {
+        let state = self.state();
+        if let Some(files) = state.listings.get(folder) {
+            return Some(files.clone());
+        }
+        // Watched before it is listed: a name changed from here on is queued for the next hold.
+        let watched = state.index.as_mut().is_some_and(|i| i.watch_folder(folder));
+        let prefix = if folder.ends_with('/') {
+            folder.to_string()
+        } else {
+            format!("{folder}/")
+        };
+        let files: Arc<[String]> = std::fs::read_dir(folder)
+            .ok()?
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|entry| Some(format!("{prefix}{}", entry.file_name().to_str()?)))
+            .collect();
+        if watched {
+            self.state()
+                .listings
+                .insert(folder.to_string(), files.clone());
+        }
+        Some(files)
+    }
+
     /// See [`backing_of`].
     pub fn backing_of(&mut self, path: &str) -> Option<String> {
         let image = match self.trusted(path, None) {
@@ -388,6 +421,8 @@ struct CacheState {
     /// The change feed; `None` until first held, or when inotify is not available.
     index: Option<index::Index>,
     index_tried: bool,
+    /// Folder -> the regular files in it (whole paths), while the change feed watches its names.
+    listings: rustc_hash::FxHashMap<String, Arc<[String]>>,
 }
 
 impl CacheState {
@@ -445,6 +480,7 @@ impl CacheState {
     /// Drops every entry and every watch.
     fn clear(&mut self) {
         self.entries.clear();
+        self.listings.clear();
         if let Some(index) = &mut self.index {
             index.reset();
         }
@@ -460,13 +496,19 @@ impl CacheState {
             return;
         };
         match index.drain() {
-            index::Drained::Paths(paths) => {
+            index::Drained::Changed { paths, folders } => {
                 for path in paths {
                     self.entries.remove(&path);
                 }
+                for folder in folders {
+                    self.listings.remove(&folder);
+                }
             }
             // Every watch is gone with it: entries fall back to being read and watched again.
-            index::Drained::Everything => self.entries.clear(),
+            index::Drained::Everything => {
+                self.entries.clear();
+                self.listings.clear();
+            }
         }
     }
 }
@@ -1384,6 +1426,51 @@ mod tests {
         assert!(trusted(&cache, &top));
     }
 
+    /// A folder's listing is kept from one hold to the next while its names stay as they are
+    /// (a write to a file in it changes none), and dropped when a name is made, moved or removed
+    /// there.
+    #[test]
+    fn a_folder_listing_is_kept_until_a_name_changes_in_the_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = s(dir.path());
+        let (a, b, top) = three(dir.path());
+        let cache = cached_and_watched(&top, &a);
+        let listed = |cache: &HeaderCache| {
+            let mut files: Vec<String> = cache.reader().files_in(&folder).expect("lists").to_vec();
+            files.sort();
+            files
+        };
+        let kept = |cache: &HeaderCache| cache.reader().state().listings.contains_key(&folder);
+        assert_eq!(listed(&cache), [a.clone(), b.clone(), top.clone()]);
+        assert!(
+            kept(&cache),
+            "kept while the feed watches the folder's names"
+        );
+
+        // A write to a file there: its header is read again, the listing stays.
+        qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &b, &top]);
+        assert!(kept(&cache), "a write changes no name");
+        assert!(!trusted(&cache, &top));
+
+        let made = s(&dir.path().join("made.qcow2"));
+        std::fs::write(&made, b"x").expect("writes");
+        assert!(!kept(&cache), "a name made");
+        assert_eq!(
+            listed(&cache),
+            [a.clone(), b.clone(), made.clone(), top.clone()]
+        );
+
+        let moved = s(&dir.path().join("moved.qcow2"));
+        std::fs::rename(&made, &moved).expect("renames");
+        assert_eq!(
+            listed(&cache),
+            [a.clone(), b.clone(), moved.clone(), top.clone()]
+        );
+
+        std::fs::remove_file(&a).expect("removes");
+        assert_eq!(listed(&cache), [b, moved, top]);
+    }
+
     #[test]
     fn a_queue_that_cannot_be_decoded_drops_everything() {
         let Some(mut index) = index::Index::new(index::is_local_fs) else {
@@ -1400,7 +1487,10 @@ mod tests {
         };
         assert_eq!(
             index.take(&event(1, 0, b"", 0)),
-            index::Drained::Paths(vec![])
+            index::Drained::Changed {
+                paths: vec![],
+                folders: vec![]
+            }
         );
         assert_eq!(
             index.take(&event(-1, libc::IN_Q_OVERFLOW, b"", 0)),

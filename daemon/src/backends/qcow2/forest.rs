@@ -219,32 +219,36 @@ impl Forest {
             .inventory
             .as_ref()
             .is_some_and(|seen| std::sync::Arc::ptr_eq(seen, &inventory.vms));
-        // Each domain as `self` found it, or as the inventory shows it when it published a
-        // newer read since (a domain defined or changed since is taken from there; one it no
-        // longer shows is kept: counting an image as used is the safe mistake).
-        let mut kept: FxHashMap<String, DomainTops> = FxHashMap::default();
-        for top in self.tops.drain(..) {
-            let key = top.domain_uuid.to_ascii_lowercase();
-            if reread.contains(&key) {
-                continue;
+        let mut domains: Vec<(DomainTops, bool)> = Vec::new();
+        if unchanged {
+            // The usual case, moments after `self`: each other domain's disks stay as they are.
+            self.tops
+                .retain(|t| !reread.contains(lower_case(&t.domain_uuid).as_ref()));
+        } else {
+            // Each domain as the inventory shows it now that it published a newer read (a
+            // domain defined or changed since is taken from there; one it no longer shows is
+            // kept as `self` found it: counting an image as used is the safe mistake).
+            let mut kept: FxHashMap<String, DomainTops> = FxHashMap::default();
+            for top in self.tops.drain(..) {
+                let key = top.domain_uuid.to_ascii_lowercase();
+                if reread.contains(&key) {
+                    continue;
+                }
+                let tops = kept.entry(key).or_insert_with(|| DomainTops {
+                    uuid: top.domain_uuid.clone(),
+                    running: top.running,
+                    disks: Vec::new(),
+                });
+                tops.disks.push((top.target, top.path));
             }
-            let tops = kept.entry(key).or_insert_with(|| DomainTops {
-                uuid: top.domain_uuid.clone(),
-                running: top.running,
-                disks: Vec::new(),
-            });
-            tops.disks.push((top.target, top.path));
-        }
-        if !unchanged {
             for vm in inventory.vms.iter() {
                 let key = vm.uuid.to_ascii_lowercase();
                 if !reread.contains(&key) {
                     kept.insert(key, DomainTops::from_inventory(vm));
                 }
             }
+            domains.extend(kept.into_values().map(|tops| (tops, false)));
         }
-        let mut domains: Vec<(DomainTops, bool)> =
-            kept.into_values().map(|tops| (tops, false)).collect();
         for uuid in &reread {
             // Gone since: nothing of it to count.
             let now = view
@@ -266,13 +270,13 @@ impl Forest {
     }
 
     /// Keeps only the chains of the images not in `at_stake` (which holds whole connected
-    /// parts, so each kept chain is whole); who uses them is to be found again.
+    /// parts, so each kept chain is whole); the files no domain or record names are to be
+    /// found again. The domains' disks (`tops`) are left to the caller.
     fn keep_apart_from(&mut self, at_stake: &BTreeSet<String>) {
         self.parent.retain(|image, _| !at_stake.contains(image));
         self.format.retain(|image, _| !at_stake.contains(image));
         self.images.retain(|image| !at_stake.contains(image));
         self.unknown.clear();
-        self.tops.clear();
     }
 
     fn add_focus(&mut self, focus: &[&str]) {
@@ -337,6 +341,33 @@ impl Forest {
         // A domain shown using the images at stake, or an image that is gone, is read again:
         // the inventory follows libvirt's events, but a disk-only snapshot (`virsh
         // snapshot-create-as --disk-only`) changes a running domain's disks without one.
+        // The disks a scan again kept as `self` found them count too: a domain among them seen
+        // using what is at stake now is taken out, to be read again with the others.
+        let stale_kept: BTreeSet<&str> = forest
+            .tops
+            .iter()
+            .filter(|t| connected.contains(&t.path) || !forest.images.contains(&t.path))
+            .map(|t| t.domain_uuid.as_str())
+            .collect();
+        if !stale_kept.is_empty() {
+            let stale_kept: BTreeSet<String> = stale_kept.into_iter().map(str::to_string).collect();
+            let (stale, still): (Vec<DiskTop>, Vec<DiskTop>) = std::mem::take(&mut forest.tops)
+                .into_iter()
+                .partition(|t| stale_kept.contains(&t.domain_uuid));
+            forest.tops = still;
+            let mut taken: FxHashMap<String, DomainTops> = FxHashMap::default();
+            for top in stale {
+                let tops = taken
+                    .entry(top.domain_uuid.clone())
+                    .or_insert_with(|| DomainTops {
+                        uuid: top.domain_uuid.clone(),
+                        running: top.running,
+                        disks: Vec::new(),
+                    });
+                tops.disks.push((top.target, top.path));
+            }
+            domains.extend(taken.into_values().map(|tops| (tops, false)));
+        }
         let mut reread = false;
         for (tops, fresh) in domains.iter_mut().filter(|(_, fresh)| !*fresh) {
             let stale = tops
@@ -430,29 +461,29 @@ impl Forest {
     /// backing image, so that image is neither merged into nor removed while the file exists.
     /// Files in other folders that build on vmsnap's images are not seen.
     fn add_unknown_children(&mut self, connected: &BTreeSet<String>) {
-        let folders: BTreeSet<std::path::PathBuf> = connected
+        let folders: BTreeSet<&str> = connected
             .iter()
-            .filter_map(|i| std::path::Path::new(i).parent().map(|p| p.to_path_buf()))
+            .filter_map(|i| match i.rfind('/')? {
+                0 => Some("/"),
+                slash => Some(&i[..slash]),
+            })
             .collect();
         let mut headers = chain::checked_reader();
         for folder in folders {
-            let Ok(entries) = std::fs::read_dir(&folder) else {
+            let Some(files) = headers.files_in(folder) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-                let name = path.to_string_lossy().into_owned();
-                if !is_file || self.images.contains(&name) {
+            for name in files.iter() {
+                if self.images.contains(name) {
                     continue;
                 }
-                let Some(backing) = headers.backing_of(&name) else {
+                let Some(backing) = headers.backing_of(name) else {
                     continue;
                 };
                 if connected.contains(&backing) {
                     debug!(file = %name, %backing, "a file no domain or record names builds on an image");
                     self.parent.insert(name.clone(), backing);
-                    self.unknown.insert(name);
+                    self.unknown.insert(name.clone());
                 }
             }
         }
@@ -760,6 +791,70 @@ mod tests {
         // (apart from the images at stake) still as first read.
         assert_eq!(third.users(&other_top).len(), 1);
         assert_eq!(third.parent(&other_top), Some(other_base.as_str()));
+    }
+
+    /// A file made next to the images at stake after a scan, building on one of them, is a file
+    /// no domain names for the next scan: the folder's listing kept from the first is dropped.
+    #[test]
+    fn a_file_made_next_to_the_images_after_a_scan_is_seen_by_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = image(dir.path(), "base.qcow2", None);
+        let first_child = image(dir.path(), "first-child.qcow2", Some(&base));
+        let conn = Connect::open(Some("test:///default")).expect("test driver opens");
+        let view = HostView::reading_all(&conn);
+        let first = Forest::scan(&view, &[], &[base.as_str()]).expect("scans");
+        assert!(first.is_unknown(&first_child));
+        let late_child = image(dir.path(), "late-child.qcow2", Some(&base));
+        let second = Forest::scan(&view, &[], &[base.as_str()]).expect("scans");
+        assert!(second.is_unknown(&late_child), "seen by the next scan");
+        assert_eq!(second.children(&base).len(), 2);
+    }
+
+    /// A scan again keeps each other domain's disks as the scan before found them, unless the
+    /// domain is found using what is at stake now: then it is read again from libvirt.
+    #[test]
+    fn a_scan_again_reads_a_kept_domain_again_once_it_uses_what_is_at_stake() {
+        const OWN_VM: &str = "66666666-6666-4666-8666-666666666666";
+        const OTHER_VM: &str = "77777777-7777-4777-8777-777777777777";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own_base = image(dir.path(), "own-base.qcow2", None);
+        let own_top = image(dir.path(), "own-top.qcow2", Some(&own_base));
+        let other_base = image(dir.path(), "other-base.qcow2", None);
+        let other_top = image(dir.path(), "other-top.qcow2", Some(&other_base));
+        let conn = Connect::open(Some("test:///default")).expect("test driver opens");
+        let own_xml = define(&conn, "stale-own", OWN_VM, &own_top);
+        let other_xml = define(&conn, "stale-other", OTHER_VM, &other_top);
+        let seen = inventory_of(&[&own_xml, &other_xml]);
+        let view = HostView {
+            conn: &conn,
+            inventory: Box::new(|| {
+                Some(InventoryView {
+                    vms: seen.clone(),
+                    changed: BTreeSet::new(),
+                })
+            }),
+            own_vm: Some(OWN_VM.to_string()),
+        };
+        let first = Forest::scan(&view, &[], &[own_top.as_str()]).expect("scans");
+        assert_eq!(first.users(&other_top).len(), 1);
+
+        // The own VM moves onto a new image on the other VM's base, and the other VM was
+        // redefined onto a new top meanwhile (the inventory has not read it yet).
+        let bridge = image(dir.path(), "bridge.qcow2", Some(&other_base));
+        define(&conn, "stale-own", OWN_VM, &bridge);
+        let other_new = image(dir.path(), "other-new.qcow2", Some(&other_base));
+        define(&conn, "stale-other", OTHER_VM, &other_new);
+        let again = first
+            .scan_again(&view, &[], &[bridge.as_str()])
+            .expect("scans");
+        assert_eq!(again.users(&bridge)[0].domain_uuid, OWN_VM);
+        assert_eq!(
+            again.users(&other_new).len(),
+            1,
+            "the other VM, now next to what is at stake, read again"
+        );
+        assert!(again.users(&other_top).is_empty());
+        assert_eq!(again.users(&other_base).len(), 2);
     }
 
     /// A domain the inventory still shows but libvirt no longer lists (undefined since the

@@ -84,8 +84,12 @@ fn statfs_type(call: impl FnOnce(*mut libc::statfs) -> libc::c_int) -> Option<u3
 /// What a drain found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Drained {
-    /// These paths may have changed (possibly none).
-    Paths(Vec<String>),
+    /// These paths may have changed (possibly none), and a name was made, replaced or removed
+    /// in these folders.
+    Changed {
+        paths: Vec<String>,
+        folders: Vec<String>,
+    },
     /// Anything may have changed: an event was lost, the queue could not be read, a watched
     /// folder moved, or the mount table changed.
     Everything,
@@ -161,6 +165,7 @@ impl Index {
             return Drained::Everything;
         }
         let mut changed = Vec::new();
+        let mut folders = Vec::new();
         // Aligned for `inotify_event`; large enough for many events per read.
         let mut buf = vec![0u64; 8192];
         loop {
@@ -175,7 +180,10 @@ impl Index {
             if n < 0 {
                 let error = std::io::Error::last_os_error();
                 if error.kind() == std::io::ErrorKind::WouldBlock {
-                    return Drained::Paths(changed);
+                    return Drained::Changed {
+                        paths: changed,
+                        folders,
+                    };
                 }
                 if error.kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -191,15 +199,20 @@ impl Index {
             }
             // SAFETY: `buf` holds `n` initialised bytes; viewed as bytes only.
             let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
-            if !self.take_events(bytes, &mut changed) {
+            if !self.take_events(bytes, &mut changed, &mut folders) {
                 return Drained::Everything;
             }
         }
     }
 
-    /// Decodes the events in `bytes` (what one read returned) into the paths they name;
-    /// `false` when anything may have changed.
-    fn take_events(&mut self, bytes: &[u8], changed: &mut Vec<String>) -> bool {
+    /// Decodes the events in `bytes` (what one read returned) into the paths they name and the
+    /// folders whose names changed; `false` when anything may have changed.
+    fn take_events(
+        &mut self,
+        bytes: &[u8],
+        changed: &mut Vec<String>,
+        folders: &mut Vec<String>,
+    ) -> bool {
         const HEAD: usize = std::mem::size_of::<libc::inotify_event>();
         let mut at = 0;
         while at + HEAD <= bytes.len() {
@@ -253,6 +266,9 @@ impl Index {
             if self.dir_of.contains_key(&path) {
                 // A folder on the way to cached images was replaced.
                 return false;
+            }
+            if dir.children && folders.last() != Some(&dir.path) {
+                folders.push(dir.path.clone());
             }
             changed.push(path);
         }
@@ -346,6 +362,13 @@ impl Index {
 
     /// Watches `folder` and every folder above it; `children`: names made or removed in it
     /// too. `false` when any of them cannot be watched.
+    /// Watches the names in `folder` (an absolute path) before it is listed, with every folder
+    /// on its way; `false` when the kernel would not see every name made, replaced or removed
+    /// there, and then a listing must be read again each time.
+    pub(crate) fn watch_folder(&mut self, folder: &str) -> bool {
+        self.trusts() && folder.starts_with('/') && self.watch_dir(folder, true)
+    }
+
     fn watch_dir(&mut self, folder: &str, children: bool) -> bool {
         if let Some(known) = self.dir_of.get(folder) {
             let Some(wd) = *known else {
@@ -419,9 +442,9 @@ impl Index {
     /// Tests: decodes `bytes` as if read from the queue.
     #[cfg(test)]
     pub(crate) fn take(&mut self, bytes: &[u8]) -> Drained {
-        let mut changed = Vec::new();
-        if self.take_events(bytes, &mut changed) {
-            Drained::Paths(changed)
+        let (mut paths, mut folders) = (Vec::new(), Vec::new());
+        if self.take_events(bytes, &mut paths, &mut folders) {
+            Drained::Changed { paths, folders }
         } else {
             Drained::Everything
         }
