@@ -205,11 +205,12 @@ impl Reader<'_> {
 
     /// The regular files in `folder` (whole paths; names that are not UTF-8 are left out), or
     /// `None` when it cannot be listed. Kept from one hold to the next while the change feed
-    /// watches the folder's names: a name made, replaced or removed there, by any means,
-    /// goes through a syscall that queues its event (unlike a write through native AIO), so
-    /// a checked reader may take it too. A folder with 1,000 images costs a `getdents` of
-    /// about half a millisecond per look otherwise.
-    pub fn files_in(&mut self, folder: &str) -> Option<Arc<[String]>> {
+    /// watches the folder's names, each name it reports looked at again (a `lstat`): a name
+    /// made, replaced or removed there, by any means, goes through a syscall that queues its
+    /// event (unlike a write through native AIO), so a checked reader may take it too. A
+    /// folder with 1,000 images costs a `getdents` of about half a millisecond per look
+    /// otherwise.
+    pub fn files_in(&mut self, folder: &str) -> Option<Arc<Vec<String>>> {
         let state = self.state();
         if let Some(files) = state.listings.get(folder) {
             return Some(files.clone());
@@ -221,12 +222,14 @@ impl Reader<'_> {
         } else {
             format!("{folder}/")
         };
-        let files: Arc<[String]> = std::fs::read_dir(folder)
-            .ok()?
-            .flatten()
-            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
-            .filter_map(|entry| Some(format!("{prefix}{}", entry.file_name().to_str()?)))
-            .collect();
+        let files: Arc<Vec<String>> = Arc::new(
+            std::fs::read_dir(folder)
+                .ok()?
+                .flatten()
+                .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+                .filter_map(|entry| Some(format!("{prefix}{}", entry.file_name().to_str()?)))
+                .collect(),
+        );
         if watched {
             self.state()
                 .listings
@@ -421,8 +424,9 @@ struct CacheState {
     /// The change feed; `None` until first held, or when inotify is not available.
     index: Option<index::Index>,
     index_tried: bool,
-    /// Folder -> the regular files in it (whole paths), while the change feed watches its names.
-    listings: rustc_hash::FxHashMap<String, Arc<[String]>>,
+    /// Folder -> the regular files in it (whole paths), while the change feed watches its
+    /// names; each name it reports is looked at again as the feed is drained.
+    listings: rustc_hash::FxHashMap<String, Arc<Vec<String>>>,
 }
 
 impl CacheState {
@@ -477,6 +481,28 @@ impl CacheState {
         }
     }
 
+    /// Brings the listing of `path`'s folder up to date with what `path` names now (a name the
+    /// folder's watch reported): in it while it is a regular file, out of it otherwise. The
+    /// name's state now, not the event's kind: several events for one name give one answer.
+    fn relist(&mut self, path: String) {
+        let Some(slash) = path.rfind('/') else {
+            return;
+        };
+        let folder = if slash == 0 { "/" } else { &path[..slash] };
+        let Some(files) = self.listings.get_mut(folder) else {
+            return;
+        };
+        let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+        let listed = files.iter().position(|f| *f == path);
+        match (is_file, listed) {
+            (true, None) => Arc::make_mut(files).push(path),
+            (false, Some(at)) => {
+                Arc::make_mut(files).swap_remove(at);
+            }
+            _ => {}
+        }
+    }
+
     /// Drops every entry and every watch.
     fn clear(&mut self) {
         self.entries.clear();
@@ -496,12 +522,12 @@ impl CacheState {
             return;
         };
         match index.drain() {
-            index::Drained::Changed { paths, folders } => {
+            index::Drained::Changed { paths, names } => {
                 for path in paths {
                     self.entries.remove(&path);
                 }
-                for folder in folders {
-                    self.listings.remove(&folder);
+                for name in names {
+                    self.relist(name);
                 }
             }
             // Every watch is gone with it: entries fall back to being read and watched again.
@@ -1426,35 +1452,39 @@ mod tests {
         assert!(trusted(&cache, &top));
     }
 
-    /// A folder's listing is kept from one hold to the next while its names stay as they are
-    /// (a write to a file in it changes none), and dropped when a name is made, moved or removed
-    /// there.
+    /// A folder's listing is kept from one hold to the next while the change feed watches its
+    /// names, and follows each name made, moved or removed there (a write to a file in it
+    /// changes none); only regular files are listed.
     #[test]
-    fn a_folder_listing_is_kept_until_a_name_changes_in_the_folder() {
+    fn a_folder_listing_is_kept_and_follows_the_names_made_moved_and_removed_there() {
         let dir = tempfile::tempdir().expect("tempdir");
         let folder = s(dir.path());
         let (a, b, top) = three(dir.path());
         let cache = cached_and_watched(&top, &a);
         let listed = |cache: &HeaderCache| {
-            let mut files: Vec<String> = cache.reader().files_in(&folder).expect("lists").to_vec();
+            let mut reader = cache.reader();
+            let files = reader.files_in(&folder).expect("lists");
+            assert!(
+                reader.state().listings.contains_key(&folder),
+                "kept while the feed watches the folder's names"
+            );
+            let mut files = files.to_vec();
             files.sort();
             files
         };
-        let kept = |cache: &HeaderCache| cache.reader().state().listings.contains_key(&folder);
         assert_eq!(listed(&cache), [a.clone(), b.clone(), top.clone()]);
-        assert!(
-            kept(&cache),
-            "kept while the feed watches the folder's names"
-        );
+        let kept = cache.reader().state().listings[&folder].clone();
 
-        // A write to a file there: its header is read again, the listing stays.
+        // A write to a file there: its header is read again, the listing is the same one.
         qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &b, &top]);
-        assert!(kept(&cache), "a write changes no name");
         assert!(!trusted(&cache, &top));
+        assert!(Arc::ptr_eq(
+            &kept,
+            &cache.reader().state().listings[&folder]
+        ));
 
         let made = s(&dir.path().join("made.qcow2"));
         std::fs::write(&made, b"x").expect("writes");
-        assert!(!kept(&cache), "a name made");
         assert_eq!(
             listed(&cache),
             [a.clone(), b.clone(), made.clone(), top.clone()]
@@ -1467,6 +1497,17 @@ mod tests {
             [a.clone(), b.clone(), moved.clone(), top.clone()]
         );
 
+        // Replaced by a rename over it: still there, once.
+        std::fs::write(&made, b"y").expect("writes");
+        std::fs::rename(&made, &b).expect("renames over");
+        assert_eq!(
+            listed(&cache),
+            [a.clone(), b.clone(), moved.clone(), top.clone()]
+        );
+
+        // Not regular files: a symbolic link, a folder.
+        std::os::unix::fs::symlink(&a, dir.path().join("link.qcow2")).expect("links");
+        std::fs::create_dir(dir.path().join("sub")).expect("makes a folder");
         std::fs::remove_file(&a).expect("removes");
         assert_eq!(listed(&cache), [b, moved, top]);
     }
@@ -1489,7 +1530,7 @@ mod tests {
             index.take(&event(1, 0, b"", 0)),
             index::Drained::Changed {
                 paths: vec![],
-                folders: vec![]
+                names: vec![]
             }
         );
         assert_eq!(

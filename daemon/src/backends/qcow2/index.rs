@@ -84,11 +84,11 @@ fn statfs_type(call: impl FnOnce(*mut libc::statfs) -> libc::c_int) -> Option<u3
 /// What a drain found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Drained {
-    /// These paths may have changed (possibly none), and a name was made, replaced or removed
-    /// in these folders.
+    /// These paths may have changed (possibly none); `names` are those of them a folder's
+    /// watch reported: a name made, replaced or removed there.
     Changed {
         paths: Vec<String>,
-        folders: Vec<String>,
+        names: Vec<String>,
     },
     /// Anything may have changed: an event was lost, the queue could not be read, a watched
     /// folder moved, or the mount table changed.
@@ -165,7 +165,7 @@ impl Index {
             return Drained::Everything;
         }
         let mut changed = Vec::new();
-        let mut folders = Vec::new();
+        let mut names = Vec::new();
         // Aligned for `inotify_event`; large enough for many events per read.
         let mut buf = vec![0u64; 8192];
         loop {
@@ -182,7 +182,7 @@ impl Index {
                 if error.kind() == std::io::ErrorKind::WouldBlock {
                     return Drained::Changed {
                         paths: changed,
-                        folders,
+                        names,
                     };
                 }
                 if error.kind() == std::io::ErrorKind::Interrupted {
@@ -199,19 +199,19 @@ impl Index {
             }
             // SAFETY: `buf` holds `n` initialised bytes; viewed as bytes only.
             let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
-            if !self.take_events(bytes, &mut changed, &mut folders) {
+            if !self.take_events(bytes, &mut changed, &mut names) {
                 return Drained::Everything;
             }
         }
     }
 
-    /// Decodes the events in `bytes` (what one read returned) into the paths they name and the
-    /// folders whose names changed; `false` when anything may have changed.
+    /// Decodes the events in `bytes` (what one read returned) into the paths they name, and
+    /// among them the names a folder's watch reported; `false` when anything may have changed.
     fn take_events(
         &mut self,
         bytes: &[u8],
         changed: &mut Vec<String>,
-        folders: &mut Vec<String>,
+        names: &mut Vec<String>,
     ) -> bool {
         const HEAD: usize = std::mem::size_of::<libc::inotify_event>();
         let mut at = 0;
@@ -267,8 +267,8 @@ impl Index {
                 // A folder on the way to cached images was replaced.
                 return false;
             }
-            if dir.children && folders.last() != Some(&dir.path) {
-                folders.push(dir.path.clone());
+            if dir.children {
+                names.push(path.clone());
             }
             changed.push(path);
         }
@@ -442,9 +442,9 @@ impl Index {
     /// Tests: decodes `bytes` as if read from the queue.
     #[cfg(test)]
     pub(crate) fn take(&mut self, bytes: &[u8]) -> Drained {
-        let (mut paths, mut folders) = (Vec::new(), Vec::new());
-        if self.take_events(bytes, &mut paths, &mut folders) {
-            Drained::Changed { paths, folders }
+        let (mut paths, mut names) = (Vec::new(), Vec::new());
+        if self.take_events(bytes, &mut paths, &mut names) {
+            Drained::Changed { paths, names }
         } else {
             Drained::Everything
         }
