@@ -39,7 +39,8 @@
 #    --no-safety-snapshot and delete of one snapshot of `t` (each timed on the host), and one
 #    more untimed round under `strace -f -e trace=execve,openat` attached to vmsnapd, counting
 #    the processes it starts and the files it opens per operation;
-#  - splits the timed restores and deletes into steps from vmsnapd's log (its info lines);
+#  - splits the timed restores and deletes into steps from vmsnapd's log (its info lines), with
+#    vmsnapctl's start and exit before the first and after the last;
 #  - prints markdown tables (bench/scale_report.py) on stdout, progress on stderr;
 #  - on exit, whatever happened, stops what it started (strace, listener, vmsnapd, bus),
 #    undefines every vmsnap-scale-<pid>-* domain and removes the scratch folder.
@@ -415,6 +416,9 @@ op() {
   if [ "$mode" != strace ]; then
     timed_ctl "$@"
     put n "$case" "${what}_ms" "$(ms "$T0" "$T1")"
+    # When vmsnapctl started and returned, against vmsnapd's log lines (the report's steps).
+    put n "$case" "${what}_t0" "$T0"
+    put n "$case" "${what}_t1" "$T1"
     return
   fi
   local trace=$work/strace.$case.$what

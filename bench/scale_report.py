@@ -72,8 +72,10 @@ STEPS = {
 }
 
 
-def steps(folder, case):
-    """Median ms of each step of the timed rounds (snapshots s-CASE-<n>) in vmsnapd's log."""
+def steps(folder, case, samples=None):
+    """Median ms of each step of the timed rounds (snapshots s-CASE-<n>) in vmsnapd's log, with
+    the time from vmsnapctl's start to vmsnapd's first line and from its last line to
+    vmsnapctl's exit when `samples` has the rounds' start and end (OP_t0, OP_t1, in order)."""
     seen = {}  # (snapshot, message) -> seconds
     pattern = re.compile(r"^(\S+)Z\s+INFO (.*?) vm=\S+ snapshot=(s-%s-\d+)\b" % re.escape(case))
     for log in glob.glob(os.path.join(folder, "vmsnapd-*-%s.log" % case)):
@@ -87,6 +89,18 @@ def steps(folder, case):
         for a, b in zip(messages, messages[1:]):
             spans = [(seen[(n, b)] - seen[(n, a)]) * 1000 for (n, msg) in list(seen) if msg == a and (n, b) in seen]
             out[(op, a, b)] = statistics.median(spans) if spans else None
+        # Round i is snapshot s-CASE-i; its vmsnapctl start and exit as bash saw them.
+        starts = (samples or {}).get(op + "_t0", [])
+        ends = (samples or {}).get(op + "_t1", [])
+        before, after = [], []
+        for i, (t0, t1) in enumerate(zip(starts, ends), 1):
+            name = "s-%s-%d" % (case, i)
+            first, last = seen.get((name, messages[0])), seen.get((name, messages[-1]))
+            if first is not None and last is not None:
+                before.append(first * 1000 - float(t0) / 1000)
+                after.append(float(t1) / 1000 - last * 1000)
+        out[(op, "vmsnapctl started", messages[0])] = statistics.median(before) if before else None
+        out[(op, messages[-1], "vmsnapctl returned")] = statistics.median(after) if after else None
     return out
 
 
@@ -207,11 +221,18 @@ def report(path, m0, chain_vms, chain_depth):
             fmt(ratio(med(d, "delete_ms"), med(ref, "delete_ms")), 2), procs, opens,
             fmt(med(d, "target_chain"))))
     p("")
-    split = [(c, d, steps(path, c)) for c, d in ns]
-    keys = [(op, a, b) for op, messages in STEPS.items() for a, b in zip(messages, messages[1:])]
+    split = [(c, d, steps(path, c, d)) for c, d in ns]
+    keys = [
+        key
+        for op, messages in STEPS.items()
+        for key in [(op, "vmsnapctl started", messages[0])]
+        + [(op, a, b) for a, b in zip(messages, messages[1:])]
+        + [(op, messages[-1], "vmsnapctl returned")]
+    ]
     if any(v is not None for _, _, st in split for v in st.values()):
-        p("Where the restore's and the delete's time goes, from vmsnapd's log lines (medians of the "
-          "rounds, ms; the step is named by the line it starts at):")
+        p("Where the restore's and the delete's time goes, from vmsnapd's log lines and vmsnapctl's "
+          "start and exit as the script saw them (medians of the rounds, ms; the step is named by "
+          "the line it starts at):")
         p("")
         p("| step | %s |" % " | ".join(fmt(med(d, "domains")) + " on host" for c, d, _ in split))
         p("|---|%s|" % "|".join("---:" for _ in split))
