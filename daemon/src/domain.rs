@@ -66,6 +66,15 @@ pub fn parse_domain(xml: &str, state: VmState, lvm: &dyn LvmProbe) -> Result<VmI
     })
 }
 
+/// A UUID in lower case, as libvirt spells them: copied only when it is not already.
+pub fn lower_case(uuid: &str) -> std::borrow::Cow<'_, str> {
+    if uuid.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(uuid.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(uuid)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -1815,15 +1815,16 @@ impl Engine {
         }
     }
 
-    fn apply_inventory(&mut self, vms: Vec<VmInfo>) {
-        let mut seen = BTreeMap::new();
-        for vm in vms {
-            seen.insert(vm.uuid.to_ascii_lowercase(), vm);
-        }
+    fn apply_inventory(&mut self, vms: crate::libvirt::Inventory) {
+        // By lower-case UUID, as libvirt spells them (copied only if not): no string per VM.
+        let seen: BTreeMap<std::borrow::Cow<str>, &VmInfo> = vms
+            .iter()
+            .map(|vm| (crate::domain::lower_case(&vm.uuid), &**vm))
+            .collect();
         let gone: Vec<String> = self
             .vms
             .keys()
-            .filter(|uuid| !seen.contains_key(*uuid))
+            .filter(|uuid| !seen.contains_key(uuid.as_str()))
             .cloned()
             .collect();
         for uuid in gone {
@@ -1833,15 +1834,15 @@ impl Engine {
             }
         }
         for (key, vm) in seen {
-            match self.vms.get(&key) {
+            match self.vms.get(key.as_ref()) {
                 None => {
                     info!(vm = %vm.name, uuid = %vm.uuid, "VM added");
                     self.emit(Change::VmAdded(vm.clone()));
                 }
-                Some(old) if *old != vm => self.emit(Change::VmUpdated(vm.clone())),
+                Some(old) if old != vm => self.emit(Change::VmUpdated(vm.clone())),
                 Some(_) => continue,
             }
-            self.vms.insert(key, vm);
+            self.vms.insert(key.into_owned(), vm.clone());
         }
     }
 
@@ -1856,6 +1857,10 @@ mod tests {
     use vmsnap_api::{AgentState, VmSnapError, VmState};
 
     use super::*;
+
+    fn inventory(vms: Vec<VmInfo>) -> crate::libvirt::Inventory {
+        Arc::new(vms.into_iter().map(Arc::new).collect())
+    }
 
     fn vm(name: &str, uuid: &str, state: VmState) -> VmInfo {
         VmInfo {
@@ -1888,10 +1893,10 @@ mod tests {
     fn inventory_diff_emits_added_updated_removed() {
         let (mut engine, mut rx, settled) = engine();
         assert!(!*settled.borrow());
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![
             vm("a", A, VmState::Running),
             vm("b", B, VmState::ShutOff),
-        ]));
+        ])));
         assert!(*settled.borrow());
         assert_eq!(
             drain(&mut rx),
@@ -1901,13 +1906,17 @@ mod tests {
             ]
         );
         // Same inventory: nothing to say.
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![
             vm("a", A, VmState::Running),
             vm("b", B, VmState::ShutOff),
-        ]));
+        ])));
         assert!(drain(&mut rx).is_empty());
         // b started, a undefined.
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("b", B, VmState::Running)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "b",
+            B,
+            VmState::Running,
+        )])));
         assert_eq!(
             drain(&mut rx),
             vec![
@@ -1923,7 +1932,11 @@ mod tests {
     fn losing_libvirt_keeps_objects_and_reports_it() {
         let (mut engine, mut rx, settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::Running,
+        )])));
         drain(&mut rx);
         engine.handle_libvirt(LibvirtEvent::Unavailable("gone".into()));
         assert!(*settled.borrow());
@@ -2136,7 +2149,11 @@ mod tests {
     fn an_operation_blocked_past_its_deadline_is_shown_failed_and_its_vm_released() {
         let (mut engine, mut rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::Running,
+        )])));
         engine
             .busy
             .insert(A.into(), "snapshot 's' is being created".into());
@@ -2205,7 +2222,11 @@ mod tests {
     fn an_operation_is_shown_ended_only_once_its_vm_is_free() {
         let (mut engine, mut rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::ShutOff,
+        )])));
         engine
             .busy
             .insert(A.into(), "snapshot 's' is being created".into());
@@ -2251,7 +2272,11 @@ mod tests {
     fn unsettled_snapshots_cannot_be_deleted_and_busy_vms_refuse_work() {
         let (mut engine, _rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::Running,
+        )])));
         for phase in [SnapshotPhase::InProgress, SnapshotPhase::Deleting] {
             let record = snapshot_record("s", phase);
             engine
@@ -2290,7 +2315,11 @@ mod tests {
     fn hostile_names_and_descriptions_are_refused_before_anything_else() {
         let (mut engine, mut rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::ShutOff,
+        )])));
         let done = snapshot_record("done", SnapshotPhase::Succeeded);
         engine.snapshots.insert(done.uuid.clone(), Arc::new(done));
         drain(&mut rx);
@@ -2349,7 +2378,7 @@ mod tests {
     fn a_restore_of_an_undefined_vms_snapshot_is_answered_once_its_record_is_written() {
         let (mut engine, mut rx, _settled) = engine();
         engine.handle_libvirt(LibvirtEvent::Connected);
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![])));
         let record = snapshot_record("s", SnapshotPhase::Succeeded);
         engine
             .snapshots
@@ -2383,7 +2412,11 @@ mod tests {
     #[test]
     fn libvirt_unavailable_and_record_write_failures_are_told_apart() {
         let (mut engine, mut rx, _settled) = engine();
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::ShutOff)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::ShutOff,
+        )])));
         assert!(matches!(
             engine.create_snapshot("a", "s".into(), CreateOptions::default()),
             Err(EngineError::LibvirtUnavailable)
@@ -2424,7 +2457,11 @@ mod tests {
     #[test]
     fn find_vm_by_name_or_uuid() {
         let (mut engine, _rx, _settled) = engine();
-        engine.handle_libvirt(LibvirtEvent::Inventory(vec![vm("a", A, VmState::Running)]));
+        engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![vm(
+            "a",
+            A,
+            VmState::Running,
+        )])));
         for (key, expected) in [
             ("a", Ok(A.to_string())),
             (A, Ok(A.to_string())),

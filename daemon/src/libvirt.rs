@@ -37,8 +37,13 @@ pub enum LibvirtEvent {
     /// The connection could not be made or was lost; the message is libvirt's.
     Unavailable(String),
     /// The complete current list of domains.
-    Inventory(Vec<VmInfo>),
+    Inventory(Inventory),
 }
+
+/// Every domain as the libvirt thread last read it, sorted by name. Each domain is shared with
+/// the thread's own map: publishing after an event costs a pointer per domain, and a domain
+/// the event did not change is the very same `Arc` as in the inventory before.
+pub type Inventory = Arc<Vec<Arc<VmInfo>>>;
 
 /// Why a job could not run or what it failed with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,7 +80,7 @@ enum Msg {
 /// Empty while the thread has no current inventory (not connected yet, or disconnected).
 #[derive(Debug, Default)]
 pub struct KnownDomains {
-    inventory: std::sync::RwLock<Option<Arc<Vec<VmInfo>>>>,
+    inventory: std::sync::RwLock<Option<Inventory>>,
     /// Domains (lower-case UUIDs) that vmsnapd's own operations changed and that the published
     /// inventory may not show as they are now, each with the number of its latest mark.
     changed: std::sync::Mutex<(u64, BTreeMap<String, u64>)>,
@@ -84,7 +89,7 @@ pub struct KnownDomains {
 /// What the inventory shows, and which domains in it may be behind.
 #[derive(Debug, Clone)]
 pub struct InventoryView {
-    pub vms: Arc<Vec<VmInfo>>,
+    pub vms: Inventory,
     /// Lower-case UUIDs of domains to read again rather than trust `vms` for.
     pub changed: BTreeSet<String>,
 }
@@ -117,7 +122,7 @@ impl KnownDomains {
         self.lock_changed().1.clone()
     }
 
-    fn set_inventory(&self, vms: Option<Arc<Vec<VmInfo>>>) {
+    fn set_inventory(&self, vms: Option<Inventory>) {
         *self.inventory.write().unwrap_or_else(|p| p.into_inner()) = vms;
     }
 
@@ -290,7 +295,7 @@ struct Worker {
     last_error: Option<String>,
     lvm: SysfsLvmProbe,
     /// The inventory as last read, by lower-case UUID.
-    vms: BTreeMap<String, VmInfo>,
+    vms: BTreeMap<String, Arc<VmInfo>>,
     /// `vms` changed since the engine was last sent it.
     changed: bool,
     /// Domains (lower-case UUIDs) that events named, to re-read once the queue is empty: a
@@ -449,7 +454,13 @@ impl Worker {
         for domain in domains {
             match read_domain(&domain, &self.lvm) {
                 Ok(vm) => {
-                    vms.insert(vm.uuid.to_ascii_lowercase(), vm);
+                    let key = vm.uuid.to_ascii_lowercase();
+                    // Unchanged: the same `Arc`, which the engine passes over at a glance.
+                    let vm = match self.vms.get(&key) {
+                        Some(last) if **last == vm => last.clone(),
+                        _ => Arc::new(vm),
+                    };
+                    vms.insert(key, vm);
                 }
                 // Vanished since the listing: it is not in the next one either.
                 Err(ReadError::Gone) => {}
@@ -501,11 +512,11 @@ impl Worker {
                 return false;
             }
         };
-        if self.vms.get(&key) == now.as_ref() {
+        if self.vms.get(&key).map(|last| &**last) == now.as_ref() {
             return true;
         }
         match now {
-            Some(vm) => self.vms.insert(key, vm),
+            Some(vm) => self.vms.insert(key, Arc::new(vm)),
             None => self.vms.remove(&key),
         };
         self.changed = true;
@@ -529,11 +540,10 @@ impl Worker {
         if !std::mem::take(&mut self.changed) {
             return;
         }
-        let mut vms: Vec<VmInfo> = self.vms.values().cloned().collect();
+        let mut vms: Vec<Arc<VmInfo>> = self.vms.values().cloned().collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
-        self.settings
-            .known
-            .set_inventory(Some(Arc::new(vms.clone())));
+        let vms = Arc::new(vms);
+        self.settings.known.set_inventory(Some(vms.clone()));
         self.send(LibvirtEvent::Inventory(vms));
     }
 
@@ -1052,7 +1062,7 @@ mod tests {
     async fn inventory_where(
         rx: &mut tokio_mpsc::UnboundedReceiver<LibvirtEvent>,
         what: &str,
-        check: impl Fn(&[VmInfo]) -> bool,
+        check: impl Fn(&[Arc<VmInfo>]) -> bool,
     ) {
         let wait = async {
             loop {
@@ -1080,7 +1090,8 @@ mod tests {
         let (client, thread) = start(settings, tx).expect("thread starts");
         assert!(matches!(rx.recv().await, Some(LibvirtEvent::Connected)));
         inventory_where(&mut rx, "the first full read", |_| true).await;
-        let state_of = |vms: &[VmInfo]| vms.iter().find(|vm| vm.uuid == UUID).map(|vm| vm.state);
+        let state_of =
+            |vms: &[Arc<VmInfo>]| vms.iter().find(|vm| vm.uuid == UUID).map(|vm| vm.state);
 
         let xml = format!(
             "<domain type='test'><name>{NAME}</name><uuid>{UUID}</uuid>\

@@ -128,7 +128,9 @@ impl Host for SimHost {
                 } else {
                     vmsnap_api::VmState::ShutOff
                 };
-                crate::domain::parse_domain(&v.xml, state, &crate::disks::SysfsLvmProbe).ok()
+                crate::domain::parse_domain(&v.xml, state, &crate::disks::SysfsLvmProbe)
+                    .ok()
+                    .map(std::sync::Arc::new)
             })
             .collect();
         Some(crate::libvirt::InventoryView {

@@ -19,7 +19,7 @@ use vmsnap_api::SnapshotPhase;
 
 use super::chain;
 use crate::disks::SysfsLvmProbe;
-use crate::domain::{parse_domain, VmInfo};
+use crate::domain::{lower_case, parse_domain, VmInfo};
 use crate::libvirt::InventoryView;
 use crate::store::{Artifact, SnapshotRecord};
 
@@ -43,7 +43,7 @@ pub struct Forest {
     /// Files found next to the images that build on one of them, named by no domain or record.
     unknown: FxHashSet<String>,
     /// The inventory the scan took the domains from.
-    inventory: Option<std::sync::Arc<Vec<VmInfo>>>,
+    inventory: Option<crate::libvirt::Inventory>,
 }
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
@@ -90,14 +90,6 @@ fn file_disks(vm: &VmInfo) -> Vec<(String, String)> {
 
 fn is_file(path: &str) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file())
-}
-
-fn lower_case(uuid: &str) -> std::borrow::Cow<'_, str> {
-    if uuid.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(uuid.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(uuid)
-    }
 }
 
 impl DomainTops {
@@ -162,7 +154,7 @@ impl Forest {
         let known: FxHashMap<std::borrow::Cow<str>, &VmInfo> = inventory
             .iter()
             .flat_map(|k| k.vms.iter())
-            .map(|vm| (lower_case(&vm.uuid), vm))
+            .map(|vm| (lower_case(&vm.uuid), &**vm))
             .collect();
         let mut domains: Vec<(DomainTops, bool)> = Vec::with_capacity(listed.len());
         let mut spelled = uuid::Uuid::encode_buffer();
@@ -724,11 +716,14 @@ mod tests {
         xml
     }
 
-    fn inventory_of(xmls: &[&str]) -> std::sync::Arc<Vec<VmInfo>> {
-        std::sync::Arc::new(
+    fn inventory_of(xmls: &[&str]) -> crate::libvirt::Inventory {
+        Arc::new(
             xmls.iter()
                 .map(|xml| {
-                    parse_domain(xml, vmsnap_api::VmState::ShutOff, &SysfsLvmProbe).expect("parses")
+                    Arc::new(
+                        parse_domain(xml, vmsnap_api::VmState::ShutOff, &SysfsLvmProbe)
+                            .expect("parses"),
+                    )
                 })
                 .collect(),
         )
