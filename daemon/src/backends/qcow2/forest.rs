@@ -32,14 +32,21 @@ pub struct DiskTop {
     pub running: bool,
 }
 
+/// What the forest knows of one image.
+#[derive(Debug, Default)]
+struct Node {
+    /// Its backing image.
+    parent: Option<Arc<str>>,
+    /// Its format, when read from a chain.
+    format: Option<std::borrow::Cow<'static, str>>,
+}
+
 #[derive(Debug, Default)]
 pub struct Forest {
-    /// image -> its backing image
-    parent: FxHashMap<String, String>,
-    format: FxHashMap<String, String>,
+    /// Every image seen -> its links. One map, its keys and links shared with the chain
+    /// reader's memo: an image of a chain served again costs one insert, no allocation.
+    nodes: FxHashMap<Arc<str>, Node>,
     pub tops: Vec<DiskTop>,
-    /// Every image seen.
-    images: FxHashSet<String>,
     /// Files found next to the images that build on one of them, named by no domain or record.
     unknown: FxHashSet<String>,
     /// The inventory the scan took the domains from.
@@ -254,7 +261,7 @@ impl Forest {
             }
         }
         self.keep_apart_from(&at_stake);
-        let kept = self.images.len();
+        let kept = self.nodes.len();
         self.inventory = Some(inventory.vms);
         self.add_focus(focus);
         let listed_at = started.elapsed();
@@ -265,9 +272,7 @@ impl Forest {
     /// parts, so each kept chain is whole); the files no domain or record names are to be
     /// found again. The domains' disks (`tops`) are left to the caller.
     fn keep_apart_from(&mut self, at_stake: &BTreeSet<String>) {
-        self.parent.retain(|image, _| !at_stake.contains(image));
-        self.format.retain(|image, _| !at_stake.contains(image));
-        self.images.retain(|image| !at_stake.contains(image));
+        self.nodes.retain(|image, _| !at_stake.contains(&**image));
         self.unknown.clear();
     }
 
@@ -310,9 +315,7 @@ impl Forest {
                 .iter()
                 .filter(|v| matches!(v.artifact, Artifact::Qcow2 { .. }))
             {
-                if !forest.images.contains(&volume.image)
-                    && std::path::Path::new(&volume.image).exists()
-                {
+                if !forest.contains(&volume.image) && std::path::Path::new(&volume.image).exists() {
                     forest.add_chain_with(&mut headers, &volume.image);
                 }
             }
@@ -338,7 +341,7 @@ impl Forest {
         let stale_kept: BTreeSet<&str> = forest
             .tops
             .iter()
-            .filter(|t| connected.contains(&t.path) || !forest.images.contains(&t.path))
+            .filter(|t| connected.contains(&t.path) || !forest.contains(&t.path))
             .map(|t| t.domain_uuid.as_str())
             .collect();
         if !stale_kept.is_empty() {
@@ -365,7 +368,7 @@ impl Forest {
             let stale = tops
                 .disks
                 .iter()
-                .any(|(_, path)| connected.contains(path) || !forest.images.contains(path));
+                .any(|(_, path)| connected.contains(path) || !forest.contains(path));
             if !stale {
                 continue;
             }
@@ -413,7 +416,7 @@ impl Forest {
             reread_micros = (unknown_from - chains_at).as_micros(),
             micros = started.elapsed().as_micros(),
             domains = domains_found,
-            images = forest.images.len(),
+            images = forest.nodes.len(),
             kept,
             connected = connected.len(),
             read_now,
@@ -428,8 +431,10 @@ impl Forest {
     /// The images connected to `focus` by backing links, either way.
     fn connected_to(&self, focus: &[&str]) -> BTreeSet<String> {
         let mut children: FxHashMap<&str, Vec<&str>> = FxHashMap::default();
-        for (child, parent) in &self.parent {
-            children.entry(parent).or_default().push(child);
+        for (child, node) in &self.nodes {
+            if let Some(parent) = &node.parent {
+                children.entry(parent).or_default().push(child);
+            }
         }
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut queue: Vec<&str> = focus.to_vec();
@@ -437,7 +442,7 @@ impl Forest {
             if !seen.insert(image.to_string()) {
                 continue;
             }
-            if let Some(parent) = self.parent.get(image) {
+            if let Some(parent) = self.parent(image) {
                 queue.push(parent);
             }
             if let Some(kids) = children.get(image) {
@@ -466,7 +471,7 @@ impl Forest {
                 continue;
             };
             for name in files.iter() {
-                if self.images.contains(name) {
+                if self.contains(name) {
                     continue;
                 }
                 let Some(backing) = headers.backing_of(name) else {
@@ -474,12 +479,17 @@ impl Forest {
                 };
                 if connected.contains(&backing) {
                     debug!(file = %name, %backing, "a file no domain or record names builds on an image");
-                    self.parent.insert(name.clone(), backing);
+                    self.nodes.insert(
+                        name.as_str().into(),
+                        Node {
+                            parent: Some(backing.into()),
+                            format: None,
+                        },
+                    );
                     self.unknown.insert(name.clone());
                 }
             }
         }
-        self.images.extend(self.unknown.iter().cloned());
     }
 
     #[cfg(test)]
@@ -488,7 +498,7 @@ impl Forest {
     }
 
     fn add_chain_with(&mut self, headers: &mut chain::Reader, top: &str) {
-        if self.images.contains(top) {
+        if self.contains(top) {
             return;
         }
         self.read_chain_again(headers, top);
@@ -499,15 +509,15 @@ impl Forest {
     fn read_chain_again(&mut self, headers: &mut chain::Reader, top: &str) {
         // Read from the headers: this runs for every disk of every domain on each delete and
         // restore, where a qemu-img process per chain cost seconds on a busy host.
-        match headers.backing_chain_or_qemu_img(top) {
+        match headers.links_or_qemu_img(top) {
             Ok(chain) => {
-                let mut images = chain.into_iter().peekable();
-                while let Some(image) = images.next() {
-                    if let Some(below) = images.peek() {
-                        self.parent.insert(image.path.clone(), below.path.clone());
+                for (k, image) in chain.iter().enumerate() {
+                    let node = self.nodes.entry(image.path.clone()).or_default();
+                    // The base keeps a link read before, as it always did.
+                    if let Some(below) = chain.get(k + 1) {
+                        node.parent = Some(below.path.clone());
                     }
-                    self.format.insert(image.path.clone(), image.format);
-                    self.images.insert(image.path);
+                    node.format = Some(image.format.clone());
                 }
             }
             Err(e) => debug!(%top, error = %e, "cannot read a backing chain"),
@@ -516,9 +526,7 @@ impl Forest {
 
     /// Takes out an image that was removed.
     fn forget(&mut self, image: &str) {
-        self.parent.remove(image);
-        self.format.remove(image);
-        self.images.remove(image);
+        self.nodes.remove(image);
         self.unknown.remove(image);
     }
 
@@ -528,22 +536,25 @@ impl Forest {
     }
 
     pub fn contains(&self, image: &str) -> bool {
-        self.images.contains(image)
+        self.nodes.contains_key(image)
     }
 
     pub fn parent(&self, image: &str) -> Option<&str> {
-        self.parent.get(image).map(String::as_str)
+        self.nodes.get(image)?.parent.as_deref()
     }
 
     pub fn format(&self, image: &str) -> &str {
-        self.format.get(image).map_or("qcow2", String::as_str)
+        self.nodes
+            .get(image)
+            .and_then(|n| n.format.as_deref())
+            .unwrap_or("qcow2")
     }
 
     pub fn children(&self, image: &str) -> Vec<String> {
-        self.parent
+        self.nodes
             .iter()
-            .filter(|(_, p)| p.as_str() == image)
-            .map(|(c, _)| c.clone())
+            .filter(|(_, n)| n.parent.as_deref() == Some(image))
+            .map(|(c, _)| c.to_string())
             .collect()
     }
 
@@ -968,7 +979,7 @@ mod measure {
                 forest.add_chain_with(&mut headers, top);
             }
             drop(headers);
-            assert_eq!(forest.images.len(), 1010);
+            assert_eq!(forest.nodes.len(), 1010);
         }
         let built = start.elapsed() / RUNS;
         println!(
