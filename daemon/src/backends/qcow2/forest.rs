@@ -740,6 +740,24 @@ mod tests {
         )
     }
 
+    /// A view of `conn` whose inventory shows `vms`, none of them changed by vmsnapd.
+    fn view_with<'a>(
+        conn: &'a Connect,
+        vms: crate::libvirt::Inventory,
+        own: Option<&str>,
+    ) -> HostView<'a> {
+        HostView {
+            conn,
+            inventory: Box::new(move || {
+                Some(InventoryView {
+                    vms: vms.clone(),
+                    changed: BTreeSet::new(),
+                })
+            }),
+            own_vm: own.map(str::to_string),
+        }
+    }
+
     const OWN: &str = "11111111-1111-4111-8111-111111111111";
     const OTHER: &str = "22222222-2222-4222-8222-222222222222";
     const NEWCOMER: &str = "33333333-3333-4333-8333-333333333333";
@@ -830,17 +848,7 @@ mod tests {
         let conn = Connect::open(Some("test:///default")).expect("test driver opens");
         let own_xml = define(&conn, "stale-own", OWN_VM, &own_top);
         let other_xml = define(&conn, "stale-other", OTHER_VM, &other_top);
-        let seen = inventory_of(&[&own_xml, &other_xml]);
-        let view = HostView {
-            conn: &conn,
-            inventory: Box::new(|| {
-                Some(InventoryView {
-                    vms: seen.clone(),
-                    changed: BTreeSet::new(),
-                })
-            }),
-            own_vm: Some(OWN_VM.to_string()),
-        };
+        let view = view_with(&conn, inventory_of(&[&own_xml, &other_xml]), Some(OWN_VM));
         let first = Forest::scan(&view, &[], &[own_top.as_str()]).expect("scans");
         assert_eq!(first.users(&other_top).len(), 1);
 
@@ -882,17 +890,7 @@ mod tests {
         conn.lookup_domain_by_name("gone")
             .and_then(|d| d.undefine())
             .expect("undefines");
-        let seen = inventory_of(&[&kept_xml, &gone_xml]);
-        let view = HostView {
-            conn: &conn,
-            inventory: Box::new(|| {
-                Some(InventoryView {
-                    vms: seen.clone(),
-                    changed: BTreeSet::new(),
-                })
-            }),
-            own_vm: None,
-        };
+        let view = view_with(&conn, inventory_of(&[&kept_xml, &gone_xml]), None);
         let forest = Forest::scan(&view, &[], &[base.as_str()]).expect("scans");
         assert!(forest.is_unknown(&gone_top), "a disk no domain names");
         assert!(forest.users(&gone_top).is_empty());
