@@ -455,7 +455,7 @@ impl Worker {
             match read_domain(&domain, &self.lvm) {
                 Ok(vm) => {
                     let key = vm.uuid.to_ascii_lowercase();
-                    // Unchanged: the same `Arc`, which the engine passes over at a glance.
+                    // Unchanged: the same `Arc` as before, shared rather than kept twice.
                     let vm = match self.vms.get(&key) {
                         Some(last) if **last == vm => last.clone(),
                         _ => Arc::new(vm),

@@ -100,6 +100,26 @@ fn is_file(path: &str) -> bool {
 }
 
 impl DomainTops {
+    /// `tops` gathered per domain, keyed by what `key` makes of the domain's UUID.
+    fn gather(
+        tops: impl IntoIterator<Item = DiskTop>,
+        key: impl Fn(&str) -> String,
+    ) -> FxHashMap<String, DomainTops> {
+        let mut gathered: FxHashMap<String, DomainTops> = FxHashMap::default();
+        for top in tops {
+            gathered
+                .entry(key(&top.domain_uuid))
+                .or_insert_with(|| DomainTops {
+                    uuid: top.domain_uuid.clone(),
+                    running: top.running,
+                    disks: Vec::new(),
+                })
+                .disks
+                .push((top.target, top.path));
+        }
+        gathered
+    }
+
     /// A domain as the inventory last read it.
     fn from_inventory(vm: &VmInfo) -> DomainTops {
         DomainTops {
@@ -227,19 +247,12 @@ impl Forest {
             // Each domain as the inventory shows it now that it published a newer read (a
             // domain defined or changed since is taken from there; one it no longer shows is
             // kept as `self` found it: counting an image as used is the safe mistake).
-            let mut kept: FxHashMap<String, DomainTops> = FxHashMap::default();
-            for top in self.tops.drain(..) {
-                let key = top.domain_uuid.to_ascii_lowercase();
-                if reread.contains(&key) {
-                    continue;
-                }
-                let tops = kept.entry(key).or_insert_with(|| DomainTops {
-                    uuid: top.domain_uuid.clone(),
-                    running: top.running,
-                    disks: Vec::new(),
-                });
-                tops.disks.push((top.target, top.path));
-            }
+            let mut kept = DomainTops::gather(
+                self.tops
+                    .drain(..)
+                    .filter(|t| !reread.contains(lower_case(&t.domain_uuid).as_ref())),
+                |uuid| uuid.to_ascii_lowercase(),
+            );
             for vm in inventory.vms.iter() {
                 let key = vm.uuid.to_ascii_lowercase();
                 if !reread.contains(&key) {
@@ -350,17 +363,7 @@ impl Forest {
                 .into_iter()
                 .partition(|t| stale_kept.contains(&t.domain_uuid));
             forest.tops = still;
-            let mut taken: FxHashMap<String, DomainTops> = FxHashMap::default();
-            for top in stale {
-                let tops = taken
-                    .entry(top.domain_uuid.clone())
-                    .or_insert_with(|| DomainTops {
-                        uuid: top.domain_uuid.clone(),
-                        running: top.running,
-                        disks: Vec::new(),
-                    });
-                tops.disks.push((top.target, top.path));
-            }
+            let taken = DomainTops::gather(stale, str::to_string);
             domains.extend(taken.into_values().map(|tops| (tops, false)));
         }
         let mut reread = false;
