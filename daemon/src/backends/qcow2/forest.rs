@@ -654,17 +654,12 @@ pub fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::qcow2::testing::qemu_img;
+    use crate::backends::qcow2::testing::{qcow2_image, qemu_img};
     use virt::connect::Connect;
 
     fn image(dir: &std::path::Path, name: &str, backing: Option<&str>) -> String {
         let path = dir.join(name).to_string_lossy().into_owned();
-        match backing {
-            Some(b) => qemu_img(&[
-                "create", "-q", "-f", "qcow2", "-u", "-b", b, "-F", "qcow2", &path, "1M",
-            ]),
-            None => qemu_img(&["create", "-q", "-f", "qcow2", &path, "1M"]),
-        }
+        qcow2_image(&path, backing);
         path
     }
 
@@ -910,7 +905,7 @@ mod tests {
 #[cfg(test)]
 mod measure {
     use super::*;
-    use crate::backends::qcow2::testing::qemu_img;
+    use crate::backends::qcow2::testing::qcow2_image;
     use std::time::Instant;
 
     /// A forest's chains as the scale benchmark's 513 domains give them (500 one-image disks,
@@ -923,35 +918,16 @@ mod measure {
         let mut tops = Vec::new();
         for k in 0..10 {
             let mut below = dir.path().join(format!("c{k}-50.qcow2"));
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                &below.to_string_lossy(),
-                "1M",
-            ]);
+            qcow2_image(&below.to_string_lossy(), None);
             for d in (0..50).rev() {
                 let path = dir.path().join(format!("c{k}-{d:02}.qcow2"));
-                qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-u",
-                    "-b",
-                    &below.to_string_lossy(),
-                    "-F",
-                    "qcow2",
-                    &path.to_string_lossy(),
-                    "1M",
-                ]);
+                qcow2_image(&path.to_string_lossy(), Some(&below.to_string_lossy()));
                 below = path;
             }
             tops.push(below.to_string_lossy().into_owned());
         }
         let one = dir.path().join("p000.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", &one.to_string_lossy(), "1M"]);
+        qcow2_image(&one.to_string_lossy(), None);
         let bytes = std::fs::read(&one).expect("read");
         for k in 0..500 {
             let path = dir.path().join(format!("p{k:03}.qcow2"));

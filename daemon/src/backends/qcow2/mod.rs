@@ -401,4 +401,14 @@ pub(crate) mod testing {
             .expect("qemu-img runs");
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
+
+    /// Makes a 1 MiB qcow2 image at `path`, on `backing` (a qcow2 image) if given.
+    pub fn qcow2_image(path: &str, backing: Option<&str>) {
+        match backing {
+            Some(b) => qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-u", "-b", b, "-F", "qcow2", path, "1M",
+            ]),
+            None => qemu_img(&["create", "-q", "-f", "qcow2", path, "1M"]),
+        }
+    }
 }
