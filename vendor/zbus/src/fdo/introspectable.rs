@@ -30,11 +30,17 @@ impl Introspectable {
     ) -> Result<String> {
         let path = header.path().ok_or(crate::Error::MissingField)?;
         let root = server.root().read().await;
-        let node = root
-            .get_child(path)
-            .ok_or_else(|| Error::UnknownObject(format!("Unknown object '{path}'")))?;
-
-        Ok(node.introspect().await)
+        // vmsnap patch: an object a fallback serves is introspected like a node.
+        match root.get_child(path) {
+            Some(node) => Ok(node.introspect().await),
+            None => {
+                let object = root
+                    .fallback_object(path)
+                    .ok_or_else(|| Error::UnknownObject(format!("Unknown object '{path}'")))?;
+                drop(root);
+                Ok(object.node.introspect().await)
+            }
+        }
     }
 }
 

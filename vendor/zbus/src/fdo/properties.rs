@@ -35,10 +35,10 @@ impl Properties {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> std::result::Result<OwnedVariant, BoxDBusError> {
         let path = header.path().ok_or(crate::Error::MissingField)?;
-        let root = server.root().read().await;
-        let iface = root
-            .get_child(path)
-            .and_then(|node| node.interface_lock(interface_name.as_ref()))
+        // vmsnap patch: the node's interface, or a fallback's.
+        let iface = server
+            .interface_at(path, interface_name.as_ref())
+            .await
             .ok_or_else(|| {
                 Error::UnknownInterface(format!("Unknown interface '{interface_name}'"))
             })?;
@@ -67,10 +67,10 @@ impl Properties {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> std::result::Result<(), BoxDBusError> {
         let path = header.path().ok_or(crate::Error::MissingField)?;
-        let root = server.root().read().await;
-        let iface = root
-            .get_child(path)
-            .and_then(|node| node.interface_lock(interface_name.as_ref()))
+        // vmsnap patch: the node's interface, or a fallback's.
+        let iface = server
+            .interface_at(path, interface_name.as_ref())
+            .await
             .ok_or_else(|| {
                 Error::UnknownInterface(format!("Unknown interface '{interface_name}'"))
             })?;
@@ -121,10 +121,10 @@ impl Properties {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<HashMap<String, OwnedVariant>> {
         let path = header.path().ok_or(crate::Error::MissingField)?;
-        let root = server.root().read().await;
-        let iface = root
-            .get_child(path)
-            .and_then(|node| node.interface_lock(interface_name.as_ref()))
+        // vmsnap patch: the node's interface, or a fallback's.
+        let iface = server
+            .interface_at(path, interface_name.as_ref())
+            .await
             .ok_or_else(|| {
                 Error::UnknownInterface(format!("Unknown interface '{interface_name}'"))
             })?;

@@ -37,6 +37,10 @@ pub use dispatch_notifier::{ResponseDispatchListener, ResponseDispatchNotifier};
 mod node;
 pub(crate) use node::Node;
 
+// vmsnap patch: subtree fallbacks.
+mod fallback;
+pub use fallback::{Fallback, FallbackObject};
+
 /// An object server, holding server-side D-Bus objects & interfaces.
 ///
 /// Object servers hold interfaces on various object paths, and expose them over D-Bus.
@@ -200,6 +204,62 @@ impl ObjectServer {
             .await?;
 
         Ok(true)
+    }
+
+    // vmsnap patch: subtree fallbacks.
+    /// Serve the objects under `prefix` that have no node of their own with `fallback`
+    /// (replacing any fallback already there), or stop doing so with `None`.
+    ///
+    /// A method call to a path strictly under `prefix` that has no node goes to the object
+    /// [`Fallback::object`] returns for that path, as if it were registered: its methods, and
+    /// the standard `Properties` and `Introspectable` interfaces on it (`Peer` works on any
+    /// path already). No object there means `UnknownObject`, as before. The fallback of the
+    /// closest ancestor that has one is asked. The node at `prefix` is created if needed and
+    /// kept while the fallback is set; its introspection lists [`Fallback::children`].
+    ///
+    /// Nothing is announced: the application emits `InterfacesAdded`, `InterfacesRemoved` and
+    /// `PropertiesChanged` for the objects it serves this way, and `fdo::ObjectManager`'s
+    /// `GetManagedObjects` does not list them.
+    pub async fn set_fallback<'p, P>(
+        &self,
+        prefix: P,
+        fallback: Option<Arc<dyn Fallback>>,
+    ) -> Result<()>
+    where
+        P: TryInto<ObjectPath<'p>>,
+        P::Error: Into<Error>,
+    {
+        let prefix = prefix.try_into().map_err(Into::into)?;
+        let mut root = self.root.write().await;
+        match fallback {
+            Some(fallback) => {
+                let (node, _) = root.get_child_mut(&prefix, true);
+                node.expect("nodes are created")
+                    .set_fallback(Some(fallback::FallbackRef(fallback)));
+            }
+            None => {
+                if let (Some(node), _) = root.get_child_mut(&prefix, false) {
+                    node.set_fallback(None);
+                    root.remove_node(&prefix);
+                }
+            }
+        }
+
+        Ok(())
+    }
+
+    // vmsnap patch: subtree fallbacks.
+    /// The interface `name` at `path`: its node's, or else the one a fallback serves there.
+    pub(crate) async fn interface_at(
+        &self,
+        path: &ObjectPath<'_>,
+        name: InterfaceName<'_>,
+    ) -> Option<ArcInterface> {
+        let root = self.root.read().await;
+        match root.get_child(path) {
+            Some(node) => node.interface_lock(name),
+            None => root.fallback_object(path)?.interface_lock(name),
+        }
     }
 
     /// Unregister a D-Bus [`Interface`] at a given path.
@@ -486,11 +546,15 @@ impl ObjectServer {
                 path.clone()
             };
 
-            let node = root
-                .get_child(&path)
-                .ok_or_else(|| fdo::Error::UnknownObject(format!("Unknown object '{path}'")))?;
-
-            let iface = node.interface_lock(iface_name.as_ref()).ok_or_else(|| {
+            // vmsnap patch: a path without a node may be served by a fallback.
+            let iface = match root.get_child(&path) {
+                Some(node) => node.interface_lock(iface_name.as_ref()),
+                None => root
+                    .fallback_object(&path)
+                    .ok_or_else(|| fdo::Error::UnknownObject(format!("Unknown object '{path}'")))?
+                    .interface_lock(iface_name.as_ref()),
+            };
+            let iface = iface.ok_or_else(|| {
                 fdo::Error::UnknownInterface(format!("Unknown interface '{iface_name}'"))
             })?;
             (iface.instance, iface.spawn_tasks_for_methods)

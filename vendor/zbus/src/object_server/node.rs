@@ -18,12 +18,16 @@ use crate::{
 };
 
 use super::{ArcInterface, Interface};
+// vmsnap patch: subtree fallbacks.
+use super::fallback::{FallbackObject, FallbackRef};
 
 #[derive(Default, Debug)]
 pub(crate) struct Node {
     path: OwnedObjectPath,
     children: HashMap<String, Node>,
     interfaces: BTreeMap<InterfaceName<'static>, ArcInterface>,
+    // vmsnap patch: what serves the paths under this node that have no node of their own.
+    fallback: Option<FallbackRef>,
 }
 
 impl Node {
@@ -52,6 +56,35 @@ impl Node {
         }
 
         Some(node)
+    }
+
+    // vmsnap patch: subtree fallbacks.
+    /// Serve the paths under this node that have no node of their own with `fallback`
+    /// (replacing any previous one), or stop doing so with `None`.
+    pub(super) fn set_fallback(&mut self, fallback: Option<FallbackRef>) {
+        self.fallback = fallback;
+    }
+
+    // vmsnap patch: subtree fallbacks.
+    /// The object a fallback serves at `path`: `None` if `path` has a node (it is served as
+    /// usual), if no ancestor of it has a fallback, or if the closest one that has serves no
+    /// object there.
+    pub(crate) fn fallback_object(&self, path: &ObjectPath<'_>) -> Option<FallbackObject> {
+        let mut node = self;
+        let mut fallback = None;
+        for i in path.split('/').skip(1) {
+            if i.is_empty() {
+                continue;
+            }
+            if node.fallback.is_some() {
+                fallback = node.fallback.as_ref();
+            }
+            match node.children.get(i) {
+                Some(child) => node = child,
+                None => return fallback?.0.object(path),
+            }
+        }
+        None
     }
 
     /// Get the child Node at path. Optionally create one if it doesn't exist.
@@ -124,14 +157,21 @@ impl Node {
             let Some(child) = node.children.get(*part) else {
                 return false;
             };
+            // vmsnap patch: a node holding a fallback stays too.
             if depth + 1 < parts.len()
-                && (child.children.len() > 1 || !child.has_default_interfaces_only())
+                && (child.children.len() > 1
+                    || !child.has_default_interfaces_only()
+                    || child.fallback.is_some())
             {
                 keep_depth = depth + 1;
             }
             node = child;
         }
-        if !node.children.is_empty() || !node.has_default_interfaces_only() {
+        // vmsnap patch: a node holding a fallback is still needed.
+        if !node.children.is_empty()
+            || !node.has_default_interfaces_only()
+            || node.fallback.is_some()
+        {
             // The target node is still needed.
             return false;
         }
@@ -248,6 +288,24 @@ impl Node {
                             .read()
                             .await
                             .introspect_to_writer(writer, level + 2);
+                    }
+
+                    // vmsnap patch: the fallback's objects, by name only (their introspection
+                    // is their own), after the node's interfaces like any child.
+                    if let Some(fallback) = &node.fallback {
+                        for child in fallback.0.children() {
+                            if node.children.contains_key(&child) {
+                                continue;
+                            }
+                            writeln!(
+                                writer,
+                                "{:indent$}<node name=\"{}\"/>",
+                                "",
+                                child,
+                                indent = level + 2
+                            )
+                            .unwrap();
+                        }
                     }
                 }
                 Fragment::End { level } => {
