@@ -5,7 +5,8 @@
 //! the object's interface serves it (checked by the tests against zbus's GetAll).
 //!
 //! The registry holds the same `Arc` of each record as its object: a record is held once by
-//! the bus layer.
+//! the bus layer. Snapshots have no object of their own between calls: the registry is what
+//! their paths serve (`snapshot::SnapshotFallback`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -79,9 +80,9 @@ impl std::borrow::Borrow<str> for ByUuid {
 }
 
 impl Snapshots {
-    /// Adds a snapshot, or replaces the one with its UUID.
-    pub fn insert(&mut self, entry: SnapshotEntry) {
-        self.0.replace(ByUuid(entry));
+    /// Adds a snapshot, or replaces the one with its UUID; true if there was one.
+    pub fn insert(&mut self, entry: SnapshotEntry) -> bool {
+        self.0.replace(ByUuid(entry)).is_some()
     }
 
     pub fn get(&self, uuid: &str) -> Option<&SnapshotEntry> {
@@ -108,8 +109,9 @@ impl Snapshots {
         }
     }
 
-    pub fn remove(&mut self, uuid: &str) {
-        self.0.remove(uuid);
+    /// Removes a snapshot; false if there was none with that UUID.
+    pub fn remove(&mut self, uuid: &str) -> bool {
+        self.0.remove(uuid)
     }
 
     pub fn len(&self) -> usize {
@@ -207,6 +209,29 @@ impl Serialize for Objects {
 
 /// `a{sa{sv}}` of one object: its one interface with its properties.
 struct Interfaces<'a>(&'a Listed);
+
+impl Type for Interfaces<'_> {
+    const SIGNATURE: &'static zbus::Signature =
+        <HashMap<String, HashMap<String, zbus::OwnedVariant>> as Type>::SIGNATURE;
+}
+
+/// A snapshot's interfaces with their properties (`a{sa{sv}}`), as GetManagedObjects lists
+/// them: InterfacesAdded's second argument.
+pub struct SnapshotInterfaces(Listed);
+
+pub fn snapshot_interfaces(entry: &SnapshotEntry) -> SnapshotInterfaces {
+    SnapshotInterfaces(Listed::Snapshot(entry.clone()))
+}
+
+impl Type for SnapshotInterfaces {
+    const SIGNATURE: &'static zbus::Signature = <Interfaces<'static> as Type>::SIGNATURE;
+}
+
+impl Serialize for SnapshotInterfaces {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Interfaces(&self.0).serialize(serializer)
+    }
+}
 
 impl Serialize for Interfaces<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -505,7 +530,8 @@ const RESTORE_FOLDER: &str = "/org/vmsnap/VmSnap1/restore";
 
 /// `org.freedesktop.DBus.ObjectManager` at the root: GetManagedObjects answered from the
 /// registry. zbus still emits InterfacesAdded and InterfacesRemoved for every object exported
-/// under it (it knows an ObjectManager by its interface name).
+/// under it (it knows an ObjectManager by its interface name); for snapshots, which are not
+/// exported one by one, the publisher emits them (`bus::apply`).
 pub struct RootObjectManager {
     registry: SharedRegistry,
 }
@@ -548,7 +574,8 @@ impl RootObjectManager {
         all_objects(&read(&self.registry))
     }
 
-    /// Emitted (by zbus's object server) when an object is exported.
+    /// Emitted (by zbus's object server, or the publisher for a snapshot) when an object is
+    /// exported.
     #[zbus(signal)]
     pub async fn interfaces_added(
         emitter: &zbus::object_server::SignalEmitter<'_>,
@@ -559,7 +586,8 @@ impl RootObjectManager {
         >,
     ) -> zbus::Result<()>;
 
-    /// Emitted (by zbus's object server) when an object is removed.
+    /// Emitted (by zbus's object server, or the publisher for a snapshot) when an object is
+    /// removed.
     #[zbus(signal)]
     pub async fn interfaces_removed(
         emitter: &zbus::object_server::SignalEmitter<'_>,

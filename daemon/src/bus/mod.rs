@@ -4,6 +4,8 @@
 //! property changes and ObjectManager signals. No decision is made here.
 
 mod auth;
+#[cfg(test)]
+mod fallback_tests;
 mod listing;
 mod manager;
 mod restore;
@@ -14,8 +16,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
-use vmsnap_api::{restore_path, snapshot_path, vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH};
+use vmsnap_api::{
+    restore_path, snapshot_path, vm_path, VmSnapError, MANAGER_PATH, ROOT_PATH, SNAPSHOT_INTERFACE,
+};
 use zbus::connection::Builder;
+use zbus::names::InterfaceName;
+use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
 use crate::engine::{Change, EngineError, Request};
@@ -25,7 +31,7 @@ pub use listing::SharedRegistry;
 use listing::{RestoreEntry, RootObjectManager, SnapshotEntry};
 pub use manager::ManagerObject;
 pub use restore::RestoreObject;
-pub use snapshot::SnapshotObject;
+pub use snapshot::{SnapshotFallback, SnapshotObject};
 pub use vm::VmObject;
 
 /// Where to serve.
@@ -54,6 +60,9 @@ pub async fn connect(
 }
 
 /// Applies the engine's changes to the exported objects, in order, until the engine stops.
+///
+/// Snapshots are not objects of zbus's tree: their paths are served from the registry by a
+/// [`SnapshotFallback`], set here before the first change, and their signals are sent here.
 pub async fn publish(
     connection: Connection,
     engine: mpsc::Sender<Request>,
@@ -61,6 +70,14 @@ pub async fn publish(
     registry: SharedRegistry,
     mut changes: mpsc::UnboundedReceiver<Change>,
 ) {
+    let fallback = SnapshotFallback::new(registry.clone(), engine.clone(), auth.clone());
+    if let Err(e) = connection
+        .object_server()
+        .set_fallback(snapshot::SNAPSHOT_FOLDER, Some(Arc::new(fallback)))
+        .await
+    {
+        warn!(error = %e, "could not serve the snapshots' objects");
+    }
     while let Some(change) = changes.recv().await {
         if let Err(e) = apply(&connection, &engine, &auth, &registry, change).await {
             warn!(error = %e, "could not update a D-Bus object");
@@ -118,35 +135,42 @@ async fn apply(
                 .set_libvirt_status(connected, error, &emitter)
                 .await?;
         }
+        // Snapshots: the registry is their objects (see `publish`); the signals are those zbus
+        // sent for the `#[interface]` objects registered one by one before issue 13.
         Change::SnapshotAdded(record) => {
-            let path = snapshot_path(&record.uuid);
-            listing::write(registry)
-                .snapshots
-                .insert(SnapshotEntry::idle(record.clone()));
-            server
-                .at(
-                    path.as_str(),
-                    SnapshotObject::new(record, engine.clone(), auth.clone()),
-                )
-                .await?;
+            let entry = SnapshotEntry::idle(record);
+            let known = listing::write(registry).snapshots.insert(entry.clone());
+            // zbus announced an object only when its path was free.
+            if !known {
+                snapshot_added(connection, &entry).await?;
+            }
         }
         Change::SnapshotUpdated(record) => {
-            let path = snapshot_path(&record.uuid);
-            listing::write(registry)
-                .snapshots
-                .update_record(record.clone());
-            let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
-            let emitter = iface.signal_emitter().clone();
-            iface.get_mut().await.update(record, &emitter).await?;
+            let old = {
+                let mut registry = listing::write(registry);
+                let old = registry.snapshots.get(&record.uuid).cloned();
+                registry.snapshots.update_record(record.clone());
+                old
+            };
+            let old = old.ok_or(zbus::Error::InterfaceNotFound)?;
+            let emitter = snapshot_emitter(connection, &record.uuid)?;
+            SnapshotObject::new(&old, engine.clone(), auth.clone())
+                .update(record, &emitter)
+                .await?;
         }
         Change::SnapshotProgress { uuid, text } => {
-            let path = snapshot_path(&uuid);
-            listing::write(registry)
-                .snapshots
-                .set_progress(&uuid, Arc::from(text.as_str()));
-            let iface = server.interface::<_, SnapshotObject>(path.as_str()).await?;
-            let emitter = iface.signal_emitter().clone();
-            iface.get_mut().await.set_progress(text, &emitter).await?;
+            let text: Arc<str> = Arc::from(text.as_str());
+            let old = {
+                let mut registry = listing::write(registry);
+                let old = registry.snapshots.get(&uuid).cloned();
+                registry.snapshots.set_progress(&uuid, text.clone());
+                old
+            };
+            let old = old.ok_or(zbus::Error::InterfaceNotFound)?;
+            let emitter = snapshot_emitter(connection, &uuid)?;
+            SnapshotObject::new(&old, engine.clone(), auth.clone())
+                .set_progress(text, &emitter)
+                .await?;
         }
         Change::RestoreAdded(record) => {
             let path = restore_path(&record.uuid);
@@ -192,14 +216,42 @@ async fn apply(
                 .await?;
         }
         Change::SnapshotRemoved { uuid } => {
-            listing::write(registry).snapshots.remove(&uuid);
-            server
-                .remove::<SnapshotObject, _>(snapshot_path(&uuid).as_str())
-                .await?;
+            if !listing::write(registry).snapshots.remove(&uuid) {
+                return Err(zbus::Error::InterfaceNotFound);
+            }
+            let path = snapshot_path(&uuid);
+            let path = zbus::ObjectPath::try_from(path.as_str())?;
+            let emitter = SignalEmitter::new(connection, ROOT_PATH)?;
+            let interface = InterfaceName::from_static_str(SNAPSHOT_INTERFACE)?;
+            RootObjectManager::interfaces_removed(&emitter, path, vec![interface]).await?;
         }
     }
     Ok(())
 }
+
+/// Where a snapshot's PropertiesChanged come from: its path.
+fn snapshot_emitter<'a>(connection: &'a Connection, uuid: &str) -> zbus::Result<SignalEmitter<'a>> {
+    SignalEmitter::new(connection, snapshot_path(uuid))
+}
+
+/// InterfacesAdded for a new snapshot, from the root's ObjectManager: the object's path and its
+/// interface with every property, as zbus announced an object exported under an ObjectManager
+/// (the properties serialized from the registry, as GetManagedObjects lists them).
+async fn snapshot_added(connection: &Connection, entry: &SnapshotEntry) -> zbus::Result<()> {
+    let path = snapshot_path(&entry.record.uuid);
+    let path = zbus::ObjectPath::try_from(path.as_str())?;
+    connection
+        .emit_signal(
+            None::<zbus::names::BusName<'_>>,
+            ROOT_PATH,
+            OBJECT_MANAGER_INTERFACE,
+            "InterfacesAdded",
+            &(path, listing::snapshot_interfaces(entry)),
+        )
+        .await
+}
+
+const OBJECT_MANAGER_INTERFACE: &str = "org.freedesktop.DBus.ObjectManager";
 
 /// Sends a request to the engine and waits for its answer.
 pub(crate) async fn ask<T>(

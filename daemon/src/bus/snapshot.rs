@@ -2,33 +2,36 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use vmsnap_api::{ExcludedVolume, IncludedVolume, SourceIndication, VmSnapError};
+use vmsnap_api::{snapshot_path, ExcludedVolume, IncludedVolume, SourceIndication, VmSnapError};
 use zbus::interface;
-use zbus::object_server::SignalEmitter;
+use zbus::object_server::{Fallback, FallbackObject, SignalEmitter};
+use zbus::ObjectPath;
 
 use super::ask;
 use super::auth::{Authorizer, ACTION_DELETE};
+use super::listing::{self, SharedRegistry, SnapshotEntry};
 use crate::engine::Request;
 use crate::store::SnapshotRecord;
 
 /// `org.vmsnap.VmSnap1.Snapshot`: one per snapshot, mirroring KubeVirt's
 /// VirtualMachineSnapshot status.
+///
+/// Not registered in zbus's object tree: [`SnapshotFallback`] makes one from the registry's
+/// entry for each call to a snapshot's path, and the publisher one for each change it
+/// announces (issue 13: a zbus node per snapshot cost about 1.2 KB).
 pub struct SnapshotObject {
     record: Arc<SnapshotRecord>,
-    progress: String,
+    progress: Arc<str>,
     engine: mpsc::Sender<Request>,
     auth: Authorizer,
 }
 
 impl SnapshotObject {
-    pub fn new(
-        record: Arc<SnapshotRecord>,
-        engine: mpsc::Sender<Request>,
-        auth: Authorizer,
-    ) -> Self {
+    /// The object of a snapshot as the registry holds it.
+    pub fn new(entry: &SnapshotEntry, engine: mpsc::Sender<Request>, auth: Authorizer) -> Self {
         SnapshotObject {
-            record,
-            progress: String::new(),
+            record: entry.record.clone(),
+            progress: entry.progress.clone(),
             engine,
             auth,
         }
@@ -81,7 +84,7 @@ impl SnapshotObject {
 
     pub(super) async fn set_progress(
         &mut self,
-        text: String,
+        text: Arc<str>,
         emitter: &SignalEmitter<'_>,
     ) -> zbus::Result<()> {
         if self.progress != text {
@@ -89,6 +92,62 @@ impl SnapshotObject {
             self.progress_changed(emitter).await?;
         }
         Ok(())
+    }
+}
+
+/// Serves every snapshot's object (`/org/vmsnap/VmSnap1/snapshot/<uuid with _>`) from the
+/// registry, through zbus's subtree fallback (vendor/zbus/VMSNAP-PATCH.md): a call to a
+/// snapshot's path gets a [`SnapshotObject`] made for it from the snapshot's entry, a path
+/// of no snapshot gets UnknownObject.
+pub struct SnapshotFallback {
+    registry: SharedRegistry,
+    engine: mpsc::Sender<Request>,
+    auth: Authorizer,
+}
+
+impl SnapshotFallback {
+    pub fn new(registry: SharedRegistry, engine: mpsc::Sender<Request>, auth: Authorizer) -> Self {
+        SnapshotFallback {
+            registry,
+            engine,
+            auth,
+        }
+    }
+}
+
+/// Where the snapshots' objects are.
+pub(super) const SNAPSHOT_FOLDER: &str = "/org/vmsnap/VmSnap1/snapshot";
+
+/// The UUID a snapshot's path element names, if it can name one: `snapshot_path` writes a
+/// UUID's dashes as `_`, and records' UUIDs are checked as they are loaded (hex and dashes).
+fn uuid_of(path: &str) -> Option<String> {
+    let element = path.strip_prefix(SNAPSHOT_FOLDER)?.strip_prefix('/')?;
+    if element.is_empty() || element.contains('/') {
+        return None;
+    }
+    Some(element.replace('_', "-"))
+}
+
+impl Fallback for SnapshotFallback {
+    fn object(&self, path: &ObjectPath<'_>) -> Option<FallbackObject> {
+        let uuid = uuid_of(path.as_str())?;
+        let object = {
+            let registry = listing::read(&self.registry);
+            let entry = registry.snapshots.get(&uuid)?;
+            SnapshotObject::new(entry, self.engine.clone(), self.auth.clone())
+        };
+        Some(FallbackObject::new(path.clone()).with(object))
+    }
+
+    fn children(&self) -> Vec<String> {
+        listing::read(&self.registry)
+            .snapshots
+            .iter()
+            .map(|entry| {
+                let path = snapshot_path(&entry.record.uuid);
+                path.rsplit('/').next().unwrap_or_default().to_string()
+            })
+            .collect()
     }
 }
 
@@ -226,7 +285,7 @@ impl SnapshotObject {
     /// What the operation on this snapshot is doing right now; empty when idle.
     #[zbus(property)]
     fn progress(&self) -> String {
-        self.progress.clone()
+        self.progress.to_string()
     }
 
     /// How long the guest's filesystems were frozen, in milliseconds (0 without a freeze).
@@ -263,7 +322,7 @@ pub(super) mod tests {
     use super::*;
 
     /// What the object's own getters serve (zbus's GetAll), as a map.
-    fn served(object: &SnapshotObject) -> HashMap<String, OwnedVariant> {
+    pub(in crate::bus) fn served(object: &SnapshotObject) -> HashMap<String, OwnedVariant> {
         let v = |r: zbus::Result<OwnedVariant>| r.expect("a variant");
         HashMap::from([
             ("Name".to_string(), v(to_owned_variant(&object.name()))),
@@ -342,13 +401,12 @@ pub(super) mod tests {
             target: "sda".into(),
             reason: "cdrom".into(),
         }];
-        let record = Arc::new(record);
-        let mut object = SnapshotObject::new(record.clone(), engine, Authorizer::Disabled);
-        object.progress = "merging vda".into();
-        let rows = SnapshotRows(vec![SnapshotEntry {
-            record,
+        let entry = SnapshotEntry {
+            record: Arc::new(record),
             progress: Arc::from("merging vda"),
-        }]);
+        };
+        let object = SnapshotObject::new(&entry, engine, Authorizer::Disabled);
+        let rows = SnapshotRows(vec![entry]);
         let data = to_bytes(Context::new(Endian::Little, 0), &rows).expect("serializes");
         let (decoded, _) = data
             .deserialize::<Vec<vmsnap_api::SnapshotRow>>()
@@ -398,13 +456,11 @@ pub(super) mod tests {
             let record = Arc::new(record);
             let path = zbus::OwnedObjectPath::try_from(vmsnap_api::snapshot_path(&record.uuid))
                 .expect("a path");
-            let mut object =
-                SnapshotObject::new(record.clone(), engine.clone(), Authorizer::Disabled);
-            object.progress = "merging vda".into();
             let entry = SnapshotEntry {
                 record,
                 progress: Arc::from("merging vda"),
             };
+            let object = SnapshotObject::new(&entry, engine.clone(), Authorizer::Disabled);
             let mut listing = decoded(&Objects(vec![Listed::Snapshot(entry)]));
             let mut interfaces = listing.remove(&path).expect("the object is listed");
             let interface =
