@@ -394,6 +394,7 @@ impl Records {
     }
 
     /// The records' UUIDs, in order.
+    #[cfg(test)]
     fn keys(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|ByUuid(record)| record.uuid.as_str())
     }
@@ -468,21 +469,22 @@ fn report_orphan_lvs(
     restores: &BTreeMap<String, RestoreRecord>,
 ) {
     let lvm = ops.lvm_tool();
-    let known: std::collections::HashSet<String> = snapshots
+    // The records themselves, in UUID order (one block for all), rather than a tag string per
+    // record, which a start with 10,000 records left behind as holes in the heap (issue 13).
+    let snapshots: Vec<Arc<SnapshotRecord>> = snapshots.values().cloned().collect();
+    let restore_tags: std::collections::HashSet<String> = restores
         .keys()
-        .map(|u| format!("vmsnap-snap-{u}"))
-        .chain(
-            restores
-                .keys()
-                .map(|u| crate::backends::lvm::restore_tag(u)),
-        )
+        .map(|u| crate::backends::lvm::restore_tag(u))
         .collect();
     let spawned = std::thread::Builder::new()
         .name("lvm-orphans".to_string())
         .spawn(move || match lvm.lvs_tagged(vmsnap_lvm::TAG_VMSNAP) {
             Ok(lvs) => {
                 for lv in lvs {
-                    let ours = lv.tags.iter().any(|t| known.contains(t));
+                    let ours = lv
+                        .tags
+                        .iter()
+                        .any(|t| known_lv_tag(t, &snapshots, &restore_tags));
                     if !ours && lv.tags.iter().any(|t| t.starts_with("vmsnap-snap-")) {
                         warn!(lv = %format!("{}/{}", lv.vg, lv.name), "an LV tagged by vmsnap has no snapshot record; left alone (remove it with lvremove if it is not needed)");
                     }
@@ -493,6 +495,20 @@ fn report_orphan_lvs(
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the LVM orphan check");
     }
+}
+
+/// Whether an LV's tag names a known snapshot (`vmsnap-snap-<UUID>`; `snapshots` in UUID order)
+/// or a known restore (one of `restore_tags`).
+fn known_lv_tag(
+    tag: &str,
+    snapshots: &[Arc<SnapshotRecord>],
+    restore_tags: &std::collections::HashSet<String>,
+) -> bool {
+    tag.strip_prefix("vmsnap-snap-").is_some_and(|uuid| {
+        snapshots
+            .binary_search_by(|s| s.uuid.as_str().cmp(uuid))
+            .is_ok()
+    }) || restore_tags.contains(tag)
 }
 
 /// A ready snapshot whose image file is gone is not ready to use, and says why. Only in memory:
@@ -2840,5 +2856,34 @@ mod tests {
             std::mem::size_of::<vmsnap_api::SourceIndication>(),
             std::mem::size_of::<vmsnap_api::Indication>(),
         );
+    }
+    #[test]
+    fn lv_tags_of_known_snapshots_and_restores_are_known() {
+        let mut records = Records::default();
+        for name in ["c", "a", "b"] {
+            records.insert(Arc::new(snapshot_record(name, SnapshotPhase::Succeeded)));
+        }
+        let snapshots: Vec<Arc<SnapshotRecord>> = records.values().cloned().collect();
+        let restores: std::collections::HashSet<String> =
+            [crate::backends::lvm::restore_tag("restore-r")].into();
+        for known in [
+            "vmsnap-snap-uuid-a",
+            "vmsnap-snap-uuid-b",
+            "vmsnap-snap-uuid-c",
+            "vmsnap-restore-restore-r",
+        ] {
+            assert!(known_lv_tag(known, &snapshots, &restores), "{known}");
+        }
+        for unknown in [
+            "vmsnap-snap-uuid-d",
+            "vmsnap-snap-",
+            "uuid-a",
+            "vmsnap-vm-uuid-a",
+            "vmsnap-restore-uuid-a",
+            "vmsnap-snap-restore-r",
+            "vmsnap",
+        ] {
+            assert!(!known_lv_tag(unknown, &snapshots, &restores), "{unknown}");
+        }
     }
 }
