@@ -249,7 +249,7 @@ pub struct Engine {
     settled: watch::Sender<bool>,
     /// Snapshot records by snapshot UUID, each shared with its bus object (changed copy on
     /// write, `Arc::make_mut`).
-    snapshots: BTreeMap<String, Arc<SnapshotRecord>>,
+    snapshots: Records,
     /// VMs with an operation running (by VM UUID), and what it is. One operation per VM at a
     /// time: a second request gets Busy rather than queueing behind a long merge.
     busy: HashMap<String, String>,
@@ -325,30 +325,166 @@ enum AwaitingWrite {
     Removal(oneshot::Sender<Result<(), EngineError>>),
 }
 
+/// The snapshot records, ordered by their own UUID (issue 13: no copy of each UUID as a key;
+/// the bus registry's `Snapshots` does the same). Iterates in UUID order, as a map keyed by
+/// UUID did.
+#[derive(Default)]
+struct Records(std::collections::BTreeSet<ByUuid>);
+
+/// A record in [`Records`], compared by its UUID.
+struct ByUuid(Arc<SnapshotRecord>);
+
+impl PartialEq for ByUuid {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.uuid == other.0.uuid
+    }
+}
+
+impl Eq for ByUuid {}
+
+impl PartialOrd for ByUuid {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByUuid {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.uuid.cmp(&other.0.uuid)
+    }
+}
+
+impl std::borrow::Borrow<str> for ByUuid {
+    fn borrow(&self) -> &str {
+        &self.0.uuid
+    }
+}
+
+impl Records {
+    /// Adds a record, or replaces the one with its UUID (returned).
+    fn insert(&mut self, record: Arc<SnapshotRecord>) -> Option<Arc<SnapshotRecord>> {
+        self.0.replace(ByUuid(record)).map(|ByUuid(old)| old)
+    }
+
+    fn get(&self, uuid: &str) -> Option<&Arc<SnapshotRecord>> {
+        self.0.get(uuid).map(|ByUuid(record)| record)
+    }
+
+    fn contains_key(&self, uuid: &str) -> bool {
+        self.0.contains(uuid)
+    }
+
+    fn remove(&mut self, uuid: &str) -> Option<Arc<SnapshotRecord>> {
+        self.0.take(uuid).map(|ByUuid(record)| record)
+    }
+
+    /// The record with this UUID, to change: it is out of the set while the slot lives and
+    /// goes back (by its UUID) when the slot is dropped.
+    fn slot(&mut self, uuid: &str) -> Option<RecordSlot<'_>> {
+        let ByUuid(record) = self.0.take(uuid)?;
+        Some(RecordSlot {
+            set: &mut self.0,
+            record: Some(record),
+        })
+    }
+
+    /// The records in UUID order.
+    fn values(&self) -> impl Iterator<Item = &Arc<SnapshotRecord>> {
+        self.0.iter().map(|ByUuid(record)| record)
+    }
+
+    /// The records' UUIDs, in order.
+    #[cfg(test)]
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|ByUuid(record)| record.uuid.as_str())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Index<&str> for Records {
+    type Output = Arc<SnapshotRecord>;
+
+    fn index(&self, uuid: &str) -> &Self::Output {
+        self.get(uuid).expect("no snapshot record with this UUID")
+    }
+}
+
+/// A record taken out of [`Records`] to be changed; put back when dropped.
+struct RecordSlot<'a> {
+    set: &'a mut std::collections::BTreeSet<ByUuid>,
+    /// Always Some until dropped.
+    record: Option<Arc<SnapshotRecord>>,
+}
+
+impl RecordSlot<'_> {
+    /// The record as shared with the bus objects.
+    fn shared(&self) -> &Arc<SnapshotRecord> {
+        self.record
+            .as_ref()
+            .expect("a slot holds its record until dropped")
+    }
+
+    /// The record to change (a copy if it is shared: `Arc::make_mut`).
+    fn make_mut(&mut self) -> &mut SnapshotRecord {
+        Arc::make_mut(
+            self.record
+                .as_mut()
+                .expect("a slot holds its record until dropped"),
+        )
+    }
+}
+
+impl std::ops::Deref for RecordSlot<'_> {
+    type Target = SnapshotRecord;
+
+    fn deref(&self) -> &SnapshotRecord {
+        self.shared()
+    }
+}
+
+impl Drop for RecordSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.set.replace(ByUuid(record));
+        }
+    }
+}
+
 /// Logs vmsnap-tagged LVs no record accounts for (a state directory restored from an old backup,
 /// records removed by hand). They are left alone: they may hold the only copy of some data.
 /// Runs on a thread of its own; on a host without LVM it only finds that `lvm` is missing.
 fn report_orphan_lvs(
     ops: &OpContext,
-    snapshots: &BTreeMap<String, Arc<SnapshotRecord>>,
+    snapshots: &Records,
     restores: &BTreeMap<String, RestoreRecord>,
 ) {
     let lvm = ops.lvm_tool();
-    let known: std::collections::HashSet<String> = snapshots
+    // The records themselves, in UUID order (one block for all), rather than a tag string per
+    // record, which a start with 10,000 records left behind as holes in the heap (issue 13).
+    let snapshots: Vec<Arc<SnapshotRecord>> = snapshots.values().cloned().collect();
+    let restore_tags: std::collections::HashSet<String> = restores
         .keys()
-        .map(|u| format!("vmsnap-snap-{u}"))
-        .chain(
-            restores
-                .keys()
-                .map(|u| crate::backends::lvm::restore_tag(u)),
-        )
+        .map(|u| crate::backends::lvm::restore_tag(u))
         .collect();
     let spawned = std::thread::Builder::new()
         .name("lvm-orphans".to_string())
         .spawn(move || match lvm.lvs_tagged(vmsnap_lvm::TAG_VMSNAP) {
             Ok(lvs) => {
                 for lv in lvs {
-                    let ours = lv.tags.iter().any(|t| known.contains(t));
+                    let ours = lv
+                        .tags
+                        .iter()
+                        .any(|t| known_lv_tag(t, &snapshots, &restore_tags));
                     if !ours && lv.tags.iter().any(|t| t.starts_with("vmsnap-snap-")) {
                         warn!(lv = %format!("{}/{}", lv.vg, lv.name), "an LV tagged by vmsnap has no snapshot record; left alone (remove it with lvremove if it is not needed)");
                     }
@@ -359,6 +495,20 @@ fn report_orphan_lvs(
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the LVM orphan check");
     }
+}
+
+/// Whether an LV's tag names a known snapshot (`vmsnap-snap-<UUID>`; `snapshots` in UUID order)
+/// or a known restore (one of `restore_tags`).
+fn known_lv_tag(
+    tag: &str,
+    snapshots: &[Arc<SnapshotRecord>],
+    restore_tags: &std::collections::HashSet<String>,
+) -> bool {
+    tag.strip_prefix("vmsnap-snap-").is_some_and(|uuid| {
+        snapshots
+            .binary_search_by(|s| s.uuid.as_str().cmp(uuid))
+            .is_ok()
+    }) || restore_tags.contains(tag)
 }
 
 /// A ready snapshot whose image file is gone is not ready to use, and says why. Only in memory:
@@ -387,7 +537,7 @@ impl Engine {
                 connected: false,
                 changes,
                 settled,
-                snapshots: BTreeMap::new(),
+                snapshots: Records::default(),
                 restores: BTreeMap::new(),
                 held: HashMap::new(),
                 busy: HashMap::new(),
@@ -427,7 +577,7 @@ impl Engine {
             mark_missing_images(&mut record);
             let record = Arc::new(record);
             self.emit(Change::SnapshotAdded(record.clone()));
-            self.snapshots.insert(record.uuid.clone(), record);
+            self.snapshots.insert(record);
         }
         let (restores, problems) = ops.store.load_restores();
         for problem in problems {
@@ -521,10 +671,7 @@ impl Engine {
                     self.abandoned.remove(&record.uuid);
                 }
                 let record: Arc<SnapshotRecord> = Arc::from(record);
-                let known = self
-                    .snapshots
-                    .insert(record.uuid.clone(), record.clone())
-                    .is_some();
+                let known = self.snapshots.insert(record.clone()).is_some();
                 let settled = matches!(
                     record.phase,
                     SnapshotPhase::Succeeded | SnapshotPhase::Failed
@@ -737,9 +884,10 @@ impl Engine {
             if given_up == ops::GiveUp::NotGivenUp {
                 continue;
             }
-            let Some(record) = self.snapshots.get_mut(&watched.record).map(Arc::make_mut) else {
+            let Some(mut slot) = self.snapshots.slot(&watched.record) else {
                 continue;
             };
+            let record = slot.make_mut();
             let message = format!("the {} {}", watched.what, ops::ABANDONED);
             warn!(vm = %record.vm_name, snapshot = %record.name, "{message}");
             record.phase = SnapshotPhase::Failed;
@@ -751,10 +899,8 @@ impl Engine {
             };
             record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX);
             let name = record.name.clone();
-            let Some(shared) = self.snapshots.get(&watched.record) else {
-                continue;
-            };
-            let change = Change::SnapshotUpdated(shared.clone());
+            let change = Change::SnapshotUpdated(slot.shared().clone());
+            drop(slot);
             self.abandoned.insert(watched.record.clone());
             self.emit(change);
             if given_up == ops::GiveUp::Released {
@@ -865,16 +1011,16 @@ impl Engine {
     /// an operation running is left to that operation. In memory only, as at start.
     fn apply_verification(&mut self, found: Vec<ops::Verification>) {
         for checked in found {
-            let Some(shared) = self.snapshots.get_mut(&checked.uuid) else {
+            let Some(mut slot) = self.snapshots.slot(&checked.uuid) else {
                 continue;
             };
-            if shared.phase != SnapshotPhase::Succeeded
-                || self.busy.contains_key(&shared.vm_uuid)
-                || shared.volumes != checked.volumes
+            if slot.phase != SnapshotPhase::Succeeded
+                || self.busy.contains_key(&slot.vm_uuid)
+                || slot.volumes != checked.volumes
             {
                 continue;
             }
-            let record = Arc::make_mut(shared);
+            let record = slot.make_mut();
             let missing = checked.missing;
             let before = (record.ready_to_use, record.error.clone());
             match missing {
@@ -891,7 +1037,8 @@ impl Engine {
             }
             if (record.ready_to_use, record.error.clone()) != before {
                 info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { record.error.as_str() });
-                let change = Change::SnapshotUpdated(shared.clone());
+                let change = Change::SnapshotUpdated(slot.shared().clone());
+                drop(slot);
                 self.emit(change);
             }
         }
@@ -938,13 +1085,13 @@ impl Engine {
         for uuid in uuids {
             let mine: Vec<&crate::backends::lvm::CowFill> =
                 fills.iter().filter(|f| f.snapshot_uuid == uuid).collect();
-            let Some(shared) = self.snapshots.get_mut(&uuid) else {
+            let Some(mut slot) = self.snapshots.slot(&uuid) else {
                 continue;
             };
             if mine.is_empty() {
                 continue;
             }
-            let record = Arc::make_mut(shared);
+            let record = slot.make_mut();
             let percent = mine.iter().map(|f| f.percent).fold(0.0, f64::max);
             if let Some(over) = mine.iter().find(|f| f.invalid) {
                 let target = record
@@ -965,7 +1112,8 @@ impl Engine {
                         warn!(error = %e, "cannot write the snapshot record");
                     }
                 });
-                let record = shared.clone();
+                let record = slot.shared().clone();
+                drop(slot);
                 self.emit(Change::SnapshotUpdated(record));
                 continue;
             }
@@ -978,7 +1126,8 @@ impl Engine {
             }
             if (record.cow_fill_percent - percent).abs() >= 0.01 {
                 record.cow_fill_percent = percent;
-                let change = Change::SnapshotUpdated(shared.clone());
+                let change = Change::SnapshotUpdated(slot.shared().clone());
+                drop(slot);
                 self.emit(change);
             }
         }
@@ -2279,16 +2428,14 @@ mod tests {
         )])));
         for phase in [SnapshotPhase::InProgress, SnapshotPhase::Deleting] {
             let record = snapshot_record("s", phase);
-            engine
-                .snapshots
-                .insert(record.uuid.clone(), Arc::new(record));
+            engine.snapshots.insert(Arc::new(record));
             assert!(matches!(
                 engine.delete_snapshot("uuid-s"),
                 Err(EngineError::InvalidState(m)) if m.contains("once it has settled")
             ));
         }
         let done = snapshot_record("done", SnapshotPhase::Succeeded);
-        engine.snapshots.insert(done.uuid.clone(), Arc::new(done));
+        engine.snapshots.insert(Arc::new(done));
         engine
             .busy
             .insert(A.into(), "snapshot 's' is being created".into());
@@ -2321,7 +2468,7 @@ mod tests {
             VmState::ShutOff,
         )])));
         let done = snapshot_record("done", SnapshotPhase::Succeeded);
-        engine.snapshots.insert(done.uuid.clone(), Arc::new(done));
+        engine.snapshots.insert(Arc::new(done));
         drain(&mut rx);
         let huge = "x".repeat(1 << 20);
         for target in [".", "..", "...", "a/b", "-rf", "a\n", &huge] {
@@ -2380,9 +2527,7 @@ mod tests {
         engine.handle_libvirt(LibvirtEvent::Connected);
         engine.handle_libvirt(LibvirtEvent::Inventory(inventory(vec![])));
         let record = snapshot_record("s", SnapshotPhase::Succeeded);
-        engine
-            .snapshots
-            .insert(record.uuid.clone(), std::sync::Arc::new(record));
+        engine.snapshots.insert(std::sync::Arc::new(record));
         let (events, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
         let (ops, _lock_dir) = ops_that_cannot_write_records(events);
         engine.ops = Some(ops);
@@ -2519,9 +2664,7 @@ mod tests {
         engine.ops = Some(ops);
         // As with_operations loads them.
         for record in store.load_all().0 {
-            engine
-                .snapshots
-                .insert(record.uuid.clone(), Arc::new(record));
+            engine.snapshots.insert(Arc::new(record));
         }
         let on_disk = crate::store::DomainXml::OnDisk;
         assert_eq!(engine.snapshots["uuid-loaded"].domain_xml, on_disk);
@@ -2570,5 +2713,177 @@ mod tests {
             ask(&mut engine, "uuid-loaded"),
             Err(EngineError::SnapshotNotFound { .. })
         ));
+    }
+    #[test]
+    fn records_are_found_changed_and_removed_by_their_own_uuid_in_order() {
+        let mut records = Records::default();
+        for name in ["b", "c", "a"] {
+            assert!(records
+                .insert(Arc::new(snapshot_record(name, SnapshotPhase::Succeeded)))
+                .is_none());
+        }
+        let keys: Vec<&str> = records.keys().collect();
+        assert_eq!(keys, ["uuid-a", "uuid-b", "uuid-c"]);
+        let names: Vec<&str> = records.values().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(records.contains_key("uuid-b") && !records.contains_key("uuid-d"));
+
+        // A slot's change is kept (copied on write: the shared one is left as it was), and the
+        // record is back in its place once the slot is gone, changed or not.
+        let shown = records["uuid-b"].clone();
+        {
+            let mut slot = records.slot("uuid-b").expect("known");
+            slot.make_mut().phase = SnapshotPhase::Failed;
+            assert_eq!(slot.shared().phase, SnapshotPhase::Failed);
+        }
+        assert_eq!(records["uuid-b"].phase, SnapshotPhase::Failed);
+        assert_eq!(shown.phase, SnapshotPhase::Succeeded);
+        drop(records.slot("uuid-c").expect("known"));
+        assert!(records.slot("uuid-d").is_none());
+        assert_eq!(records.len(), 3);
+        assert_eq!(
+            records.keys().collect::<Vec<_>>(),
+            keys_owned(&["a", "b", "c"])
+        );
+
+        // Insert replaces by UUID and gives the old one back.
+        let old = records
+            .insert(Arc::new(snapshot_record("a", SnapshotPhase::Deleting)))
+            .expect("replaced");
+        assert_eq!(old.phase, SnapshotPhase::Succeeded);
+        assert_eq!(
+            records.get("uuid-a").map(|r| r.phase),
+            Some(SnapshotPhase::Deleting)
+        );
+        assert_eq!(records.len(), 3);
+        assert_eq!(
+            records.remove("uuid-a").map(|r| r.name.clone()),
+            Some("a".into())
+        );
+        assert!(records.remove("uuid-a").is_none() && records.get("uuid-a").is_none());
+        assert_eq!(records.keys().collect::<Vec<_>>(), keys_owned(&["b", "c"]));
+    }
+
+    fn keys_owned(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| format!("uuid-{n}")).collect()
+    }
+
+    /// Issue 13: the map of records costs its B-tree's nodes, not a block per record (no copy
+    /// of each UUID as a key).
+    #[test]
+    fn records_cost_no_block_per_record() {
+        const N: usize = 1000;
+        let all: Vec<Arc<SnapshotRecord>> = (0..N)
+            .map(|i| {
+                let mut record = snapshot_record("s", SnapshotPhase::Succeeded);
+                // Random-looking order, as UUIDs come.
+                record.uuid = format!("{:08x}-0000-4000-8000-{i:012}", (i * 7919) % N);
+                Arc::new(record)
+            })
+            .collect();
+        let (records, allocated, _) = crate::memory::counting::on_this_thread(|| {
+            let mut records = Records::default();
+            for record in &all {
+                records.insert(record.clone());
+            }
+            records
+        });
+        assert_eq!(records.len(), N);
+        // B-tree nodes hold up to 11 entries each, at least 5 but the root's.
+        assert!(allocated < N / 4, "{allocated} blocks for {N} records");
+    }
+    /// Issue 13 measurement, not a check: the blocks and bytes each loaded record keeps, as
+    /// `bench/scale.sh` writes them. `cargo test -p vmsnapd measure_record_blocks -- --ignored
+    /// --nocapture --test-threads=1`.
+    #[test]
+    #[ignore = "a measurement; run alone"]
+    fn measure_record_blocks() {
+        const N: usize = 4000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::new(dir.path());
+        let xml = format!("<domain><name>f</name>{}</domain>", "x".repeat(1000));
+        for i in 0..N {
+            let mut record = snapshot_record("s", SnapshotPhase::Succeeded);
+            record.uuid = format!("5ca1e000-0000-4000-8000-{i:012}");
+            record.name = format!("fake-{i:05}");
+            record.vm_name = format!("vmsnap-scale-12345-f{:03}", i % 4 + 1);
+            record.vm_uuid = format!("{:08x}-1111-4222-8333-444455556666", i % 4);
+            record.creation_time = "2026-01-01T00:00:00Z".into();
+            record.indications = vec![vmsnap_api::Indication::Online];
+            record.source_indications = vec![vmsnap_api::SourceIndication {
+                indication: "Online".into(),
+                message: "the VM was running".into(),
+            }];
+            record.domain_xml = crate::store::DomainXml::Held(xml.clone());
+            store.save(&record).expect("saved");
+        }
+        let before = crate::memory::counting::live();
+        let (loaded, problems) = store.load_all();
+        assert!(problems.is_empty() && loaded.len() == N);
+        let as_loaded = crate::memory::counting::live();
+        let mut records = Records::default();
+        for record in loaded {
+            records.insert(Arc::new(record));
+        }
+        let in_map = crate::memory::counting::live();
+        let per = |a: (isize, isize), b: (isize, isize)| {
+            let n = isize::try_from(N).expect("small");
+            ((b.0 - a.0) as f64 / n as f64, (b.1 - a.1) as f64 / n as f64)
+        };
+        println!(
+            "loaded (Vec of records): {:?} blocks, bytes per record",
+            per(before, as_loaded)
+        );
+        println!(
+            "in the map (Arc each): {:?} blocks, bytes per record",
+            per(before, in_map)
+        );
+        let one = records.values().next().expect("one");
+        println!(
+            "size_of SnapshotRecord {} ArcInner {}; strings: uuid {} name {} description {} vm_name {} vm_uuid {} creation_time {} error {} error_name {}; lists: indications {} volumes {} excluded {} extra_state {} source_indications {}",
+            std::mem::size_of::<SnapshotRecord>(),
+            std::mem::size_of::<SnapshotRecord>() + 16,
+            one.uuid.capacity(), one.name.capacity(), one.description.capacity(),
+            one.vm_name.capacity(), one.vm_uuid.capacity(), one.creation_time.capacity(),
+            one.error.capacity(), one.error_name.capacity(), one.indications.capacity(),
+            one.volumes.capacity(), one.excluded.capacity(), one.extra_state.capacity(),
+            one.source_indications.capacity(),
+        );
+        println!(
+            "size_of Step {} DomainXml {} SourceIndication {} Indication {}",
+            std::mem::size_of::<Step>(),
+            std::mem::size_of::<crate::store::DomainXml>(),
+            std::mem::size_of::<vmsnap_api::SourceIndication>(),
+            std::mem::size_of::<vmsnap_api::Indication>(),
+        );
+    }
+    #[test]
+    fn lv_tags_of_known_snapshots_and_restores_are_known() {
+        let mut records = Records::default();
+        for name in ["c", "a", "b"] {
+            records.insert(Arc::new(snapshot_record(name, SnapshotPhase::Succeeded)));
+        }
+        let snapshots: Vec<Arc<SnapshotRecord>> = records.values().cloned().collect();
+        let restores: std::collections::HashSet<String> =
+            [crate::backends::lvm::restore_tag("restore-r")].into();
+        for known in [
+            "vmsnap-snap-uuid-a",
+            "vmsnap-snap-uuid-b",
+            "vmsnap-snap-uuid-c",
+            "vmsnap-restore-restore-r",
+        ] {
+            assert!(known_lv_tag(known, &snapshots, &restores), "{known}");
+        }
+        for unknown in [
+            "vmsnap-snap-uuid-d",
+            "vmsnap-snap-",
+            "uuid-a",
+            "vmsnap-vm-uuid-a",
+            "vmsnap-restore-uuid-a",
+            "vmsnap-snap-restore-r",
+            "vmsnap",
+        ] {
+            assert!(!known_lv_tag(unknown, &snapshots, &restores), "{unknown}");
+        }
     }
 }

@@ -21,6 +21,11 @@ mod store;
 mod thaw_guard;
 mod virt_ext;
 
+/// Tests count the blocks a structure costs (`memory::counting`).
+#[cfg(test)]
+#[global_allocator]
+static COUNTING: memory::counting::Counting = memory::counting::Counting;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -38,6 +38,104 @@ pub fn trim() {
     }
 }
 
+/// A test build's global allocator (issue 13): the system allocator, counting the blocks and
+/// bytes allocated and freed, on the current thread while [`counting::on_this_thread`] runs
+/// and everywhere in [`counting::live`], so tests can check what a structure costs per entry.
+#[cfg(test)]
+pub mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicIsize, Ordering};
+
+    pub struct Counting;
+
+    thread_local! {
+        /// Blocks allocated and freed on this thread while counting (None: not counting).
+        static THIS_THREAD: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+    }
+
+    /// Blocks and bytes live in the whole process (allocated less freed since start).
+    static LIVE_BLOCKS: AtomicIsize = AtomicIsize::new(0);
+    static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+    fn counted(allocated: bool, size: usize) {
+        let size = isize::try_from(size).unwrap_or(isize::MAX);
+        if allocated {
+            LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(size, Ordering::Relaxed);
+        } else {
+            LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(size, Ordering::Relaxed);
+        }
+        // A thread being torn down has no locals left: it is not counting.
+        let _ = THIS_THREAD.try_with(|c| {
+            if let Some((allocs, frees)) = c.get() {
+                c.set(Some(if allocated {
+                    (allocs + 1, frees)
+                } else {
+                    (allocs, frees + 1)
+                }));
+            }
+        });
+    }
+
+    // SAFETY: every call goes to the system allocator unchanged; counting allocates nothing.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller's contract, passed on.
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                counted(true, layout.size());
+            }
+            p
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller's contract, passed on.
+            let p = unsafe { System.alloc_zeroed(layout) };
+            if !p.is_null() {
+                counted(true, layout.size());
+            }
+            p
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.dealloc(ptr, layout) };
+            counted(false, layout.size());
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: the caller's contract, passed on.
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                // One block all the same; its size changed.
+                let grown = isize::try_from(new_size).unwrap_or(isize::MAX)
+                    - isize::try_from(layout.size()).unwrap_or(isize::MAX);
+                LIVE_BYTES.fetch_add(grown, Ordering::Relaxed);
+            }
+            p
+        }
+    }
+
+    /// Runs `work` and returns what it gave with the blocks it allocated and freed on this
+    /// thread (a block grown by realloc is not counted again).
+    pub fn on_this_thread<R>(work: impl FnOnce() -> R) -> (R, usize, usize) {
+        THIS_THREAD.with(|c| c.set(Some((0, 0))));
+        let result = work();
+        let (allocs, frees) = THIS_THREAD.with(|c| c.take()).unwrap_or((0, 0));
+        (result, allocs, frees)
+    }
+
+    /// Blocks and bytes live in the whole process now (meaningful with one test running).
+    pub fn live() -> (isize, isize) {
+        (
+            LIVE_BLOCKS.load(Ordering::Relaxed),
+            LIVE_BYTES.load(Ordering::Relaxed),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
