@@ -248,6 +248,56 @@ pub enum Step {
     },
 }
 
+/// Each indication of `record` with its message: the one noted when it was given, or one
+/// that says what it means.
+pub(crate) fn source_indications(
+    record: &SnapshotRecord,
+    notes: &[(Indication, String)],
+) -> Vec<vmsnap_api::SourceIndication> {
+    record
+        .indications
+        .iter()
+        .map(|indication| {
+            let noted = notes
+                .iter()
+                .find(|(i, _)| i == indication)
+                .map(|(_, m)| m.clone());
+            let message = noted.unwrap_or_else(|| match indication {
+                Indication::Online => "the VM was running when the snapshot was taken".to_string(),
+                Indication::GuestAgent => format!(
+                    "the guest agent froze {} filesystem(s) for {} ms",
+                    record.frozen_filesystems, record.freeze_duration_ms
+                ),
+                Indication::NoGuestAgent => {
+                    "no guest agent answered: the snapshot is crash-consistent".to_string()
+                }
+                Indication::QuiesceFailed => "the freeze failed: the snapshot is \
+                                              crash-consistent"
+                    .to_string(),
+                Indication::QuiesceTimeout => "the freeze did not finish in time: the \
+                                               snapshot is crash-consistent"
+                    .to_string(),
+                Indication::Paused => {
+                    "the VM was paused: its disks were consistent without a freeze".to_string()
+                }
+                Indication::PartialSnapshot => format!(
+                    "disks left out: {}",
+                    record
+                        .excluded
+                        .iter()
+                        .map(|v| format!("{} ({})", v.target, v.reason))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            vmsnap_api::SourceIndication {
+                indication: indication.as_str().to_string(),
+                message,
+            }
+        })
+        .collect()
+}
+
 impl SnapshotRecord {
     /// A new snapshot as it is asked for: InProgress, journal step Planned, nothing captured
     /// yet; the operation fills in the rest.
@@ -287,8 +337,16 @@ impl SnapshotRecord {
     /// The record as the engine keeps it: without its definition, which stays in the file,
     /// and without spare room in its lists (a list read from JSON grows to 4 entries' room for
     /// 1 or 2: about 100 bytes a record, 1 MB of 10,000 records held for the daemon's life).
+    /// Nor are its indications' messages kept when they are the ones that say what each
+    /// indication means (as [`source_indications`] gives them, served for a record without
+    /// any): the file keeps them, and the bus serves the same list (about 130 bytes a record).
     pub fn leave_xml_on_disk(&mut self) {
         self.domain_xml = DomainXml::OnDisk;
+        if !self.source_indications.is_empty()
+            && self.source_indications == source_indications(self, &[])
+        {
+            self.source_indications = Vec::new();
+        }
         exact_size(&mut self.indications);
         exact_size(&mut self.source_indications);
         exact_size(&mut self.volumes);
@@ -578,6 +636,27 @@ pub(crate) mod tests {
             source_indications: Vec::new(),
             error_name: String::new(),
         }
+    }
+
+    /// Messages that only say what each indication means are left in the file (the bus serves
+    /// the same ones for a record without any); a message noted when the snapshot was taken
+    /// (the guest agent's own words) stays in memory.
+    #[test]
+    fn messages_that_say_what_each_indication_means_stay_in_the_file() {
+        let mut plain = record("a");
+        plain.source_indications = source_indications(&plain, &[]);
+        let served = plain.source_indications.clone();
+        assert!(!served.is_empty());
+        plain.leave_xml_on_disk();
+        assert!(plain.source_indications.is_empty());
+        assert_eq!(source_indications(&plain, &[]), served);
+
+        let mut noted = record("b");
+        let note = (Indication::GuestAgent, "the agent froze / and /data".to_string());
+        noted.source_indications = source_indications(&noted, &[note]);
+        let kept = noted.source_indications.clone();
+        noted.leave_xml_on_disk();
+        assert_eq!(noted.source_indications, kept);
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl Fallback for SnapshotFallback {
 /// kept (or still in progress) made from its indications.
 pub(super) fn source_indications(record: &SnapshotRecord) -> Cow<'_, [SourceIndication]> {
     if record.source_indications.is_empty() {
-        Cow::Owned(crate::ops::create::source_indications(record, &[]))
+        Cow::Owned(crate::store::source_indications(record, &[]))
     } else {
         Cow::Borrowed(&record.source_indications)
     }

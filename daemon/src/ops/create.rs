@@ -17,7 +17,7 @@ use crate::disks::SysfsLvmProbe;
 use crate::domain::{self, parse_domain};
 use crate::files;
 use crate::hypervisor::{Host, RunState, ThawGuardHandle};
-use crate::store::{SnapshotRecord, StateCopy, Step};
+use crate::store::{source_indications, SnapshotRecord, StateCopy, Step};
 
 /// Takes the snapshot `record` describes (phase InProgress, step Planned, no volumes yet).
 /// Returns the record as it ended.
@@ -408,56 +408,6 @@ fn quiesced_as_required(ctx: &OpContext, record: &SnapshotRecord) -> OpResult<()
     } else {
         Ok(())
     }
-}
-
-/// Each indication of `record` with its message: the one noted when it was given, or one
-/// that says what it means.
-pub(crate) fn source_indications(
-    record: &SnapshotRecord,
-    notes: &[(Indication, String)],
-) -> Vec<vmsnap_api::SourceIndication> {
-    record
-        .indications
-        .iter()
-        .map(|indication| {
-            let noted = notes
-                .iter()
-                .find(|(i, _)| i == indication)
-                .map(|(_, m)| m.clone());
-            let message = noted.unwrap_or_else(|| match indication {
-                Indication::Online => "the VM was running when the snapshot was taken".to_string(),
-                Indication::GuestAgent => format!(
-                    "the guest agent froze {} filesystem(s) for {} ms",
-                    record.frozen_filesystems, record.freeze_duration_ms
-                ),
-                Indication::NoGuestAgent => {
-                    "no guest agent answered: the snapshot is crash-consistent".to_string()
-                }
-                Indication::QuiesceFailed => "the freeze failed: the snapshot is \
-                                              crash-consistent"
-                    .to_string(),
-                Indication::QuiesceTimeout => "the freeze did not finish in time: the \
-                                               snapshot is crash-consistent"
-                    .to_string(),
-                Indication::Paused => {
-                    "the VM was paused: its disks were consistent without a freeze".to_string()
-                }
-                Indication::PartialSnapshot => format!(
-                    "disks left out: {}",
-                    record
-                        .excluded
-                        .iter()
-                        .map(|v| format!("{} ({})", v.target, v.reason))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            });
-            vmsnap_api::SourceIndication {
-                indication: indication.as_str().to_string(),
-                message,
-            }
-        })
-        .collect()
 }
 
 pub fn excluded_message(excluded: &[ExcludedVolume]) -> String {
