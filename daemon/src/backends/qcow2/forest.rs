@@ -936,6 +936,31 @@ mod measure {
     use std::time::Instant;
     use virt::connect::Connect;
 
+    /// The scale benchmark's 513 domains' disks in `dir`: 10 chains of 51 images (their tops
+    /// first, named `c*`), then 500 one-image disks (`p*`).
+    fn bench_host_tops(dir: &std::path::Path) -> Vec<String> {
+        let mut tops = Vec::new();
+        for k in 0..10 {
+            let mut below = dir.join(format!("c{k}-50.qcow2"));
+            qcow2_image(&below.to_string_lossy(), None);
+            for d in (0..50).rev() {
+                let path = dir.join(format!("c{k}-{d:02}.qcow2"));
+                qcow2_image(&path.to_string_lossy(), Some(&below.to_string_lossy()));
+                below = path;
+            }
+            tops.push(below.to_string_lossy().into_owned());
+        }
+        let one = dir.join("p000.qcow2");
+        qcow2_image(&one.to_string_lossy(), None);
+        let bytes = std::fs::read(&one).expect("read");
+        for k in 0..500 {
+            let path = dir.join(format!("p{k:03}.qcow2"));
+            std::fs::write(&path, &bytes).expect("write");
+            tops.push(path.to_string_lossy().into_owned());
+        }
+        tops
+    }
+
     /// A whole scan at 510 domains of the test driver (500 with a one-image disk, 10 on chains
     /// of 51 images), every domain vouched for by the inventory: what a scan costs per domain
     /// beyond its chain. Run with
@@ -949,37 +974,14 @@ mod measure {
             let _ = dom.destroy();
             let _ = dom.undefine();
         }
-        let mut xmls = Vec::new();
-        for k in 0..10 {
-            let mut below = dir.path().join(format!("c{k}-50.qcow2"));
-            qcow2_image(&below.to_string_lossy(), None);
-            for d in (0..50).rev() {
-                let path = dir.path().join(format!("c{k}-{d:02}.qcow2"));
-                qcow2_image(&path.to_string_lossy(), Some(&below.to_string_lossy()));
-                below = path;
-            }
-            let uuid = format!("cccccccc-0000-4000-8000-{k:012}");
-            xmls.push(define(
-                &conn,
-                &format!("c{k}"),
-                &uuid,
-                &below.to_string_lossy(),
-            ));
-        }
-        let one = dir.path().join("p000.qcow2");
-        qcow2_image(&one.to_string_lossy(), None);
-        let bytes = std::fs::read(&one).expect("read");
-        for k in 0..500 {
-            let path = dir.path().join(format!("p{k:03}.qcow2"));
-            std::fs::write(&path, &bytes).expect("write");
-            let uuid = format!("pppppppp-0000-4000-8000-{k:012}").replace('p', "a");
-            xmls.push(define(
-                &conn,
-                &format!("p{k}"),
-                &uuid,
-                &path.to_string_lossy(),
-            ));
-        }
+        let xmls: Vec<String> = bench_host_tops(dir.path())
+            .iter()
+            .enumerate()
+            .map(|(k, top)| {
+                let uuid = format!("aaaaaaaa-0000-4000-8000-{k:012}");
+                define(&conn, &format!("d{k}"), &uuid, top)
+            })
+            .collect();
         let refs: Vec<&str> = xmls.iter().map(String::as_str).collect();
         let view = view_with(&conn, inventory_of(&refs), None);
         // Settled: the cache keeps only files changed 2 s before.
@@ -1015,25 +1017,7 @@ mod measure {
     #[ignore = "a measurement, not a check"]
     fn measure_a_forest_build() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut tops = Vec::new();
-        for k in 0..10 {
-            let mut below = dir.path().join(format!("c{k}-50.qcow2"));
-            qcow2_image(&below.to_string_lossy(), None);
-            for d in (0..50).rev() {
-                let path = dir.path().join(format!("c{k}-{d:02}.qcow2"));
-                qcow2_image(&path.to_string_lossy(), Some(&below.to_string_lossy()));
-                below = path;
-            }
-            tops.push(below.to_string_lossy().into_owned());
-        }
-        let one = dir.path().join("p000.qcow2");
-        qcow2_image(&one.to_string_lossy(), None);
-        let bytes = std::fs::read(&one).expect("read");
-        for k in 0..500 {
-            let path = dir.path().join(format!("p{k:03}.qcow2"));
-            std::fs::write(&path, &bytes).expect("write");
-            tops.push(path.to_string_lossy().into_owned());
-        }
+        let tops = bench_host_tops(dir.path());
         // Settled: the cache keeps only files changed 2 s before.
         std::thread::sleep(std::time::Duration::from_millis(2100));
         for top in &tops {
