@@ -19,7 +19,7 @@ use crate::libvirt::{LibvirtClient, LibvirtEvent};
 use crate::ops::vm_lock::{VmLock, VmLockRefused};
 use crate::ops::{self, OpContext, OpEvent};
 use crate::shutdown::Shutdown;
-use crate::store::{RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
+use crate::store::{ByUuid, RestoreRecord, RestoreStep, SnapshotRecord, Step, RECORD_VERSION};
 
 /// Errors the engine answers requests with. The bus layer maps each to a named D-Bus error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -329,36 +329,7 @@ enum AwaitingWrite {
 /// the bus registry's `Snapshots` does the same). Iterates in UUID order, as a map keyed by
 /// UUID did.
 #[derive(Default)]
-struct Records(std::collections::BTreeSet<ByUuid>);
-
-/// A record in [`Records`], compared by its UUID.
-struct ByUuid(Arc<SnapshotRecord>);
-
-impl PartialEq for ByUuid {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.uuid == other.0.uuid
-    }
-}
-
-impl Eq for ByUuid {}
-
-impl PartialOrd for ByUuid {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByUuid {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.uuid.cmp(&other.0.uuid)
-    }
-}
-
-impl std::borrow::Borrow<str> for ByUuid {
-    fn borrow(&self) -> &str {
-        &self.0.uuid
-    }
-}
+struct Records(std::collections::BTreeSet<ByUuid<Arc<SnapshotRecord>>>);
 
 impl Records {
     /// Adds a record, or replaces the one with its UUID (returned).
@@ -421,7 +392,7 @@ impl std::ops::Index<&str> for Records {
 
 /// A record taken out of [`Records`] to be changed; put back when dropped.
 struct RecordSlot<'a> {
-    set: &'a mut std::collections::BTreeSet<ByUuid>,
+    set: &'a mut std::collections::BTreeSet<ByUuid<Arc<SnapshotRecord>>>,
     /// Always Some until dropped.
     record: Option<Arc<SnapshotRecord>>,
 }

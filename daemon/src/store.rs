@@ -248,6 +248,48 @@ pub enum Step {
     },
 }
 
+/// What is kept in a set ordered by its snapshot's UUID, rather than in a map keyed by a copy
+/// of it (issue 13: a 36-byte string and a node's room per snapshot).
+pub trait KeyedByUuid {
+    fn uuid(&self) -> &str;
+}
+
+impl KeyedByUuid for std::sync::Arc<SnapshotRecord> {
+    fn uuid(&self) -> &str {
+        &self.uuid
+    }
+}
+
+/// `T` ordered, compared and looked up (as `&str`) by its UUID only.
+pub struct ByUuid<T>(pub T);
+
+impl<T: KeyedByUuid> PartialEq for ByUuid<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.uuid() == other.0.uuid()
+    }
+}
+
+impl<T: KeyedByUuid> Eq for ByUuid<T> {}
+
+impl<T: KeyedByUuid> PartialOrd for ByUuid<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T: KeyedByUuid> Ord for ByUuid<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.uuid().cmp(other.0.uuid())
+    }
+}
+
+// `str`'s order is `String`'s, so a lookup by `&str` finds what `Ord` placed.
+impl<T: KeyedByUuid> std::borrow::Borrow<str> for ByUuid<T> {
+    fn borrow(&self) -> &str {
+        self.0.uuid()
+    }
+}
+
 /// Each indication of `record` with its message: the one noted when it was given, or one
 /// that says what it means.
 pub(crate) fn source_indications(
@@ -652,7 +694,10 @@ pub(crate) mod tests {
         assert_eq!(source_indications(&plain, &[]), served);
 
         let mut noted = record("b");
-        let note = (Indication::GuestAgent, "the agent froze / and /data".to_string());
+        let note = (
+            Indication::GuestAgent,
+            "the agent froze / and /data".to_string(),
+        );
         noted.source_indications = source_indications(&noted, &[note]);
         let kept = noted.source_indications.clone();
         noted.leave_xml_on_disk();

@@ -21,7 +21,7 @@ use vmsnap_api::{
 use zbus::{as_variant, Type};
 
 use crate::domain::VmInfo;
-use crate::store::{RestoreRecord, SnapshotRecord};
+use crate::store::{ByUuid, KeyedByUuid, RestoreRecord, SnapshotRecord};
 
 /// A snapshot as the bus layer holds it: its record (shared with its object) and progress.
 #[derive(Clone)]
@@ -47,35 +47,11 @@ impl SnapshotEntry {
 /// rather than a map keyed by a copy of it: with thousands of records (issue 13) the copies
 /// and a hash table's spare buckets were about 100 bytes a snapshot.
 #[derive(Default)]
-pub struct Snapshots(BTreeSet<ByUuid>);
+pub struct Snapshots(BTreeSet<ByUuid<SnapshotEntry>>);
 
-/// A [`SnapshotEntry`] ordered, compared and looked up by its record's UUID only.
-struct ByUuid(SnapshotEntry);
-
-impl PartialEq for ByUuid {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.record.uuid == other.0.record.uuid
-    }
-}
-
-impl Eq for ByUuid {}
-
-impl PartialOrd for ByUuid {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByUuid {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.record.uuid.cmp(&other.0.record.uuid)
-    }
-}
-
-// `str`'s order is `String`'s, so a lookup by `&str` finds what `Ord` placed.
-impl std::borrow::Borrow<str> for ByUuid {
-    fn borrow(&self) -> &str {
-        &self.0.record.uuid
+impl KeyedByUuid for SnapshotEntry {
+    fn uuid(&self) -> &str {
+        &self.record.uuid
     }
 }
 
