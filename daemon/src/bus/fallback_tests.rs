@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use vmsnap_api::{snapshot_path, ExcludedVolume, SourceIndication, ROOT_PATH, SNAPSHOT_INTERFACE};
+use vmsnap_api::{snapshot_path, ExcludedVolume, ROOT_PATH, SNAPSHOT_INTERFACE};
 use zbus::message::Type as MessageType;
 use zbus::{Connection, Message, OwnedObjectPath, OwnedVariant};
 
@@ -153,20 +153,7 @@ where
 }
 
 fn entries() -> Vec<SnapshotEntry> {
-    let mut failed = crate::store::tests::record("a");
-    failed.phase = vmsnap_api::SnapshotPhase::Failed;
-    failed.error = "it broke".into();
-    failed.error_name = "org.vmsnap.VmSnap1.Error.StorageFailed".into();
-    failed.excluded = vec![ExcludedVolume {
-        target: "sda".into(),
-        reason: "cdrom".into(),
-    }];
-    let mut with_messages = crate::store::tests::record("bb");
-    with_messages.source_indications = vec![SourceIndication {
-        indication: "Online".into(),
-        message: "the VM was running".into(),
-    }];
-    with_messages.cow_fill_percent = 12.5;
+    let [failed, with_messages] = super::snapshot::tests::varied_records();
     vec![
         SnapshotEntry::idle(Arc::new(failed)),
         SnapshotEntry {

@@ -434,9 +434,9 @@ pub(super) mod tests {
         assert_eq!(decoded, vec![expected]);
     }
 
-    #[test]
-    fn a_listing_serves_what_the_object_serves() {
-        let (engine, _requests) = mpsc::channel(1);
+    /// Two records that set what a plain one leaves empty: a Failed one with its error and an
+    /// excluded disk, and one with an indication's message and a copy-on-write fill.
+    pub(in crate::bus) fn varied_records() -> [SnapshotRecord; 2] {
         let mut failed = crate::store::tests::record("a");
         failed.phase = vmsnap_api::SnapshotPhase::Failed;
         failed.error = "it broke".into();
@@ -445,13 +445,20 @@ pub(super) mod tests {
             target: "sda".into(),
             reason: "cdrom".into(),
         }];
-        failed.indications.push(Indication::PartialSnapshot);
         let mut with_messages = crate::store::tests::record("bb");
         with_messages.source_indications = vec![SourceIndication {
             indication: "Online".into(),
             message: "the VM was running".into(),
         }];
         with_messages.cow_fill_percent = 12.5;
+        [failed, with_messages]
+    }
+
+    #[test]
+    fn a_listing_serves_what_the_object_serves() {
+        let (engine, _requests) = mpsc::channel(1);
+        let [mut failed, with_messages] = varied_records();
+        failed.indications.push(Indication::PartialSnapshot);
         for record in [failed, with_messages] {
             let record = Arc::new(record);
             let path = zbus::OwnedObjectPath::try_from(vmsnap_api::snapshot_path(&record.uuid))
