@@ -221,7 +221,16 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
         snaps_of(name)
     );
     let left = images();
-    assert!(!left.contains(&image_name(&first_clone)), "{left:?}");
+    assert!(
+        !left.contains(&image_name(&first_clone)),
+        "{left:?}; vmsnapd on it: {:?}; rbd status: {}",
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(&image_name(&first_clone)))
+            .collect::<Vec<_>>(),
+        rbd(&["status", &first_clone, "--format", "json"])
+    );
     assert!(left.contains(&name.to_string()), "{left:?}");
     assert!(left.contains(&image_name(&second_clone)), "{left:?}");
     assert!(!snaps_of(&image_name(&second_clone))
