@@ -2,10 +2,28 @@
 //! host, never through vmsnap.
 
 use std::process::Command;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::Value;
 
 use crate::ceph_env;
+
+/// The lab's one cluster, shared by the tests of a test binary that run at once.
+static CLUSTER: RwLock<()> = RwLock::new(());
+
+/// Held by a test that uses the cluster, for its duration: the cluster answers meanwhile. Take
+/// it before a `GuestSlot`, so that no test waits for it holding a slot.
+pub fn cluster_shared() -> RwLockReadGuard<'static, ()> {
+    CLUSTER.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test that makes the cluster stop answering (stops its monitor), for its duration:
+/// it then runs with no other test of its binary using the cluster, whose commands would time
+/// out meanwhile (a restore failing on `rbd snap ls`, a replaced clone kept because it could
+/// not be checked). Taken before a `GuestSlot`, as [`cluster_shared`].
+pub fn cluster_alone() -> RwLockWriteGuard<'static, ()> {
+    CLUSTER.write().unwrap_or_else(|e| e.into_inner())
+}
 
 /// `rbd` as the lab's admin; its standard output, panicking on failure.
 pub fn rbd(args: &[&str]) -> String {

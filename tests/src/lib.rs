@@ -849,7 +849,8 @@ impl Drop for ScratchVm {
     }
 }
 
-fn remove_domain(name: &str) {
+/// Destroys and undefines domain `name` if it is there (a leftover of an interrupted run).
+pub fn remove_domain(name: &str) {
     let _ = Command::new("virsh")
         .args(["-c", LAB_URI, "destroy", name])
         .output();

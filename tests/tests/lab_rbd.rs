@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmsnap_tests::ceph::{
-    config_table, content, make_image, pool, purge_images, rbd, snaps_of, spec_of, write_pattern,
+    cluster_alone, cluster_shared, config_table, content, make_image, pool, purge_images, rbd,
+    snaps_of, spec_of, write_pattern,
 };
 use vmsnap_tests::{
     ceph_env, config_for, guest_exec, virsh, wait_for, Daemon, GuestSlot, PrivateBus,
@@ -72,6 +73,8 @@ fn config(extra: &str) -> String {
 
 /// A VM with a guest agent whose data disk (vda) is a new RBD image of that name; not started.
 fn define_rbd_vm(name: &str) -> ScratchVm {
+    // A VM of that name left running by an interrupted run holds its image open.
+    vmsnap_tests::remove_domain(name);
     purge_images(name);
     make_image(name, "64M");
     ScratchVm::define(
@@ -115,6 +118,7 @@ impl Drop for Undefine {
 
 #[test]
 fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm() {
+    let _cluster = cluster_shared();
     let _slot = GuestSlot::take();
     let name = "vmsnap-t17-rbd";
     let clone = "vmsnap-t17-rbd-clone";
@@ -250,6 +254,7 @@ fn an_rbd_snapshot_holds_the_guests_data_and_restores_in_place_and_as_a_new_vm()
 
 #[test]
 fn a_vm_with_a_qcow2_and_an_rbd_disk_is_snapshotted_in_one_freeze_and_restored() {
+    let _cluster = cluster_shared();
     let _slot = GuestSlot::take();
     let name = "vmsnap-t17-mixed";
     let vm = define_rbd_vm(name);
@@ -321,6 +326,7 @@ impl Drop for Stopped {
 
 #[test]
 fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leaves_nothing() {
+    let _cluster = cluster_alone();
     let _slot = GuestSlot::take();
     let name = "vmsnap-t17-unreachable";
     let vm = rbd_vm(name);
@@ -383,6 +389,7 @@ fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leav
 /// tampered with, a second import and a snapshot of a file disk are refused.
 #[test]
 fn a_snapshot_exported_on_one_host_is_restored_on_another_sharing_the_cluster() {
+    let _cluster = cluster_shared();
     let _slot = GuestSlot::take();
     let name = "vmsnap-t17-move";
     let clone = "vmsnap-t17-move-b";
@@ -471,6 +478,7 @@ fn a_snapshot_exported_on_one_host_is_restored_on_another_sharing_the_cluster() 
 /// and the clone hold what they held, and no vmsnap RBD snapshot is left without its record.
 #[test]
 fn rbd_snapshots_deleted_in_every_order_change_nothing_else() {
+    let _cluster = cluster_shared();
     let name = "vmsnap-t17-order";
     let clone = "vmsnap-t17-order-clone";
     let bus = PrivateBus::start();
@@ -485,6 +493,7 @@ fn rbd_snapshots_deleted_in_every_order_change_nothing_else() {
     ];
     for order in orders {
         let _undefine = Undefine(clone);
+        vmsnap_tests::remove_domain(name);
         purge_images(name);
         make_image(name, "64M");
         let vm = ScratchVm::define(
