@@ -8,6 +8,9 @@
 #   BENCH_M_SIZES   snapshot records (default "100 1000 10000"; ascending);
 #   BENCH_ROUNDS    create/restore/delete rounds per domain case (default 5);
 #   BENCH_RUNS      runs of each list timing (default 5);
+#   BENCH_PASSES    passes of the restore/delete comparison (default 1): each pass after the
+#                   first measures the first N alone and then the last N with the chain VMs,
+#                   back to back, BENCH_ROUNDS rounds each, and gives a ratio of its own;
 #   BENCH_IDLE_S    length of each idle CPU window (default 30);
 #   BENCH_CHAIN_VMS, BENCH_CHAIN_DEPTH   VMs holding chains of real snapshots, and their depth
 #                   (default 10 and 50);
@@ -39,6 +42,11 @@
 #    --no-safety-snapshot and delete of one snapshot of `t` (each timed on the host), and one
 #    more untimed round under `strace -f -e trace=execve,openat` attached to vmsnapd, counting
 #    the processes it starts and the files it opens per operation;
+#  - with BENCH_PASSES > 1, passes 2.. each hide the chain VMs (undefined, their images and
+#    records moved aside) and the fillers above the first N (undefined, images removed), time
+#    the rounds with the first N, then bring everything back and time them with the last N:
+#    the machine's drift between runs (the reference's median moved from 20 to 29 ms between
+#    runs of a few minutes) is then shared by the two sides of each ratio;
 #  - splits the timed restores and deletes into steps from vmsnapd's log (its info lines), with
 #    vmsnapctl's start and exit before the first and after the last;
 #  - prints markdown tables (bench/scale_report.py) on stdout, progress on stderr;
@@ -52,6 +60,7 @@ read -ra N_SIZES <<<"${BENCH_N_SIZES:-10 100 500}"
 read -ra M_SIZES <<<"${BENCH_M_SIZES:-100 1000 10000}"
 ROUNDS=${BENCH_ROUNDS:-5}
 RUNS=${BENCH_RUNS:-5}
+PASSES=${BENCH_PASSES:-1}
 IDLE_S=${BENCH_IDLE_S:-30}
 CHAIN_VMS=${BENCH_CHAIN_VMS:-10}
 CHAIN_DEPTH=${BENCH_CHAIN_DEPTH:-50}
@@ -66,7 +75,7 @@ say() { echo "bench: $(date -u +%T) $*" >&2; }
 die() { echo "bench: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 posint() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive number, not '$2'"; }
-posint BENCH_ROUNDS "$ROUNDS"; posint BENCH_RUNS "$RUNS"; posint BENCH_IDLE_S "$IDLE_S"
+posint BENCH_ROUNDS "$ROUNDS"; posint BENCH_RUNS "$RUNS"; posint BENCH_PASSES "$PASSES"; posint BENCH_IDLE_S "$IDLE_S"
 posint BENCH_CHAIN_VMS "$CHAIN_VMS"; posint BENCH_CHAIN_DEPTH "$CHAIN_DEPTH"
 [ ${#N_SIZES[@]} -gt 0 ] && [ ${#M_SIZES[@]} -gt 0 ] || die "BENCH_N_SIZES and BENCH_M_SIZES need a size"
 prev=0
@@ -223,6 +232,14 @@ grow_to() {
   for i in $(seq $((fillers + 1)) "$want"); do names+=("$(filler "$i")"); done
   define_domains "${names[@]}"
   fillers=$want
+}
+# shrink_to N: fillers above N plain domains undefined, their images removed.
+shrink_to() {
+  local keep=$(($1 - 1)) i
+  [ "$keep" -lt "$fillers" ] || return 0
+  for i in $(seq $((keep + 1)) "$fillers"); do echo "undefine $(filler "$i")"; done | virsh >/dev/null
+  for i in $(seq $((keep + 1)) "$fillers"); do rm -f "$IMAGES/$(filler "$i")-vda.qcow2"; done
+  fillers=$keep
 }
 host_domains() { virsh list --all --name | grep -c . || true; }
 
@@ -416,6 +433,7 @@ op() {
   if [ "$mode" != strace ]; then
     timed_ctl "$@"
     put n "$case" "${what}_ms" "$(ms "$T0" "$T1")"
+    put n "$case" "${what}_ms_pass$PASS" "$(ms "$T0" "$T1")"
     # When vmsnapctl started and returned, against vmsnapd's log lines (the report's steps).
     put n "$case" "${what}_t0" "$T0"
     put n "$case" "${what}_t1" "$T1"
@@ -439,6 +457,8 @@ op() {
   put n "$case" "${what}_programs" "$programs"
   put n "$case" "${what}_opens" "$opens"
 }
+
+PASS=1 # the pass the timed rounds belong to
 
 # domain_case CASE N CHAINS: everything measured against the number of domains.
 domain_case() {
@@ -508,11 +528,56 @@ for n in "${N_SIZES[@]}"; do
   stop_vmsnapd
 done
 
+# --- passes: the first N alone and the last N with the chain VMs, back to back ----------------
+# The chain VMs' definitions (as vmsnapd left them), images (base and overlays, named after the
+# VM) and records move to $stash and back; the VMs keep their UUIDs.
+stash=$work/stash
+hide_chains() {
+  local vm uuid
+  mkdir -p "$stash/images" "$stash/records" "$stash/xml"
+  for vm in "${chain_names[@]}"; do
+    uuid=$(virsh domuuid "$vm")
+    virsh dumpxml --inactive --security-info "$vm" >"$stash/xml/$vm.xml"
+    virsh undefine "$vm" >/dev/null
+    mv "$work/state/snapshots/$uuid" "$stash/records/"
+    mv "$IMAGES/$vm"-* "$stash/images/"
+  done
+}
+show_chains() {
+  local vm
+  mv "$stash/images/"* "$IMAGES/"
+  mv "$stash/records/"* "$work/state/snapshots/"
+  for vm in "${chain_names[@]}"; do
+    virsh define "$stash/xml/$vm.xml" >/dev/null
+  done
+}
+pass_rounds() { # CASE
+  local i
+  for i in $(seq "$ROUNDS"); do op_round "$1" "s-$1-p$PASS-$i"; done
+}
+last_n=${N_SIZES[-1]}
+for PASS in $(seq 2 "$PASSES"); do
+  say "pass $PASS of $PASSES: ${N_SIZES[0]} domains alone, then $last_n with the chain VMs"
+  hide_chains
+  shrink_to "${N_SIZES[0]}"
+  ref_domains=$(awk -v c="n${N_SIZES[0]}" '$1 == "n" && $2 == c && $3 == "domains" {print $4; exit}' "$work/data.tsv")
+  [ "$(host_domains)" = "$ref_domains" ] ||
+    die "pass $PASS: $(host_domains) domains on the host with the chain VMs hidden, $ref_domains in the first pass"
+  start_vmsnapd n "n${N_SIZES[0]}"
+  pass_rounds "n${N_SIZES[0]}"
+  stop_vmsnapd
+  show_chains
+  grow_to "$last_n"
+  start_vmsnapd n "n${last_n}c"
+  pass_rounds "n${last_n}c"
+  stop_vmsnapd
+done
+
 # --- report ----------------------------------------------------------------------------------
 libvirt_version=$(virsh version | awk '/Using library:/ {print $4}')
 echo "Run of bench/scale.sh on $(date -u '+%Y-%m-%d %H:%M UTC'), $measured:" \
   "$(nproc) cores, libvirt $libvirt_version, load average $load_start at the start," \
   "$(cut -d' ' -f1-3 /proc/loadavg) at the end; chains: $CHAIN_VMS VMs x $CHAIN_DEPTH snapshots;" \
-  "$ROUNDS rounds, $RUNS runs per list timing, idle windows of ${IDLE_S} s."
+  "$ROUNDS rounds, $RUNS runs per list timing, idle windows of ${IDLE_S} s, $PASSES passes."
 echo
 python3 bench/scale_report.py report "$work" "${M_SIZES[0]}" "$CHAIN_VMS" "$CHAIN_DEPTH"
