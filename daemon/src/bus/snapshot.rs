@@ -205,12 +205,12 @@ impl SnapshotObject {
     /// The VM's name when the snapshot was taken.
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm_name(&self) -> String {
-        self.record.vm_name.clone()
+        self.record.vm_name.to_string()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm_uuid(&self) -> String {
-        self.record.vm_uuid.clone()
+        self.record.vm_uuid.to_string()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

@@ -665,7 +665,7 @@ fn take_safety_snapshot(
     let mut n = 2;
     while records
         .iter()
-        .any(|r| r.vm_uuid == record.vm_uuid && r.name == name)
+        .any(|r| *r.vm_uuid == *record.vm_uuid && r.name == name)
     {
         name = format!("{base}-{n}");
         n += 1;
