@@ -304,13 +304,19 @@ pub enum Step {
     Snapshotting,
     /// Settled.
     Done,
-    /// Deleting: merging `top` into `base` for disk `target`.
-    #[serde(rename_all = "camelCase")]
-    Merging {
-        target: String,
-        base: String,
-        top: String,
-    },
+    /// Deleting: a merge under way. Boxed: the step of a settled record (almost all of them)
+    /// takes 16 bytes, not the 72 of three strings inline (issue 13). The file's fields are
+    /// the same (`step`, then the merge's).
+    Merging(Box<Merge>),
+}
+
+/// A merge of a delete: `top` into `base` for disk `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Merge {
+    pub target: String,
+    pub base: String,
+    pub top: String,
 }
 
 /// What is kept in a set ordered by its snapshot's UUID, rather than in a map keyed by a copy
@@ -804,11 +810,11 @@ pub(crate) mod tests {
             }),
         });
         bb.cow_fill_percent = 12.5;
-        bb.step = Step::Merging {
+        bb.step = Step::Merging(Box::new(Merge {
             target: "vda".into(),
             base: "/i/a.qcow2".into(),
             top: "/i/b.qcow2".into(),
-        };
+        }));
         store.save(&bb).expect("save");
         store.save(&a).expect("save");
         let (loaded, problems) = store.load_all();
@@ -971,7 +977,7 @@ pub(crate) mod tests {
         let read = store.read(vm, uuid).expect("loads");
         assert_eq!((&*read.vm_name, &*read.vm_uuid), ("web-1", vm));
         assert_eq!(read.description, "a \"quoted\" description");
-        assert!(matches!(read.step, Step::Merging { ref top, .. } if top == "/i/b.qcow2"));
+        assert!(matches!(read.step, Step::Merging(ref m) if m.top == "/i/b.qcow2"));
         store.save(&read).expect("save");
         assert_eq!(fs::read_to_string(&file).expect("read"), RECORD_FILE);
 
@@ -1088,7 +1094,7 @@ pub(crate) mod tests {
 
         let merging = parse_snapshot_record(&fixture("snapshot-merging.json")).expect("loads");
         assert_eq!(merging.phase, SnapshotPhase::Deleting);
-        assert!(matches!(merging.step, Step::Merging { ref target, .. } if target == "vda"));
+        assert!(matches!(merging.step, Step::Merging(ref m) if m.target == "vda"));
 
         let restore =
             parse_restore_record(&fixture("restores/restore-committed.json")).expect("loads");

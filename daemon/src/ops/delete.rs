@@ -82,7 +82,7 @@ fn delete_steps(
     // captures were undone. Only leftovers are removed. (One that failed mid-delete is still
     // Merging and resumes below.)
     let never_taken =
-        record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
+        record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging(_));
     if never_taken {
         discard_all(env, record);
     } else {
