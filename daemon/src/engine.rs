@@ -494,8 +494,8 @@ fn mark_missing_images(record: &mut SnapshotRecord) {
         .find_map(crate::backends::missing_artifact)
     {
         record.ready_to_use = false;
-        record.error = format!("{missing}: this snapshot cannot be restored");
-        record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+        record.error = format!("{missing}: this snapshot cannot be restored").into();
+        record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX).into();
     }
 }
 
@@ -864,11 +864,11 @@ impl Engine {
             record.phase = SnapshotPhase::Failed;
             record.ready_to_use = false;
             record.error = if watched.what == "delete" {
-                format!("delete failed: {message}")
+                format!("delete failed: {message}").into()
             } else {
-                message
+                message.into()
             };
-            record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX);
+            record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX).into();
             let name = record.name.clone();
             let change = Change::SnapshotUpdated(slot.shared().clone());
             drop(slot);
@@ -997,17 +997,18 @@ impl Engine {
             match missing {
                 Some(missing) => {
                     record.ready_to_use = false;
-                    record.error = format!("{missing}: this snapshot cannot be restored");
-                    record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+                    record.error = format!("{missing}: this snapshot cannot be restored").into();
+                    record.error_name =
+                        format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX).into();
                 }
                 None => {
                     record.ready_to_use = true;
-                    record.error = String::new();
-                    record.error_name = String::new();
+                    record.error = Box::default();
+                    record.error_name = Box::default();
                 }
             }
             if (record.ready_to_use, record.error.clone()) != before {
-                info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { record.error.as_str() });
+                info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { &*record.error });
                 let change = Change::SnapshotUpdated(slot.shared().clone());
                 drop(slot);
                 self.emit(change);
@@ -1074,8 +1075,9 @@ impl Engine {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
                 record.cow_fill_percent = 100.0;
-                record.error = crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv);
-                record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+                record.error =
+                    crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv).into();
+                record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX).into();
                 warn!(vm = %record.vm_name, snapshot = %record.name, "{}", record.error);
                 let (store, saved) = (ops.store.clone(), record.clone());
                 off_task("cow-fill-record", move || {
@@ -2104,24 +2106,24 @@ mod tests {
             version: RECORD_VERSION,
             uuid: format!("uuid-{name}"),
             name: name.to_string(),
-            description: String::new(),
+            description: Box::default(),
             vm_name: "a".into(),
             vm_uuid: A.into(),
             phase,
             ready_to_use: phase == SnapshotPhase::Succeeded,
             creation_time: "2026-11-26T14:00:00Z".into(),
             indications: vec![],
-            error: String::new(),
+            error: Box::default(),
             freeze_duration_ms: 0,
             frozen_filesystems: 0,
             step: Step::Done,
             domain_xml: crate::store::DomainXml::OnDisk,
             volumes: vec![],
-            excluded: vec![],
-            extra_state: vec![],
+            excluded: Box::default(),
+            extra_state: Box::default(),
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
-            error_name: String::new(),
+            error_name: Box::default(),
         }
     }
 
@@ -2816,10 +2818,10 @@ mod tests {
             "size_of SnapshotRecord {} ArcInner {}; strings: uuid {} name {} description {} vm_name {} vm_uuid {} creation_time {} error {} error_name {}; lists: indications {} volumes {} excluded {} extra_state {} source_indications {}",
             std::mem::size_of::<SnapshotRecord>(),
             std::mem::size_of::<SnapshotRecord>() + 16,
-            one.uuid.capacity(), one.name.capacity(), one.description.capacity(),
+            one.uuid.capacity(), one.name.capacity(), one.description.len(),
             one.vm_name.len(), one.vm_uuid.len(), one.creation_time.capacity(),
-            one.error.capacity(), one.error_name.capacity(), one.indications.capacity(),
-            one.volumes.capacity(), one.excluded.capacity(), one.extra_state.capacity(),
+            one.error.len(), one.error_name.len(), one.indications.capacity(),
+            one.volumes.capacity(), one.excluded.len(), one.extra_state.len(),
             one.source_indications.capacity(),
         );
         println!(

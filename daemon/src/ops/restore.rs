@@ -143,7 +143,7 @@ fn restore_steps(
     check_restorable(&env, record, snapshot)?;
     let (previous_xml, detached) = prepare_target(&env, record, snapshot, records, stopped)?;
     plan_restores(ctx, record, snapshot)?;
-    record.not_restored = snapshot.excluded.clone();
+    record.not_restored = snapshot.excluded.to_vec();
     record.detached = detached;
     record.step = RestoreStep::Applying {
         previous_xml: previous_xml.clone(),

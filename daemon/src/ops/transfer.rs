@@ -89,8 +89,8 @@ pub fn parse_import(json: &str) -> Result<SnapshotRecord, String> {
     }
     // Readiness is this host's to verify; the phase came from the exporting host.
     record.ready_to_use = true;
-    record.error.clear();
-    record.error_name.clear();
+    record.error = Box::default();
+    record.error_name = Box::default();
     Ok(record)
 }
 
