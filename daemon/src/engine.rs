@@ -494,8 +494,8 @@ fn mark_missing_images(record: &mut SnapshotRecord) {
         .find_map(crate::backends::missing_artifact)
     {
         record.ready_to_use = false;
-        record.error = format!("{missing}: this snapshot cannot be restored");
-        record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+        record.error = format!("{missing}: this snapshot cannot be restored").into();
+        record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX).into();
     }
 }
 
@@ -864,11 +864,11 @@ impl Engine {
             record.phase = SnapshotPhase::Failed;
             record.ready_to_use = false;
             record.error = if watched.what == "delete" {
-                format!("delete failed: {message}")
+                format!("delete failed: {message}").into()
             } else {
-                message
+                message.into()
             };
-            record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX);
+            record.error_name = format!("{}.DeadlineExceeded", vmsnap_api::ERROR_PREFIX).into();
             let name = record.name.clone();
             let change = Change::SnapshotUpdated(slot.shared().clone());
             drop(slot);
@@ -986,7 +986,7 @@ impl Engine {
                 continue;
             };
             if slot.phase != SnapshotPhase::Succeeded
-                || self.busy.contains_key(&slot.vm_uuid)
+                || self.busy.contains_key(&*slot.vm_uuid)
                 || slot.volumes != checked.volumes
             {
                 continue;
@@ -997,17 +997,18 @@ impl Engine {
             match missing {
                 Some(missing) => {
                     record.ready_to_use = false;
-                    record.error = format!("{missing}: this snapshot cannot be restored");
-                    record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+                    record.error = format!("{missing}: this snapshot cannot be restored").into();
+                    record.error_name =
+                        format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX).into();
                 }
                 None => {
                     record.ready_to_use = true;
-                    record.error = String::new();
-                    record.error_name = String::new();
+                    record.error = Box::default();
+                    record.error_name = Box::default();
                 }
             }
             if (record.ready_to_use, record.error.clone()) != before {
-                info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { record.error.as_str() });
+                info!(vm = %record.vm_name, snapshot = %record.name, ready = record.ready_to_use, "snapshot readiness changed: {}", if record.error.is_empty() { "its images are back" } else { &*record.error });
                 let change = Change::SnapshotUpdated(slot.shared().clone());
                 drop(slot);
                 self.emit(change);
@@ -1050,7 +1051,7 @@ impl Engine {
         let uuids: Vec<String> = self
             .snapshots
             .values()
-            .filter(|s| s.phase == SnapshotPhase::Succeeded && !self.busy.contains_key(&s.vm_uuid))
+            .filter(|s| s.phase == SnapshotPhase::Succeeded && !self.busy.contains_key(&*s.vm_uuid))
             .map(|s| s.uuid.clone())
             .collect();
         for uuid in uuids {
@@ -1074,8 +1075,9 @@ impl Engine {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
                 record.cow_fill_percent = 100.0;
-                record.error = crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv);
-                record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX);
+                record.error =
+                    crate::backends::lvm::overflow_message(&target, &over.vg, &over.lv).into();
+                record.error_name = format!("{}.StorageFailed", vmsnap_api::ERROR_PREFIX).into();
                 warn!(vm = %record.vm_name, snapshot = %record.name, "{}", record.error);
                 let (store, saved) = (ops.store.clone(), record.clone());
                 off_task("cow-fill-record", move || {
@@ -1275,7 +1277,7 @@ impl Engine {
         let snapshot = self
             .snapshots
             .values()
-            .find(|s| s.vm_uuid == vm.uuid && s.name == snapshot_name)
+            .find(|s| *s.vm_uuid == *vm.uuid && s.name == snapshot_name)
             .map(|s| SnapshotRecord::clone(s))
             .ok_or_else(|| EngineError::SnapshotNotFound {
                 vm: vm_key.to_string(),
@@ -1517,7 +1519,7 @@ impl Engine {
         if self
             .snapshots
             .values()
-            .any(|s| s.vm_uuid == vm.uuid && s.name == name)
+            .any(|s| *s.vm_uuid == *vm.uuid && s.name == name)
         {
             return Err(EngineError::AlreadyExists {
                 vm: vm.name.clone(),
@@ -1603,9 +1605,9 @@ impl Engine {
                 record.name
             )));
         }
-        if let Some(what) = self.busy.get(&record.vm_uuid) {
+        if let Some(what) = self.busy.get(&*record.vm_uuid) {
             return Err(EngineError::Busy {
-                vm: record.vm_name.clone(),
+                vm: record.vm_name.to_string(),
                 what: what.clone(),
             });
         }
@@ -1617,7 +1619,7 @@ impl Engine {
             format!("snapshot '{}' is being deleted", record.name),
         )?;
         info!(vm = %record.vm_name, snapshot = %record.name, "deleting snapshot");
-        let vm_uuid = record.vm_uuid.clone();
+        let vm_uuid = record.vm_uuid.to_string();
         let gate = self.watch(&vm_uuid, ops.failure_deadline, &record.uuid, "delete");
         // A Failed snapshot is deleted the same way: its merge steps find nothing left to do
         // or resume an interrupted merge, and leftover overlays are removed.
@@ -1632,7 +1634,7 @@ impl Engine {
         let vm_uuid = self.snapshots_vm(vm)?.uuid;
         self.snapshots
             .values()
-            .find(|s| s.vm_uuid == vm_uuid && s.name == name)
+            .find(|s| *s.vm_uuid == *vm_uuid && s.name == name)
             .map(|s| s.uuid.clone())
             .ok_or_else(|| EngineError::SnapshotNotFound {
                 vm: vm.to_string(),
@@ -1681,7 +1683,7 @@ impl Engine {
         let record = ops::transfer::parse_import(json).map_err(EngineError::InvalidArgument)?;
         if self.snapshots.contains_key(&record.uuid) || self.importing.contains(&record.uuid) {
             return Err(EngineError::AlreadyExists {
-                vm: record.vm_name.clone(),
+                vm: record.vm_name.to_string(),
                 name: record.name.clone(),
             });
         }
@@ -1691,7 +1693,7 @@ impl Engine {
             .any(|s| s.vm_uuid == record.vm_uuid && s.name == record.name)
         {
             return Err(EngineError::AlreadyExists {
-                vm: record.vm_name.clone(),
+                vm: record.vm_name.to_string(),
                 name: record.name.clone(),
             });
         }
@@ -1756,7 +1758,7 @@ impl Engine {
             .snapshots
             .values()
             .map(|s| &**s)
-            .filter(|s| vm_uuid.as_ref().is_none_or(|u| *u == s.vm_uuid))
+            .filter(|s| vm_uuid.as_ref().is_none_or(|u| **u == *s.vm_uuid))
             .collect();
         list.sort_by(|a, b| {
             (a.creation_time.as_str(), a.name.as_str())
@@ -1820,7 +1822,7 @@ impl Engine {
                 });
         }
         for record in unfinished {
-            if self.busy.contains_key(&record.vm_uuid) {
+            if self.busy.contains_key(&*record.vm_uuid) {
                 self.defer_settling(&record.vm_uuid, &record.uuid);
                 continue;
             }
@@ -1837,7 +1839,7 @@ impl Engine {
                 warn!(vm = %record.vm_name, snapshot = %record.name, "an interrupted operation waits: another vmsnapd works on the VM");
                 continue;
             };
-            let vm_uuid = record.vm_uuid.clone();
+            let vm_uuid = record.vm_uuid.to_string();
             ops.clone()
                 .spawn(vm_uuid, lock, ops::OpGate::default(), move |ctx| {
                     ops::delete::recover(ctx, record, others)
@@ -1865,15 +1867,15 @@ impl Engine {
             .snapshots
             .values()
             .map(|s| &**s)
-            .filter(|s| s.vm_uuid == lower || s.vm_name == key)
+            .filter(|s| *s.vm_uuid == *lower || &*s.vm_name == key)
             .collect();
         owners.sort_by(|a, b| a.vm_uuid.cmp(&b.vm_uuid));
         owners.dedup_by(|a, b| a.vm_uuid == b.vm_uuid);
         match owners.as_slice() {
             [] => Err(defined),
             [record] => Ok(VmInfo {
-                name: record.vm_name.clone(),
-                uuid: record.vm_uuid.clone(),
+                name: record.vm_name.to_string(),
+                uuid: record.vm_uuid.to_string(),
                 state: vmsnap_api::VmState::Unknown,
                 agent: vmsnap_api::AgentState::NotConfigured,
                 disks: Vec::new(),
@@ -2104,24 +2106,24 @@ mod tests {
             version: RECORD_VERSION,
             uuid: format!("uuid-{name}"),
             name: name.to_string(),
-            description: String::new(),
+            description: Box::default(),
             vm_name: "a".into(),
             vm_uuid: A.into(),
             phase,
             ready_to_use: phase == SnapshotPhase::Succeeded,
             creation_time: "2026-11-26T14:00:00Z".into(),
             indications: vec![],
-            error: String::new(),
+            error: Box::default(),
             freeze_duration_ms: 0,
             frozen_filesystems: 0,
             step: Step::Done,
             domain_xml: crate::store::DomainXml::OnDisk,
             volumes: vec![],
-            excluded: vec![],
-            extra_state: vec![],
+            excluded: Box::default(),
+            extra_state: Box::default(),
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
-            error_name: String::new(),
+            error_name: Box::default(),
         }
     }
 
@@ -2777,8 +2779,10 @@ mod tests {
             let mut record = snapshot_record("s", SnapshotPhase::Succeeded);
             record.uuid = format!("5ca1e000-0000-4000-8000-{i:012}");
             record.name = format!("fake-{i:05}");
-            record.vm_name = format!("vmsnap-scale-12345-f{:03}", i % 4 + 1);
-            record.vm_uuid = format!("{:08x}-1111-4222-8333-444455556666", i % 4);
+            record.vm_name =
+                crate::store::shared_str(&format!("vmsnap-scale-12345-f{:03}", i % 4 + 1));
+            record.vm_uuid =
+                crate::store::shared_str(&format!("{:08x}-1111-4222-8333-444455556666", i % 4));
             record.creation_time = "2026-01-01T00:00:00Z".into();
             record.indications = vec![vmsnap_api::Indication::Online];
             record.source_indications = vec![vmsnap_api::SourceIndication {
@@ -2814,10 +2818,10 @@ mod tests {
             "size_of SnapshotRecord {} ArcInner {}; strings: uuid {} name {} description {} vm_name {} vm_uuid {} creation_time {} error {} error_name {}; lists: indications {} volumes {} excluded {} extra_state {} source_indications {}",
             std::mem::size_of::<SnapshotRecord>(),
             std::mem::size_of::<SnapshotRecord>() + 16,
-            one.uuid.capacity(), one.name.capacity(), one.description.capacity(),
-            one.vm_name.capacity(), one.vm_uuid.capacity(), one.creation_time.capacity(),
-            one.error.capacity(), one.error_name.capacity(), one.indications.capacity(),
-            one.volumes.capacity(), one.excluded.capacity(), one.extra_state.capacity(),
+            one.uuid.capacity(), one.name.capacity(), one.description.len(),
+            one.vm_name.len(), one.vm_uuid.len(), one.creation_time.capacity(),
+            one.error.len(), one.error_name.len(), one.indications.capacity(),
+            one.volumes.capacity(), one.excluded.len(), one.extra_state.len(),
             one.source_indications.capacity(),
         );
         println!(

@@ -195,7 +195,7 @@ proptest! {
     #[test]
     fn fuzz_snapshot_records(text in mutated(record_seeds())) {
         if let Ok(record) = store::parse_snapshot_record(text.as_bytes()) {
-            for uuid in [&record.uuid, &record.vm_uuid] {
+            for uuid in [record.uuid.as_str(), &*record.vm_uuid] {
                 prop_assert!(!uuid.contains('/') && !uuid.is_empty() && uuid != "..");
             }
             let _ = record.included_volumes();

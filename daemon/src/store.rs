@@ -10,6 +10,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vmsnap_api::{ExcludedVolume, IncludedVolume, Indication, SnapshotPhase};
@@ -28,15 +29,21 @@ pub struct SnapshotRecord {
     pub version: u32,
     pub uuid: String,
     pub name: String,
-    pub description: String,
-    pub vm_name: String,
-    pub vm_uuid: String,
+    /// This and the other fields most records leave empty (`error`, `error_name`, `excluded`,
+    /// `extra_state`) are boxed, with no spare room: 16 bytes each rather than 24 (issue 13).
+    pub description: Box<str>,
+    /// Shared by the records of one VM ([`shared_str`]); a string in the file.
+    #[serde(with = "shared")]
+    pub vm_name: Arc<str>,
+    /// As `vm_name`.
+    #[serde(with = "shared")]
+    pub vm_uuid: Arc<str>,
     pub phase: SnapshotPhase,
     pub ready_to_use: bool,
     /// RFC 3339, UTC.
     pub creation_time: String,
     pub indications: Vec<Indication>,
-    pub error: String,
+    pub error: Box<str>,
     pub freeze_duration_ms: u64,
     pub frozen_filesystems: u32,
     /// Where an unfinished operation stands; `Done` once settled.
@@ -45,9 +52,9 @@ pub struct SnapshotRecord {
     /// while an operation works with it (see [`DomainXml`]).
     pub domain_xml: DomainXml,
     pub volumes: Vec<VolumeRecord>,
-    pub excluded: Vec<ExcludedVolume>,
+    pub excluded: Box<[ExcludedVolume]>,
     /// Copies of the UEFI variables file and the emulated TPM's state.
-    pub extra_state: Vec<StateCopy>,
+    pub extra_state: Box<[StateCopy]>,
     /// The fullest copy-on-write space of the snapshot's thick LVM volumes, in percent (0 when
     /// it has none). Kept current by the fill monitor.
     #[serde(default)]
@@ -57,8 +64,68 @@ pub struct SnapshotRecord {
     pub source_indications: Vec<vmsnap_api::SourceIndication>,
     /// The D-Bus error name of `error` (`org.vmsnap.VmSnap1.Error.StorageFailed`, ...), so
     /// clients tell failures apart without reading the message; empty without an error.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error_name: String,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub error_name: Box<str>,
+}
+
+/// The one `Arc<str>` holding `text`, shared by every record that holds the same text (a VM's
+/// name and UUID, the same in each of its records: issue 13, two blocks and about 80 bytes a
+/// record). Records take theirs from here as they are read and created. A text no record holds
+/// any more is dropped from the set as it grows.
+pub fn shared_str(text: &str) -> Arc<str> {
+    /// The texts handed out, and the size at which those no longer held are dropped.
+    struct Interned {
+        texts: std::collections::BTreeSet<Arc<str>>,
+        prune_at: usize,
+    }
+    static INTERNED: std::sync::Mutex<Interned> = std::sync::Mutex::new(Interned {
+        texts: std::collections::BTreeSet::new(),
+        prune_at: 64,
+    });
+    let mut interned = INTERNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(shared) = interned.texts.get(text) {
+        return Arc::clone(shared);
+    }
+    if interned.texts.len() >= interned.prune_at {
+        interned.texts.retain(|t| Arc::strong_count(t) > 1);
+        interned.prune_at = (interned.texts.len() * 2).max(64);
+    }
+    let shared: Arc<str> = Arc::from(text);
+    interned.texts.insert(Arc::clone(&shared));
+    shared
+}
+
+/// Serde for an `Arc<str>` field: a string in the file, read into [`shared_str`]'s copy (the
+/// file format is a plain string either way).
+mod shared {
+    use std::sync::Arc;
+
+    pub fn serialize<S: serde::Serializer>(
+        text: &Arc<str>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(text)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Arc<str>, D::Error> {
+        struct Shared;
+        impl serde::de::Visitor<'_> for Shared {
+            type Value = Arc<str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            // Borrowed from the file's bytes where it can be: no string made only to be
+            // dropped for the shared one.
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Arc<str>, E> {
+                Ok(super::shared_str(text))
+            }
+        }
+        deserializer.deserialize_str(Shared)
+    }
 }
 
 /// A record's definition, some KiB per snapshot: held by the operation that records or uses
@@ -239,13 +306,19 @@ pub enum Step {
     Snapshotting,
     /// Settled.
     Done,
-    /// Deleting: merging `top` into `base` for disk `target`.
-    #[serde(rename_all = "camelCase")]
-    Merging {
-        target: String,
-        base: String,
-        top: String,
-    },
+    /// Deleting: a merge under way. Boxed: the step of a settled record (almost all of them)
+    /// takes 16 bytes, not the 72 of three strings inline (issue 13). The file's fields are
+    /// the same (`step`, then the merge's).
+    Merging(Box<Merge>),
+}
+
+/// A merge of a delete: `top` into `base` for disk `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Merge {
+    pub target: String,
+    pub base: String,
+    pub top: String,
 }
 
 /// What is kept in a set ordered by its snapshot's UUID, rather than in a map keyed by a copy
@@ -354,25 +427,25 @@ impl SnapshotRecord {
             version: RECORD_VERSION,
             uuid: uuid::Uuid::new_v4().to_string(),
             name,
-            description,
-            vm_name: vm_name.to_string(),
-            vm_uuid: vm_uuid.to_string(),
+            description: description.into(),
+            vm_name: shared_str(vm_name),
+            vm_uuid: shared_str(vm_uuid),
             phase: SnapshotPhase::InProgress,
             ready_to_use: false,
             creation_time: crate::ops::now_rfc3339(),
             indications: Vec::new(),
-            error: String::new(),
+            error: Box::default(),
             freeze_duration_ms: 0,
             frozen_filesystems: 0,
             step: Step::Planned,
             // Held (empty): the first write has no file to take it from.
             domain_xml: DomainXml::Held(String::new()),
             volumes: Vec::new(),
-            excluded,
-            extra_state: Vec::new(),
+            excluded: excluded.into(),
+            extra_state: Box::default(),
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
-            error_name: String::new(),
+            error_name: Box::default(),
         }
     }
 
@@ -392,8 +465,6 @@ impl SnapshotRecord {
         exact_size(&mut self.indications);
         exact_size(&mut self.source_indications);
         exact_size(&mut self.volumes);
-        exact_size(&mut self.excluded);
-        exact_size(&mut self.extra_state);
     }
 
     pub fn included_volumes(&self) -> Vec<IncludedVolume> {
@@ -651,14 +722,14 @@ pub(crate) mod tests {
             version: RECORD_VERSION,
             uuid: format!("uuid-{name}"),
             name: name.to_string(),
-            description: String::new(),
+            description: Box::default(),
             vm_name: "web".into(),
             vm_uuid: "vm-1".into(),
             phase: SnapshotPhase::Succeeded,
             ready_to_use: true,
             creation_time: format!("2026-11-26T14:00:0{}Z", name.len()),
             indications: vec![Indication::Online, Indication::GuestAgent],
-            error: String::new(),
+            error: Box::default(),
             freeze_duration_ms: 60,
             frozen_filesystems: 1,
             step: Step::Done,
@@ -672,11 +743,11 @@ pub(crate) mod tests {
                     overlay: "/i/b.qcow2".into(),
                 },
             }],
-            excluded: vec![],
-            extra_state: vec![],
+            excluded: Box::default(),
+            extra_state: Box::default(),
             cow_fill_percent: 0.0,
             source_indications: Vec::new(),
-            error_name: String::new(),
+            error_name: Box::default(),
         }
     }
 
@@ -739,11 +810,11 @@ pub(crate) mod tests {
             }),
         });
         bb.cow_fill_percent = 12.5;
-        bb.step = Step::Merging {
+        bb.step = Step::Merging(Box::new(Merge {
             target: "vda".into(),
             base: "/i/a.qcow2".into(),
             top: "/i/b.qcow2".into(),
-        };
+        }));
         store.save(&bb).expect("save");
         store.save(&a).expect("save");
         let (loaded, problems) = store.load_all();
@@ -836,6 +907,148 @@ pub(crate) mod tests {
         assert_eq!(r.volumes.capacity(), r.volumes.len());
     }
 
+    /// A record file as vmsnapd wrote it before a VM's name and UUID were shared between its
+    /// records (main at 9e25c96, `Store::save`): the same bytes either way.
+    const RECORD_FILE: &str = r#"{
+  "version": 2,
+  "uuid": "5ca1e000-0000-4000-8000-000000000001",
+  "name": "before-upgrade",
+  "description": "a \"quoted\" description",
+  "vmName": "web-1",
+  "vmUuid": "0a5f9e61-4c8f-4a7e-9d0e-3c2b1a000002",
+  "phase": "Deleting",
+  "readyToUse": false,
+  "creationTime": "2026-11-26T14:00:00Z",
+  "indications": [
+    "Online",
+    "GuestAgent"
+  ],
+  "error": "",
+  "freezeDurationMs": 60,
+  "frozenFilesystems": 2,
+  "step": {
+    "step": "merging",
+    "target": "vda",
+    "base": "/i/a.qcow2",
+    "top": "/i/b.qcow2"
+  },
+  "domainXml": "<domain><name>web-1</name></domain>",
+  "volumes": [
+    {
+      "target": "vda",
+      "image": "/i/a.qcow2",
+      "virtualSize": 1073741824,
+      "backend": "qcow2",
+      "imageFormat": "qcow2",
+      "overlay": "/i/b.qcow2"
+    }
+  ],
+  "excluded": [
+    {
+      "target": "vdb",
+      "reason": "a shared disk"
+    }
+  ],
+  "extraState": [],
+  "cowFillPercent": 12.5,
+  "sourceIndications": [
+    {
+      "indication": "GuestAgent",
+      "message": "the agent froze / and /data"
+    }
+  ],
+  "errorName": "org.vmsnap.VmSnap1.Error.StorageFailed"
+}"#;
+
+    /// Files written before load into the record with its shared strings, and are written
+    /// back byte for byte: held definition or left on disk.
+    #[test]
+    fn a_record_file_written_before_loads_and_is_written_back_the_same() {
+        let (vm, uuid) = (
+            "0a5f9e61-4c8f-4a7e-9d0e-3c2b1a000002",
+            "5ca1e000-0000-4000-8000-000000000001",
+        );
+        // With an error name, and without one (no `errorName` field at all then).
+        let without_error_name = RECORD_FILE.replace(
+            ",\n  \"errorName\": \"org.vmsnap.VmSnap1.Error.StorageFailed\"",
+            "",
+        );
+        assert_ne!(without_error_name, RECORD_FILE);
+        for text in [RECORD_FILE, &without_error_name] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::new(dir.path());
+            let file = dir.path().join(format!("snapshots/{vm}/{uuid}.json"));
+            fs::create_dir_all(file.parent().expect("folder")).expect("mkdir");
+            fs::write(&file, text).expect("write");
+
+            let read = store.read(vm, uuid).expect("loads");
+            assert_eq!((&*read.vm_name, &*read.vm_uuid), ("web-1", vm));
+            assert_eq!(&*read.description, "a \"quoted\" description");
+            assert!(matches!(read.step, Step::Merging(ref m) if m.top == "/i/b.qcow2"));
+            store.save(&read).expect("save");
+            assert_eq!(fs::read_to_string(&file).expect("read"), text);
+
+            let (loaded, problems) = store.load_all();
+            assert!(problems.is_empty(), "{problems:?}");
+            let [on_disk] = loaded.as_slice() else {
+                panic!("one record: {loaded:?}")
+            };
+            assert_eq!(on_disk.domain_xml, DomainXml::OnDisk);
+            store.save(on_disk).expect("save");
+            assert_eq!(fs::read_to_string(&file).expect("read"), text);
+        }
+    }
+
+    /// The records of one VM hold one copy of its name and UUID, loaded or created; another
+    /// VM's are its own.
+    #[test]
+    fn the_records_of_one_vm_share_its_name_and_uuid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        let mut other = record("c");
+        other.vm_uuid = "vm-shared-2".into();
+        other.vm_name = "shared-2".into();
+        for mut r in [record("a"), record("bb"), other] {
+            if &*r.vm_uuid == "vm-1" {
+                r.vm_uuid = "vm-shared-1".into();
+                r.vm_name = "shared-1".into();
+            }
+            store.save(&r).expect("save");
+        }
+        let (loaded, problems) = store.load_all();
+        assert!(problems.is_empty(), "{problems:?}");
+        let named = |name: &str| {
+            loaded
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("{name} in {loaded:?}"))
+        };
+        let (a, bb, c) = (named("a"), named("bb"), named("c"));
+        assert_eq!((&*a.vm_uuid, &*c.vm_uuid), ("vm-shared-1", "vm-shared-2"));
+        assert!(Arc::ptr_eq(&a.vm_uuid, &bb.vm_uuid));
+        assert!(Arc::ptr_eq(&a.vm_name, &bb.vm_name));
+        assert!(!Arc::ptr_eq(&a.vm_uuid, &c.vm_uuid));
+        let created =
+            SnapshotRecord::request("d".into(), String::new(), "shared-1", "vm-shared-1", vec![]);
+        assert!(Arc::ptr_eq(&created.vm_uuid, &a.vm_uuid));
+        assert!(Arc::ptr_eq(&created.vm_name, &a.vm_name));
+        // Read again, one record alone takes the same copy.
+        let again = store.read("vm-shared-2", &c.uuid).expect("reads");
+        assert!(Arc::ptr_eq(&again.vm_uuid, &c.vm_uuid));
+    }
+
+    /// A text no record holds any more is dropped as the set grows; one still held is kept.
+    #[test]
+    fn shared_texts_no_longer_held_are_dropped() {
+        let kept = shared_str("shared-text-kept");
+        let weak = Arc::downgrade(&shared_str("shared-text-dropped"));
+        for i in 0..200 {
+            drop(shared_str(&format!("shared-text-{i}")));
+        }
+        assert!(weak.upgrade().is_none(), "dropped from the set");
+        assert!(Arc::ptr_eq(&kept, &shared_str("shared-text-kept")));
+    }
+
     #[test]
     fn records_without_lvm_fields_still_load() {
         let mut json = serde_json::to_value(record("a")).expect("json");
@@ -889,7 +1102,7 @@ pub(crate) mod tests {
 
         let merging = parse_snapshot_record(&fixture("snapshot-merging.json")).expect("loads");
         assert_eq!(merging.phase, SnapshotPhase::Deleting);
-        assert!(matches!(merging.step, Step::Merging { ref target, .. } if target == "vda"));
+        assert!(matches!(merging.step, Step::Merging(ref m) if m.target == "vda"));
 
         let restore =
             parse_restore_record(&fixture("restores/restore-committed.json")).expect("loads");

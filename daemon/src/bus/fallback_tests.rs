@@ -482,7 +482,8 @@ fn changed(record: &SnapshotRecord) -> SnapshotRecord {
     record.excluded = vec![ExcludedVolume {
         target: "sdb".into(),
         reason: "cdrom".into(),
-    }];
+    }]
+    .into();
     record
 }
 

@@ -324,7 +324,7 @@ struct SnapshotProps<'a> {
     #[serde(rename = "IncludedVolumes", with = "as_variant")]
     included_volumes: Vec<IncludedVolume>,
     #[serde(rename = "ExcludedVolumes", with = "as_variant")]
-    excluded_volumes: &'a Vec<ExcludedVolume>,
+    excluded_volumes: &'a [ExcludedVolume],
     #[serde(rename = "Error", with = "as_variant")]
     error: &'a str,
     #[serde(rename = "ErrorName", with = "as_variant")]
@@ -465,7 +465,7 @@ struct SnapshotRowRef<'a> {
     indications: IndicationNames<'a>,
     source_indications: std::borrow::Cow<'a, [SourceIndication]>,
     included_volumes: Vec<IncludedVolume>,
-    excluded_volumes: &'a Vec<ExcludedVolume>,
+    excluded_volumes: &'a [ExcludedVolume],
     error: &'a str,
     error_name: &'a str,
     progress: &'a str,
@@ -595,7 +595,7 @@ mod tests {
         changed.error = "it broke".into();
         snapshots.update_record(Arc::new(changed));
         let b = snapshots.get("uuid-b").expect("b is there");
-        assert_eq!(b.record.error, "it broke");
+        assert_eq!(&*b.record.error, "it broke");
         assert_eq!(
             &*b.progress, "merging vda",
             "a new record keeps the progress"
@@ -605,7 +605,7 @@ mod tests {
         // A second insert of the same UUID replaces the first, as a map's would.
         snapshots.insert(entry("b"));
         assert_eq!(snapshots.len(), 3);
-        assert_eq!(snapshots.get("uuid-b").expect("b").record.error, "");
+        assert_eq!(&*snapshots.get("uuid-b").expect("b").record.error, "");
 
         // Unknown UUIDs change nothing.
         snapshots.update_record(Arc::new(crate::store::tests::record("zz")));

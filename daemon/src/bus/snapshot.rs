@@ -199,18 +199,18 @@ impl SnapshotObject {
 
     #[zbus(property(emits_changed_signal = "const"))]
     fn description(&self) -> String {
-        self.record.description.clone()
+        self.record.description.to_string()
     }
 
     /// The VM's name when the snapshot was taken.
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm_name(&self) -> String {
-        self.record.vm_name.clone()
+        self.record.vm_name.to_string()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm_uuid(&self) -> String {
-        self.record.vm_uuid.clone()
+        self.record.vm_uuid.to_string()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
@@ -264,13 +264,13 @@ impl SnapshotObject {
     /// Each disk left out: (target, reason).
     #[zbus(property)]
     fn excluded_volumes(&self) -> Vec<ExcludedVolume> {
-        self.record.excluded.clone()
+        self.record.excluded.to_vec()
     }
 
     /// Why the snapshot failed; empty otherwise.
     #[zbus(property)]
     fn error(&self) -> String {
-        self.record.error.clone()
+        self.record.error.to_string()
     }
 
     /// The D-Bus error name of Error, so that clients tell failures apart without reading
@@ -279,7 +279,7 @@ impl SnapshotObject {
     /// NotFound (the VM is gone) or Failed (refused as things are); empty without an error.
     #[zbus(property)]
     fn error_name(&self) -> String {
-        self.record.error_name.clone()
+        self.record.error_name.to_string()
     }
 
     /// What the operation on this snapshot is doing right now; empty when idle.
@@ -400,7 +400,8 @@ pub(super) mod tests {
         record.excluded = vec![ExcludedVolume {
             target: "sda".into(),
             reason: "cdrom".into(),
-        }];
+        }]
+        .into();
         let entry = SnapshotEntry {
             record: Arc::new(record),
             progress: Arc::from("merging vda"),
@@ -444,7 +445,8 @@ pub(super) mod tests {
         failed.excluded = vec![ExcludedVolume {
             target: "sda".into(),
             reason: "cdrom".into(),
-        }];
+        }]
+        .into();
         let mut with_messages = crate::store::tests::record("bb");
         with_messages.source_indications = vec![SourceIndication {
             indication: "Online".into(),

@@ -36,8 +36,8 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         }
         record.phase = SnapshotPhase::Failed;
         record.ready_to_use = false;
-        record.error = vmsnap_api::record_error(&error.to_string());
-        record.error_name = error.error_name();
+        record.error = vmsnap_api::record_error(&error.to_string()).into();
+        record.error_name = error.error_name().into();
         record.step = Step::Done;
         ctx.save_failed(&mut record);
     }
@@ -194,7 +194,7 @@ fn plan_snapshot(
         .collect();
     record.domain_xml = crate::store::DomainXml::Held(inactive_xml);
     record.volumes = volumes;
-    record.excluded = excluded;
+    record.excluded = excluded.into();
     Ok(Planned { vm, state, online })
 }
 

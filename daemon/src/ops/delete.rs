@@ -25,8 +25,8 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Arc<S
             warn!(vm = %record.vm_name, snapshot = %record.name, %error, "delete refused");
             record.phase = SnapshotPhase::Succeeded;
             record.ready_to_use = true;
-            record.error_name = error.error_name();
-            record.error = vmsnap_api::record_error(&error.to_string());
+            record.error_name = error.error_name().into();
+            record.error = vmsnap_api::record_error(&error.to_string()).into();
             ctx.save_failed(&mut record);
         }
         NotDeleted::Failed(error) => {
@@ -36,8 +36,8 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Arc<S
             // content is no longer the snapshot's, so it is not offered for restore again.
             record.phase = SnapshotPhase::Failed;
             record.ready_to_use = false;
-            record.error_name = error.error_name();
-            record.error = vmsnap_api::record_error(&format!("delete failed: {error}"));
+            record.error_name = error.error_name().into();
+            record.error = vmsnap_api::record_error(&format!("delete failed: {error}")).into();
             ctx.save_failed(&mut record);
         }
     }
@@ -82,7 +82,7 @@ fn delete_steps(
     // captures were undone. Only leftovers are removed. (One that failed mid-delete is still
     // Merging and resumes below.)
     let never_taken =
-        record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging { .. });
+        record.phase == SnapshotPhase::Failed && !matches!(record.step, Step::Merging(_));
     if never_taken {
         discard_all(env, record);
     } else {
@@ -137,8 +137,8 @@ pub fn recover(ctx: &OpContext, mut record: SnapshotRecord, others: Vec<Arc<Snap
             if let Err(error) = recover_create(ctx, &mut record) {
                 record.phase = SnapshotPhase::Failed;
                 record.ready_to_use = false;
-                record.error = vmsnap_api::record_error(&error.to_string());
-                record.error_name = error.error_name();
+                record.error = vmsnap_api::record_error(&error.to_string()).into();
+                record.error_name = error.error_name().into();
                 record.step = Step::Done;
                 ctx.save_failed(&mut record);
             }

@@ -246,7 +246,8 @@ impl OpContext {
             record.error = vmsnap_api::record_error(&format!(
                 "{}; {e} (vmsnapd settles it again at its next start)",
                 record.error
-            ));
+            ))
+            .into();
             let _ = self.events.send(OpEvent::Saved(Box::new(record.clone())));
         }
     }

@@ -143,7 +143,7 @@ fn restore_steps(
     check_restorable(&env, record, snapshot)?;
     let (previous_xml, detached) = prepare_target(&env, record, snapshot, records, stopped)?;
     plan_restores(ctx, record, snapshot)?;
-    record.not_restored = snapshot.excluded.clone();
+    record.not_restored = snapshot.excluded.to_vec();
     record.detached = detached;
     record.step = RestoreStep::Applying {
         previous_xml: previous_xml.clone(),
@@ -665,7 +665,7 @@ fn take_safety_snapshot(
     let mut n = 2;
     while records
         .iter()
-        .any(|r| r.vm_uuid == record.vm_uuid && r.name == name)
+        .any(|r| *r.vm_uuid == *record.vm_uuid && r.name == name)
     {
         name = format!("{base}-{n}");
         n += 1;

@@ -65,7 +65,7 @@ pub fn parse_import(json: &str) -> Result<SnapshotRecord, String> {
         return Err("the record's uuid and vmUuid must be UUIDs".to_string());
     }
     record.uuid = record.uuid.to_ascii_lowercase();
-    record.vm_uuid = record.vm_uuid.to_ascii_lowercase();
+    record.vm_uuid = crate::store::shared_str(&record.vm_uuid.to_ascii_lowercase());
     validate_snapshot_name(&record.name)?;
     validate_vm_name(&record.vm_name)?;
     validate_description(&record.description)?;
@@ -84,13 +84,13 @@ pub fn parse_import(json: &str) -> Result<SnapshotRecord, String> {
         &crate::disks::SysfsLvmProbe,
     )
     .map_err(|e| format!("the record's definition: {e}"))?;
-    if vm.uuid != record.vm_uuid || vm.name != record.vm_name {
+    if vm.uuid != *record.vm_uuid || vm.name != *record.vm_name {
         return Err("the record's definition names another VM than the record".to_string());
     }
     // Readiness is this host's to verify; the phase came from the exporting host.
     record.ready_to_use = true;
-    record.error.clear();
-    record.error_name.clear();
+    record.error = Box::default();
+    record.error_name = Box::default();
     Ok(record)
 }
 

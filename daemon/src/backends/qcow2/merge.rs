@@ -16,7 +16,7 @@ use super::qemu_img;
 use crate::domain;
 use crate::hypervisor::libvirt::{VIR_DOMAIN_XML_INACTIVE, VIR_DOMAIN_XML_SECURE};
 use crate::ops::{OpContext, OpError, OpResult};
-use crate::store::{Artifact, SnapshotRecord, Step, VolumeRecord};
+use crate::store::{Artifact, Merge, SnapshotRecord, Step, VolumeRecord};
 use crate::virt_ext;
 
 pub(super) fn lookup(conn: &Connect, uuid: &str) -> Result<Domain, String> {
@@ -58,12 +58,12 @@ pub(super) fn release_image(
     deadline: Instant,
 ) -> OpResult<()> {
     // A merge that was under way when vmsnapd stopped is finished first.
-    if let Step::Merging {
-        target: t,
-        base,
-        top,
-    } = deleting.step.clone()
-    {
+    if let Step::Merging(merge) = deleting.step.clone() {
+        let Merge {
+            target: t,
+            base,
+            top,
+        } = *merge;
         if t == target {
             let conn = view.conn;
             let forest = Forest::scan(view, others, &[top.as_str(), base.as_str()])?;
@@ -123,11 +123,11 @@ pub(super) fn release_image(
             [child] => {
                 let child = child.clone();
                 ctx.faults.point("delete-before-merge");
-                deleting.step = Step::Merging {
+                deleting.step = Step::Merging(Box::new(Merge {
                     target: target.to_string(),
                     base: current.clone(),
                     top: child.clone(),
-                };
+                }));
                 ctx.save(deleting)?;
                 if !merge_down(
                     ctx, conn, &forest, deleting, target, &current, &child, deadline,
