@@ -24,23 +24,23 @@ const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
 struct TestBus {
     child: std::process::Child,
     address: String,
+    /// Its config and socket, removed with it. A folder of its own: dbus-daemon watches its
+    /// config's folder and reloads on changes there, which in /tmp other tests' buses made.
+    _dir: tempfile::TempDir,
 }
 
 impl TestBus {
     fn start() -> TestBus {
         use std::io::BufRead;
-        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let config = std::env::temp_dir().join(format!(
-            "vmsnapd-fallback-test-{}-{n}.conf",
-            std::process::id()
-        ));
+        let dir = tempfile::tempdir().expect("a folder for the bus");
+        let config = dir.path().join("bus.conf");
         std::fs::write(
             &config,
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <listen>unix:tmpdir=/tmp</listen>
+  <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow user="*"/>
@@ -50,6 +50,8 @@ impl TestBus {
   </policy>
 </busconfig>
 "#,
+                dir.path().join("bus.sock").display()
+            ),
         )
         .expect("the bus config is written");
         let mut child = std::process::Command::new("dbus-daemon")
@@ -63,11 +65,11 @@ impl TestBus {
         if let Some(stdout) = child.stdout.take() {
             let _ = std::io::BufReader::new(stdout).read_line(&mut address);
         }
-        let _ = std::fs::remove_file(&config);
         assert!(!address.trim().is_empty(), "dbus-daemon gave no address");
         TestBus {
             child,
             address: address.trim().to_string(),
+            _dir: dir,
         }
     }
 
@@ -77,7 +79,26 @@ impl TestBus {
             .await
             .expect("connected")
     }
+
+    /// A connection whose ObjectServer already answers, as vmsnapd's (built with `serve_at`)
+    /// does. zbus starts a connection's ObjectServer task lazily, at `object_server()`, and
+    /// that task subscribes to method calls only once it first runs: a call arriving before
+    /// that was dropped, and the test waited for an answer that never came. With an object
+    /// served at build, `build` returns once the task has subscribed.
+    async fn serving(&self) -> Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .serve_at("/vmsnap_test", ServerReady)
+            .build()
+            .await
+            .expect("connected")
+    }
 }
+
+/// Served by every test server (see [`TestBus::serving`]).
+struct ServerReady;
+
+#[zbus::interface(name = "org.vmsnap.Test.ServerReady")]
+impl ServerReady {}
 
 impl Drop for TestBus {
     fn drop(&mut self) {
@@ -95,7 +116,7 @@ struct Client {
 /// A server and a client on a bus of their own.
 async fn pair() -> (Connection, Client, TestBus) {
     let bus = TestBus::start();
-    let server = bus.connect().await;
+    let server = bus.serving().await;
     let connection = bus.connect().await;
     let server_name = server
         .unique_name()
