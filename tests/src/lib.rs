@@ -611,6 +611,10 @@ pub struct ScratchOptions {
     pub nvram: bool,
     /// Memory in MiB; 0 means the lab's usual 192.
     pub memory_mib: u32,
+    /// Virtual CPUs; 0 means one. QEMU runs each on a host thread of its own (multi-threaded
+    /// TCG), so a guest that runs vmsnapd and its LVM commands beside the test's commands gets
+    /// the host's second core.
+    pub vcpus: u32,
     /// The data disk (vda) is this RBD image of the lab's Ceph pool (lab/ceph-up.sh), reached
     /// with the lab's Ceph user and libvirt secret, instead of a qcow2 file; the caller made
     /// the image (lab/ceph-image.sh).
@@ -728,7 +732,7 @@ impl ScratchVm {
             );
         }
         let xml = format!(
-            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>{memory}</memory><vcpu>1</vcpu>\
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>{memory}</memory><vcpu>{vcpus}</vcpu>\
              <os>{os}</os><features><acpi/></features><cpu mode='custom' match='exact'><model>qemu64</model></cpu>\
              <on_poweroff>destroy</on_poweroff><devices>{devices}\
              <serial type='file'><source path='{}'/><target port='0'/></serial>\
@@ -739,6 +743,7 @@ impl ScratchVm {
             } else {
                 options.memory_mib
             },
+            vcpus = options.vcpus.max(1),
         );
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, xml).unwrap();
@@ -1143,6 +1148,7 @@ impl LvmGuest {
             ScratchOptions {
                 agent: true,
                 memory_mib: 512,
+                vcpus: 2,
                 ..Default::default()
             },
             &[],

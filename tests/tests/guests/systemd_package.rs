@@ -113,9 +113,11 @@ impl SystemdGuest {
                 path(file)
             )
         };
+        // Two vCPUs: QEMU runs each on a host thread (multi-threaded TCG), so systemd, the
+        // service and its LVM commands get the host's second core beside the test's commands.
         let xml = format!(
             "<domain type='qemu'><name>{GUEST}</name><memory unit='MiB'>1024</memory>\
-             <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type>\
+             <vcpu>2</vcpu><os><type arch='x86_64' machine='pc'>hvm</type>\
              <kernel>{}</kernel><initrd>{}</initrd>\
              <cmdline>root=/dev/vda rw console=ttyS0</cmdline></os><features><acpi/></features>\
              <cpu mode='custom' match='exact'><model>qemu64</model></cpu>\
