@@ -9,8 +9,8 @@
 #  - builds vmsnap-lvm-selftest (cargo build --release -p vmsnap-lvm) and checks the lab guest
 #    kernel and initramfs exist (lab/up.sh or lab/build-guest.sh makes them);
 #  - makes a data disk holding the binary (lab/make-data-disk.sh) and defines a scratch TCG VM
-#    vmsnap-bench-lvm-<pid> the way tests/tests/lab_lvm.rs does (1 vCPU, 192 MiB, the lab's
-#    kernel and initramfs, a guest agent channel) plus a raw, sparse 2 GiB disk vdb;
+#    vmsnap-bench-lvm-<pid> the way tests/tests/guests/lvm_selftest.rs does (1 vCPU, 192 MiB,
+#    the lab's kernel and initramfs, a guest agent channel) plus a raw, sparse 2 GiB disk vdb;
 #  - starts it, waits for the agent and /mnt/data, and runs
 #    `vmsnap-lvm-selftest --bench N /dev/vdb` in the guest through lab/guest-exec.sh;
 #  - prints the guest's output (ROUND/INFO lines, the markdown table, RATIO) on stdout;

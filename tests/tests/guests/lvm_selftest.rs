@@ -3,12 +3,12 @@
 //! (vdb) and the `vmsnap-lvm-selftest` binary on its data disk, and runs the self-test there
 //! through the guest agent. The self-test takes vdb over (VG, thin pool, thin LVs of 64 MiB and
 //! 1 GiB, a thick LV) and prints `CHECK`/`TIME` lines; this test asserts every check passed and
-//! prints the timings (`cargo test -p vmsnap-tests --test lab_lvm -- --nocapture`).
+//! prints the timings (`cargo test -p vmsnap-tests --test guests lvm_selftest -- --nocapture`).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::time::Duration;
 
-use vmsnap_tests::{bin, guest_exec, ScratchOptions, ScratchVm};
+use vmsnap_tests::{bin, guest_exec, GuestSlot, ScratchOptions, ScratchVm};
 
 const VM: &str = "vmsnap-lvm-selftest";
 const SELFTEST: &str = "vmsnap-lvm-selftest";
@@ -51,6 +51,7 @@ const CHECKS: &[&str] = &[
 
 #[test]
 fn lvm_operations_in_a_guest() {
+    let _slot = GuestSlot::take();
     let selftest = std::fs::read(bin(SELFTEST)).unwrap();
     let vm = ScratchVm::define(
         VM,
