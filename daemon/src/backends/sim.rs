@@ -206,12 +206,15 @@ impl VolumeBackend for SimBackend {
 
     fn release(
         &self,
-        _env: &Env,
-        _deleting: &mut SnapshotRecord,
+        env: &Env,
+        deleting: &mut SnapshotRecord,
         _others: &mut [Arc<SnapshotRecord>],
         volume: &VolumeRecord,
         _deadline: Instant,
     ) -> OpResult<()> {
+        // As the real backends do: a delete shows its step.
+        env.ctx
+            .progress(deleting, format!("releasing disk {}", volume.target));
         let mut world = lock(&self.world);
         world.call("release")?;
         world.images.remove(&volume.image);

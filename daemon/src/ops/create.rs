@@ -40,6 +40,8 @@ pub fn create(ctx: &OpContext, mut record: SnapshotRecord, allow_excluded: bool)
         record.error_name = error.error_name().into();
         record.step = Step::Done;
         ctx.save_failed(&mut record);
+        // The last step's text would stay on show beside the error.
+        ctx.progress(&record, "");
     }
     record
 }

@@ -41,6 +41,8 @@ pub fn delete(ctx: &OpContext, mut record: SnapshotRecord, mut others: Vec<Arc<S
             ctx.save_failed(&mut record);
         }
     }
+    // The last step's text would stay on show beside the error.
+    ctx.progress(&record, "");
 }
 
 /// How a delete ended when it did not: refused before anything changed, or failed on the way.

@@ -106,6 +106,15 @@ impl Lab {
 
     fn ctx(&self, journal: Option<Arc<JournalFaults>>) -> OpContext {
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        self.ctx_telling(journal, events)
+    }
+
+    /// A context whose operations' events (progress, saves) go to `events`.
+    fn ctx_telling(
+        &self,
+        journal: Option<Arc<JournalFaults>>,
+        events: tokio::sync::mpsc::UnboundedSender<super::OpEvent>,
+    ) -> OpContext {
         let config = crate::config::Config {
             failure_deadline: Duration::from_secs(60),
             restore_grace_period: Duration::from_secs(1),
@@ -543,6 +552,47 @@ fn delete_crash_at_every_storage_call_settles_on_recover() {
 #[test]
 fn delete_failure_of_every_call_keeps_others_and_can_be_retried() {
     at_every_call(AtCall::Fails, delete_lab, check_delete);
+}
+
+/// However a create or a delete ends, each snapshot it reported progress on ends with none: a
+/// failed one does not keep showing its last step ("snapshotting the disks") beside its error.
+#[test]
+fn a_create_or_delete_that_fails_at_any_call_ends_with_no_progress_shown() {
+    for (what, lab_for) in [
+        ("create", create_lab as fn() -> Scenario),
+        ("delete", delete_lab),
+    ] {
+        let (lab, op) = lab_for();
+        let before = lock(&lab.world).calls;
+        op(&lab, &lab.ctx(None));
+        let calls = lock(&lab.world).calls - before;
+        let mut steps_shown = false;
+        for nth in 1..=calls {
+            let (lab, op) = lab_for();
+            let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
+            let ctx = lab.ctx_telling(None, events);
+            {
+                let mut world = lock(&lab.world);
+                world.fail_at = Some(world.calls + nth);
+            }
+            op(&lab, &ctx);
+            lock(&lab.world).fail_at = None;
+            let mut last: std::collections::BTreeMap<String, String> = Default::default();
+            while let Ok(event) = told.try_recv() {
+                if let super::OpEvent::Progress { uuid, text } = event {
+                    steps_shown |= !text.is_empty();
+                    last.insert(uuid, text);
+                }
+            }
+            for (uuid, text) in last {
+                assert_eq!(
+                    text, "",
+                    "{what}, call {nth} fails: {uuid} still shows progress"
+                );
+            }
+        }
+        assert!(steps_shown, "{what} showed no step: nothing was checked");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
