@@ -122,6 +122,38 @@ pub fn copy_dir_new(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Replaces folder `target` with a copy of `from`, so that `target` holds either all it held
+/// or the whole copy, never a part of either: the copy is made next to it first (`staged`, a
+/// leftover of an earlier attempt removed), the old folder renamed aside (`replaced`), the copy
+/// renamed into place, then the old folder removed. A copy that fails leaves `target` as it
+/// was. Run again after a crash at any point, it ends the same way.
+pub fn replace_dir_with_copy(
+    from: &Path,
+    target: &Path,
+    staged: &Path,
+    replaced: &Path,
+) -> io::Result<()> {
+    remove_dir_if_any(staged)?;
+    if let Err(e) = copy_dir_new(from, staged) {
+        let _ = remove_dir_if_any(staged);
+        return Err(e);
+    }
+    if path_taken(target) {
+        remove_dir_if_any(replaced)?;
+        fs::rename(target, replaced)?;
+    }
+    fs::rename(staged, target)?;
+    remove_dir_if_any(replaced)
+}
+
+/// Removes folder `path` and what it holds; nothing there is no error.
+fn remove_dir_if_any(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Bytes still free for an unprivileged writer in the filesystem holding `path` (statvfs
 /// `f_bavail`).
 pub fn available_bytes(path: &Path) -> io::Result<u64> {
@@ -243,5 +275,73 @@ mod tests {
         assert!(copy_dir_new(&from, &to).is_err(), "the target must be new");
         symlink("/etc/passwd", from.join("tpm2/link")).expect("symlink");
         assert!(copy_dir_new(&from, &dir.path().join("copy2")).is_err());
+    }
+
+    /// A folder with one file `name` holding `content`.
+    fn folder_with(dir: &Path, folder: &str, name: &str, content: &[u8]) -> std::path::PathBuf {
+        let path = dir.join(folder);
+        fs::create_dir_all(path.join("sub")).expect("mkdir");
+        fs::write(path.join("sub").join(name), content).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_folder_replaced_with_a_copy_holds_the_whole_copy_and_nothing_is_left_beside_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copy = folder_with(dir.path(), "copy", "state", b"snapshot's");
+        let target = folder_with(dir.path(), "target", "old-only", b"before");
+        let (staged, replaced) = (dir.path().join("staged"), dir.path().join("replaced"));
+        // A leftover of an attempt cut short.
+        folder_with(dir.path(), "staged", "partial", b"half");
+        replace_dir_with_copy(&copy, &target, &staged, &replaced).expect("replaced");
+        assert_eq!(
+            fs::read(target.join("sub/state")).expect("copied"),
+            b"snapshot's"
+        );
+        assert!(!path_taken(&target.join("sub/old-only")));
+        assert!(!path_taken(&target.join("sub/partial")));
+        assert!(!path_taken(&staged) && !path_taken(&replaced));
+        // Where nothing was, the copy is put in place too.
+        fs::remove_dir_all(&target).expect("rm");
+        replace_dir_with_copy(&copy, &target, &staged, &replaced).expect("put");
+        assert!(path_taken(&target.join("sub/state")));
+    }
+
+    #[test]
+    fn a_copy_that_fails_leaves_the_folder_it_would_replace_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copy = folder_with(dir.path(), "copy", "state", b"snapshot's");
+        // Only regular files and folders are copied: a symlink in the copy stops it midway.
+        symlink("/etc/passwd", copy.join("sub/zz-link")).expect("symlink");
+        let target = folder_with(dir.path(), "target", "state", b"before");
+        let (staged, replaced) = (dir.path().join("staged"), dir.path().join("replaced"));
+        assert!(replace_dir_with_copy(&copy, &target, &staged, &replaced).is_err());
+        assert_eq!(fs::read(target.join("sub/state")).expect("kept"), b"before");
+        assert!(!path_taken(&staged) && !path_taken(&replaced));
+    }
+
+    #[test]
+    fn a_replacement_cut_short_between_its_renames_ends_with_the_copy_when_run_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copy = folder_with(dir.path(), "copy", "state", b"snapshot's");
+        let (staged, replaced) = (dir.path().join("staged"), dir.path().join("replaced"));
+        let target = dir.path().join("target");
+        // The old folder renamed aside, the crash before the copy went into place.
+        folder_with(dir.path(), "replaced", "state", b"before");
+        folder_with(dir.path(), "staged", "state", b"snapshot's");
+        replace_dir_with_copy(&copy, &target, &staged, &replaced).expect("finished");
+        assert_eq!(
+            fs::read(target.join("sub/state")).expect("copied"),
+            b"snapshot's"
+        );
+        assert!(!path_taken(&staged) && !path_taken(&replaced));
+        // Cut short after the copy went into place, before the old folder was removed.
+        folder_with(dir.path(), "replaced", "state", b"before");
+        replace_dir_with_copy(&copy, &target, &staged, &replaced).expect("finished");
+        assert_eq!(
+            fs::read(target.join("sub/state")).expect("copied"),
+            b"snapshot's"
+        );
+        assert!(!path_taken(&staged) && !path_taken(&replaced));
     }
 }

@@ -69,8 +69,10 @@ pub fn cancel_wait(uuid: &str) -> bool {
 pub const DELETED_WHILE_WAITING: &str =
     "the restore was deleted while it waited for the VM to be shut off; nothing was changed";
 
-/// Suffix of a NVRAM copy waiting to be renamed into place.
+/// Suffix of a NVRAM copy or TPM state copy waiting to be renamed into place.
 const PENDING: &str = ".vmsnap-restore";
+/// Suffix of the TPM state a restore's copy replaces, until the copy is in place.
+const REPLACED: &str = ".vmsnap-replaced";
 
 /// Runs the restore `record` describes. `records` are every snapshot record (for the safety
 /// snapshot's name and for pruning images nothing claims any more).
@@ -489,9 +491,15 @@ fn put_state_back(record: &RestoreRecord, snapshot: &SnapshotRecord) -> OpResult
                     &record.vm_uuid
                 };
                 let target = format!("/var/lib/libvirt/swtpm/{uuid}");
-                let _ = std::fs::remove_dir_all(&target);
-                files::copy_dir_new(Path::new(&copy.copy), Path::new(&target))
-                    .map_err(|e| OpError::Storage(format!("cannot put the TPM state back: {e}")))?;
+                // Whole or not at all: the VM's TPM state is either as it was or the
+                // snapshot's, whenever this stops.
+                files::replace_dir_with_copy(
+                    Path::new(&copy.copy),
+                    Path::new(&target),
+                    Path::new(&format!("{target}{PENDING}")),
+                    Path::new(&format!("{target}{REPLACED}")),
+                )
+                .map_err(|e| OpError::Storage(format!("cannot put the TPM state back: {e}")))?;
             }
             _ => {}
         }
