@@ -136,6 +136,8 @@ impl DomainTops {
 /// Frees domain handles on a thread of their own, off the operation's path: libvirt formats a
 /// domain's UUID twice for its debug log as it frees each handle, about 0.4 ms per scan at 500
 /// domains, which the operation need not wait for. Freed at once when that thread cannot be had.
+/// The thread runs only on a core nothing else wants (`SCHED_IDLE`): on a host with two cores it
+/// otherwise took one from the operation and libvirtd right after each listing (issue 13).
 fn free_later(handles: Vec<virt::domain::Domain>) {
     use std::sync::mpsc::Sender;
     use std::sync::{Mutex, OnceLock};
@@ -144,7 +146,10 @@ fn free_later(handles: Vec<virt::domain::Domain>) {
         let (send, handles) = std::sync::mpsc::channel::<Vec<virt::domain::Domain>>();
         std::thread::Builder::new()
             .name("libvirt-free".into())
-            .spawn(move || handles.into_iter().for_each(drop))
+            .spawn(move || {
+                yield_to_any_other_work();
+                handles.into_iter().for_each(drop)
+            })
             .ok()
             .map(|_| Mutex::new(send))
     });
@@ -156,6 +161,16 @@ fn free_later(handles: Vec<virt::domain::Domain>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .send(handles);
+}
+
+/// Puts the calling thread in the `SCHED_IDLE` class: it runs when a core would otherwise be
+/// idle. Best effort: a thread left in its class only competes as before.
+fn yield_to_any_other_work() {
+    // SAFETY: a zeroed `sched_param` is valid (SCHED_IDLE takes priority 0); pid 0 is the
+    // calling thread.
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the call reads `param` only.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
 }
 
 /// Reads one domain over the connection: `None` when it is gone or unreadable.
@@ -893,6 +908,37 @@ mod tests {
         );
         assert!(again.users(&other_top).is_empty());
         assert_eq!(again.users(&other_base).len(), 2);
+    }
+
+    /// The thread that frees a listing's handles runs only when a core is idle: it must not
+    /// take a core from the operation or libvirtd right after a listing.
+    #[test]
+    fn listed_handles_are_freed_by_a_thread_that_runs_only_on_idle_cores() {
+        free_later(Vec::new());
+        let policy_of_freer = || {
+            std::fs::read_dir("/proc/self/task")
+                .expect("lists the threads")
+                .flatten()
+                .find(|task| {
+                    std::fs::read_to_string(task.path().join("comm"))
+                        .is_ok_and(|comm| comm.trim() == "libvirt-free")
+                })
+                .and_then(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+                .and_then(|stat| {
+                    // Field 41 (policy), counted from the state, field 3, after the name.
+                    let (_, after_name) = stat.rsplit_once(')')?;
+                    after_name
+                        .split_whitespace()
+                        .nth(41 - 3)?
+                        .parse::<i32>()
+                        .ok()
+                })
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while policy_of_freer() != Some(libc::SCHED_IDLE) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(policy_of_freer(), Some(libc::SCHED_IDLE));
     }
 
     /// A domain the inventory still shows but libvirt no longer lists (undefined since the
