@@ -55,6 +55,13 @@ pub struct Forest {
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 
+/// The most images a scan has held: a scan's map is made that large at once. At 513 domains
+/// a scan's 1,018 images otherwise grew it through several reallocations, each hashing every
+/// path again (issue 13).
+static MOST_IMAGES_SCANNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Bound on that size: far beyond a host's images.
+const MOST_IMAGES_KEPT_ROOM_FOR: usize = 1 << 20;
+
 /// Where a scan learns which images the domains use.
 pub struct HostView<'a> {
     pub conn: &'a Connect,
@@ -206,7 +213,7 @@ impl Forest {
         focus: &[&str],
     ) -> Result<Forest, String> {
         let started = std::time::Instant::now();
-        let mut forest = Forest::default();
+        let mut forest = Forest::sized_for_the_host();
         forest.add_focus(focus);
         let inventory = (view.inventory)();
         let listed = view
@@ -320,6 +327,17 @@ impl Forest {
         self.add_focus(focus);
         let listed_at = started.elapsed();
         self.complete(view, records, focus, domains, started, listed_at, kept)
+    }
+
+    /// An empty forest with room for as many images as a scan has held.
+    fn sized_for_the_host() -> Forest {
+        let images = MOST_IMAGES_SCANNED
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(MOST_IMAGES_KEPT_ROOM_FOR);
+        Forest {
+            nodes: FxHashMap::with_capacity_and_hasher(images, Default::default()),
+            ..Forest::default()
+        }
     }
 
     /// Keeps only the chains of the images not in `at_stake` (which holds whole connected
@@ -454,6 +472,7 @@ impl Forest {
         }
         let unknown_from = started.elapsed();
         forest.add_unknown_children(&connected);
+        MOST_IMAGES_SCANNED.fetch_max(forest.nodes.len(), std::sync::atomic::Ordering::Relaxed);
         debug!(
             listed_micros = listed_at.as_micros(),
             chains_micros = (chains_at - listed_at).as_micros(),
@@ -908,6 +927,22 @@ mod tests {
         );
         assert!(again.users(&other_top).is_empty());
         assert_eq!(again.users(&other_base).len(), 2);
+    }
+
+    /// A scan's map of images starts with room for as many as a scan has held: at 513
+    /// domains growing it to 1,018 images hashed every path again at each reallocation.
+    #[test]
+    fn a_scan_starts_with_room_for_the_images_a_scan_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut below = image(dir.path(), "i000.qcow2", None);
+        for k in 1..40 {
+            below = image(dir.path(), &format!("i{k:03}.qcow2"), Some(&below));
+        }
+        let conn = Connect::open(Some("test:///default")).expect("test driver opens");
+        let forest =
+            Forest::scan(&HostView::reading_all(&conn), &[], &[below.as_str()]).expect("scans");
+        assert!(forest.nodes.len() >= 40);
+        assert!(Forest::sized_for_the_host().nodes.capacity() >= forest.nodes.len());
     }
 
     /// The thread that frees a listing's handles runs only when a core is idle: it must not
