@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use rustc_hash::FxHashSet;
+
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 use vmsnap_api::{
@@ -244,6 +246,13 @@ pub type Settled = watch::Receiver<bool>;
 
 pub struct Engine {
     vms: BTreeMap<String, VmInfo>,
+    /// The inventory `vms` was last brought up to date with, held so that its VMs' `Arc`s
+    /// stay allocated: the libvirt thread hands an unchanged VM on to its next inventory as
+    /// the very same `Arc`, and only the others need comparing.
+    applied: Option<crate::libvirt::Inventory>,
+    /// VMs compared field by field with the engine's copy (tests count them).
+    #[cfg(test)]
+    compared: usize,
     connected: bool,
     changes: mpsc::UnboundedSender<Change>,
     settled: watch::Sender<bool>,
@@ -505,6 +514,9 @@ impl Engine {
         (
             Engine {
                 vms: BTreeMap::new(),
+                applied: None,
+                #[cfg(test)]
+                compared: 0,
                 connected: false,
                 changes,
                 settled,
@@ -1938,17 +1950,39 @@ impl Engine {
     }
 
     fn apply_inventory(&mut self, vms: crate::libvirt::Inventory) {
+        // Only the VMs that are not the very `Arc`s of the inventory applied last are looked
+        // at: at 500 domains a republish after one domain's event compared every VM, on a core
+        // the operation that caused the event was using. The last inventory is held until
+        // here, so an address seen in it cannot have been reused by a new VM.
+        let last = self.applied.take();
+        let shared = |inventory: &crate::libvirt::Inventory| -> FxHashSet<*const VmInfo> {
+            inventory.iter().map(Arc::as_ptr).collect()
+        };
+        let was = last.as_ref().map(shared).unwrap_or_default();
         // By lower-case UUID, as libvirt spells them (copied only if not): no string per VM.
         let seen: BTreeMap<std::borrow::Cow<str>, &VmInfo> = vms
             .iter()
+            .filter(|vm| !was.contains(&Arc::as_ptr(vm)))
             .map(|vm| (crate::domain::lower_case(&vm.uuid), &**vm))
             .collect();
-        let gone: Vec<String> = self
-            .vms
-            .keys()
-            .filter(|uuid| !seen.contains_key(uuid.as_str()))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = match &last {
+            // Gone: a VM of the last inventory that is in this one neither as the same `Arc`
+            // nor, read again, under its UUID.
+            Some(last) => {
+                let still = shared(&vms);
+                last.iter()
+                    .filter(|vm| !still.contains(&Arc::as_ptr(vm)))
+                    .map(|vm| crate::domain::lower_case(&vm.uuid).into_owned())
+                    .filter(|uuid| !seen.contains_key(uuid.as_str()))
+                    .collect()
+            }
+            None => self
+                .vms
+                .keys()
+                .filter(|uuid| !seen.contains_key(uuid.as_str()))
+                .cloned()
+                .collect(),
+        };
         for uuid in gone {
             if let Some(vm) = self.vms.remove(&uuid) {
                 info!(vm = %vm.name, uuid = %vm.uuid, "VM removed");
@@ -1961,11 +1995,20 @@ impl Engine {
                     info!(vm = %vm.name, uuid = %vm.uuid, "VM added");
                     self.emit(Change::VmAdded(vm.clone()));
                 }
-                Some(old) if old != vm => self.emit(Change::VmUpdated(vm.clone())),
-                Some(_) => continue,
+                Some(old) => {
+                    #[cfg(test)]
+                    {
+                        self.compared += 1;
+                    }
+                    if old == vm {
+                        continue;
+                    }
+                    self.emit(Change::VmUpdated(vm.clone()));
+                }
             }
             self.vms.insert(key.into_owned(), vm.clone());
         }
+        self.applied = Some(vms);
     }
 
     fn emit(&self, change: Change) {
@@ -2048,6 +2091,47 @@ mod tests {
                 Change::VmUpdated(vm("b", B, VmState::Running)),
             ]
         );
+    }
+
+    /// An inventory republished after one domain's event shares every other VM's `Arc` with
+    /// the last one: only the VM read again is compared, and the diff is the same.
+    #[test]
+    fn a_republished_inventory_compares_only_the_vms_read_again() {
+        let (mut engine, mut rx, _settled) = engine();
+        let a = Arc::new(vm("a", A, VmState::Running));
+        let b = Arc::new(vm("b", B, VmState::ShutOff));
+        engine.handle_libvirt(LibvirtEvent::Inventory(Arc::new(vec![
+            a.clone(),
+            b.clone(),
+        ])));
+        drain(&mut rx);
+        assert_eq!(engine.compared, 0);
+        // b read again, unchanged: compared, nothing to say; a not compared.
+        let b_again = Arc::new(vm("b", B, VmState::ShutOff));
+        engine.handle_libvirt(LibvirtEvent::Inventory(Arc::new(vec![a.clone(), b_again])));
+        assert!(drain(&mut rx).is_empty());
+        assert_eq!(engine.compared, 1);
+        // b started.
+        let b_running = Arc::new(vm("b", B, VmState::Running));
+        engine.handle_libvirt(LibvirtEvent::Inventory(Arc::new(vec![
+            a.clone(),
+            b_running.clone(),
+        ])));
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::VmUpdated(vm("b", B, VmState::Running))]
+        );
+        assert_eq!(engine.compared, 2);
+        // a undefined: b, shared, is neither compared nor removed.
+        engine.handle_libvirt(LibvirtEvent::Inventory(Arc::new(vec![b_running])));
+        assert_eq!(
+            drain(&mut rx),
+            vec![Change::VmRemoved {
+                uuid: A.to_string()
+            }]
+        );
+        assert_eq!(engine.compared, 2);
+        assert_eq!(engine.vms.len(), 1);
     }
 
     #[test]

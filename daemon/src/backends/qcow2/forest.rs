@@ -55,6 +55,13 @@ pub struct Forest {
 
 const VIR_DOMAIN_XML_INACTIVE: u32 = 2;
 
+/// The most images a scan has held: a scan's map is made that large at once. At 513 domains
+/// a scan's 1,018 images otherwise grew it through several reallocations, each hashing every
+/// path again (issue 13).
+static MOST_IMAGES_SCANNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Bound on that size: far beyond a host's images.
+const MOST_IMAGES_KEPT_ROOM_FOR: usize = 1 << 20;
+
 /// Where a scan learns which images the domains use.
 pub struct HostView<'a> {
     pub conn: &'a Connect,
@@ -136,6 +143,8 @@ impl DomainTops {
 /// Frees domain handles on a thread of their own, off the operation's path: libvirt formats a
 /// domain's UUID twice for its debug log as it frees each handle, about 0.4 ms per scan at 500
 /// domains, which the operation need not wait for. Freed at once when that thread cannot be had.
+/// The thread runs only on a core nothing else wants (`SCHED_IDLE`): on a host with two cores it
+/// otherwise took one from the operation and libvirtd right after each listing (issue 13).
 fn free_later(handles: Vec<virt::domain::Domain>) {
     use std::sync::mpsc::Sender;
     use std::sync::{Mutex, OnceLock};
@@ -144,7 +153,10 @@ fn free_later(handles: Vec<virt::domain::Domain>) {
         let (send, handles) = std::sync::mpsc::channel::<Vec<virt::domain::Domain>>();
         std::thread::Builder::new()
             .name("libvirt-free".into())
-            .spawn(move || handles.into_iter().for_each(drop))
+            .spawn(move || {
+                yield_to_any_other_work();
+                handles.into_iter().for_each(drop)
+            })
             .ok()
             .map(|_| Mutex::new(send))
     });
@@ -156,6 +168,16 @@ fn free_later(handles: Vec<virt::domain::Domain>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .send(handles);
+}
+
+/// Puts the calling thread in the `SCHED_IDLE` class: it runs when a core would otherwise be
+/// idle. Best effort: a thread left in its class only competes as before.
+fn yield_to_any_other_work() {
+    // SAFETY: a zeroed `sched_param` is valid (SCHED_IDLE takes priority 0); pid 0 is the
+    // calling thread.
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the call reads `param` only.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
 }
 
 /// Reads one domain over the connection: `None` when it is gone or unreadable.
@@ -191,7 +213,7 @@ impl Forest {
         focus: &[&str],
     ) -> Result<Forest, String> {
         let started = std::time::Instant::now();
-        let mut forest = Forest::default();
+        let mut forest = Forest::sized_for_the_host();
         forest.add_focus(focus);
         let inventory = (view.inventory)();
         let listed = view
@@ -305,6 +327,17 @@ impl Forest {
         self.add_focus(focus);
         let listed_at = started.elapsed();
         self.complete(view, records, focus, domains, started, listed_at, kept)
+    }
+
+    /// An empty forest with room for as many images as a scan has held.
+    fn sized_for_the_host() -> Forest {
+        let images = MOST_IMAGES_SCANNED
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(MOST_IMAGES_KEPT_ROOM_FOR);
+        Forest {
+            nodes: FxHashMap::with_capacity_and_hasher(images, Default::default()),
+            ..Forest::default()
+        }
     }
 
     /// Keeps only the chains of the images not in `at_stake` (which holds whole connected
@@ -439,6 +472,7 @@ impl Forest {
         }
         let unknown_from = started.elapsed();
         forest.add_unknown_children(&connected);
+        MOST_IMAGES_SCANNED.fetch_max(forest.nodes.len(), std::sync::atomic::Ordering::Relaxed);
         debug!(
             listed_micros = listed_at.as_micros(),
             chains_micros = (chains_at - listed_at).as_micros(),
@@ -893,6 +927,53 @@ mod tests {
         );
         assert!(again.users(&other_top).is_empty());
         assert_eq!(again.users(&other_base).len(), 2);
+    }
+
+    /// A scan's map of images starts with room for as many as a scan has held: at 513
+    /// domains growing it to 1,018 images hashed every path again at each reallocation.
+    #[test]
+    fn a_scan_starts_with_room_for_the_images_a_scan_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut below = image(dir.path(), "i000.qcow2", None);
+        for k in 1..40 {
+            below = image(dir.path(), &format!("i{k:03}.qcow2"), Some(&below));
+        }
+        let conn = Connect::open(Some("test:///default")).expect("test driver opens");
+        let forest =
+            Forest::scan(&HostView::reading_all(&conn), &[], &[below.as_str()]).expect("scans");
+        assert!(forest.nodes.len() >= 40);
+        assert!(Forest::sized_for_the_host().nodes.capacity() >= forest.nodes.len());
+    }
+
+    /// The thread that frees a listing's handles runs only when a core is idle: it must not
+    /// take a core from the operation or libvirtd right after a listing.
+    #[test]
+    fn listed_handles_are_freed_by_a_thread_that_runs_only_on_idle_cores() {
+        free_later(Vec::new());
+        let policy_of_freer = || {
+            std::fs::read_dir("/proc/self/task")
+                .expect("lists the threads")
+                .flatten()
+                .find(|task| {
+                    std::fs::read_to_string(task.path().join("comm"))
+                        .is_ok_and(|comm| comm.trim() == "libvirt-free")
+                })
+                .and_then(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+                .and_then(|stat| {
+                    // Field 41 (policy), counted from the state, field 3, after the name.
+                    let (_, after_name) = stat.rsplit_once(')')?;
+                    after_name
+                        .split_whitespace()
+                        .nth(41 - 3)?
+                        .parse::<i32>()
+                        .ok()
+                })
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while policy_of_freer() != Some(libc::SCHED_IDLE) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(policy_of_freer(), Some(libc::SCHED_IDLE));
     }
 
     /// A domain the inventory still shows but libvirt no longer lists (undefined since the
