@@ -609,9 +609,12 @@ impl VolumeBackend for RbdBackend {
             None => true,
         };
         // The cluster answers: the checks of this VM's images that earlier operations could
-        // not make are made now (another VM's wait for an operation of that VM: one per VM).
+        // not make are made now (another VM's wait for an operation of that VM: one per VM),
+        // against every record now, this one included (still on disk, it names its images).
         if answered {
-            retry_pending_checks(env, &deleting.vm_uuid, others);
+            let mut records = others.to_vec();
+            records.push(Arc::new(deleting.clone()));
+            retry_pending_checks(env, &deleting.vm_uuid, &records);
         }
         Ok(())
     }
