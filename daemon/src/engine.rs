@@ -281,6 +281,9 @@ pub struct Engine {
     awaiting_write: HashMap<String, AwaitingWrite>,
     /// Unfinished records found while their VM was busy, by VM UUID: settled when it is free.
     deferred_settling: HashMap<String, std::collections::HashSet<String>>,
+    /// VMs whose images have orphan checks an earlier vmsnapd could not make (read at start):
+    /// each is retried once with the unfinished records, when the VM is free.
+    pending_checks: std::collections::BTreeSet<String>,
     /// Operations watched for their deadline, by VM UUID.
     watched: HashMap<String, Watched>,
     /// Snapshot records whose operation was given up at its deadline while blocked: shown
@@ -533,6 +536,7 @@ impl Engine {
                 verify_running: false,
                 watched: HashMap::new(),
                 deferred_settling: HashMap::new(),
+                pending_checks: Default::default(),
                 abandoned: Default::default(),
                 reclaims: Default::default(),
                 importing: Default::default(),
@@ -570,6 +574,11 @@ impl Engine {
             self.emit(Change::RestoreAdded(Box::new(record.clone())));
             self.restores.insert(record.uuid.clone(), record);
         }
+        let (pending, problems) = ops.store.load_pending_checks();
+        for problem in problems {
+            warn!("skipping a pending RBD orphan check: {problem}");
+        }
+        self.pending_checks = pending.into_iter().map(|p| p.vm_uuid).collect();
         report_orphan_lvs(&ops, &self.snapshots, &self.restores);
         self.ops = Some(ops);
         self
@@ -915,6 +924,8 @@ impl Engine {
             self.grant_reclaim(vm_uuid, reply);
         } else if let Some(records) = self.deferred_settling.remove(vm_uuid) {
             self.settle_records(Some(&records));
+        } else if self.pending_checks.contains(vm_uuid) {
+            self.retry_pending_checks(vm_uuid);
         }
         for change in self.held.remove(vm_uuid).unwrap_or_default() {
             self.emit(change);
@@ -1782,6 +1793,43 @@ impl Engine {
     /// Starts settling every record left unfinished by an earlier vmsnapd, one VM at a time.
     fn settle_unfinished(&mut self) {
         self.settle_records(None);
+        let vms: Vec<String> = self.pending_checks.iter().cloned().collect();
+        for vm_uuid in vms {
+            self.retry_pending_checks(&vm_uuid);
+        }
+    }
+
+    /// Retries the orphan checks an earlier vmsnapd left pending for VM `vm_uuid`'s images, as
+    /// an operation on that VM; one busy now (its interrupted operation being settled) is
+    /// retried when it is free.
+    fn retry_pending_checks(&mut self, vm_uuid: &str) {
+        let Some(ops) = self.ops.clone() else {
+            return;
+        };
+        if self.shutting_down || self.busy.contains_key(vm_uuid) {
+            return;
+        }
+        let name = self
+            .vms
+            .get(vm_uuid)
+            .map(|vm| vm.name.clone())
+            .unwrap_or_else(|| vm_uuid.to_string());
+        let claimed = self.claim_vm(
+            vm_uuid,
+            &name,
+            "orphan checks left pending are being retried".to_string(),
+        );
+        let Ok(lock) = claimed else {
+            warn!(vm = %name, "pending RBD orphan checks wait: another vmsnapd works on the VM");
+            return;
+        };
+        self.pending_checks.remove(vm_uuid);
+        // Every record, as the delete's and the restore's own checks see them.
+        let records: Vec<Arc<SnapshotRecord>> = self.snapshots.values().cloned().collect();
+        let vm = vm_uuid.to_string();
+        ops.spawn(vm.clone(), lock, ops::OpGate::default(), move |ctx| {
+            ops::delete::retry_pending_checks(ctx, &vm, &records)
+        });
     }
 
     /// Settles unfinished records (only those in `only`, when given). One whose VM is busy

@@ -1380,3 +1380,139 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result
     }
     File::open(dir)?.sync_all()
 }
+
+/// Format version of a pending RBD orphan check's file.
+pub const PENDING_CHECK_VERSION: u32 = 1;
+
+/// An RBD image whose "is it still needed?" check (`backends::rbd::remove_if_orphaned`) is owed:
+/// recorded before the step after which the check could be lost (a delete's RBD snapshot
+/// removal, an in-place restore's release of the clone it replaced), dropped once a check gave
+/// a definite answer. Only images this host's own operations recorded are ever looked at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingOrphanCheck {
+    pub version: u32,
+    /// `pool/[namespace/]image`.
+    pub image_spec: String,
+    /// The VM whose disk the image was (its definitions are looked at).
+    pub vm_uuid: String,
+    /// How the cluster is reached: as this volume of a record reached it.
+    pub access: RbdVolume,
+}
+
+impl PendingOrphanCheck {
+    pub fn new(image_spec: String, vm_uuid: &str, access: &RbdVolume) -> PendingOrphanCheck {
+        PendingOrphanCheck {
+            version: PENDING_CHECK_VERSION,
+            image_spec,
+            vm_uuid: vm_uuid.to_string(),
+            access: access.clone(),
+        }
+    }
+
+    /// The entry's file name: the image spec with `/` as `@`, which no pool, namespace or
+    /// image name holds, so each image has one file and the name never starts with a dot.
+    fn file_name(image_spec: &str) -> String {
+        format!("{}.json", image_spec.replace('/', "@"))
+    }
+}
+
+impl Store {
+    fn pending_checks_dir(&self) -> PathBuf {
+        self.root
+            .parent()
+            .map(|p| p.join("rbd-orphan-checks"))
+            .unwrap_or_else(|| self.root.join("../rbd-orphan-checks"))
+    }
+
+    /// Records a pending check (atomically; one for the same image is replaced).
+    pub fn save_pending_check(&self, check: &PendingOrphanCheck) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(check).map_err(std::io::Error::other)?;
+        write_atomically(
+            &self.pending_checks_dir(),
+            &PendingOrphanCheck::file_name(&check.image_spec),
+            &text,
+        )
+    }
+
+    /// Drops the pending check of image `image_spec`; one already gone is fine.
+    pub fn remove_pending_check(&self, image_spec: &str) -> std::io::Result<()> {
+        let dir = self.pending_checks_dir();
+        match fs::remove_file(dir.join(PendingOrphanCheck::file_name(image_spec))) {
+            Ok(()) => File::open(&dir)?.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every pending check, and a problem (naming its file) for each file that is not one:
+    /// such a file is left as it is and nothing is done about the image it may name.
+    pub fn load_pending_checks(&self) -> (Vec<PendingOrphanCheck>, Vec<String>) {
+        let mut checks = Vec::new();
+        let mut problems = Vec::new();
+        let Ok(files) = fs::read_dir(self.pending_checks_dir()) else {
+            return (checks, problems);
+        };
+        for file in files.flatten() {
+            // Temporary files of a write a crash cut short.
+            if file.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = file.path();
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_pending_check(&b))
+            {
+                Ok(check)
+                    if path.file_name().and_then(|n| n.to_str())
+                        == Some(PendingOrphanCheck::file_name(&check.image_spec).as_str()) =>
+                {
+                    checks.push(check)
+                }
+                Ok(check) => problems.push(format!(
+                    "{}: names the image {}, not the one its file name says",
+                    path.display(),
+                    vmsnap_api::excerpt(&check.image_spec)
+                )),
+                Err(e) => problems.push(format!(
+                    "{}: not a pending RBD orphan check: {e}",
+                    path.display()
+                )),
+            }
+        }
+        checks.sort_by(|a, b| a.image_spec.cmp(&b.image_spec));
+        (checks, problems)
+    }
+}
+
+/// A pending check as read from its file: its format, the image spec (an RBD image in the
+/// access's pool) and the VM's UUID checked, as they go to `rbd` and to libvirt.
+pub fn parse_pending_check(bytes: &[u8]) -> Result<PendingOrphanCheck, String> {
+    let check: PendingOrphanCheck = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if check.version > PENDING_CHECK_VERSION {
+        return Err(format!(
+            "format version {} is newer than this vmsnapd reads ({PENDING_CHECK_VERSION}); it was written by a newer vmsnapd",
+            check.version
+        ));
+    }
+    match crate::disks::rbd_image(&format!("rbd:{}", check.image_spec)) {
+        Some((pool, ns, _))
+            if pool == check.access.pool && ns == check.access.namespace.as_deref() => {}
+        _ => {
+            return Err(format!(
+                "\"{}\" is not an RBD image of the pool it names",
+                vmsnap_api::excerpt(&check.image_spec)
+            ))
+        }
+    }
+    check_uuids(&[&check.vm_uuid])?;
+    // Monitors, user and secret go on `rbd`'s command line: checked as a record's from
+    // another host is.
+    let access = &check.access;
+    crate::backends::rbd::check_portable(
+        "of the check",
+        &format!("rbd:{}", access.snap_spec()),
+        access,
+    )?;
+    Ok(check)
+}

@@ -4,17 +4,23 @@
 //! snapshot's RBD snapshot holds what it held, the VM's disk holds what it should (its own data,
 //! or the snapshot's after a restore that finished), and every vmsnap RBD snapshot and restore
 //! clone in the cluster is claimed by a record or is the VM's disk.
+//!
+//! And the check whether a restore clone an in-place restore replaced is still needed, when
+//! vmsnapd dies between a delete's RBD snapshot removal and that check, or the cluster stops
+//! answering there: the clone goes once the check is made again (at the next start, or after
+//! the next delete on the VM), and nothing else changes.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use vmsnap_tests::ceph::{
-    config_table, content, images, make_image, pool, purge_images, snaps_of, spec_of, write_pattern,
+    cluster_alone, cluster_shared, config_table, content, images, make_image, pool, purge_images,
+    snaps_of, spec_of, write_pattern,
 };
 use vmsnap_tests::{
-    config_for, journal_steps, restore_uuids, settled_restores, snapshot_list, virsh, wait_for,
-    wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    ceph_env, config_for, journal_steps, restore_uuids, settled_restores, snapshot_list, virsh,
+    wait_for, wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 fn config() -> String {
@@ -146,6 +152,7 @@ fn disk_content(vm: &ScratchVm) -> String {
 
 #[test]
 fn an_rbd_create_interrupted_at_every_journal_step_settles() {
+    let _cluster = cluster_shared();
     at_every_journal_step(
         "vmsnap-t17-crash-create",
         |daemon, vm| {
@@ -170,6 +177,7 @@ fn an_rbd_create_interrupted_at_every_journal_step_settles() {
 
 #[test]
 fn an_rbd_delete_interrupted_at_every_journal_step_settles() {
+    let _cluster = cluster_shared();
     at_every_journal_step(
         "vmsnap-t17-crash-delete",
         |daemon, vm| {
@@ -192,6 +200,7 @@ fn an_rbd_delete_interrupted_at_every_journal_step_settles() {
 
 #[test]
 fn an_rbd_restore_interrupted_at_every_journal_step_settles() {
+    let _cluster = cluster_shared();
     at_every_journal_step(
         "vmsnap-t17-crash-restore",
         |daemon, vm| {
@@ -210,4 +219,226 @@ fn an_rbd_restore_interrupted_at_every_journal_step_settles() {
             }
         },
     );
+}
+
+/// The crash and pause point between a delete's RBD snapshot removal and the orphan check of
+/// its image (the daemon's `rbd::BEFORE_ORPHAN_CHECK`).
+const BEFORE_ORPHAN_CHECK: &str = "rbd-before-orphan-check";
+
+/// A VM whose disk moved twice by restores of s0 in place (without safety snapshots): from its
+/// image to clone A (s1 taken in A), then to clone B (s2 taken in B). A, replaced, stays while
+/// s1 lives in it.
+struct Replaced {
+    vm: ScratchVm,
+    /// The replaced clone (`pool/image`).
+    clone_a: String,
+    /// The VM's disk now.
+    clone_b: String,
+    /// What must not change: every snapshot but s1, both images the VM uses or used first.
+    kept: Vec<(String, String)>,
+}
+
+fn restore_in_place(daemon: &Daemon, name: &str) {
+    let restored = daemon
+        .ctl(&[
+            "restore",
+            name,
+            "s0",
+            "--no-safety-snapshot",
+            "--output",
+            "json",
+        ])
+        .json();
+    assert_eq!(restored["phase"], "Succeeded", "{restored}");
+}
+
+fn image_of(spec: &str) -> &str {
+    spec.rsplit('/').next().unwrap()
+}
+
+fn replaced_clone(daemon: &Daemon, name: &str) -> Replaced {
+    let (vm, _start) = setup(daemon, name);
+    restore_in_place(daemon, name);
+    let clone_a = vm.disk_source();
+    write_pattern(image_of(&clone_a), 0x33, 3264);
+    let s1 = daemon
+        .ctl(&["snapshot", "create", name, "s1", "--output", "json"])
+        .json();
+    assert_eq!(s1["phase"], "Succeeded", "{s1}");
+    write_pattern(image_of(&clone_a), 0x44, 4352);
+    restore_in_place(daemon, name);
+    let clone_b = vm.disk_source();
+    assert_ne!(clone_a, clone_b);
+    assert!(images(name).contains(&image_of(&clone_a).to_string()));
+    write_pattern(image_of(&clone_b), 0x55, 5440);
+    let s2 = daemon
+        .ctl(&["snapshot", "create", name, "s2", "--output", "json"])
+        .json();
+    assert_eq!(s2["phase"], "Succeeded", "{s2}");
+    let mut kept: Vec<(String, String)> = snapshot_list(daemon, name)
+        .iter()
+        .filter(|s| s["name"] != "s1")
+        .map(|s| {
+            let spec = spec_of(s, "vda");
+            let sum = content(&spec);
+            (spec, sum)
+        })
+        .collect();
+    for spec in [format!("{}/{name}", pool()), clone_b.clone()] {
+        let sum = content(&spec);
+        kept.push((spec, sum));
+    }
+    Replaced {
+        vm,
+        clone_a,
+        clone_b,
+        kept,
+    }
+}
+
+/// After the check was made again: A is gone, B is the VM's disk, nothing kept changed, no
+/// check is left pending.
+fn check_replaced_gone(daemon: &Daemon, scene: &Replaced, what: &str) {
+    let name = &scene.vm.name;
+    let a = image_of(&scene.clone_a).to_string();
+    wait_for(
+        Duration::from_secs(60),
+        "the replaced clone removed",
+        || (!images(name).contains(&a)).then_some(()),
+    );
+    assert!(
+        !snapshot_list(daemon, name)
+            .iter()
+            .any(|s| s["name"] == "s1"),
+        "{what}: s1 is deleted"
+    );
+    assert_eq!(scene.vm.disk_source(), scene.clone_b, "{what}");
+    for (spec, sum) in &scene.kept {
+        assert_eq!(&content(spec), sum, "{what}: {spec} changed");
+    }
+    let pending = daemon.state_dir().join("rbd-orphan-checks");
+    let left: Vec<_> = std::fs::read_dir(&pending)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{what}: still pending: {left:?}");
+}
+
+fn orphan_check_config() -> String {
+    format!("{}command_timeout = \"4s\"\n", config())
+}
+
+/// vmsnapd dies after the delete of s1, A's last snapshot, removed its RBD snapshot and
+/// before it checked whether A is still needed: after the restart A is gone, and nothing
+/// else changed.
+#[test]
+fn a_replaced_clone_is_removed_after_a_crash_before_its_check() {
+    let _cluster = cluster_shared();
+    let name = "vmsnap-t17-crash-orphan";
+    let bus = PrivateBus::start();
+    let mut daemon = Daemon::start(&bus, &orphan_check_config());
+    let scene = replaced_clone(&daemon, name);
+    daemon.restart_with_env(&[("VMSNAP_TEST_CRASH_AT", BEFORE_ORPHAN_CHECK)]);
+    wait_in_inventory(&daemon, &scene.vm);
+    let _ = daemon.ctl(&["snapshot", "delete", name, "s1"]);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "vmsnapd did not die ({status})");
+    // Died there: the RBD snapshot is gone, the clone not yet.
+    let a = image_of(&scene.clone_a);
+    assert!(images(name).contains(&a.to_string()));
+    assert!(!snaps_of(a).iter().any(|s| s.starts_with("vmsnap-")));
+    daemon.restart_with_env(&[]);
+    check_replaced_gone(&daemon, &scene, "after the restart");
+    drop(scene);
+    purge_images(name);
+}
+
+/// Stops a process (SIGSTOP); continues it when dropped.
+struct Stopped(String);
+
+impl Stopped {
+    fn new(pid: &str) -> Stopped {
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", pid])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+        Stopped(pid.to_string())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
+/// The delete of s1 removes its RBD snapshot, then the cluster stops answering (its monitor
+/// stopped) before the check of A: the delete succeeds and A stays. Once the cluster answers
+/// again, `retry` makes the check again and A goes.
+fn a_replaced_clone_left_unchecked_goes_at(name: &str, retry: impl Fn(&mut Daemon)) {
+    let _cluster = cluster_alone();
+    let bus = PrivateBus::start();
+    let mut daemon = Daemon::start(&bus, &orphan_check_config());
+    let scene = replaced_clone(&daemon, name);
+    daemon.restart_with_env(&[("VMSNAP_TEST_PAUSE_AT", BEFORE_ORPHAN_CHECK)]);
+    wait_in_inventory(&daemon, &scene.vm);
+    let mon_pid = std::fs::read_to_string(
+        std::path::Path::new(&ceph_env("CONF"))
+            .parent()
+            .unwrap()
+            .join("run/mon.a.pid"),
+    )
+    .unwrap();
+    let (deleted, stopped) = std::thread::scope(|scope| {
+        let ctl = scope.spawn(|| daemon.ctl(&["snapshot", "delete", name, "s1"]));
+        wait_for(
+            Duration::from_secs(60),
+            "the pause before the check",
+            || {
+                daemon
+                    .log_text()
+                    .contains("VMSNAP_TEST_PAUSE_AT")
+                    .then_some(())
+            },
+        );
+        let stopped = Stopped::new(mon_pid.trim());
+        (ctl.join().unwrap(), stopped)
+    });
+    drop(stopped);
+    assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("cannot tell whether a replaced image is still needed"),
+        "the check was not made"
+    );
+    let a = image_of(&scene.clone_a).to_string();
+    assert!(images(name).contains(&a), "A stays while it is unchecked");
+    retry(&mut daemon);
+    check_replaced_gone(&daemon, &scene, name);
+    drop(scene);
+    purge_images(name);
+}
+
+#[test]
+fn a_replaced_clone_left_unchecked_goes_at_the_next_start() {
+    a_replaced_clone_left_unchecked_goes_at("vmsnap-t17-orphan-start", |daemon| {
+        daemon.restart_with_env(&[]);
+    });
+}
+
+#[test]
+fn a_replaced_clone_left_unchecked_goes_after_the_next_delete_on_the_vm() {
+    let name = "vmsnap-t17-orphan-delete";
+    // The same daemon (still pausing 3 s before each check): s3, taken and deleted on B.
+    a_replaced_clone_left_unchecked_goes_at(name, |daemon| {
+        let s3 = daemon
+            .ctl(&["snapshot", "create", name, "s3", "--output", "json"])
+            .json();
+        assert_eq!(s3["phase"], "Succeeded", "{s3}");
+        let deleted = daemon.ctl(&["snapshot", "delete", name, "s3"]);
+        assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    });
 }

@@ -224,6 +224,12 @@ pub trait VolumeBackend: Send + Sync {
     ) -> OpResult<()> {
         Ok(())
     }
+
+    // Settling
+
+    /// Makes the checks of VM `vm_uuid`'s images that earlier operations recorded as owed and
+    /// could not make (see `rbd`), against `records`, the records now.
+    fn retry_pending_checks(&self, _env: &Env, _vm_uuid: &str, _records: &[Arc<SnapshotRecord>]) {}
 }
 
 /// The backends in use, in capture order: those whose capture is cheap to undo first (LVM
@@ -244,6 +250,10 @@ impl Backends {
             Arc::new(rbd::RbdBackend),
             Arc::new(qcow2::Qcow2Backend),
         ])
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &dyn VolumeBackend> {
+        self.list.iter().map(|b| b.as_ref())
     }
 
     pub fn for_disk(&self, disk: &DiskInfo) -> Option<&dyn VolumeBackend> {

@@ -31,7 +31,9 @@ use vmsnap_api::{DiskBackend, DiskInfo, VolumeRestore};
 use super::{Env, VolumeBackend};
 use crate::disks::rbd_image;
 use crate::ops::{OpError, OpResult};
-use crate::store::{Artifact, RbdVolume, RestoreRecord, SnapshotRecord, VolumeRecord};
+use crate::store::{
+    Artifact, PendingOrphanCheck, RbdVolume, RestoreRecord, SnapshotRecord, Store, VolumeRecord,
+};
 
 /// Prefix of the name of every RBD snapshot vmsnap makes.
 pub const SNAP_PREFIX: &str = "vmsnap-";
@@ -577,21 +579,42 @@ impl VolumeBackend for RbdBackend {
         _deadline: std::time::Instant,
     ) -> OpResult<()> {
         let v = rbd_of(volume)?;
+        // Its last snapshot gone, an image an earlier restore replaced may be needed by nothing:
+        // that check is owed from the snapshot's removal on, and recorded first, so that a check
+        // that cannot be made (or a crash) leaves it to a retry rather than to an admin. Only a
+        // restore's clone is ever removed, so only a clone is recorded.
+        let owed = is_restore_clone_name(&v.image_name)
+            .then(|| PendingOrphanCheck::new(v.image_spec(), &deleting.vm_uuid, v));
+        if let Some(check) = &owed {
+            env.ctx.store.save_pending_check(check).map_err(|e| {
+                OpError::RecordWrite(format!(
+                    "cannot record the pending check of the RBD image {}: {e}",
+                    check.image_spec
+                ))
+            })?;
+        }
         env.ctx.progress(
             deleting,
             format!("removing the RBD snapshot of disk {}", volume.target),
         );
         remove_snap(&Rbd::for_volume(env, v)?, v)
             .map_err(|e| OpError::Storage(format!("disk {}: {e}", volume.target)))?;
-        // Its last snapshot gone, an image an earlier restore replaced is needed by nothing.
-        match remove_if_orphaned(env, v, &v.image_spec(), &deleting.vm_uuid, others) {
-            Ok(true) => {
-                info!(image = %v.image_spec(), "removed a replaced restore image nothing needs any more")
-            }
-            Ok(false) => {}
-            Err(e) => {
-                warn!(image = %v.image_spec(), error = %e, "cannot tell whether a replaced image is still needed; it stays")
-            }
+        env.ctx.faults.point(BEFORE_ORPHAN_CHECK);
+        let answered = match &owed {
+            Some(check) => conclude(
+                &env.ctx.store,
+                check,
+                remove_if_orphaned(env, v, &check.image_spec, &deleting.vm_uuid, others),
+            ),
+            None => true,
+        };
+        // The cluster answers: the checks of this VM's images that earlier operations could
+        // not make are made now (another VM's wait for an operation of that VM: one per VM),
+        // against every record now, this one included (still on disk, it names its images).
+        if answered {
+            let mut records = others.to_vec();
+            records.push(Arc::new(deleting.clone()));
+            retry_pending_checks(env, &deleting.vm_uuid, &records);
         }
         Ok(())
     }
@@ -673,25 +696,47 @@ impl VolumeBackend for RbdBackend {
         let Some(spec) = source.strip_prefix("rbd:") else {
             return Ok(());
         };
-        let Some((pool, _, _)) = rbd_image(source) else {
+        let Some((pool, _, name)) = rbd_image(source) else {
             return Ok(());
         };
-        let Some((vm_uuid, access)) = records.iter().find_map(|r| {
+        // Only a restore's clone is ever removed: nothing to check for anything else.
+        if !is_restore_clone_name(name) {
+            return Ok(());
+        }
+        // The restored VM is the operation's; the cluster is reached as its records' volumes in
+        // that pool reach it (any record's, else).
+        let vm = env.ctx.vm_uuid();
+        let in_pool = |r: &Arc<SnapshotRecord>| {
             r.volumes
                 .iter()
                 .find_map(|v| v.rbd().filter(|rv| rv.pool == pool))
                 .map(|rv| (r.vm_uuid.clone(), rv.clone()))
-        }) else {
+        };
+        let found = records
+            .iter()
+            .filter(|r| *r.vm_uuid == *vm)
+            .find_map(in_pool)
+            .or_else(|| records.iter().find_map(in_pool));
+        let Some((record_vm, access)) = found else {
             return Ok(());
         };
-        match remove_if_orphaned(env, &access, spec, &vm_uuid, records) {
-            Ok(true) => info!(image = %spec, "removed the image an in-place restore replaced"),
-            Ok(false) => {}
-            Err(e) => {
-                warn!(image = %spec, error = %e, "cannot tell whether the replaced image is still needed; it stays")
-            }
+        let vm_uuid = if vm.is_empty() { &*record_vm } else { vm };
+        // Past the restore's point of no return: a check that cannot be recorded is still made
+        // (it only goes unretried, as before pending checks were recorded).
+        let check = PendingOrphanCheck::new(spec.to_string(), vm_uuid, &access);
+        if let Err(e) = env.ctx.store.save_pending_check(&check) {
+            warn!(image = %spec, error = %e, "cannot record the pending check of a replaced image; checking it once");
         }
+        conclude(
+            &env.ctx.store,
+            &check,
+            remove_if_orphaned(env, &access, spec, vm_uuid, records),
+        );
         Ok(())
+    }
+
+    fn retry_pending_checks(&self, env: &Env, vm_uuid: &str, records: &[Arc<SnapshotRecord>]) {
+        retry_pending_checks(env, vm_uuid, records);
     }
 
     /// Only the restore's own clone: an image of that name whose parent is the snapshot.
@@ -769,15 +814,17 @@ fn remove_if_orphaned(
     if named {
         return stays("a snapshot record names it");
     }
-    // The VM's definitions now (a restore back onto this image, an admin's edit).
+    // The VM's definitions now (a restore back onto this image, an admin's edit). One that
+    // cannot be read is no answer: the image stays and the check is owed still.
+    let unreadable = |e: OpError| format!("cannot read the VM's definition: {e}");
     let in_use = |xml: Result<String, OpError>| {
         xml.map(|x| {
             x.contains(&format!("name='{spec}'")) || x.contains(&format!("name=\"{spec}\""))
         })
-        .unwrap_or(true)
+        .map_err(unreadable)
     };
-    if env.host.exists(vm_uuid).unwrap_or(true)
-        && (in_use(env.host.definition(vm_uuid)) || in_use(env.host.current_definition(vm_uuid)))
+    if env.host.exists(vm_uuid).map_err(unreadable)?
+        && (in_use(env.host.definition(vm_uuid))? || in_use(env.host.current_definition(vm_uuid))?)
     {
         return stays("the VM's definition names it");
     }
@@ -801,6 +848,59 @@ fn remove_if_orphaned(
     }
     rbd.remove(spec)?;
     Ok(true)
+}
+
+/// The crash and pause point between a delete's RBD snapshot removal and the orphan check of
+/// its image (`VMSNAP_TEST_CRASH_AT`, `VMSNAP_TEST_PAUSE_AT`).
+pub const BEFORE_ORPHAN_CHECK: &str = "rbd-before-orphan-check";
+
+/// Ends a pending check with `result`, a check of `check`'s image: an answer (removed, or it
+/// stays for a reason) drops the entry; an error keeps it for a retry. Whether it answered.
+fn conclude(store: &Store, check: &PendingOrphanCheck, result: Result<bool, String>) -> bool {
+    let spec = &check.image_spec;
+    match result {
+        Ok(removed) => {
+            if removed {
+                info!(image = %spec, "removed a replaced restore image nothing needs any more");
+            }
+            if let Err(e) = store.remove_pending_check(spec) {
+                // Harmless: the next retry finds the same answer.
+                warn!(image = %spec, error = %e, "cannot drop a pending RBD orphan check");
+            }
+            true
+        }
+        Err(e) => {
+            warn!(image = %spec, error = %e, "cannot tell whether a replaced image is still needed; it stays, checked again after the next RBD delete or start");
+            false
+        }
+    }
+}
+
+/// Makes the pending checks of VM `vm_uuid`'s images, each with `check`, and concludes each;
+/// a file that is not a pending check is named and left alone. Goes on past an error (another
+/// image may be on another cluster). How many were answered.
+fn settle_pending_checks(
+    store: &Store,
+    vm_uuid: &str,
+    mut check: impl FnMut(&PendingOrphanCheck) -> Result<bool, String>,
+) -> usize {
+    let (pending, problems) = store.load_pending_checks();
+    for problem in problems {
+        warn!("skipping a pending RBD orphan check: {problem}");
+    }
+    pending
+        .iter()
+        .filter(|p| p.vm_uuid == vm_uuid)
+        .filter(|p| conclude(store, p, check(p)))
+        .count()
+}
+
+/// Retries the pending orphan checks of VM `vm_uuid`'s images (on an operation of that VM)
+/// against `records`, the records now: an image a record names again stays.
+fn retry_pending_checks(env: &Env, vm_uuid: &str, records: &[Arc<SnapshotRecord>]) {
+    settle_pending_checks(&env.ctx.store, vm_uuid, |p| {
+        remove_if_orphaned(env, &p.access, &p.image_spec, &p.vm_uuid, records)
+    });
 }
 
 /// Whether image `info` is a clone of `v`'s snapshot.
@@ -901,6 +1001,173 @@ mod tests {
                 secret: String::new(),
             }),
         }
+    }
+
+    fn access() -> RbdVolume {
+        RbdVolume {
+            pool: "rbd".into(),
+            namespace: None,
+            image_name: "vm1-vmsnap-r0123abcd".into(),
+            snap: "vmsnap-0a5f9e61-4c8f-4a7e-9d0e-3c2b1a000001".into(),
+            monitors: vec!["127.0.0.1:6789".into()],
+            user: "libvirt".into(),
+            secret: "0a5f9e61-4c8f-4a7e-9d0e-3c2b1a000002".into(),
+        }
+    }
+
+    const VM: &str = "0a5f9e61-4c8f-4a7e-9d0e-3c2b1a0000aa";
+
+    fn pending(image: &str, vm: &str) -> PendingOrphanCheck {
+        PendingOrphanCheck::new(format!("rbd/{image}"), vm, &access())
+    }
+
+    /// Each check made once per settle, with the answers given by image name.
+    fn settle(store: &Store, answers: &[(&str, Result<bool, String>)]) -> (usize, Vec<String>) {
+        let mut asked = Vec::new();
+        let answered = settle_pending_checks(store, VM, |p| {
+            asked.push(p.image_spec.clone());
+            answers
+                .iter()
+                .find(|(image, _)| p.image_spec == format!("rbd/{image}"))
+                .map_or(Err("no answer".to_string()), |(_, a)| a.clone())
+        });
+        (answered, asked)
+    }
+
+    #[test]
+    fn a_pending_check_is_dropped_on_an_answer_and_kept_on_an_error_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        let entries = [
+            pending("a-vmsnap-r00000001", VM),
+            pending("b-vmsnap-r00000002", VM),
+            pending("c-vmsnap-r00000003", VM),
+            pending("d-vmsnap-r00000004", "0a5f9e61-4c8f-4a7e-9d0e-3c2b1a0000bb"),
+        ];
+        for entry in &entries {
+            store.save_pending_check(entry).expect("saved");
+        }
+        // Recorded again (a resumed delete): still one entry.
+        store.save_pending_check(&entries[0]).expect("saved");
+        // A restart: a new store on the same folder reads the same list.
+        let restarted = Store::new(dir.path());
+        let (loaded, problems) = restarted.load_pending_checks();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(loaded, entries);
+
+        // Removed, stays for a reason, the cluster did not answer; another VM's untouched.
+        let (answered, asked) = settle(
+            &restarted,
+            &[
+                ("a-vmsnap-r00000001", Ok(true)),
+                ("b-vmsnap-r00000002", Ok(false)),
+                ("c-vmsnap-r00000003", Err("timed out".into())),
+            ],
+        );
+        assert_eq!(answered, 2);
+        assert_eq!(asked.len(), 3, "only this VM's: {asked:?}");
+        let left = Store::new(dir.path()).load_pending_checks().0;
+        assert_eq!(left, [entries[2].clone(), entries[3].clone()]);
+
+        // The next retry makes the check kept; an answer drops it.
+        let (answered, asked) = settle(&store, &[("c-vmsnap-r00000003", Ok(true))]);
+        assert_eq!((answered, asked.len()), (1, 1));
+        assert_eq!(store.load_pending_checks().0, [entries[3].clone()]);
+        // No temporary files stay behind.
+        let folder = dir.path().join("rbd-orphan-checks");
+        let names: Vec<String> = std::fs::read_dir(&folder)
+            .expect("folder")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["rbd@d-vmsnap-r00000004.json"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(folder.join(&names[0]))
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_pending_check_is_named_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        let good = pending("a-vmsnap-r00000001", VM);
+        store.save_pending_check(&good).expect("saved");
+        let folder = dir.path().join("rbd-orphan-checks");
+        let json = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut value = serde_json::to_value(pending("x-vmsnap-r00000009", VM)).expect("json");
+            change(&mut value);
+            serde_json::to_vec(&value).expect("json")
+        };
+        let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "rbd@x-vmsnap-r00000009.json",
+                b"{not json".to_vec(),
+                "key must be a string",
+            ),
+            ("notes.txt", b"hello".to_vec(), "expected value"),
+            (
+                "rbd@y-vmsnap-r0000000a.json",
+                json(&|v| v["version"] = 2.into()),
+                "format version 2 is newer",
+            ),
+            (
+                "rbd@z-vmsnap-r0000000b.json",
+                json(&|v| v["extra"] = "?".into()),
+                "unknown field `extra`",
+            ),
+            (
+                "rbd@w-vmsnap-r0000000c.json",
+                json(&|_| {}),
+                "not the one its file name says",
+            ),
+            (
+                "other@x-vmsnap-r00000009.json",
+                json(&|v| v["imageSpec"] = "other/x-vmsnap-r00000009".into()),
+                "not an RBD image of the pool it names",
+            ),
+            (
+                "rbd@v-vmsnap-r0000000d.json",
+                json(&|v| {
+                    v["imageSpec"] = "rbd/v-vmsnap-r0000000d".into();
+                    v["access"]["monitors"] = serde_json::json!(["1.2.3.4 --keyring=/x:1"]);
+                }),
+                "monitor",
+            ),
+            (
+                "rbd@u-vmsnap-r0000000e.json",
+                json(&|v| {
+                    v["imageSpec"] = "rbd/u-vmsnap-r0000000e".into();
+                    v["vmUuid"] = "../../etc".into();
+                }),
+                "is not a UUID",
+            ),
+        ];
+        for (name, bytes, _) in &bad {
+            std::fs::write(folder.join(name), bytes).expect("write");
+        }
+        let (loaded, problems) = store.load_pending_checks();
+        assert_eq!(loaded, std::slice::from_ref(&good));
+        assert_eq!(problems.len(), bad.len(), "{problems:#?}");
+        for (name, _, why) in &bad {
+            assert!(
+                problems.iter().any(|p| p.contains(name) && p.contains(why)),
+                "{name}: {why}: {problems:#?}"
+            );
+        }
+        // Settling answers the good one only and changes none of the others.
+        let (answered, asked) = settle(&store, &[("a-vmsnap-r00000001", Ok(true))]);
+        assert_eq!((answered, asked), (1, vec![good.image_spec.clone()]));
+        for (name, bytes, _) in &bad {
+            assert_eq!(
+                &std::fs::read(folder.join(name)).expect("kept"),
+                bytes,
+                "{name}"
+            );
+        }
+        assert!(store.load_pending_checks().0.is_empty());
     }
 
     #[test]

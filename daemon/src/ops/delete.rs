@@ -128,6 +128,23 @@ fn check_release(
     Ok(())
 }
 
+/// Retries the checks of VM `vm_uuid`'s images that earlier operations could not make (a
+/// replaced restore clone kept because the cluster did not answer, or vmsnapd died before the
+/// check), against `records`, the records now.
+pub fn retry_pending_checks(ctx: &OpContext, vm_uuid: &str, records: &[Arc<SnapshotRecord>]) {
+    let host = match ctx.hypervisor.session() {
+        Ok(host) => host,
+        Err(error) => {
+            warn!(vm_uuid, %error, "pending orphan checks wait for the next start or delete");
+            return;
+        }
+    };
+    let env = Env::new(ctx, host.as_ref());
+    for backend in ctx.backends.all() {
+        backend.retry_pending_checks(&env, vm_uuid, records);
+    }
+}
+
 /// Settles a record a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
 /// finishes a snapshot whose disks were taken, rolls back one whose were not, and resumes a
 /// delete.
