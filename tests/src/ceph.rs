@@ -25,6 +25,18 @@ pub fn cluster_alone() -> RwLockWriteGuard<'static, ()> {
     CLUSTER.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Stops the cluster's monitor (SIGSTOP) until the result is dropped: the cluster stops
+/// answering. Hold [`cluster_alone`] meanwhile.
+pub fn stop_monitor() -> crate::Stopped {
+    let conf = ceph_env("CONF");
+    let run = std::path::Path::new(&conf)
+        .parent()
+        .expect("ceph.conf is in a folder")
+        .join("run/mon.a.pid");
+    let pid = std::fs::read_to_string(&run).expect("the monitor's pid file");
+    crate::Stopped::new(pid.trim())
+}
+
 /// `rbd` as the lab's admin; its standard output, panicking on failure.
 pub fn rbd(args: &[&str]) -> String {
     let out = Command::new("rbd")

@@ -554,6 +554,24 @@ pub struct GuestOutput {
     pub stderr: String,
 }
 
+/// A process stopped with SIGSTOP; continued when dropped, so a failing test never leaves it
+/// stopped.
+pub struct Stopped(String);
+
+impl Stopped {
+    pub fn new(pid: &str) -> Stopped {
+        let status = Command::new("kill").args(["-STOP", pid]).status().unwrap();
+        assert!(status.success(), "kill -STOP {pid}");
+        Stopped(pid.to_string())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
 /// Like [`guest_exec`], with the command's standard error too.
 pub fn guest_exec_output(vm: &str, script: &str, timeout: Duration) -> GuestOutput {
     use base64::Engine as _;

@@ -12,11 +12,11 @@ use std::time::Duration;
 use serde_json::Value;
 use vmsnap_tests::ceph::{
     cluster_alone, cluster_shared, config_table, content, make_image, pool, purge_images, rbd,
-    snaps_of, spec_of, write_pattern,
+    snaps_of, spec_of, stop_monitor, write_pattern,
 };
 use vmsnap_tests::{
-    ceph_env, config_for, guest_exec, virsh, wait_for, Daemon, GuestSlot, PrivateBus,
-    ScratchOptions, ScratchVm, LAB_URI,
+    config_for, guest_exec, virsh, wait_for, Daemon, GuestSlot, PrivateBus, ScratchOptions,
+    ScratchVm, LAB_URI,
 };
 
 /// SHA-256 of file `name` in the ext4 filesystem of RBD snapshot `spec` (`pool/image@snap`),
@@ -304,26 +304,6 @@ fn a_vm_with_a_qcow2_and_an_rbd_disk_is_snapshotted_in_one_freeze_and_restored()
     purge_images(name);
 }
 
-/// Stops a process (SIGSTOP); continues it when dropped.
-struct Stopped(String);
-
-impl Stopped {
-    fn new(pid: &str) -> Stopped {
-        assert!(Command::new("kill")
-            .args(["-STOP", pid])
-            .status()
-            .unwrap()
-            .success());
-        Stopped(pid.to_string())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
-    }
-}
-
 #[test]
 fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leaves_nothing() {
     let _cluster = cluster_alone();
@@ -338,13 +318,6 @@ fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leav
     vmsnap_tests::wait_agent_connected(&daemon, name);
     vm.write_file("f1", 100 << 10);
     let files = vm.guest_checksums();
-    let mon_pid = std::fs::read_to_string(
-        std::path::Path::new(&ceph_env("CONF"))
-            .parent()
-            .unwrap()
-            .join("run/mon.a.pid"),
-    )
-    .unwrap();
 
     let (out, stopped) = std::thread::scope(|scope| {
         let ctl =
@@ -356,7 +329,7 @@ fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leav
                 .contains("VMSNAP_TEST_PAUSE_AT")
                 .then_some(())
         });
-        let stopped = Stopped::new(mon_pid.trim());
+        let stopped = stop_monitor();
         (ctl.join().unwrap(), stopped)
     });
     let failed: Value = serde_json::from_str(&out.stdout).unwrap();

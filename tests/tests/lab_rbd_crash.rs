@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use vmsnap_tests::ceph::{
     cluster_alone, cluster_shared, config_table, content, images, make_image, pool, purge_images,
-    snaps_of, spec_of, write_pattern,
+    snaps_of, spec_of, stop_monitor, write_pattern,
 };
 use vmsnap_tests::{
-    ceph_env, config_for, journal_steps, restore_uuids, settled_restores, snapshot_list, virsh,
-    wait_for, wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    config_for, journal_steps, restore_uuids, settled_restores, snapshot_list, virsh, wait_for,
+    wait_in_inventory, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
 };
 
 fn config() -> String {
@@ -352,28 +352,6 @@ fn a_replaced_clone_is_removed_after_a_crash_before_its_check() {
     purge_images(name);
 }
 
-/// Stops a process (SIGSTOP); continues it when dropped.
-struct Stopped(String);
-
-impl Stopped {
-    fn new(pid: &str) -> Stopped {
-        let stopped = std::process::Command::new("kill")
-            .args(["-STOP", pid])
-            .status()
-            .unwrap();
-        assert!(stopped.success());
-        Stopped(pid.to_string())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0])
-            .status();
-    }
-}
-
 /// The delete of s1 removes its RBD snapshot, then the cluster stops answering (its monitor
 /// stopped) before the check of A: the delete succeeds and A stays. Once the cluster answers
 /// again, `retry` makes the check again and A goes.
@@ -384,13 +362,6 @@ fn a_replaced_clone_left_unchecked_goes_at(name: &str, retry: impl Fn(&mut Daemo
     let scene = replaced_clone(&daemon, name);
     daemon.restart_with_env(&[("VMSNAP_TEST_PAUSE_AT", BEFORE_ORPHAN_CHECK)]);
     wait_in_inventory(&daemon, &scene.vm);
-    let mon_pid = std::fs::read_to_string(
-        std::path::Path::new(&ceph_env("CONF"))
-            .parent()
-            .unwrap()
-            .join("run/mon.a.pid"),
-    )
-    .unwrap();
     let (deleted, stopped) = std::thread::scope(|scope| {
         let ctl = scope.spawn(|| daemon.ctl(&["snapshot", "delete", name, "s1"]));
         wait_for(
@@ -403,7 +374,7 @@ fn a_replaced_clone_left_unchecked_goes_at(name: &str, retry: impl Fn(&mut Daemo
                     .then_some(())
             },
         );
-        let stopped = Stopped::new(mon_pid.trim());
+        let stopped = stop_monitor();
         (ctl.join().unwrap(), stopped)
     });
     drop(stopped);

@@ -10,26 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use vmsnap_tests::{
-    config_for, virsh, wait_for, Daemon, PrivateBus, ScratchOptions, ScratchVm, LAB_URI,
+    config_for, virsh, wait_for, Daemon, PrivateBus, ScratchOptions, ScratchVm, Stopped, LAB_URI,
 };
-
-/// Stops a process with SIGSTOP; continues it when dropped, so a failing test never leaves a
-/// QEMU stopped.
-struct Stopped(String);
-
-impl Stopped {
-    fn new(pid: &str) -> Stopped {
-        let status = Command::new("kill").args(["-STOP", pid]).status().unwrap();
-        assert!(status.success());
-        Stopped(pid.to_string())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
-    }
-}
 
 #[test]
 fn a_snapshot_of_a_stopped_qemu_fails_at_its_deadline_and_is_undone_when_qemu_answers() {
