@@ -37,6 +37,27 @@ pub fn stop_monitor() -> crate::Stopped {
     crate::Stopped::new(pid.trim())
 }
 
+/// Runs vmsnapctl `args` against `daemon` (started with `VMSNAP_TEST_PAUSE_AT`) and stops the
+/// monitor once vmsnapd is at the pause (`at`, for the failure message): the operation goes on
+/// with a cluster that does not answer. Its output, and the monitor, stopped until dropped.
+pub fn monitor_stopped_at_pause(
+    daemon: &crate::Daemon,
+    args: &[&str],
+    at: &str,
+) -> (crate::CtlOutput, crate::Stopped) {
+    std::thread::scope(|scope| {
+        let ctl = scope.spawn(|| daemon.ctl(args));
+        crate::wait_for(std::time::Duration::from_secs(60), at, || {
+            daemon
+                .log_text()
+                .contains("VMSNAP_TEST_PAUSE_AT")
+                .then_some(())
+        });
+        let stopped = stop_monitor();
+        (ctl.join().expect("vmsnapctl's thread"), stopped)
+    })
+}
+
 /// `rbd` as the lab's admin; its standard output, panicking on failure.
 pub fn rbd(args: &[&str]) -> String {
     let out = Command::new("rbd")

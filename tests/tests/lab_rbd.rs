@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmsnap_tests::ceph::{
-    cluster_alone, cluster_shared, config_table, content, make_image, pool, purge_images, rbd,
-    snaps_of, spec_of, stop_monitor, write_pattern,
+    cluster_alone, cluster_shared, config_table, content, make_image, monitor_stopped_at_pause,
+    pool, purge_images, rbd, snaps_of, spec_of, write_pattern,
 };
 use vmsnap_tests::{
     config_for, guest_exec, virsh, wait_for, Daemon, GuestSlot, PrivateBus, ScratchOptions,
@@ -319,19 +319,12 @@ fn a_cluster_that_stops_answering_mid_snapshot_fails_it_thaws_the_guest_and_leav
     vm.write_file("f1", 100 << 10);
     let files = vm.guest_checksums();
 
-    let (out, stopped) = std::thread::scope(|scope| {
-        let ctl =
-            scope.spawn(|| daemon.ctl(&["snapshot", "create", name, "s1", "--output", "json"]));
-        // Frozen, at the pause before the captures: the cluster stops answering there.
-        wait_for(Duration::from_secs(60), "the pause in the freeze", || {
-            daemon
-                .log_text()
-                .contains("VMSNAP_TEST_PAUSE_AT")
-                .then_some(())
-        });
-        let stopped = stop_monitor();
-        (ctl.join().unwrap(), stopped)
-    });
+    // Frozen, at the pause before the captures: the cluster stops answering there.
+    let (out, stopped) = monitor_stopped_at_pause(
+        &daemon,
+        &["snapshot", "create", name, "s1", "--output", "json"],
+        "the pause in the freeze",
+    );
     let failed: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(failed["phase"], "Failed", "{failed}");
     let error = failed["error"].as_str().unwrap();

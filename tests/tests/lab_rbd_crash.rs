@@ -15,8 +15,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use vmsnap_tests::ceph::{
-    cluster_alone, cluster_shared, config_table, content, images, make_image, pool, purge_images,
-    snaps_of, spec_of, stop_monitor, write_pattern,
+    cluster_alone, cluster_shared, config_table, content, images, make_image,
+    monitor_stopped_at_pause, pool, purge_images, snaps_of, spec_of, write_pattern,
 };
 use vmsnap_tests::{
     config_for, journal_steps, restore_uuids, settled_restores, snapshot_list, virsh, wait_for,
@@ -362,21 +362,11 @@ fn a_replaced_clone_left_unchecked_goes_at(name: &str, retry: impl Fn(&mut Daemo
     let scene = replaced_clone(&daemon, name);
     daemon.restart_with_env(&[("VMSNAP_TEST_PAUSE_AT", BEFORE_ORPHAN_CHECK)]);
     wait_in_inventory(&daemon, &scene.vm);
-    let (deleted, stopped) = std::thread::scope(|scope| {
-        let ctl = scope.spawn(|| daemon.ctl(&["snapshot", "delete", name, "s1"]));
-        wait_for(
-            Duration::from_secs(60),
-            "the pause before the check",
-            || {
-                daemon
-                    .log_text()
-                    .contains("VMSNAP_TEST_PAUSE_AT")
-                    .then_some(())
-            },
-        );
-        let stopped = stop_monitor();
-        (ctl.join().unwrap(), stopped)
-    });
+    let (deleted, stopped) = monitor_stopped_at_pause(
+        &daemon,
+        &["snapshot", "delete", name, "s1"],
+        "the pause before the check",
+    );
     drop(stopped);
     assert_eq!(deleted.code, Some(0), "{deleted:?}");
     assert!(
