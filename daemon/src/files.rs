@@ -133,24 +133,26 @@ pub fn replace_dir_with_copy(
     staged: &Path,
     replaced: &Path,
 ) -> io::Result<()> {
-    remove_dir_if_any(staged)?;
+    remove_leftover(staged)?;
     if let Err(e) = copy_dir_new(from, staged) {
-        let _ = remove_dir_if_any(staged);
+        let _ = remove_leftover(staged);
         return Err(e);
     }
     if path_taken(target) {
-        remove_dir_if_any(replaced)?;
+        remove_leftover(replaced)?;
         fs::rename(target, replaced)?;
     }
     fs::rename(staged, target)?;
-    remove_dir_if_any(replaced)
+    remove_leftover(replaced)
 }
 
-/// Removes folder `path` and what it holds; nothing there is no error.
-fn remove_dir_if_any(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
+/// Removes what an interrupted copy left at `partial` (a file or a folder), if anything.
+pub fn remove_leftover(partial: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(partial) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(partial),
+        Ok(_) => fs::remove_file(partial),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
+        Err(e) => Err(e),
     }
 }
 

@@ -444,7 +444,7 @@ fn copy_extra_state(record: &SnapshotRecord) -> OpResult<()> {
             folders.insert(parent.to_path_buf());
         }
         let partial = std::path::PathBuf::from(format!("{}.partial", copy.copy));
-        remove_leftover(&partial).map_err(failed)?;
+        files::remove_leftover(&partial).map_err(failed)?;
         let copied = if source.is_dir() {
             files::copy_dir_new(source, &partial)
         } else {
@@ -460,16 +460,6 @@ fn copy_extra_state(record: &SnapshotRecord) -> OpResult<()> {
             .map_err(|e| format!("cannot sync {}: {e}", folder.display()))?;
     }
     Ok(())
-}
-
-/// Removes what an interrupted copy left at `partial` (a file or a folder), if anything.
-fn remove_leftover(partial: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(partial) {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(partial),
-        Ok(_) => std::fs::remove_file(partial),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// Settles a create a previous vmsnapd left unfinished: thaws the guest if it may be frozen,
