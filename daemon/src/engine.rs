@@ -282,7 +282,7 @@ pub struct Engine {
     /// Unfinished records found while their VM was busy, by VM UUID: settled when it is free.
     deferred_settling: HashMap<String, std::collections::HashSet<String>>,
     /// VMs whose images have orphan checks an earlier vmsnapd could not make (read at start):
-    /// each is retried once with the unfinished records, when the VM is free.
+    /// each is retried once, against every record then, when the VM is free.
     pending_checks: std::collections::BTreeSet<String>,
     /// Operations watched for their deadline, by VM UUID.
     watched: HashMap<String, Watched>,
